@@ -1,0 +1,395 @@
+//! Changes -> per-table Arrow record batches with the metadata columns.
+//!
+//! Contract: [`Batcher`] is synchronous and pure (no IO, no tokio). `push` takes the
+//! source's events in commit order; `take` hands over everything buffered as one
+//! [`TableFile`] per (table, schema version, partition). Memory is bounded by the caller,
+//! who reads [`Batcher::buffered_bytes`] and calls `take` when it passes the limit, even in
+//! the middle of a transaction: a file then ends inside that transaction, at a row
+//! position that depends only on the data ("a deterministic slice"). A file's rows are
+//! exactly the table's rows in its partition between its `first` and `last` positions, so
+//! two files with the same positions hold the same rows.
+//!
+//! Row semantics (DESIGN.md): an update whose key changed becomes `D` of the old key and
+//! `I` of the new row; under REPLICA IDENTITY FULL every update does. A value PostgreSQL
+//! did not send (unchanged TOAST) is taken from the old row when PostgreSQL sent it,
+//! otherwise it is null and named in `_unchanged`.
+
+mod value;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Int64Builder, ListBuilder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+
+use crate::change::{Change, Event, TxInfo};
+use crate::decode::{Relation, Tuple, TupleValue};
+use crate::lsn::Lsn;
+pub use value::{civil_from_days, days_from_civil};
+
+/// The metadata columns every row carries (DESIGN.md), in file order.
+pub const METADATA_COLUMNS: [&str; 6] = ["_op", "_lsn", "_seq", "_xid", "_commit_ts", "_unchanged"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("column {schema}.{table}.{column} at lsn {lsn}: {reason}; nothing after this change was written")]
+    Value { schema: String, table: String, column: String, lsn: Lsn, reason: String },
+    #[error("table {schema}.{table} has a column named {column}, which walshore reserves for its metadata; rename the column")]
+    ReservedColumn { schema: String, table: String, column: String },
+    #[error("protocol violation at lsn {lsn}: {what}")]
+    Protocol { lsn: Lsn, what: String },
+}
+
+/// A position in the change stream: `(_lsn, _seq)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct RowPos {
+    pub lsn: Lsn,
+    pub seq: u64,
+}
+
+/// The rows of one table, schema version and partition taken from the batcher.
+pub struct TableFile {
+    pub schema: String,
+    pub table: String,
+    /// Partition path segment, e.g. `dt=2026-11-22`.
+    pub partition: String,
+    pub first: RowPos,
+    pub last: RowPos,
+    pub batch: RecordBatch,
+}
+
+/// Everything `take` hands over, and whether it ends on a transaction boundary.
+pub struct Taken {
+    pub files: Vec<TableFile>,
+    /// Set when no transaction is open: everything up to this LSN is in `files` or in
+    /// earlier takes.
+    pub end_lsn: Option<Lsn>,
+    /// Commit time of the last committed transaction (µs since the Unix epoch).
+    pub commit_ts: Option<i64>,
+}
+
+struct Layout {
+    relation: Arc<Relation>,
+    kinds: Vec<value::Kind>,
+    schema: SchemaRef,
+}
+
+impl Layout {
+    fn new(relation: Arc<Relation>) -> Result<Layout, BatchError> {
+        let mut fields = vec![
+            Field::new("_op", DataType::Utf8, false),
+            Field::new("_lsn", DataType::Int64, false),
+            Field::new("_seq", DataType::Int64, false),
+            Field::new("_xid", DataType::Int64, true),
+            Field::new("_commit_ts", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+            Field::new("_unchanged", DataType::List(Arc::new(Field::new("element", DataType::Utf8, true))), true),
+        ];
+        let mut kinds = Vec::with_capacity(relation.columns.len());
+        for c in &relation.columns {
+            if METADATA_COLUMNS.contains(&c.name.as_str()) {
+                return Err(BatchError::ReservedColumn {
+                    schema: relation.namespace.clone(),
+                    table: relation.name.clone(),
+                    column: c.name.clone(),
+                });
+            }
+            let kind = value::Kind::for_type(c.type_oid, c.type_modifier);
+            fields.push(Field::new(&c.name, kind.data_type(), true));
+            kinds.push(kind);
+        }
+        Ok(Layout { relation, kinds, schema: Arc::new(Schema::new(fields)) })
+    }
+}
+
+struct PartRange {
+    partition: String,
+    start_row: usize,
+    first: RowPos,
+    last: RowPos,
+}
+
+struct TableBuf {
+    layout: Arc<Layout>,
+    op: StringBuilder,
+    lsn: Int64Builder,
+    seq: Int64Builder,
+    xid: Int64Builder,
+    commit_ts: TimestampMicrosecondBuilder,
+    unchanged: ListBuilder<StringBuilder>,
+    columns: Vec<value::Builder>,
+    rows: usize,
+    parts: Vec<PartRange>,
+}
+
+impl TableBuf {
+    fn new(layout: Arc<Layout>) -> TableBuf {
+        let columns = layout.kinds.iter().map(value::Builder::new).collect();
+        TableBuf {
+            layout,
+            op: StringBuilder::new(),
+            lsn: Int64Builder::new(),
+            seq: Int64Builder::new(),
+            xid: Int64Builder::new(),
+            commit_ts: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
+            unchanged: ListBuilder::new(StringBuilder::new())
+                .with_field(Arc::new(Field::new("element", DataType::Utf8, true))),
+            columns,
+            rows: 0,
+            parts: Vec::new(),
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<TableFile>) {
+        if self.rows == 0 {
+            return;
+        }
+        let mut arrays: Vec<ArrayRef> = vec![
+            Arc::new(self.op.finish()),
+            Arc::new(self.lsn.finish()),
+            Arc::new(self.seq.finish()),
+            Arc::new(self.xid.finish()),
+            Arc::new(self.commit_ts.finish()),
+            Arc::new(self.unchanged.finish()),
+        ];
+        arrays.extend(self.columns.iter_mut().map(value::Builder::finish));
+        let batch = RecordBatch::try_new(self.layout.schema.clone(), arrays)
+            .expect("builders match the layout's schema");
+        let rows = self.rows;
+        let parts = std::mem::take(&mut self.parts);
+        let ends: Vec<usize> = parts.iter().skip(1).map(|p| p.start_row).chain([rows]).collect();
+        for (p, end) in parts.into_iter().zip(ends) {
+            out.push(TableFile {
+                schema: self.layout.relation.namespace.clone(),
+                table: self.layout.relation.name.clone(),
+                partition: p.partition,
+                first: p.first,
+                last: p.last,
+                batch: batch.slice(p.start_row, end - p.start_row),
+            });
+        }
+        self.rows = 0;
+    }
+}
+
+struct OpenTx {
+    info: TxInfo,
+    partition: String,
+    seq: u64,
+}
+
+/// `dt=YYYY-MM-DD` of a commit time in UTC (µs since the Unix epoch).
+pub fn date_partition(commit_ts: i64) -> String {
+    let (y, m, d) = civil_from_days(commit_ts.div_euclid(86_400_000_000));
+    format!("dt={y:04}-{m:02}-{d:02}")
+}
+
+#[derive(Default)]
+pub struct Batcher {
+    layouts: HashMap<u32, Arc<Layout>>,
+    /// Open buffers, plus buffers of superseded schema versions waiting for `take`.
+    tables: HashMap<u32, TableBuf>,
+    sealed: Vec<TableFile>,
+    tx: Option<OpenTx>,
+    bytes: usize,
+    last_end: Option<Lsn>,
+    last_commit_ts: Option<i64>,
+}
+
+impl Batcher {
+    pub fn new() -> Batcher {
+        Batcher::default()
+    }
+
+    /// Approximate bytes of row data buffered.
+    pub fn buffered_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn in_transaction(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// True when something is buffered that `take` would hand over.
+    pub fn has_data(&self) -> bool {
+        !self.sealed.is_empty() || self.tables.values().any(|t| t.rows > 0) || self.last_end.is_some()
+    }
+
+    pub fn push(&mut self, event: Event) -> Result<(), BatchError> {
+        match event {
+            Event::Begin(info) => {
+                self.tx = Some(OpenTx { info, partition: date_partition(info.commit_ts), seq: 0 });
+            }
+            Event::Relation(rel) => self.relation(rel)?,
+            Event::Change(change) => self.change(change)?,
+            Event::Commit { end_lsn } => {
+                let tx = self.tx.take().ok_or(BatchError::Protocol {
+                    lsn: end_lsn,
+                    what: "commit without begin".into(),
+                })?;
+                self.last_end = Some(end_lsn);
+                self.last_commit_ts = Some(tx.info.commit_ts);
+            }
+            Event::Idle { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn relation(&mut self, rel: Arc<Relation>) -> Result<(), BatchError> {
+        if let Some(old) = self.layouts.get(&rel.id) {
+            if old.relation.columns == rel.columns
+                && old.relation.name == rel.name
+                && old.relation.namespace == rel.namespace
+            {
+                return Ok(());
+            }
+        }
+        let layout = Arc::new(Layout::new(rel.clone())?);
+        // Rows buffered under the old schema keep it: seal them into their own files.
+        if let Some(mut buf) = self.tables.remove(&rel.id) {
+            buf.finish(&mut self.sealed);
+        }
+        self.layouts.insert(rel.id, layout);
+        Ok(())
+    }
+
+    fn change(&mut self, change: Change) -> Result<(), BatchError> {
+        match change {
+            Change::Insert { rel_id, new } => self.row(rel_id, "I", &new, None, false),
+            Change::Update { rel_id, old, old_is_full_row, new } => match old {
+                None => self.row(rel_id, "U", &new, None, false),
+                Some(old) => {
+                    let full = old_is_full_row.then_some(&old);
+                    self.row(rel_id, "D", &old, None, false)?;
+                    self.row(rel_id, "I", &new, full, false)
+                }
+            },
+            Change::Delete { rel_id, old, .. } => self.row(rel_id, "D", &old, None, false),
+            Change::Truncate { rel_ids } => {
+                for rel_id in rel_ids {
+                    self.row(rel_id, "T", &Vec::new(), None, true)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn row(
+        &mut self,
+        rel_id: u32,
+        op: &'static str,
+        tuple: &Tuple,
+        old_full: Option<&Tuple>,
+        all_null: bool,
+    ) -> Result<(), BatchError> {
+        let tx = self.tx.as_mut().ok_or(BatchError::Protocol {
+            lsn: Lsn::ZERO,
+            what: "row change outside a transaction".into(),
+        })?;
+        let lsn = tx.info.commit_lsn;
+        let Some(layout) = self.layouts.get(&rel_id) else {
+            return Err(BatchError::Protocol {
+                lsn,
+                what: format!("change for relation {rel_id} before its Relation message"),
+            });
+        };
+        let buf = self.tables.entry(rel_id).or_insert_with(|| TableBuf::new(layout.clone()));
+        let layout = &buf.layout;
+        let ncols = layout.kinds.len();
+        if !all_null && tuple.len() != ncols {
+            return Err(BatchError::Protocol {
+                lsn,
+                what: format!(
+                    "{}.{}: tuple has {} columns, relation has {ncols}",
+                    layout.relation.namespace,
+                    layout.relation.name,
+                    tuple.len()
+                ),
+            });
+        }
+        let pos = RowPos { lsn, seq: tx.seq };
+        match buf.parts.last_mut() {
+            Some(p) if p.partition == tx.partition => p.last = pos,
+            _ => buf.parts.push(PartRange {
+                partition: tx.partition.clone(),
+                start_row: buf.rows,
+                first: pos,
+                last: pos,
+            }),
+        }
+        // Values first: a value error must leave no half-appended row behind, so the
+        // builders are checked before the metadata columns are appended.
+        let mut bytes = 48;
+        let mut unchanged = false;
+        for i in 0..ncols {
+            let mut v = if all_null { &TupleValue::Null } else { &tuple[i] };
+            if let (TupleValue::Unchanged, Some(old)) = (v, old_full) {
+                v = old.get(i).unwrap_or(&TupleValue::Null);
+            }
+            let res = match v {
+                TupleValue::Null => {
+                    buf.columns[i].append_null();
+                    Ok(())
+                }
+                TupleValue::Unchanged => {
+                    unchanged = true;
+                    buf.columns[i].append_null();
+                    Ok(())
+                }
+                TupleValue::Text(raw) => {
+                    bytes += raw.len() + 8;
+                    buf.columns[i].append_text(raw).map_err(|e| e.0)
+                }
+                TupleValue::Binary(_) => Err("binary value received, but text format was requested".into()),
+            };
+            if let Err(reason) = res {
+                return Err(BatchError::Value {
+                    schema: layout.relation.namespace.clone(),
+                    table: layout.relation.name.clone(),
+                    column: layout.relation.columns[i].name.clone(),
+                    lsn,
+                    reason,
+                });
+            }
+        }
+        buf.op.append_value(op);
+        buf.lsn.append_value(lsn.0 as i64);
+        buf.seq.append_value(tx.seq as i64);
+        buf.xid.append_value(i64::from(tx.info.xid));
+        buf.commit_ts.append_value(tx.info.commit_ts);
+        if unchanged {
+            for (i, v) in tuple.iter().enumerate() {
+                if matches!(v, TupleValue::Unchanged) {
+                    buf.unchanged.values().append_value(&layout.relation.columns[i].name);
+                }
+            }
+            buf.unchanged.append(true);
+        } else {
+            buf.unchanged.append_null();
+        }
+        buf.rows += 1;
+        tx.seq += 1;
+        self.bytes += bytes;
+        Ok(())
+    }
+
+    /// Hands over everything buffered. When no transaction is open the result ends on a
+    /// transaction boundary and carries its `end_lsn`.
+    pub fn take(&mut self) -> Taken {
+        let mut files = std::mem::take(&mut self.sealed);
+        let mut ids: Vec<u32> = self.tables.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            self.tables.get_mut(&id).expect("listed").finish(&mut files);
+        }
+        self.bytes = 0;
+        let (end_lsn, commit_ts) = if self.tx.is_none() {
+            (self.last_end.take(), self.last_commit_ts.take())
+        } else {
+            (None, None)
+        };
+        Taken { files, end_lsn, commit_ts }
+    }
+}
+
+#[cfg(test)]
+mod tests;

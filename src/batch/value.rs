@@ -1,0 +1,595 @@
+//! PostgreSQL text output -> Arrow values: the type mapping.
+//!
+//! The walsender runs with `DateStyle=ISO`, `TimeZone=UTC`, `IntervalStyle=postgres`,
+//! `extra_float_digits=3` and `bytea_output=hex` (set in the replication startup
+//! packet), so every text form parsed here is the one those settings produce.
+//!
+//! | PostgreSQL | Arrow |
+//! |---|---|
+//! | bool | Boolean |
+//! | int2 / int4 / int8 | Int16 / Int32 / Int64 |
+//! | float4 / float8 | Float32 / Float64 (NaN, ±Infinity kept) |
+//! | numeric(p,s), p ≤ 38, 0 ≤ s ≤ p | Decimal128(p,s) |
+//! | numeric without typmod, or p > 38 | Utf8, PostgreSQL's text (NaN kept) |
+//! | text, varchar, bpchar, name, uuid, json, jsonb, enums | Utf8 |
+//! | bytea | Binary |
+//! | date | Date32 |
+//! | timestamp | Timestamp(µs) |
+//! | timestamptz | Timestamp(µs, "UTC") |
+//! | one-dimensional arrays of the above | List |
+//! | every other type | Utf8, PostgreSQL's text output |
+
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Float32Builder,
+    Float64Builder, Int16Builder, Int32Builder, Int64Builder, ListArray, StringBuilder,
+    TimestampMicrosecondBuilder,
+};
+use arrow::array::NullBufferBuilder;
+use arrow::buffer::OffsetBuffer;
+use arrow::datatypes::{DataType, Field, TimeUnit};
+
+pub(crate) mod oid {
+    pub const BOOL: u32 = 16;
+    pub const BYTEA: u32 = 17;
+    pub const NAME: u32 = 19;
+    pub const INT8: u32 = 20;
+    pub const INT2: u32 = 21;
+    pub const INT4: u32 = 23;
+    pub const TEXT: u32 = 25;
+    pub const JSON: u32 = 114;
+    pub const FLOAT4: u32 = 700;
+    pub const FLOAT8: u32 = 701;
+    pub const BPCHAR: u32 = 1042;
+    pub const VARCHAR: u32 = 1043;
+    pub const DATE: u32 = 1082;
+    pub const TIMESTAMP: u32 = 1114;
+    pub const TIMESTAMPTZ: u32 = 1184;
+    pub const NUMERIC: u32 = 1700;
+    pub const UUID: u32 = 2950;
+    pub const JSONB: u32 = 3802;
+}
+
+/// The Arrow-side kind of a PostgreSQL column.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Bool,
+    Int16,
+    Int32,
+    Int64,
+    Float32,
+    Float64,
+    Decimal { precision: u8, scale: i8 },
+    Utf8,
+    Binary,
+    Date32,
+    Timestamp { utc: bool },
+    List(Box<Kind>),
+}
+
+fn element_oid(array_oid: u32) -> Option<u32> {
+    use oid::*;
+    Some(match array_oid {
+        1000 => BOOL,
+        1001 => BYTEA,
+        1003 => NAME,
+        1005 => INT2,
+        1007 => INT4,
+        1009 => TEXT,
+        1014 => BPCHAR,
+        1015 => VARCHAR,
+        1016 => INT8,
+        1021 => FLOAT4,
+        1022 => FLOAT8,
+        1182 => DATE,
+        1115 => TIMESTAMP,
+        1185 => TIMESTAMPTZ,
+        1231 => NUMERIC,
+        2951 => UUID,
+        199 => JSON,
+        3807 => JSONB,
+        _ => return None,
+    })
+}
+
+impl Kind {
+    pub(crate) fn for_type(type_oid: u32, typmod: i32) -> Kind {
+        use oid::*;
+        match type_oid {
+            BOOL => Kind::Bool,
+            INT2 => Kind::Int16,
+            INT4 => Kind::Int32,
+            INT8 => Kind::Int64,
+            FLOAT4 => Kind::Float32,
+            FLOAT8 => Kind::Float64,
+            NUMERIC => numeric_kind(typmod),
+            BYTEA => Kind::Binary,
+            DATE => Kind::Date32,
+            TIMESTAMP => Kind::Timestamp { utc: false },
+            TIMESTAMPTZ => Kind::Timestamp { utc: true },
+            other => match element_oid(other) {
+                Some(elem) => Kind::List(Box::new(Kind::for_type(elem, typmod))),
+                None => Kind::Utf8,
+            },
+        }
+    }
+
+    pub(crate) fn data_type(&self) -> DataType {
+        match self {
+            Kind::Bool => DataType::Boolean,
+            Kind::Int16 => DataType::Int16,
+            Kind::Int32 => DataType::Int32,
+            Kind::Int64 => DataType::Int64,
+            Kind::Float32 => DataType::Float32,
+            Kind::Float64 => DataType::Float64,
+            Kind::Decimal { precision, scale } => DataType::Decimal128(*precision, *scale),
+            Kind::Utf8 => DataType::Utf8,
+            Kind::Binary => DataType::Binary,
+            Kind::Date32 => DataType::Date32,
+            Kind::Timestamp { utc } => {
+                DataType::Timestamp(TimeUnit::Microsecond, utc.then(|| Arc::from("UTC")))
+            }
+            Kind::List(elem) => DataType::List(Arc::new(Field::new("element", elem.data_type(), true))),
+        }
+    }
+}
+
+/// numeric's typmod is `((precision << 16) | scale) + 4`; -1 means unconstrained.
+fn numeric_kind(typmod: i32) -> Kind {
+    if typmod < 4 {
+        return Kind::Utf8;
+    }
+    let t = typmod - 4;
+    let precision = (t >> 16) & 0xFFFF;
+    // The scale is an 11-bit signed field since PostgreSQL 15 (negative scales allowed).
+    let scale = ((t & 0x7FF) ^ 1024) - 1024;
+    if (1..=38).contains(&precision) && (0..=precision).contains(&scale) {
+        Kind::Decimal { precision: precision as u8, scale: scale as i8 }
+    } else {
+        Kind::Utf8
+    }
+}
+
+/// Why a value could not be represented. The caller adds table, column and LSN.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub(crate) struct ValueError(pub String);
+
+fn bad(kind: &str, raw: &[u8]) -> ValueError {
+    ValueError(format!("cannot read {kind} value {:?}", String::from_utf8_lossy(&raw[..raw.len().min(64)])))
+}
+
+fn unrepresentable(kind: &str, raw: &[u8]) -> ValueError {
+    ValueError(format!(
+        "{kind} value {:?} cannot be represented in Parquet",
+        String::from_utf8_lossy(&raw[..raw.len().min(64)])
+    ))
+}
+
+pub(crate) enum Builder {
+    Bool(BooleanBuilder),
+    Int16(Int16Builder),
+    Int32(Int32Builder),
+    Int64(Int64Builder),
+    Float32(Float32Builder),
+    Float64(Float64Builder),
+    Decimal(Decimal128Builder, u8, i8),
+    Utf8(StringBuilder),
+    Binary(BinaryBuilder),
+    Date32(Date32Builder),
+    Timestamp(TimestampMicrosecondBuilder, bool),
+    List { offsets: Vec<i32>, nulls: NullBufferBuilder, child: Box<Builder>, field: Arc<Field> },
+}
+
+impl Builder {
+    pub(crate) fn new(kind: &Kind) -> Builder {
+        match kind {
+            Kind::Bool => Builder::Bool(BooleanBuilder::new()),
+            Kind::Int16 => Builder::Int16(Int16Builder::new()),
+            Kind::Int32 => Builder::Int32(Int32Builder::new()),
+            Kind::Int64 => Builder::Int64(Int64Builder::new()),
+            Kind::Float32 => Builder::Float32(Float32Builder::new()),
+            Kind::Float64 => Builder::Float64(Float64Builder::new()),
+            Kind::Decimal { precision, scale } => Builder::Decimal(
+                Decimal128Builder::new().with_data_type(DataType::Decimal128(*precision, *scale)),
+                *precision,
+                *scale,
+            ),
+            Kind::Utf8 => Builder::Utf8(StringBuilder::new()),
+            Kind::Binary => Builder::Binary(BinaryBuilder::new()),
+            Kind::Date32 => Builder::Date32(Date32Builder::new()),
+            Kind::Timestamp { utc } => Builder::Timestamp(
+                TimestampMicrosecondBuilder::new().with_timezone_opt(utc.then(|| "UTC")),
+                *utc,
+            ),
+            Kind::List(elem) => Builder::List {
+                offsets: vec![0],
+                nulls: NullBufferBuilder::new(0),
+                child: Box::new(Builder::new(elem)),
+                field: Arc::new(Field::new("element", elem.data_type(), true)),
+            },
+        }
+    }
+
+    pub(crate) fn append_null(&mut self) {
+        match self {
+            Builder::Bool(b) => b.append_null(),
+            Builder::Int16(b) => b.append_null(),
+            Builder::Int32(b) => b.append_null(),
+            Builder::Int64(b) => b.append_null(),
+            Builder::Float32(b) => b.append_null(),
+            Builder::Float64(b) => b.append_null(),
+            Builder::Decimal(b, ..) => b.append_null(),
+            Builder::Utf8(b) => b.append_null(),
+            Builder::Binary(b) => b.append_null(),
+            Builder::Date32(b) => b.append_null(),
+            Builder::Timestamp(b, _) => b.append_null(),
+            Builder::List { offsets, nulls, .. } => {
+                offsets.push(*offsets.last().expect("offsets start with 0"));
+                nulls.append_null();
+            }
+        }
+    }
+
+    /// Appends a value given in PostgreSQL's text output format.
+    pub(crate) fn append_text(&mut self, raw: &[u8]) -> Result<(), ValueError> {
+        match self {
+            Builder::Bool(b) => b.append_value(match raw {
+                b"t" => true,
+                b"f" => false,
+                _ => return Err(bad("bool", raw)),
+            }),
+            Builder::Int16(b) => b.append_value(parse_str(raw, "int2")?),
+            Builder::Int32(b) => b.append_value(parse_str(raw, "int4")?),
+            Builder::Int64(b) => b.append_value(parse_str(raw, "int8")?),
+            Builder::Float32(b) => b.append_value(parse_float(raw, "float4")? as f32),
+            Builder::Float64(b) => b.append_value(parse_float(raw, "float8")?),
+            Builder::Decimal(b, precision, scale) => {
+                b.append_value(parse_decimal(raw, *precision, *scale)?)
+            }
+            Builder::Utf8(b) => b.append_value(utf8(raw)?),
+            Builder::Binary(b) => b.append_value(parse_bytea(raw)?),
+            Builder::Date32(b) => b.append_value(parse_date(raw)?),
+            Builder::Timestamp(b, utc) => b.append_value(parse_timestamp(raw, *utc)?),
+            Builder::List { offsets, nulls, child, .. } => {
+                let n = parse_array(raw, child)?;
+                let last = *offsets.last().expect("offsets start with 0");
+                offsets.push(last + n as i32);
+                nulls.append_non_null();
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn finish(&mut self) -> ArrayRef {
+        match self {
+            Builder::Bool(b) => Arc::new(b.finish()),
+            Builder::Int16(b) => Arc::new(b.finish()),
+            Builder::Int32(b) => Arc::new(b.finish()),
+            Builder::Int64(b) => Arc::new(b.finish()),
+            Builder::Float32(b) => Arc::new(b.finish()),
+            Builder::Float64(b) => Arc::new(b.finish()),
+            Builder::Decimal(b, ..) => Arc::new(b.finish()),
+            Builder::Utf8(b) => Arc::new(b.finish()),
+            Builder::Binary(b) => Arc::new(b.finish()),
+            Builder::Date32(b) => Arc::new(b.finish()),
+            Builder::Timestamp(b, _) => Arc::new(b.finish()),
+            Builder::List { offsets, nulls, child, field } => {
+                let offsets = OffsetBuffer::new(std::mem::replace(offsets, vec![0]).into());
+                let values = child.finish();
+                Arc::new(ListArray::new(field.clone(), offsets, values, nulls.finish()))
+            }
+        }
+    }
+}
+
+fn utf8(raw: &[u8]) -> Result<&str, ValueError> {
+    std::str::from_utf8(raw).map_err(|_| ValueError("text value is not valid UTF-8".into()))
+}
+
+fn parse_str<T: std::str::FromStr>(raw: &[u8], kind: &str) -> Result<T, ValueError> {
+    utf8(raw)?.parse().map_err(|_| bad(kind, raw))
+}
+
+fn parse_float(raw: &[u8], kind: &str) -> Result<f64, ValueError> {
+    match raw {
+        b"NaN" => Ok(f64::NAN),
+        b"Infinity" => Ok(f64::INFINITY),
+        b"-Infinity" => Ok(f64::NEG_INFINITY),
+        _ => parse_str(raw, kind),
+    }
+}
+
+/// `-123.4500` with scale 4 -> -1234500. PostgreSQL prints a constrained numeric with
+/// exactly `scale` fraction digits; fewer are padded, more are an error (never rounded).
+pub(crate) fn parse_decimal(raw: &[u8], precision: u8, scale: i8) -> Result<i128, ValueError> {
+    if raw == b"NaN" || raw == b"Infinity" || raw == b"-Infinity" {
+        return Err(unrepresentable("numeric", raw));
+    }
+    let (neg, digits) = match raw.first() {
+        Some(b'-') => (true, &raw[1..]),
+        Some(b'+') => (false, &raw[1..]),
+        _ => (false, raw),
+    };
+    let (int, frac) = match digits.iter().position(|&c| c == b'.') {
+        Some(p) => (&digits[..p], &digits[p + 1..]),
+        None => (digits, &digits[digits.len()..]),
+    };
+    let scale = scale as usize;
+    if int.is_empty() && frac.is_empty() || frac.len() > scale {
+        return Err(bad("numeric", raw));
+    }
+    let mut v: i128 = 0;
+    let mut n_digits = 0usize;
+    for &c in int.iter().chain(frac) {
+        if !c.is_ascii_digit() {
+            return Err(bad("numeric", raw));
+        }
+        v = v * 10 + i128::from(c - b'0');
+        if v != 0 {
+            n_digits += 1;
+        }
+    }
+    for _ in frac.len()..scale {
+        v *= 10;
+        if v != 0 {
+            n_digits += 1;
+        }
+    }
+    if n_digits > precision as usize {
+        return Err(bad("numeric", raw));
+    }
+    Ok(if neg { -v } else { v })
+}
+
+fn parse_bytea(raw: &[u8]) -> Result<Vec<u8>, ValueError> {
+    let hex = raw.strip_prefix(b"\\x").ok_or_else(|| bad("bytea", raw))?;
+    hex::decode(hex).map_err(|_| bad("bytea", raw))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (year may be ≤ 0).
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (i64::from(m) + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// (year, month, day) of a day count since 1970-01-01.
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { yoe + era * 400 + 1 } else { yoe + era * 400 }, m, d)
+}
+
+fn digits(s: &[u8], kind: &str, raw: &[u8]) -> Result<i64, ValueError> {
+    if s.is_empty() || !s.iter().all(u8::is_ascii_digit) || s.len() > 9 {
+        return Err(bad(kind, raw));
+    }
+    Ok(s.iter().fold(0i64, |a, &c| a * 10 + i64::from(c - b'0')))
+}
+
+/// `YYYY-MM-DD` (any number of year digits), with an optional ` BC` suffix handled by
+/// the caller. Returns days since the Unix epoch.
+fn parse_ymd(s: &[u8], bc: bool, kind: &str, raw: &[u8]) -> Result<i64, ValueError> {
+    let mut parts = s.splitn(3, |&c| c == b'-');
+    let (Some(y), Some(m), Some(d)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad(kind, raw));
+    };
+    let (y, m, d) = (digits(y, kind, raw)?, digits(m, kind, raw)?, digits(d, kind, raw)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return Err(bad(kind, raw));
+    }
+    // 1 BC is astronomical year 0.
+    let year = if bc { 1 - y } else { y };
+    Ok(days_from_civil(year, m as u32, d as u32))
+}
+
+fn strip_bc(raw: &[u8]) -> (&[u8], bool) {
+    match raw.strip_suffix(b" BC") {
+        Some(s) => (s, true),
+        None => (raw, false),
+    }
+}
+
+pub(crate) fn parse_date(raw: &[u8]) -> Result<i32, ValueError> {
+    if raw == b"infinity" || raw == b"-infinity" {
+        return Err(unrepresentable("date", raw));
+    }
+    let (s, bc) = strip_bc(raw);
+    let days = parse_ymd(s, bc, "date", raw)?;
+    i32::try_from(days).map_err(|_| unrepresentable("date", raw))
+}
+
+/// `YYYY-MM-DD HH:MM:SS[.ffffff][+HH[:MM[:SS]]][ BC]` -> microseconds since the epoch.
+pub(crate) fn parse_timestamp(raw: &[u8], with_zone: bool) -> Result<i64, ValueError> {
+    let kind = if with_zone { "timestamptz" } else { "timestamp" };
+    if raw == b"infinity" || raw == b"-infinity" {
+        return Err(unrepresentable(kind, raw));
+    }
+    let (s, bc) = strip_bc(raw);
+    let sp = s.iter().position(|&c| c == b' ').ok_or_else(|| bad(kind, raw))?;
+    let days = parse_ymd(&s[..sp], bc, kind, raw)?;
+    let mut t = &s[sp + 1..];
+    let mut offset_secs = 0i64;
+    if with_zone {
+        let p = t.iter().rposition(|&c| c == b'+' || c == b'-').ok_or_else(|| bad(kind, raw))?;
+        let sign = if t[p] == b'-' { -1 } else { 1 };
+        let mut f = [0i64; 3];
+        for (i, part) in t[p + 1..].split(|&c| c == b':').enumerate() {
+            if i > 2 {
+                return Err(bad(kind, raw));
+            }
+            f[i] = digits(part, kind, raw)?;
+        }
+        offset_secs = sign * (f[0] * 3600 + f[1] * 60 + f[2]);
+        t = &t[..p];
+    }
+    let (hms, frac) = match t.iter().position(|&c| c == b'.') {
+        Some(p) => (&t[..p], &t[p + 1..]),
+        None => (t, &t[t.len()..]),
+    };
+    let mut parts = hms.split(|&c| c == b':');
+    let (Some(h), Some(mi), Some(se), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad(kind, raw));
+    };
+    let (h, mi, se) = (digits(h, kind, raw)?, digits(mi, kind, raw)?, digits(se, kind, raw)?);
+    if frac.len() > 6 {
+        return Err(bad(kind, raw));
+    }
+    let mut micros = if frac.is_empty() { 0 } else { digits(frac, kind, raw)? };
+    for _ in frac.len()..6 {
+        micros *= 10;
+    }
+    let secs = days
+        .checked_mul(86_400)
+        .and_then(|d| d.checked_add(h * 3600 + mi * 60 + se - offset_secs))
+        .ok_or_else(|| unrepresentable(kind, raw))?;
+    secs.checked_mul(1_000_000)
+        .and_then(|v| v.checked_add(micros))
+        .ok_or_else(|| unrepresentable(kind, raw))
+}
+
+/// Parses a one-dimensional array literal (`{1,NULL,"a b"}`) into `child`, returning the
+/// number of elements. Multi-dimensional arrays and explicit bounds are refused rather
+/// than flattened (that would lose their shape).
+fn parse_array(raw: &[u8], child: &mut Builder) -> Result<usize, ValueError> {
+    let inner = raw
+        .strip_prefix(b"{")
+        .and_then(|s| s.strip_suffix(b"}"))
+        .ok_or_else(|| ValueError(format!(
+            "array value {:?} has explicit bounds, which a Parquet list cannot keep",
+            String::from_utf8_lossy(&raw[..raw.len().min(64)])
+        )))?;
+    if inner.is_empty() {
+        return Ok(0);
+    }
+    if inner.first() == Some(&b'{') {
+        return Err(ValueError(
+            "multi-dimensional array values are not supported yet; they would lose their shape".into(),
+        ));
+    }
+    let mut n = 0;
+    let mut i = 0;
+    let mut elem = Vec::new();
+    loop {
+        elem.clear();
+        let quoted = inner.get(i) == Some(&b'"');
+        if quoted {
+            i += 1;
+            loop {
+                match inner.get(i) {
+                    Some(b'\\') => {
+                        elem.push(*inner.get(i + 1).ok_or_else(|| bad("array", raw))?);
+                        i += 2;
+                    }
+                    Some(b'"') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(&c) => {
+                        elem.push(c);
+                        i += 1;
+                    }
+                    None => return Err(bad("array", raw)),
+                }
+            }
+        } else {
+            while let Some(&c) = inner.get(i) {
+                if c == b',' {
+                    break;
+                }
+                elem.push(c);
+                i += 1;
+            }
+        }
+        if !quoted && elem == b"NULL" {
+            child.append_null();
+        } else {
+            child.append_text(&elem)?;
+        }
+        n += 1;
+        match inner.get(i) {
+            None => return Ok(n),
+            Some(b',') => i += 1,
+            Some(_) => return Err(bad("array", raw)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::Int32Type;
+
+    #[test]
+    fn numeric_typmod_maps_to_decimal_or_text() {
+        let typmod = |p: i32, s: i32| ((p << 16) | s) + 4;
+        assert_eq!(Kind::for_type(oid::NUMERIC, typmod(12, 2)), Kind::Decimal { precision: 12, scale: 2 });
+        assert_eq!(Kind::for_type(oid::NUMERIC, typmod(39, 2)), Kind::Utf8);
+        assert_eq!(Kind::for_type(oid::NUMERIC, -1), Kind::Utf8);
+    }
+
+    #[test]
+    fn decimals_are_exact_and_never_rounded() {
+        assert_eq!(parse_decimal(b"-123.45", 12, 2), Ok(-12345));
+        assert_eq!(parse_decimal(b"7", 5, 3), Ok(7000));
+        assert_eq!(parse_decimal(b"99999999999999999999999999999999999999", 38, 0), Ok(10i128.pow(38) - 1));
+        assert!(parse_decimal(b"1.234", 12, 2).is_err());
+        assert!(parse_decimal(b"NaN", 12, 2).unwrap_err().0.contains("cannot be represented"));
+    }
+
+    #[test]
+    fn dates_and_timestamps_follow_the_proleptic_calendar() {
+        assert_eq!(parse_date(b"1970-01-01"), Ok(0));
+        assert_eq!(parse_date(b"2000-03-01"), Ok(11017));
+        assert_eq!(parse_date(b"0001-01-01 BC"), Ok(days_from_civil(0, 1, 1) as i32));
+        assert!(parse_date(b"infinity").is_err());
+        assert_eq!(parse_timestamp(b"1970-01-01 00:00:01.5", false), Ok(1_500_000));
+        assert_eq!(parse_timestamp(b"1970-01-01 02:00:00+02", true), Ok(0));
+        assert_eq!(parse_timestamp(b"1969-12-31 23:59:59.999999+00", true), Ok(-1));
+        assert_eq!(parse_timestamp(b"12345-01-01 00:00:00", false).unwrap(), days_from_civil(12345, 1, 1) * 86_400_000_000);
+        assert!(parse_timestamp(b"-infinity", true).unwrap_err().0.contains("cannot be represented"));
+        for d in [-800_000i64, -1, 0, 59, 60, 11017, 2_932_896] {
+            let (y, m, dd) = civil_from_days(d);
+            assert_eq!(days_from_civil(y, m, dd), d);
+        }
+    }
+
+    #[test]
+    fn one_dimensional_arrays_become_lists_and_others_are_refused() {
+        let mut b = Builder::new(&Kind::for_type(1007, -1));
+        b.append_text(b"{1,NULL,3}").unwrap();
+        b.append_text(b"{}").unwrap();
+        b.append_null();
+        assert!(b.append_text(b"{{1,2},{3,4}}").is_err());
+        let a = b.finish();
+        let list = a.as_list::<i32>();
+        assert_eq!(list.len(), 3);
+        assert!(list.is_null(2));
+        let first = list.value(0);
+        let first = first.as_primitive::<Int32Type>();
+        assert_eq!(first.iter().collect::<Vec<_>>(), vec![Some(1), None, Some(3)]);
+        let mut t = Builder::new(&Kind::for_type(1009, -1));
+        t.append_text(br#"{"a,b","q\"x",NULL,"NULL"}"#).unwrap();
+        let a = t.finish();
+        let v = a.as_list::<i32>().value(0);
+        let v = v.as_string::<i32>();
+        assert_eq!(v.value(0), "a,b");
+        assert_eq!(v.value(1), "q\"x");
+        assert!(v.is_null(2));
+        assert_eq!(v.value(3), "NULL");
+    }
+}

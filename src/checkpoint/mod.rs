@@ -1,0 +1,237 @@
+//! Durable progress: the commit log under `{sink.url}/_walshore/`, recovery and fencing.
+//!
+//! # The exactly-once argument
+//!
+//! **Keys follow from rows.** A data file is named by the `(_lsn, _seq)` of its first and
+//! last rows and holds exactly the table's rows of its partition between them (see
+//! `sink`). Two writes of the same key therefore carry the same rows, so overwriting an
+//! object with a replayed copy changes nothing a reader can see.
+//!
+//! **The commit log is the source of truth.** Progress is a log of numbered objects,
+//! `_walshore/commits/{seq:020}.json`, each created with a conditional request
+//! (`PutMode::Create`, `If-None-Match: *` on S3; create-new on a local directory). A
+//! commit record names every data file of the transactions it covers and the `end_lsn`
+//! replication resumes from. The record with the highest number is the head. Creating
+//! `seq` succeeds for exactly one writer: this is the compare-and-swap that orders
+//! commits and fences off a second writer. A record is written only after all its files
+//! are durable, and only at a transaction boundary, so a transaction is never split
+//! across commit records.
+//!
+//! **Files not yet committed are announced.** Before uploading files for commit `seq`,
+//! the writer creates `_walshore/pending/{seq:020}-{n:06}.json` listing their keys. A file
+//! in the lake is therefore either named by a commit record or listed in a pending
+//! record.
+//!
+//! **PostgreSQL only hears committed positions.** The slot is confirmed up to the head's
+//! `end_lsn` after the record is durable, or, when nothing at all is in flight, up to a
+//! keepalive's position (the WAL in between holds nothing for this publication). So
+//! PostgreSQL never discards WAL that the lake does not yet hold.
+//!
+//! **Start-up.** A starting instance (1) reads the head, (2) acquires the slot with
+//! START_REPLICATION from the head's `end_lsn` — PostgreSQL refuses a second consumer of
+//! an active slot — (3) claims the next sequence number with an empty commit record, so
+//! that any earlier writer still running (paused, cut off) fails its next commit and
+//! stops, and (4) deletes the files of every pending record that no commit record at or
+//! after its sequence number names, then the pending records themselves. Transactions
+//! PostgreSQL resends from before the head's `end_lsn` are skipped by commit LSN.
+//!
+//! **A crash at each step.** Before the pending record: nothing was written. After the
+//! pending record or some uploads, before the commit record: the files are orphans
+//! listed in a pending record; start-up (4) deletes them and the changes are streamed
+//! again, because the slot was not confirmed past the head. After the commit record,
+//! before confirming to PostgreSQL: the transactions are in the lake; PostgreSQL resends
+//! them and the assembler skips them by LSN. After confirming: nothing is resent.
+//! Leftover pending records after a commit are harmless: their keys are named by a
+//! commit record and are kept.
+
+pub mod record;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::lsn::Lsn;
+use crate::sink::WrittenObject;
+pub use record::{CommitRecord, PendingRecord, TableStats};
+
+const COMMITS: &str = "_walshore/commits";
+const PENDING: &str = "_walshore/pending";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("another walshore committed to this sink (commit {seq} exists, written by run {holder}); this instance stops so that only one writes: check for a second walshore on the same sink.url")]
+    Fenced { seq: u64, holder: String },
+    #[error("object store error at {key}: {source}")]
+    Store { key: String, #[source] source: object_store::Error },
+    #[error("commit record {key} is unreadable: {message}; it was not written by this version of walshore or is damaged")]
+    Corrupt { key: String, message: String },
+    #[error("this sink holds the lake of slot {found_slot:?} in database system {found_system}, but the configuration points at slot {slot:?} in system {system}; use a separate sink.url per pipeline")]
+    WrongPipeline { found_slot: String, found_system: String, slot: String, system: String },
+}
+
+impl CheckpointError {
+    pub fn retry(&self) -> crate::source::Retry {
+        match self {
+            CheckpointError::Store { source, .. } => crate::sink::retry_of_store(source),
+            _ => crate::source::Retry::Definite,
+        }
+    }
+}
+
+fn commit_key(seq: u64) -> Path {
+    Path::from(format!("{COMMITS}/{seq:020}.json"))
+}
+
+fn store_err(key: &Path) -> impl FnOnce(object_store::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Store { key: key.to_string(), source }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(store: &dyn ObjectStore, key: &Path) -> Result<T, CheckpointError> {
+    let bytes = store.get(key).await.map_err(store_err(key))?.bytes().await.map_err(store_err(key))?;
+    serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Corrupt { key: key.to_string(), message: e.to_string() })
+}
+
+/// The latest commit record, if any.
+pub async fn read_head(store: &dyn ObjectStore) -> Result<Option<CommitRecord>, CheckpointError> {
+    let prefix = Path::from(COMMITS);
+    let metas: Vec<_> = store.list(Some(&prefix)).try_collect().await.map_err(store_err(&prefix))?;
+    let Some(last) = metas.iter().map(|m| m.location.clone()).filter(|p| p.as_ref().ends_with(".json")).max() else {
+        return Ok(None);
+    };
+    read_json(store, &last).await.map(Some)
+}
+
+/// The commit log of one pipeline, as seen by its single writer.
+pub struct Checkpoint {
+    store: Arc<dyn ObjectStore>,
+    head: CommitRecord,
+    pending_parts: u32,
+}
+
+impl Checkpoint {
+    /// Reads the head; a sink without one starts at `Lsn::ZERO`.
+    pub async fn load(store: Arc<dyn ObjectStore>, identity: &record::Identity) -> Result<Checkpoint, CheckpointError> {
+        let head = match read_head(store.as_ref()).await? {
+            Some(h) => {
+                if h.slot != identity.slot || h.system_id != identity.system_id {
+                    return Err(CheckpointError::WrongPipeline {
+                        found_slot: h.slot,
+                        found_system: h.system_id,
+                        slot: identity.slot.clone(),
+                        system: identity.system_id.clone(),
+                    });
+                }
+                h
+            }
+            None => CommitRecord::genesis(identity),
+        };
+        Ok(Checkpoint { store, head, pending_parts: 0 })
+    }
+
+    pub fn head(&self) -> &CommitRecord {
+        &self.head
+    }
+
+    /// Where replication resumes: the end of the last committed transaction.
+    pub fn position(&self) -> Lsn {
+        self.head.end_lsn
+    }
+
+    /// Start-up steps (3) and (4): claim the next sequence number, then clear what a
+    /// crashed or fenced writer left behind.
+    pub async fn claim_and_recover(&mut self, run_id: &str) -> Result<usize, CheckpointError> {
+        let claim = self.head.next(run_id, self.head.end_lsn, self.head.commit_ts, Vec::new());
+        self.commit(claim).await?;
+        self.recover().await
+    }
+
+    async fn recover(&mut self) -> Result<usize, CheckpointError> {
+        let prefix = Path::from(PENDING);
+        let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await.map_err(store_err(&prefix))?;
+        let mut deleted = 0;
+        for meta in metas {
+            let pending: PendingRecord = match read_json(self.store.as_ref(), &meta.location).await {
+                Ok(p) => p,
+                Err(CheckpointError::Store { source: object_store::Error::NotFound { .. }, .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            let mut kept = HashSet::new();
+            for seq in pending.seq..=self.head.seq {
+                match read_json::<CommitRecord>(self.store.as_ref(), &commit_key(seq)).await {
+                    Ok(c) => kept.extend(c.files.into_iter().map(|f| f.key)),
+                    Err(CheckpointError::Store { source: object_store::Error::NotFound { .. }, .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            for key in pending.keys.iter().filter(|k| !kept.contains(*k)) {
+                let path = Path::from(key.as_str());
+                match self.store.delete(&path).await {
+                    Ok(()) => deleted += 1,
+                    Err(object_store::Error::NotFound { .. }) => {}
+                    Err(source) => return Err(CheckpointError::Store { key: key.clone(), source }),
+                }
+                tracing::info!(key = %key, "deleted uncommitted file left by an earlier run");
+            }
+            self.delete_quietly(&meta.location).await;
+        }
+        Ok(deleted)
+    }
+
+    async fn delete_quietly(&self, path: &Path) {
+        if let Err(e) = self.store.delete(path).await {
+            if !matches!(e, object_store::Error::NotFound { .. }) {
+                tracing::warn!(key = %path, error = %e, "cannot delete pending record; it is harmless and cleared at the next start");
+            }
+        }
+    }
+
+    /// Announces files about to be uploaded for the next commit.
+    pub async fn announce(&mut self, run_id: &str, keys: Vec<String>) -> Result<(), CheckpointError> {
+        let seq = self.head.seq + 1;
+        let key = Path::from(format!("{PENDING}/{seq:020}-{:06}.json", self.pending_parts));
+        self.pending_parts += 1;
+        let record = PendingRecord { seq, run_id: run_id.to_owned(), keys };
+        let body = serde_json::to_vec(&record).expect("pending record serializes");
+        self.store.put(&key, PutPayload::from(body)).await.map_err(store_err(&key))?;
+        Ok(())
+    }
+
+    /// Commits `files` up to `end_lsn` as the next record: compare-and-swap on the
+    /// sequence number, so it never moves backward and a second writer is refused.
+    pub async fn commit_files(
+        &mut self,
+        run_id: &str,
+        end_lsn: Lsn,
+        commit_ts: Option<i64>,
+        files: Vec<WrittenObject>,
+    ) -> Result<&CommitRecord, CheckpointError> {
+        let next = self.head.next(run_id, end_lsn.max(self.head.end_lsn), commit_ts.or(self.head.commit_ts), files);
+        self.commit(next).await?;
+        let seq = self.head.seq;
+        for n in 0..std::mem::take(&mut self.pending_parts) {
+            self.delete_quietly(&Path::from(format!("{PENDING}/{seq:020}-{n:06}.json"))).await;
+        }
+        Ok(&self.head)
+    }
+
+    async fn commit(&mut self, record: CommitRecord) -> Result<(), CheckpointError> {
+        let key = commit_key(record.seq);
+        let body = serde_json::to_vec_pretty(&record).expect("commit record serializes");
+        crate::fault::point("before_commit_record");
+        let opts = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+        match self.store.put_opts(&key, PutPayload::from(body), opts).await {
+            Ok(_) => {}
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let holder = read_json::<CommitRecord>(self.store.as_ref(), &key).await.map(|c| c.run_id).unwrap_or_else(|_| "unknown".into());
+                return Err(CheckpointError::Fenced { seq: record.seq, holder });
+            }
+            Err(source) => return Err(CheckpointError::Store { key: key.to_string(), source }),
+        }
+        crate::fault::point("after_commit_record");
+        self.head = record;
+        Ok(())
+    }
+}

@@ -1,0 +1,193 @@
+//! A throwaway PostgreSQL cluster from the machine's own server binaries: `initdb` into
+//! a temporary directory, `wal_level = logical`, a free loopback port. Used by
+//! `walshore demo`, the integration tests and the benchmark. PostgreSQL refuses to run
+//! as root, so when we are root the server runs as the `postgres` user.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("PostgreSQL server binaries not found (looked for initdb and pg_ctl in $WALSHORE_PG_BIN and /usr/lib/postgresql/*/bin); install them with `apt-get install postgresql` (Debian/Ubuntu)")]
+    NoBinaries,
+    #[error("running as root, but the `postgres` user that PostgreSQL must run as does not exist; install the Debian package `postgresql`, which creates it")]
+    NoPostgresUser,
+    #[error("{step} failed: {detail}")]
+    Step { step: String, detail: String },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Options for [`TempCluster::start`].
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// Extra `postgresql.conf` lines.
+    pub settings: Vec<String>,
+    /// Where the cluster lives; a fresh temporary directory when `None`.
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions { settings: Vec::new(), dir: None }
+    }
+}
+
+pub struct TempCluster {
+    _tmp: Option<tempfile::TempDir>,
+    data: PathBuf,
+    bin: PathBuf,
+    pub port: u16,
+    as_postgres: bool,
+    running: bool,
+}
+
+/// The newest `/usr/lib/postgresql/<v>/bin` (or `$WALSHORE_PG_BIN`).
+pub fn find_binaries() -> Option<PathBuf> {
+    if let Ok(dir) = std::env::var("WALSHORE_PG_BIN") {
+        let p = PathBuf::from(dir);
+        return p.join("initdb").exists().then_some(p);
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let v: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            (bin.join("initdb").exists() && bin.join("pg_ctl").exists()).then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, b)| b)
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl TempCluster {
+    pub fn start(opts: ClusterOptions) -> Result<TempCluster, ClusterError> {
+        let bin = find_binaries().ok_or(ClusterError::NoBinaries)?;
+        let as_postgres = unsafe { libc::geteuid() } == 0;
+        let (tmp, root) = match &opts.dir {
+            Some(d) => {
+                std::fs::create_dir_all(d)?;
+                (None, d.clone())
+            }
+            None => {
+                let t = tempfile::Builder::new().prefix("walshore-pg-").tempdir()?;
+                let p = t.path().to_owned();
+                (Some(t), p)
+            }
+        };
+        let data = root.join("data");
+        if as_postgres {
+            let status = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&root).status()?;
+            if !status.success() {
+                return Err(ClusterError::NoPostgresUser);
+            }
+        }
+        let mut c = TempCluster { _tmp: tmp, data: data.clone(), bin, port: free_port()?, as_postgres, running: false };
+        c.run("initdb", &["-D", path_str(&data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"])?;
+        let mut conf = format!(
+            "\n# walshore test cluster\nlisten_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\nwal_level = logical\nmax_replication_slots = 20\nmax_wal_senders = 20\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_buffers = 128MB\nmax_wal_size = 4GB\nwal_sender_timeout = 60s\n",
+            c.port,
+            path_str(&data)
+        );
+        for s in &opts.settings {
+            conf.push_str(s);
+            conf.push('\n');
+        }
+        append(&data.join("postgresql.conf"), &conf)?;
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost replication postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\nhost replication all 127.0.0.1/32 scram-sha-256\n",
+        )?;
+        if as_postgres {
+            Command::new("chown").args(["-R", "postgres:postgres"]).arg(&root).status()?;
+        }
+        c.pg_ctl_start()?;
+        Ok(c)
+    }
+
+    fn pg_ctl_start(&mut self) -> Result<(), ClusterError> {
+        let log = self.data.join("server.log");
+        self.run("pg_ctl", &["-D", path_str(&self.data), "-l", path_str(&log), "-w", "-t", "60", "start"])?;
+        self.running = true;
+        Ok(())
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) -> Result<(), ClusterError> {
+        let exe = self.bin.join(tool);
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        let out = cmd.args(args).current_dir("/").output()?;
+        if !out.status.success() {
+            let mut detail = String::from_utf8_lossy(&out.stderr).into_owned();
+            if let Ok(log) = std::fs::read_to_string(self.data.join("server.log")) {
+                detail.push_str("\nserver log:\n");
+                detail.push_str(&log[log.len().saturating_sub(2000)..]);
+            }
+            return Err(ClusterError::Step { step: format!("{tool} {}", args.join(" ")), detail });
+        }
+        Ok(())
+    }
+
+    /// `postgres://{user}@127.0.0.1:{port}/{db}?sslmode=disable`
+    pub fn url(&self, user: &str, db: &str) -> String {
+        format!("postgres://{user}@127.0.0.1:{}/{db}?sslmode=disable", self.port)
+    }
+
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
+    /// Connects with tokio-postgres as the superuser; the connection runs on a task.
+    pub async fn connect(&self, db: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, conn) = tokio_postgres::connect(&format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port), tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    /// `pg_ctl restart` with the given mode (`fast`, `immediate`).
+    pub fn restart(&mut self, mode: &str) -> Result<(), ClusterError> {
+        let log = self.data.join("server.log");
+        self.run("pg_ctl", &["-D", path_str(&self.data), "-l", path_str(&log), "-m", mode, "-w", "-t", "60", "restart"])
+    }
+
+    pub fn stop(&mut self) -> Result<(), ClusterError> {
+        if self.running {
+            self.running = false;
+            self.run("pg_ctl", &["-D", path_str(&self.data), "-m", "fast", "-w", "stop"])?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TempCluster {
+    fn drop(&mut self) {
+        if self.running {
+            let _ = self.run("pg_ctl", &["-D", path_str(&self.data), "-m", "immediate", "-w", "stop"]);
+        }
+    }
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temporary paths are UTF-8")
+}
+
+fn append(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::OpenOptions::new().append(true).open(path)?.write_all(text.as_bytes())
+}

@@ -1,0 +1,473 @@
+//! `config.toml`: a raw serde struct (unknown keys refused), expanded `${ENV_VAR}`s, then
+//! validated into [`Config`]. Validation is pure and every error names the field path.
+//! Every key is documented in the repository's `config.toml`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Upper bound on commit -> visible: 5 s keeps Athena "near-real-time" while a busy
+/// table still gets files of useful size.
+pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+/// Row data buffered before a flush is forced: with encoding and upload overlapping,
+/// about three times this is resident, well under the 256 MiB budget.
+pub const DEFAULT_MAX_BUFFER_BYTES: u64 = 48 << 20;
+/// Streamed in-progress transactions held in memory before spilling to disk.
+pub const DEFAULT_STREAM_MEMORY_BYTES: u64 = 32 << 20;
+/// Disk a spill may take before walshore stops with a clear error.
+pub const DEFAULT_SPILL_MAX_BYTES: u64 = 64 << 30;
+/// Athena reads row groups in parallel; ~128 Mi rows is far above what a flush holds, so
+/// in practice one flush is one row group per file.
+pub const DEFAULT_ROW_GROUP_ROWS: usize = 1 << 20;
+/// How often the slot hears our committed position even when nothing changes:
+/// well below PostgreSQL's default wal_sender_timeout (60 s).
+pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, #[source] source: std::io::Error },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{field}: {message}")]
+    Invalid { field: &'static str, message: String },
+    #[error("{field}: environment variable {var} is not set")]
+    Env { field: String, var: String },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field, message: message.into() }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    source: RawSource,
+    sink: RawSink,
+    #[serde(default)]
+    snapshot: RawSnapshot,
+    #[serde(default)]
+    catalog: RawCatalog,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    url: String,
+    publication: String,
+    slot: String,
+    spill_dir: Option<PathBuf>,
+    stream_memory: Option<String>,
+    spill_max_bytes: Option<String>,
+    status_interval: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSink {
+    url: String,
+    endpoint: Option<String>,
+    region: Option<String>,
+    flush_interval: Option<String>,
+    max_buffer: Option<String>,
+    compression: Option<String>,
+    row_group_rows: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSnapshot {
+    mode: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCatalog {
+    kind: Option<String>,
+    database: Option<String>,
+    endpoint: Option<String>,
+    region: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+/// Connection parameters from a libpq-style URL. `Debug` never shows the password.
+#[derive(Clone)]
+pub struct ConnParams {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+    pub dbname: String,
+    pub sslmode: SslMode,
+    pub sslrootcert: Option<PathBuf>,
+    pub application_name: String,
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for ConnParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.redacted())
+    }
+}
+
+impl ConnParams {
+    /// The URL without its password, for logs and messages.
+    pub fn redacted(&self) -> String {
+        format!("postgres://{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)
+    }
+
+    pub fn parse(raw: &str) -> Result<ConnParams, String> {
+        let url = url::Url::parse(raw).map_err(|e| format!("not a URL ({e}); expected postgres://user@host:5432/dbname"))?;
+        if url.scheme() != "postgres" && url.scheme() != "postgresql" {
+            return Err(format!("scheme {:?} is not postgres://", url.scheme()));
+        }
+        let decode = |s: &str| {
+            percent_decode(s).ok_or_else(|| "URL has an invalid percent-encoding".to_owned())
+        };
+        let user = if url.username().is_empty() {
+            std::env::var("USER").unwrap_or_else(|_| "postgres".into())
+        } else {
+            decode(url.username())?
+        };
+        let mut p = ConnParams {
+            host: url.host_str().unwrap_or("localhost").trim_matches(['[', ']']).to_owned(),
+            port: url.port().unwrap_or(5432),
+            dbname: match url.path().trim_start_matches('/') {
+                "" => user.clone(),
+                db => decode(db)?,
+            },
+            user,
+            password: url.password().map(decode).transpose()?,
+            sslmode: SslMode::Prefer,
+            sslrootcert: None,
+            application_name: "walshore".into(),
+            connect_timeout: Duration::from_secs(10),
+        };
+        for (k, v) in url.query_pairs() {
+            match &*k {
+                "sslmode" => {
+                    p.sslmode = match &*v {
+                        "disable" => SslMode::Disable,
+                        "allow" | "prefer" => SslMode::Prefer,
+                        "require" => SslMode::Require,
+                        "verify-ca" => SslMode::VerifyCa,
+                        "verify-full" => SslMode::VerifyFull,
+                        other => return Err(format!("sslmode {other:?} is not one of disable, prefer, require, verify-ca, verify-full")),
+                    }
+                }
+                "sslrootcert" => p.sslrootcert = Some(PathBuf::from(&*v)),
+                "application_name" => p.application_name = v.into_owned(),
+                "connect_timeout" => {
+                    let secs: u64 = v.parse().map_err(|_| format!("connect_timeout {v:?} is not a number of seconds"))?;
+                    p.connect_timeout = Duration::from_secs(secs.max(1));
+                }
+                "password" => p.password = Some(v.into_owned()),
+                "user" => p.user = v.into_owned(),
+                "host" => p.host = v.into_owned(),
+                "port" => p.port = v.parse().map_err(|_| format!("port {v:?} is not a number"))?,
+                "dbname" => p.dbname = v.into_owned(),
+                other => return Err(format!("unsupported URL parameter {other:?}")),
+            }
+        }
+        if p.password.is_none() {
+            p.password = std::env::var("PGPASSWORD").ok();
+        }
+        Ok(p)
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let h = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(h, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    pub conn: ConnParams,
+    pub publication: String,
+    pub slot: String,
+    pub spill_dir: PathBuf,
+    pub stream_memory_bytes: usize,
+    pub spill_max_bytes: u64,
+    pub status_interval: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    Zstd,
+    Snappy,
+    None,
+}
+
+#[derive(Clone, Debug)]
+pub struct SinkConfig {
+    pub url: url::Url,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub flush_interval: Duration,
+    pub max_buffer_bytes: usize,
+    pub compression: Compression,
+    pub row_group_rows: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotMode {
+    Initial,
+    Never,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub source: SourceConfig,
+    pub sink: SinkConfig,
+    pub snapshot: SnapshotMode,
+}
+
+/// `64MiB`, `1 GB`, `4096` (bytes).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let n: u64 = s[..split].parse().ok()?;
+    let mult: u64 = match s[split..].trim() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "KiB" | "kB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        "TB" => 1_000_000_000_000,
+        "TiB" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+fn size(field: &'static str, v: Option<String>, default: u64) -> Result<u64, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s) => match parse_size(&s) {
+            Some(n) if n > 0 => Ok(n),
+            _ => Err(invalid(field, format!("{s:?} is not a size such as \"64MiB\""))),
+        },
+    }
+}
+
+fn duration(field: &'static str, v: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s) => match humantime::parse_duration(&s) {
+            Ok(d) if !d.is_zero() => Ok(d),
+            _ => Err(invalid(field, format!("{s:?} is not a duration such as \"5s\" or \"500ms\""))),
+        },
+    }
+}
+
+fn identifier(field: &'static str, v: &str) -> Result<(), ConfigError> {
+    if v.is_empty() || v.len() > 63 {
+        return Err(invalid(field, "must be 1 to 63 characters"));
+    }
+    Ok(())
+}
+
+/// Replaces `${NAME}` in every string value with the environment variable's value.
+fn expand_env(value: &mut toml::Value, path: &str) -> Result<(), ConfigError> {
+    match value {
+        toml::Value::String(s) => {
+            let mut out = String::new();
+            let mut rest = s.as_str();
+            while let Some(start) = rest.find("${") {
+                let Some(end) = rest[start..].find('}') else { break };
+                let var = &rest[start + 2..start + end];
+                let val = std::env::var(var).map_err(|_| ConfigError::Env {
+                    field: path.to_owned(),
+                    var: var.to_owned(),
+                })?;
+                out.push_str(&rest[..start]);
+                out.push_str(&val);
+                rest = &rest[start + end + 1..];
+            }
+            out.push_str(rest);
+            *s = out;
+        }
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                expand_env(v, &p)?;
+            }
+        }
+        toml::Value::Array(a) => {
+            for v in a {
+                expand_env(v, path)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.to_owned(), message },
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let parse_err = |message: String| ConfigError::Parse { path: PathBuf::new(), message };
+        let mut value: toml::Value = toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
+        expand_env(&mut value, "")?;
+        let raw: RawConfig = value.try_into().map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+        Config::try_from(raw)
+    }
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Config, ConfigError> {
+        let conn = ConnParams::parse(&raw.source.url).map_err(|m| invalid("source.url", m))?;
+        identifier("source.publication", &raw.source.publication)?;
+        identifier("source.slot", &raw.source.slot)?;
+        if !raw.source.slot.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_') {
+            return Err(invalid("source.slot", "may hold only lower-case letters, digits and underscores (PostgreSQL's rule for slot names)"));
+        }
+        let source = SourceConfig {
+            conn,
+            publication: raw.source.publication,
+            slot: raw.source.slot,
+            spill_dir: raw.source.spill_dir.unwrap_or_else(|| std::env::temp_dir().join("walshore-spill")),
+            stream_memory_bytes: size("source.stream_memory", raw.source.stream_memory, DEFAULT_STREAM_MEMORY_BYTES)? as usize,
+            spill_max_bytes: size("source.spill_max_bytes", raw.source.spill_max_bytes, DEFAULT_SPILL_MAX_BYTES)?,
+            status_interval: duration("source.status_interval", raw.source.status_interval, DEFAULT_STATUS_INTERVAL)?,
+        };
+
+        let url = url::Url::parse(&raw.sink.url)
+            .map_err(|e| invalid("sink.url", format!("{e}; expected file:///path or s3://bucket/prefix")))?;
+        match url.scheme() {
+            "file" => {
+                if raw.sink.endpoint.is_some() {
+                    return Err(invalid("sink.endpoint", "only applies to s3:// sinks"));
+                }
+            }
+            "s3" => {
+                if url.host_str().unwrap_or("").is_empty() {
+                    return Err(invalid("sink.url", "s3:// URL has no bucket; expected s3://bucket/prefix"));
+                }
+            }
+            other => return Err(invalid("sink.url", format!("scheme {other:?} is not supported; use file:// or s3://"))),
+        }
+        if let Some(e) = &raw.sink.endpoint {
+            url::Url::parse(e).map_err(|err| invalid("sink.endpoint", format!("{err}; expected http(s)://host:port")))?;
+        }
+        let compression = match raw.sink.compression.as_deref().unwrap_or("zstd") {
+            "zstd" => Compression::Zstd,
+            "snappy" => Compression::Snappy,
+            "none" => Compression::None,
+            other => return Err(invalid("sink.compression", format!("{other:?} is not one of zstd, snappy, none"))),
+        };
+        let row_group_rows = raw.sink.row_group_rows.unwrap_or(DEFAULT_ROW_GROUP_ROWS);
+        if row_group_rows == 0 {
+            return Err(invalid("sink.row_group_rows", "must be at least 1"));
+        }
+        let sink = SinkConfig {
+            url,
+            endpoint: raw.sink.endpoint,
+            region: raw.sink.region,
+            flush_interval: duration("sink.flush_interval", raw.sink.flush_interval, DEFAULT_FLUSH_INTERVAL)?,
+            max_buffer_bytes: size("sink.max_buffer", raw.sink.max_buffer, DEFAULT_MAX_BUFFER_BYTES)? as usize,
+            compression,
+            row_group_rows,
+        };
+
+        let snapshot = match raw.snapshot.mode.as_deref().unwrap_or("initial") {
+            "initial" => SnapshotMode::Initial,
+            "never" => SnapshotMode::Never,
+            other => return Err(invalid("snapshot.mode", format!("{other:?} is not one of initial, never"))),
+        };
+        match raw.catalog.kind.as_deref().unwrap_or("none") {
+            "none" => {
+                if raw.catalog.database.is_some() || raw.catalog.endpoint.is_some() || raw.catalog.region.is_some() {
+                    return Err(invalid("catalog", "database, endpoint and region apply only with kind = \"glue\""));
+                }
+            }
+            "glue" => return Err(invalid("catalog.kind", "\"glue\" is not available in this version yet; use \"none\"")),
+            other => return Err(invalid("catalog.kind", format!("{other:?} is not one of none, glue"))),
+        }
+        Ok(Config { source, sink, snapshot })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+        [source]
+        url = "postgres://rep:secret@db.example:6543/trading?sslmode=require"
+        publication = "walshore"
+        slot = "walshore"
+        [sink]
+        url = "s3://lake/cdc"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = Config::parse(MIN).unwrap();
+        assert_eq!(c.source.conn.port, 6543);
+        assert_eq!(c.source.conn.sslmode, SslMode::Require);
+        assert_eq!(c.sink.flush_interval, DEFAULT_FLUSH_INTERVAL);
+        assert_eq!(c.snapshot, SnapshotMode::Initial);
+        assert!(!format!("{:?}", c.source.conn).contains("secret"));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = Config::parse(&MIN.replace("s3://lake/cdc\"", "s3://lake/cdc\"\nflush_interval = \"soon\"")).unwrap_err();
+        assert!(e.to_string().starts_with("sink.flush_interval:"), "{e}");
+        let e = Config::parse(&MIN.replace("[sink]", "[sink]\nbogus = 1")).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = Config::parse(&MIN.replace("slot = \"walshore\"", "slot = \"Bad-Slot\"")).unwrap_err();
+        assert!(e.to_string().starts_with("source.slot:"), "{e}");
+    }
+
+    #[test]
+    fn env_vars_are_expanded_and_missing_ones_named() {
+        unsafe { std::env::set_var("WALSHORE_TEST_PUB", "pub_from_env") };
+        let c = Config::parse(&MIN.replace("publication = \"walshore\"", "publication = \"${WALSHORE_TEST_PUB}\"")).unwrap();
+        assert_eq!(c.source.publication, "pub_from_env");
+        let e = Config::parse(&MIN.replace("publication = \"walshore\"", "publication = \"${WALSHORE_TEST_NOPE}\"")).unwrap_err();
+        assert!(e.to_string().contains("WALSHORE_TEST_NOPE"), "{e}");
+    }
+
+    #[test]
+    fn sizes_have_units() {
+        assert_eq!(parse_size("64MiB"), Some(64 << 20));
+        assert_eq!(parse_size("1 GB"), Some(1_000_000_000));
+        assert_eq!(parse_size("12 parsecs"), None);
+    }
+}

@@ -1,0 +1,160 @@
+//! Command line: parse, load config, init logging, run. Nothing else.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use walshore::config::{Config, ConfigError};
+use walshore::pipeline::{self, ErrorChain, Mode};
+
+#[derive(Parser)]
+#[command(name = "walshore", version, about = "Replicate a PostgreSQL publication into partitioned Parquet on S3, continuously and exactly once.")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter (tracing's EnvFilter syntax), e.g. "info" or "walshore=debug".
+    #[arg(long, global = true, env = "WALSHORE_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Replicate continuously until SIGINT/SIGTERM; then finish the open flush, commit
+    /// it, confirm it to PostgreSQL and exit 0.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Replicate everything committed up to now, commit it, confirm it and exit 0.
+    Sync {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Preflight: connectivity, wal_level, privileges, publication, replica identity,
+    /// slot, object store. One line per check; exits 1 if any fails.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print JSON: committed LSN, the slot's confirmed_flush_lsn and retained WAL,
+    /// rows and last commit time per table.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Start a throwaway PostgreSQL, write a few thousand trading changes and replicate
+    /// them into DIR/lake with the file sink.
+    Demo {
+        #[arg(long, default_value = "walshore-demo")]
+        dir: PathBuf,
+    },
+}
+
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("walshore: {e}");
+        if matches!(e, ConfigError::Read { .. }) {
+            eprintln!("walshore: give an existing file with --config; the repository's config.toml documents every key");
+        }
+        ExitCode::from(2)
+    })
+}
+
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        t.cancel();
+    });
+    token
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log);
+    match cli.command {
+        Command::Run { config } => replicate(&config, Mode::Run).await,
+        Command::Sync { config } => replicate(&config, Mode::Sync).await,
+        Command::Check { config } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let failures = walshore::preflight::check(&cfg).await;
+            if failures == 0 {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("walshore: {failures} check(s) failed");
+                ExitCode::from(1)
+            }
+        }
+        Command::Status { config } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match walshore::status::status(&cfg).await {
+                Ok(v) => {
+                    println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("walshore: status: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Demo { dir } => match walshore::demo::demo(&dir).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("walshore: demo: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+async fn replicate(config: &PathBuf, mode: Mode) -> ExitCode {
+    let cfg = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let shutdown = shutdown_on_signal();
+    match pipeline::run(&cfg, mode, shutdown).await {
+        Ok(summary) => {
+            tracing::info!(commits = summary.commits, files = summary.files, end_lsn = %summary.end_lsn, "stopped cleanly");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %ErrorChain(&e), "stopped");
+            eprintln!("walshore: {}", ErrorChain(&e));
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Wiring: the source, batch and sink tasks, the bounded channels between them, the
+//! shutdown order and the retry policy. No stage logic lives here.
+//!
+//! ```text
+//! source task ──Vec<Event>──► batch task ──SinkMsg──► sink task
+//!      ▲          (bounded)                 (bounded)     │
+//!      └──────────────── watch: confirmable LSN ◄─────────┘
+//! ```
+//! Shutdown (signal, or `sync` reaching its target): the source stops at a transaction
+//! boundary and closes its channel; the batch task hands over what it holds; the sink
+//! commits it and closes the watch; the source confirms the final LSN and disconnects.
+
+mod tasks;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::record::Identity;
+use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::config::{Config, SnapshotMode};
+use crate::decode::StreamBuffer;
+use crate::lsn::Lsn;
+use crate::sink::{open_store, Sink, SinkError, StoreError};
+use crate::source::{quote_ident, quote_literal, Assembler, Replication, Retry, SourceError};
+
+pub use tasks::Summary;
+
+/// Chunks of events in flight between source and batcher.
+const EVENT_CHANNEL_CHUNKS: usize = 16;
+/// Events per chunk: amortises channel overhead without holding much.
+const EVENTS_PER_CHUNK: usize = 1024;
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Replicate until the shutdown token fires.
+    Run,
+    /// Replicate everything committed before start, then stop.
+    Sync,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Batch(#[from] crate::batch::BatchError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("snapshot.mode = \"initial\": published table {0} already holds rows, and copying existing rows is not implemented in this version; set snapshot.mode = \"never\" to replicate only changes from now on")]
+    SnapshotNeeded(String),
+    #[error("task failed: {0}")]
+    Task(String),
+}
+
+impl PipelineError {
+    pub fn retry(&self) -> Retry {
+        match self {
+            PipelineError::Source(e) => e.retry(),
+            PipelineError::Sink(e) => e.retry(),
+            PipelineError::Checkpoint(e) => e.retry(),
+            _ => Retry::Definite,
+        }
+    }
+}
+
+/// Runs the pipeline, retrying transient failures with exponential backoff (in `sync`
+/// mode at most a few times). Returns when done, on shutdown, or on a definite error.
+pub async fn run(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Result<Summary, PipelineError> {
+    let mut backoff = Duration::from_secs(1);
+    let mut attempt = 0u32;
+    let mut total = Summary::default();
+    loop {
+        attempt += 1;
+        let started = Instant::now();
+        match run_once(cfg, mode, shutdown.clone()).await {
+            Ok(s) => {
+                total.absorb(s);
+                return Ok(total);
+            }
+            Err((e, partial)) => {
+                total.absorb(partial);
+                if e.retry() == Retry::Definite || shutdown.is_cancelled() || (mode == Mode::Sync && attempt >= 5) {
+                    return Err(e);
+                }
+                if started.elapsed() > MAX_BACKOFF * 2 {
+                    backoff = Duration::from_secs(1);
+                }
+                tracing::warn!(attempt, retry_in = ?backoff, error = %ErrorChain(&e), "transient failure; reconnecting from the committed position");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => return Err(e),
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Displays an error with its whole `source()` chain.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            let s = e.to_string();
+            // thiserror messages often embed their source already.
+            if !self.0.to_string().contains(&s) {
+                write!(f, ": {s}")?;
+            }
+            cur = e.source();
+        }
+        Ok(())
+    }
+}
+
+fn new_run_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    format!("{}-{}-{:08x}", host.trim(), std::process::id(), rand::random::<u32>())
+}
+
+async fn check_tables_empty(repl: &mut Replication, publication: &str) -> Result<(), PipelineError> {
+    let tables = repl
+        .query(&format!("SELECT schemaname, tablename FROM pg_catalog.pg_publication_tables WHERE pubname = {}", quote_literal(publication)))
+        .await?;
+    for t in tables {
+        let (schema, table) = (t[0].clone().unwrap_or_default(), t[1].clone().unwrap_or_default());
+        let name = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
+        let rows = repl.query(&format!("SELECT EXISTS (SELECT 1 FROM {name})")).await.map_err(|e| match e {
+            SourceError::Server(pe) if pe.code == "42501" => SourceError::Setup(format!(
+                "cannot read published table {schema}.{table}: {pe}; GRANT SELECT ON {name} TO the replication user"
+            )),
+            other => other,
+        })?;
+        if rows.first().and_then(|r| r[0].as_deref()) == Some("t") {
+            return Err(PipelineError::SnapshotNeeded(format!("{schema}.{table}")));
+        }
+    }
+    Ok(())
+}
+
+async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Result<Summary, (PipelineError, Summary)> {
+    let fail = |e: PipelineError| (e, Summary::default());
+    let store = open_store(&cfg.sink).map_err(|e| fail(e.into()))?;
+    let (mut repl, slot, system) = Replication::open(&cfg.source).await.map_err(|e| fail(e.into()))?;
+    let identity = Identity { system_id: system.system_id.clone(), slot: cfg.source.slot.clone(), publication: cfg.source.publication.clone() };
+    let mut checkpoint = Checkpoint::load(store.clone(), &identity).await.map_err(|e| fail(e.into()))?;
+    if checkpoint.head().seq == 0 && cfg.snapshot == SnapshotMode::Initial {
+        check_tables_empty(&mut repl, &cfg.source.publication).await.map_err(fail)?;
+    }
+    let start = checkpoint.position();
+    repl.start(&cfg.source, start).await.map_err(|e| fail(e.into()))?;
+    let run_id = new_run_id();
+    let deleted = checkpoint.claim_and_recover(&run_id).await.map_err(|e| fail(e.into()))?;
+    tracing::info!(
+        slot = %cfg.source.slot,
+        publication = %cfg.source.publication,
+        resume_lsn = %start.max(slot.confirmed_flush),
+        committed_seq = checkpoint.head().seq,
+        uncommitted_files_removed = deleted,
+        server_version = repl.server_version,
+        "replication started"
+    );
+
+    let target = (mode == Mode::Sync).then_some(system.xlogpos);
+    let buffer = StreamBuffer::new(cfg.source.spill_dir.clone(), cfg.source.stream_memory_bytes, cfg.source.spill_max_bytes);
+    let assembler = Assembler::new(start, buffer);
+    let sink = Arc::new(Sink::new(store, &cfg.sink));
+
+    let (event_tx, event_rx) = mpsc::channel(EVENT_CHANNEL_CHUNKS);
+    let (sink_tx, sink_rx) = mpsc::channel(1);
+    let (confirm_tx, confirm_rx) = watch::channel(Lsn::ZERO);
+
+    let source = tokio::spawn(tasks::source_task(tasks::SourceTask {
+        repl,
+        assembler,
+        events: event_tx,
+        confirm: confirm_rx,
+        shutdown,
+        target,
+        status_interval: cfg.source.status_interval,
+    }));
+    let batch = tokio::spawn(tasks::batch_task(event_rx, sink_tx, cfg.sink.flush_interval, cfg.sink.max_buffer_bytes));
+    let sinker = tokio::spawn(tasks::sink_task(sink, checkpoint, run_id, sink_rx, confirm_tx));
+
+    let (s, b, k) = tokio::join!(source, batch, sinker);
+    let join = |r: Result<Result<(), PipelineError>, tokio::task::JoinError>| r.unwrap_or_else(|e| Err(PipelineError::Task(e.to_string())));
+    let (summary, sink_result) = match k {
+        Ok((summary, r)) => (summary, r),
+        Err(e) => (Summary::default(), Err(PipelineError::Task(e.to_string()))),
+    };
+    // The first real error wins; a stage that stopped because its neighbour did is Ok.
+    for r in [sink_result, join(b), join(s)] {
+        if let Err(e) = r {
+            return Err((e, summary));
+        }
+    }
+    Ok(summary)
+}

@@ -1,0 +1,145 @@
+//! RecordBatch -> Parquet object.
+//!
+//! Contract:
+//! - [`Sink::write`] MUST be atomic per object (a single PUT: readers see all or nothing)
+//!   and returns what it wrote; publishing is the checkpoint's commit, a separate step.
+//! - The key follows from the rows: `{schema}/{table}/{partition}/{first}-{last}.parquet`
+//!   where `first` and `last` are the `(_lsn, _seq)` of the file's first and last rows in
+//!   fixed-width hex. A file holds exactly the table's rows of its partition between
+//!   those positions, so the same key always means the same content and a replay MAY
+//!   overwrite an object with identical bytes. Names sort in commit order.
+
+mod store;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use object_store::path::{Path, PathPart};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression as PqCompression, ZstdLevel};
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
+
+use crate::batch::{RowPos, TableFile};
+use crate::config::{Compression, SinkConfig};
+pub use store::{open_store, StoreError};
+pub(crate) use store::retry_of as retry_of_store;
+
+/// What a write put in the object store.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct WrittenObject {
+    pub key: String,
+    /// `schema.table`
+    pub table: String,
+    pub partition: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub first: RowPos,
+    pub last: RowPos,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("cannot encode Parquet for {table}: {source}")]
+    Encode { table: String, #[source] source: parquet::errors::ParquetError },
+    #[error("cannot write object {key}: {source}")]
+    Put { key: String, #[source] source: object_store::Error },
+}
+
+impl SinkError {
+    pub fn retry(&self) -> crate::source::Retry {
+        match self {
+            SinkError::Encode { .. } => crate::source::Retry::Definite,
+            SinkError::Put { source, .. } => retry_of_store(source),
+        }
+    }
+}
+
+/// An encoded file, ready to upload.
+pub struct Encoded {
+    pub object: WrittenObject,
+    pub data: Bytes,
+}
+
+pub struct Sink {
+    store: Arc<dyn ObjectStore>,
+    props: WriterProperties,
+}
+
+fn pos_key(p: RowPos) -> String {
+    format!("{}.{:08X}", p.lsn.to_key(), p.seq)
+}
+
+/// The object key of a table file (relative to the sink's root).
+pub fn object_key(schema: &str, table: &str, partition: &str, first: RowPos, last: RowPos) -> Path {
+    let name = format!("{}-{}.parquet", pos_key(first), pos_key(last));
+    Path::from_iter([
+        PathPart::from(schema),
+        PathPart::from(table),
+        PathPart::from(partition),
+        PathPart::from(name.as_str()),
+    ])
+}
+
+impl Sink {
+    pub fn new(store: Arc<dyn ObjectStore>, cfg: &SinkConfig) -> Sink {
+        let compression = match cfg.compression {
+            Compression::Zstd => PqCompression::ZSTD(ZstdLevel::try_new(1).expect("level 1 is valid")),
+            Compression::Snappy => PqCompression::SNAPPY,
+            Compression::None => PqCompression::UNCOMPRESSED,
+        };
+        // Dictionary encoding pays for repetitive columns (the op, the commit LSN shared
+        // by a transaction's rows, symbols); parquet falls back to plain encoding by itself
+        // when a column's dictionary grows too large. `_seq` never repeats: no dictionary.
+        let props = WriterProperties::builder()
+            .set_compression(compression)
+            .set_max_row_group_row_count(Some(cfg.row_group_rows))
+            .set_statistics_enabled(EnabledStatistics::Chunk)
+            .set_column_dictionary_enabled(ColumnPath::from("_seq"), false)
+            .set_created_by(format!("walshore {}", env!("CARGO_PKG_VERSION")))
+            .build();
+        Sink { store, props }
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// Encodes a table file as Parquet. CPU-bound: run it off the async threads.
+    pub fn encode(props: &WriterProperties, file: &TableFile) -> Result<Encoded, SinkError> {
+        let table = format!("{}.{}", file.schema, file.table);
+        let err = |source| SinkError::Encode { table: table.clone(), source };
+        let mut buf = Vec::with_capacity(file.batch.get_array_memory_size() / 4);
+        let mut w = ArrowWriter::try_new(&mut buf, file.batch.schema(), Some(props.clone())).map_err(err)?;
+        w.write(&file.batch).map_err(err)?;
+        w.close().map_err(err)?;
+        let key = object_key(&file.schema, &file.table, &file.partition, file.first, file.last);
+        Ok(Encoded {
+            object: WrittenObject {
+                key: key.to_string(),
+                table,
+                partition: file.partition.clone(),
+                rows: file.batch.num_rows() as u64,
+                bytes: buf.len() as u64,
+                first: file.first,
+                last: file.last,
+            },
+            data: Bytes::from(buf),
+        })
+    }
+
+    pub fn props(&self) -> &WriterProperties {
+        &self.props
+    }
+
+    /// Uploads one encoded file (a single atomic PUT).
+    pub async fn write(&self, e: Encoded) -> Result<WrittenObject, SinkError> {
+        let path = Path::from(e.object.key.as_str());
+        self.store
+            .put(&path, PutPayload::from_bytes(e.data))
+            .await
+            .map_err(|source| SinkError::Put { key: e.object.key.clone(), source })?;
+        Ok(e.object)
+    }
+}

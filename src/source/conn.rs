@@ -1,0 +1,366 @@
+//! A PostgreSQL wire connection in replication mode: startup, TLS, authentication
+//! (trust, cleartext, MD5, SCRAM-SHA-256), simple queries and CopyBoth framing.
+//! Frontend messages and the SCRAM/MD5 arithmetic come from `postgres-protocol`; the few
+//! backend messages a replication session sees are parsed here, so CopyData bodies stay
+//! zero-copy slices of the read buffer.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::{PgError, SourceError};
+use crate::config::{ConnParams, SslMode};
+
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// One backend message: its tag and body.
+pub(crate) struct Frame {
+    pub tag: u8,
+    pub body: Bytes,
+}
+
+pub(crate) struct Conn {
+    io: Io,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    /// `server_version_num`, e.g. 150004.
+    pub server_version: u32,
+    pub backend_pid: i32,
+}
+
+/// GUCs set in the startup packet so that pgoutput's text output has one known form.
+const SESSION_SETTINGS: [(&str, &str); 6] = [
+    ("DateStyle", "ISO, YMD"),
+    ("TimeZone", "UTC"),
+    ("IntervalStyle", "postgres"),
+    ("extra_float_digits", "3"),
+    ("bytea_output", "hex"),
+    ("client_encoding", "UTF8"),
+];
+
+impl Conn {
+    /// Connects with `replication=database`.
+    pub(crate) async fn connect(params: &ConnParams) -> Result<Conn, SourceError> {
+        let target = format!("{}:{}", params.host, params.port);
+        let tcp = tokio::time::timeout(params.connect_timeout, TcpStream::connect(&target))
+            .await
+            .map_err(|_| SourceError::Connect {
+                target: target.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connection timed out"),
+            })?
+            .map_err(|source| SourceError::Connect { target: target.clone(), source })?;
+        tcp.set_nodelay(true).ok();
+        let io = Self::negotiate_tls(tcp, params, &target).await?;
+        let mut conn = Conn { io, rbuf: BytesMut::with_capacity(1 << 16), wbuf: BytesMut::new(), server_version: 0, backend_pid: 0 };
+        let mut startup: Vec<(&str, &str)> = vec![
+            ("user", &params.user),
+            ("database", &params.dbname),
+            ("replication", "database"),
+            ("application_name", &params.application_name),
+        ];
+        startup.extend(SESSION_SETTINGS);
+        frontend::startup_message(startup, &mut conn.wbuf).map_err(SourceError::Io)?;
+        conn.flush().await?;
+        conn.authenticate(params).await?;
+        Ok(conn)
+    }
+
+    async fn negotiate_tls(mut tcp: TcpStream, params: &ConnParams, target: &str) -> Result<Io, SourceError> {
+        let Some(config) = super::tls::client_config(params).map_err(|message| SourceError::Tls { target: target.into(), message })? else {
+            return Ok(Io::Plain(tcp));
+        };
+        let mut buf = BytesMut::new();
+        frontend::ssl_request(&mut buf);
+        tcp.write_all(&buf).await.map_err(SourceError::Io)?;
+        let answer = tcp.read_u8().await.map_err(SourceError::Io)?;
+        if answer != b'S' {
+            if params.sslmode == SslMode::Prefer {
+                return Ok(Io::Plain(tcp));
+            }
+            return Err(SourceError::Tls {
+                target: target.into(),
+                message: "the server does not accept SSL connections; enable ssl on the server or set sslmode=prefer/disable in source.url".into(),
+            });
+        }
+        let name = super::tls::server_name(&params.host).map_err(|message| SourceError::Tls { target: target.into(), message })?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| SourceError::Tls { target: target.into(), message: e.to_string() })?;
+        Ok(Io::Tls(Box::new(tls)))
+    }
+
+    async fn authenticate(&mut self, params: &ConnParams) -> Result<(), SourceError> {
+        let password = || {
+            params.password.as_deref().ok_or_else(|| SourceError::Auth {
+                user: params.user.clone(),
+                message: "the server asks for a password and none was given; put it in source.url or PGPASSWORD".into(),
+            })
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let f = self.read_frame().await?;
+            match f.tag {
+                b'R' => {
+                    let mut body = f.body.clone();
+                    if body.len() < 4 {
+                        return Err(SourceError::Protocol("short authentication message".into()));
+                    }
+                    match body.get_i32() {
+                        0 => {}
+                        3 => {
+                            frontend::password_message(password()?.as_bytes(), &mut self.wbuf).map_err(SourceError::Io)?;
+                            self.flush().await?;
+                        }
+                        5 => {
+                            if body.len() < 4 {
+                                return Err(SourceError::Protocol("short MD5 salt".into()));
+                            }
+                            let salt = [body[0], body[1], body[2], body[3]];
+                            let hash = postgres_protocol::authentication::md5_hash(params.user.as_bytes(), password()?.as_bytes(), salt);
+                            frontend::password_message(hash.as_bytes(), &mut self.wbuf).map_err(SourceError::Io)?;
+                            self.flush().await?;
+                        }
+                        10 => {
+                            let mechanisms: Vec<&[u8]> = body.split(|&b| b == 0).filter(|m| !m.is_empty()).collect();
+                            if !mechanisms.contains(&sasl::SCRAM_SHA_256.as_bytes()) {
+                                return Err(SourceError::Auth { user: params.user.clone(), message: "the server offers no SASL mechanism walshore supports (SCRAM-SHA-256)".into() });
+                            }
+                            let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                            frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut self.wbuf).map_err(SourceError::Io)?;
+                            self.flush().await?;
+                            scram = Some(s);
+                        }
+                        11 => {
+                            let s = scram.as_mut().ok_or_else(|| SourceError::Protocol("SASL continue before SASL start".into()))?;
+                            s.update(&body).map_err(|e| SourceError::Auth { user: params.user.clone(), message: e.to_string() })?;
+                            frontend::sasl_response(s.message(), &mut self.wbuf).map_err(SourceError::Io)?;
+                            self.flush().await?;
+                        }
+                        12 => {
+                            let s = scram.as_mut().ok_or_else(|| SourceError::Protocol("SASL final before SASL start".into()))?;
+                            s.finish(&body).map_err(|e| SourceError::Auth { user: params.user.clone(), message: format!("server signature did not verify: {e}") })?;
+                        }
+                        other => {
+                            return Err(SourceError::Auth {
+                                user: params.user.clone(),
+                                message: format!("authentication method {other} is not supported; use trust, password, md5 or scram-sha-256 in pg_hba.conf"),
+                            })
+                        }
+                    }
+                }
+                b'S' => {
+                    let mut parts = f.body.split(|&b| b == 0);
+                    if let (Some(b"server_version"), Some(v)) = (parts.next(), parts.next()) {
+                        self.server_version = parse_server_version(&String::from_utf8_lossy(v));
+                    }
+                }
+                b'K' => {
+                    let mut body = f.body.clone();
+                    if body.len() >= 4 {
+                        self.backend_pid = body.get_i32();
+                    }
+                }
+                b'E' => {
+                    let e = PgError::parse(&f.body);
+                    return Err(if e.code == "28P01" || e.code == "28000" {
+                        SourceError::Auth { user: params.user.clone(), message: e.message }
+                    } else {
+                        SourceError::Server(e)
+                    });
+                }
+                b'N' => {}
+                b'Z' => return Ok(()),
+                other => return Err(SourceError::Protocol(format!("unexpected message {:?} during startup", other as char))),
+            }
+        }
+    }
+
+    pub(crate) async fn flush(&mut self) -> Result<(), SourceError> {
+        self.io.write_all(&self.wbuf).await.map_err(SourceError::Io)?;
+        self.wbuf.clear();
+        self.io.flush().await.map_err(SourceError::Io)
+    }
+
+    /// Reads the next whole backend message. Cancel-safe: a partly read message stays
+    /// in the buffer for the next call.
+    pub(crate) async fn read_frame(&mut self) -> Result<Frame, SourceError> {
+        loop {
+            if let Some(f) = self.try_frame()? {
+                return Ok(f);
+            }
+            let n = self.io.read_buf(&mut self.rbuf).await.map_err(SourceError::Io)?;
+            if n == 0 {
+                return Err(SourceError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection",
+                )));
+            }
+        }
+    }
+
+    /// A message already in the buffer, without waiting for the network.
+    pub(crate) fn try_frame(&mut self) -> Result<Option<Frame>, SourceError> {
+        if self.rbuf.len() < 5 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]) as usize;
+        if len < 4 {
+            return Err(SourceError::Protocol(format!("invalid message length {len}")));
+        }
+        if self.rbuf.len() < len + 1 {
+            self.rbuf.reserve(len + 1 - self.rbuf.len());
+            return Ok(None);
+        }
+        let mut frame = self.rbuf.split_to(len + 1);
+        let tag = frame[0];
+        frame.advance(5);
+        Ok(Some(Frame { tag, body: frame.freeze() }))
+    }
+
+    /// Runs a simple query and returns its rows as text. Server errors come back as
+    /// [`SourceError::Server`] with their SQLSTATE.
+    pub(crate) async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, SourceError> {
+        frontend::query(sql, &mut self.wbuf).map_err(SourceError::Io)?;
+        self.flush().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let f = self.read_frame().await?;
+            match f.tag {
+                b'D' => rows.push(parse_data_row(&f.body)?),
+                b'E' => error = Some(PgError::parse(&f.body)),
+                b'Z' => break,
+                b'T' | b'C' | b'I' | b'N' | b'S' => {}
+                other => return Err(SourceError::Protocol(format!("unexpected message {:?} in query response", other as char))),
+            }
+        }
+        match error {
+            Some(e) => Err(SourceError::Server(e)),
+            None => Ok(rows),
+        }
+    }
+
+    /// Sends a command that switches to CopyBoth (START_REPLICATION).
+    pub(crate) async fn start_copy_both(&mut self, sql: &str) -> Result<(), SourceError> {
+        frontend::query(sql, &mut self.wbuf).map_err(SourceError::Io)?;
+        self.flush().await?;
+        loop {
+            let f = self.read_frame().await?;
+            match f.tag {
+                b'W' => return Ok(()),
+                b'N' | b'S' => {}
+                b'E' => {
+                    let e = PgError::parse(&f.body);
+                    // Drain to ReadyForQuery so the error is the whole story.
+                    return Err(SourceError::Server(e));
+                }
+                other => return Err(SourceError::Protocol(format!("unexpected message {:?} after START_REPLICATION", other as char))),
+            }
+        }
+    }
+
+    pub(crate) async fn send_copy_data(&mut self, data: &[u8]) -> Result<(), SourceError> {
+        let len = (data.len() + 4) as u32;
+        self.wbuf.extend_from_slice(&[b'd']);
+        self.wbuf.extend_from_slice(&len.to_be_bytes());
+        self.wbuf.extend_from_slice(data);
+        self.flush().await
+    }
+
+    pub(crate) async fn terminate(mut self) {
+        frontend::terminate(&mut self.wbuf);
+        let _ = self.flush().await;
+        let _ = self.io.shutdown().await;
+    }
+}
+
+fn parse_server_version(v: &str) -> u32 {
+    // "15.4 (Debian 15.4-1)" -> 150004; "9.6.24" -> 90624.
+    let nums: Vec<u32> = v
+        .split(|c: char| !c.is_ascii_digit())
+        .take_while(|s| !s.is_empty())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    match nums.as_slice() {
+        [major, minor, ..] if *major >= 10 => major * 10_000 + minor,
+        [major] if *major >= 10 => major * 10_000,
+        [major, minor, patch, ..] => major * 10_000 + minor * 100 + patch,
+        _ => 0,
+    }
+}
+
+fn parse_data_row(body: &[u8]) -> Result<Vec<Option<String>>, SourceError> {
+    let short = || SourceError::Protocol("truncated DataRow".into());
+    let mut b = body;
+    if b.len() < 2 {
+        return Err(short());
+    }
+    let n = b.get_i16();
+    let mut row = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        if b.len() < 4 {
+            return Err(short());
+        }
+        let len = b.get_i32();
+        if len < 0 {
+            row.push(None);
+        } else {
+            let len = len as usize;
+            if b.len() < len {
+                return Err(short());
+            }
+            row.push(Some(String::from_utf8_lossy(&b[..len]).into_owned()));
+            b.advance(len);
+        }
+    }
+    Ok(row)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn server_versions_parse() {
+        assert_eq!(super::parse_server_version("15.4 (Debian 15.4-1.pgdg120+1)"), 150004);
+        assert_eq!(super::parse_server_version("17beta1"), 170000);
+        assert_eq!(super::parse_server_version("9.6.24"), 90624);
+    }
+}

@@ -1,0 +1,112 @@
+//! The replication connection: slot, START_REPLICATION, keepalives and feedback, and the
+//! assembly of pgoutput messages into whole transactions.
+//!
+//! Contract:
+//! - [`Replication::confirm`] MUST only ever be given an LSN that is durably committed in
+//!   the sink (or, when nothing is in flight, a keepalive's position that holds no change
+//!   for us). PostgreSQL frees WAL up to it; it is never moved backward.
+//! - [`Assembler`] emits transactions whole, in commit order, never interleaved, and
+//!   skips every transaction whose commit LSN is below the committed position, so a
+//!   transaction PostgreSQL sends again after a restart is not written twice.
+
+mod assemble;
+mod conn;
+mod replication;
+pub mod sql;
+pub mod tls;
+
+pub use assemble::{Assembler, Step};
+pub use replication::{Replication, SlotState, SystemInfo, XLog};
+pub(crate) use replication::{quote_ident, quote_literal};
+
+/// An error PostgreSQL sent, with its SQLSTATE.
+#[derive(Debug, Clone)]
+pub struct PgError {
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl PgError {
+    pub(crate) fn parse(body: &[u8]) -> PgError {
+        let mut e = PgError { code: String::new(), message: String::new(), detail: None, hint: None };
+        let mut b = body;
+        while let Some((&kind, rest)) = b.split_first() {
+            if kind == 0 {
+                break;
+            }
+            let end = rest.iter().position(|&c| c == 0).unwrap_or(rest.len());
+            let v = String::from_utf8_lossy(&rest[..end]).into_owned();
+            match kind {
+                b'C' => e.code = v,
+                b'M' => e.message = v,
+                b'D' => e.detail = Some(v),
+                b'H' => e.hint = Some(v),
+                _ => {}
+            }
+            b = rest.get(end + 1..).unwrap_or(&[]);
+        }
+        e
+    }
+}
+
+impl std::fmt::Display for PgError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (SQLSTATE {})", self.message, self.code)?;
+        if let Some(d) = &self.detail {
+            write!(f, "; {d}")?;
+        }
+        if let Some(h) = &self.hint {
+            write!(f, "; hint: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether trying again can help.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retry {
+    Transient,
+    Definite,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot connect to PostgreSQL at {target}: {source}; check source.url and that the server is running and reachable")]
+    Connect { target: String, #[source] source: std::io::Error },
+    #[error("TLS to PostgreSQL at {target} failed: {message}")]
+    Tls { target: String, message: String },
+    #[error("PostgreSQL refused user {user:?}: {message}; check the user and password in source.url and pg_hba.conf")]
+    Auth { user: String, message: String },
+    #[error("connection to PostgreSQL lost: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("PostgreSQL: {0}")]
+    Server(PgError),
+    #[error("{0}")]
+    Setup(String),
+    #[error("unexpected reply from PostgreSQL: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Decode(#[from] crate::decode::DecodeError),
+    #[error(transparent)]
+    Stream(#[from] crate::decode::StreamError),
+}
+
+impl SourceError {
+    /// Decided in one place: network trouble and server shutdowns are worth retrying;
+    /// configuration, permission and protocol problems are not.
+    pub fn retry(&self) -> Retry {
+        match self {
+            SourceError::Connect { .. } | SourceError::Io(_) => Retry::Transient,
+            SourceError::Server(e) => match e.code.get(..2) {
+                // connection exceptions, insufficient resources, operator intervention
+                // (shutdown, cannot connect now), system errors
+                Some("08" | "53" | "58") => Retry::Transient,
+                Some("57") if e.code != "57014" => Retry::Transient,
+                _ => Retry::Definite,
+            },
+            _ => Retry::Definite,
+        }
+    }
+}

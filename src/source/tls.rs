@@ -1,0 +1,139 @@
+//! TLS for both PostgreSQL connections (replication and SQL), following libpq's
+//! `sslmode`: `prefer` and `require` encrypt without checking the certificate (unless
+//! `sslrootcert` is given, as libpq does for `require`), `verify-ca` checks the chain
+//! against `sslrootcert` (or the Mozilla roots), `verify-full` also checks the host name.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::config::{ConnParams, SslMode};
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The rustls configuration for `params`, or `None` for `sslmode=disable`.
+pub fn client_config(params: &ConnParams) -> Result<Option<Arc<ClientConfig>>, String> {
+    let mode = match (params.sslmode, &params.sslrootcert) {
+        (SslMode::Disable, _) => return Ok(None),
+        (SslMode::Require, Some(_)) => SslMode::VerifyCa,
+        (m, _) => m,
+    };
+    let provider = provider();
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let verifier: Arc<dyn ServerCertVerifier> = match mode {
+        SslMode::Prefer | SslMode::Require => Arc::new(NoCertCheck(provider)),
+        SslMode::VerifyCa | SslMode::VerifyFull => {
+            let mut roots = RootCertStore::empty();
+            match &params.sslrootcert {
+                Some(path) => {
+                    let pem = std::fs::read(path)
+                        .map_err(|e| format!("cannot read sslrootcert {}: {e}", path.display()))?;
+                    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                        let cert = cert.map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+                        roots.add(cert).map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+                    }
+                    if roots.is_empty() {
+                        return Err(format!("sslrootcert {} holds no PEM certificate", path.display()));
+                    }
+                }
+                None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+            }
+            let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| e.to_string())?;
+            if mode == SslMode::VerifyFull { inner } else { Arc::new(ChainOnly(inner)) }
+        }
+        SslMode::Disable => unreachable!("handled above"),
+    };
+    let config = builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth();
+    Ok(Some(Arc::new(config)))
+}
+
+pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
+    ServerName::try_from(host.to_owned()).map_err(|e| format!("host {host:?} is not a valid TLS server name: {e}"))
+}
+
+/// `sslmode=prefer|require`: encryption without authentication of the server, as libpq.
+#[derive(Debug)]
+struct NoCertCheck(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoCertCheck {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `sslmode=verify-ca`: the chain must verify; the host name need not match.
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName | rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}

@@ -1,0 +1,65 @@
+//! `walshore status`: the committed position in the lake beside the slot's state, as JSON.
+
+use serde_json::{json, Value};
+
+use crate::checkpoint::read_head;
+use crate::config::Config;
+use crate::sink::open_store;
+use crate::source::sql;
+
+pub async fn status(cfg: &Config) -> anyhow::Result<Value> {
+    let store = open_store(&cfg.sink)?;
+    let head = read_head(store.as_ref()).await?;
+    let client = sql::connect(&cfg.source.conn).await?;
+    let slot = client
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text, restart_lsn::text, active, \
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, wal_status \
+             FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.source.slot],
+        )
+        .await?;
+    let slot = match slot {
+        Some(r) => json!({
+            "name": cfg.source.slot,
+            "exists": true,
+            "confirmed_flush_lsn": r.get::<_, Option<String>>(0),
+            "restart_lsn": r.get::<_, Option<String>>(1),
+            "active": r.get::<_, bool>(2),
+            "retained_wal_bytes": r.get::<_, Option<i64>>(3),
+            "wal_status": r.get::<_, Option<String>>(4),
+        }),
+        None => json!({ "name": cfg.source.slot, "exists": false }),
+    };
+    let (committed, tables) = match &head {
+        Some(h) => (
+            json!({
+                "seq": h.seq,
+                "lsn": h.end_lsn.to_string(),
+                "commit_time": h.commit_ts.map(micros_to_rfc3339),
+                "written_at": micros_to_rfc3339(h.written_at),
+            }),
+            h.tables
+                .iter()
+                .map(|(t, s)| (t.clone(), json!({ "rows": s.rows, "last_commit_time": s.last_commit_ts.map(micros_to_rfc3339) })))
+                .collect::<serde_json::Map<_, _>>(),
+        ),
+        None => (Value::Null, Default::default()),
+    };
+    Ok(json!({
+        "sink": cfg.sink.url.to_string(),
+        "publication": cfg.source.publication,
+        "committed": committed,
+        "slot": slot,
+        "tables": tables,
+    }))
+}
+
+/// RFC 3339 in UTC with microseconds.
+pub fn micros_to_rfc3339(us: i64) -> String {
+    let days = us.div_euclid(86_400_000_000);
+    let rem = us.rem_euclid(86_400_000_000);
+    let (y, m, d) = crate::batch::civil_from_days(days);
+    let secs = rem / 1_000_000;
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z", secs / 3600, secs / 60 % 60, secs % 60, rem % 1_000_000)
+}
