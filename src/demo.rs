@@ -59,8 +59,11 @@ INSERT INTO news (headline, body, tags)
   SELECT 'Headline ' || i, repeat('Markets moved on story ' || i || '. ', 2000), ARRAY['markets', 'story' || i]
   FROM generate_series(1, 50) AS i;
 UPDATE news SET headline = headline || ' (updated)' WHERE id <= 10;
-BEGIN; INSERT INTO trades (symbol, side, quantity, price, trader) VALUES ('ROLLED', 'B', 1, 1, 'nobody'); ROLLBACK;
 "#;
+
+/// Sent on its own: inside one multi-statement query string the ROLLBACK would undo
+/// everything before it too.
+const ROLLED_BACK: &str = "BEGIN; INSERT INTO trades (symbol, side, quantity, price, trader) VALUES ('ROLLED', 'B', 1, 1, 'nobody'); ROLLBACK;";
 
 pub async fn demo(dir: &Path) -> anyhow::Result<()> {
     let dir = std::path::absolute(dir)?;
@@ -96,7 +99,11 @@ async fn run_demo(cluster: &TempCluster, dir: &Path, lake: &PathBuf) -> anyhow::
     let cfg = Config::load(&config_path)?;
     // First sync creates the slot; from then on every change is captured.
     pipeline::run(&cfg, Mode::Sync, CancellationToken::new()).await?;
-    db.batch_execute(CHANGES).await?;
+    // One statement, one transaction: a multi-statement string would be one transaction.
+    for statement in CHANGES.split(";\n").map(str::trim).filter(|s| !s.is_empty()) {
+        db.batch_execute(statement).await?;
+    }
+    db.batch_execute(ROLLED_BACK).await?;
     println!("wrote changes: 2000 trades, 1000 prices, fx updates, deletes, a key change, 50 news with large bodies, a rollback");
     let summary = pipeline::run(&cfg, Mode::Sync, CancellationToken::new()).await?;
     println!("\nreplicated up to LSN {} in {} commit(s), {} file(s), {} bytes:", summary.end_lsn, summary.commits, summary.files, summary.bytes);

@@ -67,6 +67,7 @@ pub(super) async fn source_task(mut t: SourceTask) -> Result<(), PipelineError> 
     let mut downstream_gone = false;
     'read: loop {
         if (stopping || t.target.is_some_and(|target| position >= target)) && !t.assembler.in_transaction() {
+            tracing::debug!(%position, target = ?t.target.map(|l| l.to_string()), stopping, "source reached its stop point");
             break;
         }
         tokio::select! {
@@ -90,6 +91,7 @@ pub(super) async fn source_task(mut t: SourceTask) -> Result<(), PipelineError> 
                 while let Some(m) = msg.take() {
                     match m {
                         XLog::Data { wal_start, data } => {
+                            tracing::trace!(%wal_start, kind = ?data.first().map(|b| *b as char), "xlogdata");
                             position = position.max(wal_start);
                             if let Step::Replay { mut messages, end_lsn } = t.assembler.on_message(data, &mut out)? {
                                 while let Some(raw) = messages.next_message().map_err(crate::source::SourceError::from)? {
@@ -103,6 +105,7 @@ pub(super) async fn source_task(mut t: SourceTask) -> Result<(), PipelineError> 
                             }
                         }
                         XLog::Keepalive { wal_end, reply_requested } => {
+                            tracing::trace!(%wal_end, reply_requested, "keepalive");
                             position = position.max(wal_end);
                             if !t.assembler.in_flight() {
                                 out.push(Event::Idle { lsn: wal_end });

@@ -87,6 +87,14 @@ impl Replication {
             timeline: field(1).parse().unwrap_or(0),
             xlogpos: field(2).parse().map_err(|_| SourceError::Protocol(format!("IDENTIFY_SYSTEM xlogpos {:?}", field(2))))?,
         };
+        let mut system = system;
+        // IDENTIFY_SYSTEM reports the flush position; asynchronously committed
+        // transactions may sit beyond it. `sync` promises everything committed, so its
+        // target is the insert position (the walsender streams it once flushed).
+        let insert = conn.simple_query("SELECT pg_catalog.pg_current_wal_insert_lsn()").await?;
+        if let Some(lsn) = one_value(&insert).and_then(|s| s.parse().ok()) {
+            system.xlogpos = system.xlogpos.max(lsn);
+        }
         let server_version = conn.server_version;
         let backend_pid = conn.backend_pid;
         Ok((Replication { conn, server_version, backend_pid, confirmed: slot.confirmed_flush }, slot, system))
