@@ -1,0 +1,239 @@
+//! End to end: real PostgreSQL, real S3-protocol server, the walshore binary. Each test
+//! replays the lake in `(_lsn, _seq)` order and compares with `SELECT` on the source.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+const TABLE: &str = "CREATE TABLE trades (
+    id bigint PRIMARY KEY, symbol text, qty integer, price numeric(12,2), active boolean,
+    ts timestamptz, tags text[], payload bytea)";
+const SELECT: &str = "SELECT id::text, symbol, qty::text, price::text, active::text,
+    (extract(epoch FROM ts) * 1000000)::bigint::text, tags::text, payload::text FROM trades";
+
+struct Env {
+    cluster: walshore::cluster::TempCluster,
+    client: tokio_postgres::Client,
+    dir: tempfile::TempDir,
+}
+
+async fn env(settings: &[&str]) -> Env {
+    let cluster = cluster(settings);
+    let admin = cluster.connect("postgres").await.unwrap();
+    admin.batch_execute("CREATE DATABASE t").await.unwrap();
+    let client = cluster.connect("t").await.unwrap();
+    client.batch_execute(TABLE).await.unwrap();
+    client.batch_execute("CREATE PUBLICATION pub FOR TABLE trades").await.unwrap();
+    Env { cluster, client, dir: tempfile::tempdir().unwrap() }
+}
+
+fn insert_sql(from: i64, to: i64) -> String {
+    format!(
+        "INSERT INTO trades SELECT i, 'SYM' || (i % 7), (i % 1000)::int, (i * 1.25)::numeric(12,2), i % 2 = 0,
+         timestamptz '2026-11-21 23:59:59.5+00' + i * interval '1 millisecond', ARRAY['a' || (i % 3), 'b'], decode(lpad(to_hex(i), 8, '0'), 'hex')
+         FROM generate_series({from}, {to}) AS i"
+    )
+}
+
+/// Inserts, updates, deletes, a key change, a truncate, a rollback and a savepoint
+/// rollback, with a `sync` in the middle.
+async fn mixed_workload(e: &Env, config: &std::path::Path) {
+    let c = &e.client;
+    c.batch_execute(&insert_sql(1, 300)).await.unwrap();
+    c.batch_execute("UPDATE trades SET price = price + 1, symbol = NULL WHERE id % 10 = 0").await.unwrap();
+    c.batch_execute("DELETE FROM trades WHERE id % 7 = 0").await.unwrap();
+    sync(config);
+    c.batch_execute("UPDATE trades SET id = id + 10000 WHERE id IN (1, 2, 3)").await.unwrap();
+    c.batch_execute("BEGIN; DELETE FROM trades WHERE id > 100; ROLLBACK").await.unwrap();
+    c.batch_execute(&format!("BEGIN; {}; SAVEPOINT s; {}; ROLLBACK TO s; UPDATE trades SET qty = -1 WHERE id = 4; COMMIT", insert_sql(400, 410), insert_sql(500, 510))).await.unwrap();
+    c.batch_execute("TRUNCATE trades").await.unwrap();
+    c.batch_execute(&insert_sql(1000, 1200)).await.unwrap();
+    c.batch_execute("UPDATE trades SET tags = '{}', payload = NULL, active = NULL WHERE id < 1010").await.unwrap();
+    c.batch_execute("DELETE FROM trades WHERE id BETWEEN 1100 AND 1110").await.unwrap();
+    sync(config);
+}
+
+async fn assert_lake_equals_source(e: &Env, config: &std::path::Path) -> LakeTable {
+    let store = open_lake(config);
+    let lake = read_table(&store, "public", "trades").await;
+    assert_unique_positions(&lake);
+    let replayed = replay(&lake, Some(&["id"]));
+    let source = source_rows(&e.client, SELECT).await;
+    assert_eq!(replayed.len(), source.len(), "row count: lake replay vs source");
+    assert_eq!(replayed, source, "lake replay differs from the source");
+    lake
+}
+
+#[tokio::test]
+async fn file_sink_replays_inserts_updates_deletes_truncate_and_rollbacks() {
+    let e = env(&[]).await;
+    let lake_dir = e.dir.path().join("lake");
+    let config = write_config(e.dir.path(), &e.cluster.url("postgres", "t"), "pub", "walshore", &SinkKind::File(lake_dir.clone()), "", "");
+    sync(&config); // creates the slot
+    mixed_workload(&e, &config).await;
+    let lake = assert_lake_equals_source(&e, &config).await;
+    let ops: std::collections::BTreeSet<&str> = lake.rows.iter().map(|r| r.op.as_str()).collect();
+    assert_eq!(ops, ["D", "I", "T", "U"].into_iter().collect(), "every kind of change is in the lake");
+    // Key change: D of the old key, then I of the new, consecutive _seq.
+    let d = lake.rows.iter().position(|r| r.op == "D" && r.values["id"].as_deref() == Some("1")).expect("delete of old key 1");
+    let i = &lake.rows[d + 1];
+    assert_eq!((i.op.as_str(), i.values["id"].as_deref(), i.lsn, i.seq), ("I", Some("10001"), lake.rows[d].lsn, lake.rows[d].seq + 1));
+    // The rolled-back savepoint's rows never reach the lake.
+    assert!(!lake.rows.iter().any(|r| r.values["id"].as_deref() == Some("505")));
+    // Partitions are the commit date.
+    let today = walshore::batch::date_partition(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64);
+    assert!(lake_dir.join("public/trades").join(&today).is_dir(), "partition {today} exists");
+}
+
+#[tokio::test]
+async fn s3_sink_replays_inserts_updates_deletes_truncate_and_rollbacks() {
+    set_fake_aws_env();
+    let moto = Moto::start("lake");
+    let e = env(&[]).await;
+    let sink = SinkKind::S3 { moto: &moto, bucket: "lake", prefix: "cdc/trading" };
+    let config = write_config(e.dir.path(), &e.cluster.url("postgres", "t"), "pub", "walshore", &sink, "", "");
+    sync(&config);
+    mixed_workload(&e, &config).await;
+    let lake = assert_lake_equals_source(&e, &config).await;
+    assert!(lake.files >= 2, "several flushes, several files");
+}
+
+#[tokio::test]
+async fn large_streamed_transaction_with_subtransaction_abort_is_replicated_whole() {
+    let e = env(&["logical_decoding_work_mem = 64kB"]).await;
+    let config = write_config(
+        e.dir.path(),
+        &e.cluster.url("postgres", "t"),
+        "pub",
+        "walshore",
+        &SinkKind::File(e.dir.path().join("lake")),
+        "max_buffer = \"8MiB\"",
+        "stream_memory = \"2MiB\"",
+    );
+    sync(&config);
+    e.client
+        .batch_execute(&format!(
+            "BEGIN; {}; SAVEPOINT s; {}; ROLLBACK TO s; {}; COMMIT",
+            insert_sql(1, 500_000),
+            insert_sql(600_000, 650_000),
+            insert_sql(700_000, 700_999)
+        ))
+        .await
+        .unwrap();
+    sync(&config);
+    let lake = assert_lake_equals_source(&e, &config).await;
+    assert_eq!(lake.rows.len(), 501_000);
+    assert!(lake.files > 1, "a transaction larger than max_buffer is written in several files");
+    assert!(lake.rows.iter().all(|r| r.lsn == lake.rows[0].lsn), "one transaction, one commit LSN");
+    let spill = e.dir.path().join("spill");
+    assert!(spill.is_dir(), "the streamed transaction spilled to disk");
+    assert_eq!(std::fs::read_dir(&spill).unwrap().count(), 0, "spill files are removed after commit");
+}
+
+#[tokio::test]
+async fn replica_identity_full_table_without_key_replays_as_a_multiset() {
+    let e = env(&[]).await;
+    let c = &e.client;
+    c.batch_execute("CREATE TABLE nokey (a integer, b text); ALTER TABLE nokey REPLICA IDENTITY FULL; ALTER PUBLICATION pub ADD TABLE nokey").await.unwrap();
+    let config = write_config(e.dir.path(), &e.cluster.url("postgres", "t"), "pub", "walshore", &SinkKind::File(e.dir.path().join("lake")), "", "");
+    sync(&config);
+    c.batch_execute("INSERT INTO nokey VALUES (1, 'x'), (1, 'x'), (2, 'y'), (3, NULL)").await.unwrap();
+    c.batch_execute("UPDATE nokey SET b = 'z' WHERE a = 2").await.unwrap();
+    c.batch_execute("DELETE FROM nokey WHERE ctid = (SELECT min(ctid) FROM nokey WHERE a = 1)").await.unwrap();
+    c.batch_execute("UPDATE nokey SET a = 30 WHERE b IS NULL").await.unwrap();
+    sync(&config);
+    let lake = read_table(&open_lake(&config), "public", "nokey").await;
+    assert_unique_positions(&lake);
+    let updates: Vec<_> = lake.rows.iter().filter(|r| r.op == "U").collect();
+    assert!(updates.is_empty(), "updates without a key are written as D + I");
+    assert_eq!(replay(&lake, None), source_rows(c, "SELECT a::text, b FROM nokey").await);
+}
+
+#[tokio::test]
+async fn restarts_while_a_writer_commits_leave_no_duplicate_and_no_gap() {
+    let e = env(&[]).await;
+    let config = write_config(e.dir.path(), &e.cluster.url("postgres", "t"), "pub", "walshore", &SinkKind::File(e.dir.path().join("lake")), "", "");
+    sync(&config);
+    let writer_client = e.cluster.connect("t").await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_w = stop.clone();
+    let writer = tokio::spawn(async move {
+        let mut i = 0i64;
+        while !stop_w.load(std::sync::atomic::Ordering::Relaxed) {
+            let base = i * 10;
+            writer_client.batch_execute(&insert_sql(base, base + 9)).await.unwrap();
+            writer_client.batch_execute(&format!("UPDATE trades SET qty = qty + 1 WHERE id = {}", base + 3)).await.unwrap();
+            writer_client.batch_execute(&format!("DELETE FROM trades WHERE id = {}", base + 5)).await.unwrap();
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        i
+    });
+    for round in 0..4 {
+        let child = spawn_run(&config);
+        tokio::time::sleep(Duration::from_millis(1200 + 300 * round)).await;
+        let (status, stderr) = support::stop(child);
+        assert!(status.success(), "run exits 0 on SIGTERM: {status}\n{stderr}");
+        assert!(stderr.contains("stopped cleanly"), "{stderr}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let batches = writer.await.unwrap();
+    assert!(batches > 20, "the writer kept committing ({batches} rounds)");
+    sync(&config);
+    assert_lake_equals_source(&e, &config).await;
+}
+
+#[tokio::test]
+async fn a_second_instance_on_the_same_slot_is_refused() {
+    let e = env(&[]).await;
+    let config = write_config(e.dir.path(), &e.cluster.url("postgres", "t"), "pub", "walshore", &SinkKind::File(e.dir.path().join("lake")), "", "");
+    sync(&config);
+    let first = spawn_run(&config);
+    wait_until(Duration::from_secs(30), "the first instance to hold the slot", || async {
+        let r = e.client.query_one("SELECT count(*) FROM pg_replication_slots WHERE active", &[]).await.unwrap();
+        r.get::<_, i64>(0) == 1
+    })
+    .await;
+    let out = walshore(&["run", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("in use by another process"), "{stderr}");
+    e.client.batch_execute(&insert_sql(1, 10)).await.unwrap();
+    let (status, stderr) = stop(first);
+    assert!(status.success(), "{stderr}");
+    sync(&config);
+    assert_lake_equals_source(&e, &config).await;
+}
+
+#[tokio::test]
+async fn status_and_check_report_the_pipeline() {
+    let e = env(&[]).await;
+    let config = write_config(e.dir.path(), &e.cluster.url("postgres", "t"), "pub", "walshore", &SinkKind::File(e.dir.path().join("lake")), "", "");
+    let out = walshore(&["check", "--config", config.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    for check in ["wal_level", "replication", "publication", "replica identity", "slot", "object store"] {
+        assert!(text.lines().any(|l| l.starts_with("ok") && l.contains(check)), "check {check} missing:\n{text}");
+    }
+    sync(&config);
+    e.client.batch_execute(&insert_sql(1, 42)).await.unwrap();
+    sync(&config);
+    let out = walshore(&["status", "--config", config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tables"]["public.trades"]["rows"], 42);
+    assert_eq!(v["slot"]["exists"], true);
+    assert!(v["slot"]["retained_wal_bytes"].is_i64(), "{v}");
+    let committed: walshore::lsn::Lsn = v["committed"]["lsn"].as_str().unwrap().parse().unwrap();
+    let confirmed: walshore::lsn::Lsn = v["slot"]["confirmed_flush_lsn"].as_str().unwrap().parse().unwrap();
+    assert!(confirmed >= committed, "the slot is confirmed up to the committed position: {v}");
+
+    // A table without key or replica identity fails the check, with the fix.
+    e.client.batch_execute("CREATE TABLE bare (a int); ALTER PUBLICATION pub ADD TABLE bare").await.unwrap();
+    let out = walshore(&["check", "--config", config.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text.lines().any(|l| l.starts_with("FAIL") && l.contains("REPLICA IDENTITY FULL")), "{text}");
+}

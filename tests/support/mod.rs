@@ -1,0 +1,326 @@
+//! Test harness: a real PostgreSQL (throwaway cluster) and a real S3-protocol server
+//! (moto) on loopback, the walshore binary, and a lake reader that replays a table.
+//! A component that cannot start fails the test loudly; nothing is skipped.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Int16Type, Int32Type, Int64Type, TimeUnit, TimestampMicrosecondType};
+use futures::TryStreamExt;
+use object_store::{ObjectStore, ObjectStoreExt};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use walshore::cluster::{ClusterOptions, TempCluster};
+use walshore::config::Config;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_walshore");
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn cluster(settings: &[&str]) -> TempCluster {
+    TempCluster::start(ClusterOptions { settings: settings.iter().map(|s| s.to_string()).collect(), dir: None })
+        .expect("start a throwaway PostgreSQL (is the `postgresql` Debian package installed?)")
+}
+
+/// The moto server (S3 protocol) on a free loopback port, with one bucket.
+pub struct Moto {
+    child: Child,
+    pub port: u16,
+}
+
+impl Moto {
+    pub fn start(bucket: &str) -> Moto {
+        let port = free_port();
+        let child = Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto (pip install 'moto[server]')");
+        let m = Moto { child, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(status) = m.http("PUT", &format!("/{bucket}")) {
+                assert!(status == 200, "moto: creating bucket {bucket} answered {status}");
+                return m;
+            }
+            assert!(Instant::now() < deadline, "moto server did not come up on port {port}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A bare HTTP request (moto needs no signature); returns the status code.
+    pub fn http(&self, method: &str, path: &str) -> std::io::Result<u16> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", self.port)?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| std::io::Error::other("bad HTTP answer"))
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Credentials for moto (any value works; the AWS chain must find some).
+pub fn set_fake_aws_env() {
+    unsafe {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+        std::env::set_var("AWS_REGION", "us-east-1");
+    }
+}
+
+pub enum SinkKind<'a> {
+    File(PathBuf),
+    S3 { moto: &'a Moto, bucket: &'a str, prefix: &'a str },
+}
+
+/// Writes a config file and returns its path (inside `dir`).
+pub fn write_config(dir: &std::path::Path, source_url: &str, publication: &str, slot: &str, sink: &SinkKind, extra_sink: &str, extra_source: &str) -> PathBuf {
+    let sink_lines = match sink {
+        SinkKind::File(p) => format!("url = \"file://{}\"", p.display()),
+        SinkKind::S3 { moto, bucket, prefix } => {
+            format!("url = \"s3://{bucket}/{prefix}\"\nendpoint = \"{}\"\nregion = \"us-east-1\"", moto.endpoint())
+        }
+    };
+    let text = format!(
+        "[source]\nurl = \"{source_url}\"\npublication = \"{publication}\"\nslot = \"{slot}\"\nspill_dir = \"{}\"\n{extra_source}\n\n[sink]\n{sink_lines}\nflush_interval = \"200ms\"\n{extra_sink}\n\n[snapshot]\nmode = \"never\"\n",
+        dir.join("spill").display()
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub fn walshore(args: &[&str]) -> Output {
+    let out = Command::new(BIN).args(args).env("WALSHORE_LOG", "info").output().expect("run walshore");
+    out
+}
+
+pub fn sync(config: &std::path::Path) {
+    let out = walshore(&["sync", "--config", config.to_str().unwrap()]);
+    assert!(out.status.success(), "walshore sync failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+}
+
+pub fn spawn_run(config: &std::path::Path) -> Child {
+    Command::new(BIN)
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("WALSHORE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn walshore run")
+}
+
+/// SIGTERM and wait; returns the exit status and stderr.
+pub fn stop(mut child: Child) -> (std::process::ExitStatus, String) {
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+            return (status, err);
+        }
+        assert!(Instant::now() < deadline, "walshore did not stop within 60 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every row of one table in the lake, in `(_lsn, _seq)` order, values rendered as text.
+pub struct LakeTable {
+    pub columns: Vec<String>,
+    /// (lsn, seq, op, unchanged columns, values by column name)
+    pub rows: Vec<LakeRow>,
+    pub files: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct LakeRow {
+    pub lsn: i64,
+    pub seq: i64,
+    pub op: String,
+    pub unchanged: Vec<String>,
+    pub values: BTreeMap<String, Option<String>>,
+}
+
+pub fn open_lake(config: &std::path::Path) -> Arc<dyn ObjectStore> {
+    let cfg = Config::load(config).unwrap();
+    walshore::sink::open_store(&cfg.sink).unwrap()
+}
+
+pub async fn read_table(store: &Arc<dyn ObjectStore>, schema: &str, table: &str) -> LakeTable {
+    let prefix = object_store::path::Path::from(format!("{schema}/{table}"));
+    let metas: Vec<_> = store.list(Some(&prefix)).try_collect().await.unwrap();
+    let mut rows = Vec::new();
+    let mut columns = Vec::new();
+    let mut files = 0;
+    for meta in metas.iter().filter(|m| m.location.as_ref().ends_with(".parquet")) {
+        files += 1;
+        let bytes = store.get(&meta.location).await.unwrap().bytes().await.unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap().build().unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            columns = batch.schema().fields().iter().map(|f| f.name().clone()).filter(|n| !n.starts_with('_')).collect();
+            rows.extend(rows_of(&batch));
+        }
+    }
+    rows.sort_by_key(|r| (r.lsn, r.seq));
+    LakeTable { columns, rows, files }
+}
+
+fn rows_of(batch: &RecordBatch) -> Vec<LakeRow> {
+    let col = |n: &str| batch.column_by_name(n).unwrap_or_else(|| panic!("column {n} missing"));
+    let op = col("_op").as_string::<i32>().clone();
+    let lsn = col("_lsn").as_primitive::<Int64Type>().clone();
+    let seq = col("_seq").as_primitive::<Int64Type>().clone();
+    let unchanged = col("_unchanged").as_list::<i32>().clone();
+    let schema = batch.schema();
+    (0..batch.num_rows())
+        .map(|i| {
+            let mut values = BTreeMap::new();
+            for (f, a) in schema.fields().iter().zip(batch.columns()) {
+                if !f.name().starts_with('_') {
+                    values.insert(f.name().clone(), render(a.as_ref(), i));
+                }
+            }
+            LakeRow {
+                lsn: lsn.value(i),
+                seq: seq.value(i),
+                op: op.value(i).to_owned(),
+                unchanged: if unchanged.is_null(i) {
+                    Vec::new()
+                } else {
+                    unchanged.value(i).as_string::<i32>().iter().map(|s| s.unwrap().to_owned()).collect()
+                },
+                values,
+            }
+        })
+        .collect()
+}
+
+/// Renders a value the way the test queries render PostgreSQL's (see `source_rows`).
+pub fn render(a: &dyn Array, i: usize) -> Option<String> {
+    if a.is_null(i) {
+        return None;
+    }
+    Some(match a.data_type() {
+        DataType::Int16 => a.as_primitive::<Int16Type>().value(i).to_string(),
+        DataType::Int32 => a.as_primitive::<Int32Type>().value(i).to_string(),
+        DataType::Int64 => a.as_primitive::<Int64Type>().value(i).to_string(),
+        DataType::Utf8 => a.as_string::<i32>().value(i).to_owned(),
+        DataType::Boolean => a.as_boolean().value(i).to_string(),
+        DataType::Decimal128(_, _) => a.as_primitive::<arrow::datatypes::Decimal128Type>().value_as_string(i),
+        DataType::Timestamp(TimeUnit::Microsecond, _) => a.as_primitive::<TimestampMicrosecondType>().value(i).to_string(),
+        DataType::Binary => hex(a.as_binary::<i32>().value(i)),
+        DataType::List(_) => {
+            let l = a.as_list::<i32>().value(i);
+            let items: Vec<String> = (0..l.len()).map(|j| render(l.as_ref(), j).unwrap_or_else(|| "NULL".into())).collect();
+            format!("{{{}}}", items.join(","))
+        }
+        other => panic!("test renderer does not handle {other}"),
+    })
+}
+
+fn hex(b: &[u8]) -> String {
+    let mut s = String::from("\\x");
+    for x in b {
+        s.push_str(&format!("{x:02x}"));
+    }
+    s
+}
+
+/// Replays a table's rows in `(_lsn, _seq)` order: `I`, `U`, `R` upsert by key, `D`
+/// deletes by key, `T` clears. `key` None = the whole row is the key (a multiset).
+pub fn replay(t: &LakeTable, key: Option<&[&str]>) -> Vec<Vec<Option<String>>> {
+    let mut state: Vec<BTreeMap<String, Option<String>>> = Vec::new();
+    let key_of = |v: &BTreeMap<String, Option<String>>| -> Vec<Option<String>> {
+        match key {
+            Some(k) => k.iter().map(|c| v[*c].clone()).collect(),
+            None => v.values().cloned().collect(),
+        }
+    };
+    for r in &t.rows {
+        match r.op.as_str() {
+            "T" => state.clear(),
+            "D" => {
+                let k = key_of(&r.values);
+                let pos = state.iter().position(|s| key_of(s) == k).unwrap_or_else(|| panic!("delete of a row not in the lake: {r:?}"));
+                state.remove(pos);
+            }
+            "I" | "U" | "R" => {
+                let mut values = r.values.clone();
+                let k = key_of(&values);
+                let existing = if key.is_some() { state.iter().position(|s| key_of(s) == k) } else { None };
+                for c in &r.unchanged {
+                    let prev = existing.map(|p| state[p][c].clone()).unwrap_or_else(|| panic!("unchanged {c} without a previous row: {r:?}"));
+                    values.insert(c.clone(), prev);
+                }
+                match existing {
+                    Some(p) if r.op != "I" => state[p] = values,
+                    Some(_) => panic!("insert of a key already present: {r:?}"),
+                    None if r.op == "U" => panic!("update of a row not in the lake: {r:?}"),
+                    None => state.push(values),
+                }
+            }
+            other => panic!("unknown _op {other}"),
+        }
+    }
+    let cols: Vec<String> = t.columns.clone();
+    let mut out: Vec<Vec<Option<String>>> = state.into_iter().map(|s| cols.iter().map(|c| s.get(c).cloned().flatten()).collect()).collect();
+    out.sort();
+    out
+}
+
+/// Asserts `(_lsn, _seq)` is unique.
+pub fn assert_unique_positions(t: &LakeTable) {
+    let mut seen = HashSet::new();
+    for r in &t.rows {
+        assert!(seen.insert((r.lsn, r.seq)), "duplicate (_lsn, _seq) = ({:X}, {}) in the lake", r.lsn, r.seq);
+    }
+}
+
+/// The source table's rows rendered like [`render`]: `select` must produce text columns
+/// in the lake's column order.
+pub async fn source_rows(client: &tokio_postgres::Client, select: &str) -> Vec<Vec<Option<String>>> {
+    let rows = client.simple_query(select).await.unwrap();
+    let mut out: Vec<Vec<Option<String>>> = rows
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some((0..r.len()).map(|i| r.get(i).map(str::to_owned)).collect()),
+            _ => None,
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Polls `f` until it returns true, failing after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
