@@ -43,6 +43,9 @@ pub fn open_store(cfg: &SinkConfig) -> Result<Arc<dyn ObjectStore>, StoreError> 
         }
         _ => {
             let bucket = cfg.url.host_str().unwrap_or_default();
+            // allow_http lives in the client options: set it there, or the options
+            // below would reset it.
+            let mut client = ClientOptions::new().with_timeout(std::time::Duration::from_secs(60));
             let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
             if let Some(region) = &cfg.region {
                 b = b.with_region(region);
@@ -50,10 +53,8 @@ pub fn open_store(cfg: &SinkConfig) -> Result<Arc<dyn ObjectStore>, StoreError> 
             if let Some(endpoint) = &cfg.endpoint {
                 // A custom endpoint is an S3-compatible server: path-style requests, and
                 // plain http only when the endpoint itself says http.
-                b = b
-                    .with_endpoint(endpoint)
-                    .with_virtual_hosted_style_request(false)
-                    .with_allow_http(endpoint.starts_with("http://"));
+                b = b.with_endpoint(endpoint).with_virtual_hosted_style_request(false);
+                client = client.with_allow_http(endpoint.starts_with("http://"));
             }
             // object_store retries transient HTTP failures itself (5xx, timeouts,
             // throttling) with exponential backoff; we bound the total time.
@@ -63,7 +64,7 @@ pub fn open_store(cfg: &SinkConfig) -> Result<Arc<dyn ObjectStore>, StoreError> 
                     retry_timeout: std::time::Duration::from_secs(120),
                     ..RetryConfig::default()
                 })
-                .with_client_options(ClientOptions::new().with_timeout(std::time::Duration::from_secs(60)));
+                .with_client_options(client);
             let s3 = b.build().map_err(|source| StoreError::Build { url: url.clone(), source })?;
             let prefix = cfg.url.path().trim_matches('/');
             if prefix.is_empty() {

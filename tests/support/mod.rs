@@ -250,8 +250,10 @@ fn hex(b: &[u8]) -> String {
 /// Replays a table's rows in `(_lsn, _seq)` order: `I`, `U`, `R` upsert by key, `D`
 /// deletes by key, `T` clears. `key` None = the whole row is the key (a multiset).
 pub fn replay(t: &LakeTable, key: Option<&[&str]>) -> Vec<Vec<Option<String>>> {
-    let mut state: Vec<BTreeMap<String, Option<String>>> = Vec::new();
-    let key_of = |v: &BTreeMap<String, Option<String>>| -> Vec<Option<String>> {
+    type Row = BTreeMap<String, Option<String>>;
+    // key -> (row, multiplicity)
+    let mut state: BTreeMap<Vec<Option<String>>, (Row, usize)> = BTreeMap::new();
+    let key_of = |v: &Row| -> Vec<Option<String>> {
         match key {
             Some(k) => k.iter().map(|c| v[*c].clone()).collect(),
             None => v.values().cloned().collect(),
@@ -262,29 +264,40 @@ pub fn replay(t: &LakeTable, key: Option<&[&str]>) -> Vec<Vec<Option<String>>> {
             "T" => state.clear(),
             "D" => {
                 let k = key_of(&r.values);
-                let pos = state.iter().position(|s| key_of(s) == k).unwrap_or_else(|| panic!("delete of a row not in the lake: {r:?}"));
-                state.remove(pos);
+                let entry = state.get_mut(&k).unwrap_or_else(|| panic!("delete of a row not in the lake: {r:?}"));
+                entry.1 -= 1;
+                if entry.1 == 0 {
+                    state.remove(&k);
+                }
             }
             "I" | "U" | "R" => {
                 let mut values = r.values.clone();
                 let k = key_of(&values);
-                let existing = if key.is_some() { state.iter().position(|s| key_of(s) == k) } else { None };
                 for c in &r.unchanged {
-                    let prev = existing.map(|p| state[p][c].clone()).unwrap_or_else(|| panic!("unchanged {c} without a previous row: {r:?}"));
+                    let prev = state.get(&k).map(|(row, _)| row[c].clone()).unwrap_or_else(|| panic!("unchanged {c} without a previous row: {r:?}"));
                     values.insert(c.clone(), prev);
                 }
-                match existing {
-                    Some(p) if r.op != "I" => state[p] = values,
-                    Some(_) => panic!("insert of a key already present: {r:?}"),
+                let k = key_of(&values);
+                match state.get_mut(&k) {
+                    Some(_) if r.op == "I" && key.is_some() => panic!("insert of a key already present: {r:?}"),
+                    Some(e) if key.is_none() => e.1 += 1,
+                    Some(e) => e.0 = values,
                     None if r.op == "U" => panic!("update of a row not in the lake: {r:?}"),
-                    None => state.push(values),
+                    None => {
+                        state.insert(k, (values, 1));
+                    }
                 }
             }
             other => panic!("unknown _op {other}"),
         }
     }
     let cols: Vec<String> = t.columns.clone();
-    let mut out: Vec<Vec<Option<String>>> = state.into_iter().map(|s| cols.iter().map(|c| s.get(c).cloned().flatten()).collect()).collect();
+    let mut out = Vec::new();
+    for (row, n) in state.into_values() {
+        for _ in 0..n {
+            out.push(cols.iter().map(|c| row.get(c).cloned().flatten()).collect());
+        }
+    }
     out.sort();
     out
 }

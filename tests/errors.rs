@@ -1,0 +1,107 @@
+//! Bad input: each case gives a clear message naming the fix, the documented exit code,
+//! and writes nothing to the lake.
+
+mod support;
+
+use support::*;
+
+fn assert_fails(config: &std::path::Path, code: i32, needles: &[&str]) -> String {
+    let out = walshore(&["sync", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "exit code; stderr:\n{stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "message should mention {n:?}:\n{stderr}");
+    }
+    stderr
+}
+
+fn lake_files(dir: &std::path::Path) -> usize {
+    fn walk(p: &std::path::Path) -> usize {
+        std::fs::read_dir(p).map(|d| d.flatten().map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 }).sum()).unwrap_or(0)
+    }
+    walk(dir)
+}
+
+async fn db(cluster: &walshore::cluster::TempCluster) -> tokio_postgres::Client {
+    let admin = cluster.connect("postgres").await.unwrap();
+    admin.batch_execute("CREATE DATABASE t").await.unwrap();
+    let c = cluster.connect("t").await.unwrap();
+    c.batch_execute("CREATE TABLE a (id int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE a").await.unwrap();
+    c
+}
+
+#[tokio::test]
+async fn missing_publication_wrong_password_and_unreachable_host_are_named() {
+    let cluster = cluster(&[]);
+    let c = db(&cluster).await;
+    c.batch_execute("CREATE ROLE rep LOGIN REPLICATION PASSWORD 'right'").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let sink = SinkKind::File(lake.clone());
+
+    let config = write_config(dir.path(), &cluster.url("postgres", "t"), "nope", "walshore", &sink, "", "");
+    assert_fails(&config, 1, &["publication \"nope\" does not exist", "CREATE PUBLICATION"]);
+
+    let url = format!("postgres://rep:wrong@127.0.0.1:{}/t?sslmode=disable", cluster.port);
+    let config = write_config(dir.path(), &url, "pub", "walshore", &sink, "", "");
+    let stderr = assert_fails(&config, 1, &["refused user \"rep\"", "password"]);
+    assert!(!stderr.contains("wrong"), "the password never appears in messages:\n{stderr}");
+
+    let url = format!("postgres://rep:right@127.0.0.1:{}/t?sslmode=disable&connect_timeout=2", free_port());
+    let config = write_config(dir.path(), &url, "pub", "walshore", &sink, "", "");
+    assert_fails(&config, 1, &["cannot connect to PostgreSQL at 127.0.0.1", "check source.url"]);
+
+    // The right password with SCRAM works.
+    let url = format!("postgres://rep:right@127.0.0.1:{}/t?sslmode=disable", cluster.port);
+    let config = write_config(dir.path(), &url, "pub", "walshore", &sink, "", "");
+    sync(&config);
+    assert_eq!(lake_files(&lake.join("public")), 0, "nothing but the commit log was written");
+}
+
+#[tokio::test]
+async fn wal_level_other_than_logical_is_named_with_the_fix() {
+    let cluster = cluster(&["wal_level = replica"]);
+    let _c = db(&cluster).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let config = write_config(dir.path(), &cluster.url("postgres", "t"), "pub", "walshore", &SinkKind::File(lake.clone()), "", "");
+    assert_fails(&config, 1, &["wal_level is \"replica\"", "wal_level = logical", "rds.logical_replication"]);
+    assert_eq!(lake_files(&lake), 0, "nothing written");
+}
+
+#[tokio::test]
+async fn invalid_config_exits_2_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = "[source]\nurl = \"postgres://u@127.0.0.1:1/db\"\npublication = \"p\"\nslot = \"s\"\n[sink]\nurl = \"file:///tmp/x\"\n";
+    let cases = [
+        (format!("{base}flush_interval = \"often\"\n"), "sink.flush_interval"),
+        (format!("{base}colour = \"blue\"\n"), "colour"),
+        (base.replace("file:///tmp/x", "ftp://host/x"), "sink.url"),
+        (base.replace("slot = \"s\"", "slot = \"Has-Caps\""), "source.slot"),
+        (base.replace("postgres://u@127.0.0.1:1/db", "mysql://x"), "source.url"),
+        ("[source]\n".to_string(), "missing field"),
+    ];
+    for (text, needle) in cases {
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, &text).unwrap();
+        assert_fails(&path, 2, &[needle]);
+    }
+    let out = walshore(&["sync", "--config", "/nonexistent/walshore.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/walshore.toml"));
+    let out = walshore(&["sync"]);
+    assert_eq!(out.status.code(), Some(2), "usage error");
+}
+
+#[tokio::test]
+async fn unwritable_sink_is_named_and_nothing_is_written() {
+    let cluster = cluster(&[]);
+    let _c = db(&cluster).await;
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("a-file");
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    let config = write_config(dir.path(), &cluster.url("postgres", "t"), "pub", "walshore", &SinkKind::File(blocker.join("lake")), "", "");
+    assert_fails(&config, 1, &["sink.url", "cannot create directory"]);
+    let slots = _c.query_one("SELECT count(*) FROM pg_replication_slots", &[]).await.unwrap();
+    assert_eq!(slots.get::<_, i64>(0), 0, "no slot was created for a pipeline that cannot write");
+}
