@@ -33,6 +33,8 @@ const EVENT_CHANNEL_CHUNKS: usize = 16;
 /// Events per chunk: amortises channel overhead without holding much.
 const EVENTS_PER_CHUNK: usize = 1024;
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// `sync` runs from cron and tests: a few quick retries, then report the failure.
+const SYNC_ATTEMPTS: u32 = 3;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -87,7 +89,7 @@ pub async fn run(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resul
             }
             Err((e, partial)) => {
                 total.absorb(partial);
-                if e.retry() == Retry::Definite || shutdown.is_cancelled() || (mode == Mode::Sync && attempt >= 5) {
+                if e.retry() == Retry::Definite || shutdown.is_cancelled() || (mode == Mode::Sync && attempt >= SYNC_ATTEMPTS) {
                     return Err(e);
                 }
                 if started.elapsed() > MAX_BACKOFF * 2 {

@@ -1,0 +1,150 @@
+//! Drain benchmark: walshore `sync` (file sink) against PostgreSQL's own `pg_recvlogical`
+//! (pgoutput, same options) on the same backlog, in the same run.
+//!
+//! `cargo bench --bench drain` (optionally `-- --runs 5 --scale 0.1`). For each workload a
+//! throwaway cluster gets one slot per drain *before* the backlog is written, so every
+//! drain decodes exactly the same WAL. Prints each drain, the medians, the ratio
+//! walshore / pg_recvlogical (higher is better; target ≥ 0.8) and walshore's peak RSS.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use walshore::cluster::{ClusterOptions, TempCluster};
+
+struct Workload {
+    name: &'static str,
+    changes: u64,
+    sql: Vec<String>,
+}
+
+fn workloads(scale: f64) -> Vec<Workload> {
+    let n = |x: f64| ((x * scale).round() as u64).max(1);
+    let (trades, prices, updates, deletes, singles) = (n(1_000_000.0), n(500_000.0), n(200_000.0), n(50_000.0), n(100_000.0));
+    vec![
+        Workload {
+            name: "batched (1000-row transactions)",
+            changes: trades + prices + updates + deletes,
+            sql: vec![
+                format!("DO $$ BEGIN FOR t IN 0..{} LOOP
+                    INSERT INTO trades (id, symbol, side, quantity, price, trader, traded_at)
+                    SELECT i, (ARRAY['AAPL','MSFT','NVDA','TSLA','AMZN'])[1 + i % 5], CASE WHEN i % 2 = 0 THEN 'B' ELSE 'S' END,
+                           100 + i % 900, round((100 + (i * 7919 % 10000) / 100.0)::numeric, 6), 'trader' || (i % 17),
+                           timestamptz '2026-11-20 09:30:00+00' + i * interval '1 millisecond'
+                    FROM generate_series(t * 1000 + 1, least((t + 1) * 1000, {trades})) AS i; COMMIT; END LOOP; END $$", (trades - 1) / 1000),
+                format!("DO $$ BEGIN FOR t IN 0..{} LOOP
+                    INSERT INTO prices (symbol, ts, bid, ask)
+                    SELECT (ARRAY['AAPL','MSFT','NVDA','TSLA','AMZN'])[1 + i % 5], timestamptz '2026-11-20 09:30:00+00' + i * interval '1 millisecond',
+                           100 + i / 1000.0, 100.01 + i / 1000.0
+                    FROM generate_series(t * 1000 + 1, least((t + 1) * 1000, {prices})) AS i; COMMIT; END LOOP; END $$", (prices - 1) / 1000),
+                format!("DO $$ BEGIN FOR t IN 0..{} LOOP
+                    UPDATE trades SET price = price + 0.01 WHERE id BETWEEN t * 1000 + 1 AND least((t + 1) * 1000, {updates}); COMMIT; END LOOP; END $$", (updates - 1) / 1000),
+                format!("DO $$ BEGIN FOR t IN 0..{} LOOP
+                    DELETE FROM trades WHERE id BETWEEN {trades} - (t + 1) * 1000 + 1 AND {trades} - t * 1000 AND id > {trades} - {deletes}; COMMIT; END LOOP; END $$", (deletes - 1) / 1000),
+            ],
+        },
+        Workload {
+            name: "one-row transactions",
+            changes: singles,
+            sql: vec![format!("DO $$ BEGIN FOR i IN 1..{singles} LOOP
+                INSERT INTO trades (id, symbol, side, quantity, price, trader, traded_at)
+                VALUES (10000000 + i, 'AAPL', 'B', i % 900, 101.25, 'trader1', now()); COMMIT; END LOOP; END $$")],
+        },
+    ]
+}
+
+const SCHEMA: &str = "
+CREATE TABLE trades (id bigint PRIMARY KEY, symbol text NOT NULL, side char(1) NOT NULL, quantity integer NOT NULL,
+    price numeric(18,6) NOT NULL, trader text NOT NULL, traded_at timestamptz NOT NULL);
+CREATE TABLE prices (symbol text NOT NULL, ts timestamptz NOT NULL, bid numeric(18,6), ask numeric(18,6), PRIMARY KEY (symbol, ts));
+CREATE PUBLICATION bench FOR TABLE trades, prices;";
+
+/// Runs a command, returning (seconds, peak RSS in KiB of that process).
+fn timed(cmd: &mut Command) -> (f64, i64) {
+    let start = Instant::now();
+    let child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().expect("spawn");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(r, pid, "wait4");
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        let mut err = String::new();
+        use std::io::Read;
+        child.stderr.unwrap().read_to_string(&mut err).ok();
+        panic!("{cmd:?} failed (status {status}):\n{err}");
+    }
+    (secs, usage.ru_maxrss)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str, default: f64| {
+        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+    };
+    let runs = arg("--runs", 3.0) as usize;
+    let scale = arg("--scale", 1.0);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let walshore = env!("CARGO_BIN_EXE_walshore");
+    println!("walshore drain benchmark: {runs} runs per tool, scale {scale}");
+    for w in workloads(scale) {
+        let cluster = TempCluster::start(ClusterOptions::default()).expect("start PostgreSQL");
+        let recvlogical = cluster.bin().join("pg_recvlogical");
+        let recvlogical = if recvlogical.exists() { recvlogical } else { "pg_recvlogical".into() };
+        let client = rt.block_on(cluster.connect("postgres")).unwrap();
+        rt.block_on(client.batch_execute(SCHEMA)).unwrap();
+        for i in 0..runs {
+            for tool in ["recv", "ws"] {
+                rt.block_on(client.batch_execute(&format!("SELECT pg_create_logical_replication_slot('{tool}_{i}', 'pgoutput')"))).unwrap();
+            }
+        }
+        let t = Instant::now();
+        for sql in &w.sql {
+            rt.block_on(client.batch_execute(sql)).unwrap();
+        }
+        let end: String = rt.block_on(client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[])).unwrap().get(0);
+        let wal: i64 = rt.block_on(client.query_one("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), (SELECT restart_lsn FROM pg_replication_slots LIMIT 1))::bigint", &[])).unwrap().get(0);
+        println!("\n== {} : {} changes, {:.0} MiB of WAL, written in {:.1}s", w.name, w.changes, wal as f64 / 1048576.0, t.elapsed().as_secs_f64());
+
+        let dir = tempfile::tempdir().unwrap();
+        let (mut recv_t, mut ws_t, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..runs {
+            let (secs, _) = timed(Command::new(&recvlogical).args([
+                "-h", "127.0.0.1", "-p", &cluster.port.to_string(), "-U", "postgres", "-d", "postgres",
+                "--slot", &format!("recv_{i}"), "--start", "--endpos", &end, "--no-loop", "-f", "/dev/null",
+                "-o", "proto_version=2", "-o", "publication_names=bench", "-o", "streaming=on",
+            ]));
+            recv_t.push(secs);
+            println!("  pg_recvlogical run {i}: {secs:.2}s  {:.0} changes/s", w.changes as f64 / secs);
+            let config = write_config(dir.path(), &cluster, i);
+            let (secs, maxrss) = timed(Command::new(walshore).args(["sync", "--config", config.to_str().unwrap()]).env("WALSHORE_LOG", "warn"));
+            ws_t.push(secs);
+            rss.push(maxrss as f64 / 1024.0);
+            println!("  walshore sync  run {i}: {secs:.2}s  {:.0} changes/s  peak RSS {:.0} MiB", w.changes as f64 / secs, maxrss as f64 / 1024.0);
+        }
+        let (r, s) = (median(&mut recv_t), median(&mut ws_t));
+        let peak = rss.iter().cloned().fold(0.0, f64::max);
+        println!("  median: pg_recvlogical {:.0} changes/s, walshore {:.0} changes/s", w.changes as f64 / r, w.changes as f64 / s);
+        println!("  RATIO walshore/pg_recvlogical = {:.2} (target >= 0.80); walshore peak RSS {peak:.0} MiB (target <= 256)", r / s);
+    }
+}
+
+fn write_config(dir: &Path, cluster: &TempCluster, i: usize) -> std::path::PathBuf {
+    let path = dir.join(format!("bench-{i}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "[source]\nurl = \"{}\"\npublication = \"bench\"\nslot = \"ws_{i}\"\n[sink]\nurl = \"file://{}/lake-{i}\"\n[snapshot]\nmode = \"never\"\n",
+            cluster.url("postgres", "postgres"),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    path
+}
