@@ -31,12 +31,12 @@ fn workloads(scale: f64) -> Vec<Workload> {
                     SELECT i, (ARRAY['AAPL','MSFT','NVDA','TSLA','AMZN'])[1 + i % 5], CASE WHEN i % 2 = 0 THEN 'B' ELSE 'S' END,
                            100 + i % 900, round((100 + (i * 7919 % 10000) / 100.0)::numeric, 6), 'trader' || (i % 17),
                            timestamptz '2026-11-20 09:30:00+00' + i * interval '1 millisecond'
-                    FROM generate_series(t * 1000 + 1, least((t + 1) * 1000, {trades})) AS i; COMMIT; END LOOP; END $$", (trades - 1) / 1000),
+                    FROM generate_series((t * 1000 + 1)::bigint, least((t + 1) * 1000, {trades})) AS i; COMMIT; END LOOP; END $$", (trades - 1) / 1000),
                 format!("DO $$ BEGIN FOR t IN 0..{} LOOP
                     INSERT INTO prices (symbol, ts, bid, ask)
                     SELECT (ARRAY['AAPL','MSFT','NVDA','TSLA','AMZN'])[1 + i % 5], timestamptz '2026-11-20 09:30:00+00' + i * interval '1 millisecond',
                            100 + i / 1000.0, 100.01 + i / 1000.0
-                    FROM generate_series(t * 1000 + 1, least((t + 1) * 1000, {prices})) AS i; COMMIT; END LOOP; END $$", (prices - 1) / 1000),
+                    FROM generate_series((t * 1000 + 1)::bigint, least((t + 1) * 1000, {prices})) AS i; COMMIT; END LOOP; END $$", (prices - 1) / 1000),
                 format!("DO $$ BEGIN FOR t IN 0..{} LOOP
                     UPDATE trades SET price = price + 0.01 WHERE id BETWEEN t * 1000 + 1 AND least((t + 1) * 1000, {updates}); COMMIT; END LOOP; END $$", (updates - 1) / 1000),
                 format!("DO $$ BEGIN FOR t IN 0..{} LOOP
