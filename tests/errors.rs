@@ -105,3 +105,35 @@ async fn unwritable_sink_is_named_and_nothing_is_written() {
     let slots = _c.query_one("SELECT count(*) FROM pg_replication_slots", &[]).await.unwrap();
     assert_eq!(slots.get::<_, i64>(0), 0, "no slot was created for a pipeline that cannot write");
 }
+
+#[tokio::test]
+async fn a_slot_dropped_behind_walshores_back_is_a_definite_error_not_a_silent_gap() {
+    let cluster = cluster(&[]);
+    let c = db(&cluster).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let config = write_config(dir.path(), &cluster.url("postgres", "t"), "pub", "walshore", &SinkKind::File(lake.clone()), "", "");
+    sync(&config);
+    c.batch_execute("INSERT INTO a VALUES (1)").await.unwrap();
+    sync(&config);
+    c.batch_execute("SELECT pg_drop_replication_slot('walshore'); INSERT INTO a VALUES (2)").await.unwrap();
+    let files_before = lake_files(&lake.join("public"));
+    assert_fails(&config, 1, &["was missing and has just been created", "initial snapshot"]);
+    assert_eq!(lake_files(&lake.join("public")), files_before, "nothing written that claims continuity");
+    let slots = c.query_one("SELECT count(*) FROM pg_replication_slots", &[]).await.unwrap();
+    assert_eq!(slots.get::<_, i64>(0), 0, "the slot created by the failed start is dropped again");
+}
+
+#[tokio::test]
+async fn initial_mode_refuses_a_lake_whose_tables_already_hold_rows() {
+    let cluster = cluster(&[]);
+    let c = db(&cluster).await;
+    c.batch_execute("INSERT INTO a VALUES (1)").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &cluster.url("postgres", "t"), "pub", "walshore", &SinkKind::File(dir.path().join("lake")), "", "");
+    let text = std::fs::read_to_string(&config).unwrap().replace("mode = \"never\"", "mode = \"initial\"");
+    std::fs::write(&config, text).unwrap();
+    assert_fails(&config, 1, &["public.a already holds rows", "snapshot.mode = \"never\""]);
+    let slots = c.query_one("SELECT count(*) FROM pg_replication_slots", &[]).await.unwrap();
+    assert_eq!(slots.get::<_, i64>(0), 0, "no slot left behind");
+}

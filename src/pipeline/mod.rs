@@ -89,7 +89,11 @@ pub async fn run(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resul
             }
             Err((e, partial)) => {
                 total.absorb(partial);
-                if e.retry() == Retry::Definite || shutdown.is_cancelled() || (mode == Mode::Sync && attempt >= SYNC_ATTEMPTS) {
+                // Right after a lost connection our own old walsender may still hold the
+                // slot until PostgreSQL notices (wal_sender_timeout): wait for it. On a
+                // first attempt the holder is someone else, and that is final.
+                let own_walsender = attempt > 1 && matches!(e, PipelineError::Source(SourceError::SlotInUse { .. }));
+                if (e.retry() == Retry::Definite && !own_walsender) || shutdown.is_cancelled() || (mode == Mode::Sync && attempt >= SYNC_ATTEMPTS) {
                     return Err(e);
                 }
                 if started.elapsed() > MAX_BACKOFF * 2 {
@@ -155,10 +159,35 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
     let store = open_store(&cfg.sink).map_err(|e| fail(e.into()))?;
     let (mut repl, slot, system) = Replication::open(&cfg.source).await.map_err(|e| fail(e.into()))?;
     let identity = Identity { system_id: system.system_id.clone(), slot: cfg.source.slot.clone(), publication: cfg.source.publication.clone() };
-    let mut checkpoint = Checkpoint::load(store.clone(), &identity).await.map_err(|e| fail(e.into()))?;
-    if checkpoint.head().seq == 0 && cfg.snapshot == SnapshotMode::Initial {
-        check_tables_empty(&mut repl, &cfg.source.publication).await.map_err(fail)?;
+    let prepared = async {
+        let checkpoint = Checkpoint::load(store.clone(), &identity).await?;
+        if slot.created && checkpoint.head().seq > 0 {
+            // The lake continues a slot that no longer exists: what was committed while
+            // it was gone is not in the new slot, and claiming continuity would be a lie.
+            return Err(SourceError::Setup(format!(
+                "replication slot {:?} was missing and has just been created, but the lake at {} continues an earlier slot (commit {}, lsn {}): changes made in between cannot be recovered from PostgreSQL; start a new lake (new sink.url) with an initial snapshot",
+                cfg.source.slot, cfg.sink.url, checkpoint.head().seq, checkpoint.head().end_lsn
+            ))
+            .into());
+        }
+        if checkpoint.head().seq == 0 && cfg.snapshot == SnapshotMode::Initial {
+            check_tables_empty(&mut repl, &cfg.source.publication).await?;
+        }
+        Ok::<_, PipelineError>(checkpoint)
     }
+    .await;
+    let mut checkpoint = match prepared {
+        Ok(c) => c,
+        Err(e) => {
+            if slot.created {
+                // Do not leave behind a slot nobody will read: it would hold WAL forever.
+                if let Err(drop_err) = repl.query(&format!("DROP_REPLICATION_SLOT {}", quote_ident(&cfg.source.slot))).await {
+                    tracing::warn!(slot = %cfg.source.slot, error = %drop_err, "cannot drop the slot created by this failed start; drop it by hand");
+                }
+            }
+            return Err(fail(e));
+        }
+    };
     let start = checkpoint.position();
     repl.start(&cfg.source, start).await.map_err(|e| fail(e.into()))?;
     let run_id = new_run_id();

@@ -85,6 +85,8 @@ pub enum SourceError {
     Server(PgError),
     #[error("{0}")]
     Setup(String),
+    #[error("replication slot {slot:?} is in use by another process ({holder}); another walshore may be running on this slot: stop it first")]
+    SlotInUse { slot: String, holder: String },
     #[error("unexpected reply from PostgreSQL: {0}")]
     Protocol(String),
     #[error(transparent)]

@@ -130,10 +130,7 @@ impl Replication {
                 )));
             }
             if let Some(pid) = row[3].as_deref() {
-                return Err(SourceError::Setup(format!(
-                    "replication slot {:?} is in use by another process (PostgreSQL backend pid {pid}); another walshore may be running on this slot: stop it first",
-                    cfg.slot
-                )));
+                return Err(SourceError::SlotInUse { slot: cfg.slot.clone(), holder: format!("PostgreSQL backend pid {pid}") });
             }
             let confirmed = row[2].as_deref().and_then(|s| s.parse().ok()).unwrap_or(Lsn::ZERO);
             return Ok(SlotState { confirmed_flush: confirmed, created: false });
@@ -173,9 +170,10 @@ impl Replication {
         let sql = format!("START_REPLICATION SLOT {} LOGICAL {start} ({options})", quote_ident(&cfg.slot));
         match self.conn.start_copy_both(&sql).await {
             Ok(()) => Ok(()),
-            Err(SourceError::Server(e)) if e.code == "55006" => Err(SourceError::Setup(format!(
-                "replication slot {:?} is in use by another process ({}); another walshore may be running on this slot: stop it first",
-                cfg.slot, e.message
+            Err(SourceError::Server(e)) if e.code == "55006" => Err(SourceError::SlotInUse { slot: cfg.slot.clone(), holder: e.message }),
+            Err(SourceError::Server(e)) if e.code == "55000" => Err(SourceError::Setup(format!(
+                "replication slot {:?} cannot be used: {e}; PostgreSQL removed WAL the lake still needs (max_slot_wal_keep_size exceeded?), so the lake cannot be continued from it: drop the slot and start a new lake with an initial snapshot",
+                cfg.slot
             ))),
             Err(SourceError::Server(e)) if e.code == "42704" => Err(SourceError::Setup(format!(
                 "replication slot {:?} disappeared: {e}; the position in the lake can no longer be continued from PostgreSQL, a new initial snapshot is needed",
