@@ -151,19 +151,20 @@ async fn replica_identity_full_table_without_key_replays_as_a_multiset() {
     assert_eq!(replay(&lake, None), source_rows(c, "SELECT a::text, b FROM nokey").await);
 }
 
-#[tokio::test]
-async fn restarts_while_a_writer_commits_leave_no_duplicate_and_no_gap() {
+/// Starts `run` several times while a writer commits, ending each run with `end`.
+async fn restarts_under_load(end: fn(std::process::Child) -> bool) {
     let e = env(&[]).await;
-    let config = write_config(e.dir.path(), &e.cluster.url("postgres", "t"), "pub", "walshore", &SinkKind::File(e.dir.path().join("lake")), "", "");
+    let config = write_config(e.dir.path(), &e.cluster.url("postgres", "t"), "pub", "walshore", &SinkKind::File(e.dir.path().join("lake")), "max_buffer = \"256KiB\"", "");
     sync(&config);
     let writer_client = e.cluster.connect("t").await.unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop_w = stop.clone();
+    let stop_flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_w = stop_flag.clone();
     let writer = tokio::spawn(async move {
         let mut i = 0i64;
         while !stop_w.load(std::sync::atomic::Ordering::Relaxed) {
-            let base = i * 10;
-            writer_client.batch_execute(&insert_sql(base, base + 9)).await.unwrap();
+            let base = i * 1000;
+            let n = if i % 10 == 0 { 999 } else { 9 };
+            writer_client.batch_execute(&insert_sql(base, base + n)).await.unwrap();
             writer_client.batch_execute(&format!("UPDATE trades SET qty = qty + 1 WHERE id = {}", base + 3)).await.unwrap();
             writer_client.batch_execute(&format!("DELETE FROM trades WHERE id = {}", base + 5)).await.unwrap();
             i += 1;
@@ -171,18 +172,39 @@ async fn restarts_while_a_writer_commits_leave_no_duplicate_and_no_gap() {
         }
         i
     });
-    for round in 0..4 {
+    let mut rng = 0x2545F4914F6CDD1Du64;
+    for _ in 0..5 {
         let child = spawn_run(&config);
-        tokio::time::sleep(Duration::from_millis(1200 + 300 * round)).await;
-        let (status, stderr) = support::stop(child);
-        assert!(status.success(), "run exits 0 on SIGTERM: {status}\n{stderr}");
-        assert!(stderr.contains("stopped cleanly"), "{stderr}");
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        tokio::time::sleep(Duration::from_millis(400 + rng % 1200)).await;
+        assert!(end(child), "run ended as expected");
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop_flag.store(true, std::sync::atomic::Ordering::Relaxed);
     let batches = writer.await.unwrap();
     assert!(batches > 20, "the writer kept committing ({batches} rounds)");
     sync(&config);
     assert_lake_equals_source(&e, &config).await;
+}
+
+#[tokio::test]
+async fn restarts_while_a_writer_commits_leave_no_duplicate_and_no_gap() {
+    restarts_under_load(|child| {
+        let (status, stderr) = support::stop(child);
+        assert!(status.success(), "run exits 0 on SIGTERM: {status}\n{stderr}");
+        stderr.contains("stopped cleanly")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigkill_at_random_moments_under_load_leaves_no_duplicate_and_no_gap() {
+    restarts_under_load(|mut child| {
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        !child.wait().unwrap().success()
+    })
+    .await;
 }
 
 #[tokio::test]
