@@ -60,6 +60,7 @@ CREATE TABLE prices (symbol text NOT NULL, ts timestamptz NOT NULL, bid numeric(
 CREATE PUBLICATION bench FOR TABLE trades, prices;";
 
 /// Runs a command, returning (seconds, peak RSS in KiB of that process).
+#[allow(clippy::zombie_processes)] // reaped by wait4 below, which also gives its rusage
 fn timed(cmd: &mut Command) -> (f64, i64) {
     let start = Instant::now();
     let child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().expect("spawn");

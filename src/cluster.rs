@@ -20,6 +20,7 @@ pub enum ClusterError {
 
 /// Options for [`TempCluster::start`].
 #[derive(Clone, Debug)]
+#[derive(Default)]
 pub struct ClusterOptions {
     /// Extra `postgresql.conf` lines.
     pub settings: Vec<String>,
@@ -27,11 +28,6 @@ pub struct ClusterOptions {
     pub dir: Option<PathBuf>,
 }
 
-impl Default for ClusterOptions {
-    fn default() -> Self {
-        ClusterOptions { settings: Vec::new(), dir: None }
-    }
-}
 
 pub struct TempCluster {
     _tmp: Option<tempfile::TempDir>,

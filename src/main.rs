@@ -69,7 +69,7 @@ fn init_logging(format: LogFormat, filter: &str) {
     }
 }
 
-fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         eprintln!("walshore: {e}");
         if matches!(e, ConfigError::Read { .. }) {
@@ -140,7 +140,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn replicate(config: &PathBuf, mode: Mode) -> ExitCode {
+async fn replicate(config: &std::path::Path, mode: Mode) -> ExitCode {
     let cfg = match load(config) {
         Ok(c) => c,
         Err(code) => return code,

@@ -235,14 +235,13 @@ impl Batcher {
     }
 
     fn relation(&mut self, rel: Arc<Relation>) -> Result<(), BatchError> {
-        if let Some(old) = self.layouts.get(&rel.id) {
-            if old.relation.columns == rel.columns
+        if let Some(old) = self.layouts.get(&rel.id)
+            && old.relation.columns == rel.columns
                 && old.relation.name == rel.name
                 && old.relation.namespace == rel.namespace
             {
                 return Ok(());
             }
-        }
         let layout = Arc::new(Layout::new(rel.clone())?);
         // Rows buffered under the old schema keep it: seal them into their own files.
         if let Some(mut buf) = self.tables.remove(&rel.id) {
@@ -273,6 +272,8 @@ impl Batcher {
         }
     }
 
+    // `i` indexes the tuple, the builders and the relation's columns alike.
+    #[allow(clippy::needless_range_loop)]
     fn row(
         &mut self,
         rel_id: u32,

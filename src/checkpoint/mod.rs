@@ -181,11 +181,10 @@ impl Checkpoint {
     }
 
     async fn delete_quietly(&self, path: &Path) {
-        if let Err(e) = self.store.delete(path).await {
-            if !matches!(e, object_store::Error::NotFound { .. }) {
+        if let Err(e) = self.store.delete(path).await
+            && !matches!(e, object_store::Error::NotFound { .. }) {
                 tracing::warn!(key = %path, error = %e, "cannot delete pending record; it is harmless and cleared at the next start");
             }
-        }
     }
 
     /// Announces files about to be uploaded for the next commit.

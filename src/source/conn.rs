@@ -300,7 +300,7 @@ impl Conn {
 
     pub(crate) async fn send_copy_data(&mut self, data: &[u8]) -> Result<(), SourceError> {
         let len = (data.len() + 4) as u32;
-        self.wbuf.extend_from_slice(&[b'd']);
+        self.wbuf.extend_from_slice(b"d");
         self.wbuf.extend_from_slice(&len.to_be_bytes());
         self.wbuf.extend_from_slice(data);
         self.flush().await

@@ -110,8 +110,8 @@ pub fn write_config(dir: &std::path::Path, source_url: &str, publication: &str, 
 }
 
 pub fn walshore(args: &[&str]) -> Output {
-    let out = Command::new(BIN).args(args).env("WALSHORE_LOG", "info").output().expect("run walshore");
-    out
+    
+    Command::new(BIN).args(args).env("WALSHORE_LOG", "info").output().expect("run walshore")
 }
 
 pub fn sync(config: &std::path::Path) {
