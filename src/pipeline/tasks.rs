@@ -96,7 +96,7 @@ pub(super) async fn source_task(mut t: SourceTask) -> Result<(), PipelineError> 
                             if let Step::Replay { mut messages, end_lsn } = t.assembler.on_message(data, &mut out)? {
                                 while let Some(raw) = messages.next_message().map_err(crate::source::SourceError::from)? {
                                     t.assembler.replay(raw, &mut out)?;
-                                    if out.len() >= EVENTS_PER_CHUNK && !send(&t.events, &mut out).await {
+                                    if out.len() >= EVENTS_PER_CHUNK && !t.send(&mut out, &mut status).await? {
                                         downstream_gone = true;
                                         break 'read;
                                     }
@@ -121,7 +121,7 @@ pub(super) async fn source_task(mut t: SourceTask) -> Result<(), PipelineError> 
                     }
                     msg = t.repl.try_next()?;
                 }
-                if !out.is_empty() && !send(&t.events, &mut out).await {
+                if !out.is_empty() && !t.send(&mut out, &mut status).await? {
                     downstream_gone = true;
                     break 'read;
                 }
@@ -129,7 +129,7 @@ pub(super) async fn source_task(mut t: SourceTask) -> Result<(), PipelineError> 
         }
     }
     if !out.is_empty() && !downstream_gone {
-        send(&t.events, &mut out).await;
+        t.send(&mut out, &mut status).await?;
     }
     drop(t.events);
     // Confirm whatever the sink commits from what we handed over, then leave.
@@ -144,9 +144,26 @@ pub(super) async fn source_task(mut t: SourceTask) -> Result<(), PipelineError> 
     Ok(())
 }
 
-async fn send(tx: &mpsc::Sender<Vec<Event>>, out: &mut Vec<Event>) -> bool {
-    let chunk = std::mem::replace(out, Vec::with_capacity(EVENTS_PER_CHUNK));
-    tx.send(chunk).await.is_ok()
+impl SourceTask {
+    /// Hands a chunk downstream, waiting for room (backpressure). While it waits,
+    /// PostgreSQL keeps hearing from us, so a slow sink never trips wal_sender_timeout.
+    /// Returns false when downstream is gone.
+    async fn send(&mut self, out: &mut Vec<Event>, status: &mut tokio::time::Interval) -> Result<bool, PipelineError> {
+        let chunk = std::mem::replace(out, Vec::with_capacity(EVENTS_PER_CHUNK));
+        loop {
+            tokio::select! {
+                permit = self.events.reserve() => {
+                    let Ok(permit) = permit else { return Ok(false) };
+                    permit.send(chunk);
+                    return Ok(true);
+                }
+                _ = status.tick() => {
+                    let lsn = *self.confirm.borrow();
+                    self.repl.confirm(lsn, false).await?;
+                }
+            }
+        }
+    }
 }
 
 pub(super) enum SinkMsg {
@@ -266,7 +283,9 @@ pub(super) async fn sink_task(
                 *summary.rows.entry(f.table.clone()).or_default() += f.rows;
             }
             let record = checkpoint.commit_files(&run_id, end_lsn, taken.commit_ts, files).await?;
-            tracing::info!(seq = record.seq, end_lsn = %record.end_lsn, files = n_files, rows, bytes, "committed");
+            // Lag: from the source commit of the newest transaction to durable in the lake.
+            let lag_ms = record.commit_ts.map(|ts| (record.written_at - ts) / 1000);
+            tracing::info!(seq = record.seq, end_lsn = %record.end_lsn, files = n_files, rows, bytes, lag_ms, "committed");
             summary.commits += 1;
             summary.files += n_files as u64;
             summary.bytes += bytes;
