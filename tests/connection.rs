@@ -105,3 +105,39 @@ async fn idle_publication_on_a_busy_database_does_not_hold_wal() {
     assert!(status.success(), "{stderr}");
     assert!(!dir.path().join("lake/public").exists(), "no data file for a publication that saw no change");
 }
+
+#[tokio::test]
+async fn md5_and_cleartext_password_authentication_work() {
+    let cluster = cluster(&[]);
+    let hba = cluster.data_dir().join("pg_hba.conf");
+    let rest = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!(
+            "host all md5user 127.0.0.1/32 md5\nhost replication md5user 127.0.0.1/32 md5\n\
+             host all pwuser 127.0.0.1/32 password\nhost replication pwuser 127.0.0.1/32 password\n{rest}"
+        ),
+    )
+    .unwrap();
+    let c = cluster.connect("postgres").await.unwrap();
+    c.batch_execute(
+        "SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN REPLICATION PASSWORD 'pw-md5';
+         CREATE ROLE pwuser LOGIN REPLICATION PASSWORD 'pw-clear';
+         CREATE TABLE a (id int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE a",
+    )
+    .await
+    .unwrap();
+    c.query_one("SELECT pg_reload_conf()", &[]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (user, password, slot) in [("md5user", "pw-md5", "slot_md5"), ("pwuser", "pw-clear", "slot_clear")] {
+        let url = format!("postgres://{user}:{password}@127.0.0.1:{}/postgres?sslmode=disable", cluster.port);
+        let config = write_config(dir.path(), &url, "pub", slot, &SinkKind::File(dir.path().join(slot)), "", "");
+        sync(&config);
+        let wrong = format!("postgres://{user}:nope@127.0.0.1:{}/postgres?sslmode=disable", cluster.port);
+        let config = write_config(dir.path(), &wrong, "pub", slot, &SinkKind::File(dir.path().join(slot)), "", "");
+        let out = walshore(&["sync", "--config", config.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{user}: {stderr}");
+        assert!(stderr.contains(&format!("refused user \"{user}\"")) && stderr.contains("password authentication failed"), "{user}: {stderr}");
+    }
+}
