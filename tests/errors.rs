@@ -137,3 +137,34 @@ async fn initial_mode_refuses_a_lake_whose_tables_already_hold_rows() {
     let slots = c.query_one("SELECT count(*) FROM pg_replication_slots", &[]).await.unwrap();
     assert_eq!(slots.get::<_, i64>(0), 0, "no slot left behind");
 }
+
+#[tokio::test]
+async fn an_unrepresentable_value_stops_with_table_column_and_lsn_and_is_never_nulled() {
+    let cluster = cluster(&[]);
+    let c = db(&cluster).await;
+    c.batch_execute("CREATE TABLE ev (id int PRIMARY KEY, at timestamptz); ALTER PUBLICATION pub ADD TABLE ev").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let config = write_config(dir.path(), &cluster.url("postgres", "t"), "pub", "walshore", &SinkKind::File(lake.clone()), "", "");
+    sync(&config);
+    c.batch_execute("INSERT INTO ev VALUES (1, now())").await.unwrap();
+    sync(&config);
+    c.batch_execute("INSERT INTO ev VALUES (2, 'infinity')").await.unwrap();
+    let stderr = assert_fails(&config, 1, &["column public.ev.at at lsn", "\"infinity\" cannot be represented"]);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // The failing transaction is not in the lake, and it is still there to retry.
+    assert_eq!(lake_files(&lake.join("public/ev")), 1);
+    assert_fails(&config, 1, &["column public.ev.at"]);
+}
+
+#[tokio::test]
+async fn two_pipelines_cannot_share_one_sink() {
+    let cluster = cluster(&[]);
+    let _c = db(&cluster).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SinkKind::File(dir.path().join("lake"));
+    let config = write_config(dir.path(), &cluster.url("postgres", "t"), "pub", "first", &sink, "", "");
+    sync(&config);
+    let config = write_config(dir.path(), &cluster.url("postgres", "t"), "pub", "second", &sink, "", "");
+    assert_fails(&config, 1, &["holds the lake of slot \"first\"", "separate sink.url"]);
+}

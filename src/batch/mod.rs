@@ -32,7 +32,7 @@ pub const METADATA_COLUMNS: [&str; 6] = ["_op", "_lsn", "_seq", "_xid", "_commit
 
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
-    #[error("column {schema}.{table}.{column} at lsn {lsn}: {reason}; nothing after this change was written")]
+    #[error("column {schema}.{table}.{column} at lsn {lsn}: {reason}; nothing from this transaction on was written, and it is retried at every start (to skip it on purpose, losing it, advance the slot past it with pg_replication_slot_advance)")]
     Value { schema: String, table: String, column: String, lsn: Lsn, reason: String },
     #[error("table {schema}.{table} has a column named {column}, which walshore reserves for its metadata; rename the column")]
     ReservedColumn { schema: String, table: String, column: String },
