@@ -137,3 +137,133 @@ fn emit(msg: Message, out: &mut Vec<Event>) {
     };
     out.push(Event::Change(change));
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::{BufMut, BytesMut};
+
+    use super::*;
+
+    fn begin(final_lsn: u64, xid: u32) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(b'B');
+        b.put_u64(final_lsn);
+        b.put_i64(0);
+        b.put_u32(xid);
+        b.freeze()
+    }
+    fn commit(lsn: u64, end: u64) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(b'C');
+        b.put_u8(0);
+        b.put_u64(lsn);
+        b.put_u64(end);
+        b.put_i64(0);
+        b.freeze()
+    }
+    fn relation(xid: Option<u32>) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(b'R');
+        if let Some(x) = xid {
+            b.put_u32(x);
+        }
+        b.put_u32(1);
+        b.put_slice(b"public\0t\0");
+        b.put_u8(b'd');
+        b.put_i16(1);
+        b.put_u8(1);
+        b.put_slice(b"id\0");
+        b.put_u32(23);
+        b.put_i32(-1);
+        b.freeze()
+    }
+    fn insert(xid: Option<u32>, v: &[u8]) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(b'I');
+        if let Some(x) = xid {
+            b.put_u32(x);
+        }
+        b.put_u32(1);
+        b.put_u8(b'N');
+        b.put_i16(1);
+        b.put_u8(b't');
+        b.put_i32(v.len() as i32);
+        b.put_slice(v);
+        b.freeze()
+    }
+    fn stream(tag: u8, xid: u32) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(tag);
+        b.put_u32(xid);
+        if tag == b'S' {
+            b.put_u8(1);
+        }
+        b.freeze()
+    }
+
+    fn kinds(events: &[Event]) -> Vec<&'static str> {
+        events
+            .iter()
+            .map(|e| match e {
+                Event::Begin(_) => "begin",
+                Event::Relation(_) => "relation",
+                Event::Change(_) => "change",
+                Event::Commit { .. } => "commit",
+                Event::Idle { .. } => "idle",
+            })
+            .collect()
+    }
+
+    fn assembler(committed: u64) -> (Assembler, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        (Assembler::new(Lsn(committed), StreamBuffer::new(dir.path().to_owned(), 1 << 20, u64::MAX)), dir)
+    }
+
+    #[test]
+    fn a_resent_transaction_below_the_committed_position_is_skipped_but_its_relation_kept() {
+        let (mut a, _dir) = assembler(0x200);
+        let mut out = Vec::new();
+        for m in [begin(0x100, 7), relation(None), insert(None, b"1"), commit(0x100, 0x180)] {
+            a.on_message(m, &mut out).unwrap();
+        }
+        assert_eq!(kinds(&out), ["relation"]);
+        out.clear();
+        for m in [begin(0x300, 8), insert(None, b"2"), commit(0x300, 0x380)] {
+            a.on_message(m, &mut out).unwrap();
+        }
+        assert_eq!(kinds(&out), ["begin", "change", "commit"]);
+        assert!(!a.in_flight());
+    }
+
+    #[test]
+    fn a_streamed_transaction_is_released_only_at_its_stream_commit() {
+        let (mut a, _dir) = assembler(0);
+        let mut out = Vec::new();
+        for m in [stream(b'S', 9), relation(Some(9)), insert(Some(9), b"1"), insert(Some(10), b"2"), Bytes::from_static(b"E")] {
+            assert!(matches!(a.on_message(m, &mut out).unwrap(), Step::Continue));
+        }
+        assert!(out.is_empty() && a.in_flight());
+        // An ordinary transaction commits in between and is not mixed with the stream.
+        for m in [begin(0x100, 11), insert(None, b"3"), commit(0x100, 0x110)] {
+            a.on_message(m, &mut out).unwrap();
+        }
+        assert_eq!(kinds(&out), ["begin", "change", "commit"]);
+        out.clear();
+        let mut sc = BytesMut::new();
+        sc.put_u8(b'c');
+        sc.put_u32(9);
+        sc.put_u8(0);
+        sc.put_u64(0x200);
+        sc.put_u64(0x210);
+        sc.put_i64(0);
+        let Step::Replay { mut messages, end_lsn } = a.on_message(sc.freeze(), &mut out).unwrap() else { panic!("expected a replay") };
+        assert_eq!(end_lsn, Lsn(0x210));
+        while let Some(m) = messages.next_message().unwrap() {
+            a.replay(m, &mut out).unwrap();
+        }
+        assert_eq!(kinds(&out), ["begin", "relation", "change", "change"]);
+        let Event::Begin(info) = &out[0] else { unreachable!() };
+        assert_eq!((info.xid, info.commit_lsn), (9, Lsn(0x200)));
+        assert!(!a.in_flight());
+    }
+}
