@@ -20,6 +20,8 @@ pub const DEFAULT_SPILL_MAX_BYTES: u64 = 64 << 30;
 /// Athena reads row groups in parallel; ~128 Mi rows is far above what a flush holds, so
 /// in practice one flush is one row group per file.
 pub const DEFAULT_ROW_GROUP_ROWS: usize = 1 << 20;
+/// Copy connections: two keep a 2-core database busy without starving its other work.
+pub const DEFAULT_SNAPSHOT_PARALLELISM: usize = 2;
 /// How often the slot hears our committed position even when nothing changes:
 /// well below PostgreSQL's default wal_sender_timeout (60 s).
 pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
@@ -79,6 +81,7 @@ struct RawSink {
 #[serde(deny_unknown_fields)]
 struct RawSnapshot {
     mode: Option<String>,
+    parallelism: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -242,6 +245,8 @@ pub struct Config {
     pub source: SourceConfig,
     pub sink: SinkConfig,
     pub snapshot: SnapshotMode,
+    /// Connections copying tables at once in the initial copy.
+    pub snapshot_parallelism: usize,
 }
 
 /// `64MiB`, `1 GB`, `4096` (bytes).
@@ -418,7 +423,11 @@ impl TryFrom<RawConfig> for Config {
             "glue" => return Err(invalid("catalog.kind", "\"glue\" is not available in this version yet; use \"none\"")),
             other => return Err(invalid("catalog.kind", format!("{other:?} is not one of none, glue"))),
         }
-        Ok(Config { source, sink, snapshot })
+        let snapshot_parallelism = raw.snapshot.parallelism.unwrap_or(DEFAULT_SNAPSHOT_PARALLELISM);
+        if !(1..=64).contains(&snapshot_parallelism) {
+            return Err(invalid("snapshot.parallelism", "must be between 1 and 64"));
+        }
+        Ok(Config { source, sink, snapshot, snapshot_parallelism })
     }
 }
 

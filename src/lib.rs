@@ -29,5 +29,6 @@ pub mod lsn;
 pub mod pipeline;
 pub mod preflight;
 pub mod sink;
+pub mod snapshot;
 pub mod source;
 pub mod status;

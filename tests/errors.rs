@@ -125,20 +125,6 @@ async fn a_slot_dropped_behind_walshores_back_is_a_definite_error_not_a_silent_g
 }
 
 #[tokio::test]
-async fn initial_mode_refuses_a_lake_whose_tables_already_hold_rows() {
-    let cluster = cluster(&[]);
-    let c = db(&cluster).await;
-    c.batch_execute("INSERT INTO a VALUES (1)").await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &cluster.url("postgres", "t"), "pub", "walshore", &SinkKind::File(dir.path().join("lake")), "", "");
-    let text = std::fs::read_to_string(&config).unwrap().replace("mode = \"never\"", "mode = \"initial\"");
-    std::fs::write(&config, text).unwrap();
-    assert_fails(&config, 1, &["public.a already holds rows", "snapshot.mode = \"never\""]);
-    let slots = c.query_one("SELECT count(*) FROM pg_replication_slots", &[]).await.unwrap();
-    assert_eq!(slots.get::<_, i64>(0), 0, "no slot left behind");
-}
-
-#[tokio::test]
 async fn an_unrepresentable_value_stops_with_table_column_and_lsn_and_is_never_nulled() {
     let cluster = cluster(&[]);
     let c = db(&cluster).await;

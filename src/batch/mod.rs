@@ -190,6 +190,8 @@ pub struct Batcher {
     tables: HashMap<u32, TableBuf>,
     sealed: Vec<TableFile>,
     tx: Option<OpenTx>,
+    /// Next `_seq` of snapshot rows, per table.
+    snapshot_seq: HashMap<u32, u64>,
     bytes: usize,
     last_end: Option<Lsn>,
     last_commit_ts: Option<i64>,
@@ -263,6 +265,7 @@ impl Batcher {
                 }
             },
             Change::Delete { rel_id, old, .. } => self.row(rel_id, "D", &old, None, false),
+            Change::Snapshot { rel_id, row } => self.row(rel_id, "R", &row, None, false),
             Change::Truncate { rel_ids } => {
                 for rel_id in rel_ids {
                     self.row(rel_id, "T", &Vec::new(), None, true)?;
@@ -307,7 +310,9 @@ impl Batcher {
                 ),
             });
         }
-        let pos = RowPos { lsn, seq: tx.seq };
+        let snapshot = op == "R";
+        let seq = if snapshot { *self.snapshot_seq.get(&rel_id).unwrap_or(&0) } else { tx.seq };
+        let pos = RowPos { lsn, seq };
         match buf.parts.last_mut() {
             Some(p) if p.partition == tx.partition => p.last = pos,
             _ => buf.parts.push(PartRange {
@@ -354,8 +359,12 @@ impl Batcher {
         }
         buf.op.append_value(op);
         buf.lsn.append_value(lsn.0 as i64);
-        buf.seq.append_value(tx.seq as i64);
-        buf.xid.append_value(i64::from(tx.info.xid));
+        buf.seq.append_value(seq as i64);
+        if snapshot {
+            buf.xid.append_null();
+        } else {
+            buf.xid.append_value(i64::from(tx.info.xid));
+        }
         buf.commit_ts.append_value(tx.info.commit_ts);
         if unchanged {
             for (i, v) in tuple.iter().enumerate() {
@@ -368,7 +377,11 @@ impl Batcher {
             buf.unchanged.append_null();
         }
         buf.rows += 1;
-        tx.seq += 1;
+        if snapshot {
+            self.snapshot_seq.insert(rel_id, seq + 1);
+        } else {
+            tx.seq += 1;
+        }
         self.bytes += bytes;
         Ok(())
     }

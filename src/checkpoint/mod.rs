@@ -142,8 +142,11 @@ impl Checkpoint {
 
     /// Start-up steps (3) and (4): claim the next sequence number, then clear what a
     /// crashed or fenced writer left behind.
-    pub async fn claim_and_recover(&mut self, run_id: &str) -> Result<usize, CheckpointError> {
-        let claim = self.head.next(run_id, self.head.end_lsn, self.head.commit_ts, Vec::new());
+    /// `initialized`: the lake's starting state is established by this claim (a lake
+    /// that replicates without an initial copy).
+    pub async fn claim_and_recover(&mut self, run_id: &str, initialized: bool) -> Result<usize, CheckpointError> {
+        let mut claim = self.head.next(run_id, self.head.end_lsn, self.head.commit_ts, Vec::new());
+        claim.initialized |= initialized;
         self.commit(claim).await?;
         self.recover().await
     }

@@ -40,6 +40,10 @@ pub struct CommitRecord {
     pub files: Vec<WrittenObject>,
     /// Running totals per `schema.table`.
     pub tables: BTreeMap<String, TableStats>,
+    /// The lake has its starting state: the initial copy is committed (or
+    /// `snapshot.mode = "never"`). Until then a start redoes the copy from scratch.
+    #[serde(default)]
+    pub initialized: bool,
 }
 
 /// Files announced for commit `seq` before upload.
@@ -72,6 +76,7 @@ impl CommitRecord {
             written_at: 0,
             files: Vec::new(),
             tables: BTreeMap::new(),
+            initialized: false,
         }
     }
 
@@ -93,6 +98,8 @@ impl CommitRecord {
             end_lsn,
             commit_ts,
             written_at: now_micros(),
+            // Data is only ever committed on top of a starting state.
+            initialized: self.initialized || !files.is_empty(),
             files,
             tables,
         }

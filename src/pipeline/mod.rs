@@ -19,12 +19,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::record::Identity;
-use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::checkpoint::{read_head, Checkpoint, CheckpointError};
 use crate::config::{Config, SnapshotMode};
 use crate::decode::StreamBuffer;
 use crate::lsn::Lsn;
 use crate::sink::{open_store, Sink, SinkError, StoreError};
-use crate::source::{quote_ident, quote_literal, Assembler, Replication, Retry, SourceError};
+use crate::source::{quote_ident, Assembler, Replication, Retry, SourceError};
 
 pub use tasks::Summary;
 
@@ -56,8 +56,8 @@ pub enum PipelineError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
-    #[error("snapshot.mode = \"initial\": published table {0} already holds rows, and copying existing rows is not implemented in this version; set snapshot.mode = \"never\" to replicate only changes from now on")]
-    SnapshotNeeded(String),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("task failed: {0}")]
     Task(String),
 }
@@ -85,6 +85,11 @@ pub async fn run(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resul
         match run_once(cfg, mode, shutdown.clone()).await {
             Ok(s) => {
                 total.absorb(s);
+                return Ok(total);
+            }
+            Err((PipelineError::Snapshot(crate::snapshot::SnapshotError::Interrupted), partial)) => {
+                total.absorb(partial);
+                tracing::info!("initial copy interrupted by shutdown; it starts again at the next start");
                 return Ok(total);
             }
             Err((e, partial)) => {
@@ -134,34 +139,19 @@ fn new_run_id() -> String {
     format!("{}-{}-{:08x}", host.trim(), std::process::id(), rand::random::<u32>())
 }
 
-async fn check_tables_empty(repl: &mut Replication, publication: &str) -> Result<(), PipelineError> {
-    let tables = repl
-        .query(&format!("SELECT schemaname, tablename FROM pg_catalog.pg_publication_tables WHERE pubname = {}", quote_literal(publication)))
-        .await?;
-    for t in tables {
-        let (schema, table) = (t[0].clone().unwrap_or_default(), t[1].clone().unwrap_or_default());
-        let name = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
-        let rows = repl.query(&format!("SELECT EXISTS (SELECT 1 FROM {name})")).await.map_err(|e| match e {
-            SourceError::Server(pe) if pe.code == "42501" => SourceError::Setup(format!(
-                "cannot read published table {schema}.{table}: {pe}; GRANT SELECT ON {name} TO the replication user"
-            )),
-            other => other,
-        })?;
-        if rows.first().and_then(|r| r[0].as_deref()) == Some("t") {
-            return Err(PipelineError::SnapshotNeeded(format!("{schema}.{table}")));
-        }
-    }
-    Ok(())
-}
-
 async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Result<Summary, (PipelineError, Summary)> {
     let fail = |e: PipelineError| (e, Summary::default());
     let store = open_store(&cfg.sink).map_err(|e| fail(e.into()))?;
-    let (mut repl, slot, system) = Replication::open(&cfg.source).await.map_err(|e| fail(e.into()))?;
+    // A lake without its starting state (new, or an initial copy that never finished)
+    // takes its copy and its slot from one consistent point.
+    let head = read_head(store.as_ref()).await.map_err(|e| fail(e.into()))?;
+    let initialized = head.as_ref().is_some_and(|h| h.initialized);
+    let export = !initialized && cfg.snapshot == SnapshotMode::Initial;
+    let (mut repl, slot, system) = Replication::open(&cfg.source, export).await.map_err(|e| fail(e.into()))?;
     let identity = Identity { system_id: system.system_id.clone(), slot: cfg.source.slot.clone(), publication: cfg.source.publication.clone() };
     let prepared = async {
         let checkpoint = Checkpoint::load(store.clone(), &identity).await?;
-        if slot.created && checkpoint.head().seq > 0 {
+        if slot.created && checkpoint.head().initialized {
             // The lake continues a slot that no longer exists: what was committed while
             // it was gone is not in the new slot, and claiming continuity would be a lie.
             return Err(SourceError::Setup(format!(
@@ -169,9 +159,6 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
                 cfg.source.slot, cfg.sink.url, checkpoint.head().seq, checkpoint.head().end_lsn
             ))
             .into());
-        }
-        if checkpoint.head().seq == 0 && cfg.snapshot == SnapshotMode::Initial {
-            check_tables_empty(&mut repl, &cfg.source.publication).await?;
         }
         Ok::<_, PipelineError>(checkpoint)
     }
@@ -188,10 +175,45 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
             return Err(fail(e));
         }
     };
-    let start = checkpoint.position();
-    repl.start(&cfg.source, start).await.map_err(|e| fail(e.into()))?;
     let run_id = new_run_id();
-    let deleted = checkpoint.claim_and_recover(&run_id).await.map_err(|e| fail(e.into()))?;
+    let sink = Arc::new(Sink::new(store, &cfg.sink));
+    let mut total = Summary::default();
+    let mut copied_now = false;
+
+    if let (Some(name), true) = (slot.snapshot.clone(), export) {
+        // The replication connection stays idle here: it holds the exported snapshot.
+        checkpoint.claim_and_recover(&run_id, false).await.map_err(|e| fail(e.into()))?;
+        let exported = crate::snapshot::Exported {
+            name,
+            consistent_point: slot.confirmed_flush,
+            taken_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0),
+        };
+        tracing::info!(consistent_point = %exported.consistent_point, "initial copy started");
+        let (event_tx, event_rx) = mpsc::channel(EVENT_CHANNEL_CHUNKS);
+        let (sink_tx, sink_rx) = mpsc::channel(1);
+        let (confirm_tx, _confirm_rx) = watch::channel(Lsn::ZERO);
+        let batch = tokio::spawn(tasks::batch_task(event_rx, sink_tx, cfg.sink.flush_interval, cfg.sink.max_buffer_bytes));
+        let sinker = tokio::spawn(tasks::sink_task(sink.clone(), checkpoint, run_id.clone(), sink_rx, confirm_tx));
+        let copied = crate::snapshot::copy(&cfg.source, &exported, cfg.snapshot_parallelism, event_tx, shutdown.clone()).await;
+        let b = batch.await.unwrap_or_else(|e| Err(PipelineError::Task(e.to_string())));
+        let (summary, back, k) = sinker.await.map_err(|e| fail(PipelineError::Task(e.to_string())))?;
+        total.absorb(summary);
+        checkpoint = back;
+        for r in [k, b, copied.map(|_| ()).map_err(PipelineError::from)] {
+            if let Err(e) = r {
+                return Err((e, total));
+            }
+        }
+        tracing::info!(committed_seq = checkpoint.head().seq, "initial copy committed");
+        copied_now = true;
+    }
+
+    let start = checkpoint.position();
+    repl.start(&cfg.source, start).await.map_err(|e| (e.into(), total.clone()))?;
+    // The starting state is established once the copy is committed (even an empty
+    // one: the stream continues from its consistent point), or without a copy.
+    let mark_initialized = copied_now || cfg.snapshot == SnapshotMode::Never;
+    let deleted = checkpoint.claim_and_recover(&run_id, mark_initialized).await.map_err(|e| (e.into(), total.clone()))?;
     tracing::info!(
         slot = %cfg.source.slot,
         publication = %cfg.source.publication,
@@ -205,7 +227,6 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
     let target = (mode == Mode::Sync).then_some(system.xlogpos);
     let buffer = StreamBuffer::new(cfg.source.spill_dir.clone(), cfg.source.stream_memory_bytes, cfg.source.spill_max_bytes);
     let assembler = Assembler::new(start, buffer);
-    let sink = Arc::new(Sink::new(store, &cfg.sink));
 
     let (event_tx, event_rx) = mpsc::channel(EVENT_CHANNEL_CHUNKS);
     let (sink_tx, sink_rx) = mpsc::channel(1);
@@ -225,15 +246,18 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
 
     let (s, b, k) = tokio::join!(source, batch, sinker);
     let join = |r: Result<Result<(), PipelineError>, tokio::task::JoinError>| r.unwrap_or_else(|e| Err(PipelineError::Task(e.to_string())));
-    let (summary, sink_result) = match k {
-        Ok((summary, r)) => (summary, r),
-        Err(e) => (Summary::default(), Err(PipelineError::Task(e.to_string()))),
+    let sink_result = match k {
+        Ok((summary, _, r)) => {
+            total.absorb(summary);
+            r
+        }
+        Err(e) => Err(PipelineError::Task(e.to_string())),
     };
     // The first real error wins; a stage that stopped because its neighbour did is Ok.
     for r in [sink_result, join(b), join(s)] {
         if let Err(e) = r {
-            return Err((e, summary));
+            return Err((e, total));
         }
     }
-    Ok(summary)
+    Ok(total)
 }

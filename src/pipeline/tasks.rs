@@ -241,7 +241,7 @@ pub(super) async fn sink_task(
     run_id: String,
     mut input: mpsc::Receiver<SinkMsg>,
     confirm: watch::Sender<Lsn>,
-) -> (Summary, Result<(), PipelineError>) {
+) -> (Summary, Checkpoint, Result<(), PipelineError>) {
     let mut summary = Summary::default();
     let mut uncommitted: Vec<WrittenObject> = Vec::new();
     let result = async {
@@ -296,5 +296,5 @@ pub(super) async fn sink_task(
         Ok(())
     }
     .await;
-    (summary, result)
+    (summary, checkpoint, result)
 }

@@ -24,6 +24,9 @@ pub enum XLog {
 pub struct SlotState {
     pub confirmed_flush: Lsn,
     pub created: bool,
+    /// The snapshot exported at creation (`EXPORT_SNAPSHOT`): valid only while this
+    /// replication connection stays idle.
+    pub snapshot: Option<String>,
 }
 
 /// IDENTIFY_SYSTEM's answer.
@@ -58,7 +61,11 @@ fn one_value(rows: &[Vec<Option<String>>]) -> Option<&str> {
 impl Replication {
     /// Connects, checks `wal_level` and the publication, and creates the slot if it is
     /// missing (idempotent: a concurrent creation is taken as success).
-    pub async fn open(cfg: &SourceConfig) -> Result<(Replication, SlotState, SystemInfo), SourceError> {
+    /// Connects, checks `wal_level` and the publication, and creates the slot if it is
+    /// missing (idempotent: a concurrent creation is taken as success). With
+    /// `export_snapshot` the slot is (re)created with an exported snapshot for the
+    /// initial copy, and the connection must stay idle until the copy has imported it.
+    pub async fn open(cfg: &SourceConfig, export_snapshot: bool) -> Result<(Replication, SlotState, SystemInfo), SourceError> {
         let mut conn = Conn::connect(&cfg.conn).await?;
         let wal_level = conn.simple_query("SHOW wal_level").await?;
         if one_value(&wal_level) != Some("logical") {
@@ -78,16 +85,16 @@ impl Replication {
                 cfg.publication, cfg.conn.dbname, quote_ident(&cfg.publication)
             )));
         }
-        let slot = Self::ensure_slot(&mut conn, cfg).await?;
+        // Before the slot: a command after CREATE_REPLICATION_SLOT ... EXPORT_SNAPSHOT
+        // would end the exported snapshot.
         let rows = conn.simple_query("IDENTIFY_SYSTEM").await?;
         let row = rows.first().ok_or_else(|| SourceError::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
         let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
-        let system = SystemInfo {
+        let mut system = SystemInfo {
             system_id: field(0),
             timeline: field(1).parse().unwrap_or(0),
             xlogpos: field(2).parse().map_err(|_| SourceError::Protocol(format!("IDENTIFY_SYSTEM xlogpos {:?}", field(2))))?,
         };
-        let mut system = system;
         // IDENTIFY_SYSTEM reports the flush position; asynchronously committed
         // transactions may sit beyond it. `sync` promises everything committed, so its
         // target is the insert position (the walsender streams it once flushed).
@@ -95,6 +102,7 @@ impl Replication {
         if let Some(lsn) = one_value(&insert).and_then(|s| s.parse().ok()) {
             system.xlogpos = system.xlogpos.max(lsn);
         }
+        let slot = Self::ensure_slot(&mut conn, cfg, export_snapshot).await?;
         let server_version = conn.server_version;
         let backend_pid = conn.backend_pid;
         Ok((Replication { conn, server_version, backend_pid, confirmed: slot.confirmed_flush }, slot, system))
@@ -114,7 +122,7 @@ impl Replication {
         ))
     }
 
-    async fn ensure_slot(conn: &mut Conn, cfg: &SourceConfig) -> Result<SlotState, SourceError> {
+    async fn ensure_slot(conn: &mut Conn, cfg: &SourceConfig, export_snapshot: bool) -> Result<SlotState, SourceError> {
         let query = format!(
             "SELECT plugin, database, confirmed_flush_lsn, active_pid FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
             quote_literal(&cfg.slot)
@@ -132,19 +140,30 @@ impl Replication {
             if let Some(pid) = row[3].as_deref() {
                 return Err(SourceError::SlotInUse { slot: cfg.slot.clone(), holder: format!("PostgreSQL backend pid {pid}") });
             }
-            let confirmed = row[2].as_deref().and_then(|s| s.parse().ok()).unwrap_or(Lsn::ZERO);
-            return Ok(SlotState { confirmed_flush: confirmed, created: false });
+            if !export_snapshot {
+                let confirmed = row[2].as_deref().and_then(|s| s.parse().ok()).unwrap_or(Lsn::ZERO);
+                return Ok(SlotState { confirmed_flush: confirmed, created: false, snapshot: None });
+            }
+            // The lake has no starting state yet (an initial copy never finished): its
+            // copy and the slot must share one consistent point, so start both afresh.
+            tracing::info!(slot = %cfg.slot, "recreating the slot for a new initial snapshot");
+            conn.simple_query(&format!("DROP_REPLICATION_SLOT {}", quote_ident(&cfg.slot))).await?;
         }
-        let create = format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT", quote_ident(&cfg.slot));
+        let create = format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {}",
+            quote_ident(&cfg.slot),
+            if export_snapshot { "EXPORT_SNAPSHOT" } else { "NOEXPORT_SNAPSHOT" }
+        );
         match conn.simple_query(&create).await {
             Ok(rows) => {
                 let consistent = rows.first().and_then(|r| r.get(1)).and_then(|v| v.as_deref()).and_then(|s| s.parse().ok());
+                let snapshot = rows.first().and_then(|r| r.get(2)).cloned().flatten();
                 tracing::info!(slot = %cfg.slot, consistent_point = ?consistent.map(|l: Lsn| l.to_string()), "created replication slot");
-                Ok(SlotState { confirmed_flush: consistent.unwrap_or(Lsn::ZERO), created: true })
+                Ok(SlotState { confirmed_flush: consistent.unwrap_or(Lsn::ZERO), created: true, snapshot: snapshot.filter(|_| export_snapshot) })
             }
             // Someone created it between our look and our create: same outcome.
-            Err(SourceError::Server(PgError { code, .. })) if code == "42710" => {
-                Box::pin(Self::ensure_slot(conn, cfg)).await
+            Err(SourceError::Server(PgError { code, .. })) if code == "42710" && !export_snapshot => {
+                Box::pin(Self::ensure_slot(conn, cfg, false)).await
             }
             Err(SourceError::Server(e)) if e.code == "42501" => Err(SourceError::Setup(format!(
                 "user {:?} may not create replication slots: {e}; GRANT it the REPLICATION attribute (ALTER ROLE {} REPLICATION; on RDS: GRANT rds_replication TO {})",
