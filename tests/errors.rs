@@ -116,6 +116,11 @@ async fn a_slot_dropped_behind_walshores_back_is_a_definite_error_not_a_silent_g
     sync(&config);
     c.batch_execute("INSERT INTO a VALUES (1)").await.unwrap();
     sync(&config);
+    // The walsender of the last sync may take a moment to exit and release the slot.
+    wait_until(std::time::Duration::from_secs(30), "the slot to be released", || async {
+        !c.query_one("SELECT active FROM pg_replication_slots", &[]).await.unwrap().get::<_, bool>(0)
+    })
+    .await;
     c.batch_execute("SELECT pg_drop_replication_slot('walshore'); INSERT INTO a VALUES (2)").await.unwrap();
     let files_before = lake_files(&lake.join("public"));
     assert_fails(&config, 1, &["was missing and has just been created", "initial snapshot"]);

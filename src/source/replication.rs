@@ -127,7 +127,16 @@ impl Replication {
             "SELECT plugin, database, confirmed_flush_lsn, active_pid FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
             quote_literal(&cfg.slot)
         );
-        let rows = conn.simple_query(&query).await?;
+        let mut rows = conn.simple_query(&query).await?;
+        // A walsender whose client just died (a restart after a crash) releases the slot
+        // when it notices the closed socket: give it a moment before calling it taken.
+        for _ in 0..10 {
+            if rows.first().is_none_or(|r| r[3].is_none()) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            rows = conn.simple_query(&query).await?;
+        }
         if let Some(row) = rows.first() {
             let plugin = row[0].as_deref().unwrap_or("");
             let database = row[1].as_deref().unwrap_or("");
