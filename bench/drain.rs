@@ -94,6 +94,14 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let walshore = env!("CARGO_BIN_EXE_walshore");
     println!("walshore drain benchmark: {runs} runs per tool, scale {scale}");
+    let only_snapshot = args.iter().any(|a| a == "--snapshot-only");
+    if !only_snapshot {
+        drain_benches(&rt, walshore, runs, scale);
+    }
+    snapshot_bench(&rt, walshore, runs, (1_000_000.0 * scale) as u64);
+}
+
+fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scale: f64) {
     for w in workloads(scale) {
         let cluster = TempCluster::start(ClusterOptions::default()).expect("start PostgreSQL");
         let recvlogical = cluster.bin().join("pg_recvlogical");
@@ -134,6 +142,56 @@ fn main() {
         println!("  median: pg_recvlogical {:.0} changes/s, walshore {:.0} changes/s", w.changes as f64 / r, w.changes as f64 / s);
         println!("  RATIO walshore/pg_recvlogical = {:.2} (target >= 0.80); walshore peak RSS {peak:.0} MiB (target <= 256)", r / s);
     }
+}
+
+/// The initial copy of `rows` trade rows: walshore `sync` on a new lake against
+/// `COPY trades TO STDOUT (FORMAT binary)` into /dev/null, same table, same run.
+fn snapshot_bench(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, rows: u64) {
+    let cluster = TempCluster::start(ClusterOptions::default()).expect("start PostgreSQL");
+    let client = rt.block_on(cluster.connect("postgres")).unwrap();
+    rt.block_on(client.batch_execute(SCHEMA)).unwrap();
+    rt.block_on(client.batch_execute(&format!(
+        "INSERT INTO trades (id, symbol, side, quantity, price, trader, traded_at)
+         SELECT i, (ARRAY['AAPL','MSFT','NVDA','TSLA','AMZN'])[1 + i % 5], CASE WHEN i % 2 = 0 THEN 'B' ELSE 'S' END,
+                100 + i % 900, round((100 + (i * 7919 % 10000) / 100.0)::numeric, 6), 'trader' || (i % 17),
+                timestamptz '2026-11-20 09:30:00+00' + i * interval '1 millisecond'
+         FROM generate_series(1::bigint, {rows}) AS i"
+    )))
+    .unwrap();
+    rt.block_on(client.batch_execute("VACUUM ANALYZE trades")).unwrap();
+    let size: i64 = rt.block_on(client.query_one("SELECT pg_table_size('trades')", &[])).unwrap().get(0);
+    println!("\n== initial copy : {rows} trade rows, {:.0} MiB table", size as f64 / 1048576.0);
+    let psql = cluster.bin().join("psql");
+    let psql = if psql.exists() { psql } else { "psql".into() };
+    let dir = tempfile::tempdir().unwrap();
+    let (mut copy_t, mut ws_t, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        let (secs, _) = timed(Command::new(&psql).args([
+            "-h", "127.0.0.1", "-p", &cluster.port.to_string(), "-U", "postgres", "-d", "postgres", "-X", "-q",
+            "-c", "COPY trades TO STDOUT (FORMAT binary)",
+        ]));
+        copy_t.push(secs);
+        println!("  COPY binary    run {i}: {secs:.2}s  {:.0} rows/s", rows as f64 / secs);
+        let path = dir.path().join(format!("snap-{i}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[source]\nurl = \"{}\"\npublication = \"bench\"\nslot = \"snap_{i}\"\n[sink]\nurl = \"file://{}/snap-lake-{i}\"\n[snapshot]\nmode = \"initial\"\nparallelism = 2\n",
+                cluster.url("postgres", "postgres"),
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let (secs, maxrss) = timed(Command::new(walshore).args(["sync", "--config", path.to_str().unwrap()]).env("WALSHORE_LOG", "warn"));
+        ws_t.push(secs);
+        rss.push(maxrss as f64 / 1024.0);
+        println!("  walshore sync  run {i}: {secs:.2}s  {:.0} rows/s  peak RSS {:.0} MiB", rows as f64 / secs, maxrss as f64 / 1024.0);
+        rt.block_on(client.batch_execute(&format!("SELECT pg_drop_replication_slot('snap_{i}')"))).unwrap();
+    }
+    let (c, s) = (median(&mut copy_t), median(&mut ws_t));
+    let peak = rss.iter().cloned().fold(0.0, f64::max);
+    println!("  median: COPY binary {:.0} rows/s, walshore {:.0} rows/s", rows as f64 / c, rows as f64 / s);
+    println!("  RATIO walshore/COPY = {:.2} (target >= 0.80); walshore peak RSS {peak:.0} MiB (target <= 256)", c / s);
 }
 
 fn write_config(dir: &Path, cluster: &TempCluster, i: usize) -> std::path::PathBuf {

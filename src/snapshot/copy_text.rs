@@ -17,12 +17,25 @@ impl Parser {
         Parser { columns, pending: BytesMut::new() }
     }
 
-    /// Feeds a chunk; calls `row` for every complete row.
+    /// Feeds a chunk; calls `row` for every complete row. Field values are slices of
+    /// the chunk (no copy) unless they hold escapes.
     pub(crate) fn push(&mut self, data: Bytes, mut row: impl FnMut(Tuple)) -> Result<(), String> {
-        self.pending.extend_from_slice(&data);
-        while let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
-            let line = self.pending.split_to(end + 1).freeze();
-            row(self.parse_line(&line[..end])?);
+        let Some(last_nl) = data.iter().rposition(|&b| b == b'\n') else {
+            self.pending.extend_from_slice(&data);
+            return Ok(());
+        };
+        let complete = if self.pending.is_empty() {
+            data.slice(..=last_nl)
+        } else {
+            self.pending.extend_from_slice(&data[..=last_nl]);
+            std::mem::take(&mut self.pending).freeze()
+        };
+        self.pending.extend_from_slice(&data[last_nl + 1..]);
+        let mut start = 0;
+        while start < complete.len() {
+            let end = start + complete[start..].iter().position(|&b| b == b'\n').expect("complete rows end with a newline");
+            row(self.parse_line(&complete, start, end)?);
+            start = end + 1;
         }
         Ok(())
     }
@@ -31,19 +44,26 @@ impl Parser {
         if self.pending.is_empty() { Ok(()) } else { Err("data after the last row".into()) }
     }
 
-    fn parse_line(&self, line: &[u8]) -> Result<Tuple, String> {
+    fn parse_line(&self, buf: &Bytes, start: usize, end: usize) -> Result<Tuple, String> {
         let mut out = Vec::with_capacity(self.columns);
         if self.columns == 0 {
-            return if line.is_empty() { Ok(out) } else { Err("a row for a table without columns has data".into()) };
+            return if start == end { Ok(out) } else { Err("a row for a table without columns has data".into()) };
         }
-        for field in line.split(|&b| b == b'\t') {
+        let mut field_start = start;
+        loop {
+            let field_end = buf[field_start..end].iter().position(|&b| b == b'\t').map_or(end, |p| field_start + p);
+            let field = &buf[field_start..field_end];
             out.push(if field == b"\\N" {
                 TupleValue::Null
             } else if !field.contains(&b'\\') {
-                TupleValue::Text(Bytes::copy_from_slice(field))
+                TupleValue::Text(buf.slice(field_start..field_end))
             } else {
                 TupleValue::Text(unescape(field)?.into())
             });
+            if field_end == end {
+                break;
+            }
+            field_start = field_end + 1;
         }
         if out.len() != self.columns {
             return Err(format!("row has {} columns, expected {}", out.len(), self.columns));
