@@ -25,8 +25,9 @@ pub enum Change {
     Update { rel_id: u32, old: Option<Tuple>, old_is_full_row: bool, new: Tuple },
     Delete { rel_id: u32, old: Tuple, old_is_full_row: bool },
     Truncate { rel_ids: Vec<u32> },
-    /// A row of the initial copy (`_op = 'R'`): `_seq` counts per table, `_xid` is null.
-    Snapshot { rel_id: u32, row: Tuple },
+    /// Rows of the initial copy (`_op = 'R'`) as whole lines of COPY's text format:
+    /// `_seq` counts per table, `_xid` is null.
+    SnapshotRows { rel_id: u32, lines: bytes::Bytes },
 }
 
 /// The source's output, in WAL commit order. Transactions arrive whole and never

@@ -12,7 +12,7 @@ use serde::Deserialize;
 pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 /// Row data buffered before a flush is forced: with encoding and upload overlapping,
 /// about three times this is resident, well under the 256 MiB budget.
-pub const DEFAULT_MAX_BUFFER_BYTES: u64 = 48 << 20;
+pub const DEFAULT_MAX_BUFFER_BYTES: u64 = 32 << 20;
 /// Streamed in-progress transactions held in memory before spilling to disk.
 pub const DEFAULT_STREAM_MEMORY_BYTES: u64 = 32 << 20;
 /// Disk a spill may take before walshore stops with a clear error.

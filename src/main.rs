@@ -8,11 +8,6 @@ use tokio_util::sync::CancellationToken;
 use walshore::config::{Config, ConfigError};
 use walshore::pipeline::{self, ErrorChain, Mode};
 
-// The stages allocate on one thread and free on another at a high rate (rows cross
-// channels); glibc's arena locks made that the main cost of the initial copy.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(name = "walshore", version, about = "Replicate a PostgreSQL publication into partitioned Parquet on S3, continuously and exactly once.")]
 struct Cli {

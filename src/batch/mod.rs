@@ -14,6 +14,7 @@
 //! did not send (unchanged TOAST) is taken from the old row when PostgreSQL sent it,
 //! otherwise it is null and named in `_unchanged`.
 
+pub mod copy_text;
 mod value;
 
 use std::collections::HashMap;
@@ -137,6 +138,23 @@ impl TableBuf {
             rows: 0,
             parts: Vec::new(),
         }
+    }
+
+    fn extend_part(&mut self, partition: &str, pos: RowPos) {
+        match self.parts.last_mut() {
+            Some(p) if p.partition == partition => p.last = pos,
+            _ => self.parts.push(PartRange { partition: partition.to_owned(), start_row: self.rows, first: pos, last: pos }),
+        }
+    }
+
+    /// `_op`, `_lsn`, `_seq`, `_xid` and `_commit_ts` of one row (`_unchanged` is the
+    /// caller's).
+    fn append_meta(&mut self, op: &str, pos: RowPos, xid: Option<u32>, commit_ts: i64) {
+        self.op.append_value(op);
+        self.lsn.append_value(pos.lsn.0 as i64);
+        self.seq.append_value(pos.seq as i64);
+        self.xid.append_option(xid.map(i64::from));
+        self.commit_ts.append_value(commit_ts);
     }
 
     fn finish(&mut self, out: &mut Vec<TableFile>) {
@@ -265,7 +283,7 @@ impl Batcher {
                 }
             },
             Change::Delete { rel_id, old, .. } => self.row(rel_id, "D", &old, None, false),
-            Change::Snapshot { rel_id, row } => self.row(rel_id, "R", &row, None, false),
+            Change::SnapshotRows { rel_id, lines } => self.snapshot_rows(rel_id, &lines),
             Change::Truncate { rel_ids } => {
                 for rel_id in rel_ids {
                     self.row(rel_id, "T", &Vec::new(), None, true)?;
@@ -297,7 +315,7 @@ impl Batcher {
             });
         };
         let buf = self.tables.entry(rel_id).or_insert_with(|| TableBuf::new(layout.clone()));
-        let layout = &buf.layout;
+        let layout = buf.layout.clone();
         let ncols = layout.kinds.len();
         if !all_null && tuple.len() != ncols {
             return Err(BatchError::Protocol {
@@ -310,18 +328,8 @@ impl Batcher {
                 ),
             });
         }
-        let snapshot = op == "R";
-        let seq = if snapshot { *self.snapshot_seq.get(&rel_id).unwrap_or(&0) } else { tx.seq };
-        let pos = RowPos { lsn, seq };
-        match buf.parts.last_mut() {
-            Some(p) if p.partition == tx.partition => p.last = pos,
-            _ => buf.parts.push(PartRange {
-                partition: tx.partition.clone(),
-                start_row: buf.rows,
-                first: pos,
-                last: pos,
-            }),
-        }
+        let pos = RowPos { lsn, seq: tx.seq };
+        buf.extend_part(&tx.partition, pos);
         // Values first: a value error must leave no half-appended row behind, so the
         // builders are checked before the metadata columns are appended.
         let mut bytes = 48;
@@ -357,15 +365,7 @@ impl Batcher {
                 });
             }
         }
-        buf.op.append_value(op);
-        buf.lsn.append_value(lsn.0 as i64);
-        buf.seq.append_value(seq as i64);
-        if snapshot {
-            buf.xid.append_null();
-        } else {
-            buf.xid.append_value(i64::from(tx.info.xid));
-        }
-        buf.commit_ts.append_value(tx.info.commit_ts);
+        buf.append_meta(op, pos, Some(tx.info.xid), tx.info.commit_ts);
         if unchanged {
             for (i, v) in tuple.iter().enumerate() {
                 if matches!(v, TupleValue::Unchanged) {
@@ -377,12 +377,62 @@ impl Batcher {
             buf.unchanged.append_null();
         }
         buf.rows += 1;
-        if snapshot {
-            self.snapshot_seq.insert(rel_id, seq + 1);
-        } else {
-            tx.seq += 1;
-        }
+        tx.seq += 1;
         self.bytes += bytes;
+        Ok(())
+    }
+
+    /// Rows of the initial copy: whole COPY text lines, parsed straight into the
+    /// builders (no per-row allocation).
+    fn snapshot_rows(&mut self, rel_id: u32, lines: &[u8]) -> Result<(), BatchError> {
+        let tx = self.tx.as_mut().ok_or(BatchError::Protocol { lsn: Lsn::ZERO, what: "snapshot rows outside the snapshot transaction".into() })?;
+        let lsn = tx.info.commit_lsn;
+        let Some(layout) = self.layouts.get(&rel_id) else {
+            return Err(BatchError::Protocol { lsn, what: format!("snapshot rows for relation {rel_id} before its Relation") });
+        };
+        let buf = self.tables.entry(rel_id).or_insert_with(|| TableBuf::new(layout.clone()));
+        let seq = self.snapshot_seq.entry(rel_id).or_insert(0);
+        let relation = buf.layout.relation.clone();
+        let ncols = relation.columns.len();
+        let value_err = |column: &str, reason: String| BatchError::Value {
+            schema: relation.namespace.clone(),
+            table: relation.name.clone(),
+            column: column.to_owned(),
+            lsn,
+            reason,
+        };
+        let mut scratch = Vec::new();
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let body = lines.strip_suffix(b"\n").ok_or_else(|| value_err("(copy row)", "COPY block does not end with a row".into()))?;
+        // Every line is a row, an empty one too (a table without columns).
+        for line in body.split(|&b| b == b'\n') {
+            if ncols > 0 {
+                let columns = &mut buf.columns;
+                let n = copy_text::for_each_field(line, &mut scratch, |i, v| {
+                    let Some(builder) = columns.get_mut(i) else { return Err(format!("COPY row has more than {ncols} columns")) };
+                    match v {
+                        None => {
+                            builder.append_null();
+                            Ok(())
+                        }
+                        Some(raw) => builder.append_text(raw).map_err(|e| e.0),
+                    }
+                })
+                .map_err(|reason| value_err("(copy row)", reason))?;
+                if n != ncols {
+                    return Err(value_err("(copy row)", format!("COPY row has {n} columns, expected {ncols}")));
+                }
+            }
+            let pos = RowPos { lsn, seq: *seq };
+            buf.extend_part(&tx.partition, pos);
+            buf.append_meta("R", pos, None, tx.info.commit_ts);
+            buf.unchanged.append_null();
+            buf.rows += 1;
+            *seq += 1;
+            self.bytes += line.len() + 48 + 8 * ncols;
+        }
         Ok(())
     }
 

@@ -14,8 +14,6 @@
 //! only after the last row, so a crash part-way leaves only uncommitted files, which the
 //! next start deletes before it copies again (resuming finished chunks is future work).
 
-mod copy_text;
-
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,14 +21,12 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::batch::copy_text::LineCutter;
 use crate::change::{Change, Event, TxInfo};
 use crate::config::SourceConfig;
 use crate::decode::{Column, Relation, ReplicaIdentity};
 use crate::lsn::Lsn;
 use crate::source::{quote_ident, quote_literal, sql};
-
-/// Rows per chunk handed to the batcher.
-const ROWS_PER_CHUNK: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -197,26 +193,20 @@ async fn copy_table(
     })?;
     let started = Instant::now();
     let mut stream = std::pin::pin!(stream.map_err(|source| SnapshotError::Sql { what: format!("COPY {name}"), source }));
-    let mut parser = copy_text::Parser::new(table.relation.columns.len());
-    let mut chunk = Vec::with_capacity(ROWS_PER_CHUNK);
+    let mut cutter = LineCutter::default();
     let (mut rows, mut bytes) = (0u64, 0u64);
     let mut last_log = Instant::now();
     while let Some(data) = stream.next().await {
+        let data = data?;
+        bytes += data.len() as u64;
+        // PostgreSQL sends one message per row.
+        rows += 1;
+        let Some(lines) = cutter.push(&data) else { continue };
         if shutdown.is_cancelled() {
             return Err(SnapshotError::Interrupted);
         }
-        let data = data?;
-        bytes += data.len() as u64;
-        parser
-            .push(data, |row| {
-                chunk.push(Event::Change(Change::Snapshot { rel_id: table.relation.id, row }));
-            })
-            .map_err(|what| SnapshotError::Format { table: name.clone(), what })?;
-        if chunk.len() >= ROWS_PER_CHUNK {
-            rows += chunk.len() as u64;
-            if events.send(std::mem::replace(&mut chunk, Vec::with_capacity(ROWS_PER_CHUNK))).await.is_err() {
-                return Ok(rows);
-            }
+        if events.send(vec![Event::Change(Change::SnapshotRows { rel_id: table.relation.id, lines })]).await.is_err() {
+            return Ok(rows);
         }
         if last_log.elapsed().as_secs() >= 10 {
             last_log = Instant::now();
@@ -224,9 +214,8 @@ async fn copy_table(
             tracing::info!(table = %name, rows, bytes, rows_per_sec = (rows as f64 / secs) as u64, "copying");
         }
     }
-    parser.finish().map_err(|what| SnapshotError::Format { table: name.clone(), what })?;
-    rows += chunk.len() as u64;
-    if !chunk.is_empty() && events.send(chunk).await.is_err() {
+    let lines = cutter.finish().map_err(|what| SnapshotError::Format { table: name.clone(), what })?;
+    if !lines.is_empty() && events.send(vec![Event::Change(Change::SnapshotRows { rel_id: table.relation.id, lines })]).await.is_err() {
         return Ok(rows);
     }
     tracing::info!(table = %name, rows, bytes, secs = started.elapsed().as_secs_f64(), "copied table");
