@@ -25,9 +25,9 @@ pub enum Change {
     Update { rel_id: u32, old: Option<Tuple>, old_is_full_row: bool, new: Tuple },
     Delete { rel_id: u32, old: Tuple, old_is_full_row: bool },
     Truncate { rel_ids: Vec<u32> },
-    /// Rows of the initial copy (`_op = 'R'`) as whole lines of COPY's text format:
-    /// `_seq` counts per table, `_xid` is null.
-    SnapshotRows { rel_id: u32, lines: bytes::Bytes },
+    /// Rows of the initial copy (`_op = 'R'`) in COPY's binary format, whole rows
+    /// without header or trailer: `_seq` counts per table, `_xid` is null.
+    SnapshotBinaryRows { rel_id: u32, rows: bytes::Bytes },
 }
 
 /// The source's output, in WAL commit order. Transactions arrive whole and never

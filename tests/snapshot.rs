@@ -16,7 +16,11 @@ CREATE TABLE empty_one (id int PRIMARY KEY, note text);
 CREATE TABLE only_key (id int PRIMARY KEY);
 CREATE TABLE nokey (a int, b text);
 ALTER TABLE nokey REPLICA IDENTITY FULL;
-CREATE PUBLICATION pub FOR TABLE trades, prices, empty_one, only_key, nokey;";
+CREATE TABLE misc (id int PRIMARY KEY, b bytea, tags text[], u uuid, j jsonb, f float8, flag bool, d date,
+    t timestamp, n numeric, c char(3), s smallint, note varchar(20));
+CREATE PUBLICATION pub FOR TABLE trades, prices, empty_one, only_key, nokey, misc;";
+const MISC: &str = "SELECT id::text, b::text, tags::text, u::text, j::text, f::text, flag::text, (d - date '1970-01-01')::text,
+    (extract(epoch FROM t) * 1000000)::bigint::text, n::text, c, s::text, note FROM misc";
 
 const TRADES: &str = "SELECT id::text, symbol, qty::text, price::text, (extract(epoch FROM ts) * 1000000)::bigint::text FROM trades";
 const PRICES: &str = "SELECT symbol, (extract(epoch FROM ts) * 1000000)::bigint::text, bid::text FROM prices";
@@ -26,7 +30,12 @@ fn seed(n: i64) -> String {
         "INSERT INTO trades SELECT i, 'S' || (i % 50), (i % 1000)::int, (i * 0.25)::numeric(12,2), timestamptz '2026-01-01' + i * interval '1 second' FROM generate_series(1, {n}) i;
          INSERT INTO prices SELECT 'S' || (i % 50), timestamptz '2026-01-01' + i * interval '1 second', i / 1000.0 FROM generate_series(1, {n} / 2) i;
          INSERT INTO only_key SELECT generate_series(1, 1000);
-         INSERT INTO nokey SELECT i % 10, 'x' || (i % 3) FROM generate_series(1, 500) i;"
+         INSERT INTO nokey SELECT i % 10, 'x' || (i % 3) FROM generate_series(1, 500) i;
+         INSERT INTO misc SELECT i, decode(lpad(to_hex(i), 6, '0'), 'hex'), ARRAY['a' || i, NULL, 'b'],
+             md5(i::text)::uuid, jsonb_build_object('k', i, 'v', 'line\nbreak'), i / 8.0, i % 2 = 0, date '1999-12-30' + i,
+             timestamp '1969-12-31 23:00:00.25' + i * interval '1 hour', (i * 1.5)::numeric / 7, 'ab', (i % 300)::smallint, 'n\\x' || i || E'\\t'
+           FROM generate_series(1, 300) i;
+         INSERT INTO misc (id) VALUES (0);"
     )
 }
 
@@ -50,6 +59,7 @@ async fn assert_all_tables_equal(c: &tokio_postgres::Client, config: &std::path:
         ("only_key", Some(&["id"][..]), "SELECT id::text FROM only_key"),
         ("nokey", None, "SELECT a::text, b FROM nokey"),
         ("empty_one", Some(&["id"][..]), "SELECT id::text, note FROM empty_one"),
+        ("misc", Some(&["id"][..]), MISC),
     ] {
         let lake = read_table(&store, "public", table).await;
         assert_unique_positions(&lake);

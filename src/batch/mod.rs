@@ -14,7 +14,7 @@
 //! did not send (unchanged TOAST) is taken from the old row when PostgreSQL sent it,
 //! otherwise it is null and named in `_unchanged`.
 
-pub mod copy_text;
+pub mod copy_binary;
 mod value;
 
 use std::collections::HashMap;
@@ -26,7 +26,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use crate::change::{Change, Event, TxInfo};
 use crate::decode::{Relation, Tuple, TupleValue};
 use crate::lsn::Lsn;
-pub use value::{civil_from_days, days_from_civil};
+pub use value::{civil_from_days, copies_binary, days_from_civil};
 
 /// The metadata columns every row carries (DESIGN.md), in file order.
 pub const METADATA_COLUMNS: [&str; 6] = ["_op", "_lsn", "_seq", "_xid", "_commit_ts", "_unchanged"];
@@ -283,7 +283,7 @@ impl Batcher {
                 }
             },
             Change::Delete { rel_id, old, .. } => self.row(rel_id, "D", &old, None, false),
-            Change::SnapshotRows { rel_id, lines } => self.snapshot_rows(rel_id, &lines),
+            Change::SnapshotBinaryRows { rel_id, rows } => self.snapshot_binary_rows(rel_id, &rows),
             Change::Truncate { rel_ids } => {
                 for rel_id in rel_ids {
                     self.row(rel_id, "T", &Vec::new(), None, true)?;
@@ -382,9 +382,9 @@ impl Batcher {
         Ok(())
     }
 
-    /// Rows of the initial copy: whole COPY text lines, parsed straight into the
-    /// builders (no per-row allocation).
-    fn snapshot_rows(&mut self, rel_id: u32, lines: &[u8]) -> Result<(), BatchError> {
+    /// Rows of the initial copy in COPY's binary format: columns where
+    /// [`copies_binary`] holds carry their binary value, the others their text.
+    fn snapshot_binary_rows(&mut self, rel_id: u32, mut rows: &[u8]) -> Result<(), BatchError> {
         let tx = self.tx.as_mut().ok_or(BatchError::Protocol { lsn: Lsn::ZERO, what: "snapshot rows outside the snapshot transaction".into() })?;
         let lsn = tx.info.commit_lsn;
         let Some(layout) = self.layouts.get(&rel_id) else {
@@ -393,37 +393,33 @@ impl Batcher {
         let buf = self.tables.entry(rel_id).or_insert_with(|| TableBuf::new(layout.clone()));
         let seq = self.snapshot_seq.entry(rel_id).or_insert(0);
         let relation = buf.layout.relation.clone();
+        let binary: Vec<bool> = relation.columns.iter().map(|c| copies_binary(c.type_oid, c.type_modifier)).collect();
         let ncols = relation.columns.len();
-        let value_err = |column: &str, reason: String| BatchError::Value {
-            schema: relation.namespace.clone(),
-            table: relation.name.clone(),
-            column: column.to_owned(),
-            lsn,
-            reason,
-        };
-        let mut scratch = Vec::new();
-        if lines.is_empty() {
-            return Ok(());
-        }
-        let body = lines.strip_suffix(b"\n").ok_or_else(|| value_err("(copy row)", "COPY block does not end with a row".into()))?;
-        // Every line is a row, an empty one too (a table without columns).
-        for line in body.split(|&b| b == b'\n') {
-            if ncols > 0 {
-                let columns = &mut buf.columns;
-                let n = copy_text::for_each_field(line, &mut scratch, |i, v| {
-                    let Some(builder) = columns.get_mut(i) else { return Err(format!("COPY row has more than {ncols} columns")) };
-                    match v {
-                        None => {
-                            builder.append_null();
-                            Ok(())
-                        }
-                        Some(raw) => builder.append_text(raw).map_err(|e| e.0),
+        while !rows.is_empty() {
+            let before = rows.len();
+            let columns = &mut buf.columns;
+            let mut failed_column = 0;
+            let n = copy_binary::for_each_field(&mut rows, |i, v| {
+                failed_column = i;
+                let Some(builder) = columns.get_mut(i) else { return Err(format!("COPY row has more than {ncols} columns")) };
+                match v {
+                    None => {
+                        builder.append_null();
+                        Ok(())
                     }
-                })
-                .map_err(|reason| value_err("(copy row)", reason))?;
-                if n != ncols {
-                    return Err(value_err("(copy row)", format!("COPY row has {n} columns, expected {ncols}")));
+                    Some(raw) if binary[i] => builder.append_binary(raw).map_err(|e| e.0),
+                    Some(raw) => builder.append_text(raw).map_err(|e| e.0),
                 }
+            })
+            .map_err(|reason| BatchError::Value {
+                schema: relation.namespace.clone(),
+                table: relation.name.clone(),
+                column: relation.columns.get(failed_column).map_or_else(|| "(copy row)".into(), |c| c.name.clone()),
+                lsn,
+                reason,
+            })?;
+            if n != ncols {
+                return Err(BatchError::Protocol { lsn, what: format!("{}.{}: COPY row has {n} columns, expected {ncols}", relation.namespace, relation.name) });
             }
             let pos = RowPos { lsn, seq: *seq };
             buf.extend_part(&tx.partition, pos);
@@ -431,7 +427,7 @@ impl Batcher {
             buf.unchanged.append_null();
             buf.rows += 1;
             *seq += 1;
-            self.bytes += line.len() + 48 + 8 * ncols;
+            self.bytes += before - rows.len() + 48;
         }
         Ok(())
     }

@@ -135,6 +135,66 @@ impl Kind {
     }
 }
 
+/// Whether the initial copy reads this column in COPY's binary format (decoded by
+/// [`Builder::append_binary`]); every other column is copied as `column::text`, whose
+/// binary form is its text, so both formats meet the same parsers.
+pub fn copies_binary(type_oid: u32, typmod: i32) -> bool {
+    use oid::*;
+    match type_oid {
+        BOOL | INT2 | INT4 | INT8 | FLOAT4 | FLOAT8 | DATE | TIMESTAMP | TIMESTAMPTZ | TEXT | VARCHAR | BPCHAR | NAME | BYTEA => true,
+        NUMERIC => matches!(numeric_kind(typmod), Kind::Decimal { .. }),
+        _ => false,
+    }
+}
+
+/// Days between 1970-01-01 and PostgreSQL's epoch, 2000-01-01.
+const PG_EPOCH_DAYS: i32 = 10_957;
+
+fn be<const N: usize>(raw: &[u8], kind: &str) -> Result<[u8; N], ValueError> {
+    raw.try_into().map_err(|_| ValueError(format!("binary {kind} value has {} bytes, expected {N}", raw.len())))
+}
+
+/// numeric's binary form -> the unscaled value at `scale`, exactly, or an error.
+pub(crate) fn decimal_from_binary(raw: &[u8], precision: u8, scale: i8) -> Result<i128, ValueError> {
+    let bad = || ValueError("malformed binary numeric value".into());
+    if raw.len() < 8 {
+        return Err(bad());
+    }
+    let word = |i: usize| u16::from_be_bytes([raw[i], raw[i + 1]]);
+    let (ndigits, weight, sign) = (word(0) as usize, word(2) as i16 as i64, word(4));
+    match sign {
+        0x0000 | 0x4000 => {}
+        0xC000 => return Err(ValueError("numeric value \"NaN\" cannot be represented in Parquet".into())),
+        _ => return Err(ValueError("numeric value \"Infinity\" cannot be represented in Parquet".into())),
+    }
+    if raw.len() != 8 + 2 * ndigits {
+        return Err(bad());
+    }
+    let overflow = || ValueError(format!("numeric value exceeds precision {precision}"));
+    let mut v: i128 = 0;
+    for i in 0..ndigits {
+        v = v.checked_mul(10_000).and_then(|v| v.checked_add(i128::from(word(8 + 2 * i)))).ok_or_else(overflow)?;
+    }
+    // v is the value times 10^frac.
+    let frac = 4 * (ndigits as i64 - 1 - weight);
+    let shift = i64::from(scale) - frac;
+    if shift >= 0 {
+        for _ in 0..shift {
+            v = v.checked_mul(10).ok_or_else(overflow)?;
+        }
+    } else {
+        for _ in 0..-shift {
+            if v % 10 != 0 {
+                return Err(ValueError(format!("numeric value has more than {scale} fraction digits")));
+            }
+            v /= 10;
+        }
+    }
+    if v >= 10i128.pow(u32::from(precision)) {
+        return Err(overflow());
+    }
+    Ok(if sign == 0x4000 { -v } else { v })
+}
 /// numeric's typmod is `((precision << 16) | scale) + 4`; -1 means unconstrained.
 fn numeric_kind(typmod: i32) -> Kind {
     if typmod < 4 {
@@ -258,6 +318,40 @@ impl Builder {
                 offsets.push(last + n as i32);
                 nulls.append_non_null();
             }
+        }
+        Ok(())
+    }
+
+    /// Appends a value given in PostgreSQL's binary format; only for columns where
+    /// [`copies_binary`] holds (text-like columns: their UTF-8 text).
+    pub(crate) fn append_binary(&mut self, raw: &[u8]) -> Result<(), ValueError> {
+        match self {
+            Builder::Bool(b) => b.append_value(be::<1>(raw, "bool")?[0] != 0),
+            Builder::Int16(b) => b.append_value(i16::from_be_bytes(be(raw, "int2")?)),
+            Builder::Int32(b) => b.append_value(i32::from_be_bytes(be(raw, "int4")?)),
+            Builder::Int64(b) => b.append_value(i64::from_be_bytes(be(raw, "int8")?)),
+            Builder::Float32(b) => b.append_value(f32::from_be_bytes(be(raw, "float4")?)),
+            Builder::Float64(b) => b.append_value(f64::from_be_bytes(be(raw, "float8")?)),
+            Builder::Decimal(b, precision, scale) => b.append_value(decimal_from_binary(raw, *precision, *scale)?),
+            Builder::Utf8(b) => b.append_value(utf8(raw)?),
+            Builder::Binary(b) => b.append_value(raw),
+            Builder::Date32(b) => {
+                let days = i32::from_be_bytes(be(raw, "date")?);
+                if days == i32::MAX || days == i32::MIN {
+                    return Err(unrepresentable("date", if days > 0 { b"infinity" } else { b"-infinity" }));
+                }
+                b.append_value(days.checked_add(PG_EPOCH_DAYS).ok_or_else(|| unrepresentable("date", raw))?)
+            }
+            Builder::Timestamp(b, utc) => {
+                let kind = if *utc { "timestamptz" } else { "timestamp" };
+                let us = i64::from_be_bytes(be(raw, kind)?);
+                if us == i64::MAX || us == i64::MIN {
+                    return Err(unrepresentable(kind, if us > 0 { b"infinity" } else { b"-infinity" }));
+                }
+                let epoch = i64::from(PG_EPOCH_DAYS) * 86_400_000_000;
+                b.append_value(us.checked_add(epoch).ok_or_else(|| unrepresentable(kind, raw))?)
+            }
+            Builder::List { .. } => return Err(ValueError("array values are copied as text".into())),
         }
         Ok(())
     }
@@ -549,6 +643,28 @@ mod tests {
         assert_eq!(parse_decimal(b"99999999999999999999999999999999999999", 38, 0), Ok(10i128.pow(38) - 1));
         assert!(parse_decimal(b"1.234", 12, 2).is_err());
         assert!(parse_decimal(b"NaN", 12, 2).unwrap_err().0.contains("cannot be represented"));
+    }
+
+    #[test]
+    fn binary_numerics_are_exact() {
+        // 12345.6789 = digits [1, 2345, 6789], weight 1, dscale 4
+        let mut raw = vec![0, 3, 0, 1, 0, 0, 0, 4];
+        for d in [1u16, 2345, 6789] {
+            raw.extend(d.to_be_bytes());
+        }
+        assert_eq!(decimal_from_binary(&raw, 12, 6), Ok(12_345_678_900));
+        assert!(decimal_from_binary(&raw, 12, 2).is_err(), "never rounded");
+        assert!(decimal_from_binary(&raw, 8, 4).is_err(), "precision");
+        raw[4] = 0x40; // negative
+        assert_eq!(decimal_from_binary(&raw, 12, 4), Ok(-123_456_789));
+        // 0.05 = digits [500], weight -1
+        let raw = [0, 1, 0xFF, 0xFF, 0, 0, 0, 2, 0x01, 0xF4];
+        assert_eq!(decimal_from_binary(&raw, 5, 2), Ok(5));
+        // 2000000 = digits [200], weight 1
+        let raw = [0, 1, 0, 1, 0, 0, 0, 0, 0, 200];
+        assert_eq!(decimal_from_binary(&raw, 10, 2), Ok(200_000_000));
+        let nan = [0, 0, 0, 0, 0xC0, 0, 0, 0];
+        assert!(decimal_from_binary(&nan, 10, 2).unwrap_err().0.contains("NaN"));
     }
 
     #[test]

@@ -21,7 +21,8 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::copy_text::LineCutter;
+use crate::batch::copies_binary;
+use crate::batch::copy_binary::RowCutter;
 use crate::change::{Change, Event, TxInfo};
 use crate::config::SourceConfig;
 use crate::decode::{Column, Relation, ReplicaIdentity};
@@ -182,8 +183,18 @@ async fn copy_table(
     user: &str,
 ) -> Result<u64, SnapshotError> {
     let name = format!("{}.{}", table.relation.namespace, table.relation.name);
-    let cols: Vec<String> = table.relation.columns.iter().map(|c| quote_ident(&c.name)).collect();
-    let sql = format!("COPY (SELECT {} FROM {}) TO STDOUT", if cols.is_empty() { "".into() } else { cols.join(", ") }, table.quoted);
+    // Binary where walshore decodes the binary form (cheaper for PostgreSQL and for us),
+    // text for the rest: the text of a `::text` column is its binary form.
+    let cols: Vec<String> = table
+        .relation
+        .columns
+        .iter()
+        .map(|c| {
+            let q = quote_ident(&c.name);
+            if copies_binary(c.type_oid, c.type_modifier) { q } else { format!("{q}::text") }
+        })
+        .collect();
+    let sql = format!("COPY (SELECT {} FROM {}) TO STDOUT (FORMAT binary)", cols.join(", "), table.quoted);
     let stream = client.copy_out(&sql).await.map_err(|source| {
         if source.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
             SnapshotError::Permission { table: table.quoted.clone(), user: quote_ident(user) }
@@ -193,19 +204,21 @@ async fn copy_table(
     })?;
     let started = Instant::now();
     let mut stream = std::pin::pin!(stream.map_err(|source| SnapshotError::Sql { what: format!("COPY {name}"), source }));
-    let mut cutter = LineCutter::default();
-    let (mut rows, mut bytes) = (0u64, 0u64);
+    let mut cutter = RowCutter::default();
+    let mut bytes = 0u64;
+    let mut rows;
     let mut last_log = Instant::now();
     while let Some(data) = stream.next().await {
         let data = data?;
         bytes += data.len() as u64;
-        // PostgreSQL sends one message per row.
-        rows += 1;
-        let Some(lines) = cutter.push(&data) else { continue };
+        let format_err = |what| SnapshotError::Format { table: name.clone(), what };
+        let pushed = cutter.push(&data).map_err(format_err)?;
+        rows = cutter.rows();
+        let Some(rows_block) = pushed else { continue };
         if shutdown.is_cancelled() {
             return Err(SnapshotError::Interrupted);
         }
-        if events.send(vec![Event::Change(Change::SnapshotRows { rel_id: table.relation.id, lines })]).await.is_err() {
+        if events.send(vec![Event::Change(Change::SnapshotBinaryRows { rel_id: table.relation.id, rows: rows_block })]).await.is_err() {
             return Ok(rows);
         }
         if last_log.elapsed().as_secs() >= 10 {
@@ -214,8 +227,9 @@ async fn copy_table(
             tracing::info!(table = %name, rows, bytes, rows_per_sec = (rows as f64 / secs) as u64, "copying");
         }
     }
-    let lines = cutter.finish().map_err(|what| SnapshotError::Format { table: name.clone(), what })?;
-    if !lines.is_empty() && events.send(vec![Event::Change(Change::SnapshotRows { rel_id: table.relation.id, lines })]).await.is_err() {
+    rows = cutter.rows();
+    let rest = cutter.finish().map_err(|what| SnapshotError::Format { table: name.clone(), what })?;
+    if !rest.is_empty() && events.send(vec![Event::Change(Change::SnapshotBinaryRows { rel_id: table.relation.id, rows: rest })]).await.is_err() {
         return Ok(rows);
     }
     tracing::info!(table = %name, rows, bytes, secs = started.elapsed().as_secs_f64(), "copied table");
