@@ -9,7 +9,9 @@
 //!                         └──────── confirm only the committed LSN ◄─────┘
 //! ```
 //!
-//! One task per stage with bounded channels between them, so a slow sink slows the
+//! A new lake first copies the published tables under the slot's exported snapshot
+//! ([`snapshot`]), as one transaction at the slot's consistent point; streaming starts
+//! there. One task per stage with bounded channels between them, so a slow sink slows the
 //! source instead of growing memory. Exactly once, in brief: data files are named by the
 //! row positions they hold, so a replay rewrites identical objects; a file becomes part
 //! of the lake only when a commit record naming it is created with a conditional PUT;

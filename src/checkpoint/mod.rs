@@ -35,6 +35,13 @@
 //! after its sequence number names, then the pending records themselves. Transactions
 //! PostgreSQL resends from before the head's `end_lsn` are skipped by commit LSN.
 //!
+//! **The starting state.** A commit record says whether the lake has its starting
+//! state (`initialized`): the initial copy committed, or a lake that replicates without
+//! one. Until then, a start recreates the slot with an exported snapshot and copies
+//! again: the copy is committed as one record at the slot's consistent point, so a
+//! crash during it leaves only pending files, deleted by step (4). Once initialized, a
+//! slot that has to be created again means lost continuity, and walshore refuses.
+//!
 //! **A crash at each step.** Before the pending record: nothing was written. After the
 //! pending record or some uploads, before the commit record: the files are orphans
 //! listed in a pending record; start-up (4) deletes them and the changes are streamed
