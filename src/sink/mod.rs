@@ -62,6 +62,9 @@ pub struct Encoded {
     pub data: Bytes,
 }
 
+/// See `Sink::new`.
+const DICTIONARY_PAGE_LIMIT: usize = 128 * 1024;
+
 pub struct Sink {
     store: Arc<dyn ObjectStore>,
     props: WriterProperties,
@@ -91,12 +94,15 @@ impl Sink {
         };
         // Dictionary encoding pays for repetitive columns (the op, the commit LSN shared
         // by a transaction's rows, symbols); parquet falls back to plain encoding by itself
-        // when a column's dictionary grows too large. `_seq` never repeats: no dictionary.
+        // once a column's dictionary passes the page limit. A 128 KiB limit (default
+        // 1 MiB) gives up early on unique columns (ids, prices, times), where hashing
+        // every value bought nothing. `_seq` never repeats: no dictionary at all.
         let props = WriterProperties::builder()
             .set_compression(compression)
             .set_max_row_group_row_count(Some(cfg.row_group_rows))
             .set_statistics_enabled(EnabledStatistics::Chunk)
             .set_column_dictionary_enabled(ColumnPath::from("_seq"), false)
+            .set_dictionary_page_size_limit(DICTIONARY_PAGE_LIMIT)
             .set_created_by(format!("walshore {}", env!("CARGO_PKG_VERSION")))
             .build();
         Sink { store, props }
