@@ -54,6 +54,17 @@ pub(crate) fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+async fn identify(conn: &mut Conn) -> Result<SystemInfo, SourceError> {
+    let rows = conn.simple_query("IDENTIFY_SYSTEM").await?;
+    let row = rows.first().ok_or_else(|| SourceError::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
+    let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    Ok(SystemInfo {
+        system_id: field(0),
+        timeline: field(1).parse().unwrap_or(0),
+        xlogpos: field(2).parse().map_err(|_| SourceError::Protocol(format!("IDENTIFY_SYSTEM xlogpos {:?}", field(2))))?,
+    })
+}
+
 fn one_value(rows: &[Vec<Option<String>>]) -> Option<&str> {
     rows.first().and_then(|r| r.first()).and_then(|v| v.as_deref())
 }
@@ -87,14 +98,7 @@ impl Replication {
         }
         // Before the slot: a command after CREATE_REPLICATION_SLOT ... EXPORT_SNAPSHOT
         // would end the exported snapshot.
-        let rows = conn.simple_query("IDENTIFY_SYSTEM").await?;
-        let row = rows.first().ok_or_else(|| SourceError::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
-        let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
-        let mut system = SystemInfo {
-            system_id: field(0),
-            timeline: field(1).parse().unwrap_or(0),
-            xlogpos: field(2).parse().map_err(|_| SourceError::Protocol(format!("IDENTIFY_SYSTEM xlogpos {:?}", field(2))))?,
-        };
+        let mut system = identify(&mut conn).await?;
         // IDENTIFY_SYSTEM reports the flush position; asynchronously committed
         // transactions may sit beyond it. `sync` promises everything committed, so its
         // target is the insert position (the walsender streams it once flushed).
@@ -111,15 +115,10 @@ impl Replication {
     /// Connects in replication mode and runs IDENTIFY_SYSTEM, nothing else (preflight).
     pub async fn probe(cfg: &SourceConfig) -> Result<(SystemInfo, u32), SourceError> {
         let mut conn = Conn::connect(&cfg.conn).await?;
-        let rows = conn.simple_query("IDENTIFY_SYSTEM").await?;
+        let system = identify(&mut conn).await?;
         let version = conn.server_version;
         conn.terminate().await;
-        let row = rows.first().ok_or_else(|| SourceError::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
-        let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
-        Ok((
-            SystemInfo { system_id: field(0), timeline: field(1).parse().unwrap_or(0), xlogpos: field(2).parse().unwrap_or_default() },
-            version,
-        ))
+        Ok((system, version))
     }
 
     async fn ensure_slot(conn: &mut Conn, cfg: &SourceConfig, export_snapshot: bool) -> Result<SlotState, SourceError> {
