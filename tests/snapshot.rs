@@ -134,7 +134,7 @@ async fn sigkill_during_the_copy_then_restart_gives_an_exact_lake() {
 #[tokio::test]
 async fn a_table_without_select_privilege_names_the_grant() {
     let (cluster, c, dir, _config) = setup(10).await;
-    c.batch_execute("CREATE ROLE rep LOGIN REPLICATION PASSWORD 'pw'; GRANT SELECT ON trades, prices, empty_one, only_key TO rep").await.unwrap();
+    c.batch_execute("CREATE ROLE rep LOGIN REPLICATION PASSWORD 'pw'; GRANT SELECT ON trades, prices, empty_one, only_key, misc TO rep").await.unwrap();
     let url = format!("postgres://rep:pw@127.0.0.1:{}/postgres?sslmode=disable", cluster.port);
     let config = write_config(dir.path(), &url, "pub", "walshore", &SinkKind::File(dir.path().join("lake2")), "", "");
     let text = std::fs::read_to_string(&config).unwrap().replace("mode = \"never\"", "mode = \"initial\"");

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use object_store::path::{Path, PathPart};
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use parquet::arrow::arrow_writer::{compute_leaves, ArrowColumnWriter, ArrowLeafColumn};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression as PqCompression, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
@@ -112,14 +113,58 @@ impl Sink {
         &self.store
     }
 
-    /// Encodes a table file as Parquet. CPU-bound: run it off the async threads.
+    /// Encodes a table file as Parquet. CPU-bound: run it off the async threads. The
+    /// columns of each row group are encoded on two threads (the flush after a large
+    /// copy or transaction is on the critical path; the machines have 2 cores).
     pub fn encode(props: &WriterProperties, file: &TableFile) -> Result<Encoded, SinkError> {
         let table = format!("{}.{}", file.schema, file.table);
         let err = |source| SinkError::Encode { table: table.clone(), source };
         let mut buf = Vec::with_capacity(file.batch.get_array_memory_size() / 4);
-        let mut w = ArrowWriter::try_new(&mut buf, file.batch.schema(), Some(props.clone())).map_err(err)?;
-        w.write(&file.batch).map_err(err)?;
-        w.close().map_err(err)?;
+        let schema = file.batch.schema();
+        // ArrowWriter sets up the file (schema, embedded Arrow schema); the row groups
+        // are written column by column below.
+        let (mut writer, factory) = ArrowWriter::try_new(&mut buf, schema.clone(), Some(props.clone()))
+            .and_then(ArrowWriter::into_serialized_writer)
+            .map_err(err)?;
+        let rows_per_group = props.max_row_group_row_count().unwrap_or(usize::MAX).max(1);
+        let mut offset = 0;
+        let mut group = 0;
+        while offset < file.batch.num_rows() {
+            let len = rows_per_group.min(file.batch.num_rows() - offset);
+            let batch = file.batch.slice(offset, len);
+            let mut leaves = Vec::new();
+            for (field, column) in schema.fields().iter().zip(batch.columns()) {
+                leaves.extend(compute_leaves(field, column).map_err(err)?);
+            }
+            let writers = factory.create_column_writers(group).map_err(err)?;
+            let mut jobs: [Vec<(usize, ArrowColumnWriter, ArrowLeafColumn)>; 2] = [Vec::new(), Vec::new()];
+            for (i, (w, leaf)) in writers.into_iter().zip(leaves).enumerate() {
+                jobs[i % 2].push((i, w, leaf));
+            }
+            let [a, b] = jobs;
+            let encode = |jobs: Vec<(usize, ArrowColumnWriter, ArrowLeafColumn)>| {
+                jobs.into_iter()
+                    .map(|(i, mut w, leaf)| {
+                        w.write(&leaf)?;
+                        Ok((i, w.close()?))
+                    })
+                    .collect::<Result<Vec<_>, parquet::errors::ParquetError>>()
+            };
+            let (ra, rb) = std::thread::scope(|s| {
+                let other = s.spawn(|| encode(b));
+                (encode(a), other.join().expect("encoder thread panicked"))
+            });
+            let mut chunks: Vec<_> = ra.map_err(err)?.into_iter().chain(rb.map_err(err)?).collect();
+            chunks.sort_by_key(|(i, _)| *i);
+            let mut rg = writer.next_row_group().map_err(err)?;
+            for (_, chunk) in chunks {
+                chunk.append_to_row_group(&mut rg).map_err(err)?;
+            }
+            rg.close().map_err(err)?;
+            offset += len;
+            group += 1;
+        }
+        writer.close().map_err(err)?;
         let key = object_key(&file.schema, &file.table, &file.partition, file.first, file.last);
         Ok(Encoded {
             object: WrittenObject {
