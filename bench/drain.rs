@@ -20,7 +20,8 @@ struct Workload {
 
 fn workloads(scale: f64) -> Vec<Workload> {
     let n = |x: f64| ((x * scale).round() as u64).max(1);
-    let (trades, prices, updates, deletes, singles) = (n(1_000_000.0), n(500_000.0), n(200_000.0), n(50_000.0), n(100_000.0));
+    let (trades, prices, updates, deletes, singles) =
+        (n(1_000_000.0), n(500_000.0), n(200_000.0), n(50_000.0), n(100_000.0));
     vec![
         Workload {
             name: "batched (1000-row transactions)",
@@ -63,7 +64,11 @@ CREATE PUBLICATION bench FOR TABLE trades, prices;";
 #[allow(clippy::zombie_processes)] // reaped by wait4 below, which also gives its rusage
 fn timed(cmd: &mut Command) -> (f64, i64) {
     let start = Instant::now();
-    let child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().expect("spawn");
+    let child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -87,7 +92,11 @@ fn median(v: &mut [f64]) -> f64 {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str, default: f64| {
-        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
     };
     let runs = arg("--runs", 3.0) as usize;
     let scale = arg("--scale", 1.0);
@@ -105,42 +114,95 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
     for w in workloads(scale) {
         let cluster = TempCluster::start(ClusterOptions::default()).expect("start PostgreSQL");
         let recvlogical = cluster.bin().join("pg_recvlogical");
-        let recvlogical = if recvlogical.exists() { recvlogical } else { "pg_recvlogical".into() };
+        let recvlogical = if recvlogical.exists() {
+            recvlogical
+        } else {
+            "pg_recvlogical".into()
+        };
         let client = rt.block_on(cluster.connect("postgres")).unwrap();
         rt.block_on(client.batch_execute(SCHEMA)).unwrap();
         for i in 0..runs {
             for tool in ["recv", "ws"] {
-                rt.block_on(client.batch_execute(&format!("SELECT pg_create_logical_replication_slot('{tool}_{i}', 'pgoutput')"))).unwrap();
+                rt.block_on(client.batch_execute(&format!(
+                    "SELECT pg_create_logical_replication_slot('{tool}_{i}', 'pgoutput')"
+                )))
+                .unwrap();
             }
         }
         let t = Instant::now();
         for sql in &w.sql {
             rt.block_on(client.batch_execute(sql)).unwrap();
         }
-        let end: String = rt.block_on(client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[])).unwrap().get(0);
+        let end: String = rt
+            .block_on(client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]))
+            .unwrap()
+            .get(0);
         let wal: i64 = rt.block_on(client.query_one("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), (SELECT restart_lsn FROM pg_replication_slots LIMIT 1))::bigint", &[])).unwrap().get(0);
-        println!("\n== {} : {} changes, {:.0} MiB of WAL, written in {:.1}s", w.name, w.changes, wal as f64 / 1048576.0, t.elapsed().as_secs_f64());
+        println!(
+            "\n== {} : {} changes, {:.0} MiB of WAL, written in {:.1}s",
+            w.name,
+            w.changes,
+            wal as f64 / 1048576.0,
+            t.elapsed().as_secs_f64()
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let (mut recv_t, mut ws_t, mut rss) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..runs {
             let (secs, _) = timed(Command::new(&recvlogical).args([
-                "-h", "127.0.0.1", "-p", &cluster.port.to_string(), "-U", "postgres", "-d", "postgres",
-                "--slot", &format!("recv_{i}"), "--start", "--endpos", &end, "--no-loop", "-f", "/dev/null",
-                "-o", "proto_version=2", "-o", "publication_names=bench", "-o", "streaming=on",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &cluster.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "--slot",
+                &format!("recv_{i}"),
+                "--start",
+                "--endpos",
+                &end,
+                "--no-loop",
+                "-f",
+                "/dev/null",
+                "-o",
+                "proto_version=2",
+                "-o",
+                "publication_names=bench",
+                "-o",
+                "streaming=on",
             ]));
             recv_t.push(secs);
-            println!("  pg_recvlogical run {i}: {secs:.2}s  {:.0} changes/s", w.changes as f64 / secs);
+            println!(
+                "  pg_recvlogical run {i}: {secs:.2}s  {:.0} changes/s",
+                w.changes as f64 / secs
+            );
             let config = write_config(dir.path(), &cluster, i);
-            let (secs, maxrss) = timed(Command::new(walshore).args(["sync", "--config", config.to_str().unwrap()]).env("WALSHORE_LOG", "warn"));
+            let (secs, maxrss) = timed(
+                Command::new(walshore)
+                    .args(["sync", "--config", config.to_str().unwrap()])
+                    .env("WALSHORE_LOG", "warn"),
+            );
             ws_t.push(secs);
             rss.push(maxrss as f64 / 1024.0);
-            println!("  walshore sync  run {i}: {secs:.2}s  {:.0} changes/s  peak RSS {:.0} MiB", w.changes as f64 / secs, maxrss as f64 / 1024.0);
+            println!(
+                "  walshore sync  run {i}: {secs:.2}s  {:.0} changes/s  peak RSS {:.0} MiB",
+                w.changes as f64 / secs,
+                maxrss as f64 / 1024.0
+            );
         }
         let (r, s) = (median(&mut recv_t), median(&mut ws_t));
         let peak = rss.iter().cloned().fold(0.0, f64::max);
-        println!("  median: pg_recvlogical {:.0} changes/s, walshore {:.0} changes/s", w.changes as f64 / r, w.changes as f64 / s);
-        println!("  RATIO walshore/pg_recvlogical = {:.2} (target >= 0.80); walshore peak RSS {peak:.0} MiB (target <= 256)", r / s);
+        println!(
+            "  median: pg_recvlogical {:.0} changes/s, walshore {:.0} changes/s",
+            w.changes as f64 / r,
+            w.changes as f64 / s
+        );
+        println!(
+            "  RATIO walshore/pg_recvlogical = {:.2} (target >= 0.80); walshore peak RSS {peak:.0} MiB (target <= 256)",
+            r / s
+        );
     }
 }
 
@@ -159,16 +221,32 @@ fn snapshot_bench(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, row
     )))
     .unwrap();
     rt.block_on(client.batch_execute("VACUUM ANALYZE trades")).unwrap();
-    let size: i64 = rt.block_on(client.query_one("SELECT pg_table_size('trades')", &[])).unwrap().get(0);
-    println!("\n== initial copy : {rows} trade rows, {:.0} MiB table", size as f64 / 1048576.0);
+    let size: i64 = rt
+        .block_on(client.query_one("SELECT pg_table_size('trades')", &[]))
+        .unwrap()
+        .get(0);
+    println!(
+        "\n== initial copy : {rows} trade rows, {:.0} MiB table",
+        size as f64 / 1048576.0
+    );
     let psql = cluster.bin().join("psql");
     let psql = if psql.exists() { psql } else { "psql".into() };
     let dir = tempfile::tempdir().unwrap();
     let (mut copy_t, mut ws_t, mut rss) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
         let (secs, _) = timed(Command::new(&psql).args([
-            "-h", "127.0.0.1", "-p", &cluster.port.to_string(), "-U", "postgres", "-d", "postgres", "-X", "-q",
-            "-c", "COPY trades TO STDOUT (FORMAT binary)",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &cluster.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-X",
+            "-q",
+            "-c",
+            "COPY trades TO STDOUT (FORMAT binary)",
         ]));
         copy_t.push(secs);
         println!("  COPY binary    run {i}: {secs:.2}s  {:.0} rows/s", rows as f64 / secs);
@@ -182,16 +260,32 @@ fn snapshot_bench(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, row
             ),
         )
         .unwrap();
-        let (secs, maxrss) = timed(Command::new(walshore).args(["sync", "--config", path.to_str().unwrap()]).env("WALSHORE_LOG", "warn"));
+        let (secs, maxrss) = timed(
+            Command::new(walshore)
+                .args(["sync", "--config", path.to_str().unwrap()])
+                .env("WALSHORE_LOG", "warn"),
+        );
         ws_t.push(secs);
         rss.push(maxrss as f64 / 1024.0);
-        println!("  walshore sync  run {i}: {secs:.2}s  {:.0} rows/s  peak RSS {:.0} MiB", rows as f64 / secs, maxrss as f64 / 1024.0);
-        rt.block_on(client.batch_execute(&format!("SELECT pg_drop_replication_slot('snap_{i}')"))).unwrap();
+        println!(
+            "  walshore sync  run {i}: {secs:.2}s  {:.0} rows/s  peak RSS {:.0} MiB",
+            rows as f64 / secs,
+            maxrss as f64 / 1024.0
+        );
+        rt.block_on(client.batch_execute(&format!("SELECT pg_drop_replication_slot('snap_{i}')")))
+            .unwrap();
     }
     let (c, s) = (median(&mut copy_t), median(&mut ws_t));
     let peak = rss.iter().cloned().fold(0.0, f64::max);
-    println!("  median: COPY binary {:.0} rows/s, walshore {:.0} rows/s", rows as f64 / c, rows as f64 / s);
-    println!("  RATIO walshore/COPY = {:.2} (target >= 0.80); walshore peak RSS {peak:.0} MiB (target <= 256)", c / s);
+    println!(
+        "  median: COPY binary {:.0} rows/s, walshore {:.0} rows/s",
+        rows as f64 / c,
+        rows as f64 / s
+    );
+    println!(
+        "  RATIO walshore/COPY = {:.2} (target >= 0.80); walshore peak RSS {peak:.0} MiB (target <= 256)",
+        c / s
+    );
 }
 
 fn write_config(dir: &Path, cluster: &TempCluster, i: usize) -> std::path::PathBuf {

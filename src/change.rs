@@ -21,13 +21,30 @@ pub struct TxInfo {
 /// One row-level change, as decoded.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {
-    Insert { rel_id: u32, new: Tuple },
-    Update { rel_id: u32, old: Option<Tuple>, old_is_full_row: bool, new: Tuple },
-    Delete { rel_id: u32, old: Tuple, old_is_full_row: bool },
-    Truncate { rel_ids: Vec<u32> },
+    Insert {
+        rel_id: u32,
+        new: Tuple,
+    },
+    Update {
+        rel_id: u32,
+        old: Option<Tuple>,
+        old_is_full_row: bool,
+        new: Tuple,
+    },
+    Delete {
+        rel_id: u32,
+        old: Tuple,
+        old_is_full_row: bool,
+    },
+    Truncate {
+        rel_ids: Vec<u32>,
+    },
     /// Rows of the initial copy (`_op = 'R'`) in COPY's binary format, whole rows
     /// without header or trailer: `_seq` counts per table, `_xid` is null.
-    SnapshotBinaryRows { rel_id: u32, rows: bytes::Bytes },
+    SnapshotBinaryRows {
+        rel_id: u32,
+        rows: bytes::Bytes,
+    },
 }
 
 /// The source's output, in WAL commit order. Transactions arrive whole and never
@@ -38,8 +55,12 @@ pub enum Event {
     Relation(Arc<Relation>),
     Change(Change),
     /// `end_lsn`: the LSN just past the commit record; replication resumes there.
-    Commit { end_lsn: Lsn },
+    Commit {
+        end_lsn: Lsn,
+    },
     /// Nothing is in flight and the server has sent everything up to `lsn`: a flush
     /// that finds nothing buffered may confirm it (idle publications hold no WAL).
-    Idle { lsn: Lsn },
+    Idle {
+        lsn: Lsn,
+    },
 }

@@ -8,9 +8,13 @@ use std::process::Command;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("PostgreSQL server binaries not found (looked for initdb and pg_ctl in $WALSHORE_PG_BIN and /usr/lib/postgresql/*/bin); install them with `apt-get install postgresql` (Debian/Ubuntu)")]
+    #[error(
+        "PostgreSQL server binaries not found (looked for initdb and pg_ctl in $WALSHORE_PG_BIN and /usr/lib/postgresql/*/bin); install them with `apt-get install postgresql` (Debian/Ubuntu)"
+    )]
     NoBinaries,
-    #[error("running as root, but the `postgres` user that PostgreSQL must run as does not exist; install the Debian package `postgresql`, which creates it")]
+    #[error(
+        "running as root, but the `postgres` user that PostgreSQL must run as does not exist; install the Debian package `postgresql`, which creates it"
+    )]
     NoPostgresUser,
     #[error("{step} failed: {detail}")]
     Step { step: String, detail: String },
@@ -19,15 +23,13 @@ pub enum ClusterError {
 }
 
 /// Options for [`TempCluster::start`].
-#[derive(Clone, Debug)]
-#[derive(Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ClusterOptions {
     /// Extra `postgresql.conf` lines.
     pub settings: Vec<String>,
     /// Where the cluster lives; a fresh temporary directory when `None`.
     pub dir: Option<PathBuf>,
 }
-
 
 pub struct TempCluster {
     _tmp: Option<tempfile::TempDir>,
@@ -78,13 +80,36 @@ impl TempCluster {
         };
         let data = root.join("data");
         if as_postgres {
-            let status = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&root).status()?;
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&root)
+                .status()?;
             if !status.success() {
                 return Err(ClusterError::NoPostgresUser);
             }
         }
-        let mut c = TempCluster { _tmp: tmp, data: data.clone(), bin, port: free_port()?, as_postgres, running: false };
-        c.run("initdb", &["-D", path_str(&data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"])?;
+        let mut c = TempCluster {
+            _tmp: tmp,
+            data: data.clone(),
+            bin,
+            port: free_port()?,
+            as_postgres,
+            running: false,
+        };
+        c.run(
+            "initdb",
+            &[
+                "-D",
+                path_str(&data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+        )?;
         let mut conf = format!(
             "\n# walshore test cluster\nlisten_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\nwal_level = logical\nmax_replication_slots = 20\nmax_wal_senders = 20\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_buffers = 128MB\nmax_wal_size = 4GB\nwal_sender_timeout = 60s\n",
             c.port,
@@ -100,7 +125,10 @@ impl TempCluster {
             "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost replication postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\nhost replication all 127.0.0.1/32 scram-sha-256\n",
         )?;
         if as_postgres {
-            Command::new("chown").args(["-R", "postgres:postgres"]).arg(&root).status()?;
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&root)
+                .status()?;
         }
         c.pg_ctl_start()?;
         Ok(c)
@@ -108,7 +136,19 @@ impl TempCluster {
 
     fn pg_ctl_start(&mut self) -> Result<(), ClusterError> {
         let log = self.data.join("server.log");
-        self.run("pg_ctl", &["-D", path_str(&self.data), "-l", path_str(&log), "-w", "-t", "60", "start"])?;
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                path_str(&self.data),
+                "-l",
+                path_str(&log),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        )?;
         self.running = true;
         Ok(())
     }
@@ -129,7 +169,10 @@ impl TempCluster {
                 detail.push_str("\nserver log:\n");
                 detail.push_str(&log[log.len().saturating_sub(2000)..]);
             }
-            return Err(ClusterError::Step { step: format!("{tool} {}", args.join(" ")), detail });
+            return Err(ClusterError::Step {
+                step: format!("{tool} {}", args.join(" ")),
+                detail,
+            });
         }
         Ok(())
     }
@@ -149,7 +192,11 @@ impl TempCluster {
 
     /// Connects with tokio-postgres as the superuser; the connection runs on a task.
     pub async fn connect(&self, db: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let (client, conn) = tokio_postgres::connect(&format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port), tokio_postgres::NoTls).await?;
+        let (client, conn) = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port),
+            tokio_postgres::NoTls,
+        )
+        .await?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -159,7 +206,21 @@ impl TempCluster {
     /// `pg_ctl restart` with the given mode (`fast`, `immediate`).
     pub fn restart(&mut self, mode: &str) -> Result<(), ClusterError> {
         let log = self.data.join("server.log");
-        self.run("pg_ctl", &["-D", path_str(&self.data), "-l", path_str(&log), "-m", mode, "-w", "-t", "60", "restart"])
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                path_str(&self.data),
+                "-l",
+                path_str(&log),
+                "-m",
+                mode,
+                "-w",
+                "-t",
+                "60",
+                "restart",
+            ],
+        )
     }
 
     pub fn stop(&mut self) -> Result<(), ClusterError> {
@@ -185,5 +246,8 @@ fn path_str(p: &Path) -> &str {
 
 fn append(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
-    std::fs::OpenOptions::new().append(true).open(path)?.write_all(text.as_bytes())
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)?
+        .write_all(text.as_bytes())
 }

@@ -29,7 +29,11 @@ pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("config file {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{field}: {message}")]
@@ -39,7 +43,10 @@ pub enum ConfigError {
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field, message: message.into() }
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
 }
 
 #[derive(Deserialize)]
@@ -129,20 +136,23 @@ impl ConnParams {
     }
 
     pub fn parse(raw: &str) -> Result<ConnParams, String> {
-        let url = url::Url::parse(raw).map_err(|e| format!("not a URL ({e}); expected postgres://user@host:5432/dbname"))?;
+        let url =
+            url::Url::parse(raw).map_err(|e| format!("not a URL ({e}); expected postgres://user@host:5432/dbname"))?;
         if url.scheme() != "postgres" && url.scheme() != "postgresql" {
             return Err(format!("scheme {:?} is not postgres://", url.scheme()));
         }
-        let decode = |s: &str| {
-            percent_decode(s).ok_or_else(|| "URL has an invalid percent-encoding".to_owned())
-        };
+        let decode = |s: &str| percent_decode(s).ok_or_else(|| "URL has an invalid percent-encoding".to_owned());
         let user = if url.username().is_empty() {
             std::env::var("USER").unwrap_or_else(|_| "postgres".into())
         } else {
             decode(url.username())?
         };
         let mut p = ConnParams {
-            host: url.host_str().unwrap_or("localhost").trim_matches(['[', ']']).to_owned(),
+            host: url
+                .host_str()
+                .unwrap_or("localhost")
+                .trim_matches(['[', ']'])
+                .to_owned(),
             port: url.port().unwrap_or(5432),
             dbname: match url.path().trim_start_matches('/') {
                 "" => user.clone(),
@@ -164,13 +174,19 @@ impl ConnParams {
                         "require" => SslMode::Require,
                         "verify-ca" => SslMode::VerifyCa,
                         "verify-full" => SslMode::VerifyFull,
-                        other => return Err(format!("sslmode {other:?} is not one of disable, prefer, require, verify-ca, verify-full")),
+                        other => {
+                            return Err(format!(
+                                "sslmode {other:?} is not one of disable, prefer, require, verify-ca, verify-full"
+                            ));
+                        }
                     }
                 }
                 "sslrootcert" => p.sslrootcert = Some(PathBuf::from(&*v)),
                 "application_name" => p.application_name = v.into_owned(),
                 "connect_timeout" => {
-                    let secs: u64 = v.parse().map_err(|_| format!("connect_timeout {v:?} is not a number of seconds"))?;
+                    let secs: u64 = v
+                        .parse()
+                        .map_err(|_| format!("connect_timeout {v:?} is not a number of seconds"))?;
                     p.connect_timeout = Duration::from_secs(secs.max(1));
                 }
                 "password" => p.password = Some(v.into_owned()),
@@ -284,7 +300,10 @@ fn duration(field: &'static str, v: Option<String>, default: Duration) -> Result
         None => Ok(default),
         Some(s) => match humantime::parse_duration(&s) {
             Ok(d) if !d.is_zero() => Ok(d),
-            _ => Err(invalid(field, format!("{s:?} is not a duration such as \"5s\" or \"500ms\""))),
+            _ => Err(invalid(
+                field,
+                format!("{s:?} is not a duration such as \"5s\" or \"500ms\""),
+            )),
         },
     }
 }
@@ -318,7 +337,11 @@ fn expand_env(value: &mut toml::Value, path: &str) -> Result<(), ConfigError> {
         }
         toml::Value::Table(t) => {
             for (k, v) in t.iter_mut() {
-                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
                 expand_env(v, &p)?;
             }
         }
@@ -334,19 +357,29 @@ fn expand_env(value: &mut toml::Value, path: &str) -> Result<(), ConfigError> {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Config::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.to_owned(), message },
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
             other => other,
         })
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let parse_err = |message: String| ConfigError::Parse { path: PathBuf::new(), message };
+        let parse_err = |message: String| ConfigError::Parse {
+            path: PathBuf::new(),
+            message,
+        };
         let mut value: toml::Value = toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
         expand_env(&mut value, "")?;
-        let raw: RawConfig = value.try_into().map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+        let raw: RawConfig = value
+            .try_into()
+            .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
         Config::try_from(raw)
     }
 }
@@ -358,17 +391,40 @@ impl TryFrom<RawConfig> for Config {
         let conn = ConnParams::parse(&raw.source.url).map_err(|m| invalid("source.url", m))?;
         identifier("source.publication", &raw.source.publication)?;
         identifier("source.slot", &raw.source.slot)?;
-        if !raw.source.slot.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_') {
-            return Err(invalid("source.slot", "may hold only lower-case letters, digits and underscores (PostgreSQL's rule for slot names)"));
+        if !raw
+            .source
+            .slot
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
+        {
+            return Err(invalid(
+                "source.slot",
+                "may hold only lower-case letters, digits and underscores (PostgreSQL's rule for slot names)",
+            ));
         }
         let source = SourceConfig {
             conn,
             publication: raw.source.publication,
             slot: raw.source.slot,
-            spill_dir: raw.source.spill_dir.unwrap_or_else(|| std::env::temp_dir().join("walshore-spill")),
-            stream_memory_bytes: size("source.stream_memory", raw.source.stream_memory, DEFAULT_STREAM_MEMORY_BYTES)? as usize,
-            spill_max_bytes: size("source.spill_max_bytes", raw.source.spill_max_bytes, DEFAULT_SPILL_MAX_BYTES)?,
-            status_interval: duration("source.status_interval", raw.source.status_interval, DEFAULT_STATUS_INTERVAL)?,
+            spill_dir: raw
+                .source
+                .spill_dir
+                .unwrap_or_else(|| std::env::temp_dir().join("walshore-spill")),
+            stream_memory_bytes: size(
+                "source.stream_memory",
+                raw.source.stream_memory,
+                DEFAULT_STREAM_MEMORY_BYTES,
+            )? as usize,
+            spill_max_bytes: size(
+                "source.spill_max_bytes",
+                raw.source.spill_max_bytes,
+                DEFAULT_SPILL_MAX_BYTES,
+            )?,
+            status_interval: duration(
+                "source.status_interval",
+                raw.source.status_interval,
+                DEFAULT_STATUS_INTERVAL,
+            )?,
         };
 
         let url = url::Url::parse(&raw.sink.url)
@@ -381,19 +437,33 @@ impl TryFrom<RawConfig> for Config {
             }
             "s3" => {
                 if url.host_str().unwrap_or("").is_empty() {
-                    return Err(invalid("sink.url", "s3:// URL has no bucket; expected s3://bucket/prefix"));
+                    return Err(invalid(
+                        "sink.url",
+                        "s3:// URL has no bucket; expected s3://bucket/prefix",
+                    ));
                 }
             }
-            other => return Err(invalid("sink.url", format!("scheme {other:?} is not supported; use file:// or s3://"))),
+            other => {
+                return Err(invalid(
+                    "sink.url",
+                    format!("scheme {other:?} is not supported; use file:// or s3://"),
+                ));
+            }
         }
         if let Some(e) = &raw.sink.endpoint {
-            url::Url::parse(e).map_err(|err| invalid("sink.endpoint", format!("{err}; expected http(s)://host:port")))?;
+            url::Url::parse(e)
+                .map_err(|err| invalid("sink.endpoint", format!("{err}; expected http(s)://host:port")))?;
         }
         let compression = match raw.sink.compression.as_deref().unwrap_or("zstd") {
             "zstd" => Compression::Zstd,
             "snappy" => Compression::Snappy,
             "none" => Compression::None,
-            other => return Err(invalid("sink.compression", format!("{other:?} is not one of zstd, snappy, none"))),
+            other => {
+                return Err(invalid(
+                    "sink.compression",
+                    format!("{other:?} is not one of zstd, snappy, none"),
+                ));
+            }
         };
         let row_group_rows = raw.sink.row_group_rows.unwrap_or(DEFAULT_ROW_GROUP_ROWS);
         if row_group_rows == 0 {
@@ -412,22 +482,40 @@ impl TryFrom<RawConfig> for Config {
         let snapshot = match raw.snapshot.mode.as_deref().unwrap_or("initial") {
             "initial" => SnapshotMode::Initial,
             "never" => SnapshotMode::Never,
-            other => return Err(invalid("snapshot.mode", format!("{other:?} is not one of initial, never"))),
+            other => {
+                return Err(invalid(
+                    "snapshot.mode",
+                    format!("{other:?} is not one of initial, never"),
+                ));
+            }
         };
         match raw.catalog.kind.as_deref().unwrap_or("none") {
             "none" => {
                 if raw.catalog.database.is_some() || raw.catalog.endpoint.is_some() || raw.catalog.region.is_some() {
-                    return Err(invalid("catalog", "database, endpoint and region apply only with kind = \"glue\""));
+                    return Err(invalid(
+                        "catalog",
+                        "database, endpoint and region apply only with kind = \"glue\"",
+                    ));
                 }
             }
-            "glue" => return Err(invalid("catalog.kind", "\"glue\" is not available in this version yet; use \"none\"")),
+            "glue" => {
+                return Err(invalid(
+                    "catalog.kind",
+                    "\"glue\" is not available in this version yet; use \"none\"",
+                ));
+            }
             other => return Err(invalid("catalog.kind", format!("{other:?} is not one of none, glue"))),
         }
         let snapshot_parallelism = raw.snapshot.parallelism.unwrap_or(DEFAULT_SNAPSHOT_PARALLELISM);
         if !(1..=64).contains(&snapshot_parallelism) {
             return Err(invalid("snapshot.parallelism", "must be between 1 and 64"));
         }
-        Ok(Config { source, sink, snapshot, snapshot_parallelism })
+        Ok(Config {
+            source,
+            sink,
+            snapshot,
+            snapshot_parallelism,
+        })
     }
 }
 
@@ -456,7 +544,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let e = Config::parse(&MIN.replace("s3://lake/cdc\"", "s3://lake/cdc\"\nflush_interval = \"soon\"")).unwrap_err();
+        let e =
+            Config::parse(&MIN.replace("s3://lake/cdc\"", "s3://lake/cdc\"\nflush_interval = \"soon\"")).unwrap_err();
         assert!(e.to_string().starts_with("sink.flush_interval:"), "{e}");
         let e = Config::parse(&MIN.replace("[sink]", "[sink]\nbogus = 1")).unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
@@ -467,9 +556,11 @@ mod tests {
     #[test]
     fn env_vars_are_expanded_and_missing_ones_named() {
         unsafe { std::env::set_var("WALSHORE_TEST_PUB", "pub_from_env") };
-        let c = Config::parse(&MIN.replace("publication = \"walshore\"", "publication = \"${WALSHORE_TEST_PUB}\"")).unwrap();
+        let c = Config::parse(&MIN.replace("publication = \"walshore\"", "publication = \"${WALSHORE_TEST_PUB}\""))
+            .unwrap();
         assert_eq!(c.source.publication, "pub_from_env");
-        let e = Config::parse(&MIN.replace("publication = \"walshore\"", "publication = \"${WALSHORE_TEST_NOPE}\"")).unwrap_err();
+        let e = Config::parse(&MIN.replace("publication = \"walshore\"", "publication = \"${WALSHORE_TEST_NOPE}\""))
+            .unwrap_err();
         assert!(e.to_string().contains("WALSHORE_TEST_NOPE"), "{e}");
     }
 

@@ -85,7 +85,10 @@ async fn run_demo(cluster: &TempCluster, dir: &Path, lake: &PathBuf) -> anyhow::
     admin.batch_execute("CREATE DATABASE trading").await?;
     let db = cluster.connect("trading").await?;
     db.batch_execute(SCHEMA).await?;
-    println!("created tables trades, prices, fx_rates, news and publication walshore (port {})", cluster.port);
+    println!(
+        "created tables trades, prices, fx_rates, news and publication walshore (port {})",
+        cluster.port
+    );
 
     let config_path = dir.join("config.toml");
     std::fs::write(
@@ -104,9 +107,14 @@ async fn run_demo(cluster: &TempCluster, dir: &Path, lake: &PathBuf) -> anyhow::
         db.batch_execute(statement).await?;
     }
     db.batch_execute(ROLLED_BACK).await?;
-    println!("wrote changes: 2000 trades, 1000 prices, fx updates, deletes, a key change, 50 news with large bodies, a rollback");
+    println!(
+        "wrote changes: 2000 trades, 1000 prices, fx updates, deletes, a key change, 50 news with large bodies, a rollback"
+    );
     let summary = pipeline::run(&cfg, Mode::Sync, CancellationToken::new()).await?;
-    println!("\nreplicated up to LSN {} in {} commit(s), {} file(s), {} bytes:", summary.end_lsn, summary.commits, summary.files, summary.bytes);
+    println!(
+        "\nreplicated up to LSN {} in {} commit(s), {} file(s), {} bytes:",
+        summary.end_lsn, summary.commits, summary.files, summary.bytes
+    );
     for (table, rows) in &summary.rows {
         println!("  {table:<20} {rows:>6} rows");
     }
@@ -117,7 +125,11 @@ async fn run_demo(cluster: &TempCluster, dir: &Path, lake: &PathBuf) -> anyhow::
     for f in files {
         println!("  {}", f.strip_prefix(lake).unwrap_or(&f).display());
     }
-    println!("\nconfig used: {}  (try: walshore status --config {})", config_path.display(), config_path.display());
+    println!(
+        "\nconfig used: {}  (try: walshore status --config {})",
+        config_path.display(),
+        config_path.display()
+    );
     Ok(())
 }
 

@@ -7,7 +7,9 @@
 pub fn point(name: &str) {
     use std::sync::atomic::{AtomicU64, Ordering};
     static HITS: AtomicU64 = AtomicU64::new(0);
-    let Ok(spec) = std::env::var("WALSHORE_FAULT") else { return };
+    let Ok(spec) = std::env::var("WALSHORE_FAULT") else {
+        return;
+    };
     let (want, nth) = match spec.split_once('@') {
         Some((n, k)) => (n.to_owned(), k.parse::<u64>().unwrap_or(1)),
         None => (spec, 1),

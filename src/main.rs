@@ -9,7 +9,11 @@ use walshore::config::{Config, ConfigError};
 use walshore::pipeline::{self, ErrorChain, Mode};
 
 #[derive(Parser)]
-#[command(name = "walshore", version, about = "Replicate a PostgreSQL publication into partitioned Parquet on S3, continuously and exactly once.")]
+#[command(
+    name = "walshore",
+    version,
+    about = "Replicate a PostgreSQL publication into partitioned Parquet on S3, continuously and exactly once."
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -61,8 +65,11 @@ enum Command {
 }
 
 fn init_logging(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -73,7 +80,9 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         eprintln!("walshore: {e}");
         if matches!(e, ConfigError::Read { .. }) {
-            eprintln!("walshore: give an existing file with --config; the repository's config.toml documents every key");
+            eprintln!(
+                "walshore: give an existing file with --config; the repository's config.toml documents every key"
+            );
         }
         ExitCode::from(2)
     })
@@ -83,8 +92,10 @@ fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}

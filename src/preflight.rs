@@ -5,7 +5,7 @@ use object_store::{ObjectStoreExt, PutPayload};
 
 use crate::config::Config;
 use crate::sink::open_store;
-use crate::source::{quote_ident, sql, Replication};
+use crate::source::{Replication, quote_ident, sql};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Outcome {
@@ -51,7 +51,11 @@ async fn database_checks(cfg: &Config, r: &mut Report) {
             return;
         }
     };
-    let version: String = client.query_one("SHOW server_version", &[]).await.map(|row| row.get(0)).unwrap_or_default();
+    let version: String = client
+        .query_one("SHOW server_version", &[])
+        .await
+        .map(|row| row.get(0))
+        .unwrap_or_default();
     r.line(Outcome::Ok, "connect", format!("{target} (PostgreSQL {version})"));
 
     match client.query_one("SHOW wal_level", &[]).await {
@@ -72,7 +76,13 @@ async fn database_checks(cfg: &Config, r: &mut Report) {
     }
 
     let publication = &cfg.source.publication;
-    let tables = match client.query_opt("SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1", &[publication]).await {
+    let tables = match client
+        .query_opt(
+            "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1",
+            &[publication],
+        )
+        .await
+    {
         Ok(None) => {
             r.line(Outcome::Fail, "publication", format!("{publication:?} does not exist; create it (see sql/setup.sql): CREATE PUBLICATION {} FOR TABLE ...", quote_ident(publication)));
             return;
@@ -96,13 +106,28 @@ async fn database_checks(cfg: &Config, r: &mut Report) {
             .unwrap_or_default(),
     };
     if tables.is_empty() {
-        r.line(Outcome::Fail, "publication", format!("{publication:?} publishes no table; ALTER PUBLICATION {} ADD TABLE ...", quote_ident(publication)));
+        r.line(
+            Outcome::Fail,
+            "publication",
+            format!(
+                "{publication:?} publishes no table; ALTER PUBLICATION {} ADD TABLE ...",
+                quote_ident(publication)
+            ),
+        );
     } else {
-        r.line(Outcome::Ok, "publication", format!("{publication:?} publishes {} table(s)", tables.len()));
+        r.line(
+            Outcome::Ok,
+            "publication",
+            format!("{publication:?} publishes {} table(s)", tables.len()),
+        );
     }
     for t in &tables {
         let name = format!("{}.{}", t.get::<_, String>(0), t.get::<_, String>(1));
-        let quoted = format!("{}.{}", quote_ident(&t.get::<_, String>(0)), quote_ident(&t.get::<_, String>(1)));
+        let quoted = format!(
+            "{}.{}",
+            quote_ident(&t.get::<_, String>(0)),
+            quote_ident(&t.get::<_, String>(1))
+        );
         let (ident, has_pk, can_select): (String, bool, bool) = (t.get(2), t.get(3), t.get(4));
         match (ident.as_str(), has_pk) {
             ("f", _) => r.line(Outcome::Ok, "replica identity", format!("{name}: FULL")),
@@ -113,7 +138,14 @@ async fn database_checks(cfg: &Config, r: &mut Report) {
             )),
         }
         if !can_select {
-            r.line(Outcome::Warn, "privileges", format!("{name}: no SELECT privilege, which the initial copy needs: GRANT SELECT ON {quoted} TO {}", quote_ident(&cfg.source.conn.user)));
+            r.line(
+                Outcome::Warn,
+                "privileges",
+                format!(
+                    "{name}: no SELECT privilege, which the initial copy needs: GRANT SELECT ON {quoted} TO {}",
+                    quote_ident(&cfg.source.conn.user)
+                ),
+            );
         }
     }
 
@@ -124,17 +156,40 @@ async fn database_checks(cfg: &Config, r: &mut Report) {
         )
         .await
     {
-        Ok(None) => r.line(Outcome::Ok, "slot", format!("{:?} does not exist yet; walshore creates it on first run", cfg.source.slot)),
+        Ok(None) => r.line(
+            Outcome::Ok,
+            "slot",
+            format!(
+                "{:?} does not exist yet; walshore creates it on first run",
+                cfg.source.slot
+            ),
+        ),
         Ok(Some(row)) => {
-            let (plugin, db, active, wal): (Option<String>, Option<String>, bool, Option<String>) = (row.get(0), row.get(1), row.get(2), row.get(3));
+            let (plugin, db, active, wal): (Option<String>, Option<String>, bool, Option<String>) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
             if plugin.as_deref() != Some("pgoutput") || db.as_deref() != Some(cfg.source.conn.dbname.as_str()) {
-                r.line(Outcome::Fail, "slot", format!("{:?} belongs to plugin {plugin:?} in database {db:?}; choose another source.slot", cfg.source.slot));
+                r.line(
+                    Outcome::Fail,
+                    "slot",
+                    format!(
+                        "{:?} belongs to plugin {plugin:?} in database {db:?}; choose another source.slot",
+                        cfg.source.slot
+                    ),
+                );
             } else if wal.as_deref() == Some("lost") {
                 r.line(Outcome::Fail, "slot", format!("{:?} has lost required WAL (max_slot_wal_keep_size exceeded); drop it and take a new initial snapshot", cfg.source.slot));
             } else if active {
-                r.line(Outcome::Warn, "slot", format!("{:?} is in use right now (another walshore running?)", cfg.source.slot));
+                r.line(
+                    Outcome::Warn,
+                    "slot",
+                    format!("{:?} is in use right now (another walshore running?)", cfg.source.slot),
+                );
             } else {
-                r.line(Outcome::Ok, "slot", format!("{:?} exists (wal_status {})", cfg.source.slot, wal.unwrap_or_default()));
+                r.line(
+                    Outcome::Ok,
+                    "slot",
+                    format!("{:?} exists (wal_status {})", cfg.source.slot, wal.unwrap_or_default()),
+                );
             }
         }
         Err(e) => r.line(Outcome::Fail, "slot", e),
@@ -149,7 +204,11 @@ async fn store_check(cfg: &Config, r: &mut Report) {
             return;
         }
     };
-    let probe = Path::from(format!("_walshore/check-{}-{:08x}", std::process::id(), rand::random::<u32>()));
+    let probe = Path::from(format!(
+        "_walshore/check-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     let result = async {
         store.put(&probe, PutPayload::from_static(b"walshore check")).await?;
         store.get(&probe).await?.bytes().await?;
@@ -158,9 +217,14 @@ async fn store_check(cfg: &Config, r: &mut Report) {
     .await;
     match result {
         Ok(()) => r.line(Outcome::Ok, "object store", format!("{} is writable", cfg.sink.url)),
-        Err(e) => r.line(Outcome::Fail, "object store", format!(
-            "cannot write to {}: {}; check the bucket, prefix, endpoint and credentials (the standard AWS chain)",
-            cfg.sink.url, crate::pipeline::ErrorChain(&e)
-        )),
+        Err(e) => r.line(
+            Outcome::Fail,
+            "object store",
+            format!(
+                "cannot write to {}: {}; check the bucket, prefix, endpoint and credentials (the standard AWS chain)",
+                cfg.sink.url,
+                crate::pipeline::ErrorChain(&e)
+            ),
+        ),
     }
 }

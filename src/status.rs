@@ -1,6 +1,6 @@
 //! `walshore status`: the committed position in the lake beside the slot's state, as JSON.
 
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use crate::checkpoint::read_head;
 use crate::config::Config;
@@ -41,7 +41,12 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Value> {
             }),
             h.tables
                 .iter()
-                .map(|(t, s)| (t.clone(), json!({ "rows": s.rows, "last_commit_time": s.last_commit_ts.map(micros_to_rfc3339) })))
+                .map(|(t, s)| {
+                    (
+                        t.clone(),
+                        json!({ "rows": s.rows, "last_commit_time": s.last_commit_ts.map(micros_to_rfc3339) }),
+                    )
+                })
                 .collect::<serde_json::Map<_, _>>(),
         ),
         None => (Value::Null, Default::default()),
@@ -61,5 +66,11 @@ pub fn micros_to_rfc3339(us: i64) -> String {
     let rem = us.rem_euclid(86_400_000_000);
     let (y, m, d) = crate::batch::civil_from_days(days);
     let secs = rem / 1_000_000;
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z", secs / 3600, secs / 60 % 60, secs % 60, rem % 1_000_000)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        rem % 1_000_000
+    )
 }

@@ -9,17 +9,92 @@ use std::time::Duration;
 use support::*;
 
 fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl (apt-get install openssl)");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A CA, and a server certificate for 127.0.0.1 signed by it; plus an unrelated CA.
 fn make_certs(dir: &std::path::Path) {
-    openssl(dir, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=walshore test CA", "-keyout", "ca.key", "-out", "ca.crt"]);
-    openssl(dir, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=other CA", "-keyout", "other.key", "-out", "other.crt"]);
-    openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr"]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=walshore test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=other CA",
+            "-keyout",
+            "other.key",
+            "-out",
+            "other.crt",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    );
     std::fs::write(dir.join("ext.cnf"), "subjectAltName = IP:127.0.0.1, DNS:localhost\n").unwrap();
-    openssl(dir, &["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "server.crt"]);
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.crt",
+        ],
+    );
 }
 
 #[tokio::test]
@@ -32,14 +107,29 @@ async fn tls_modes_verify_the_server_as_libpq_does() {
         std::fs::copy(certs.path().join(f), data.join(f)).unwrap();
     }
     if unsafe { libc::geteuid() } == 0 {
-        Command::new("chown").args(["postgres:postgres"]).arg(data.join("server.crt")).arg(data.join("server.key")).status().unwrap();
+        Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(data.join("server.crt"))
+            .arg(data.join("server.key"))
+            .status()
+            .unwrap();
     }
-    std::fs::set_permissions(data.join("server.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(
+        data.join("server.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let admin = cluster.connect("postgres").await.unwrap();
     admin.batch_execute("ALTER SYSTEM SET ssl = on").await.unwrap();
     admin.query_one("SELECT pg_reload_conf()", &[]).await.unwrap();
-    wait_until(Duration::from_secs(10), "ssl to be on", || async { admin.query_one("SHOW ssl", &[]).await.unwrap().get::<_, String>(0) == "on" }).await;
-    admin.batch_execute("CREATE TABLE a (id int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE a").await.unwrap();
+    wait_until(Duration::from_secs(10), "ssl to be on", || async {
+        admin.query_one("SHOW ssl", &[]).await.unwrap().get::<_, String>(0) == "on"
+    })
+    .await;
+    admin
+        .batch_execute("CREATE TABLE a (id int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE a")
+        .await
+        .unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let sink = SinkKind::File(dir.path().join("lake"));
@@ -48,12 +138,23 @@ async fn tls_modes_verify_the_server_as_libpq_does() {
     let other = certs.path().join("other.crt");
 
     // verify-full with the right CA: works, and the replication connection is encrypted.
-    let config = write_config(dir.path(), &url(&format!("sslmode=verify-full&sslrootcert={}", ca.display())), "pub", "walshore", &sink, "", "");
+    let config = write_config(
+        dir.path(),
+        &url(&format!("sslmode=verify-full&sslrootcert={}", ca.display())),
+        "pub",
+        "walshore",
+        &sink,
+        "",
+        "",
+    );
     sync(&config);
     let child = spawn_run(&config);
     wait_until(Duration::from_secs(30), "an encrypted walsender", || async {
         let r = admin
-            .query_one("SELECT count(*) FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid) WHERE s.ssl", &[])
+            .query_one(
+                "SELECT count(*) FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid) WHERE s.ssl",
+                &[],
+            )
             .await
             .unwrap();
         r.get::<_, i64>(0) == 1
@@ -62,18 +163,32 @@ async fn tls_modes_verify_the_server_as_libpq_does() {
     let (status, stderr) = support::stop(child);
     assert!(status.success(), "{stderr}");
 
-    for mode in ["sslmode=require", &format!("sslmode=verify-ca&sslrootcert={}", ca.display())] {
+    for mode in [
+        "sslmode=require",
+        &format!("sslmode=verify-ca&sslrootcert={}", ca.display()),
+    ] {
         let config = write_config(dir.path(), &url(mode), "pub", "walshore", &sink, "", "");
         sync(&config);
     }
 
     // The wrong CA is refused, by verify-ca and by require-with-a-root (as libpq).
     for mode in ["verify-full", "verify-ca", "require"] {
-        let config = write_config(dir.path(), &url(&format!("sslmode={mode}&sslrootcert={}", other.display())), "pub", "walshore", &sink, "", "");
+        let config = write_config(
+            dir.path(),
+            &url(&format!("sslmode={mode}&sslrootcert={}", other.display())),
+            "pub",
+            "walshore",
+            &sink,
+            "",
+            "",
+        );
         let out = walshore(&["sync", "--config", config.to_str().unwrap()]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{mode}: {stderr}");
-        assert!(stderr.contains("TLS to PostgreSQL at 127.0.0.1") && stderr.contains("certificate"), "{mode}: {stderr}");
+        assert!(
+            stderr.contains("TLS to PostgreSQL at 127.0.0.1") && stderr.contains("certificate"),
+            "{mode}: {stderr}"
+        );
     }
 }
 
@@ -83,27 +198,55 @@ async fn idle_publication_on_a_busy_database_does_not_hold_wal() {
     let c = cluster.connect("postgres").await.unwrap();
     c.batch_execute("CREATE TABLE published (id int PRIMARY KEY); CREATE TABLE busy (id int); CREATE PUBLICATION pub FOR TABLE published").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &cluster.url("postgres", "postgres"), "pub", "walshore", &SinkKind::File(dir.path().join("lake")), "", "status_interval = \"1s\"");
+    let config = write_config(
+        dir.path(),
+        &cluster.url("postgres", "postgres"),
+        "pub",
+        "walshore",
+        &SinkKind::File(dir.path().join("lake")),
+        "",
+        "status_interval = \"1s\"",
+    );
     let child = spawn_run(&config);
     wait_until(Duration::from_secs(30), "the slot to be active", || async {
-        c.query_one("SELECT count(*) FROM pg_replication_slots WHERE active", &[]).await.unwrap().get::<_, i64>(0) == 1
+        c.query_one("SELECT count(*) FROM pg_replication_slots WHERE active", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
     })
     .await;
     // 32 MiB of WAL that the publication does not care about.
     for _ in 0..8 {
-        c.batch_execute("INSERT INTO busy SELECT generate_series(1, 100000)").await.unwrap();
+        c.batch_execute("INSERT INTO busy SELECT generate_series(1, 100000)")
+            .await
+            .unwrap();
     }
-    let written: String = c.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
-    wait_until(Duration::from_secs(60), "the slot to confirm past the unpublished writes", || async {
-        c.query_one("SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots", &[&written])
+    let written: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_until(
+        Duration::from_secs(60),
+        "the slot to confirm past the unpublished writes",
+        || async {
+            c.query_one(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots",
+                &[&written],
+            )
             .await
             .unwrap()
             .get::<_, bool>(0)
-    })
+        },
+    )
     .await;
     let (status, stderr) = support::stop(child);
     assert!(status.success(), "{stderr}");
-    assert!(!dir.path().join("lake/public").exists(), "no data file for a publication that saw no change");
+    assert!(
+        !dir.path().join("lake/public").exists(),
+        "no data file for a publication that saw no change"
+    );
 }
 
 #[tokio::test]
@@ -130,14 +273,39 @@ async fn md5_and_cleartext_password_authentication_work() {
     c.query_one("SELECT pg_reload_conf()", &[]).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     for (user, password, slot) in [("md5user", "pw-md5", "slot_md5"), ("pwuser", "pw-clear", "slot_clear")] {
-        let url = format!("postgres://{user}:{password}@127.0.0.1:{}/postgres?sslmode=disable", cluster.port);
-        let config = write_config(dir.path(), &url, "pub", slot, &SinkKind::File(dir.path().join(slot)), "", "");
+        let url = format!(
+            "postgres://{user}:{password}@127.0.0.1:{}/postgres?sslmode=disable",
+            cluster.port
+        );
+        let config = write_config(
+            dir.path(),
+            &url,
+            "pub",
+            slot,
+            &SinkKind::File(dir.path().join(slot)),
+            "",
+            "",
+        );
         sync(&config);
-        let wrong = format!("postgres://{user}:nope@127.0.0.1:{}/postgres?sslmode=disable", cluster.port);
-        let config = write_config(dir.path(), &wrong, "pub", slot, &SinkKind::File(dir.path().join(slot)), "", "");
+        let wrong = format!(
+            "postgres://{user}:nope@127.0.0.1:{}/postgres?sslmode=disable",
+            cluster.port
+        );
+        let config = write_config(
+            dir.path(),
+            &wrong,
+            "pub",
+            slot,
+            &SinkKind::File(dir.path().join(slot)),
+            "",
+            "",
+        );
         let out = walshore(&["sync", "--config", config.to_str().unwrap()]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{user}: {stderr}");
-        assert!(stderr.contains(&format!("refused user \"{user}\"")) && stderr.contains("password authentication failed"), "{user}: {stderr}");
+        assert!(
+            stderr.contains(&format!("refused user \"{user}\"")) && stderr.contains("password authentication failed"),
+            "{user}: {stderr}"
+        );
     }
 }

@@ -26,8 +26,15 @@ async fn env(settings: &[&str]) -> Env {
     admin.batch_execute("CREATE DATABASE t").await.unwrap();
     let client = cluster.connect("t").await.unwrap();
     client.batch_execute(TABLE).await.unwrap();
-    client.batch_execute("CREATE PUBLICATION pub FOR TABLE trades").await.unwrap();
-    Env { cluster, client, dir: tempfile::tempdir().unwrap() }
+    client
+        .batch_execute("CREATE PUBLICATION pub FOR TABLE trades")
+        .await
+        .unwrap();
+    Env {
+        cluster,
+        client,
+        dir: tempfile::tempdir().unwrap(),
+    }
 }
 
 fn insert_sql(from: i64, to: i64) -> String {
@@ -43,16 +50,32 @@ fn insert_sql(from: i64, to: i64) -> String {
 async fn mixed_workload(e: &Env, config: &std::path::Path) {
     let c = &e.client;
     c.batch_execute(&insert_sql(1, 300)).await.unwrap();
-    c.batch_execute("UPDATE trades SET price = price + 1, symbol = NULL WHERE id % 10 = 0").await.unwrap();
+    c.batch_execute("UPDATE trades SET price = price + 1, symbol = NULL WHERE id % 10 = 0")
+        .await
+        .unwrap();
     c.batch_execute("DELETE FROM trades WHERE id % 7 = 0").await.unwrap();
     sync(config);
-    c.batch_execute("UPDATE trades SET id = id + 10000 WHERE id IN (1, 2, 3)").await.unwrap();
-    c.batch_execute("BEGIN; DELETE FROM trades WHERE id > 100; ROLLBACK").await.unwrap();
-    c.batch_execute(&format!("BEGIN; {}; SAVEPOINT s; {}; ROLLBACK TO s; UPDATE trades SET qty = -1 WHERE id = 4; COMMIT", insert_sql(400, 410), insert_sql(500, 510))).await.unwrap();
+    c.batch_execute("UPDATE trades SET id = id + 10000 WHERE id IN (1, 2, 3)")
+        .await
+        .unwrap();
+    c.batch_execute("BEGIN; DELETE FROM trades WHERE id > 100; ROLLBACK")
+        .await
+        .unwrap();
+    c.batch_execute(&format!(
+        "BEGIN; {}; SAVEPOINT s; {}; ROLLBACK TO s; UPDATE trades SET qty = -1 WHERE id = 4; COMMIT",
+        insert_sql(400, 410),
+        insert_sql(500, 510)
+    ))
+    .await
+    .unwrap();
     c.batch_execute("TRUNCATE trades").await.unwrap();
     c.batch_execute(&insert_sql(1000, 1200)).await.unwrap();
-    c.batch_execute("UPDATE trades SET tags = '{}', payload = NULL, active = NULL WHERE id < 1010").await.unwrap();
-    c.batch_execute("DELETE FROM trades WHERE id BETWEEN 1100 AND 1110").await.unwrap();
+    c.batch_execute("UPDATE trades SET tags = '{}', payload = NULL, active = NULL WHERE id < 1010")
+        .await
+        .unwrap();
+    c.batch_execute("DELETE FROM trades WHERE id BETWEEN 1100 AND 1110")
+        .await
+        .unwrap();
     sync(config);
 }
 
@@ -71,21 +94,48 @@ async fn assert_lake_equals_source(e: &Env, config: &std::path::Path) -> LakeTab
 async fn file_sink_replays_inserts_updates_deletes_truncate_and_rollbacks() {
     let e = env(&[]).await;
     let lake_dir = e.dir.path().join("lake");
-    let config = write_config(e.dir.path(), &e.cluster.url("postgres", "t"), "pub", "walshore", &SinkKind::File(lake_dir.clone()), "", "");
+    let config = write_config(
+        e.dir.path(),
+        &e.cluster.url("postgres", "t"),
+        "pub",
+        "walshore",
+        &SinkKind::File(lake_dir.clone()),
+        "",
+        "",
+    );
     sync(&config); // creates the slot
     mixed_workload(&e, &config).await;
     let lake = assert_lake_equals_source(&e, &config).await;
     let ops: std::collections::BTreeSet<&str> = lake.rows.iter().map(|r| r.op.as_str()).collect();
-    assert_eq!(ops, ["D", "I", "T", "U"].into_iter().collect(), "every kind of change is in the lake");
+    assert_eq!(
+        ops,
+        ["D", "I", "T", "U"].into_iter().collect(),
+        "every kind of change is in the lake"
+    );
     // Key change: D of the old key, then I of the new, consecutive _seq.
-    let d = lake.rows.iter().position(|r| r.op == "D" && r.values["id"].as_deref() == Some("1")).expect("delete of old key 1");
+    let d = lake
+        .rows
+        .iter()
+        .position(|r| r.op == "D" && r.values["id"].as_deref() == Some("1"))
+        .expect("delete of old key 1");
     let i = &lake.rows[d + 1];
-    assert_eq!((i.op.as_str(), i.values["id"].as_deref(), i.lsn, i.seq), ("I", Some("10001"), lake.rows[d].lsn, lake.rows[d].seq + 1));
+    assert_eq!(
+        (i.op.as_str(), i.values["id"].as_deref(), i.lsn, i.seq),
+        ("I", Some("10001"), lake.rows[d].lsn, lake.rows[d].seq + 1)
+    );
     // The rolled-back savepoint's rows never reach the lake.
     assert!(!lake.rows.iter().any(|r| r.values["id"].as_deref() == Some("505")));
     // Partitions are the commit date.
-    let today = walshore::batch::date_partition(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64);
-    assert!(lake_dir.join("public/trades").join(&today).is_dir(), "partition {today} exists");
+    let today = walshore::batch::date_partition(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as i64,
+    );
+    assert!(
+        lake_dir.join("public/trades").join(&today).is_dir(),
+        "partition {today} exists"
+    );
 }
 
 #[tokio::test]
@@ -93,8 +143,20 @@ async fn s3_sink_replays_inserts_updates_deletes_truncate_and_rollbacks() {
     set_fake_aws_env();
     let moto = Moto::start("lake");
     let e = env(&[]).await;
-    let sink = SinkKind::S3 { moto: &moto, bucket: "lake", prefix: "cdc/trading" };
-    let config = write_config(e.dir.path(), &e.cluster.url("postgres", "t"), "pub", "walshore", &sink, "", "");
+    let sink = SinkKind::S3 {
+        moto: &moto,
+        bucket: "lake",
+        prefix: "cdc/trading",
+    };
+    let config = write_config(
+        e.dir.path(),
+        &e.cluster.url("postgres", "t"),
+        "pub",
+        "walshore",
+        &sink,
+        "",
+        "",
+    );
     sync(&config);
     mixed_workload(&e, &config).await;
     let lake = assert_lake_equals_source(&e, &config).await;
@@ -126,11 +188,21 @@ async fn large_streamed_transaction_with_subtransaction_abort_is_replicated_whol
     sync(&config);
     let lake = assert_lake_equals_source(&e, &config).await;
     assert_eq!(lake.rows.len(), 501_000);
-    assert!(lake.files > 1, "a transaction larger than max_buffer is written in several files");
-    assert!(lake.rows.iter().all(|r| r.lsn == lake.rows[0].lsn), "one transaction, one commit LSN");
+    assert!(
+        lake.files > 1,
+        "a transaction larger than max_buffer is written in several files"
+    );
+    assert!(
+        lake.rows.iter().all(|r| r.lsn == lake.rows[0].lsn),
+        "one transaction, one commit LSN"
+    );
     let spill = e.dir.path().join("spill");
     assert!(spill.is_dir(), "the streamed transaction spilled to disk");
-    assert_eq!(std::fs::read_dir(&spill).unwrap().count(), 0, "spill files are removed after commit");
+    assert_eq!(
+        std::fs::read_dir(&spill).unwrap().count(),
+        0,
+        "spill files are removed after commit"
+    );
 }
 
 #[tokio::test]
@@ -138,24 +210,49 @@ async fn replica_identity_full_table_without_key_replays_as_a_multiset() {
     let e = env(&[]).await;
     let c = &e.client;
     c.batch_execute("CREATE TABLE nokey (a integer, b text); ALTER TABLE nokey REPLICA IDENTITY FULL; ALTER PUBLICATION pub ADD TABLE nokey").await.unwrap();
-    let config = write_config(e.dir.path(), &e.cluster.url("postgres", "t"), "pub", "walshore", &SinkKind::File(e.dir.path().join("lake")), "", "");
+    let config = write_config(
+        e.dir.path(),
+        &e.cluster.url("postgres", "t"),
+        "pub",
+        "walshore",
+        &SinkKind::File(e.dir.path().join("lake")),
+        "",
+        "",
+    );
     sync(&config);
-    c.batch_execute("INSERT INTO nokey VALUES (1, 'x'), (1, 'x'), (2, 'y'), (3, NULL)").await.unwrap();
+    c.batch_execute("INSERT INTO nokey VALUES (1, 'x'), (1, 'x'), (2, 'y'), (3, NULL)")
+        .await
+        .unwrap();
     c.batch_execute("UPDATE nokey SET b = 'z' WHERE a = 2").await.unwrap();
-    c.batch_execute("DELETE FROM nokey WHERE ctid = (SELECT min(ctid) FROM nokey WHERE a = 1)").await.unwrap();
-    c.batch_execute("UPDATE nokey SET a = 30 WHERE b IS NULL").await.unwrap();
+    c.batch_execute("DELETE FROM nokey WHERE ctid = (SELECT min(ctid) FROM nokey WHERE a = 1)")
+        .await
+        .unwrap();
+    c.batch_execute("UPDATE nokey SET a = 30 WHERE b IS NULL")
+        .await
+        .unwrap();
     sync(&config);
     let lake = read_table(&open_lake(&config), "public", "nokey").await;
     assert_unique_positions(&lake);
     let updates: Vec<_> = lake.rows.iter().filter(|r| r.op == "U").collect();
     assert!(updates.is_empty(), "updates without a key are written as D + I");
-    assert_eq!(replay(&lake, None), source_rows(c, "SELECT a::text, b FROM nokey").await);
+    assert_eq!(
+        replay(&lake, None),
+        source_rows(c, "SELECT a::text, b FROM nokey").await
+    );
 }
 
 /// Starts `run` several times while a writer commits, ending each run with `end`.
 async fn restarts_under_load(end: fn(std::process::Child) -> bool) {
     let e = env(&[]).await;
-    let config = write_config(e.dir.path(), &e.cluster.url("postgres", "t"), "pub", "walshore", &SinkKind::File(e.dir.path().join("lake")), "max_buffer = \"256KiB\"", "");
+    let config = write_config(
+        e.dir.path(),
+        &e.cluster.url("postgres", "t"),
+        "pub",
+        "walshore",
+        &SinkKind::File(e.dir.path().join("lake")),
+        "max_buffer = \"256KiB\"",
+        "",
+    );
     sync(&config);
     let writer_client = e.cluster.connect("t").await.unwrap();
     let stop_flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -166,8 +263,14 @@ async fn restarts_under_load(end: fn(std::process::Child) -> bool) {
             let base = i * 1000;
             let n = if i % 10 == 0 { 999 } else { 9 };
             writer_client.batch_execute(&insert_sql(base, base + n)).await.unwrap();
-            writer_client.batch_execute(&format!("UPDATE trades SET qty = qty + 1 WHERE id = {}", base + 3)).await.unwrap();
-            writer_client.batch_execute(&format!("DELETE FROM trades WHERE id = {}", base + 5)).await.unwrap();
+            writer_client
+                .batch_execute(&format!("UPDATE trades SET qty = qty + 1 WHERE id = {}", base + 3))
+                .await
+                .unwrap();
+            writer_client
+                .batch_execute(&format!("DELETE FROM trades WHERE id = {}", base + 5))
+                .await
+                .unwrap();
             i += 1;
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -211,13 +314,29 @@ async fn sigkill_at_random_moments_under_load_leaves_no_duplicate_and_no_gap() {
 #[tokio::test]
 async fn a_second_instance_on_the_same_slot_is_refused() {
     let e = env(&[]).await;
-    let config = write_config(e.dir.path(), &e.cluster.url("postgres", "t"), "pub", "walshore", &SinkKind::File(e.dir.path().join("lake")), "", "");
+    let config = write_config(
+        e.dir.path(),
+        &e.cluster.url("postgres", "t"),
+        "pub",
+        "walshore",
+        &SinkKind::File(e.dir.path().join("lake")),
+        "",
+        "",
+    );
     sync(&config);
     let first = spawn_run(&config);
-    wait_until(Duration::from_secs(30), "the first instance to hold the slot", || async {
-        let r = e.client.query_one("SELECT count(*) FROM pg_replication_slots WHERE active", &[]).await.unwrap();
-        r.get::<_, i64>(0) == 1
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the first instance to hold the slot",
+        || async {
+            let r = e
+                .client
+                .query_one("SELECT count(*) FROM pg_replication_slots WHERE active", &[])
+                .await
+                .unwrap();
+            r.get::<_, i64>(0) == 1
+        },
+    )
     .await;
     let out = walshore(&["run", "--config", config.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -233,12 +352,30 @@ async fn a_second_instance_on_the_same_slot_is_refused() {
 #[tokio::test]
 async fn status_and_check_report_the_pipeline() {
     let e = env(&[]).await;
-    let config = write_config(e.dir.path(), &e.cluster.url("postgres", "t"), "pub", "walshore", &SinkKind::File(e.dir.path().join("lake")), "", "");
+    let config = write_config(
+        e.dir.path(),
+        &e.cluster.url("postgres", "t"),
+        "pub",
+        "walshore",
+        &SinkKind::File(e.dir.path().join("lake")),
+        "",
+        "",
+    );
     let out = walshore(&["check", "--config", config.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    for check in ["wal_level", "replication", "publication", "replica identity", "slot", "object store"] {
-        assert!(text.lines().any(|l| l.starts_with("ok") && l.contains(check)), "check {check} missing:\n{text}");
+    for check in [
+        "wal_level",
+        "replication",
+        "publication",
+        "replica identity",
+        "slot",
+        "object store",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with("ok") && l.contains(check)),
+            "check {check} missing:\n{text}"
+        );
     }
     sync(&config);
     e.client.batch_execute(&insert_sql(1, 42)).await.unwrap();
@@ -251,29 +388,48 @@ async fn status_and_check_report_the_pipeline() {
     assert!(v["slot"]["retained_wal_bytes"].is_i64(), "{v}");
     let committed: walshore::lsn::Lsn = v["committed"]["lsn"].as_str().unwrap().parse().unwrap();
     let confirmed: walshore::lsn::Lsn = v["slot"]["confirmed_flush_lsn"].as_str().unwrap().parse().unwrap();
-    assert!(confirmed >= committed, "the slot is confirmed up to the committed position: {v}");
+    assert!(
+        confirmed >= committed,
+        "the slot is confirmed up to the committed position: {v}"
+    );
 
     // A table without key or replica identity fails the check, with the fix.
-    e.client.batch_execute("CREATE TABLE bare (a int); ALTER PUBLICATION pub ADD TABLE bare").await.unwrap();
+    e.client
+        .batch_execute("CREATE TABLE bare (a int); ALTER PUBLICATION pub ADD TABLE bare")
+        .await
+        .unwrap();
     let out = walshore(&["check", "--config", config.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text.lines().any(|l| l.starts_with("FAIL") && l.contains("REPLICA IDENTITY FULL")), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("REPLICA IDENTITY FULL")),
+        "{text}"
+    );
 }
 
 /// Every Parquet file in the lake is named by a commit record: no orphan a reader of
 /// the directory would see.
 async fn assert_no_orphans(config: &std::path::Path) {
     let store = open_lake(config);
-    let all: Vec<_> = futures::TryStreamExt::try_collect::<Vec<_>>(store.list(None)).await.unwrap();
+    let all: Vec<_> = futures::TryStreamExt::try_collect::<Vec<_>>(store.list(None))
+        .await
+        .unwrap();
     let mut named = std::collections::HashSet::new();
-    for m in all.iter().filter(|m| m.location.as_ref().starts_with("_walshore/commits/")) {
+    for m in all
+        .iter()
+        .filter(|m| m.location.as_ref().starts_with("_walshore/commits/"))
+    {
         let bytes = store.get(&m.location).await.unwrap().bytes().await.unwrap();
         let record: walshore::checkpoint::CommitRecord = serde_json::from_slice(&bytes).unwrap();
         named.extend(record.files.into_iter().map(|f| f.key));
     }
     for m in all.iter().filter(|m| m.location.as_ref().ends_with(".parquet")) {
-        assert!(named.contains(m.location.as_ref()), "orphan file {} is named by no commit record", m.location);
+        assert!(
+            named.contains(m.location.as_ref()),
+            "orphan file {} is named by no commit record",
+            m.location
+        );
     }
 }
 
@@ -281,23 +437,54 @@ async fn assert_no_orphans(config: &std::path::Path) {
 async fn a_crash_at_every_step_of_a_commit_leaves_the_lake_exact() {
     // point@n: crash the n-th time the point is reached (the start-up claim is the
     // first commit record of every run).
-    for point in ["after_upload@1", "after_upload@3", "before_commit_record@2", "after_commit_record@2", "after_commit_before_confirm@1"] {
+    for point in [
+        "after_upload@1",
+        "after_upload@3",
+        "before_commit_record@2",
+        "after_commit_record@2",
+        "after_commit_before_confirm@1",
+    ] {
         let e = env(&[]).await;
-        let config = write_config(e.dir.path(), &e.cluster.url("postgres", "t"), "pub", "walshore", &SinkKind::File(e.dir.path().join("lake")), "max_buffer = \"64KiB\"", "");
+        let config = write_config(
+            e.dir.path(),
+            &e.cluster.url("postgres", "t"),
+            "pub",
+            "walshore",
+            &SinkKind::File(e.dir.path().join("lake")),
+            "max_buffer = \"64KiB\"",
+            "",
+        );
         sync(&config);
         e.client.batch_execute(&insert_sql(1, 3000)).await.unwrap();
-        e.client.batch_execute("UPDATE trades SET qty = 0 WHERE id % 3 = 0").await.unwrap();
+        e.client
+            .batch_execute("UPDATE trades SET qty = 0 WHERE id % 3 = 0")
+            .await
+            .unwrap();
         let out = std::process::Command::new(BIN)
             .args(["sync", "--config", config.to_str().unwrap()])
             .env("WALSHORE_FAULT", point)
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && stderr.contains("fault injected"), "{point}: the process did not crash there (built without --features fault-injection?):\n{stderr}");
-        e.client.batch_execute("DELETE FROM trades WHERE id % 5 = 0").await.unwrap();
+        assert!(
+            !out.status.success() && stderr.contains("fault injected"),
+            "{point}: the process did not crash there (built without --features fault-injection?):\n{stderr}"
+        );
+        e.client
+            .batch_execute("DELETE FROM trades WHERE id % 5 = 0")
+            .await
+            .unwrap();
         // Recover with other file boundaries, so that what the crashed run uploaded is
         // not simply overwritten by identical files.
-        let config = write_config(e.dir.path(), &e.cluster.url("postgres", "t"), "pub", "walshore", &SinkKind::File(e.dir.path().join("lake")), "max_buffer = \"100KiB\"", "");
+        let config = write_config(
+            e.dir.path(),
+            &e.cluster.url("postgres", "t"),
+            "pub",
+            "walshore",
+            &SinkKind::File(e.dir.path().join("lake")),
+            "max_buffer = \"100KiB\"",
+            "",
+        );
         sync(&config);
         assert_lake_equals_source(&e, &config).await;
         assert_no_orphans(&config).await;

@@ -3,8 +3,8 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use support::*;
@@ -19,10 +19,12 @@ ALTER TABLE nokey REPLICA IDENTITY FULL;
 CREATE TABLE misc (id int PRIMARY KEY, b bytea, tags text[], u uuid, j jsonb, f float8, flag bool, d date,
     t timestamp, n numeric, c char(3), s smallint, note varchar(20));
 CREATE PUBLICATION pub FOR TABLE trades, prices, empty_one, only_key, nokey, misc;";
-const MISC: &str = "SELECT id::text, b::text, tags::text, u::text, j::text, f::text, flag::text, (d - date '1970-01-01')::text,
+const MISC: &str =
+    "SELECT id::text, b::text, tags::text, u::text, j::text, f::text, flag::text, (d - date '1970-01-01')::text,
     (extract(epoch FROM t) * 1000000)::bigint::text, n::text, c, s::text, note FROM misc";
 
-const TRADES: &str = "SELECT id::text, symbol, qty::text, price::text, (extract(epoch FROM ts) * 1000000)::bigint::text FROM trades";
+const TRADES: &str =
+    "SELECT id::text, symbol, qty::text, price::text, (extract(epoch FROM ts) * 1000000)::bigint::text FROM trades";
 const PRICES: &str = "SELECT symbol, (extract(epoch FROM ts) * 1000000)::bigint::text, bid::text FROM prices";
 
 fn seed(n: i64) -> String {
@@ -39,14 +41,31 @@ fn seed(n: i64) -> String {
     )
 }
 
-async fn setup(n: i64) -> (walshore::cluster::TempCluster, tokio_postgres::Client, tempfile::TempDir, std::path::PathBuf) {
+async fn setup(
+    n: i64,
+) -> (
+    walshore::cluster::TempCluster,
+    tokio_postgres::Client,
+    tempfile::TempDir,
+    std::path::PathBuf,
+) {
     let cluster = cluster(&[]);
     let c = cluster.connect("postgres").await.unwrap();
     c.batch_execute(TABLES).await.unwrap();
     c.batch_execute(&seed(n)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &cluster.url("postgres", "postgres"), "pub", "walshore", &SinkKind::File(dir.path().join("lake")), "", "");
-    let text = std::fs::read_to_string(&config).unwrap().replace("mode = \"never\"", "mode = \"initial\"\nparallelism = 2");
+    let config = write_config(
+        dir.path(),
+        &cluster.url("postgres", "postgres"),
+        "pub",
+        "walshore",
+        &SinkKind::File(dir.path().join("lake")),
+        "",
+        "",
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("mode = \"never\"", "mode = \"initial\"\nparallelism = 2");
     std::fs::write(&config, text).unwrap();
     (cluster, c, dir, config)
 }
@@ -65,10 +84,18 @@ async fn assert_all_tables_equal(c: &tokio_postgres::Client, config: &std::path:
         assert_unique_positions(&lake);
         let source = source_rows(c, select).await;
         if lake.rows.is_empty() {
-            assert!(source.is_empty(), "{table}: nothing in the lake, {} rows at the source", source.len());
+            assert!(
+                source.is_empty(),
+                "{table}: nothing in the lake, {} rows at the source",
+                source.len()
+            );
             continue;
         }
-        assert_eq!(replay(&lake, key), source, "{table}: lake replay differs from the source");
+        assert_eq!(
+            replay(&lake, key),
+            source,
+            "{table}: lake replay differs from the source"
+        );
     }
 }
 
@@ -107,15 +134,25 @@ async fn initial_copy_then_stream_equals_the_source_with_a_writer_running_throug
     let lake = read_table(&open_lake(&config), "public", "trades").await;
     let r: Vec<_> = lake.rows.iter().filter(|r| r.op == "R").collect();
     assert_eq!(r.len(), 150_000, "every existing row copied once");
-    assert!(r.iter().enumerate().all(|(i, row)| row.seq == i as i64 && row.lsn == r[0].lsn), "R rows: one consistent point, _seq 0,1,2,...");
-    assert!(lake.rows.iter().any(|row| row.op != "R" && row.lsn > r[0].lsn), "the stream follows the copy");
+    assert!(
+        r.iter()
+            .enumerate()
+            .all(|(i, row)| row.seq == i as i64 && row.lsn == r[0].lsn),
+        "R rows: one consistent point, _seq 0,1,2,..."
+    );
+    assert!(
+        lake.rows.iter().any(|row| row.op != "R" && row.lsn > r[0].lsn),
+        "the stream follows the copy"
+    );
 }
 
 #[tokio::test]
 async fn sigkill_during_the_copy_then_restart_gives_an_exact_lake() {
     let (_cluster, c, dir, config) = setup(200_000).await;
     // Small buffers: the copy uploads many files before it commits.
-    let text = std::fs::read_to_string(&config).unwrap().replace("flush_interval", "max_buffer = \"1MiB\"\nflush_interval");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("flush_interval", "max_buffer = \"1MiB\"\nflush_interval");
     std::fs::write(&config, text).unwrap();
     let mut child = spawn_run(&config);
     let lake = dir.path().join("lake/public/trades");
@@ -126,7 +163,9 @@ async fn sigkill_during_the_copy_then_restart_gives_an_exact_lake() {
     .await;
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     child.wait().unwrap();
-    c.batch_execute("UPDATE trades SET qty = -1 WHERE id < 100; DELETE FROM prices WHERE bid < 1").await.unwrap();
+    c.batch_execute("UPDATE trades SET qty = -1 WHERE id < 100; DELETE FROM prices WHERE bid < 1")
+        .await
+        .unwrap();
     sync(&config);
     assert_all_tables_equal(&c, &config).await;
 }
@@ -136,11 +175,24 @@ async fn a_table_without_select_privilege_names_the_grant() {
     let (cluster, c, dir, _config) = setup(10).await;
     c.batch_execute("CREATE ROLE rep LOGIN REPLICATION PASSWORD 'pw'; GRANT SELECT ON trades, prices, empty_one, only_key, misc TO rep").await.unwrap();
     let url = format!("postgres://rep:pw@127.0.0.1:{}/postgres?sslmode=disable", cluster.port);
-    let config = write_config(dir.path(), &url, "pub", "walshore", &SinkKind::File(dir.path().join("lake2")), "", "");
-    let text = std::fs::read_to_string(&config).unwrap().replace("mode = \"never\"", "mode = \"initial\"");
+    let config = write_config(
+        dir.path(),
+        &url,
+        "pub",
+        "walshore",
+        &SinkKind::File(dir.path().join("lake2")),
+        "",
+        "",
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("mode = \"never\"", "mode = \"initial\"");
     std::fs::write(&config, text).unwrap();
     let out = walshore(&["sync", "--config", config.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("GRANT SELECT ON \"public\".\"nokey\" TO \"rep\""), "{stderr}");
+    assert!(
+        stderr.contains("GRANT SELECT ON \"public\".\"nokey\" TO \"rep\""),
+        "{stderr}"
+    );
 }

@@ -30,7 +30,8 @@ impl RowCutter {
             if &self.pending[..11] != SIGNATURE {
                 return Err("binary COPY data has no PGCOPY signature".into());
             }
-            let ext = u32::from_be_bytes([self.pending[15], self.pending[16], self.pending[17], self.pending[18]]) as usize;
+            let ext =
+                u32::from_be_bytes([self.pending[15], self.pending[16], self.pending[17], self.pending[18]]) as usize;
             if self.pending.len() < 19 + ext {
                 return Ok(None);
             }
@@ -38,7 +39,11 @@ impl RowCutter {
             self.header_done = true;
         }
         self.scan()?;
-        if self.whole >= BLOCK_BYTES { Ok(Some(self.take())) } else { Ok(None) }
+        if self.whole >= BLOCK_BYTES {
+            Ok(Some(self.take()))
+        } else {
+            Ok(None)
+        }
     }
 
     /// Whole rows seen so far.
@@ -93,7 +98,10 @@ impl RowCutter {
 
 /// Calls `f(index, value)` for each field of the row at the start of `data`, advancing
 /// `data` past it; returns the number of fields.
-pub(crate) fn for_each_field(data: &mut &[u8], mut f: impl FnMut(usize, Option<&[u8]>) -> Result<(), String>) -> Result<usize, String> {
+pub(crate) fn for_each_field(
+    data: &mut &[u8],
+    mut f: impl FnMut(usize, Option<&[u8]>) -> Result<(), String>,
+) -> Result<usize, String> {
     let short = || "binary COPY row is truncated".to_string();
     if data.len() < 2 {
         return Err(short());
@@ -165,7 +173,15 @@ mod tests {
             })
             .unwrap();
         }
-        assert_eq!(seen, vec![(0, Some(b"abc".to_vec())), (1, None), (0, Some(vec![0, 0, 0, 7])), (1, Some(vec![]))]);
+        assert_eq!(
+            seen,
+            vec![
+                (0, Some(b"abc".to_vec())),
+                (1, None),
+                (0, Some(vec![0, 0, 0, 7])),
+                (1, Some(vec![]))
+            ]
+        );
         let mut cut = RowCutter::default();
         cut.push(&stream[..stream.len() - 3]).unwrap();
         assert!(cut.finish().is_err(), "a stream cut short is an error");

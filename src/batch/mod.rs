@@ -33,10 +33,24 @@ pub const METADATA_COLUMNS: [&str; 6] = ["_op", "_lsn", "_seq", "_xid", "_commit
 
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
-    #[error("column {schema}.{table}.{column} at lsn {lsn}: {reason}; nothing from this transaction on was written, and it is retried at every start (to skip it on purpose, losing it, advance the slot past it with pg_replication_slot_advance)")]
-    Value { schema: String, table: String, column: String, lsn: Lsn, reason: String },
-    #[error("table {schema}.{table} has a column named {column}, which walshore reserves for its metadata; rename the column")]
-    ReservedColumn { schema: String, table: String, column: String },
+    #[error(
+        "column {schema}.{table}.{column} at lsn {lsn}: {reason}; nothing from this transaction on was written, and it is retried at every start (to skip it on purpose, losing it, advance the slot past it with pg_replication_slot_advance)"
+    )]
+    Value {
+        schema: String,
+        table: String,
+        column: String,
+        lsn: Lsn,
+        reason: String,
+    },
+    #[error(
+        "table {schema}.{table} has a column named {column}, which walshore reserves for its metadata; rename the column"
+    )]
+    ReservedColumn {
+        schema: String,
+        table: String,
+        column: String,
+    },
     #[error("protocol violation at lsn {lsn}: {what}")]
     Protocol { lsn: Lsn, what: String },
 }
@@ -82,8 +96,16 @@ impl Layout {
             Field::new("_lsn", DataType::Int64, false),
             Field::new("_seq", DataType::Int64, false),
             Field::new("_xid", DataType::Int64, true),
-            Field::new("_commit_ts", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
-            Field::new("_unchanged", DataType::List(Arc::new(Field::new("element", DataType::Utf8, true))), true),
+            Field::new(
+                "_commit_ts",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                false,
+            ),
+            Field::new(
+                "_unchanged",
+                DataType::List(Arc::new(Field::new("element", DataType::Utf8, true))),
+                true,
+            ),
         ];
         let mut kinds = Vec::with_capacity(relation.columns.len());
         for c in &relation.columns {
@@ -98,7 +120,11 @@ impl Layout {
             fields.push(Field::new(&c.name, kind.data_type(), true));
             kinds.push(kind);
         }
-        Ok(Layout { relation, kinds, schema: Arc::new(Schema::new(fields)) })
+        Ok(Layout {
+            relation,
+            kinds,
+            schema: Arc::new(Schema::new(fields)),
+        })
     }
 }
 
@@ -132,8 +158,11 @@ impl TableBuf {
             seq: Int64Builder::new(),
             xid: Int64Builder::new(),
             commit_ts: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
-            unchanged: ListBuilder::new(StringBuilder::new())
-                .with_field(Arc::new(Field::new("element", DataType::Utf8, true))),
+            unchanged: ListBuilder::new(StringBuilder::new()).with_field(Arc::new(Field::new(
+                "element",
+                DataType::Utf8,
+                true,
+            ))),
             columns,
             rows: 0,
             parts: Vec::new(),
@@ -143,7 +172,12 @@ impl TableBuf {
     fn extend_part(&mut self, partition: &str, pos: RowPos) {
         match self.parts.last_mut() {
             Some(p) if p.partition == partition => p.last = pos,
-            _ => self.parts.push(PartRange { partition: partition.to_owned(), start_row: self.rows, first: pos, last: pos }),
+            _ => self.parts.push(PartRange {
+                partition: partition.to_owned(),
+                start_row: self.rows,
+                first: pos,
+                last: pos,
+            }),
         }
     }
 
@@ -170,8 +204,8 @@ impl TableBuf {
             Arc::new(self.unchanged.finish()),
         ];
         arrays.extend(self.columns.iter_mut().map(value::Builder::finish));
-        let batch = RecordBatch::try_new(self.layout.schema.clone(), arrays)
-            .expect("builders match the layout's schema");
+        let batch =
+            RecordBatch::try_new(self.layout.schema.clone(), arrays).expect("builders match the layout's schema");
         let rows = self.rows;
         let parts = std::mem::take(&mut self.parts);
         let ends: Vec<usize> = parts.iter().skip(1).map(|p| p.start_row).chain([rows]).collect();
@@ -237,7 +271,11 @@ impl Batcher {
     pub fn push(&mut self, event: Event) -> Result<(), BatchError> {
         match event {
             Event::Begin(info) => {
-                self.tx = Some(OpenTx { info, partition: date_partition(info.commit_ts), seq: 0 });
+                self.tx = Some(OpenTx {
+                    info,
+                    partition: date_partition(info.commit_ts),
+                    seq: 0,
+                });
             }
             Event::Relation(rel) => self.relation(rel)?,
             Event::Change(change) => self.change(change)?,
@@ -257,11 +295,11 @@ impl Batcher {
     fn relation(&mut self, rel: Arc<Relation>) -> Result<(), BatchError> {
         if let Some(old) = self.layouts.get(&rel.id)
             && old.relation.columns == rel.columns
-                && old.relation.name == rel.name
-                && old.relation.namespace == rel.namespace
-            {
-                return Ok(());
-            }
+            && old.relation.name == rel.name
+            && old.relation.namespace == rel.namespace
+        {
+            return Ok(());
+        }
         let layout = Arc::new(Layout::new(rel.clone())?);
         // Rows buffered under the old schema keep it: seal them into their own files.
         if let Some(mut buf) = self.tables.remove(&rel.id) {
@@ -274,7 +312,12 @@ impl Batcher {
     fn change(&mut self, change: Change) -> Result<(), BatchError> {
         match change {
             Change::Insert { rel_id, new } => self.row(rel_id, "I", &new, None, false),
-            Change::Update { rel_id, old, old_is_full_row, new } => match old {
+            Change::Update {
+                rel_id,
+                old,
+                old_is_full_row,
+                new,
+            } => match old {
                 None => self.row(rel_id, "U", &new, None, false),
                 Some(old) => {
                     let full = old_is_full_row.then_some(&old);
@@ -314,7 +357,10 @@ impl Batcher {
                 what: format!("change for relation {rel_id} before its Relation message"),
             });
         };
-        let buf = self.tables.entry(rel_id).or_insert_with(|| TableBuf::new(layout.clone()));
+        let buf = self
+            .tables
+            .entry(rel_id)
+            .or_insert_with(|| TableBuf::new(layout.clone()));
         let layout = buf.layout.clone();
         let ncols = layout.kinds.len();
         if !all_null && tuple.len() != ncols {
@@ -385,15 +431,28 @@ impl Batcher {
     /// Rows of the initial copy in COPY's binary format: columns where
     /// [`copies_binary`] holds carry their binary value, the others their text.
     fn snapshot_binary_rows(&mut self, rel_id: u32, mut rows: &[u8]) -> Result<(), BatchError> {
-        let tx = self.tx.as_mut().ok_or(BatchError::Protocol { lsn: Lsn::ZERO, what: "snapshot rows outside the snapshot transaction".into() })?;
+        let tx = self.tx.as_mut().ok_or(BatchError::Protocol {
+            lsn: Lsn::ZERO,
+            what: "snapshot rows outside the snapshot transaction".into(),
+        })?;
         let lsn = tx.info.commit_lsn;
         let Some(layout) = self.layouts.get(&rel_id) else {
-            return Err(BatchError::Protocol { lsn, what: format!("snapshot rows for relation {rel_id} before its Relation") });
+            return Err(BatchError::Protocol {
+                lsn,
+                what: format!("snapshot rows for relation {rel_id} before its Relation"),
+            });
         };
-        let buf = self.tables.entry(rel_id).or_insert_with(|| TableBuf::new(layout.clone()));
+        let buf = self
+            .tables
+            .entry(rel_id)
+            .or_insert_with(|| TableBuf::new(layout.clone()));
         let seq = self.snapshot_seq.entry(rel_id).or_insert(0);
         let relation = buf.layout.relation.clone();
-        let binary: Vec<bool> = relation.columns.iter().map(|c| copies_binary(c.type_oid, c.type_modifier)).collect();
+        let binary: Vec<bool> = relation
+            .columns
+            .iter()
+            .map(|c| copies_binary(c.type_oid, c.type_modifier))
+            .collect();
         let ncols = relation.columns.len();
         while !rows.is_empty() {
             let before = rows.len();
@@ -401,7 +460,9 @@ impl Batcher {
             let mut failed_column = 0;
             let n = copy_binary::for_each_field(&mut rows, |i, v| {
                 failed_column = i;
-                let Some(builder) = columns.get_mut(i) else { return Err(format!("COPY row has more than {ncols} columns")) };
+                let Some(builder) = columns.get_mut(i) else {
+                    return Err(format!("COPY row has more than {ncols} columns"));
+                };
                 match v {
                     None => {
                         builder.append_null();
@@ -414,12 +475,21 @@ impl Batcher {
             .map_err(|reason| BatchError::Value {
                 schema: relation.namespace.clone(),
                 table: relation.name.clone(),
-                column: relation.columns.get(failed_column).map_or_else(|| "(copy row)".into(), |c| c.name.clone()),
+                column: relation
+                    .columns
+                    .get(failed_column)
+                    .map_or_else(|| "(copy row)".into(), |c| c.name.clone()),
                 lsn,
                 reason,
             })?;
             if n != ncols {
-                return Err(BatchError::Protocol { lsn, what: format!("{}.{}: COPY row has {n} columns, expected {ncols}", relation.namespace, relation.name) });
+                return Err(BatchError::Protocol {
+                    lsn,
+                    what: format!(
+                        "{}.{}: COPY row has {n} columns, expected {ncols}",
+                        relation.namespace, relation.name
+                    ),
+                });
             }
             let pos = RowPos { lsn, seq: *seq };
             buf.extend_part(&tx.partition, pos);
@@ -447,7 +517,11 @@ impl Batcher {
         } else {
             (None, None)
         };
-        Taken { files, end_lsn, commit_ts }
+        Taken {
+            files,
+            end_lsn,
+            commit_ts,
+        }
     }
 }
 

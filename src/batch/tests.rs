@@ -14,8 +14,18 @@ fn rel(id: u32) -> Arc<Relation> {
         name: "t".into(),
         replica_identity: ReplicaIdentity::Default,
         columns: vec![
-            Column { key: true, name: "id".into(), type_oid: 20, type_modifier: -1 },
-            Column { key: false, name: "body".into(), type_oid: 25, type_modifier: -1 },
+            Column {
+                key: true,
+                name: "id".into(),
+                type_oid: 20,
+                type_modifier: -1,
+            },
+            Column {
+                key: false,
+                name: "body".into(),
+                type_oid: 25,
+                type_modifier: -1,
+            },
         ],
     })
 }
@@ -25,7 +35,12 @@ fn t(s: &str) -> TupleValue {
 }
 
 fn begin(b: &mut Batcher, lsn: u64) {
-    b.push(Event::Begin(TxInfo { xid: 7, commit_lsn: Lsn(lsn), commit_ts: 0 })).unwrap();
+    b.push(Event::Begin(TxInfo {
+        xid: 7,
+        commit_lsn: Lsn(lsn),
+        commit_ts: 0,
+    }))
+    .unwrap();
 }
 
 #[test]
@@ -33,7 +48,11 @@ fn key_change_becomes_delete_then_insert_with_consecutive_seq() {
     let mut b = Batcher::new();
     begin(&mut b, 100);
     b.push(Event::Relation(rel(1))).unwrap();
-    b.push(Event::Change(Change::Insert { rel_id: 1, new: vec![t("1"), t("a")] })).unwrap();
+    b.push(Event::Change(Change::Insert {
+        rel_id: 1,
+        new: vec![t("1"), t("a")],
+    }))
+    .unwrap();
     b.push(Event::Change(Change::Update {
         rel_id: 1,
         old: Some(vec![t("1"), TupleValue::Null]),
@@ -82,7 +101,12 @@ fn bad_value_names_table_column_and_lsn() {
     let mut b = Batcher::new();
     begin(&mut b, 0x1_0000_0010);
     b.push(Event::Relation(rel(1))).unwrap();
-    let e = b.push(Event::Change(Change::Insert { rel_id: 1, new: vec![t("x"), t("a")] })).unwrap_err();
+    let e = b
+        .push(Event::Change(Change::Insert {
+            rel_id: 1,
+            new: vec![t("x"), t("a")],
+        }))
+        .unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains("public.t.id") && msg.contains("1/10"), "{msg}");
 }
@@ -92,11 +116,19 @@ fn take_inside_a_transaction_has_no_end_lsn() {
     let mut b = Batcher::new();
     begin(&mut b, 100);
     b.push(Event::Relation(rel(1))).unwrap();
-    b.push(Event::Change(Change::Insert { rel_id: 1, new: vec![t("1"), t("a")] })).unwrap();
+    b.push(Event::Change(Change::Insert {
+        rel_id: 1,
+        new: vec![t("1"), t("a")],
+    }))
+    .unwrap();
     let taken = b.take();
     assert_eq!(taken.end_lsn, None);
     assert_eq!(taken.files.len(), 1);
-    b.push(Event::Change(Change::Insert { rel_id: 1, new: vec![t("2"), t("b")] })).unwrap();
+    b.push(Event::Change(Change::Insert {
+        rel_id: 1,
+        new: vec![t("2"), t("b")],
+    }))
+    .unwrap();
     b.push(Event::Commit { end_lsn: Lsn(120) }).unwrap();
     let taken = b.take();
     assert_eq!(taken.end_lsn, Some(Lsn(120)));

@@ -21,12 +21,11 @@
 
 use std::sync::Arc;
 
-use arrow::array::{
-    ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Float32Builder,
-    Float64Builder, Int16Builder, Int32Builder, Int64Builder, ListArray, StringBuilder,
-    TimestampMicrosecondBuilder,
-};
 use arrow::array::NullBufferBuilder;
+use arrow::array::{
+    ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Float32Builder, Float64Builder,
+    Int16Builder, Int32Builder, Int64Builder, ListArray, StringBuilder, TimestampMicrosecondBuilder,
+};
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, TimeUnit};
 
@@ -127,9 +126,7 @@ impl Kind {
             Kind::Utf8 => DataType::Utf8,
             Kind::Binary => DataType::Binary,
             Kind::Date32 => DataType::Date32,
-            Kind::Timestamp { utc } => {
-                DataType::Timestamp(TimeUnit::Microsecond, utc.then(|| Arc::from("UTC")))
-            }
+            Kind::Timestamp { utc } => DataType::Timestamp(TimeUnit::Microsecond, utc.then(|| Arc::from("UTC"))),
             Kind::List(elem) => DataType::List(Arc::new(Field::new("element", elem.data_type(), true))),
         }
     }
@@ -141,7 +138,8 @@ impl Kind {
 pub fn copies_binary(type_oid: u32, typmod: i32) -> bool {
     use oid::*;
     match type_oid {
-        BOOL | INT2 | INT4 | INT8 | FLOAT4 | FLOAT8 | DATE | TIMESTAMP | TIMESTAMPTZ | TEXT | VARCHAR | BPCHAR | NAME | BYTEA => true,
+        BOOL | INT2 | INT4 | INT8 | FLOAT4 | FLOAT8 | DATE | TIMESTAMP | TIMESTAMPTZ | TEXT | VARCHAR | BPCHAR
+        | NAME | BYTEA => true,
         NUMERIC => matches!(numeric_kind(typmod), Kind::Decimal { .. }),
         _ => false,
     }
@@ -151,7 +149,8 @@ pub fn copies_binary(type_oid: u32, typmod: i32) -> bool {
 const PG_EPOCH_DAYS: i32 = 10_957;
 
 fn be<const N: usize>(raw: &[u8], kind: &str) -> Result<[u8; N], ValueError> {
-    raw.try_into().map_err(|_| ValueError(format!("binary {kind} value has {} bytes, expected {N}", raw.len())))
+    raw.try_into()
+        .map_err(|_| ValueError(format!("binary {kind} value has {} bytes, expected {N}", raw.len())))
 }
 
 /// numeric's binary form -> the unscaled value at `scale`, exactly, or an error.
@@ -164,8 +163,16 @@ pub(crate) fn decimal_from_binary(raw: &[u8], precision: u8, scale: i8) -> Resul
     let (ndigits, weight, sign) = (word(0) as usize, word(2) as i16 as i64, word(4));
     match sign {
         0x0000 | 0x4000 => {}
-        0xC000 => return Err(ValueError("numeric value \"NaN\" cannot be represented in Parquet".into())),
-        _ => return Err(ValueError("numeric value \"Infinity\" cannot be represented in Parquet".into())),
+        0xC000 => {
+            return Err(ValueError(
+                "numeric value \"NaN\" cannot be represented in Parquet".into(),
+            ));
+        }
+        _ => {
+            return Err(ValueError(
+                "numeric value \"Infinity\" cannot be represented in Parquet".into(),
+            ));
+        }
     }
     if raw.len() != 8 + 2 * ndigits {
         return Err(bad());
@@ -173,7 +180,10 @@ pub(crate) fn decimal_from_binary(raw: &[u8], precision: u8, scale: i8) -> Resul
     let overflow = || ValueError(format!("numeric value exceeds precision {precision}"));
     let mut v: i128 = 0;
     for i in 0..ndigits {
-        v = v.checked_mul(10_000).and_then(|v| v.checked_add(i128::from(word(8 + 2 * i)))).ok_or_else(overflow)?;
+        v = v
+            .checked_mul(10_000)
+            .and_then(|v| v.checked_add(i128::from(word(8 + 2 * i))))
+            .ok_or_else(overflow)?;
     }
     // v is the value times 10^frac.
     let frac = 4 * (ndigits as i64 - 1 - weight);
@@ -185,7 +195,9 @@ pub(crate) fn decimal_from_binary(raw: &[u8], precision: u8, scale: i8) -> Resul
     } else {
         for _ in 0..-shift {
             if v % 10 != 0 {
-                return Err(ValueError(format!("numeric value has more than {scale} fraction digits")));
+                return Err(ValueError(format!(
+                    "numeric value has more than {scale} fraction digits"
+                )));
             }
             v /= 10;
         }
@@ -205,7 +217,10 @@ fn numeric_kind(typmod: i32) -> Kind {
     // The scale is an 11-bit signed field since PostgreSQL 15 (negative scales allowed).
     let scale = ((t & 0x7FF) ^ 1024) - 1024;
     if (1..=38).contains(&precision) && (0..=precision).contains(&scale) {
-        Kind::Decimal { precision: precision as u8, scale: scale as i8 }
+        Kind::Decimal {
+            precision: precision as u8,
+            scale: scale as i8,
+        }
     } else {
         Kind::Utf8
     }
@@ -217,7 +232,10 @@ fn numeric_kind(typmod: i32) -> Kind {
 pub(crate) struct ValueError(pub String);
 
 fn bad(kind: &str, raw: &[u8]) -> ValueError {
-    ValueError(format!("cannot read {kind} value {:?}", String::from_utf8_lossy(&raw[..raw.len().min(64)])))
+    ValueError(format!(
+        "cannot read {kind} value {:?}",
+        String::from_utf8_lossy(&raw[..raw.len().min(64)])
+    ))
 }
 
 fn unrepresentable(kind: &str, raw: &[u8]) -> ValueError {
@@ -239,7 +257,12 @@ pub(crate) enum Builder {
     Binary(BinaryBuilder),
     Date32(Date32Builder),
     Timestamp(TimestampMicrosecondBuilder, bool),
-    List { offsets: Vec<i32>, nulls: NullBufferBuilder, child: Box<Builder>, field: Arc<Field> },
+    List {
+        offsets: Vec<i32>,
+        nulls: NullBufferBuilder,
+        child: Box<Builder>,
+        field: Arc<Field>,
+    },
 }
 
 impl Builder {
@@ -305,14 +328,14 @@ impl Builder {
             Builder::Int64(b) => b.append_value(parse_str(raw, "int8")?),
             Builder::Float32(b) => b.append_value(parse_float(raw, "float4")? as f32),
             Builder::Float64(b) => b.append_value(parse_float(raw, "float8")?),
-            Builder::Decimal(b, precision, scale) => {
-                b.append_value(parse_decimal(raw, *precision, *scale)?)
-            }
+            Builder::Decimal(b, precision, scale) => b.append_value(parse_decimal(raw, *precision, *scale)?),
             Builder::Utf8(b) => b.append_value(utf8(raw)?),
             Builder::Binary(b) => b.append_value(parse_bytea(raw)?),
             Builder::Date32(b) => b.append_value(parse_date(raw)?),
             Builder::Timestamp(b, utc) => b.append_value(parse_timestamp(raw, *utc)?),
-            Builder::List { offsets, nulls, child, .. } => {
+            Builder::List {
+                offsets, nulls, child, ..
+            } => {
                 let n = parse_array(raw, child)?;
                 let last = *offsets.last().expect("offsets start with 0");
                 offsets.push(last + n as i32);
@@ -338,9 +361,15 @@ impl Builder {
             Builder::Date32(b) => {
                 let days = i32::from_be_bytes(be(raw, "date")?);
                 if days == i32::MAX || days == i32::MIN {
-                    return Err(unrepresentable("date", if days > 0 { b"infinity" } else { b"-infinity" }));
+                    return Err(unrepresentable(
+                        "date",
+                        if days > 0 { b"infinity" } else { b"-infinity" },
+                    ));
                 }
-                b.append_value(days.checked_add(PG_EPOCH_DAYS).ok_or_else(|| unrepresentable("date", raw))?)
+                b.append_value(
+                    days.checked_add(PG_EPOCH_DAYS)
+                        .ok_or_else(|| unrepresentable("date", raw))?,
+                )
             }
             Builder::Timestamp(b, utc) => {
                 let kind = if *utc { "timestamptz" } else { "timestamp" };
@@ -369,7 +398,12 @@ impl Builder {
             Builder::Binary(b) => Arc::new(b.finish()),
             Builder::Date32(b) => Arc::new(b.finish()),
             Builder::Timestamp(b, _) => Arc::new(b.finish()),
-            Builder::List { offsets, nulls, child, field } => {
+            Builder::List {
+                offsets,
+                nulls,
+                child,
+                field,
+            } => {
                 let offsets = OffsetBuffer::new(std::mem::replace(offsets, vec![0]).into());
                 let values = child.finish();
                 Arc::new(ListArray::new(field.clone(), offsets, values, nulls.finish()))
@@ -517,7 +551,10 @@ pub(crate) fn parse_timestamp(raw: &[u8], with_zone: bool) -> Result<i64, ValueE
     let mut t = &s[sp + 1..];
     let mut offset_secs = 0i64;
     if with_zone {
-        let p = t.iter().rposition(|&c| c == b'+' || c == b'-').ok_or_else(|| bad(kind, raw))?;
+        let p = t
+            .iter()
+            .rposition(|&c| c == b'+' || c == b'-')
+            .ok_or_else(|| bad(kind, raw))?;
         let sign = if t[p] == b'-' { -1 } else { 1 };
         let mut f = [0i64; 3];
         for (i, part) in t[p + 1..].split(|&c| c == b':').enumerate() {
@@ -534,8 +571,7 @@ pub(crate) fn parse_timestamp(raw: &[u8], with_zone: bool) -> Result<i64, ValueE
         None => (t, &t[t.len()..]),
     };
     let mut parts = hms.split(|&c| c == b':');
-    let (Some(h), Some(mi), Some(se), None) = (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(h), Some(mi), Some(se), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err(bad(kind, raw));
     };
     let (h, mi, se) = (digits(h, kind, raw)?, digits(mi, kind, raw)?, digits(se, kind, raw)?);
@@ -562,10 +598,12 @@ fn parse_array(raw: &[u8], child: &mut Builder) -> Result<usize, ValueError> {
     let inner = raw
         .strip_prefix(b"{")
         .and_then(|s| s.strip_suffix(b"}"))
-        .ok_or_else(|| ValueError(format!(
-            "array value {:?} has explicit bounds, which a Parquet list cannot keep",
-            String::from_utf8_lossy(&raw[..raw.len().min(64)])
-        )))?;
+        .ok_or_else(|| {
+            ValueError(format!(
+                "array value {:?} has explicit bounds, which a Parquet list cannot keep",
+                String::from_utf8_lossy(&raw[..raw.len().min(64)])
+            ))
+        })?;
     if inner.is_empty() {
         return Ok(0);
     }
@@ -631,7 +669,13 @@ mod tests {
     #[test]
     fn numeric_typmod_maps_to_decimal_or_text() {
         let typmod = |p: i32, s: i32| ((p << 16) | s) + 4;
-        assert_eq!(Kind::for_type(oid::NUMERIC, typmod(12, 2)), Kind::Decimal { precision: 12, scale: 2 });
+        assert_eq!(
+            Kind::for_type(oid::NUMERIC, typmod(12, 2)),
+            Kind::Decimal {
+                precision: 12,
+                scale: 2
+            }
+        );
         assert_eq!(Kind::for_type(oid::NUMERIC, typmod(39, 2)), Kind::Utf8);
         assert_eq!(Kind::for_type(oid::NUMERIC, -1), Kind::Utf8);
     }
@@ -640,9 +684,17 @@ mod tests {
     fn decimals_are_exact_and_never_rounded() {
         assert_eq!(parse_decimal(b"-123.45", 12, 2), Ok(-12345));
         assert_eq!(parse_decimal(b"7", 5, 3), Ok(7000));
-        assert_eq!(parse_decimal(b"99999999999999999999999999999999999999", 38, 0), Ok(10i128.pow(38) - 1));
+        assert_eq!(
+            parse_decimal(b"99999999999999999999999999999999999999", 38, 0),
+            Ok(10i128.pow(38) - 1)
+        );
         assert!(parse_decimal(b"1.234", 12, 2).is_err());
-        assert!(parse_decimal(b"NaN", 12, 2).unwrap_err().0.contains("cannot be represented"));
+        assert!(
+            parse_decimal(b"NaN", 12, 2)
+                .unwrap_err()
+                .0
+                .contains("cannot be represented")
+        );
     }
 
     #[test]
@@ -676,8 +728,16 @@ mod tests {
         assert_eq!(parse_timestamp(b"1970-01-01 00:00:01.5", false), Ok(1_500_000));
         assert_eq!(parse_timestamp(b"1970-01-01 02:00:00+02", true), Ok(0));
         assert_eq!(parse_timestamp(b"1969-12-31 23:59:59.999999+00", true), Ok(-1));
-        assert_eq!(parse_timestamp(b"12345-01-01 00:00:00", false).unwrap(), days_from_civil(12345, 1, 1) * 86_400_000_000);
-        assert!(parse_timestamp(b"-infinity", true).unwrap_err().0.contains("cannot be represented"));
+        assert_eq!(
+            parse_timestamp(b"12345-01-01 00:00:00", false).unwrap(),
+            days_from_civil(12345, 1, 1) * 86_400_000_000
+        );
+        assert!(
+            parse_timestamp(b"-infinity", true)
+                .unwrap_err()
+                .0
+                .contains("cannot be represented")
+        );
         for d in [-800_000i64, -1, 0, 59, 60, 11017, 2_932_896] {
             let (y, m, dd) = civil_from_days(d);
             assert_eq!(days_from_civil(y, m, dd), d);

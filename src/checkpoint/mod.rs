@@ -69,14 +69,29 @@ const PENDING: &str = "_walshore/pending";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("another walshore committed to this sink (commit {seq} exists, written by run {holder}); this instance stops so that only one writes: check for a second walshore on the same sink.url")]
+    #[error(
+        "another walshore committed to this sink (commit {seq} exists, written by run {holder}); this instance stops so that only one writes: check for a second walshore on the same sink.url"
+    )]
     Fenced { seq: u64, holder: String },
     #[error("object store error at {key}: {source}")]
-    Store { key: String, #[source] source: object_store::Error },
-    #[error("commit record {key} is unreadable: {message}; it was not written by this version of walshore or is damaged")]
+    Store {
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error(
+        "commit record {key} is unreadable: {message}; it was not written by this version of walshore or is damaged"
+    )]
     Corrupt { key: String, message: String },
-    #[error("this sink holds the lake of slot {found_slot:?} in database system {found_system}, but the configuration points at slot {slot:?} in system {system}; use a separate sink.url per pipeline")]
-    WrongPipeline { found_slot: String, found_system: String, slot: String, system: String },
+    #[error(
+        "this sink holds the lake of slot {found_slot:?} in database system {found_system}, but the configuration points at slot {slot:?} in system {system}; use a separate sink.url per pipeline"
+    )]
+    WrongPipeline {
+        found_slot: String,
+        found_system: String,
+        slot: String,
+        system: String,
+    },
 }
 
 impl CheckpointError {
@@ -93,19 +108,40 @@ fn commit_key(seq: u64) -> Path {
 }
 
 fn store_err(key: &Path) -> impl FnOnce(object_store::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Store { key: key.to_string(), source }
+    move |source| CheckpointError::Store {
+        key: key.to_string(),
+        source,
+    }
 }
 
 async fn read_json<T: serde::de::DeserializeOwned>(store: &dyn ObjectStore, key: &Path) -> Result<T, CheckpointError> {
-    let bytes = store.get(key).await.map_err(store_err(key))?.bytes().await.map_err(store_err(key))?;
-    serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Corrupt { key: key.to_string(), message: e.to_string() })
+    let bytes = store
+        .get(key)
+        .await
+        .map_err(store_err(key))?
+        .bytes()
+        .await
+        .map_err(store_err(key))?;
+    serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Corrupt {
+        key: key.to_string(),
+        message: e.to_string(),
+    })
 }
 
 /// The latest commit record, if any.
 pub async fn read_head(store: &dyn ObjectStore) -> Result<Option<CommitRecord>, CheckpointError> {
     let prefix = Path::from(COMMITS);
-    let metas: Vec<_> = store.list(Some(&prefix)).try_collect().await.map_err(store_err(&prefix))?;
-    let Some(last) = metas.iter().map(|m| m.location.clone()).filter(|p| p.as_ref().ends_with(".json")).max() else {
+    let metas: Vec<_> = store
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .map_err(store_err(&prefix))?;
+    let Some(last) = metas
+        .iter()
+        .map(|m| m.location.clone())
+        .filter(|p| p.as_ref().ends_with(".json"))
+        .max()
+    else {
         return Ok(None);
     };
     read_json(store, &last).await.map(Some)
@@ -135,7 +171,11 @@ impl Checkpoint {
             }
             None => CommitRecord::genesis(identity),
         };
-        Ok(Checkpoint { store, head, pending_parts: 0 })
+        Ok(Checkpoint {
+            store,
+            head,
+            pending_parts: 0,
+        })
     }
 
     pub fn head(&self) -> &CommitRecord {
@@ -152,7 +192,9 @@ impl Checkpoint {
     /// `initialized`: the lake's starting state is established by this claim (a lake
     /// that replicates without an initial copy).
     pub async fn claim_and_recover(&mut self, run_id: &str, initialized: bool) -> Result<usize, CheckpointError> {
-        let mut claim = self.head.next(run_id, self.head.end_lsn, self.head.commit_ts, Vec::new());
+        let mut claim = self
+            .head
+            .next(run_id, self.head.end_lsn, self.head.commit_ts, Vec::new());
         claim.initialized |= initialized;
         self.commit(claim).await?;
         self.recover().await
@@ -160,19 +202,30 @@ impl Checkpoint {
 
     async fn recover(&mut self) -> Result<usize, CheckpointError> {
         let prefix = Path::from(PENDING);
-        let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await.map_err(store_err(&prefix))?;
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(store_err(&prefix))?;
         let mut deleted = 0;
         for meta in metas {
             let pending: PendingRecord = match read_json(self.store.as_ref(), &meta.location).await {
                 Ok(p) => p,
-                Err(CheckpointError::Store { source: object_store::Error::NotFound { .. }, .. }) => continue,
+                Err(CheckpointError::Store {
+                    source: object_store::Error::NotFound { .. },
+                    ..
+                }) => continue,
                 Err(e) => return Err(e),
             };
             let mut kept = HashSet::new();
             for seq in pending.seq..=self.head.seq {
                 match read_json::<CommitRecord>(self.store.as_ref(), &commit_key(seq)).await {
                     Ok(c) => kept.extend(c.files.into_iter().map(|f| f.key)),
-                    Err(CheckpointError::Store { source: object_store::Error::NotFound { .. }, .. }) => {}
+                    Err(CheckpointError::Store {
+                        source: object_store::Error::NotFound { .. },
+                        ..
+                    }) => {}
                     Err(e) => return Err(e),
                 }
             }
@@ -181,7 +234,12 @@ impl Checkpoint {
                 match self.store.delete(&path).await {
                     Ok(()) => deleted += 1,
                     Err(object_store::Error::NotFound { .. }) => {}
-                    Err(source) => return Err(CheckpointError::Store { key: key.clone(), source }),
+                    Err(source) => {
+                        return Err(CheckpointError::Store {
+                            key: key.clone(),
+                            source,
+                        });
+                    }
                 }
                 tracing::info!(key = %key, "deleted uncommitted file left by an earlier run");
             }
@@ -192,9 +250,10 @@ impl Checkpoint {
 
     async fn delete_quietly(&self, path: &Path) {
         if let Err(e) = self.store.delete(path).await
-            && !matches!(e, object_store::Error::NotFound { .. }) {
-                tracing::warn!(key = %path, error = %e, "cannot delete pending record; it is harmless and cleared at the next start");
-            }
+            && !matches!(e, object_store::Error::NotFound { .. })
+        {
+            tracing::warn!(key = %path, error = %e, "cannot delete pending record; it is harmless and cleared at the next start");
+        }
     }
 
     /// Announces files about to be uploaded for the next commit.
@@ -202,9 +261,16 @@ impl Checkpoint {
         let seq = self.head.seq + 1;
         let key = Path::from(format!("{PENDING}/{seq:020}-{:06}.json", self.pending_parts));
         self.pending_parts += 1;
-        let record = PendingRecord { seq, run_id: run_id.to_owned(), keys };
+        let record = PendingRecord {
+            seq,
+            run_id: run_id.to_owned(),
+            keys,
+        };
         let body = serde_json::to_vec(&record).expect("pending record serializes");
-        self.store.put(&key, PutPayload::from(body)).await.map_err(store_err(&key))?;
+        self.store
+            .put(&key, PutPayload::from(body))
+            .await
+            .map_err(store_err(&key))?;
         Ok(())
     }
 
@@ -217,11 +283,17 @@ impl Checkpoint {
         commit_ts: Option<i64>,
         files: Vec<WrittenObject>,
     ) -> Result<&CommitRecord, CheckpointError> {
-        let next = self.head.next(run_id, end_lsn.max(self.head.end_lsn), commit_ts.or(self.head.commit_ts), files);
+        let next = self.head.next(
+            run_id,
+            end_lsn.max(self.head.end_lsn),
+            commit_ts.or(self.head.commit_ts),
+            files,
+        );
         self.commit(next).await?;
         let seq = self.head.seq;
         for n in 0..std::mem::take(&mut self.pending_parts) {
-            self.delete_quietly(&Path::from(format!("{PENDING}/{seq:020}-{n:06}.json"))).await;
+            self.delete_quietly(&Path::from(format!("{PENDING}/{seq:020}-{n:06}.json")))
+                .await;
         }
         Ok(&self.head)
     }
@@ -230,14 +302,28 @@ impl Checkpoint {
         let key = commit_key(record.seq);
         let body = serde_json::to_vec_pretty(&record).expect("commit record serializes");
         crate::fault::point("before_commit_record");
-        let opts = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
         match self.store.put_opts(&key, PutPayload::from(body), opts).await {
             Ok(_) => {}
             Err(object_store::Error::AlreadyExists { .. }) => {
-                let holder = read_json::<CommitRecord>(self.store.as_ref(), &key).await.map(|c| c.run_id).unwrap_or_else(|_| "unknown".into());
-                return Err(CheckpointError::Fenced { seq: record.seq, holder });
+                let holder = read_json::<CommitRecord>(self.store.as_ref(), &key)
+                    .await
+                    .map(|c| c.run_id)
+                    .unwrap_or_else(|_| "unknown".into());
+                return Err(CheckpointError::Fenced {
+                    seq: record.seq,
+                    holder,
+                });
             }
-            Err(source) => return Err(CheckpointError::Store { key: key.to_string(), source }),
+            Err(source) => {
+                return Err(CheckpointError::Store {
+                    key: key.to_string(),
+                    source,
+                });
+            }
         }
         crate::fault::point("after_commit_record");
         self.head = record;

@@ -9,22 +9,79 @@ use crate::lsn::Lsn;
 /// One pgoutput message.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Message {
-    Begin { final_lsn: Lsn, commit_ts: i64, xid: u32 },
-    Commit { flags: u8, commit_lsn: Lsn, end_lsn: Lsn, commit_ts: i64 },
-    Origin { lsn: Lsn, name: String },
-    Relation { xid: Option<u32>, relation: Relation },
-    Type { xid: Option<u32>, oid: u32, namespace: String, name: String },
-    Insert { xid: Option<u32>, rel_id: u32, new: Tuple },
+    Begin {
+        final_lsn: Lsn,
+        commit_ts: i64,
+        xid: u32,
+    },
+    Commit {
+        flags: u8,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_ts: i64,
+    },
+    Origin {
+        lsn: Lsn,
+        name: String,
+    },
+    Relation {
+        xid: Option<u32>,
+        relation: Relation,
+    },
+    Type {
+        xid: Option<u32>,
+        oid: u32,
+        namespace: String,
+        name: String,
+    },
+    Insert {
+        xid: Option<u32>,
+        rel_id: u32,
+        new: Tuple,
+    },
     /// `key` is the old key (`K`, sent when the key changed) or the whole old row (`O`,
     /// REPLICA IDENTITY FULL); `key_is_full_row` tells which.
-    Update { xid: Option<u32>, rel_id: u32, old: Option<Tuple>, old_is_full_row: bool, new: Tuple },
-    Delete { xid: Option<u32>, rel_id: u32, old: Tuple, old_is_full_row: bool },
-    Truncate { xid: Option<u32>, options: u8, rel_ids: Vec<u32> },
-    Message { xid: Option<u32>, transactional: bool, lsn: Lsn, prefix: String, content: Bytes },
-    StreamStart { xid: u32, first_segment: bool },
+    Update {
+        xid: Option<u32>,
+        rel_id: u32,
+        old: Option<Tuple>,
+        old_is_full_row: bool,
+        new: Tuple,
+    },
+    Delete {
+        xid: Option<u32>,
+        rel_id: u32,
+        old: Tuple,
+        old_is_full_row: bool,
+    },
+    Truncate {
+        xid: Option<u32>,
+        options: u8,
+        rel_ids: Vec<u32>,
+    },
+    Message {
+        xid: Option<u32>,
+        transactional: bool,
+        lsn: Lsn,
+        prefix: String,
+        content: Bytes,
+    },
+    StreamStart {
+        xid: u32,
+        first_segment: bool,
+    },
     StreamStop,
-    StreamCommit { xid: u32, flags: u8, commit_lsn: Lsn, end_lsn: Lsn, commit_ts: i64 },
-    StreamAbort { xid: u32, subxid: u32 },
+    StreamCommit {
+        xid: u32,
+        flags: u8,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_ts: i64,
+    },
+    StreamAbort {
+        xid: u32,
+        subxid: u32,
+    },
 }
 
 impl Message {
@@ -103,7 +160,10 @@ pub(super) fn decode_message(mut r: Reader, framing: Framing) -> Result<Message,
         }
         b'O' => {
             r.kind = "Origin";
-            Message::Origin { lsn: Lsn(r.u64("origin lsn")?), name: r.cstr("origin name")? }
+            Message::Origin {
+                lsn: Lsn(r.u64("origin lsn")?),
+                name: r.cstr("origin name")?,
+            }
         }
         b'R' => {
             r.kind = "Relation";
@@ -134,7 +194,13 @@ pub(super) fn decode_message(mut r: Reader, framing: Framing) -> Result<Message,
             }
             Message::Relation {
                 xid,
-                relation: Relation { id, namespace, name, replica_identity, columns },
+                relation: Relation {
+                    id,
+                    namespace,
+                    name,
+                    replica_identity,
+                    columns,
+                },
             }
         }
         b'Y' => {
@@ -154,7 +220,11 @@ pub(super) fn decode_message(mut r: Reader, framing: Framing) -> Result<Message,
                 b'N' => {}
                 other => return Err(r.err(format!("expected 'N', found {other:#04x}"))),
             }
-            Message::Insert { xid, rel_id, new: tuple(&mut r)? }
+            Message::Insert {
+                xid,
+                rel_id,
+                new: tuple(&mut r)?,
+            }
         }
         b'U' => {
             r.kind = "Update";
@@ -171,7 +241,13 @@ pub(super) fn decode_message(mut r: Reader, framing: Framing) -> Result<Message,
             if marker != b'N' {
                 return Err(r.err(format!("expected 'N', found {marker:#04x}")));
             }
-            Message::Update { xid, rel_id, old, old_is_full_row, new: tuple(&mut r)? }
+            Message::Update {
+                xid,
+                rel_id,
+                old,
+                old_is_full_row,
+                new: tuple(&mut r)?,
+            }
         }
         b'D' => {
             r.kind = "Delete";
@@ -182,7 +258,12 @@ pub(super) fn decode_message(mut r: Reader, framing: Framing) -> Result<Message,
                 b'O' => true,
                 other => return Err(r.err(format!("expected 'K' or 'O', found {other:#04x}"))),
             };
-            Message::Delete { xid, rel_id, old: tuple(&mut r)?, old_is_full_row }
+            Message::Delete {
+                xid,
+                rel_id,
+                old: tuple(&mut r)?,
+                old_is_full_row,
+            }
         }
         b'T' => {
             r.kind = "Truncate";
@@ -212,7 +293,10 @@ pub(super) fn decode_message(mut r: Reader, framing: Framing) -> Result<Message,
         }
         b'S' => {
             r.kind = "Stream Start";
-            Message::StreamStart { xid: r.u32("xid")?, first_segment: r.u8("first segment")? == 1 }
+            Message::StreamStart {
+                xid: r.u32("xid")?,
+                first_segment: r.u8("first segment")? == 1,
+            }
         }
         b'E' => {
             r.kind = "Stream Stop";
@@ -230,7 +314,10 @@ pub(super) fn decode_message(mut r: Reader, framing: Framing) -> Result<Message,
         }
         b'A' => {
             r.kind = "Stream Abort";
-            Message::StreamAbort { xid: r.u32("xid")?, subxid: r.u32("subtransaction xid")? }
+            Message::StreamAbort {
+                xid: r.u32("xid")?,
+                subxid: r.u32("subtransaction xid")?,
+            }
         }
         other => {
             r.kind = "unknown";
@@ -245,7 +332,11 @@ pub(super) fn decode_message(mut r: Reader, framing: Framing) -> Result<Message,
 }
 
 fn stream_xid(r: &mut Reader, in_stream: bool) -> Result<Option<u32>, DecodeError> {
-    if in_stream { Ok(Some(r.u32("streamed transaction xid")?)) } else { Ok(None) }
+    if in_stream {
+        Ok(Some(r.u32("streamed transaction xid")?))
+    } else {
+        Ok(None)
+    }
 }
 
 fn tuple(r: &mut Reader) -> Result<Tuple, DecodeError> {
@@ -265,7 +356,11 @@ fn tuple(r: &mut Reader) -> Result<Tuple, DecodeError> {
                     return Err(r.err(format!("negative value length {len}")));
                 }
                 let data = r.bytes(len as usize, "value")?;
-                if kind == b't' { TupleValue::Text(data) } else { TupleValue::Binary(data) }
+                if kind == b't' {
+                    TupleValue::Text(data)
+                } else {
+                    TupleValue::Binary(data)
+                }
             }
             other => return Err(r.err(format!("unknown column kind {other:#04x}"))),
         };

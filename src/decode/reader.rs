@@ -12,11 +12,19 @@ pub(crate) struct Reader {
 
 impl Reader {
     pub(crate) fn new(buf: Bytes) -> Self {
-        Reader { buf, pos: 0, kind: "unknown" }
+        Reader {
+            buf,
+            pos: 0,
+            kind: "unknown",
+        }
     }
 
     pub(crate) fn err(&self, what: impl Into<String>) -> DecodeError {
-        DecodeError { kind: self.kind, offset: self.pos, what: what.into() }
+        DecodeError {
+            kind: self.kind,
+            offset: self.pos,
+            what: what.into(),
+        }
     }
 
     fn take(&mut self, n: usize, what: &str) -> Result<&[u8], DecodeError> {

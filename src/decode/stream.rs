@@ -25,11 +25,24 @@ use bytes::Bytes;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
-    #[error("cannot spill streamed transaction {xid} to {dir}: {source}; free disk space or set source.spill_dir to a larger volume")]
-    Spill { xid: u32, dir: PathBuf, #[source] source: std::io::Error },
+    #[error(
+        "cannot spill streamed transaction {xid} to {dir}: {source}; free disk space or set source.spill_dir to a larger volume"
+    )]
+    Spill {
+        xid: u32,
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot read back spilled transaction {xid}: {source}")]
-    ReadBack { xid: u32, #[source] source: std::io::Error },
-    #[error("spill files would exceed source.spill_max_bytes ({limit} bytes) with streamed transaction {xid}; raise the limit or free disk space")]
+    ReadBack {
+        xid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "spill files would exceed source.spill_max_bytes ({limit} bytes) with streamed transaction {xid}; raise the limit or free disk space"
+    )]
     SpillFull { xid: u32, limit: u64 },
 }
 
@@ -91,13 +104,20 @@ impl StreamBuffer {
         let txn = self.txns.entry(xid).or_default();
         if subxid != xid && txn.seen.insert(subxid) {
             let offset = txn.spill.as_ref().map_or(0, |s| s.len);
-            txn.subxacts.push(SubStart { subxid, index: txn.count, offset });
+            txn.subxacts.push(SubStart {
+                subxid,
+                index: txn.count,
+                offset,
+            });
         }
         txn.count += 1;
         if let Some(spill) = txn.spill.as_mut() {
             let add = 4 + raw.len() as u64;
             if self.spill_bytes + add > self.spill_limit {
-                return Err(StreamError::SpillFull { xid, limit: self.spill_limit });
+                return Err(StreamError::SpillFull {
+                    xid,
+                    limit: self.spill_limit,
+                });
             }
             write_entry(spill, &raw).map_err(|source| StreamError::Spill {
                 xid,
@@ -118,18 +138,28 @@ impl StreamBuffer {
 
     fn spill(&mut self, xid: u32) -> Result<(), StreamError> {
         let dir = self.spill_dir.clone();
-        let io = |source| StreamError::Spill { xid, dir: dir.clone(), source };
+        let io = |source| StreamError::Spill {
+            xid,
+            dir: dir.clone(),
+            source,
+        };
         std::fs::create_dir_all(&dir).map_err(io)?;
         let file = tempfile::tempfile_in(&dir).map_err(io)?;
         let txn = self.txns.get_mut(&xid).expect("spilled transaction exists");
-        let mut spill = Spill { file: BufWriter::with_capacity(1 << 16, file), len: 0 };
+        let mut spill = Spill {
+            file: BufWriter::with_capacity(1 << 16, file),
+            len: 0,
+        };
         let mut sub = txn.subxacts.iter_mut().peekable();
         for (i, raw) in txn.mem.drain(..).enumerate() {
             while let Some(s) = sub.next_if(|s| s.index == i as u64) {
                 s.offset = spill.len;
             }
             if self.spill_bytes + 4 + raw.len() as u64 > self.spill_limit {
-                return Err(StreamError::SpillFull { xid, limit: self.spill_limit });
+                return Err(StreamError::SpillFull {
+                    xid,
+                    limit: self.spill_limit,
+                });
             }
             write_entry(&mut spill, &raw).map_err(io)?;
             self.spill_bytes += 4 + raw.len() as u64;
@@ -151,7 +181,9 @@ impl StreamBuffer {
             }
             return Ok(());
         }
-        let Some(txn) = self.txns.get_mut(&xid) else { return Ok(()) };
+        let Some(txn) = self.txns.get_mut(&xid) else {
+            return Ok(());
+        };
         let Some(pos) = txn.subxacts.iter().position(|s| s.subxid == subxid) else {
             return Ok(()); // nothing of this subtransaction was streamed
         };
@@ -161,7 +193,11 @@ impl StreamBuffer {
         }
         txn.count = index;
         if let Some(spill) = txn.spill.as_mut() {
-            let io = |source| StreamError::Spill { xid, dir: self.spill_dir.clone(), source };
+            let io = |source| StreamError::Spill {
+                xid,
+                dir: self.spill_dir.clone(),
+                source,
+            };
             spill.file.flush().map_err(io)?;
             spill.file.get_mut().set_len(offset).map_err(io)?;
             spill.file.seek(SeekFrom::Start(offset)).map_err(io)?;
@@ -178,23 +214,31 @@ impl StreamBuffer {
     /// Stream Commit: hands over the transaction's messages, in order.
     pub fn commit(&mut self, xid: u32) -> Result<Committed, StreamError> {
         let Some(txn) = self.txns.remove(&xid) else {
-            return Ok(Committed { mem: Vec::new().into_iter(), file: None, xid });
+            return Ok(Committed {
+                mem: Vec::new().into_iter(),
+                file: None,
+                xid,
+            });
         };
         self.mem_bytes -= txn.mem_bytes;
         let file = match txn.spill {
             Some(spill) => {
                 self.spill_bytes -= spill.len;
-                let mut file = spill
-                    .file
-                    .into_inner()
-                    .map_err(|e| StreamError::ReadBack { xid, source: e.into_error() })?;
+                let mut file = spill.file.into_inner().map_err(|e| StreamError::ReadBack {
+                    xid,
+                    source: e.into_error(),
+                })?;
                 file.seek(SeekFrom::Start(0))
                     .map_err(|source| StreamError::ReadBack { xid, source })?;
                 Some(BufReader::with_capacity(1 << 16, file))
             }
             None => None,
         };
-        Ok(Committed { mem: txn.mem.into_iter(), file, xid })
+        Ok(Committed {
+            mem: txn.mem.into_iter(),
+            file,
+            xid,
+        })
     }
 }
 
@@ -218,7 +262,9 @@ impl Committed {
         if let Some(b) = self.mem.next() {
             return Ok(Some(b));
         }
-        let Some(file) = self.file.as_mut() else { return Ok(None) };
+        let Some(file) = self.file.as_mut() else {
+            return Ok(None);
+        };
         let xid = self.xid;
         let mut len = [0u8; 4];
         match file.read_exact(&mut len) {
@@ -227,7 +273,8 @@ impl Committed {
             Err(source) => return Err(StreamError::ReadBack { xid, source }),
         }
         let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
-        file.read_exact(&mut buf).map_err(|source| StreamError::ReadBack { xid, source })?;
+        file.read_exact(&mut buf)
+            .map_err(|source| StreamError::ReadBack { xid, source })?;
         Ok(Some(Bytes::from(buf)))
     }
 }

@@ -27,7 +27,9 @@ fn decodes_relation_and_insert_with_all_value_kinds() {
     b.put_u32(25);
     b.put_i32(-1);
     let m = decode(b.freeze(), Framing::default()).unwrap();
-    let Message::Relation { xid: None, relation } = m else { panic!("{m:?}") };
+    let Message::Relation { xid: None, relation } = m else {
+        panic!("{m:?}")
+    };
     assert_eq!(relation.name, "trades");
     assert!(relation.columns[0].key && !relation.columns[1].key);
 
@@ -71,7 +73,12 @@ fn decodes_begin_commit_and_stream_control() {
     b.put_i64(5);
     assert_eq!(
         decode(b.freeze(), Framing::default()).unwrap(),
-        Message::Commit { flags: 0, commit_lsn: Lsn(0x10), end_lsn: Lsn(0x20), commit_ts: 5 }
+        Message::Commit {
+            flags: 0,
+            commit_lsn: Lsn(0x10),
+            end_lsn: Lsn(0x20),
+            commit_ts: 5
+        }
     );
     let mut b = BytesMut::new();
     b.put_u8(b'A');
@@ -131,7 +138,10 @@ fn check_subxact_abort(memory_limit: usize) {
     sb.push(200, 200, m("other")).unwrap();
     sb.abort(200, 200).unwrap();
     let mut c = sb.commit(100).unwrap();
-    assert_eq!(msgs(&mut c), vec![m("top-1"), m("sub101-1"), m("sub101-2"), m("top-2"), m("sub104-1")]);
+    assert_eq!(
+        msgs(&mut c),
+        vec![m("top-1"), m("sub101-1"), m("sub101-2"), m("top-2"), m("sub104-1")]
+    );
     assert!(!sb.in_flight());
     assert_eq!(sb.memory_bytes(), 0);
 }

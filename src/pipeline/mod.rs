@@ -19,12 +19,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::record::Identity;
-use crate::checkpoint::{read_head, Checkpoint, CheckpointError};
+use crate::checkpoint::{Checkpoint, CheckpointError, read_head};
 use crate::config::{Config, SnapshotMode};
 use crate::decode::StreamBuffer;
 use crate::lsn::Lsn;
-use crate::sink::{open_store, Sink, SinkError, StoreError};
-use crate::source::{quote_ident, Assembler, Replication, Retry, SourceError};
+use crate::sink::{Sink, SinkError, StoreError, open_store};
+use crate::source::{Assembler, Replication, Retry, SourceError, quote_ident};
 
 pub use tasks::Summary;
 
@@ -98,7 +98,10 @@ pub async fn run(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resul
                 // slot until PostgreSQL notices (wal_sender_timeout): wait for it. On a
                 // first attempt the holder is someone else, and that is final.
                 let own_walsender = attempt > 1 && matches!(e, PipelineError::Source(SourceError::SlotInUse { .. }));
-                if (e.retry() == Retry::Definite && !own_walsender) || shutdown.is_cancelled() || (mode == Mode::Sync && attempt >= SYNC_ATTEMPTS) {
+                if (e.retry() == Retry::Definite && !own_walsender)
+                    || shutdown.is_cancelled()
+                    || (mode == Mode::Sync && attempt >= SYNC_ATTEMPTS)
+                {
                     return Err(e);
                 }
                 if started.elapsed() > MAX_BACKOFF * 2 {
@@ -147,8 +150,14 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
     let head = read_head(store.as_ref()).await.map_err(|e| fail(e.into()))?;
     let initialized = head.as_ref().is_some_and(|h| h.initialized);
     let export = !initialized && cfg.snapshot == SnapshotMode::Initial;
-    let (mut repl, slot, system) = Replication::open(&cfg.source, export).await.map_err(|e| fail(e.into()))?;
-    let identity = Identity { system_id: system.system_id.clone(), slot: cfg.source.slot.clone(), publication: cfg.source.publication.clone() };
+    let (mut repl, slot, system) = Replication::open(&cfg.source, export)
+        .await
+        .map_err(|e| fail(e.into()))?;
+    let identity = Identity {
+        system_id: system.system_id.clone(),
+        slot: cfg.source.slot.clone(),
+        publication: cfg.source.publication.clone(),
+    };
     let prepared = async {
         let checkpoint = Checkpoint::load(store.clone(), &identity).await?;
         if slot.created && checkpoint.head().initialized {
@@ -168,7 +177,10 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
         Err(e) => {
             if slot.created {
                 // Do not leave behind a slot nobody will read: it would hold WAL forever.
-                if let Err(drop_err) = repl.query(&format!("DROP_REPLICATION_SLOT {}", quote_ident(&cfg.source.slot))).await {
+                if let Err(drop_err) = repl
+                    .query(&format!("DROP_REPLICATION_SLOT {}", quote_ident(&cfg.source.slot)))
+                    .await
+                {
                     tracing::warn!(slot = %cfg.source.slot, error = %drop_err, "cannot drop the slot created by this failed start; drop it by hand");
                 }
             }
@@ -182,19 +194,43 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
 
     if let (Some(name), true) = (slot.snapshot.clone(), export) {
         // The replication connection stays idle here: it holds the exported snapshot.
-        checkpoint.claim_and_recover(&run_id, false).await.map_err(|e| fail(e.into()))?;
+        checkpoint
+            .claim_and_recover(&run_id, false)
+            .await
+            .map_err(|e| fail(e.into()))?;
         let exported = crate::snapshot::Exported {
             name,
             consistent_point: slot.confirmed_flush,
-            taken_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0),
+            taken_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as i64)
+                .unwrap_or(0),
         };
         tracing::info!(consistent_point = %exported.consistent_point, "initial copy started");
         let (event_tx, event_rx) = mpsc::channel(EVENT_CHANNEL_CHUNKS);
         let (sink_tx, sink_rx) = mpsc::channel(1);
         let (confirm_tx, _confirm_rx) = watch::channel(Lsn::ZERO);
-        let batch = tokio::spawn(tasks::batch_task(event_rx, sink_tx, cfg.sink.flush_interval, cfg.sink.max_buffer_bytes));
-        let sinker = tokio::spawn(tasks::sink_task(sink.clone(), checkpoint, run_id.clone(), sink_rx, confirm_tx));
-        let copied = crate::snapshot::copy(&cfg.source, &exported, cfg.snapshot_parallelism, event_tx, shutdown.clone()).await;
+        let batch = tokio::spawn(tasks::batch_task(
+            event_rx,
+            sink_tx,
+            cfg.sink.flush_interval,
+            cfg.sink.max_buffer_bytes,
+        ));
+        let sinker = tokio::spawn(tasks::sink_task(
+            sink.clone(),
+            checkpoint,
+            run_id.clone(),
+            sink_rx,
+            confirm_tx,
+        ));
+        let copied = crate::snapshot::copy(
+            &cfg.source,
+            &exported,
+            cfg.snapshot_parallelism,
+            event_tx,
+            shutdown.clone(),
+        )
+        .await;
         let b = batch.await.unwrap_or_else(|e| Err(PipelineError::Task(e.to_string())));
         let (summary, back, k) = sinker.await.map_err(|e| fail(PipelineError::Task(e.to_string())))?;
         total.absorb(summary);
@@ -209,11 +245,16 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
     }
 
     let start = checkpoint.position();
-    repl.start(&cfg.source, start).await.map_err(|e| (e.into(), total.clone()))?;
+    repl.start(&cfg.source, start)
+        .await
+        .map_err(|e| (e.into(), total.clone()))?;
     // The starting state is established once the copy is committed (even an empty
     // one: the stream continues from its consistent point), or without a copy.
     let mark_initialized = copied_now || cfg.snapshot == SnapshotMode::Never;
-    let deleted = checkpoint.claim_and_recover(&run_id, mark_initialized).await.map_err(|e| (e.into(), total.clone()))?;
+    let deleted = checkpoint
+        .claim_and_recover(&run_id, mark_initialized)
+        .await
+        .map_err(|e| (e.into(), total.clone()))?;
     tracing::info!(
         slot = %cfg.source.slot,
         publication = %cfg.source.publication,
@@ -225,7 +266,11 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
     );
 
     let target = (mode == Mode::Sync).then_some(system.xlogpos);
-    let buffer = StreamBuffer::new(cfg.source.spill_dir.clone(), cfg.source.stream_memory_bytes, cfg.source.spill_max_bytes);
+    let buffer = StreamBuffer::new(
+        cfg.source.spill_dir.clone(),
+        cfg.source.stream_memory_bytes,
+        cfg.source.spill_max_bytes,
+    );
     let assembler = Assembler::new(start, buffer);
 
     let (event_tx, event_rx) = mpsc::channel(EVENT_CHANNEL_CHUNKS);
@@ -241,11 +286,18 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
         target,
         status_interval: cfg.source.status_interval,
     }));
-    let batch = tokio::spawn(tasks::batch_task(event_rx, sink_tx, cfg.sink.flush_interval, cfg.sink.max_buffer_bytes));
+    let batch = tokio::spawn(tasks::batch_task(
+        event_rx,
+        sink_tx,
+        cfg.sink.flush_interval,
+        cfg.sink.max_buffer_bytes,
+    ));
     let sinker = tokio::spawn(tasks::sink_task(sink, checkpoint, run_id, sink_rx, confirm_tx));
 
     let (s, b, k) = tokio::join!(source, batch, sinker);
-    let join = |r: Result<Result<(), PipelineError>, tokio::task::JoinError>| r.unwrap_or_else(|e| Err(PipelineError::Task(e.to_string())));
+    let join = |r: Result<Result<(), PipelineError>, tokio::task::JoinError>| {
+        r.unwrap_or_else(|e| Err(PipelineError::Task(e.to_string())))
+    };
     let sink_result = match k {
         Ok((summary, _, r)) => {
             total.absorb(summary);

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{PipelineError, EVENTS_PER_CHUNK};
+use super::{EVENTS_PER_CHUNK, PipelineError};
 use crate::batch::{Batcher, Taken};
 use crate::change::Event;
 use crate::checkpoint::Checkpoint;
@@ -62,7 +62,11 @@ pub(super) async fn source_task(mut t: SourceTask) -> Result<(), PipelineError> 
     let mut out: Vec<Event> = Vec::with_capacity(EVENTS_PER_CHUNK);
     let mut position = Lsn::ZERO;
     let mut stopping = false;
-    let mut status = tokio::time::interval(if t.target.is_some() { SYNC_POLL } else { t.status_interval });
+    let mut status = tokio::time::interval(if t.target.is_some() {
+        SYNC_POLL
+    } else {
+        t.status_interval
+    });
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut downstream_gone = false;
     'read: loop {

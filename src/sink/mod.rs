@@ -16,16 +16,16 @@ use std::sync::Arc;
 use bytes::Bytes;
 use object_store::path::{Path, PathPart};
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use parquet::arrow::arrow_writer::{compute_leaves, ArrowColumnWriter, ArrowLeafColumn};
 use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_writer::{ArrowColumnWriter, ArrowLeafColumn, compute_leaves};
 use parquet::basic::{Compression as PqCompression, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
 use crate::batch::{RowPos, TableFile};
 use crate::config::{Compression, SinkConfig};
-pub use store::{open_store, StoreError};
 pub(crate) use store::retry_of as retry_of_store;
+pub use store::{StoreError, open_store};
 
 /// What a write put in the object store.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -43,9 +43,17 @@ pub struct WrittenObject {
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("cannot encode Parquet for {table}: {source}")]
-    Encode { table: String, #[source] source: parquet::errors::ParquetError },
+    Encode {
+        table: String,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
     #[error("cannot write object {key}: {source}")]
-    Put { key: String, #[source] source: object_store::Error },
+    Put {
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
 }
 
 impl SinkError {
@@ -118,7 +126,10 @@ impl Sink {
     /// copy or transaction is on the critical path; the machines have 2 cores).
     pub fn encode(props: &WriterProperties, file: &TableFile) -> Result<Encoded, SinkError> {
         let table = format!("{}.{}", file.schema, file.table);
-        let err = |source| SinkError::Encode { table: table.clone(), source };
+        let err = |source| SinkError::Encode {
+            table: table.clone(),
+            source,
+        };
         let mut buf = Vec::with_capacity(file.batch.get_array_memory_size() / 4);
         let schema = file.batch.schema();
         // ArrowWriter sets up the file (schema, embedded Arrow schema); the row groups
@@ -190,7 +201,10 @@ impl Sink {
         self.store
             .put(&path, PutPayload::from_bytes(e.data))
             .await
-            .map_err(|source| SinkError::Put { key: e.object.key.clone(), source })?;
+            .map_err(|source| SinkError::Put {
+                key: e.object.key.clone(),
+                source,
+            })?;
         Ok(e.object)
     }
 }

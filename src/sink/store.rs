@@ -14,9 +14,18 @@ use crate::source::Retry;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("sink.url {url}: cannot create directory {path}: {source}; check that the path is writable by this user")]
-    LocalDir { url: String, path: String, #[source] source: std::io::Error },
+    LocalDir {
+        url: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("sink.url {url}: {source}")]
-    Build { url: String, #[source] source: object_store::Error },
+    Build {
+        url: String,
+        #[source]
+        source: object_store::Error,
+    },
 }
 
 /// Opens the store, rooted at the sink URL's path: keys given to it are relative.
@@ -35,7 +44,10 @@ pub fn open_store(cfg: &SinkConfig) -> Result<Arc<dyn ObjectStore>, StoreError> 
                 source,
             })?;
             let fs = LocalFileSystem::new_with_prefix(&path)
-                .map_err(|source| StoreError::Build { url: url.clone(), source })?
+                .map_err(|source| StoreError::Build {
+                    url: url.clone(),
+                    source,
+                })?
                 // Files are written to a temporary name and renamed: readers never see a
                 // partial file.
                 .with_automatic_cleanup(true);
@@ -65,7 +77,10 @@ pub fn open_store(cfg: &SinkConfig) -> Result<Arc<dyn ObjectStore>, StoreError> 
                     ..RetryConfig::default()
                 })
                 .with_client_options(client);
-            let s3 = b.build().map_err(|source| StoreError::Build { url: url.clone(), source })?;
+            let s3 = b.build().map_err(|source| StoreError::Build {
+                url: url.clone(),
+                source,
+            })?;
             let prefix = cfg.url.path().trim_matches('/');
             if prefix.is_empty() {
                 Ok(Arc::new(s3))

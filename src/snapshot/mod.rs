@@ -34,7 +34,11 @@ pub enum SnapshotError {
     #[error(transparent)]
     Connect(#[from] sql::SqlError),
     #[error("initial copy: {what}: {source}")]
-    Sql { what: String, #[source] source: tokio_postgres::Error },
+    Sql {
+        what: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     #[error("initial copy of {table}: permission denied; GRANT SELECT ON {table} TO {user}")]
     Permission { table: String, user: String },
     #[error("initial copy of {table}: malformed COPY data: {what}")]
@@ -66,10 +70,10 @@ async fn import(cfg: &SourceConfig, snapshot: &str) -> Result<tokio_postgres::Cl
         "{SESSION}; BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
         quote_literal(snapshot)
     );
-    client
-        .batch_execute(&stmt)
-        .await
-        .map_err(|source| SnapshotError::Sql { what: "importing the slot's exported snapshot".into(), source })?;
+    client.batch_execute(&stmt).await.map_err(|source| SnapshotError::Sql {
+        what: "importing the slot's exported snapshot".into(),
+        source,
+    })?;
     Ok(client)
 }
 
@@ -116,11 +120,22 @@ async fn published_tables(client: &tokio_postgres::Client, publication: &str) ->
         };
         let columns = columns
             .iter()
-            .map(|c| Column { name: c.get(0), type_oid: c.get(1), type_modifier: c.get(2), key: c.get(3) })
+            .map(|c| Column {
+                name: c.get(0),
+                type_oid: c.get(1),
+                type_modifier: c.get(2),
+                key: c.get(3),
+            })
             .collect();
         out.push(Table {
             quoted: format!("{}.{}", quote_ident(&schema), quote_ident(&name)),
-            relation: Relation { id: oid, namespace: schema, name, replica_identity, columns },
+            relation: Relation {
+                id: oid,
+                namespace: schema,
+                name,
+                replica_identity,
+                columns,
+            },
         });
     }
     Ok(out)
@@ -137,7 +152,11 @@ pub async fn copy(
 ) -> Result<u64, SnapshotError> {
     let catalog = import(cfg, &exported.name).await?;
     let tables = published_tables(&catalog, &cfg.publication).await?;
-    let mut head = vec![Event::Begin(TxInfo { xid: 0, commit_lsn: exported.consistent_point, commit_ts: exported.taken_at })];
+    let mut head = vec![Event::Begin(TxInfo {
+        xid: 0,
+        commit_lsn: exported.consistent_point,
+        commit_ts: exported.taken_at,
+    })];
     head.extend(tables.iter().map(|t| Event::Relation(Arc::new(t.relation.clone()))));
     if events.send(head).await.is_err() {
         return Ok(0);
@@ -158,7 +177,9 @@ pub async fn copy(
         async move {
             let mut rows = 0u64;
             loop {
-                let Some(table) = queue.lock().await.next() else { return Ok::<u64, SnapshotError>(rows) };
+                let Some(table) = queue.lock().await.next() else {
+                    return Ok::<u64, SnapshotError>(rows);
+                };
                 rows += copy_table(&client, &table, &events, &shutdown, &user).await?;
             }
         }
@@ -168,7 +189,13 @@ pub async fn copy(
     for r in results {
         total += r?;
     }
-    if events.send(vec![Event::Commit { end_lsn: exported.consistent_point }]).await.is_err() {
+    if events
+        .send(vec![Event::Commit {
+            end_lsn: exported.consistent_point,
+        }])
+        .await
+        .is_err()
+    {
         return Ok(total);
     }
     tracing::info!(rows = total, secs = started.elapsed().as_secs_f64(), consistent_point = %exported.consistent_point, "initial copy read");
@@ -191,19 +218,36 @@ async fn copy_table(
         .iter()
         .map(|c| {
             let q = quote_ident(&c.name);
-            if copies_binary(c.type_oid, c.type_modifier) { q } else { format!("{q}::text") }
+            if copies_binary(c.type_oid, c.type_modifier) {
+                q
+            } else {
+                format!("{q}::text")
+            }
         })
         .collect();
-    let sql = format!("COPY (SELECT {} FROM {}) TO STDOUT (FORMAT binary)", cols.join(", "), table.quoted);
+    let sql = format!(
+        "COPY (SELECT {} FROM {}) TO STDOUT (FORMAT binary)",
+        cols.join(", "),
+        table.quoted
+    );
     let stream = client.copy_out(&sql).await.map_err(|source| {
         if source.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
-            SnapshotError::Permission { table: table.quoted.clone(), user: quote_ident(user) }
+            SnapshotError::Permission {
+                table: table.quoted.clone(),
+                user: quote_ident(user),
+            }
         } else {
-            SnapshotError::Sql { what: format!("COPY {name}"), source }
+            SnapshotError::Sql {
+                what: format!("COPY {name}"),
+                source,
+            }
         }
     })?;
     let started = Instant::now();
-    let mut stream = std::pin::pin!(stream.map_err(|source| SnapshotError::Sql { what: format!("COPY {name}"), source }));
+    let mut stream = std::pin::pin!(stream.map_err(|source| SnapshotError::Sql {
+        what: format!("COPY {name}"),
+        source
+    }));
     let mut cutter = RowCutter::default();
     let mut bytes = 0u64;
     let mut rows;
@@ -211,14 +255,24 @@ async fn copy_table(
     while let Some(data) = stream.next().await {
         let data = data?;
         bytes += data.len() as u64;
-        let format_err = |what| SnapshotError::Format { table: name.clone(), what };
+        let format_err = |what| SnapshotError::Format {
+            table: name.clone(),
+            what,
+        };
         let pushed = cutter.push(&data).map_err(format_err)?;
         rows = cutter.rows();
         let Some(rows_block) = pushed else { continue };
         if shutdown.is_cancelled() {
             return Err(SnapshotError::Interrupted);
         }
-        if events.send(vec![Event::Change(Change::SnapshotBinaryRows { rel_id: table.relation.id, rows: rows_block })]).await.is_err() {
+        if events
+            .send(vec![Event::Change(Change::SnapshotBinaryRows {
+                rel_id: table.relation.id,
+                rows: rows_block,
+            })])
+            .await
+            .is_err()
+        {
             return Ok(rows);
         }
         if last_log.elapsed().as_secs() >= 10 {
@@ -228,8 +282,19 @@ async fn copy_table(
         }
     }
     rows = cutter.rows();
-    let rest = cutter.finish().map_err(|what| SnapshotError::Format { table: name.clone(), what })?;
-    if !rest.is_empty() && events.send(vec![Event::Change(Change::SnapshotBinaryRows { rel_id: table.relation.id, rows: rest })]).await.is_err() {
+    let rest = cutter.finish().map_err(|what| SnapshotError::Format {
+        table: name.clone(),
+        what,
+    })?;
+    if !rest.is_empty()
+        && events
+            .send(vec![Event::Change(Change::SnapshotBinaryRows {
+                rel_id: table.relation.id,
+                rows: rest,
+            })])
+            .await
+            .is_err()
+    {
         return Ok(rows);
     }
     tracing::info!(table = %name, rows, bytes, secs = started.elapsed().as_secs_f64(), "copied table");

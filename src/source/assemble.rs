@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::SourceError;
-use crate::change::{Change, Event, TxInfo, PG_EPOCH_OFFSET_MICROS};
+use crate::change::{Change, Event, PG_EPOCH_OFFSET_MICROS, TxInfo};
 use crate::decode::{self, Framing, Message, StreamBuffer};
 use crate::lsn::Lsn;
 
@@ -15,7 +15,10 @@ pub enum Step {
     Continue,
     /// A streamed transaction committed: feed its messages through
     /// [`Assembler::replay`], then push `Event::Commit { end_lsn }`.
-    Replay { messages: decode::stream::Committed, end_lsn: Lsn },
+    Replay {
+        messages: decode::stream::Committed,
+        end_lsn: Lsn,
+    },
 }
 
 pub struct Assembler {
@@ -31,7 +34,14 @@ pub struct Assembler {
 
 impl Assembler {
     pub fn new(committed: Lsn, buffer: StreamBuffer) -> Assembler {
-        Assembler { framing: Framing::default(), stream_xid: None, in_tx: false, skipping: false, committed, buffer }
+        Assembler {
+            framing: Framing::default(),
+            stream_xid: None,
+            in_tx: false,
+            skipping: false,
+            committed,
+            buffer,
+        }
     }
 
     /// True while a (non-streamed) transaction is being received: stopping now would
@@ -58,7 +68,9 @@ impl Assembler {
                     self.stream_xid = None;
                 }
                 other => {
-                    let top = self.stream_xid.ok_or_else(|| SourceError::Protocol("streamed message outside a stream block".into()))?;
+                    let top = self
+                        .stream_xid
+                        .ok_or_else(|| SourceError::Protocol("streamed message outside a stream block".into()))?;
                     let sub = other.stream_xid().unwrap_or(top);
                     self.buffer.push(top, sub, raw)?;
                 }
@@ -66,11 +78,19 @@ impl Assembler {
             return Ok(Step::Continue);
         }
         match msg {
-            Message::Begin { final_lsn, commit_ts, xid } => {
+            Message::Begin {
+                final_lsn,
+                commit_ts,
+                xid,
+            } => {
                 self.in_tx = true;
                 self.skipping = self.already_committed(final_lsn);
                 if !self.skipping {
-                    out.push(Event::Begin(TxInfo { xid, commit_lsn: final_lsn, commit_ts: commit_ts + PG_EPOCH_OFFSET_MICROS }));
+                    out.push(Event::Begin(TxInfo {
+                        xid,
+                        commit_lsn: final_lsn,
+                        commit_ts: commit_ts + PG_EPOCH_OFFSET_MICROS,
+                    }));
                 }
             }
             Message::Commit { end_lsn, .. } => {
@@ -85,13 +105,26 @@ impl Assembler {
             }
             Message::StreamStop => return Err(SourceError::Protocol("Stream Stop outside a stream block".into())),
             Message::StreamAbort { xid, subxid } => self.buffer.abort(xid, subxid)?,
-            Message::StreamCommit { xid, commit_lsn, end_lsn, commit_ts, .. } => {
+            Message::StreamCommit {
+                xid,
+                commit_lsn,
+                end_lsn,
+                commit_ts,
+                ..
+            } => {
                 if self.already_committed(commit_lsn) {
                     self.buffer.abort(xid, xid)?;
                     return Ok(Step::Continue);
                 }
-                out.push(Event::Begin(TxInfo { xid, commit_lsn, commit_ts: commit_ts + PG_EPOCH_OFFSET_MICROS }));
-                return Ok(Step::Replay { messages: self.buffer.commit(xid)?, end_lsn });
+                out.push(Event::Begin(TxInfo {
+                    xid,
+                    commit_lsn,
+                    commit_ts: commit_ts + PG_EPOCH_OFFSET_MICROS,
+                }));
+                return Ok(Step::Replay {
+                    messages: self.buffer.commit(xid)?,
+                    end_lsn,
+                });
             }
             other => {
                 // Relations describe the schema from here on, even in a skipped resend.
@@ -122,8 +155,28 @@ fn emit(msg: Message, out: &mut Vec<Event>) {
             return;
         }
         Message::Insert { rel_id, new, .. } => Change::Insert { rel_id, new },
-        Message::Update { rel_id, old, old_is_full_row, new, .. } => Change::Update { rel_id, old, old_is_full_row, new },
-        Message::Delete { rel_id, old, old_is_full_row, .. } => Change::Delete { rel_id, old, old_is_full_row },
+        Message::Update {
+            rel_id,
+            old,
+            old_is_full_row,
+            new,
+            ..
+        } => Change::Update {
+            rel_id,
+            old,
+            old_is_full_row,
+            new,
+        },
+        Message::Delete {
+            rel_id,
+            old,
+            old_is_full_row,
+            ..
+        } => Change::Delete {
+            rel_id,
+            old,
+            old_is_full_row,
+        },
         Message::Truncate { rel_ids, .. } => Change::Truncate { rel_ids },
         // Types are described in the Relation's OIDs; origins and logical messages carry
         // no row data.
@@ -216,14 +269,25 @@ mod tests {
 
     fn assembler(committed: u64) -> (Assembler, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        (Assembler::new(Lsn(committed), StreamBuffer::new(dir.path().to_owned(), 1 << 20, u64::MAX)), dir)
+        (
+            Assembler::new(
+                Lsn(committed),
+                StreamBuffer::new(dir.path().to_owned(), 1 << 20, u64::MAX),
+            ),
+            dir,
+        )
     }
 
     #[test]
     fn a_resent_transaction_below_the_committed_position_is_skipped_but_its_relation_kept() {
         let (mut a, _dir) = assembler(0x200);
         let mut out = Vec::new();
-        for m in [begin(0x100, 7), relation(None), insert(None, b"1"), commit(0x100, 0x180)] {
+        for m in [
+            begin(0x100, 7),
+            relation(None),
+            insert(None, b"1"),
+            commit(0x100, 0x180),
+        ] {
             a.on_message(m, &mut out).unwrap();
         }
         assert_eq!(kinds(&out), ["relation"]);
@@ -239,7 +303,13 @@ mod tests {
     fn a_streamed_transaction_is_released_only_at_its_stream_commit() {
         let (mut a, _dir) = assembler(0);
         let mut out = Vec::new();
-        for m in [stream(b'S', 9), relation(Some(9)), insert(Some(9), b"1"), insert(Some(10), b"2"), Bytes::from_static(b"E")] {
+        for m in [
+            stream(b'S', 9),
+            relation(Some(9)),
+            insert(Some(9), b"1"),
+            insert(Some(10), b"2"),
+            Bytes::from_static(b"E"),
+        ] {
             assert!(matches!(a.on_message(m, &mut out).unwrap(), Step::Continue));
         }
         assert!(out.is_empty() && a.in_flight());
@@ -256,7 +326,9 @@ mod tests {
         sc.put_u64(0x200);
         sc.put_u64(0x210);
         sc.put_i64(0);
-        let Step::Replay { mut messages, end_lsn } = a.on_message(sc.freeze(), &mut out).unwrap() else { panic!("expected a replay") };
+        let Step::Replay { mut messages, end_lsn } = a.on_message(sc.freeze(), &mut out).unwrap() else {
+            panic!("expected a replay")
+        };
         assert_eq!(end_lsn, Lsn(0x210));
         while let Some(m) = messages.next_message().unwrap() {
             a.replay(m, &mut out).unwrap();

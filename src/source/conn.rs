@@ -86,10 +86,19 @@ impl Conn {
                 target: target.clone(),
                 source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connection timed out"),
             })?
-            .map_err(|source| SourceError::Connect { target: target.clone(), source })?;
+            .map_err(|source| SourceError::Connect {
+                target: target.clone(),
+                source,
+            })?;
         tcp.set_nodelay(true).ok();
         let io = Self::negotiate_tls(tcp, params, &target).await?;
-        let mut conn = Conn { io, rbuf: BytesMut::with_capacity(1 << 16), wbuf: BytesMut::new(), server_version: 0, backend_pid: 0 };
+        let mut conn = Conn {
+            io,
+            rbuf: BytesMut::with_capacity(1 << 16),
+            wbuf: BytesMut::new(),
+            server_version: 0,
+            backend_pid: 0,
+        };
         let mut startup: Vec<(&str, &str)> = vec![
             ("user", &params.user),
             ("database", &params.dbname),
@@ -104,7 +113,11 @@ impl Conn {
     }
 
     async fn negotiate_tls(mut tcp: TcpStream, params: &ConnParams, target: &str) -> Result<Io, SourceError> {
-        let Some(config) = super::tls::client_config(params).map_err(|message| SourceError::Tls { target: target.into(), message })? else {
+        let Some(config) = super::tls::client_config(params).map_err(|message| SourceError::Tls {
+            target: target.into(),
+            message,
+        })?
+        else {
             return Ok(Io::Plain(tcp));
         };
         let mut buf = BytesMut::new();
@@ -120,11 +133,17 @@ impl Conn {
                 message: "the server does not accept SSL connections; enable ssl on the server or set sslmode=prefer/disable in source.url".into(),
             });
         }
-        let name = super::tls::server_name(&params.host).map_err(|message| SourceError::Tls { target: target.into(), message })?;
+        let name = super::tls::server_name(&params.host).map_err(|message| SourceError::Tls {
+            target: target.into(),
+            message,
+        })?;
         let tls = tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
             .await
-            .map_err(|e| SourceError::Tls { target: target.into(), message: e.to_string() })?;
+            .map_err(|e| SourceError::Tls {
+                target: target.into(),
+                message: e.to_string(),
+            })?;
         Ok(Io::Tls(Box::new(tls)))
     }
 
@@ -147,7 +166,8 @@ impl Conn {
                     match body.get_i32() {
                         0 => {}
                         3 => {
-                            frontend::password_message(password()?.as_bytes(), &mut self.wbuf).map_err(SourceError::Io)?;
+                            frontend::password_message(password()?.as_bytes(), &mut self.wbuf)
+                                .map_err(SourceError::Io)?;
                             self.flush().await?;
                         }
                         5 => {
@@ -155,35 +175,56 @@ impl Conn {
                                 return Err(SourceError::Protocol("short MD5 salt".into()));
                             }
                             let salt = [body[0], body[1], body[2], body[3]];
-                            let hash = postgres_protocol::authentication::md5_hash(params.user.as_bytes(), password()?.as_bytes(), salt);
+                            let hash = postgres_protocol::authentication::md5_hash(
+                                params.user.as_bytes(),
+                                password()?.as_bytes(),
+                                salt,
+                            );
                             frontend::password_message(hash.as_bytes(), &mut self.wbuf).map_err(SourceError::Io)?;
                             self.flush().await?;
                         }
                         10 => {
                             let mechanisms: Vec<&[u8]> = body.split(|&b| b == 0).filter(|m| !m.is_empty()).collect();
                             if !mechanisms.contains(&sasl::SCRAM_SHA_256.as_bytes()) {
-                                return Err(SourceError::Auth { user: params.user.clone(), message: "the server offers no SASL mechanism walshore supports (SCRAM-SHA-256)".into() });
+                                return Err(SourceError::Auth {
+                                    user: params.user.clone(),
+                                    message: "the server offers no SASL mechanism walshore supports (SCRAM-SHA-256)"
+                                        .into(),
+                                });
                             }
                             let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
-                            frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut self.wbuf).map_err(SourceError::Io)?;
+                            frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut self.wbuf)
+                                .map_err(SourceError::Io)?;
                             self.flush().await?;
                             scram = Some(s);
                         }
                         11 => {
-                            let s = scram.as_mut().ok_or_else(|| SourceError::Protocol("SASL continue before SASL start".into()))?;
-                            s.update(&body).map_err(|e| SourceError::Auth { user: params.user.clone(), message: e.to_string() })?;
+                            let s = scram
+                                .as_mut()
+                                .ok_or_else(|| SourceError::Protocol("SASL continue before SASL start".into()))?;
+                            s.update(&body).map_err(|e| SourceError::Auth {
+                                user: params.user.clone(),
+                                message: e.to_string(),
+                            })?;
                             frontend::sasl_response(s.message(), &mut self.wbuf).map_err(SourceError::Io)?;
                             self.flush().await?;
                         }
                         12 => {
-                            let s = scram.as_mut().ok_or_else(|| SourceError::Protocol("SASL final before SASL start".into()))?;
-                            s.finish(&body).map_err(|e| SourceError::Auth { user: params.user.clone(), message: format!("server signature did not verify: {e}") })?;
+                            let s = scram
+                                .as_mut()
+                                .ok_or_else(|| SourceError::Protocol("SASL final before SASL start".into()))?;
+                            s.finish(&body).map_err(|e| SourceError::Auth {
+                                user: params.user.clone(),
+                                message: format!("server signature did not verify: {e}"),
+                            })?;
                         }
                         other => {
                             return Err(SourceError::Auth {
                                 user: params.user.clone(),
-                                message: format!("authentication method {other} is not supported; use trust, password, md5 or scram-sha-256 in pg_hba.conf"),
-                            })
+                                message: format!(
+                                    "authentication method {other} is not supported; use trust, password, md5 or scram-sha-256 in pg_hba.conf"
+                                ),
+                            });
                         }
                     }
                 }
@@ -202,14 +243,22 @@ impl Conn {
                 b'E' => {
                     let e = PgError::parse(&f.body);
                     return Err(if e.code == "28P01" || e.code == "28000" {
-                        SourceError::Auth { user: params.user.clone(), message: e.message }
+                        SourceError::Auth {
+                            user: params.user.clone(),
+                            message: e.message,
+                        }
                     } else {
                         SourceError::Server(e)
                     });
                 }
                 b'N' => {}
                 b'Z' => return Ok(()),
-                other => return Err(SourceError::Protocol(format!("unexpected message {:?} during startup", other as char))),
+                other => {
+                    return Err(SourceError::Protocol(format!(
+                        "unexpected message {:?} during startup",
+                        other as char
+                    )));
+                }
             }
         }
     }
@@ -253,7 +302,10 @@ impl Conn {
         let mut frame = self.rbuf.split_to(len + 1);
         let tag = frame[0];
         frame.advance(5);
-        Ok(Some(Frame { tag, body: frame.freeze() }))
+        Ok(Some(Frame {
+            tag,
+            body: frame.freeze(),
+        }))
     }
 
     /// Runs a simple query and returns its rows as text. Server errors come back as
@@ -270,7 +322,12 @@ impl Conn {
                 b'E' => error = Some(PgError::parse(&f.body)),
                 b'Z' => break,
                 b'T' | b'C' | b'I' | b'N' | b'S' => {}
-                other => return Err(SourceError::Protocol(format!("unexpected message {:?} in query response", other as char))),
+                other => {
+                    return Err(SourceError::Protocol(format!(
+                        "unexpected message {:?} in query response",
+                        other as char
+                    )));
+                }
             }
         }
         match error {
@@ -293,7 +350,12 @@ impl Conn {
                     // Drain to ReadyForQuery so the error is the whole story.
                     return Err(SourceError::Server(e));
                 }
-                other => return Err(SourceError::Protocol(format!("unexpected message {:?} after START_REPLICATION", other as char))),
+                other => {
+                    return Err(SourceError::Protocol(format!(
+                        "unexpected message {:?} after START_REPLICATION",
+                        other as char
+                    )));
+                }
             }
         }
     }

@@ -30,7 +30,12 @@ pub struct PgError {
 
 impl PgError {
     pub(crate) fn parse(body: &[u8]) -> PgError {
-        let mut e = PgError { code: String::new(), message: String::new(), detail: None, hint: None };
+        let mut e = PgError {
+            code: String::new(),
+            message: String::new(),
+            detail: None,
+            hint: None,
+        };
         let mut b = body;
         while let Some((&kind, rest)) = b.split_first() {
             if kind == 0 {
@@ -73,8 +78,14 @@ pub enum Retry {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("cannot connect to PostgreSQL at {target}: {source}; check source.url and that the server is running and reachable")]
-    Connect { target: String, #[source] source: std::io::Error },
+    #[error(
+        "cannot connect to PostgreSQL at {target}: {source}; check source.url and that the server is running and reachable"
+    )]
+    Connect {
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("TLS to PostgreSQL at {target} failed: {message}")]
     Tls { target: String, message: String },
     #[error("PostgreSQL refused user {user:?}: {message}; check the user and password in source.url and pg_hba.conf")]
@@ -85,7 +96,9 @@ pub enum SourceError {
     Server(PgError),
     #[error("{0}")]
     Setup(String),
-    #[error("replication slot {slot:?} is in use by another process ({holder}); another walshore may be running on this slot: stop it first")]
+    #[error(
+        "replication slot {slot:?} is in use by another process ({holder}); another walshore may be running on this slot: stop it first"
+    )]
     SlotInUse { slot: String, holder: String },
     #[error("unexpected reply from PostgreSQL: {0}")]
     Protocol(String),

@@ -56,12 +56,16 @@ pub(crate) fn quote_literal(s: &str) -> String {
 
 async fn identify(conn: &mut Conn) -> Result<SystemInfo, SourceError> {
     let rows = conn.simple_query("IDENTIFY_SYSTEM").await?;
-    let row = rows.first().ok_or_else(|| SourceError::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
+    let row = rows
+        .first()
+        .ok_or_else(|| SourceError::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
     let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
     Ok(SystemInfo {
         system_id: field(0),
         timeline: field(1).parse().unwrap_or(0),
-        xlogpos: field(2).parse().map_err(|_| SourceError::Protocol(format!("IDENTIFY_SYSTEM xlogpos {:?}", field(2))))?,
+        xlogpos: field(2)
+            .parse()
+            .map_err(|_| SourceError::Protocol(format!("IDENTIFY_SYSTEM xlogpos {:?}", field(2))))?,
     })
 }
 
@@ -76,7 +80,10 @@ impl Replication {
     /// missing (idempotent: a concurrent creation is taken as success). With
     /// `export_snapshot` the slot is (re)created with an exported snapshot for the
     /// initial copy, and the connection must stay idle until the copy has imported it.
-    pub async fn open(cfg: &SourceConfig, export_snapshot: bool) -> Result<(Replication, SlotState, SystemInfo), SourceError> {
+    pub async fn open(
+        cfg: &SourceConfig,
+        export_snapshot: bool,
+    ) -> Result<(Replication, SlotState, SystemInfo), SourceError> {
         let mut conn = Conn::connect(&cfg.conn).await?;
         let wal_level = conn.simple_query("SHOW wal_level").await?;
         if one_value(&wal_level) != Some("logical") {
@@ -88,12 +95,17 @@ impl Replication {
             )));
         }
         let publication = conn
-            .simple_query(&format!("SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = {}", quote_literal(&cfg.publication)))
+            .simple_query(&format!(
+                "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = {}",
+                quote_literal(&cfg.publication)
+            ))
             .await?;
         if publication.is_empty() {
             return Err(SourceError::Setup(format!(
                 "publication {:?} does not exist in database {:?}: create it, e.g. CREATE PUBLICATION {} FOR TABLE ...; (see sql/setup.sql), or fix source.publication",
-                cfg.publication, cfg.conn.dbname, quote_ident(&cfg.publication)
+                cfg.publication,
+                cfg.conn.dbname,
+                quote_ident(&cfg.publication)
             )));
         }
         // Before the slot: a command after CREATE_REPLICATION_SLOT ... EXPORT_SNAPSHOT
@@ -102,14 +114,25 @@ impl Replication {
         // IDENTIFY_SYSTEM reports the flush position; asynchronously committed
         // transactions may sit beyond it. `sync` promises everything committed, so its
         // target is the insert position (the walsender streams it once flushed).
-        let insert = conn.simple_query("SELECT pg_catalog.pg_current_wal_insert_lsn()").await?;
+        let insert = conn
+            .simple_query("SELECT pg_catalog.pg_current_wal_insert_lsn()")
+            .await?;
         if let Some(lsn) = one_value(&insert).and_then(|s| s.parse().ok()) {
             system.xlogpos = system.xlogpos.max(lsn);
         }
         let slot = Self::ensure_slot(&mut conn, cfg, export_snapshot).await?;
         let server_version = conn.server_version;
         let backend_pid = conn.backend_pid;
-        Ok((Replication { conn, server_version, backend_pid, confirmed: slot.confirmed_flush }, slot, system))
+        Ok((
+            Replication {
+                conn,
+                server_version,
+                backend_pid,
+                confirmed: slot.confirmed_flush,
+            },
+            slot,
+            system,
+        ))
     }
 
     /// Connects in replication mode and runs IDENTIFY_SYSTEM, nothing else (preflight).
@@ -146,28 +169,48 @@ impl Replication {
                 )));
             }
             if let Some(pid) = row[3].as_deref() {
-                return Err(SourceError::SlotInUse { slot: cfg.slot.clone(), holder: format!("PostgreSQL backend pid {pid}") });
+                return Err(SourceError::SlotInUse {
+                    slot: cfg.slot.clone(),
+                    holder: format!("PostgreSQL backend pid {pid}"),
+                });
             }
             if !export_snapshot {
                 let confirmed = row[2].as_deref().and_then(|s| s.parse().ok()).unwrap_or(Lsn::ZERO);
-                return Ok(SlotState { confirmed_flush: confirmed, created: false, snapshot: None });
+                return Ok(SlotState {
+                    confirmed_flush: confirmed,
+                    created: false,
+                    snapshot: None,
+                });
             }
             // The lake has no starting state yet (an initial copy never finished): its
             // copy and the slot must share one consistent point, so start both afresh.
             tracing::info!(slot = %cfg.slot, "recreating the slot for a new initial snapshot");
-            conn.simple_query(&format!("DROP_REPLICATION_SLOT {}", quote_ident(&cfg.slot))).await?;
+            conn.simple_query(&format!("DROP_REPLICATION_SLOT {}", quote_ident(&cfg.slot)))
+                .await?;
         }
         let create = format!(
             "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {}",
             quote_ident(&cfg.slot),
-            if export_snapshot { "EXPORT_SNAPSHOT" } else { "NOEXPORT_SNAPSHOT" }
+            if export_snapshot {
+                "EXPORT_SNAPSHOT"
+            } else {
+                "NOEXPORT_SNAPSHOT"
+            }
         );
         match conn.simple_query(&create).await {
             Ok(rows) => {
-                let consistent = rows.first().and_then(|r| r.get(1)).and_then(|v| v.as_deref()).and_then(|s| s.parse().ok());
+                let consistent = rows
+                    .first()
+                    .and_then(|r| r.get(1))
+                    .and_then(|v| v.as_deref())
+                    .and_then(|s| s.parse().ok());
                 let snapshot = rows.first().and_then(|r| r.get(2)).cloned().flatten();
                 tracing::info!(slot = %cfg.slot, consistent_point = ?consistent.map(|l: Lsn| l.to_string()), "created replication slot");
-                Ok(SlotState { confirmed_flush: consistent.unwrap_or(Lsn::ZERO), created: true, snapshot: snapshot.filter(|_| export_snapshot) })
+                Ok(SlotState {
+                    confirmed_flush: consistent.unwrap_or(Lsn::ZERO),
+                    created: true,
+                    snapshot: snapshot.filter(|_| export_snapshot),
+                })
             }
             // Someone created it between our look and our create: same outcome.
             Err(SourceError::Server(PgError { code, .. })) if code == "42710" && !export_snapshot => {
@@ -175,7 +218,9 @@ impl Replication {
             }
             Err(SourceError::Server(e)) if e.code == "42501" => Err(SourceError::Setup(format!(
                 "user {:?} may not create replication slots: {e}; GRANT it the REPLICATION attribute (ALTER ROLE {} REPLICATION; on RDS: GRANT rds_replication TO {})",
-                cfg.conn.user, quote_ident(&cfg.conn.user), quote_ident(&cfg.conn.user)
+                cfg.conn.user,
+                quote_ident(&cfg.conn.user),
+                quote_ident(&cfg.conn.user)
             ))),
             Err(e) => Err(e),
         }
@@ -194,10 +239,16 @@ impl Replication {
         } else {
             format!("proto_version '1', publication_names {publication}")
         };
-        let sql = format!("START_REPLICATION SLOT {} LOGICAL {start} ({options})", quote_ident(&cfg.slot));
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {start} ({options})",
+            quote_ident(&cfg.slot)
+        );
         match self.conn.start_copy_both(&sql).await {
             Ok(()) => Ok(()),
-            Err(SourceError::Server(e)) if e.code == "55006" => Err(SourceError::SlotInUse { slot: cfg.slot.clone(), holder: e.message }),
+            Err(SourceError::Server(e)) if e.code == "55006" => Err(SourceError::SlotInUse {
+                slot: cfg.slot.clone(),
+                holder: e.message,
+            }),
             Err(SourceError::Server(e)) if e.code == "55000" => Err(SourceError::Setup(format!(
                 "replication slot {:?} cannot be used: {e}; PostgreSQL removed WAL the lake still needs (max_slot_wal_keep_size exceeded?), so the lake cannot be continued from it: drop the slot and start a new lake with an initial snapshot",
                 cfg.slot
@@ -234,9 +285,19 @@ impl Replication {
         match tag {
             b'd' => {}
             b'E' => return Err(SourceError::Server(PgError::parse(&body))),
-            b'c' => return Err(SourceError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the server ended the replication stream"))),
+            b'c' => {
+                return Err(SourceError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the server ended the replication stream",
+                )));
+            }
             b'N' | b'S' => return Ok(None),
-            other => return Err(SourceError::Protocol(format!("unexpected message {:?} in replication stream", other as char))),
+            other => {
+                return Err(SourceError::Protocol(format!(
+                    "unexpected message {:?} in replication stream",
+                    other as char
+                )));
+            }
         }
         match body.first() {
             Some(b'w') if body.len() >= 25 => {
@@ -250,7 +311,10 @@ impl Replication {
                 body.advance(1);
                 let wal_end = Lsn(body.get_u64());
                 let _ts = body.get_i64();
-                Ok(Some(XLog::Keepalive { wal_end, reply_requested: body.get_u8() == 1 }))
+                Ok(Some(XLog::Keepalive {
+                    wal_end,
+                    reply_requested: body.get_u8() == 1,
+                }))
             }
             _ => Err(SourceError::Protocol("malformed CopyData in replication stream".into())),
         }
@@ -260,7 +324,10 @@ impl Replication {
     /// the confirmed position backward.
     pub async fn confirm(&mut self, lsn: Lsn, request_reply: bool) -> Result<(), SourceError> {
         self.confirmed = self.confirmed.max(lsn);
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
         let mut b = BytesMut::with_capacity(34);
         b.put_u8(b'r');
         for _ in 0..3 {

@@ -6,8 +6,14 @@ use crate::config::{ConnParams, SslMode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SqlError {
-    #[error("cannot connect to PostgreSQL at {target}: {source}; check source.url and that the server is running and reachable")]
-    Connect { target: String, #[source] source: tokio_postgres::Error },
+    #[error(
+        "cannot connect to PostgreSQL at {target}: {source}; check source.url and that the server is running and reachable"
+    )]
+    Connect {
+        target: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     #[error("TLS setup: {0}")]
     Tls(String),
 }
@@ -30,7 +36,10 @@ pub async fn connect(p: &ConnParams) -> Result<tokio_postgres::Client, SqlError>
         c.password(pw);
     }
     let target = format!("{}:{}", p.host, p.port);
-    let err = |source| SqlError::Connect { target: target.clone(), source };
+    let err = |source| SqlError::Connect {
+        target: target.clone(),
+        source,
+    };
     let client = match tls::client_config(p).map_err(SqlError::Tls)? {
         None => {
             let (client, conn) = c.connect(tokio_postgres::NoTls).await.map_err(err)?;

@@ -5,9 +5,9 @@
 
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
@@ -34,11 +34,13 @@ pub fn client_config(params: &ConnParams) -> Result<Option<Arc<ClientConfig>>, S
             let mut roots = RootCertStore::empty();
             match &params.sslrootcert {
                 Some(path) => {
-                    let pem = std::fs::read(path)
-                        .map_err(|e| format!("cannot read sslrootcert {}: {e}", path.display()))?;
+                    let pem =
+                        std::fs::read(path).map_err(|e| format!("cannot read sslrootcert {}: {e}", path.display()))?;
                     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
                         let cert = cert.map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
-                        roots.add(cert).map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+                        roots
+                            .add(cert)
+                            .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
                     }
                     if roots.is_empty() {
                         return Err(format!("sslrootcert {} holds no PEM certificate", path.display()));
@@ -49,11 +51,18 @@ pub fn client_config(params: &ConnParams) -> Result<Option<Arc<ClientConfig>>, S
             let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .map_err(|e| e.to_string())?;
-            if mode == SslMode::VerifyFull { inner } else { Arc::new(ChainOnly(inner)) }
+            if mode == SslMode::VerifyFull {
+                inner
+            } else {
+                Arc::new(ChainOnly(inner))
+            }
         }
         SslMode::Disable => unreachable!("handled above"),
     };
-    let config = builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth();
+    let config = builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
     Ok(Some(Arc::new(config)))
 }
 
@@ -110,7 +119,10 @@ impl ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
             Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::NotValidForName | rustls::CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),

@@ -22,12 +22,19 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_walshore");
 
 /// A free loopback port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn cluster(settings: &[&str]) -> TempCluster {
-    TempCluster::start(ClusterOptions { settings: settings.iter().map(|s| s.to_string()).collect(), dir: None })
-        .expect("start a throwaway PostgreSQL (is the `postgresql` Debian package installed?)")
+    TempCluster::start(ClusterOptions {
+        settings: settings.iter().map(|s| s.to_string()).collect(),
+        dir: None,
+    })
+    .expect("start a throwaway PostgreSQL (is the `postgresql` Debian package installed?)")
 }
 
 /// The moto server (S3 protocol) on a free loopback port, with one bucket.
@@ -60,10 +67,17 @@ impl Moto {
     /// A bare HTTP request (moto needs no signature); returns the status code.
     pub fn http(&self, method: &str, path: &str) -> std::io::Result<u16> {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", self.port)?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )?;
         let mut resp = String::new();
         s.read_to_string(&mut resp)?;
-        resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| std::io::Error::other("bad HTTP answer"))
+        resp.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other("bad HTTP answer"))
     }
 
     pub fn endpoint(&self) -> String {
@@ -89,15 +103,30 @@ pub fn set_fake_aws_env() {
 
 pub enum SinkKind<'a> {
     File(PathBuf),
-    S3 { moto: &'a Moto, bucket: &'a str, prefix: &'a str },
+    S3 {
+        moto: &'a Moto,
+        bucket: &'a str,
+        prefix: &'a str,
+    },
 }
 
 /// Writes a config file and returns its path (inside `dir`).
-pub fn write_config(dir: &std::path::Path, source_url: &str, publication: &str, slot: &str, sink: &SinkKind, extra_sink: &str, extra_source: &str) -> PathBuf {
+pub fn write_config(
+    dir: &std::path::Path,
+    source_url: &str,
+    publication: &str,
+    slot: &str,
+    sink: &SinkKind,
+    extra_sink: &str,
+    extra_source: &str,
+) -> PathBuf {
     let sink_lines = match sink {
         SinkKind::File(p) => format!("url = \"file://{}\"", p.display()),
         SinkKind::S3 { moto, bucket, prefix } => {
-            format!("url = \"s3://{bucket}/{prefix}\"\nendpoint = \"{}\"\nregion = \"us-east-1\"", moto.endpoint())
+            format!(
+                "url = \"s3://{bucket}/{prefix}\"\nendpoint = \"{}\"\nregion = \"us-east-1\"",
+                moto.endpoint()
+            )
         }
     };
     let text = format!(
@@ -110,13 +139,21 @@ pub fn write_config(dir: &std::path::Path, source_url: &str, publication: &str, 
 }
 
 pub fn walshore(args: &[&str]) -> Output {
-    
-    Command::new(BIN).args(args).env("WALSHORE_LOG", "info").output().expect("run walshore")
+    Command::new(BIN)
+        .args(args)
+        .env("WALSHORE_LOG", "info")
+        .output()
+        .expect("run walshore")
 }
 
 pub fn sync(config: &std::path::Path) {
     let out = walshore(&["sync", "--config", config.to_str().unwrap()]);
-    assert!(out.status.success(), "walshore sync failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "walshore sync failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 pub fn spawn_run(config: &std::path::Path) -> Child {
@@ -139,7 +176,10 @@ pub fn stop(mut child: Child) -> (std::process::ExitStatus, String) {
             child.stderr.take().map(|mut e| e.read_to_string(&mut err));
             return (status, err);
         }
-        assert!(Instant::now() < deadline, "walshore did not stop within 60 s of SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "walshore did not stop within 60 s of SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -175,10 +215,19 @@ pub async fn read_table(store: &Arc<dyn ObjectStore>, schema: &str, table: &str)
     for meta in metas.iter().filter(|m| m.location.as_ref().ends_with(".parquet")) {
         files += 1;
         let bytes = store.get(&meta.location).await.unwrap().bytes().await.unwrap();
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap().build().unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .unwrap()
+            .build()
+            .unwrap();
         for batch in reader {
             let batch = batch.unwrap();
-            columns = batch.schema().fields().iter().map(|f| f.name().clone()).filter(|n| !n.starts_with('_')).collect();
+            columns = batch
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .filter(|n| !n.starts_with('_'))
+                .collect();
             rows.extend(rows_of(&batch));
         }
     }
@@ -208,7 +257,12 @@ fn rows_of(batch: &RecordBatch) -> Vec<LakeRow> {
                 unchanged: if unchanged.is_null(i) {
                     Vec::new()
                 } else {
-                    unchanged.value(i).as_string::<i32>().iter().map(|s| s.unwrap().to_owned()).collect()
+                    unchanged
+                        .value(i)
+                        .as_string::<i32>()
+                        .iter()
+                        .map(|s| s.unwrap().to_owned())
+                        .collect()
                 },
                 values,
             }
@@ -230,11 +284,15 @@ pub fn render(a: &dyn Array, i: usize) -> Option<String> {
         DataType::Float64 => a.as_primitive::<arrow::datatypes::Float64Type>().value(i).to_string(),
         DataType::Date32 => a.as_primitive::<arrow::datatypes::Date32Type>().value(i).to_string(),
         DataType::Decimal128(_, _) => a.as_primitive::<arrow::datatypes::Decimal128Type>().value_as_string(i),
-        DataType::Timestamp(TimeUnit::Microsecond, _) => a.as_primitive::<TimestampMicrosecondType>().value(i).to_string(),
+        DataType::Timestamp(TimeUnit::Microsecond, _) => {
+            a.as_primitive::<TimestampMicrosecondType>().value(i).to_string()
+        }
         DataType::Binary => hex(a.as_binary::<i32>().value(i)),
         DataType::List(_) => {
             let l = a.as_list::<i32>().value(i);
-            let items: Vec<String> = (0..l.len()).map(|j| render(l.as_ref(), j).unwrap_or_else(|| "NULL".into())).collect();
+            let items: Vec<String> = (0..l.len())
+                .map(|j| render(l.as_ref(), j).unwrap_or_else(|| "NULL".into()))
+                .collect();
             format!("{{{}}}", items.join(","))
         }
         other => panic!("test renderer does not handle {other}"),
@@ -266,7 +324,9 @@ pub fn replay(t: &LakeTable, key: Option<&[&str]>) -> Vec<Vec<Option<String>>> {
             "T" => state.clear(),
             "D" => {
                 let k = key_of(&r.values);
-                let entry = state.get_mut(&k).unwrap_or_else(|| panic!("delete of a row not in the lake: {r:?}"));
+                let entry = state
+                    .get_mut(&k)
+                    .unwrap_or_else(|| panic!("delete of a row not in the lake: {r:?}"));
                 entry.1 -= 1;
                 if entry.1 == 0 {
                     state.remove(&k);
@@ -276,7 +336,10 @@ pub fn replay(t: &LakeTable, key: Option<&[&str]>) -> Vec<Vec<Option<String>>> {
                 let mut values = r.values.clone();
                 let k = key_of(&values);
                 for c in &r.unchanged {
-                    let prev = state.get(&k).map(|(row, _)| row[c].clone()).unwrap_or_else(|| panic!("unchanged {c} without a previous row: {r:?}"));
+                    let prev = state
+                        .get(&k)
+                        .map(|(row, _)| row[c].clone())
+                        .unwrap_or_else(|| panic!("unchanged {c} without a previous row: {r:?}"));
                     values.insert(c.clone(), prev);
                 }
                 let k = key_of(&values);
@@ -308,7 +371,12 @@ pub fn replay(t: &LakeTable, key: Option<&[&str]>) -> Vec<Vec<Option<String>>> {
 pub fn assert_unique_positions(t: &LakeTable) {
     let mut seen = HashSet::new();
     for r in &t.rows {
-        assert!(seen.insert((r.lsn, r.seq)), "duplicate (_lsn, _seq) = ({:X}, {}) in the lake", r.lsn, r.seq);
+        assert!(
+            seen.insert((r.lsn, r.seq)),
+            "duplicate (_lsn, _seq) = ({:X}, {}) in the lake",
+            r.lsn,
+            r.seq
+        );
     }
 }
 
@@ -319,7 +387,9 @@ pub async fn source_rows(client: &tokio_postgres::Client, select: &str) -> Vec<V
     let mut out: Vec<Vec<Option<String>>> = rows
         .into_iter()
         .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some((0..r.len()).map(|i| r.get(i).map(str::to_owned)).collect()),
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_owned)).collect())
+            }
             _ => None,
         })
         .collect();
