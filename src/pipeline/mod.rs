@@ -207,38 +207,26 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
                 .unwrap_or(0),
         };
         tracing::info!(consistent_point = %exported.consistent_point, "initial copy started");
-        let (event_tx, event_rx) = mpsc::channel(EVENT_CHANNEL_CHUNKS);
-        let (sink_tx, sink_rx) = mpsc::channel(1);
-        let (confirm_tx, _confirm_rx) = watch::channel(Lsn::ZERO);
-        let batch = tokio::spawn(tasks::batch_task(
-            event_rx,
-            sink_tx,
-            cfg.sink.flush_interval,
-            cfg.sink.max_buffer_bytes,
-        ));
-        let sinker = tokio::spawn(tasks::sink_task(
-            sink.clone(),
-            checkpoint,
-            run_id.clone(),
-            sink_rx,
-            confirm_tx,
-        ));
+        let (events, _confirm, downstream) = spawn_downstream(cfg, sink.clone(), checkpoint, run_id.clone());
         let copied = crate::snapshot::copy(
             &cfg.source,
             &exported,
             cfg.snapshot_parallelism,
-            event_tx,
+            events,
             shutdown.clone(),
         )
         .await;
-        let b = batch.await.unwrap_or_else(|e| Err(PipelineError::Task(e.to_string())));
-        let (summary, back, k) = sinker.await.map_err(|e| fail(PipelineError::Task(e.to_string())))?;
-        total.absorb(summary);
-        checkpoint = back;
-        for r in [k, b, copied.map(|_| ()).map_err(PipelineError::from)] {
-            if let Err(e) = r {
+        let (summary, back) = match downstream.join().await {
+            Ok(done) => done,
+            Err((e, summary)) => {
+                total.absorb(summary);
                 return Err((e, total));
             }
+        };
+        total.absorb(summary);
+        checkpoint = back;
+        if let Err(e) = copied {
+            return Err((e.into(), total));
         }
         tracing::info!(committed_seq = checkpoint.head().seq, "initial copy committed");
         copied_now = true;
@@ -273,43 +261,72 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
     );
     let assembler = Assembler::new(start, buffer);
 
-    let (event_tx, event_rx) = mpsc::channel(EVENT_CHANNEL_CHUNKS);
-    let (sink_tx, sink_rx) = mpsc::channel(1);
-    let (confirm_tx, confirm_rx) = watch::channel(Lsn::ZERO);
-
+    let (events, confirm, downstream) = spawn_downstream(cfg, sink, checkpoint, run_id);
     let source = tokio::spawn(tasks::source_task(tasks::SourceTask {
         repl,
         assembler,
-        events: event_tx,
-        confirm: confirm_rx,
+        events,
+        confirm,
         shutdown,
         target,
         status_interval: cfg.source.status_interval,
     }));
+    let (s, d) = tokio::join!(source, downstream.join());
+    // The first real error wins; a stage that stopped because its neighbour did is Ok.
+    match d {
+        Ok((summary, _)) => total.absorb(summary),
+        Err((e, summary)) => {
+            total.absorb(summary);
+            return Err((e, total));
+        }
+    }
+    match s.unwrap_or_else(|e| Err(PipelineError::Task(e.to_string()))) {
+        Ok(()) => Ok(total),
+        Err(e) => Err((e, total)),
+    }
+}
+
+/// The batch and sink tasks of one phase (initial copy or streaming).
+struct Downstream {
+    batch: tokio::task::JoinHandle<Result<(), PipelineError>>,
+    sink: tokio::task::JoinHandle<(Summary, Checkpoint, Result<(), PipelineError>)>,
+}
+
+/// Starts batch and sink; returns the channel into the batcher and the watch of the
+/// confirmable LSN.
+fn spawn_downstream(
+    cfg: &Config,
+    sink: Arc<Sink>,
+    checkpoint: Checkpoint,
+    run_id: String,
+) -> (
+    mpsc::Sender<Vec<crate::change::Event>>,
+    watch::Receiver<Lsn>,
+    Downstream,
+) {
+    let (event_tx, event_rx) = mpsc::channel(EVENT_CHANNEL_CHUNKS);
+    let (sink_tx, sink_rx) = mpsc::channel(1);
+    let (confirm_tx, confirm_rx) = watch::channel(Lsn::ZERO);
     let batch = tokio::spawn(tasks::batch_task(
         event_rx,
         sink_tx,
         cfg.sink.flush_interval,
         cfg.sink.max_buffer_bytes,
     ));
-    let sinker = tokio::spawn(tasks::sink_task(sink, checkpoint, run_id, sink_rx, confirm_tx));
+    let sink = tokio::spawn(tasks::sink_task(sink, checkpoint, run_id, sink_rx, confirm_tx));
+    (event_tx, confirm_rx, Downstream { batch, sink })
+}
 
-    let (s, b, k) = tokio::join!(source, batch, sinker);
-    let join = |r: Result<Result<(), PipelineError>, tokio::task::JoinError>| {
-        r.unwrap_or_else(|e| Err(PipelineError::Task(e.to_string())))
-    };
-    let sink_result = match k {
-        Ok((summary, _, r)) => {
-            total.absorb(summary);
-            r
-        }
-        Err(e) => Err(PipelineError::Task(e.to_string())),
-    };
-    // The first real error wins; a stage that stopped because its neighbour did is Ok.
-    for r in [sink_result, join(b), join(s)] {
-        if let Err(e) = r {
-            return Err((e, total));
+impl Downstream {
+    /// Waits for both once their input has closed: the sink's error first, then the
+    /// batcher's; on success the checkpoint comes back for the next phase.
+    async fn join(self) -> Result<(Summary, Checkpoint), (PipelineError, Summary)> {
+        let task = |e: tokio::task::JoinError| PipelineError::Task(e.to_string());
+        let batch = self.batch.await.unwrap_or_else(|e| Err(task(e)));
+        let (summary, checkpoint, sunk) = self.sink.await.map_err(|e| (task(e), Summary::default()))?;
+        match sunk.and(batch) {
+            Ok(()) => Ok((summary, checkpoint)),
+            Err(e) => Err((e, summary)),
         }
     }
-    Ok(total)
 }
