@@ -126,8 +126,7 @@ async fn run_demo(cluster: &TempCluster, dir: &Path, lake: &PathBuf) -> anyhow::
         println!("  {}", f.strip_prefix(lake).unwrap_or(&f).display());
     }
     println!(
-        "\nconfig used: {}  (try: walshore status --config {})",
-        config_path.display(),
+        "\nconfig used: {} (its PostgreSQL is thrown away now: point source.url at your own database and run `walshore check` then `walshore run`)",
         config_path.display()
     );
     Ok(())
