@@ -135,22 +135,17 @@ impl TempCluster {
     }
 
     fn pg_ctl_start(&mut self) -> Result<(), ClusterError> {
-        let log = self.data.join("server.log");
-        self.run(
-            "pg_ctl",
-            &[
-                "-D",
-                path_str(&self.data),
-                "-l",
-                path_str(&log),
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ],
-        )?;
+        self.pg_ctl(&["start"])?;
         self.running = true;
         Ok(())
+    }
+
+    /// `pg_ctl -D data -l log -w -t 60 <action...>`.
+    fn pg_ctl(&self, action: &[&str]) -> Result<(), ClusterError> {
+        let log = self.data.join("server.log");
+        let mut args = vec!["-D", path_str(&self.data), "-l", path_str(&log), "-w", "-t", "60"];
+        args.extend_from_slice(action);
+        self.run("pg_ctl", &args)
     }
 
     fn run(&self, tool: &str, args: &[&str]) -> Result<(), ClusterError> {
@@ -205,28 +200,13 @@ impl TempCluster {
 
     /// `pg_ctl restart` with the given mode (`fast`, `immediate`).
     pub fn restart(&mut self, mode: &str) -> Result<(), ClusterError> {
-        let log = self.data.join("server.log");
-        self.run(
-            "pg_ctl",
-            &[
-                "-D",
-                path_str(&self.data),
-                "-l",
-                path_str(&log),
-                "-m",
-                mode,
-                "-w",
-                "-t",
-                "60",
-                "restart",
-            ],
-        )
+        self.pg_ctl(&["-m", mode, "restart"])
     }
 
     pub fn stop(&mut self) -> Result<(), ClusterError> {
         if self.running {
             self.running = false;
-            self.run("pg_ctl", &["-D", path_str(&self.data), "-m", "fast", "-w", "stop"])?;
+            self.pg_ctl(&["-m", "fast", "stop"])?;
         }
         Ok(())
     }
@@ -235,7 +215,7 @@ impl TempCluster {
 impl Drop for TempCluster {
     fn drop(&mut self) {
         if self.running {
-            let _ = self.run("pg_ctl", &["-D", path_str(&self.data), "-m", "immediate", "-w", "stop"]);
+            let _ = self.pg_ctl(&["-m", "immediate", "stop"]);
         }
     }
 }

@@ -37,6 +37,23 @@ async fn env(settings: &[&str]) -> Env {
     }
 }
 
+impl Env {
+    /// A config for this environment's database with a file sink under its directory.
+    fn file_config(&self, extra_sink: &str, extra_source: &str) -> std::path::PathBuf {
+        let lake = SinkKind::File(self.dir.path().join("lake"));
+        let url = self.cluster.url("postgres", "t");
+        write_config(
+            self.dir.path(),
+            &url,
+            "pub",
+            "walshore",
+            &lake,
+            extra_sink,
+            extra_source,
+        )
+    }
+}
+
 fn insert_sql(from: i64, to: i64) -> String {
     format!(
         "INSERT INTO trades SELECT i, 'SYM' || (i % 7), (i % 1000)::int, (i * 1.25)::numeric(12,2), i % 2 = 0,
@@ -94,15 +111,7 @@ async fn assert_lake_equals_source(e: &Env, config: &std::path::Path) -> LakeTab
 async fn file_sink_replays_inserts_updates_deletes_truncate_and_rollbacks() {
     let e = env(&[]).await;
     let lake_dir = e.dir.path().join("lake");
-    let config = write_config(
-        e.dir.path(),
-        &e.cluster.url("postgres", "t"),
-        "pub",
-        "walshore",
-        &SinkKind::File(lake_dir.clone()),
-        "",
-        "",
-    );
+    let config = e.file_config("", "");
     sync(&config); // creates the slot
     mixed_workload(&e, &config).await;
     let lake = assert_lake_equals_source(&e, &config).await;
@@ -166,15 +175,7 @@ async fn s3_sink_replays_inserts_updates_deletes_truncate_and_rollbacks() {
 #[tokio::test]
 async fn large_streamed_transaction_with_subtransaction_abort_is_replicated_whole() {
     let e = env(&["logical_decoding_work_mem = 64kB"]).await;
-    let config = write_config(
-        e.dir.path(),
-        &e.cluster.url("postgres", "t"),
-        "pub",
-        "walshore",
-        &SinkKind::File(e.dir.path().join("lake")),
-        "max_buffer = \"8MiB\"",
-        "stream_memory = \"2MiB\"",
-    );
+    let config = e.file_config("max_buffer = \"8MiB\"", "stream_memory = \"2MiB\"");
     sync(&config);
     e.client
         .batch_execute(&format!(
@@ -210,15 +211,7 @@ async fn replica_identity_full_table_without_key_replays_as_a_multiset() {
     let e = env(&[]).await;
     let c = &e.client;
     c.batch_execute("CREATE TABLE nokey (a integer, b text); ALTER TABLE nokey REPLICA IDENTITY FULL; ALTER PUBLICATION pub ADD TABLE nokey").await.unwrap();
-    let config = write_config(
-        e.dir.path(),
-        &e.cluster.url("postgres", "t"),
-        "pub",
-        "walshore",
-        &SinkKind::File(e.dir.path().join("lake")),
-        "",
-        "",
-    );
+    let config = e.file_config("", "");
     sync(&config);
     c.batch_execute("INSERT INTO nokey VALUES (1, 'x'), (1, 'x'), (2, 'y'), (3, NULL)")
         .await
@@ -244,15 +237,7 @@ async fn replica_identity_full_table_without_key_replays_as_a_multiset() {
 /// Starts `run` several times while a writer commits, ending each run with `end`.
 async fn restarts_under_load(end: fn(std::process::Child) -> bool) {
     let e = env(&[]).await;
-    let config = write_config(
-        e.dir.path(),
-        &e.cluster.url("postgres", "t"),
-        "pub",
-        "walshore",
-        &SinkKind::File(e.dir.path().join("lake")),
-        "max_buffer = \"256KiB\"",
-        "",
-    );
+    let config = e.file_config("max_buffer = \"256KiB\"", "");
     sync(&config);
     let writer_client = e.cluster.connect("t").await.unwrap();
     let stop_flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -314,15 +299,7 @@ async fn sigkill_at_random_moments_under_load_leaves_no_duplicate_and_no_gap() {
 #[tokio::test]
 async fn a_second_instance_on_the_same_slot_is_refused() {
     let e = env(&[]).await;
-    let config = write_config(
-        e.dir.path(),
-        &e.cluster.url("postgres", "t"),
-        "pub",
-        "walshore",
-        &SinkKind::File(e.dir.path().join("lake")),
-        "",
-        "",
-    );
+    let config = e.file_config("", "");
     sync(&config);
     let first = spawn_run(&config);
     wait_until(
@@ -352,15 +329,7 @@ async fn a_second_instance_on_the_same_slot_is_refused() {
 #[tokio::test]
 async fn status_and_check_report_the_pipeline() {
     let e = env(&[]).await;
-    let config = write_config(
-        e.dir.path(),
-        &e.cluster.url("postgres", "t"),
-        "pub",
-        "walshore",
-        &SinkKind::File(e.dir.path().join("lake")),
-        "",
-        "",
-    );
+    let config = e.file_config("", "");
     let out = walshore(&["check", "--config", config.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
@@ -445,15 +414,7 @@ async fn a_crash_at_every_step_of_a_commit_leaves_the_lake_exact() {
         "after_commit_before_confirm@1",
     ] {
         let e = env(&[]).await;
-        let config = write_config(
-            e.dir.path(),
-            &e.cluster.url("postgres", "t"),
-            "pub",
-            "walshore",
-            &SinkKind::File(e.dir.path().join("lake")),
-            "max_buffer = \"64KiB\"",
-            "",
-        );
+        let config = e.file_config("max_buffer = \"64KiB\"", "");
         sync(&config);
         e.client.batch_execute(&insert_sql(1, 3000)).await.unwrap();
         e.client
@@ -476,15 +437,7 @@ async fn a_crash_at_every_step_of_a_commit_leaves_the_lake_exact() {
             .unwrap();
         // Recover with other file boundaries, so that what the crashed run uploaded is
         // not simply overwritten by identical files.
-        let config = write_config(
-            e.dir.path(),
-            &e.cluster.url("postgres", "t"),
-            "pub",
-            "walshore",
-            &SinkKind::File(e.dir.path().join("lake")),
-            "max_buffer = \"100KiB\"",
-            "",
-        );
+        let config = e.file_config("max_buffer = \"100KiB\"", "");
         sync(&config);
         assert_lake_equals_source(&e, &config).await;
         assert_no_orphans(&config).await;

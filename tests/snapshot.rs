@@ -63,10 +63,7 @@ async fn setup(
         "",
         "",
     );
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("mode = \"never\"", "mode = \"initial\"\nparallelism = 2");
-    std::fs::write(&config, text).unwrap();
+    use_initial_snapshot(&config, "parallelism = 2");
     (cluster, c, dir, config)
 }
 
@@ -184,10 +181,7 @@ async fn a_table_without_select_privilege_names_the_grant() {
         "",
         "",
     );
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("mode = \"never\"", "mode = \"initial\"");
-    std::fs::write(&config, text).unwrap();
+    use_initial_snapshot(&config, "");
     let out = walshore(&["sync", "--config", config.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -221,10 +215,7 @@ async fn partitioned_tables_copy_and_stream_with_and_without_publish_via_partiti
             "",
             "",
         );
-        let text = std::fs::read_to_string(&config)
-            .unwrap()
-            .replace("mode = \"never\"", "mode = \"initial\"");
-        std::fs::write(&config, text).unwrap();
+        use_initial_snapshot(&config, "");
         sync(&config);
         c.batch_execute("UPDATE fills SET qty = -qty WHERE id % 3 = 0; DELETE FROM fills WHERE id % 7 = 0; INSERT INTO fills VALUES (5000, '2026-02-15', 1)")
             .await

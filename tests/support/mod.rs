@@ -138,6 +138,18 @@ pub fn write_config(
     path
 }
 
+/// Switches a config written by [`write_config`] to `snapshot.mode = "initial"`, with
+/// `extra` lines in the `[snapshot]` table.
+pub fn use_initial_snapshot(config: &std::path::Path, extra: &str) {
+    let text = std::fs::read_to_string(config).unwrap();
+    assert!(text.contains("mode = \"never\""), "not a config from write_config");
+    std::fs::write(
+        config,
+        text.replace("mode = \"never\"", &format!("mode = \"initial\"\n{extra}")),
+    )
+    .unwrap();
+}
+
 pub fn walshore(args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
