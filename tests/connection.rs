@@ -209,11 +209,7 @@ async fn idle_publication_on_a_busy_database_does_not_hold_wal() {
     );
     let child = spawn_run(&config);
     wait_until(Duration::from_secs(30), "the slot to be active", || async {
-        c.query_one("SELECT count(*) FROM pg_replication_slots WHERE active", &[])
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-            == 1
+        slot_count(&c, true).await == 1
     })
     .await;
     // 32 MiB of WAL that the publication does not care about.

@@ -162,12 +162,8 @@ async fn unwritable_sink_is_named_and_nothing_is_written() {
         "",
     );
     assert_fails(&config, 1, &["sink.url", "cannot create directory"]);
-    let slots = _c
-        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
-        .await
-        .unwrap();
     assert_eq!(
-        slots.get::<_, i64>(0),
+        slot_count(&_c, false).await,
         0,
         "no slot was created for a pipeline that cannot write"
     );
@@ -217,12 +213,8 @@ async fn a_slot_dropped_behind_walshores_back_is_a_definite_error_not_a_silent_g
         files_before,
         "nothing written that claims continuity"
     );
-    let slots = c
-        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
-        .await
-        .unwrap();
     assert_eq!(
-        slots.get::<_, i64>(0),
+        slot_count(&c, false).await,
         0,
         "the slot created by the failed start is dropped again"
     );

@@ -305,14 +305,7 @@ async fn a_second_instance_on_the_same_slot_is_refused() {
     wait_until(
         Duration::from_secs(30),
         "the first instance to hold the slot",
-        || async {
-            let r = e
-                .client
-                .query_one("SELECT count(*) FROM pg_replication_slots WHERE active", &[])
-                .await
-                .unwrap();
-            r.get::<_, i64>(0) == 1
-        },
+        || async { slot_count(&e.client, true).await == 1 },
     )
     .await;
     let out = walshore(&["run", "--config", config.to_str().unwrap()]);

@@ -409,6 +409,16 @@ pub async fn source_rows(client: &tokio_postgres::Client, select: &str) -> Vec<V
     out
 }
 
+/// How many replication slots the server has (`active_only`: in use by a walsender).
+pub async fn slot_count(client: &tokio_postgres::Client, active_only: bool) -> i64 {
+    let sql = if active_only {
+        "SELECT count(*) FROM pg_replication_slots WHERE active"
+    } else {
+        "SELECT count(*) FROM pg_replication_slots"
+    };
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
 /// Polls `f` until it returns true, failing after `timeout`.
 pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut f: F)
 where
