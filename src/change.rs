@@ -58,6 +58,13 @@ pub enum Event {
     Commit {
         end_lsn: Lsn,
     },
+    /// Copies of these tables (`schema.table`) run from snapshot point `from`: from
+    /// here on the stream's changes to them before `from` are not written (the copy
+    /// holds them), and their files wait for the copy's commit.
+    CopyStart {
+        tables: Vec<String>,
+        from: Lsn,
+    },
     /// Nothing is in flight and the server has sent everything up to `lsn`: a flush
     /// that finds nothing buffered may confirm it (idle publications hold no WAL).
     Idle {

@@ -22,6 +22,12 @@ pub const DEFAULT_SPILL_MAX_BYTES: u64 = 64 << 30;
 pub const DEFAULT_ROW_GROUP_ROWS: usize = 1 << 20;
 /// Copy connections: two keep a 2-core database busy without starving its other work.
 pub const DEFAULT_SNAPSHOT_PARALLELISM: usize = 2;
+/// Heap bytes per chunk of a table's copy (a ctid range): the unit a copy connection
+/// takes at a time, so one large table is copied by all connections at once.
+pub const DEFAULT_SNAPSHOT_CHUNK_BYTES: u64 = 32 << 20;
+/// How often a running pipeline looks for tables to copy: tables added to the
+/// publication and `walshore resnapshot` requests.
+pub const DEFAULT_SNAPSHOT_POLL_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the slot hears our committed position even when nothing changes:
 /// well below PostgreSQL's default wal_sender_timeout (60 s).
 pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
@@ -89,6 +95,8 @@ struct RawSink {
 struct RawSnapshot {
     mode: Option<String>,
     parallelism: Option<usize>,
+    chunk_size: Option<String>,
+    poll_interval: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -263,6 +271,10 @@ pub struct Config {
     pub snapshot: SnapshotMode,
     /// Connections copying tables at once in the initial copy.
     pub snapshot_parallelism: usize,
+    /// Heap bytes per chunk (ctid range) of a table's copy.
+    pub snapshot_chunk_bytes: u64,
+    /// How often to look for tables added to the publication and resnapshot requests.
+    pub snapshot_poll_interval: Duration,
 }
 
 /// `64MiB`, `1 GB`, `4096` (bytes).
@@ -510,11 +522,26 @@ impl TryFrom<RawConfig> for Config {
         if !(1..=64).contains(&snapshot_parallelism) {
             return Err(invalid("snapshot.parallelism", "must be between 1 and 64"));
         }
+        let snapshot_chunk_bytes = size(
+            "snapshot.chunk_size",
+            raw.snapshot.chunk_size,
+            DEFAULT_SNAPSHOT_CHUNK_BYTES,
+        )?;
+        if snapshot_chunk_bytes < 8192 {
+            return Err(invalid("snapshot.chunk_size", "must be at least one page (8kB)"));
+        }
+        let snapshot_poll_interval = duration(
+            "snapshot.poll_interval",
+            raw.snapshot.poll_interval,
+            DEFAULT_SNAPSHOT_POLL_INTERVAL,
+        )?;
         Ok(Config {
             source,
             sink,
             snapshot,
             snapshot_parallelism,
+            snapshot_chunk_bytes,
+            snapshot_poll_interval,
         })
     }
 }

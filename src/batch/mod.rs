@@ -187,7 +187,9 @@ impl TableBuf {
         self.op.append_value(op);
         self.lsn.append_value(pos.lsn.0 as i64);
         self.seq.append_value(pos.seq as i64);
-        self.xid.append_option(xid.map(i64::from));
+        // xid 0 is PostgreSQL's InvalidTransactionId: rows walshore writes itself (the
+        // T marker before a re-snapshot) belong to no source transaction.
+        self.xid.append_option(xid.filter(|x| *x != 0).map(i64::from));
         self.commit_ts.append_value(commit_ts);
     }
 
@@ -229,15 +231,47 @@ struct OpenTx {
     seq: u64,
 }
 
+/// True when a change of `rel_id` in a transaction committed at `lsn` is held by (or
+/// due to) a copy of its table.
+fn gated(gates: &HashMap<u32, Gate>, rel_id: u32, lsn: Lsn) -> bool {
+    match gates.get(&rel_id) {
+        None => false,
+        Some(Gate::Pending) => true,
+        Some(Gate::From(from)) => lsn < *from,
+    }
+}
+
+/// `schema.table`, the name tables go by in the commit log and the config.
+pub fn qualified(rel: &Relation) -> String {
+    format!("{}.{}", rel.namespace, rel.name)
+}
+
 /// `dt=YYYY-MM-DD` of a commit time in UTC (µs since the Unix epoch).
 pub fn date_partition(commit_ts: i64) -> String {
     let (y, m, d) = civil_from_days(commit_ts.div_euclid(86_400_000_000));
     format!("dt={y:04}-{m:02}-{d:02}")
 }
 
+/// Which of a table's changes the batcher writes, while and after it is copied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gate {
+    /// A copy is due but its snapshot point is not known yet: nothing is written (the
+    /// copy will hold it).
+    Pending,
+    /// Copied at this snapshot point: only transactions committed at or after it are
+    /// written (the earlier ones are in the copy).
+    From(Lsn),
+}
+
 #[derive(Default)]
 pub struct Batcher {
     layouts: HashMap<u32, Arc<Layout>>,
+    /// Gates by `schema.table`.
+    gates: HashMap<String, Gate>,
+    /// Tables without a gate are pending (a copy is due for every new table).
+    unknown_pending: bool,
+    /// The gate of each relation id, resolved from `gates` by name.
+    rel_gates: HashMap<u32, Gate>,
     /// Open buffers, plus buffers of superseded schema versions waiting for `take`.
     tables: HashMap<u32, TableBuf>,
     sealed: Vec<TableFile>,
@@ -252,6 +286,47 @@ pub struct Batcher {
 impl Batcher {
     pub fn new() -> Batcher {
         Batcher::default()
+    }
+
+    /// A batcher that writes each table's changes only from its gate on; with
+    /// `unknown_pending`, tables it has no gate for are [`Gate::Pending`].
+    pub fn with_gates(gates: HashMap<String, Gate>, unknown_pending: bool) -> Batcher {
+        Batcher {
+            gates,
+            unknown_pending,
+            ..Batcher::default()
+        }
+    }
+
+    /// Sets the gate of `schema.table`.
+    pub fn set_gate(&mut self, table: &str, gate: Gate) {
+        self.gates.insert(table.to_owned(), gate);
+        let ids: Vec<u32> = self
+            .layouts
+            .iter()
+            .filter(|(_, l)| qualified(&l.relation) == table)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.rel_gates.insert(id, gate);
+        }
+    }
+
+    fn resolve_gate(&mut self, rel: &Relation) {
+        let gate = self
+            .gates
+            .get(&qualified(rel))
+            .copied()
+            .or(self.unknown_pending.then_some(Gate::Pending));
+        match gate {
+            Some(g) => self.rel_gates.insert(rel.id, g),
+            None => self.rel_gates.remove(&rel.id),
+        };
+    }
+
+    /// Starts `_seq` of the snapshot rows of `rel_id` at `seq` (a chunk's base).
+    pub fn set_snapshot_seq(&mut self, rel_id: u32, seq: u64) {
+        self.snapshot_seq.insert(rel_id, seq);
     }
 
     /// Approximate bytes of row data buffered.
@@ -287,12 +362,18 @@ impl Batcher {
                 self.last_end = Some(end_lsn);
                 self.last_commit_ts = Some(tx.info.commit_ts);
             }
+            Event::CopyStart { tables, from } => {
+                for t in tables {
+                    self.set_gate(&t, Gate::From(from));
+                }
+            }
             Event::Idle { .. } => {}
         }
         Ok(())
     }
 
     fn relation(&mut self, rel: Arc<Relation>) -> Result<(), BatchError> {
+        self.resolve_gate(&rel);
         if let Some(old) = self.layouts.get(&rel.id)
             && old.relation.columns == rel.columns
             && old.relation.name == rel.name
@@ -357,6 +438,11 @@ impl Batcher {
                 what: format!("change for relation {rel_id} before its Relation message"),
             });
         };
+        if gated(&self.rel_gates, rel_id, lsn) {
+            // Positions stay those of the transaction's changes, gated or not.
+            tx.seq += 1;
+            return Ok(());
+        }
         let buf = self
             .tables
             .entry(rel_id)

@@ -147,6 +147,30 @@ pub async fn read_head(store: &dyn ObjectStore) -> Result<Option<CommitRecord>, 
     read_json(store, &last).await.map(Some)
 }
 
+/// Announces files that a table copy is about to upload (copies run beside the sink
+/// task, so they announce on their own). `floor` is a commit number no later than the
+/// one that will publish them: the next start keeps them only if a commit at or after
+/// `floor` names them. Returns the pending record's key, to delete once committed.
+pub async fn announce_copy(
+    store: &dyn ObjectStore,
+    floor: u64,
+    run_id: &str,
+    keys: Vec<String>,
+) -> Result<Path, CheckpointError> {
+    let key = Path::from(format!(
+        "{PENDING}/{floor:020}-copy-{:016x}.json",
+        rand::random::<u64>()
+    ));
+    let record = PendingRecord {
+        seq: floor,
+        run_id: run_id.to_owned(),
+        keys,
+    };
+    let body = serde_json::to_vec(&record).expect("pending record serializes");
+    store.put(&key, PutPayload::from(body)).await.map_err(store_err(&key))?;
+    Ok(key)
+}
+
 /// The commit log of one pipeline, as seen by its single writer.
 pub struct Checkpoint {
     store: Arc<dyn ObjectStore>,
@@ -248,7 +272,7 @@ impl Checkpoint {
         Ok(deleted)
     }
 
-    async fn delete_quietly(&self, path: &Path) {
+    pub async fn delete_quietly(&self, path: &Path) {
         if let Err(e) = self.store.delete(path).await
             && !matches!(e, object_store::Error::NotFound { .. })
         {
@@ -274,20 +298,23 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// Commits `files` up to `end_lsn` as the next record: compare-and-swap on the
-    /// sequence number, so it never moves backward and a second writer is refused.
+    /// Commits `files` up to `end_lsn` as the next record, with the table copies they
+    /// finish: compare-and-swap on the sequence number, so it never moves backward and a
+    /// second writer is refused.
     pub async fn commit_files(
         &mut self,
         run_id: &str,
         end_lsn: Lsn,
         commit_ts: Option<i64>,
         files: Vec<WrittenObject>,
+        copied: &[(String, Lsn)],
     ) -> Result<&CommitRecord, CheckpointError> {
-        let next = self.head.next(
+        let next = self.head.next_with(
             run_id,
             end_lsn.max(self.head.end_lsn),
             commit_ts.or(self.head.commit_ts),
             files,
+            copied,
         );
         self.commit(next).await?;
         let seq = self.head.seq;

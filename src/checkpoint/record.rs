@@ -44,6 +44,11 @@ pub struct CommitRecord {
     /// `snapshot.mode = "never"`). Until then a start redoes the copy from scratch.
     #[serde(default)]
     pub initialized: bool,
+    /// Tables whose copy is committed: `schema.table` -> the snapshot point its `R` rows
+    /// carry as `_lsn`. The stream's changes to a table before its point are in the
+    /// copy and are not written again.
+    #[serde(default)]
+    pub snapshots: BTreeMap<String, Lsn>,
 }
 
 /// Files announced for commit `seq` before upload.
@@ -77,11 +82,26 @@ impl CommitRecord {
             files: Vec::new(),
             tables: BTreeMap::new(),
             initialized: false,
+            snapshots: BTreeMap::new(),
         }
     }
 
     /// The record that follows this one.
     pub fn next(&self, run_id: &str, end_lsn: Lsn, commit_ts: Option<i64>, files: Vec<WrittenObject>) -> CommitRecord {
+        self.next_with(run_id, end_lsn, commit_ts, files, &[])
+    }
+
+    /// [`CommitRecord::next`] that also records finished table copies.
+    pub fn next_with(
+        &self,
+        run_id: &str,
+        end_lsn: Lsn,
+        commit_ts: Option<i64>,
+        files: Vec<WrittenObject>,
+        copied: &[(String, Lsn)],
+    ) -> CommitRecord {
+        let mut snapshots = self.snapshots.clone();
+        snapshots.extend(copied.iter().cloned());
         let mut tables = self.tables.clone();
         for f in &files {
             let t = tables.entry(f.table.clone()).or_default();
@@ -102,6 +122,7 @@ impl CommitRecord {
             initialized: self.initialized || !files.is_empty(),
             files,
             tables,
+            snapshots,
         }
     }
 }

@@ -12,18 +12,21 @@
 
 mod tasks;
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::batch::Gate;
 use crate::checkpoint::record::Identity;
 use crate::checkpoint::{Checkpoint, CheckpointError, read_head};
 use crate::config::{Config, SnapshotMode};
 use crate::decode::StreamBuffer;
 use crate::lsn::Lsn;
 use crate::sink::{Sink, SinkError, StoreError, open_store};
+use crate::snapshot::{CopyEnv, Point, Selection};
 use crate::source::{Assembler, Replication, Retry, SourceError, quote_ident};
 
 pub use tasks::Summary;
@@ -68,6 +71,7 @@ impl PipelineError {
             PipelineError::Source(e) => e.retry(),
             PipelineError::Sink(e) => e.retry(),
             PipelineError::Checkpoint(e) => e.retry(),
+            PipelineError::Snapshot(e) => e.retry(),
             _ => Retry::Definite,
         }
     }
@@ -85,11 +89,6 @@ pub async fn run(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resul
         match run_once(cfg, mode, shutdown.clone()).await {
             Ok(s) => {
                 total.absorb(s);
-                return Ok(total);
-            }
-            Err((PipelineError::Snapshot(crate::snapshot::SnapshotError::Interrupted), partial)) => {
-                total.absorb(partial);
-                tracing::info!("initial copy interrupted by shutdown; it starts again at the next start");
                 return Ok(total);
             }
             Err((e, partial)) => {
@@ -189,60 +188,34 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
     };
     let run_id = new_run_id();
     let sink = Arc::new(Sink::new(store, &cfg.sink));
-    let mut total = Summary::default();
-    let mut copied_now = false;
 
-    if let (Some(name), true) = (slot.snapshot.clone(), export) {
-        // The replication connection stays idle here: it holds the exported snapshot.
-        checkpoint
-            .claim_and_recover(&run_id, false)
+    // A new lake copies every published table under the slot's exported snapshot:
+    // the copy connections import it before the stream starts (which ends it).
+    let initial = match (slot.snapshot.clone(), export) {
+        (Some(name), true) => Some(
+            crate::snapshot::prepare(
+                &cfg.source,
+                Point::new(name, slot.confirmed_flush),
+                cfg.snapshot_parallelism,
+                cfg.snapshot_chunk_bytes,
+                Selection {
+                    only: None,
+                    reset: &BTreeSet::new(),
+                },
+            )
             .await
-            .map_err(|e| fail(e.into()))?;
-        let exported = crate::snapshot::Exported {
-            name,
-            consistent_point: slot.confirmed_flush,
-            taken_at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_micros() as i64)
-                .unwrap_or(0),
-        };
-        tracing::info!(consistent_point = %exported.consistent_point, "initial copy started");
-        let (events, _confirm, downstream) = spawn_downstream(cfg, sink.clone(), checkpoint, run_id.clone());
-        let copied = crate::snapshot::copy(
-            &cfg.source,
-            &exported,
-            cfg.snapshot_parallelism,
-            events,
-            shutdown.clone(),
-        )
-        .await;
-        let (summary, back) = match downstream.join().await {
-            Ok(done) => done,
-            Err((e, summary)) => {
-                total.absorb(summary);
-                return Err((e, total));
-            }
-        };
-        total.absorb(summary);
-        checkpoint = back;
-        if let Err(e) = copied {
-            return Err((e.into(), total));
-        }
-        tracing::info!(committed_seq = checkpoint.head().seq, "initial copy committed");
-        copied_now = true;
-    }
+            .map_err(|e| fail(e.into()))?,
+        ),
+        _ => None,
+    };
 
     let start = checkpoint.position();
-    repl.start(&cfg.source, start)
-        .await
-        .map_err(|e| (e.into(), total.clone()))?;
-    // The starting state is established once the copy is committed (even an empty
-    // one: the stream continues from its consistent point), or without a copy.
-    let mark_initialized = copied_now || cfg.snapshot == SnapshotMode::Never;
+    repl.start(&cfg.source, start).await.map_err(|e| fail(e.into()))?;
+    // From here the lake continues this slot's stream (copies run beside it).
     let deleted = checkpoint
-        .claim_and_recover(&run_id, mark_initialized)
+        .claim_and_recover(&run_id, true)
         .await
-        .map_err(|e| (e.into(), total.clone()))?;
+        .map_err(|e| fail(e.into()))?;
     tracing::info!(
         slot = %cfg.source.slot,
         publication = %cfg.source.publication,
@@ -253,6 +226,34 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
         "replication started"
     );
 
+    // Each table's changes are written from its snapshot point on; a table never copied
+    // waits for its copy (snapshot.mode = "initial").
+    let head = checkpoint.head().clone();
+    let mut gates: HashMap<String, Gate> = head
+        .snapshots
+        .iter()
+        .map(|(t, l)| (t.clone(), Gate::From(*l)))
+        .collect();
+    let initial_tables = initial.as_ref().map(|p| p.tables()).unwrap_or_default();
+    if let Some(p) = &initial {
+        gates.extend(initial_tables.iter().map(|t| (t.clone(), Gate::From(p.lsn()))));
+    }
+    let in_flight = Arc::new(std::sync::Mutex::new(
+        initial_tables.iter().cloned().collect::<BTreeSet<_>>(),
+    ));
+    let (copy_tx, copy_rx) = mpsc::channel(16);
+    let env = CopyEnv {
+        sink: sink.clone(),
+        run_id: run_id.clone(),
+        floor: head.seq + 1,
+        buffer_bytes: (cfg.sink.max_buffer_bytes / cfg.snapshot_parallelism).max(1 << 20),
+        shutdown: shutdown.clone(),
+        user: cfg.source.conn.user.clone(),
+    };
+    if let Some(p) = initial {
+        tokio::spawn(p.run(env.clone(), copy_tx.clone()));
+    }
+
     let target = (mode == Mode::Sync).then_some(system.xlogpos);
     let buffer = StreamBuffer::new(
         cfg.source.spill_dir.clone(),
@@ -261,49 +262,6 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
     );
     let assembler = Assembler::new(start, buffer);
 
-    let (events, confirm, downstream) = spawn_downstream(cfg, sink, checkpoint, run_id);
-    let source = tokio::spawn(tasks::source_task(tasks::SourceTask {
-        repl,
-        assembler,
-        events,
-        confirm,
-        shutdown,
-        target,
-        status_interval: cfg.source.status_interval,
-    }));
-    let (s, d) = tokio::join!(source, downstream.join());
-    // The first real error wins; a stage that stopped because its neighbour did is Ok.
-    match d {
-        Ok((summary, _)) => total.absorb(summary),
-        Err((e, summary)) => {
-            total.absorb(summary);
-            return Err((e, total));
-        }
-    }
-    match s.unwrap_or_else(|e| Err(PipelineError::Task(e.to_string()))) {
-        Ok(()) => Ok(total),
-        Err(e) => Err((e, total)),
-    }
-}
-
-/// The batch and sink tasks of one phase (initial copy or streaming).
-struct Downstream {
-    batch: tokio::task::JoinHandle<Result<(), PipelineError>>,
-    sink: tokio::task::JoinHandle<(Summary, Checkpoint, Result<(), PipelineError>)>,
-}
-
-/// Starts batch and sink; returns the channel into the batcher and the watch of the
-/// confirmable LSN.
-fn spawn_downstream(
-    cfg: &Config,
-    sink: Arc<Sink>,
-    checkpoint: Checkpoint,
-    run_id: String,
-) -> (
-    mpsc::Sender<Vec<crate::change::Event>>,
-    watch::Receiver<Lsn>,
-    Downstream,
-) {
     let (event_tx, event_rx) = mpsc::channel(EVENT_CHANNEL_CHUNKS);
     let (sink_tx, sink_rx) = mpsc::channel(1);
     let (confirm_tx, confirm_rx) = watch::channel(Lsn::ZERO);
@@ -312,21 +270,53 @@ fn spawn_downstream(
         sink_tx,
         cfg.sink.flush_interval,
         cfg.sink.max_buffer_bytes,
+        (gates, cfg.snapshot == SnapshotMode::Initial),
     ));
-    let sink = tokio::spawn(tasks::sink_task(sink, checkpoint, run_id, sink_rx, confirm_tx));
-    (event_tx, confirm_rx, Downstream { batch, sink })
-}
-
-impl Downstream {
-    /// Waits for both once their input has closed: the sink's error first, then the
-    /// batcher's; on success the checkpoint comes back for the next phase.
-    async fn join(self) -> Result<(Summary, Checkpoint), (PipelineError, Summary)> {
-        let task = |e: tokio::task::JoinError| PipelineError::Task(e.to_string());
-        let batch = self.batch.await.unwrap_or_else(|e| Err(task(e)));
-        let (summary, checkpoint, sunk) = self.sink.await.map_err(|e| (task(e), Summary::default()))?;
-        match sunk.and(batch) {
-            Ok(()) => Ok((summary, checkpoint)),
-            Err(e) => Err((e, summary)),
-        }
+    let sink_task = tokio::spawn(tasks::sink_task(tasks::SinkTask {
+        sink,
+        checkpoint,
+        run_id,
+        input: sink_rx,
+        copies: copy_rx,
+        confirm: confirm_tx,
+        withheld: initial_tables.iter().map(|t| (t.clone(), Default::default())).collect(),
+        in_flight: in_flight.clone(),
+    }));
+    let copier = tasks::Copier {
+        cfg: cfg.clone(),
+        env,
+        results: copy_tx,
+        in_flight,
+        copied: head.snapshots.keys().chain(&initial_tables).cloned().collect(),
+        in_lake: head
+            .tables
+            .iter()
+            .filter(|(_, s)| s.rows > 0)
+            .map(|(t, _)| t.clone())
+            .collect(),
+        client: None,
+        polled: false,
+    };
+    let source = tokio::spawn(tasks::source_task(tasks::SourceTask {
+        repl,
+        assembler,
+        events: event_tx,
+        confirm: confirm_rx,
+        shutdown,
+        target,
+        status_interval: cfg.source.status_interval,
+        copier,
+    }));
+    let task = |e: tokio::task::JoinError| PipelineError::Task(e.to_string());
+    let (s, b, d) = tokio::join!(source, batch, sink_task);
+    let batch = b.unwrap_or_else(|e| Err(task(e)));
+    let (summary, _, sunk) = d.map_err(|e| (task(e), Summary::default()))?;
+    // The first real error wins; a stage that stopped because its neighbour did is Ok.
+    if let Err(e) = sunk.and(batch) {
+        return Err((e, summary));
+    }
+    match s.unwrap_or_else(|e| Err(task(e))) {
+        Ok(()) => Ok(summary),
+        Err(e) => Err((e, summary)),
     }
 }

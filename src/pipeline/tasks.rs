@@ -1,21 +1,24 @@
 //! The three long-lived tasks. Each ends when its input closes or its output is gone;
 //! only a task's own failure is returned as an error.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use object_store::ObjectStoreExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{EVENTS_PER_CHUNK, PipelineError};
-use crate::batch::{Batcher, Taken};
+use crate::batch::{Batcher, Gate, Taken};
 use crate::change::Event;
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, announce_copy};
+use crate::config::Config;
 use crate::lsn::Lsn;
 use crate::sink::{Sink, WrittenObject};
+use crate::snapshot::{self, CopyEnv, Point, Selection, SnapshotError, TableCopied};
 use crate::source::{Assembler, Replication, Step, XLog};
 
 /// Uploads in flight at once for one flush.
@@ -53,6 +56,119 @@ pub(super) struct SourceTask {
     /// `sync`: stop once everything before this LSN is delivered.
     pub target: Option<Lsn>,
     pub status_interval: Duration,
+    pub copier: Copier,
+}
+
+/// Finds tables to copy while the stream runs (added to the publication, asked for by
+/// `walshore resnapshot`) and starts their copies.
+pub(super) struct Copier {
+    pub cfg: Config,
+    pub env: CopyEnv,
+    pub results: mpsc::Sender<Result<TableCopied, SnapshotError>>,
+    /// Tables whose copy runs; the sink removes them once committed.
+    pub in_flight: Arc<Mutex<BTreeSet<String>>>,
+    /// Tables copied (committed, or running in this run).
+    pub copied: BTreeSet<String>,
+    /// Tables with rows in the lake: a copy of one starts with a `T` row.
+    pub in_lake: BTreeSet<String>,
+    pub client: Option<tokio_postgres::Client>,
+    pub polled: bool,
+}
+
+impl Copier {
+    /// Tables due for a copy, and which of them start with a `T` row.
+    async fn due(&mut self) -> Result<(BTreeSet<String>, BTreeSet<String>), PipelineError> {
+        let sql_err = |source| SnapshotError::Sql {
+            what: "listing the publication's tables".into(),
+            source,
+        };
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = Some(
+                crate::source::sql::connect(&self.cfg.source.conn)
+                    .await
+                    .map_err(SnapshotError::from)?,
+            );
+        }
+        let client = self.client.as_ref().expect("connected above");
+        let published: BTreeSet<String> = client
+            .query(
+                "SELECT schemaname::text || '.' || tablename::text FROM pg_catalog.pg_publication_tables WHERE pubname = $1",
+                &[&self.cfg.source.publication],
+            )
+            .await
+            .map_err(sql_err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let store = self.env.sink.store().clone();
+        let requested =
+            snapshot::requested(store.as_ref())
+                .await
+                .map_err(|source| crate::checkpoint::CheckpointError::Store {
+                    key: "_walshore/requests".into(),
+                    source,
+                })?;
+        let in_flight = self.in_flight.lock().expect("in-flight lock").clone();
+        let mut tables = BTreeSet::new();
+        if self.cfg.snapshot == crate::config::SnapshotMode::Initial {
+            tables.extend(
+                published
+                    .iter()
+                    .filter(|t| !self.copied.contains(*t) && !in_flight.contains(*t))
+                    .cloned(),
+            );
+        }
+        let mut reset: BTreeSet<String> = tables.intersection(&self.in_lake).cloned().collect();
+        for t in requested {
+            if in_flight.contains(&t) {
+                continue;
+            }
+            if !published.contains(&t) {
+                tracing::warn!(table = %t, publication = %self.cfg.source.publication, "resnapshot request for a table outside the publication; ignored and removed");
+                self.env.sink.store().delete(&snapshot::request_key(&t)).await.ok();
+                continue;
+            }
+            tables.insert(t.clone());
+            reset.insert(t);
+        }
+        self.polled = true;
+        Ok((tables, reset))
+    }
+
+    /// Takes a snapshot point from a temporary slot, imports it and starts the copy.
+    /// Returns the tables being copied and their point.
+    async fn start(
+        &mut self,
+        tables: BTreeSet<String>,
+        reset: BTreeSet<String>,
+    ) -> Result<(Vec<String>, Lsn), PipelineError> {
+        let (exporter, name, lsn) = Replication::export_temporary(&self.cfg.source).await?;
+        let prepared = snapshot::prepare(
+            &self.cfg.source,
+            Point::new(name, lsn),
+            self.cfg.snapshot_parallelism,
+            self.cfg.snapshot_chunk_bytes,
+            Selection {
+                only: Some(&tables),
+                reset: &reset,
+            },
+        )
+        .await;
+        // Imported (or failed): the temporary slot has served its purpose.
+        exporter.close().await;
+        let prepared = prepared?;
+        let names = prepared.tables();
+        if !names.is_empty() {
+            self.in_flight
+                .lock()
+                .expect("in-flight lock")
+                .extend(names.iter().cloned());
+            self.copied.extend(names.iter().cloned());
+            tracing::info!(tables = ?names, snapshot_point = %lsn, "copying tables beside the stream");
+            tokio::spawn(prepared.run(self.env.clone(), self.results.clone()));
+        }
+        Ok((names, lsn))
+    }
 }
 
 /// How often `sync` asks the server where it is while waiting to reach its target.
@@ -68,9 +184,13 @@ pub(super) async fn source_task(mut t: SourceTask) -> Result<(), PipelineError> 
         t.status_interval
     });
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut poll = tokio::time::interval(t.copier.cfg.snapshot_poll_interval);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut downstream_gone = false;
     'read: loop {
-        if (stopping || t.target.is_some_and(|target| position >= target)) && !t.assembler.in_transaction() {
+        if (stopping || (t.copier.polled && t.target.is_some_and(|target| position >= target)))
+            && !t.assembler.in_transaction()
+        {
             tracing::debug!(%position, target = ?t.target.map(|l| l.to_string()), stopping, "source reached its stop point");
             break;
         }
@@ -88,6 +208,12 @@ pub(super) async fn source_task(mut t: SourceTask) -> Result<(), PipelineError> 
             _ = status.tick() => {
                 let lsn = *t.confirm.borrow();
                 t.repl.confirm(lsn, t.target.is_some()).await?;
+            }
+            // Between transactions only: a copy's gate applies to whole transactions.
+            _ = poll.tick(), if !t.assembler.in_transaction() && !stopping => {
+                if let Some(event) = t.copy_due(&mut status).await? {
+                    out.push(event);
+                }
             }
             msg = t.repl.next() => {
                 let mut msg = Some(msg?);
@@ -136,6 +262,8 @@ pub(super) async fn source_task(mut t: SourceTask) -> Result<(), PipelineError> 
         t.send(&mut out, &mut status).await?;
     }
     drop(t.events);
+    // The sink finishes once the copies under way have reported.
+    drop(t.copier.results);
     // Confirm whatever the sink commits from what we handed over, then leave.
     while t.confirm.changed().await.is_ok() {
         let lsn = *t.confirm.borrow_and_update();
@@ -149,6 +277,28 @@ pub(super) async fn source_task(mut t: SourceTask) -> Result<(), PipelineError> 
 }
 
 impl SourceTask {
+    /// Starts the copies that are due; returns the event that gates their tables.
+    /// PostgreSQL keeps hearing from us while the temporary slot waits for a consistent
+    /// point (it waits for running transactions to end).
+    async fn copy_due(&mut self, status: &mut tokio::time::Interval) -> Result<Option<Event>, PipelineError> {
+        let (tables, reset) = self.copier.due().await?;
+        if tables.is_empty() {
+            return Ok(None);
+        }
+        let started = self.copier.start(tables, reset);
+        let mut started = std::pin::pin!(started);
+        let (tables, from) = loop {
+            tokio::select! {
+                r = &mut started => break r?,
+                _ = status.tick() => {
+                    let lsn = *self.confirm.borrow();
+                    self.repl.confirm(lsn, false).await?;
+                }
+            }
+        };
+        Ok((!tables.is_empty()).then_some(Event::CopyStart { tables, from }))
+    }
+
     /// Hands a chunk downstream, waiting for room (backpressure). While it waits,
     /// PostgreSQL keeps hearing from us, so a slow sink never trips wal_sender_timeout.
     /// Returns false when downstream is gone.
@@ -174,6 +324,8 @@ pub(super) enum SinkMsg {
     Flush(Taken),
     /// Nothing is buffered or in flight up to this LSN.
     Idle(Lsn),
+    /// Copies of these tables started: hold their files back until each is committed.
+    Withhold(Vec<String>),
 }
 
 pub(super) async fn batch_task(
@@ -181,8 +333,9 @@ pub(super) async fn batch_task(
     sink: mpsc::Sender<SinkMsg>,
     flush_interval: Duration,
     max_bytes: usize,
+    gates: (HashMap<String, Gate>, bool),
 ) -> Result<(), PipelineError> {
-    let mut batcher = Batcher::new();
+    let mut batcher = Batcher::with_gates(gates.0, gates.1);
     let mut deadline: Option<Instant> = None;
     loop {
         let sleep = async {
@@ -200,6 +353,11 @@ pub(super) async fn batch_task(
                             return Ok(());
                         }
                         continue;
+                    }
+                    if let Event::CopyStart { tables, .. } = &event
+                        && sink.send(SinkMsg::Withhold(tables.clone())).await.is_err()
+                    {
+                        return Ok(());
                     }
                     let commit = matches!(event, Event::Commit { .. });
                     batcher.push(event)?;
@@ -239,66 +397,215 @@ pub(super) async fn batch_task(
     Ok(())
 }
 
-pub(super) async fn sink_task(
-    sink: Arc<Sink>,
-    mut checkpoint: Checkpoint,
-    run_id: String,
-    mut input: mpsc::Receiver<SinkMsg>,
-    confirm: watch::Sender<Lsn>,
-) -> (Summary, Checkpoint, Result<(), PipelineError>) {
-    let mut summary = Summary::default();
-    let mut uncommitted: Vec<WrittenObject> = Vec::new();
-    let result = async {
-        confirm.send_replace(checkpoint.position());
-        while let Some(msg) = input.recv().await {
-            let taken = match msg {
-                SinkMsg::Idle(lsn) => {
-                    if uncommitted.is_empty() {
-                        confirm.send_if_modified(|c| if lsn > *c { *c = lsn; true } else { false });
+/// The sink task: encodes and uploads the batcher's files, commits them at transaction
+/// boundaries, and commits finished table copies with the stream's files of those
+/// tables that it held back since their snapshot points.
+pub(super) struct SinkTask {
+    pub sink: Arc<Sink>,
+    pub checkpoint: Checkpoint,
+    pub run_id: String,
+    pub input: mpsc::Receiver<SinkMsg>,
+    pub copies: mpsc::Receiver<Result<TableCopied, SnapshotError>>,
+    pub confirm: watch::Sender<Lsn>,
+    /// Tables whose copy runs: their files wait here, with the pending records that
+    /// announce them, until the copy commits.
+    pub withheld: HashMap<String, (Vec<WrittenObject>, Vec<object_store::path::Path>)>,
+    pub in_flight: Arc<Mutex<BTreeSet<String>>>,
+}
+
+struct SinkState {
+    summary: Summary,
+    /// Uploaded, not yet committed: the open transactions' files.
+    uncommitted: Vec<WrittenObject>,
+    /// Copies uploaded, waiting for a transaction boundary.
+    ready: Vec<TableCopied>,
+}
+
+pub(super) async fn sink_task(mut t: SinkTask) -> (Summary, Checkpoint, Result<(), PipelineError>) {
+    let mut st = SinkState {
+        summary: Summary::default(),
+        uncommitted: Vec::new(),
+        ready: Vec::new(),
+    };
+    let result = t.run(&mut st).await;
+    (st.summary, t.checkpoint, result)
+}
+
+impl SinkTask {
+    async fn run(&mut self, st: &mut SinkState) -> Result<(), PipelineError> {
+        self.confirm.send_replace(self.checkpoint.position());
+        let (mut input_open, mut copies_open) = (true, true);
+        loop {
+            tokio::select! {
+                msg = self.input.recv(), if input_open => match msg {
+                    None => {
+                        input_open = false;
+                        // The source stopped at a boundary (or failed, and the open
+                        // transaction is streamed again): copies commit on their own now.
+                        self.commit(st, None).await?;
                     }
-                    continue;
-                }
-                SinkMsg::Flush(t) => t,
-            };
-            if !taken.files.is_empty() {
-                let props = sink.props().clone();
-                let files = taken.files;
-                let encoded = tokio::task::spawn_blocking(move || {
-                    files.iter().map(|f| Sink::encode(&props, f)).collect::<Result<Vec<_>, _>>()
-                })
-                .await
-                .map_err(|e| PipelineError::Task(e.to_string()))??;
-                checkpoint.announce(&run_id, encoded.iter().map(|e| e.object.key.clone()).collect()).await?;
-                let mut uploads = futures::stream::iter(encoded.into_iter().map(|e| sink.write(e))).buffered(UPLOAD_CONCURRENCY);
-                while let Some(written) = uploads.next().await {
-                    uncommitted.push(written?);
-                    crate::fault::point("after_upload");
-                }
+                    Some(msg) => self.on_msg(st, msg).await?,
+                },
+                copied = self.copies.recv(), if copies_open => match copied {
+                    None => copies_open = false,
+                    // Shutdown: the copy starts again at the next start.
+                    Some(Err(SnapshotError::Interrupted)) => {}
+                    Some(Err(e)) => return Err(e.into()),
+                    Some(Ok(c)) => {
+                        st.ready.push(c);
+                        if st.uncommitted.is_empty() || !input_open {
+                            self.commit(st, None).await?;
+                        }
+                    }
+                },
+                else => break,
             }
-            let Some(end_lsn) = taken.end_lsn else { continue };
-            if uncommitted.is_empty() {
-                // Nothing to publish: the transactions touched no published rows.
-                confirm.send_if_modified(|c| if end_lsn > *c { *c = end_lsn; true } else { false });
-                continue;
-            }
-            let files = std::mem::take(&mut uncommitted);
-            let (n_files, rows, bytes) = (files.len(), files.iter().map(|f| f.rows).sum::<u64>(), files.iter().map(|f| f.bytes).sum::<u64>());
-            for f in &files {
-                *summary.rows.entry(f.table.clone()).or_default() += f.rows;
-            }
-            let record = checkpoint.commit_files(&run_id, end_lsn, taken.commit_ts, files).await?;
-            // Lag: from the source commit of the newest transaction to durable in the lake.
-            let lag_ms = record.commit_ts.map(|ts| (record.written_at - ts) / 1000);
-            tracing::info!(seq = record.seq, end_lsn = %record.end_lsn, files = n_files, rows, bytes, lag_ms, "committed");
-            summary.commits += 1;
-            summary.files += n_files as u64;
-            summary.bytes += bytes;
-            summary.end_lsn = record.end_lsn;
-            crate::fault::point("after_commit_before_confirm");
-            confirm.send_replace(record.end_lsn);
         }
         Ok(())
     }
-    .await;
-    (summary, checkpoint, result)
+
+    async fn on_msg(&mut self, st: &mut SinkState, msg: SinkMsg) -> Result<(), PipelineError> {
+        let taken = match msg {
+            SinkMsg::Idle(lsn) => {
+                if st.uncommitted.is_empty() {
+                    self.confirm.send_if_modified(|c| {
+                        if lsn > *c {
+                            *c = lsn;
+                            true
+                        } else {
+                            false
+                        }
+                    });
+                }
+                return Ok(());
+            }
+            SinkMsg::Withhold(tables) => {
+                for table in tables {
+                    self.withheld.entry(table).or_default();
+                }
+                return Ok(());
+            }
+            SinkMsg::Flush(t) => t,
+        };
+        if !taken.files.is_empty() {
+            let props = self.sink.props().clone();
+            let files = taken.files;
+            let encoded = tokio::task::spawn_blocking(move || {
+                files
+                    .iter()
+                    .map(|f| Sink::encode(&props, f))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .map_err(|e| PipelineError::Task(e.to_string()))??;
+            self.checkpoint
+                .announce(&self.run_id, encoded.iter().map(|e| e.object.key.clone()).collect())
+                .await?;
+            let mut uploads =
+                futures::stream::iter(encoded.into_iter().map(|e| self.sink.write(e))).buffered(UPLOAD_CONCURRENCY);
+            while let Some(written) = uploads.next().await {
+                st.uncommitted.push(written?);
+                crate::fault::point("after_upload");
+            }
+        }
+        match taken.end_lsn {
+            Some(end_lsn) => self.commit(st, Some((end_lsn, taken.commit_ts))).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Commits at a transaction boundary (`boundary`: the end of the last transaction
+    /// handed over, and its commit time), or with only the ready copies (None).
+    async fn commit(&mut self, st: &mut SinkState, boundary: Option<(Lsn, Option<i64>)>) -> Result<(), PipelineError> {
+        let mut files = Vec::new();
+        if boundary.is_some() {
+            let mut held: HashMap<String, Vec<WrittenObject>> = HashMap::new();
+            for f in std::mem::take(&mut st.uncommitted) {
+                if self.withheld.contains_key(&f.table) {
+                    held.entry(f.table.clone()).or_default().push(f);
+                } else {
+                    files.push(f);
+                }
+            }
+            // Held files outlive this commit's pending records: announce them again, so
+            // that a crash before their copy commits still deletes them.
+            for (table, held) in held {
+                let floor = self.checkpoint.head().seq + 1;
+                let keys = held.iter().map(|f| f.key.clone()).collect();
+                let pending = announce_copy(self.sink.store().as_ref(), floor, &self.run_id, keys).await?;
+                let w = self.withheld.get_mut(&table).expect("withheld table");
+                w.0.extend(held);
+                w.1.push(pending);
+            }
+        }
+        let mut copied = Vec::new();
+        let mut cleanup = Vec::new();
+        for c in std::mem::take(&mut st.ready) {
+            let (held, pending) = self.withheld.remove(&c.table).unwrap_or_default();
+            files.extend(held);
+            files.extend(c.files);
+            cleanup.extend(pending);
+            cleanup.extend(c.pending);
+            if c.reset {
+                cleanup.push(snapshot::request_key(&c.table));
+            }
+            copied.push((c.table, c.lsn));
+        }
+        let (end_lsn, commit_ts) = boundary.unwrap_or((Lsn::ZERO, None));
+        if files.is_empty() && copied.is_empty() {
+            // Nothing to publish: the transactions touched no published rows.
+            if boundary.is_some() {
+                self.confirm.send_if_modified(|c| {
+                    if end_lsn > *c {
+                        *c = end_lsn;
+                        true
+                    } else {
+                        false
+                    }
+                });
+            }
+            return Ok(());
+        }
+        let (n_files, rows, bytes) = (
+            files.len(),
+            files.iter().map(|f| f.rows).sum::<u64>(),
+            files.iter().map(|f| f.bytes).sum::<u64>(),
+        );
+        for f in &files {
+            *st.summary.rows.entry(f.table.clone()).or_default() += f.rows;
+        }
+        let record = self
+            .checkpoint
+            .commit_files(&self.run_id, end_lsn, commit_ts, files, &copied)
+            .await?;
+        // Lag: from the source commit of the newest transaction to durable in the lake.
+        let lag_ms = record.commit_ts.map(|ts| (record.written_at - ts) / 1000);
+        let tables_copied: Vec<&str> = copied.iter().map(|(t, _)| t.as_str()).collect();
+        tracing::info!(seq = record.seq, end_lsn = %record.end_lsn, files = n_files, rows, bytes, lag_ms, tables_copied = ?tables_copied, "committed");
+        st.summary.commits += 1;
+        st.summary.files += n_files as u64;
+        st.summary.bytes += bytes;
+        st.summary.end_lsn = record.end_lsn;
+        let end = record.end_lsn;
+        if !copied.is_empty() {
+            crate::fault::point("after_copy_commit");
+            let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+            for (t, _) in &copied {
+                in_flight.remove(t);
+            }
+        }
+        for key in cleanup {
+            self.checkpoint.delete_quietly(&key).await;
+        }
+        crate::fault::point("after_commit_before_confirm");
+        self.confirm.send_if_modified(|c| {
+            if end > *c {
+                *c = end;
+                true
+            } else {
+                false
+            }
+        });
+        Ok(())
+    }
 }

@@ -263,6 +263,7 @@ mod tests {
                 Event::Change(_) => "change",
                 Event::Commit { .. } => "commit",
                 Event::Idle { .. } => "idle",
+                Event::CopyStart { .. } => "copy-start",
             })
             .collect()
     }

@@ -135,6 +135,50 @@ impl Replication {
         ))
     }
 
+    /// A consistent point for a copy made while the stream runs: a temporary slot,
+    /// created with an exported snapshot on a connection of its own. Transactions that
+    /// commit before the returned LSN are in the snapshot, the others are not. The
+    /// snapshot lives while the returned connection stays idle; closing it drops the
+    /// slot (PostgreSQL drops a temporary slot with its session, a crash included).
+    pub async fn export_temporary(cfg: &SourceConfig) -> Result<(Replication, String, Lsn), SourceError> {
+        let mut conn = Conn::connect(&cfg.conn).await?;
+        let slot: String = cfg.slot.chars().take(40).collect();
+        let name = format!("{slot}_copy_{:08x}", rand::random::<u32>());
+        let rows = match conn
+            .simple_query(&format!(
+                "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT",
+                quote_ident(&name)
+            ))
+            .await
+        {
+            Ok(rows) => rows,
+            Err(SourceError::Server(e)) if e.code == "53400" => {
+                return Err(SourceError::Setup(format!(
+                    "copying a table while streaming needs one more replication slot and WAL sender for a moment: {e}; raise max_replication_slots and max_wal_senders by one"
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        let field = |i: usize| rows.first().and_then(|r| r.get(i)).cloned().flatten();
+        let lsn = field(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| SourceError::Protocol("CREATE_REPLICATION_SLOT returned no consistent point".into()))?;
+        let snapshot =
+            field(2).ok_or_else(|| SourceError::Protocol("CREATE_REPLICATION_SLOT exported no snapshot".into()))?;
+        let server_version = conn.server_version;
+        let backend_pid = conn.backend_pid;
+        Ok((
+            Replication {
+                conn,
+                server_version,
+                backend_pid,
+                confirmed: lsn,
+            },
+            snapshot,
+            lsn,
+        ))
+    }
+
     /// Connects in replication mode and runs IDENTIFY_SYSTEM, nothing else (preflight).
     pub async fn probe(cfg: &SourceConfig) -> Result<(SystemInfo, u32), SourceError> {
         let mut conn = Conn::connect(&cfg.conn).await?;
