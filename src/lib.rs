@@ -9,9 +9,10 @@
 //!                         └──────── confirm only the committed LSN ◄─────┘
 //! ```
 //!
-//! A new lake first copies the published tables under the slot's exported snapshot
-//! ([`snapshot`]), as one transaction at the slot's consistent point; streaming starts
-//! there. One task per stage with bounded channels between them, so a slow sink slows the
+//! Table copies run beside the stream ([`snapshot`]): a new lake copies every published
+//! table under the slot's exported snapshot, later tables and re-snapshots under a
+//! temporary slot's, and each table's changes are written from its snapshot point on.
+//! One task per stage with bounded channels between them, so a slow sink slows the
 //! source instead of growing memory. Exactly once, in brief: data files are named by the
 //! row positions they hold, so a replay rewrites identical objects; a file becomes part
 //! of the lake only when a commit record naming it is created with a conditional PUT;
@@ -30,6 +31,7 @@ pub mod fault;
 pub mod lsn;
 pub mod pipeline;
 pub mod preflight;
+pub mod resnapshot;
 pub mod sink;
 pub mod snapshot;
 pub mod source;

@@ -56,6 +56,19 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Copy one table again (new R rows after a T row, at a new snapshot point) while
+    /// the other tables keep streaming. Leaves a request in the sink that a running
+    /// walshore (or the next run or sync) carries out within snapshot.poll_interval.
+    Resnapshot {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The table, as schema.table.
+        #[arg(long)]
+        table: String,
+        /// Wait until the new copy is committed, then print its snapshot point.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Start a throwaway PostgreSQL, write a few thousand trading changes and replicate
     /// them into DIR/lake with the file sink.
     Demo {
@@ -138,6 +151,26 @@ async fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("walshore: status: {e:#}");
                     ExitCode::from(1)
+                }
+            }
+        }
+        Command::Resnapshot { config, table, wait } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match walshore::resnapshot::resnapshot(&cfg, &table, wait).await {
+                Ok(Some(point)) => {
+                    println!("{table} copied again at snapshot point {point}");
+                    ExitCode::SUCCESS
+                }
+                Ok(None) => {
+                    println!("resnapshot of {table} requested");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("walshore: resnapshot: {}", ErrorChain(&e));
+                    ExitCode::from(e.exit_code())
                 }
             }
         }

@@ -40,11 +40,17 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Value> {
                 "written_at": micros_to_rfc3339(h.written_at),
             }),
             h.tables
-                .iter()
-                .map(|(t, s)| {
+                .keys()
+                .chain(h.snapshots.keys())
+                .map(|t| {
+                    let s = h.tables.get(t).cloned().unwrap_or_default();
                     (
                         t.clone(),
-                        json!({ "rows": s.rows, "last_commit_time": s.last_commit_ts.map(micros_to_rfc3339) }),
+                        json!({
+                            "rows": s.rows,
+                            "last_commit_time": s.last_commit_ts.map(micros_to_rfc3339),
+                            "snapshot_lsn": h.snapshots.get(t).map(|l| l.to_string()),
+                        }),
                     )
                 })
                 .collect::<serde_json::Map<_, _>>(),

@@ -246,3 +246,275 @@ async fn partitioned_tables_copy_and_stream_with_and_without_publish_via_partiti
         assert_eq!(replayed, source, "via_root = {via_root}");
     }
 }
+
+/// The commit log's head: which tables are copied, at which snapshot point.
+async fn copied_tables(config: &std::path::Path) -> std::collections::BTreeMap<String, walshore::lsn::Lsn> {
+    walshore::checkpoint::read_head(open_lake(config).as_ref())
+        .await
+        .unwrap()
+        .map(|h| h.snapshots)
+        .unwrap_or_default()
+}
+
+/// Sets keys of the `[snapshot]` table (after `mode = ...`).
+fn snapshot_keys(config: &std::path::Path, keys: &str) {
+    let text = std::fs::read_to_string(config).unwrap();
+    let text = text.replace("parallelism = 2", keys);
+    std::fs::write(config, text).unwrap();
+}
+
+fn files_under(dir: &std::path::Path) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.insert(e.path().display().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_crash_after_some_tables_are_committed_copies_only_the_others_again() {
+    let (_cluster, c, dir, config) = setup(200_000).await;
+    // One connection and small chunks: tables commit one by one, trades (copied last)
+    // in many chunks.
+    snapshot_keys(&config, "parallelism = 1\nchunk_size = \"256kB\"");
+    let out = std::process::Command::new(BIN)
+        .args(["sync", "--config", config.to_str().unwrap()])
+        .env("WALSHORE_FAULT", "after_copy_commit@2")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("fault injected"),
+        "the copy did not crash after its second table commit:\n{stderr}"
+    );
+    let before = copied_tables(&config).await;
+    assert!(
+        !before.is_empty() && !before.contains_key("public.trades"),
+        "some tables committed, trades not yet: {before:?}"
+    );
+    let first_point = *before.values().next().unwrap();
+    let lake = dir.path().join("lake/public");
+    let kept: Vec<(String, std::collections::BTreeSet<String>)> = before
+        .keys()
+        .map(|t| {
+            let name = t.trim_start_matches("public.");
+            (t.clone(), files_under(&lake.join(name)))
+        })
+        .collect();
+    c.batch_execute(
+        "UPDATE trades SET qty = -1 WHERE id < 100; DELETE FROM prices WHERE bid < 1; INSERT INTO only_key VALUES (5000);
+         UPDATE nokey SET b = 'z' WHERE a = 1; UPDATE misc SET note = 'changed' WHERE id < 10; INSERT INTO empty_one VALUES (1, 'one')",
+    )
+    .await
+    .unwrap();
+    sync(&config);
+    let after = copied_tables(&config).await;
+    assert_eq!(after.len(), 6, "every table copied: {after:?}");
+    for (t, files) in &kept {
+        assert_eq!(after[t], first_point, "{t} committed before the crash keeps its copy");
+        let now = files_under(&lake.join(t.trim_start_matches("public.")));
+        assert!(
+            files.is_subset(&now),
+            "{t}: the files committed before the crash are kept"
+        );
+        let lake_table = read_table(&open_lake(&config), "public", t.trim_start_matches("public.")).await;
+        let copied_at: std::collections::BTreeSet<i64> =
+            lake_table.rows.iter().filter(|r| r.op == "R").map(|r| r.lsn).collect();
+        assert!(
+            copied_at.len() <= 1 && lake_table.rows.iter().all(|r| r.op != "T"),
+            "{t} was not copied again: R rows at {copied_at:?}"
+        );
+    }
+    for (t, point) in &after {
+        if !before.contains_key(t) {
+            assert!(*point > first_point, "{t} copied again at a new snapshot point");
+        }
+    }
+    let trades = read_table(&open_lake(&config), "public", "trades").await;
+    let chunks: std::collections::BTreeSet<i64> = trades
+        .rows
+        .iter()
+        .filter(|r| r.op == "R")
+        .map(|r| r.seq >> 32)
+        .collect();
+    assert!(chunks.len() > 10, "trades was copied in many chunks: {}", chunks.len());
+    assert_all_tables_equal(&c, &config).await;
+}
+
+#[tokio::test]
+async fn a_table_added_to_the_publication_while_streaming_is_copied_and_then_streamed() {
+    let (_cluster, c, dir, config) = setup(1000).await;
+    snapshot_keys(&config, "parallelism = 2\npoll_interval = \"300ms\"");
+    c.batch_execute(
+        "CREATE TABLE late (id int PRIMARY KEY, v text); INSERT INTO late SELECT i, 'v' || i FROM generate_series(1, 20000) i",
+    )
+    .await
+    .unwrap();
+    let child = spawn_run(&config);
+    wait_until(Duration::from_secs(60), "the initial copy to commit", || {
+        let config = config.clone();
+        async move { copied_tables(&config).await.len() == 6 }
+    })
+    .await;
+    let stop_writer = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let w = _cluster.connect("postgres").await.unwrap();
+        let stop = stop_writer.clone();
+        tokio::spawn(async move {
+            let mut i = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                w.batch_execute(&format!(
+                    "BEGIN; INSERT INTO late VALUES ({id}, 'new'); UPDATE late SET v = 'u{i}' WHERE id = {u};
+                     DELETE FROM late WHERE id = {d}; UPDATE trades SET qty = qty + 1 WHERE id = {t}; COMMIT",
+                    id = 100_000 + i,
+                    u = 1 + i * 37 % 20_000,
+                    d = 2 + i * 91 % 20_000,
+                    t = 1 + i % 1000
+                ))
+                .await
+                .unwrap();
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            i
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.batch_execute("ALTER PUBLICATION pub ADD TABLE late").await.unwrap();
+    wait_until(Duration::from_secs(60), "the new table's copy to commit", || {
+        let config = config.clone();
+        async move { copied_tables(&config).await.contains_key("public.late") }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop_writer.store(true, Ordering::Relaxed);
+    assert!(writer.await.unwrap() > 50, "the writer ran during the copy");
+    let (status, stderr) = support::stop(child);
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("copying tables beside the stream"), "{stderr}");
+    sync(&config);
+    let point = copied_tables(&config).await["public.late"];
+    let late = read_table(&open_lake(&config), "public", "late").await;
+    assert_unique_positions(&late);
+    assert!(late.rows.iter().all(|r| r.op != "T"), "a new table starts without T");
+    let r: Vec<_> = late.rows.iter().filter(|r| r.op == "R").collect();
+    assert!(
+        !r.is_empty() && r.iter().all(|row| row.lsn as u64 == point.0),
+        "R rows at the copy's point"
+    );
+    assert!(
+        late.rows
+            .iter()
+            .filter(|r| r.op != "R")
+            .all(|row| row.lsn as u64 >= point.0),
+        "the stream's changes to the new table start at its snapshot point"
+    );
+    assert!(
+        late.rows.iter().any(|row| row.op != "R"),
+        "changes streamed after the copy"
+    );
+    assert_eq!(
+        replay(&late, Some(&["id"])),
+        source_rows(&c, "SELECT id::text, v FROM late").await,
+        "late: lake replay differs from the source"
+    );
+    assert_all_tables_equal(&c, &config).await;
+    let _ = dir;
+}
+
+#[tokio::test]
+async fn resnapshot_copies_one_table_again_after_a_truncate_marker() {
+    let (cluster, c, _dir, config) = setup(5000).await;
+    snapshot_keys(&config, "parallelism = 2\npoll_interval = \"300ms\"");
+    sync(&config);
+    let first = copied_tables(&config).await["public.trades"];
+    let out = walshore(&[
+        "resnapshot",
+        "--config",
+        config.to_str().unwrap(),
+        "--table",
+        "public.nosuch",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("ALTER PUBLICATION pub ADD TABLE public.nosuch"),
+        "{stderr}"
+    );
+
+    let child = spawn_run(&config);
+    let stop_writer = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let w = cluster.connect("postgres").await.unwrap();
+        let stop = stop_writer.clone();
+        tokio::spawn(async move {
+            let mut i = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                w.batch_execute(&format!(
+                    "BEGIN; INSERT INTO trades VALUES ({id}, 'NEW', 1, 1.00, now()); UPDATE trades SET qty = qty + 1 WHERE id = {u};
+                     DELETE FROM trades WHERE id = {d}; UPDATE only_key SET id = -id WHERE id = {i} + 1; COMMIT",
+                    id = 1_000_000 + i, u = 1 + i * 37 % 5000, d = 2 + i * 91 % 5000
+                ))
+                .await
+                .unwrap();
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            i
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cfg = config.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        walshore(&[
+            "resnapshot",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--table",
+            "public.trades",
+            "--wait",
+        ])
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("copied again at snapshot point"), "{stdout}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop_writer.store(true, Ordering::Relaxed);
+    assert!(writer.await.unwrap() > 50, "the writer ran during the copy");
+    let (status, stderr) = support::stop(child);
+    assert!(status.success(), "{stderr}");
+    sync(&config);
+    let second = copied_tables(&config).await["public.trades"];
+    assert!(second > first, "a new snapshot point");
+    let trades = read_table(&open_lake(&config), "public", "trades").await;
+    assert_unique_positions(&trades);
+    let t: Vec<_> = trades.rows.iter().filter(|r| r.op == "T").collect();
+    assert_eq!(t.len(), 1, "one T marker");
+    assert_eq!((t[0].lsn as u64, t[0].seq), (second.0 - 1, 0), "T at point - 1");
+    let r_after: Vec<_> = trades
+        .rows
+        .iter()
+        .filter(|r| r.op == "R" && r.lsn as u64 == second.0)
+        .collect();
+    assert!(
+        r_after.len() >= 4000,
+        "the table copied again: {} R rows",
+        r_after.len()
+    );
+    assert!(
+        !std::fs::read_dir(_dir.path().join("lake/_walshore/requests"))
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false),
+        "the request is removed once carried out"
+    );
+    assert_all_tables_equal(&c, &config).await;
+}
