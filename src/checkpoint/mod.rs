@@ -35,12 +35,22 @@
 //! after its sequence number names, then the pending records themselves. Transactions
 //! PostgreSQL resends from before the head's `end_lsn` are skipped by commit LSN.
 //!
-//! **The starting state.** A commit record says whether the lake has its starting
-//! state (`initialized`): the initial copy committed, or a lake that replicates without
-//! one. Until then, a start recreates the slot with an exported snapshot and copies
-//! again: the copy is committed as one record at the slot's consistent point, so a
-//! crash during it leaves only pending files, deleted by step (4). Once initialized, a
-//! slot that has to be created again means lost continuity, and walshore refuses.
+//! **The starting state.** A commit record says whether the lake continues a slot's
+//! stream (`initialized`, set by the first claim after START_REPLICATION). Until then a
+//! start recreates the slot (with an exported snapshot for the copies). Once
+//! initialized, a slot that has to be created again means lost continuity, and
+//! walshore refuses.
+//!
+//! **Table copies** run beside the stream (see `snapshot`). A copy's files are
+//! announced in their own pending records (numbered no later than the commit that will
+//! publish them); the stream's files of a table being copied are held back and
+//! announced again at each commit that passes them over, so every file of an unfinished
+//! copy stays listed in a pending record until the copy commits, and a crash deletes
+//! them all (step 4). The table's snapshot point is recorded (`snapshots`) in the same
+//! record that publishes the copy; a table without one is copied again at the next
+//! start, and its changes before the new point are not written. Confirming the slot
+//! past held-back changes is safe for the same reason: if their copy never commits, the
+//! next copy of the table contains them.
 //!
 //! **A crash at each step.** Before the pending record: nothing was written. After the
 //! pending record or some uploads, before the commit record: the files are orphans

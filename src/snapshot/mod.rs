@@ -399,11 +399,18 @@ impl Prepared {
         let work = futures::future::join_all(workers.iter().map(|client| shared.worker(client, &queue)));
         let mut work = std::pin::pin!(work);
         let mut log = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_INTERVAL, PROGRESS_INTERVAL);
+        // A progress bar too when a person watches (stderr is a terminal).
+        let bar = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let mut redraw = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = &mut work => break,
                 _ = log.tick() => shared.log_progress(started),
+                _ = redraw.tick(), if bar => shared.draw_bar(started),
             }
+        }
+        if bar {
+            eprint!("\r\x1b[K");
         }
         tracing::info!(
             tables = tables.len(),
@@ -603,6 +610,34 @@ impl Shared<'_> {
             self.absorb(progress, h.await.map_err(|e| SnapshotError::Task(e.to_string()))??);
         }
         Ok(())
+    }
+
+    /// One line, redrawn in place: the whole copy's share of pages, rows, rate, ETA.
+    fn draw_bar(&self, started: Instant) {
+        let total: u64 = self.tables.iter().map(|t| t.pages).sum();
+        let done: u64 = self.progress.iter().map(|p| p.pages_done.load(Ordering::Relaxed)).sum();
+        let rows: u64 = self.progress.iter().map(|p| p.rows.load(Ordering::Relaxed)).sum();
+        let bytes: u64 = self.progress.iter().map(|p| p.bytes.load(Ordering::Relaxed)).sum();
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        let share = if total > 0 {
+            (done as f64 / total as f64).min(1.0)
+        } else {
+            0.0
+        };
+        let width = 30;
+        let filled = (share * width as f64) as usize;
+        let eta = if done > 0 && total > done {
+            format!("ETA {:.0}s", secs * (total - done) as f64 / done as f64)
+        } else {
+            String::new()
+        };
+        eprint!(
+            "\r\x1b[Kcopy [{}{}] {:>3.0}%  {rows} rows  {:.1} MiB/s  {eta}",
+            "=".repeat(filled),
+            " ".repeat(width - filled),
+            share * 100.0,
+            bytes as f64 / 1048576.0 / secs
+        );
     }
 
     fn log_progress(&self, started: Instant) {
