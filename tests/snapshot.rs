@@ -41,6 +41,24 @@ fn seed(n: i64) -> String {
     )
 }
 
+/// Commits `sql(i)` for i = 0, 1, 2, … every `pause_ms` until `stop`; returns how many.
+fn spawn_writer(
+    w: tokio_postgres::Client,
+    stop: Arc<AtomicBool>,
+    pause_ms: u64,
+    sql: impl Fn(i64) -> String + Send + 'static,
+) -> tokio::task::JoinHandle<i64> {
+    tokio::spawn(async move {
+        let mut i = 0i64;
+        while !stop.load(Ordering::Relaxed) {
+            w.batch_execute(&sql(i)).await.unwrap();
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        }
+        i
+    })
+}
+
 async fn setup(
     n: i64,
 ) -> (
@@ -100,25 +118,13 @@ async fn assert_all_tables_equal(c: &tokio_postgres::Client, config: &std::path:
 async fn initial_copy_then_stream_equals_the_source_with_a_writer_running_throughout() {
     let (cluster, c, _dir, config) = setup(150_000).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let w = cluster.connect("postgres").await.unwrap();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut i = 0i64;
-            while !stop.load(Ordering::Relaxed) {
-                w.batch_execute(&format!(
+    let writer = spawn_writer(cluster.connect("postgres").await.unwrap(), stop.clone(), 2, |i| {
+        format!(
                     "BEGIN; INSERT INTO trades VALUES ({id}, 'NEW', 1, 1.00, now()); UPDATE trades SET qty = qty + 1 WHERE id = {u};
                      DELETE FROM trades WHERE id = {d}; UPDATE nokey SET b = 'w{i}' WHERE ctid = (SELECT min(ctid) FROM nokey); COMMIT",
                     id = 1_000_000 + i, u = 1 + i * 37 % 150_000, d = 2 + i * 91 % 150_000
-                ))
-                .await
-                .unwrap();
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            i
-        })
-    };
+        )
+    });
     let child = spawn_run(&config);
     tokio::time::sleep(Duration::from_millis(3000)).await;
     let (status, stderr) = support::stop(child);
@@ -364,28 +370,21 @@ async fn a_table_added_to_the_publication_while_streaming_is_copied_and_then_str
     })
     .await;
     let stop_writer = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let w = _cluster.connect("postgres").await.unwrap();
-        let stop = stop_writer.clone();
-        tokio::spawn(async move {
-            let mut i = 0i64;
-            while !stop.load(Ordering::Relaxed) {
-                w.batch_execute(&format!(
-                    "BEGIN; INSERT INTO late VALUES ({id}, 'new'); UPDATE late SET v = 'u{i}' WHERE id = {u};
+    let writer = spawn_writer(
+        _cluster.connect("postgres").await.unwrap(),
+        stop_writer.clone(),
+        3,
+        |i| {
+            format!(
+                "BEGIN; INSERT INTO late VALUES ({id}, 'new'); UPDATE late SET v = 'u{i}' WHERE id = {u};
                      DELETE FROM late WHERE id = {d}; UPDATE trades SET qty = qty + 1 WHERE id = {t}; COMMIT",
-                    id = 100_000 + i,
-                    u = 1 + i * 37 % 20_000,
-                    d = 2 + i * 91 % 20_000,
-                    t = 1 + i % 1000
-                ))
-                .await
-                .unwrap();
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(3)).await;
-            }
-            i
-        })
-    };
+                id = 100_000 + i,
+                u = 1 + i * 37 % 20_000,
+                d = 2 + i * 91 % 20_000,
+                t = 1 + i % 1000
+            )
+        },
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.batch_execute("ALTER PUBLICATION pub ADD TABLE late").await.unwrap();
     wait_until(Duration::from_secs(60), "the new table's copy to commit", || {
@@ -451,25 +450,18 @@ async fn resnapshot_copies_one_table_again_after_a_truncate_marker() {
 
     let child = spawn_run(&config);
     let stop_writer = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let w = cluster.connect("postgres").await.unwrap();
-        let stop = stop_writer.clone();
-        tokio::spawn(async move {
-            let mut i = 0i64;
-            while !stop.load(Ordering::Relaxed) {
-                w.batch_execute(&format!(
+    let writer = spawn_writer(
+        cluster.connect("postgres").await.unwrap(),
+        stop_writer.clone(),
+        3,
+        |i| {
+            format!(
                     "BEGIN; INSERT INTO trades VALUES ({id}, 'NEW', 1, 1.00, now()); UPDATE trades SET qty = qty + 1 WHERE id = {u};
                      DELETE FROM trades WHERE id = {d}; UPDATE only_key SET id = -id WHERE id = {i} + 1; COMMIT",
                     id = 1_000_000 + i, u = 1 + i * 37 % 5000, d = 2 + i * 91 % 5000
-                ))
-                .await
-                .unwrap();
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(3)).await;
-            }
-            i
-        })
-    };
+        )
+        },
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let cfg = config.clone();
     let out = tokio::task::spawn_blocking(move || {

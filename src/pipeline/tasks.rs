@@ -488,16 +488,7 @@ impl SinkTask {
             SinkMsg::Flush(t) => t,
         };
         if !taken.files.is_empty() {
-            let props = self.sink.props().clone();
-            let files = taken.files;
-            let encoded = tokio::task::spawn_blocking(move || {
-                files
-                    .iter()
-                    .map(|f| Sink::encode(&props, f))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .await
-            .map_err(|e| PipelineError::Task(e.to_string()))??;
+            let encoded = self.sink.encode_all(taken.files).await?;
             self.checkpoint
                 .announce(&self.run_id, encoded.iter().map(|e| e.object.key.clone()).collect())
                 .await?;

@@ -191,6 +191,16 @@ impl Sink {
         })
     }
 
+    /// Encodes files off the async threads.
+    pub async fn encode_all(&self, files: Vec<TableFile>) -> Result<Vec<Encoded>, SinkError> {
+        let props = self.props.clone();
+        let encoded = tokio::task::spawn_blocking(move || files.iter().map(|f| Sink::encode(&props, f)).collect());
+        match encoded.await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
     pub fn props(&self) -> &WriterProperties {
         &self.props
     }

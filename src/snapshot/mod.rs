@@ -676,16 +676,7 @@ async fn upload(env: &CopyEnv, taken: Taken) -> Result<Uploaded, SnapshotError> 
     if taken.files.is_empty() {
         return Ok((Vec::new(), None));
     }
-    let props = env.sink.props().clone();
-    let files = taken.files;
-    let encoded = tokio::task::spawn_blocking(move || {
-        files
-            .iter()
-            .map(|f| Sink::encode(&props, f))
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await
-    .map_err(|e| SnapshotError::Task(e.to_string()))??;
+    let encoded = env.sink.encode_all(taken.files).await?;
     let pending = announce_copy(
         env.sink.store().as_ref(),
         env.floor,

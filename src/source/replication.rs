@@ -74,6 +74,15 @@ fn one_value(rows: &[Vec<Option<String>>]) -> Option<&str> {
 }
 
 impl Replication {
+    fn new(conn: Conn, confirmed: Lsn) -> Replication {
+        Replication {
+            server_version: conn.server_version,
+            backend_pid: conn.backend_pid,
+            conn,
+            confirmed,
+        }
+    }
+
     /// Connects, checks `wal_level` and the publication, and creates the slot if it is
     /// missing (idempotent: a concurrent creation is taken as success).
     /// Connects, checks `wal_level` and the publication, and creates the slot if it is
@@ -121,18 +130,7 @@ impl Replication {
             system.xlogpos = system.xlogpos.max(lsn);
         }
         let slot = Self::ensure_slot(&mut conn, cfg, export_snapshot).await?;
-        let server_version = conn.server_version;
-        let backend_pid = conn.backend_pid;
-        Ok((
-            Replication {
-                conn,
-                server_version,
-                backend_pid,
-                confirmed: slot.confirmed_flush,
-            },
-            slot,
-            system,
-        ))
+        Ok((Replication::new(conn, slot.confirmed_flush), slot, system))
     }
 
     /// A consistent point for a copy made while the stream runs: a temporary slot,
@@ -165,18 +163,7 @@ impl Replication {
             .ok_or_else(|| SourceError::Protocol("CREATE_REPLICATION_SLOT returned no consistent point".into()))?;
         let snapshot =
             field(2).ok_or_else(|| SourceError::Protocol("CREATE_REPLICATION_SLOT exported no snapshot".into()))?;
-        let server_version = conn.server_version;
-        let backend_pid = conn.backend_pid;
-        Ok((
-            Replication {
-                conn,
-                server_version,
-                backend_pid,
-                confirmed: lsn,
-            },
-            snapshot,
-            lsn,
-        ))
+        Ok((Replication::new(conn, lsn), snapshot, lsn))
     }
 
     /// Connects in replication mode and runs IDENTIFY_SYSTEM, nothing else (preflight).
