@@ -55,6 +55,10 @@ pub enum BatchError {
     Protocol { lsn: Lsn, what: String },
 }
 
+/// First `_seq` of a transaction committed exactly at a snapshot point: past every
+/// `_seq` of the copy's rows (chunk `k` starts at `k << 32`).
+pub const SNAPSHOT_TIE_SEQ: u64 = 1 << 62;
+
 /// A position in the change stream: `(_lsn, _seq)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct RowPos {
@@ -272,6 +276,8 @@ pub struct Batcher {
     unknown_pending: bool,
     /// The gate of each relation id, resolved from `gates` by name.
     rel_gates: HashMap<u32, Gate>,
+    /// The snapshot points of `gates`.
+    points: std::collections::HashSet<Lsn>,
     /// Open buffers, plus buffers of superseded schema versions waiting for `take`.
     tables: HashMap<u32, TableBuf>,
     sealed: Vec<TableFile>,
@@ -292,6 +298,13 @@ impl Batcher {
     /// `unknown_pending`, tables it has no gate for are [`Gate::Pending`].
     pub fn with_gates(gates: HashMap<String, Gate>, unknown_pending: bool) -> Batcher {
         Batcher {
+            points: gates
+                .values()
+                .filter_map(|g| match g {
+                    Gate::From(l) => Some(*l),
+                    Gate::Pending => None,
+                })
+                .collect(),
             gates,
             unknown_pending,
             ..Batcher::default()
@@ -301,6 +314,9 @@ impl Batcher {
     /// Sets the gate of `schema.table`.
     pub fn set_gate(&mut self, table: &str, gate: Gate) {
         self.gates.insert(table.to_owned(), gate);
+        if let Gate::From(l) = gate {
+            self.points.insert(l);
+        }
         let ids: Vec<u32> = self
             .layouts
             .iter()
@@ -349,7 +365,15 @@ impl Batcher {
                 self.tx = Some(OpenTx {
                     info,
                     partition: date_partition(info.commit_ts),
-                    seq: 0,
+                    // The rare transaction whose commit record starts exactly at a
+                    // snapshot point shares `_lsn` with that copy's `R` rows; its
+                    // changes come after the copy, so their positions follow all of
+                    // its rows.
+                    seq: if self.points.contains(&info.commit_lsn) {
+                        SNAPSHOT_TIE_SEQ
+                    } else {
+                        0
+                    },
                 });
             }
             Event::Relation(rel) => self.relation(rel)?,

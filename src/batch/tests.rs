@@ -141,3 +141,53 @@ fn date_partition_is_utc_commit_date() {
     assert_eq!(date_partition(1_795_305_600_000_000 - 1), "dt=2026-11-21");
     assert_eq!(date_partition(1_795_305_600_000_000), "dt=2026-11-22");
 }
+
+fn insert(b: &mut Batcher, rel_id: u32, id: &str) {
+    b.push(Event::Change(Change::Insert {
+        rel_id,
+        new: vec![t(id), t("x")],
+    }))
+    .unwrap();
+}
+
+/// `(_lsn, _seq)` of a file's rows.
+fn positions(f: &TableFile) -> Vec<(u64, u64)> {
+    let lsn = f.batch.column(1).as_primitive::<Int64Type>().values().to_vec();
+    let seq = f.batch.column(2).as_primitive::<Int64Type>().values().to_vec();
+    lsn.into_iter().zip(seq).map(|(l, s)| (l as u64, s as u64)).collect()
+}
+
+#[test]
+fn gates_write_a_table_only_from_its_snapshot_point_and_hold_unknown_tables() {
+    let gates = HashMap::from([("public.t".to_owned(), Gate::From(Lsn(200)))]);
+    let mut b = Batcher::with_gates(gates, true);
+    let mut other = (*rel(2)).clone();
+    other.name = "new".into();
+    for lsn in [100, 200, 300] {
+        begin(&mut b, lsn);
+        b.push(Event::Relation(rel(1))).unwrap();
+        b.push(Event::Relation(Arc::new(other.clone()))).unwrap();
+        insert(&mut b, 1, "1");
+        insert(&mut b, 2, "1");
+        b.push(Event::Commit { end_lsn: Lsn(lsn + 8) }).unwrap();
+        if lsn == 200 {
+            // The copy of the new table starts at 300.
+            b.push(Event::CopyStart {
+                tables: vec!["public.new".into()],
+                from: Lsn(300),
+            })
+            .unwrap();
+        }
+    }
+    let taken = b.take();
+    let tables: Vec<(&str, Vec<(u64, u64)>)> = taken.files.iter().map(|f| (f.table.as_str(), positions(f))).collect();
+    // public.t before 200 is in its copy; at 200 the transaction's changes follow the
+    // copy's rows; public.new waits for its copy until 300 (its point, also a tie).
+    assert_eq!(
+        tables,
+        [
+            ("t", vec![(200, SNAPSHOT_TIE_SEQ), (300, SNAPSHOT_TIE_SEQ)]),
+            ("new", vec![(300, SNAPSHOT_TIE_SEQ + 1)]),
+        ]
+    );
+}

@@ -80,7 +80,7 @@ pub struct Sink {
 }
 
 fn pos_key(p: RowPos) -> String {
-    format!("{}.{:08X}", p.lsn.to_key(), p.seq)
+    format!("{}.{:016X}", p.lsn.to_key(), p.seq)
 }
 
 /// The object key of a table file (relative to the sink's root).
