@@ -194,6 +194,36 @@ async fn database_checks(cfg: &Config, r: &mut Report) {
         }
         Err(e) => r.line(Outcome::Fail, "slot", e),
     }
+
+    // Copies made while streaming (new tables, resnapshot, a copy a crash cut short)
+    // take their snapshot from a temporary slot on a WAL sender of their own.
+    match client
+        .query_one(
+            "SELECT current_setting('max_replication_slots')::int - (SELECT count(*) FROM pg_catalog.pg_replication_slots)::int,
+                    current_setting('max_wal_senders')::int - (SELECT count(*) FROM pg_catalog.pg_stat_replication)::int",
+            &[],
+        )
+        .await
+    {
+        Ok(row) => {
+            let (slots, senders): (i32, i32) = (row.get(0), row.get(1));
+            // Our own slot and sender are not taken yet when walshore is not running.
+            if slots >= 2 && senders >= 2 {
+                r.line(
+                    Outcome::Ok,
+                    "copy slots",
+                    format!("{slots} replication slots and {senders} WAL senders free (table copies while streaming need one of each for a moment)"),
+                );
+            } else {
+                r.line(
+                    Outcome::Warn,
+                    "copy slots",
+                    format!("only {slots} replication slots and {senders} WAL senders free: copies of tables added later or resnapshot need one more of each beside walshore's own; raise max_replication_slots and max_wal_senders"),
+                );
+            }
+        }
+        Err(e) => r.line(Outcome::Warn, "copy slots", e),
+    }
 }
 
 async fn store_check(cfg: &Config, r: &mut Report) {

@@ -332,6 +332,7 @@ async fn status_and_check_report_the_pipeline() {
         "publication",
         "replica identity",
         "slot",
+        "copy slots",
         "object store",
     ] {
         assert!(

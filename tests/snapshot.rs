@@ -487,6 +487,9 @@ async fn resnapshot_copies_one_table_again_after_a_truncate_marker() {
     sync(&config);
     let second = copied_tables(&config).await["public.trades"];
     assert!(second > first, "a new snapshot point");
+    let out = walshore(&["status", "--config", config.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tables"]["public.trades"]["snapshot_lsn"], second.to_string(), "{v}");
     let trades = read_table(&open_lake(&config), "public", "trades").await;
     assert_unique_positions(&trades);
     let t: Vec<_> = trades.rows.iter().filter(|r| r.op == "T").collect();
