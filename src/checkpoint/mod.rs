@@ -242,18 +242,22 @@ impl Checkpoint {
             .try_collect()
             .await
             .map_err(store_err(&prefix))?;
-        let mut deleted = 0;
+        let mut pendings = Vec::new();
         for meta in metas {
-            let pending: PendingRecord = match read_json(self.store.as_ref(), &meta.location).await {
-                Ok(p) => p,
+            match read_json::<PendingRecord>(self.store.as_ref(), &meta.location).await {
+                Ok(p) => pendings.push((meta.location, p)),
                 Err(CheckpointError::Store {
                     source: object_store::Error::NotFound { .. },
                     ..
                 }) => continue,
                 Err(e) => return Err(e),
-            };
-            let mut kept = HashSet::new();
-            for seq in pending.seq..=self.head.seq {
+            }
+        }
+        // A pending file is kept when a commit record at or after its announcement
+        // names it; every commit record from the earliest announcement on is read once.
+        let mut kept = HashSet::new();
+        if let Some(first) = pendings.iter().map(|(_, p)| p.seq).min() {
+            for seq in first..=self.head.seq {
                 match read_json::<CommitRecord>(self.store.as_ref(), &commit_key(seq)).await {
                     Ok(c) => kept.extend(c.files.into_iter().map(|f| f.key)),
                     Err(CheckpointError::Store {
@@ -263,6 +267,9 @@ impl Checkpoint {
                     Err(e) => return Err(e),
                 }
             }
+        }
+        let mut deleted = 0;
+        for (location, pending) in pendings {
             for key in pending.keys.iter().filter(|k| !kept.contains(*k)) {
                 let path = Path::from(key.as_str());
                 match self.store.delete(&path).await {
@@ -277,7 +284,7 @@ impl Checkpoint {
                 }
                 tracing::info!(key = %key, "deleted uncommitted file left by an earlier run");
             }
-            self.delete_quietly(&meta.location).await;
+            self.delete_quietly(&location).await;
         }
         Ok(deleted)
     }

@@ -247,12 +247,14 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
         run_id: run_id.clone(),
         floor: head.seq + 1,
         buffer_bytes: (cfg.sink.max_buffer_bytes / cfg.snapshot_parallelism).max(1 << 20),
-        shutdown: shutdown.clone(),
+        shutdown: shutdown.child_token(),
+        tracker: tokio_util::task::TaskTracker::new(),
         user: cfg.source.conn.user.clone(),
     };
     if let Some(p) = initial {
-        tokio::spawn(p.run(env.clone(), copy_tx.clone()));
+        p.spawn(&env, copy_tx.clone());
     }
+    let copies = (env.shutdown.clone(), env.tracker.clone());
 
     let target = (mode == Mode::Sync).then_some(system.xlogpos);
     let buffer = StreamBuffer::new(
@@ -309,6 +311,11 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
     }));
     let task = |e: tokio::task::JoinError| PipelineError::Task(e.to_string());
     let (s, b, d) = tokio::join!(source, batch, sink_task);
+    // Copies still running belong to this run: stop them and wait, so that none
+    // uploads after the next attempt has cleaned up.
+    copies.0.cancel();
+    copies.1.close();
+    copies.1.wait().await;
     let batch = b.unwrap_or_else(|e| Err(task(e)));
     let (summary, _, sunk) = d.map_err(|e| (task(e), Summary::default()))?;
     // The first real error wins; a stage that stopped because its neighbour did is Ok.

@@ -165,7 +165,7 @@ impl Copier {
                 .extend(names.iter().cloned());
             self.copied.extend(names.iter().cloned());
             tracing::info!(tables = ?names, snapshot_point = %lsn, "copying tables beside the stream");
-            tokio::spawn(prepared.run(self.env.clone(), self.results.clone()));
+            prepared.spawn(&self.env, self.results.clone());
         }
         Ok((names, lsn))
     }

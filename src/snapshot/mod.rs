@@ -177,7 +177,11 @@ pub struct CopyEnv {
     pub floor: u64,
     /// Buffered row bytes per connection before a file is written.
     pub buffer_bytes: usize,
+    /// Cancelled when the run ends (shutdown, or an error and a restart).
     pub shutdown: CancellationToken,
+    /// The run's copies: it waits for them before it returns, so a copy never uploads
+    /// after the next start has cleaned up.
+    pub tracker: tokio_util::task::TaskTracker,
     /// The role copying, named in a permission error's GRANT.
     pub user: String,
 }
@@ -351,6 +355,11 @@ struct Progress {
 
 impl Prepared {
     /// `schema.table` of every table this copy writes.
+    /// Starts [`Prepared::run`] on the run's task tracker.
+    pub fn spawn(self, env: &CopyEnv, done: mpsc::Sender<Result<TableCopied, SnapshotError>>) {
+        env.tracker.spawn(self.run(env.clone(), done));
+    }
+
     pub fn tables(&self) -> Vec<String> {
         self.tables.iter().map(|t| t.name.clone()).collect()
     }
