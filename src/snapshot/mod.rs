@@ -354,12 +354,12 @@ struct Progress {
 }
 
 impl Prepared {
-    /// `schema.table` of every table this copy writes.
     /// Starts [`Prepared::run`] on the run's task tracker.
     pub fn spawn(self, env: &CopyEnv, done: mpsc::Sender<Result<TableCopied, SnapshotError>>) {
         env.tracker.spawn(self.run(env.clone(), done));
     }
 
+    /// `schema.table` of every table this copy writes.
     pub fn tables(&self) -> Vec<String> {
         self.tables.iter().map(|t| t.name.clone()).collect()
     }
@@ -395,17 +395,20 @@ impl Prepared {
             snapshot_point = %point.lsn,
             "table copy started"
         );
-        let queue = std::sync::Mutex::new(chunks.into_iter().collect::<VecDeque<_>>());
-        let stop = env.shutdown.child_token();
-        let shared = Shared {
-            point: &point,
-            tables: &tables,
-            progress: &progress,
-            env: &env,
-            done: &done,
-            stop: &stop,
-        };
-        let work = futures::future::join_all(workers.iter().map(|client| shared.worker(client, &queue)));
+        let shared = Arc::new(Shared {
+            queue: std::sync::Mutex::new(chunks.into_iter().collect()),
+            stop: env.shutdown.child_token(),
+            point,
+            tables,
+            progress,
+            env,
+            done,
+        });
+        // One task per connection: each parses and encodes its own chunks.
+        let work = futures::future::join_all(workers.into_iter().map(|client| {
+            let shared = shared.clone();
+            tokio::spawn(async move { shared.worker(&client).await })
+        }));
         let mut work = std::pin::pin!(work);
         let mut log = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_INTERVAL, PROGRESS_INTERVAL);
         // A progress bar too when a person watches (stderr is a terminal).
@@ -422,8 +425,12 @@ impl Prepared {
             eprint!("\r\x1b[K");
         }
         tracing::info!(
-            tables = tables.len(),
-            rows = progress.iter().map(|p| p.rows.load(Ordering::Relaxed)).sum::<u64>(),
+            tables = shared.tables.len(),
+            rows = shared
+                .progress
+                .iter()
+                .map(|p| p.rows.load(Ordering::Relaxed))
+                .sum::<u64>(),
             secs = started.elapsed().as_secs_f64(),
             "table copy read"
         );
@@ -431,20 +438,22 @@ impl Prepared {
 }
 
 /// What the copy connections share.
-struct Shared<'a> {
-    point: &'a Point,
-    tables: &'a [Table],
-    progress: &'a [Progress],
-    env: &'a CopyEnv,
-    done: &'a mpsc::Sender<Result<TableCopied, SnapshotError>>,
+struct Shared {
+    point: Point,
+    tables: Vec<Table>,
+    progress: Vec<Progress>,
+    env: CopyEnv,
+    done: mpsc::Sender<Result<TableCopied, SnapshotError>>,
+    /// Chunks not taken yet.
+    queue: std::sync::Mutex<VecDeque<Chunk>>,
     /// Cancelled on shutdown, or when one connection fails.
-    stop: &'a CancellationToken,
+    stop: CancellationToken,
 }
 
-impl Shared<'_> {
-    async fn worker(&self, client: &tokio_postgres::Client, queue: &std::sync::Mutex<VecDeque<Chunk>>) {
+impl Shared {
+    async fn worker(&self, client: &tokio_postgres::Client) {
         loop {
-            let Some(chunk) = queue.lock().expect("queue lock").pop_front() else {
+            let Some(chunk) = self.queue.lock().expect("queue lock").pop_front() else {
                 return;
             };
             if let Err(e) = self.chunk_then_table(client, &chunk).await {
@@ -472,7 +481,7 @@ impl Shared<'_> {
             batcher.push(Event::Change(Change::Truncate {
                 rel_ids: vec![table.relation.id],
             }))?;
-            self.absorb(progress, upload(self.env, batcher.take()).await?);
+            self.absorb(progress, upload(&self.env, batcher.take()).await?);
         }
         let (files, pending) = std::mem::take(&mut *progress.files.lock().expect("files lock"));
         let rows = progress.rows.load(Ordering::Relaxed);
@@ -651,7 +660,7 @@ impl Shared<'_> {
 
     fn log_progress(&self, started: Instant) {
         let secs = started.elapsed().as_secs_f64().max(0.001);
-        for (table, p) in self.tables.iter().zip(self.progress) {
+        for (table, p) in self.tables.iter().zip(&self.progress) {
             let rows = p.rows.load(Ordering::Relaxed);
             let left = p.chunks_left.load(Ordering::Relaxed);
             if rows == 0 || left == 0 {
