@@ -522,3 +522,46 @@ async fn resnapshot_copies_one_table_again_after_a_truncate_marker() {
     );
     assert_all_tables_equal(&c, &config).await;
 }
+
+#[tokio::test]
+async fn a_copy_connection_lost_mid_copy_hands_its_chunk_to_the_other_connection() {
+    let (_cluster, c, _dir, config) = setup(200_000).await;
+    snapshot_keys(&config, "parallelism = 2\nchunk_size = \"256kB\"");
+    let cfg = config.clone();
+    let sync = tokio::task::spawn_blocking(move || walshore(&["sync", "--config", cfg.to_str().unwrap()]));
+    // Terminate one of the two COPY backends while the copy runs.
+    let mut killed = false;
+    for _ in 0..2000 {
+        let row = c
+            .query_one(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM (SELECT pid FROM pg_stat_activity
+                 WHERE query LIKE 'COPY (SELECT %' AND state = 'active' AND pid <> pg_backend_pid() LIMIT 1) a",
+                &[],
+            )
+            .await
+            .unwrap();
+        if row.get::<_, i64>(0) == 1 {
+            killed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(killed, "no COPY backend to terminate: the copy ended too soon");
+    let out = sync.await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("its chunk goes back to the queue"),
+        "the lost chunk was handed over: {stderr}"
+    );
+    // Not copied again from a new snapshot point: every table at the slot's point.
+    let points: std::collections::BTreeSet<_> = copied_tables(&config).await.into_values().collect();
+    assert_eq!(points.len(), 1, "one snapshot point for all tables: {points:?}");
+    assert_all_tables_equal(&c, &config).await;
+    let trades = read_table(&open_lake(&config), "public", "trades").await;
+    assert_eq!(
+        trades.rows.iter().filter(|r| r.op == "R").count(),
+        200_000,
+        "each row copied once"
+    );
+}

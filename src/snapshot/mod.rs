@@ -94,10 +94,24 @@ pub enum SnapshotError {
 }
 
 impl SnapshotError {
+    /// The copy connection is gone (network, server restart, a terminated backend).
+    fn connection_lost(&self) -> bool {
+        match self {
+            SnapshotError::Sql { source, .. } => {
+                source.is_closed()
+                    || source.code().is_none_or(|c| {
+                        let c = c.code();
+                        c.starts_with("08") || c.starts_with("57P")
+                    })
+            }
+            _ => false,
+        }
+    }
+
     pub fn retry(&self) -> Retry {
         match self {
             SnapshotError::Connect(_) => Retry::Transient,
-            SnapshotError::Sql { source, .. } if source.code().is_none() => Retry::Transient,
+            e if e.connection_lost() => Retry::Transient,
             SnapshotError::Sink(e) => e.retry(),
             SnapshotError::Checkpoint(e) => e.retry(),
             _ => Retry::Definite,
@@ -353,6 +367,15 @@ struct Progress {
     files: std::sync::Mutex<(Vec<WrittenObject>, Vec<Path>)>,
 }
 
+impl Progress {
+    /// Keeps a finished chunk's files until the table is done.
+    fn hold(&self, files: Vec<WrittenObject>, pending: impl IntoIterator<Item = Path>) {
+        let mut held = self.files.lock().expect("files lock");
+        held.0.extend(files);
+        held.1.extend(pending);
+    }
+}
+
 impl Prepared {
     /// Starts [`Prepared::run`] on the run's task tracker.
     pub fn spawn(self, env: &CopyEnv, done: mpsc::Sender<Result<TableCopied, SnapshotError>>) {
@@ -396,7 +419,10 @@ impl Prepared {
             "table copy started"
         );
         let shared = Arc::new(Shared {
-            queue: std::sync::Mutex::new(chunks.into_iter().collect()),
+            queue: std::sync::Mutex::new(Queue {
+                chunks: chunks.into_iter().collect(),
+                connections: workers.len(),
+            }),
             stop: env.shutdown.child_token(),
             point,
             tables,
@@ -424,6 +450,20 @@ impl Prepared {
         if bar {
             eprint!("\r\x1b[K");
         }
+        // Every chunk is copied, or an error (or shutdown) said why not.
+        if !shared.stop.is_cancelled()
+            && shared
+                .progress
+                .iter()
+                .any(|p| p.chunks_left.load(Ordering::Acquire) > 0)
+        {
+            let _ = shared
+                .done
+                .send(Err(SnapshotError::Task(
+                    "the copy connections ended with chunks left".into(),
+                )))
+                .await;
+        }
         tracing::info!(
             tables = shared.tables.len(),
             rows = shared
@@ -437,6 +477,29 @@ impl Prepared {
     }
 }
 
+/// What one chunk has uploaded so far.
+#[derive(Default)]
+struct ChunkOut {
+    files: Vec<WrittenObject>,
+    pending: Vec<Path>,
+    /// Rows counted in the table's progress.
+    rows: u64,
+}
+
+impl ChunkOut {
+    fn absorb(&mut self, (files, pending): Uploaded) {
+        self.files.extend(files);
+        self.pending.extend(pending);
+    }
+}
+
+/// The chunks not taken yet, and the connections still there to take them (one lock:
+/// a connection never leaves while another puts a chunk back).
+struct Queue {
+    chunks: VecDeque<Chunk>,
+    connections: usize,
+}
+
 /// What the copy connections share.
 struct Shared {
     point: Point,
@@ -444,8 +507,7 @@ struct Shared {
     progress: Vec<Progress>,
     env: CopyEnv,
     done: mpsc::Sender<Result<TableCopied, SnapshotError>>,
-    /// Chunks not taken yet.
-    queue: std::sync::Mutex<VecDeque<Chunk>>,
+    queue: std::sync::Mutex<Queue>,
     /// Cancelled on shutdown, or when one connection fails.
     stop: CancellationToken,
 }
@@ -453,23 +515,55 @@ struct Shared {
 impl Shared {
     async fn worker(&self, client: &tokio_postgres::Client) {
         loop {
-            let Some(chunk) = self.queue.lock().expect("queue lock").pop_front() else {
-                return;
-            };
-            if let Err(e) = self.chunk_then_table(client, &chunk).await {
-                if !self.stop.is_cancelled() || matches!(e, SnapshotError::Interrupted) {
-                    self.stop.cancel();
-                    let _ = self.done.send(Err(e)).await;
+            let chunk = {
+                let mut queue = self.queue.lock().expect("queue lock");
+                match queue.chunks.pop_front() {
+                    Some(c) => c,
+                    None => {
+                        queue.connections -= 1;
+                        return;
+                    }
                 }
-                return;
+            };
+            let Err(e) = self.chunk_then_table(client, &chunk).await else {
+                continue;
+            };
+            // A connection lost while others still hold the snapshot: they take its
+            // chunk over (chunks already copied are not copied again).
+            if (e.connection_lost() || client.is_closed()) && !self.stop.is_cancelled() {
+                let table = self.tables[chunk.table].name.clone();
+                let index = chunk.index;
+                let mut queue = self.queue.lock().expect("queue lock");
+                if queue.connections > 1 {
+                    queue.connections -= 1;
+                    queue.chunks.push_front(chunk);
+                    drop(queue);
+                    tracing::warn!(table = %table, chunk = index, error = %e, "copy connection lost; its chunk goes back to the queue for the other connections");
+                    return;
+                }
             }
+            if !self.stop.is_cancelled() || matches!(e, SnapshotError::Interrupted) {
+                self.stop.cancel();
+                let _ = self.done.send(Err(e)).await;
+            }
+            return;
         }
     }
 
     async fn chunk_then_table(&self, client: &tokio_postgres::Client, chunk: &Chunk) -> Result<(), SnapshotError> {
         let table = &self.tables[chunk.table];
         let progress = &self.progress[chunk.table];
-        self.copy_chunk(client, table, chunk, progress).await?;
+        let mut out = ChunkOut::default();
+        if let Err(e) = self.copy_chunk(client, table, chunk, progress, &mut out).await {
+            // Its rows are copied again: take them out of the count and the lake (the
+            // files are uncommitted; a pending record lists them for the next start too).
+            progress.rows.fetch_sub(out.rows, Ordering::Relaxed);
+            for f in &out.files {
+                self.env.sink.store().delete(&Path::from(f.key.as_str())).await.ok();
+            }
+            return Err(e);
+        }
+        progress.hold(out.files, out.pending);
         let pages = chunk.hi.unwrap_or(table.pages.max(chunk.lo)) - chunk.lo;
         progress.pages_done.fetch_add(pages, Ordering::Relaxed);
         if progress.chunks_left.fetch_sub(1, Ordering::AcqRel) != 1 {
@@ -481,7 +575,8 @@ impl Shared {
             batcher.push(Event::Change(Change::Truncate {
                 rel_ids: vec![table.relation.id],
             }))?;
-            self.absorb(progress, upload(&self.env, batcher.take()).await?);
+            let (files, pending) = upload(&self.env, batcher.take()).await?;
+            progress.hold(files, pending);
         }
         let (files, pending) = std::mem::take(&mut *progress.files.lock().expect("files lock"));
         let rows = progress.rows.load(Ordering::Relaxed);
@@ -513,18 +608,13 @@ impl Shared {
         b
     }
 
-    fn absorb(&self, progress: &Progress, (files, pending): (Vec<WrittenObject>, Option<Path>)) {
-        let mut held = progress.files.lock().expect("files lock");
-        held.0.extend(files);
-        held.1.extend(pending);
-    }
-
     async fn copy_chunk(
         &self,
         client: &tokio_postgres::Client,
         table: &Table,
         chunk: &Chunk,
         progress: &Progress,
+        out: &mut ChunkOut,
     ) -> Result<(), SnapshotError> {
         // Binary where walshore decodes the binary form (cheaper for PostgreSQL and for
         // us), text for the rest: the text of a `::text` column is its binary form.
@@ -599,6 +689,7 @@ impl Shared {
                 None => {
                     ended = true;
                     progress.rows.fetch_add(cutter.rows() - counted, Ordering::Relaxed);
+                    out.rows = cutter.rows();
                     std::mem::take(&mut cutter).finish().map_err(format_err)?
                 }
             };
@@ -614,10 +705,11 @@ impl Shared {
             if !ended {
                 progress.rows.fetch_add(cutter.rows() - counted, Ordering::Relaxed);
                 counted = cutter.rows();
+                out.rows = counted;
             }
             if ended || batcher.buffered_bytes() >= self.env.buffer_bytes {
                 if let Some(h) = uploading.take() {
-                    self.absorb(progress, h.await.map_err(|e| SnapshotError::Task(e.to_string()))??);
+                    out.absorb(h.await.map_err(|e| SnapshotError::Task(e.to_string()))??);
                 }
                 if batcher.has_data() {
                     uploading = Some(tokio::spawn(upload_owned(self.env.clone(), batcher.take())));
@@ -625,7 +717,7 @@ impl Shared {
             }
         }
         if let Some(h) = uploading.take() {
-            self.absorb(progress, h.await.map_err(|e| SnapshotError::Task(e.to_string()))??);
+            out.absorb(h.await.map_err(|e| SnapshotError::Task(e.to_string()))??);
         }
         Ok(())
     }
