@@ -22,7 +22,9 @@
 //! 0, 1, 2, …), which depends only on the snapshot and the chunk size. A table is
 //! committed once all its chunks are uploaded, together with the stream's files of that
 //! table held back since its snapshot point, in one commit record that also records the
-//! table's point (`snapshots` in the record). A crash before that commit leaves only
+//! table's point (`snapshots` in the record). A connection lost mid-chunk puts its
+//! chunk back in the queue for the connections that still hold the snapshot. A crash
+//! before the table's commit leaves only
 //! uncommitted files, deleted at the next start, and the table is copied again from a new
 //! snapshot point; tables already committed are never copied again. An exported snapshot
 //! does not survive its session, so the chunks of an unfinished table cannot be resumed
