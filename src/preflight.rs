@@ -95,7 +95,10 @@ async fn database_checks(cfg: &Config, r: &mut Report) {
             .query(
                 "SELECT pt.schemaname, pt.tablename, c.relreplident::text, \
                         EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
-                        has_table_privilege(c.oid, 'SELECT') \
+                        has_table_privilege(c.oid, 'SELECT'), \
+                        ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a \
+                              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                                AND a.attlen = -1 AND a.attstorage <> 'p' ORDER BY a.attnum) \
                  FROM pg_catalog.pg_publication_tables pt \
                  JOIN pg_catalog.pg_namespace n ON n.nspname = pt.schemaname \
                  JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
@@ -136,6 +139,31 @@ async fn database_checks(cfg: &Config, r: &mut Report) {
             _ => r.line(Outcome::Fail, "replica identity", format!(
                 "{name}: no primary key and no replica identity, so PostgreSQL rejects its UPDATEs and DELETEs; ALTER TABLE {quoted} REPLICA IDENTITY FULL (or add a primary key)"
             )),
+        }
+        let toastable: Vec<String> = t.get(5);
+        if ident != "f" && !toastable.is_empty() {
+            r.line(
+                Outcome::Warn,
+                "toast",
+                format!(
+                    "{name}: {} can be stored out of line (TOAST); an UPDATE that leaves such a value unchanged does not send it, so the lake has null there and names the column in _unchanged (readers carry the previous value forward); for complete rows: ALTER TABLE {quoted} REPLICA IDENTITY FULL (more WAL per update)",
+                    toastable.join(", ")
+                ),
+            );
+        }
+        if !has_pk && matches!(ident.as_str(), "f" | "i") {
+            r.line(
+                Outcome::Warn,
+                "primary key",
+                format!(
+                    "{name}: no primary key; {}",
+                    if ident == "f" {
+                        "rows are identified by the whole row, so every update is written as D + I and readers key rows by all columns"
+                    } else {
+                        "rows are identified by the replica identity index"
+                    }
+                ),
+            );
         }
         if !can_select {
             r.line(
