@@ -95,3 +95,154 @@ async fn unchanged_toast_is_carried_from_the_old_row_or_named_never_invented() {
     );
     assert_eq!(replay(&full, Some(&["id"])), source_rows(&c, &select("doc_full")).await);
 }
+
+/// The replayed rows projected on `cols` (a `(new, old)` pair reads `new`, or `old`
+/// where the row predates a rename).
+fn project(t: &LakeTable, rows: Vec<Vec<Option<String>>>, cols: &[(&str, Option<&str>)]) -> Vec<Vec<Option<String>>> {
+    let at = |c: &str| t.columns.iter().position(|x| x == c);
+    let mut out: Vec<Vec<Option<String>>> = rows
+        .into_iter()
+        .map(|r| {
+            cols.iter()
+                .map(|(c, old)| {
+                    let v = at(c).and_then(|i| r[i].clone());
+                    v.or_else(|| old.and_then(at).and_then(|i| r[i].clone()))
+                })
+                .collect()
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn schema_changes_during_a_busy_stream_follow_the_lake_schema() {
+    let cluster = cluster(&[]);
+    let c = cluster.connect("postgres").await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE evo (id int PRIMARY KEY, qty int4, price numeric(10,2), label varchar(10), old_col text, gone text);
+         CREATE PUBLICATION pub FOR TABLE evo;",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &cluster.url("postgres", "postgres"),
+        "pub",
+        "walshore",
+        &SinkKind::File(dir.path().join("lake")),
+        "",
+        "",
+    );
+    sync(&config);
+    c.batch_execute(
+        "INSERT INTO evo SELECT i, i, i / 4.0, 'l' || i, 'o' || i, 'g' || i FROM generate_series(1, 200) i",
+    )
+    .await
+    .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let w = cluster.connect("postgres").await.unwrap();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                w.batch_execute(&format!(
+                    "BEGIN; INSERT INTO evo (id, qty, price, label) VALUES ({id}, 1, 0.5, 'w'); UPDATE evo SET qty = qty + 1 WHERE id = {u}; DELETE FROM evo WHERE id = {d}; COMMIT",
+                    id = 1000 + i, u = 1 + i % 200, d = 1000 + i / 2
+                ))
+                .await
+                .unwrap();
+                i += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let store = open_lake(&config);
+    let steps: [(&str, &str, &[(&str, Option<&str>)]); 4] = [
+        (
+            "add",
+            "ALTER TABLE evo ADD COLUMN note text; UPDATE evo SET note = 'n' || id WHERE id % 3 = 0",
+            &[("id", None), ("qty", None), ("price", None), ("label", None), ("old_col", None), ("gone", None), ("note", None)],
+        ),
+        (
+            "drop",
+            "ALTER TABLE evo DROP COLUMN gone; UPDATE evo SET note = 'd' WHERE id % 5 = 0",
+            &[("id", None), ("qty", None), ("price", None), ("label", None), ("old_col", None), ("note", None)],
+        ),
+        (
+            "rename",
+            "ALTER TABLE evo RENAME COLUMN old_col TO new_col; UPDATE evo SET new_col = 'r' || id WHERE id % 7 = 0",
+            &[("id", None), ("qty", None), ("price", None), ("label", None), ("new_col", Some("old_col")), ("note", None)],
+        ),
+        (
+            "widen",
+            "ALTER TABLE evo ALTER COLUMN qty TYPE int8, ALTER COLUMN price TYPE numeric(12,2), ALTER COLUMN label TYPE text;
+             UPDATE evo SET qty = 5000000000, price = 1234567890.25, label = repeat('x', 30) WHERE id = 2",
+            &[("id", None), ("qty", None), ("price", None), ("label", None), ("new_col", Some("old_col")), ("note", None)],
+        ),
+    ];
+    for (what, ddl, cols) in steps {
+        c.batch_execute(ddl).await.unwrap();
+        // Let the writer commit under the new schema too.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let names: Vec<String> = cols.iter().map(|(c, _)| c.to_string()).collect();
+        let select = format!(
+            "SELECT {} FROM evo",
+            names
+                .iter()
+                .map(|n| format!("{n}::text"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        // Hold writers off while both sides are read.
+        c.batch_execute("BEGIN; LOCK TABLE evo IN EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        let out = walshore(&["sync", "--config", config.to_str().unwrap()]);
+        assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+        let source = source_rows(&c, &select).await;
+        c.batch_execute("COMMIT").await.unwrap();
+        let lake = read_table(&store, "public", "evo").await;
+        assert_unique_positions(&lake);
+        let replayed = replay(&lake, Some(&["id"]));
+        assert_eq!(project(&lake, replayed, cols), source, "after {what}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    let schema: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("lake/_walshore/schemas/public.evo.json")).unwrap())
+            .unwrap();
+    let column = |n: &str| {
+        schema["columns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == n)
+            .cloned()
+    };
+    assert_eq!(column("gone").unwrap()["dropped"], true, "{schema}");
+    assert_eq!(
+        column("old_col").unwrap()["dropped"],
+        true,
+        "a rename drops the old name"
+    );
+    assert_eq!(column("new_col").unwrap()["dropped"], false);
+    assert_eq!(column("qty").unwrap()["arrow_type"], "Int64", "widened");
+    assert_eq!(column("price").unwrap()["arrow_type"], "Decimal128(12, 2)", "widened");
+
+    // Not a widening: the pipeline stops and says what and how to go on.
+    c.batch_execute(
+        "ALTER TABLE evo ALTER COLUMN label TYPE int USING length(label); UPDATE evo SET qty = 1 WHERE id = 3",
+    )
+    .await
+    .unwrap();
+    let out = walshore(&["sync", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("column public.evo.label changed type from Utf8 to Int32") && stderr.contains("new name"),
+        "{stderr}"
+    );
+}

@@ -15,6 +15,7 @@
 //! otherwise it is null and named in `_unchanged`.
 
 pub mod copy_binary;
+pub mod schema;
 mod value;
 
 use std::collections::HashMap;
@@ -51,6 +52,16 @@ pub enum BatchError {
         table: String,
         column: String,
     },
+    #[error(
+        "column {table}.{column} changed type from {from} to {to} at lsn {lsn}, which is not a widening: the lake's files hold {from} and a reader sees one type per column; nothing from this transaction on was written. Ways out: change the column back; or give the table a new name in PostgreSQL (walshore copies it as a new lake table) and publish that"
+    )]
+    Retype {
+        table: String,
+        column: String,
+        from: String,
+        to: String,
+        lsn: Lsn,
+    },
     #[error("protocol violation at lsn {lsn}: {what}")]
     Protocol { lsn: Lsn, what: String },
 }
@@ -85,6 +96,8 @@ pub struct Taken {
     pub end_lsn: Option<Lsn>,
     /// Commit time of the last committed transaction (µs since the Unix epoch).
     pub commit_ts: Option<i64>,
+    /// Lake schemas changed by these files: recorded before they are committed.
+    pub schemas: Vec<(String, schema::LakeSchema)>,
 }
 
 struct Layout {
@@ -278,6 +291,9 @@ pub struct Batcher {
     rel_gates: HashMap<u32, Gate>,
     /// The snapshot points of `gates`.
     points: std::collections::HashSet<Lsn>,
+    /// Lake schemas by `schema.table`, and the ones changed since the last `take`.
+    lake: HashMap<String, schema::LakeSchema>,
+    schema_changes: Vec<(String, schema::LakeSchema)>,
     /// Open buffers, plus buffers of superseded schema versions waiting for `take`.
     tables: HashMap<u32, TableBuf>,
     sealed: Vec<TableFile>,
@@ -309,6 +325,12 @@ impl Batcher {
             unknown_pending,
             ..Batcher::default()
         }
+    }
+
+    /// The lake schemas recorded so far, to check Relation messages against.
+    pub fn with_lake_schemas(mut self, lake: HashMap<String, schema::LakeSchema>) -> Batcher {
+        self.lake = lake;
+        self
     }
 
     /// Sets the gate of `schema.table`.
@@ -398,6 +420,23 @@ impl Batcher {
 
     fn relation(&mut self, rel: Arc<Relation>) -> Result<(), BatchError> {
         self.resolve_gate(&rel);
+        let name = qualified(&rel);
+        match self.lake.get(&name).cloned().unwrap_or_default().merge(&rel) {
+            Ok(None) => {}
+            Ok(Some(next)) => {
+                self.lake.insert(name.clone(), next.clone());
+                self.schema_changes.push((name, next));
+            }
+            Err(e) => {
+                return Err(BatchError::Retype {
+                    table: name,
+                    column: e.column,
+                    from: e.from,
+                    to: e.to,
+                    lsn: self.tx.as_ref().map_or(Lsn::ZERO, |t| t.info.commit_lsn),
+                });
+            }
+        }
         if let Some(old) = self.layouts.get(&rel.id)
             && old.relation.columns == rel.columns
             && old.relation.name == rel.name
@@ -631,6 +670,7 @@ impl Batcher {
             files,
             end_lsn,
             commit_ts,
+            schemas: std::mem::take(&mut self.schema_changes),
         }
     }
 }

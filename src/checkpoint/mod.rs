@@ -63,18 +63,20 @@
 
 pub mod record;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::TryStreamExt;
-use object_store::path::Path;
+use object_store::path::{Path, PathPart};
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
+use crate::batch::schema::LakeSchema;
 use crate::lsn::Lsn;
 use crate::sink::WrittenObject;
 pub use record::{CommitRecord, PendingRecord, TableStats};
 
 const COMMITS: &str = "_walshore/commits";
+const SCHEMAS: &str = "_walshore/schemas";
 const PENDING: &str = "_walshore/pending";
 
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +138,52 @@ async fn read_json<T: serde::de::DeserializeOwned>(store: &dyn ObjectStore, key:
         key: key.to_string(),
         message: e.to_string(),
     })
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SchemaRecord {
+    table: String,
+    #[serde(flatten)]
+    schema: LakeSchema,
+}
+
+fn schema_key(table: &str) -> Path {
+    let name = format!("{table}.json");
+    Path::from_iter(
+        SCHEMAS
+            .split('/')
+            .map(PathPart::from)
+            .chain([PathPart::from(name.as_str())]),
+    )
+}
+
+/// Every table's lake schema (`_walshore/schemas/`).
+pub async fn read_schemas(store: &dyn ObjectStore) -> Result<HashMap<String, LakeSchema>, CheckpointError> {
+    let prefix = Path::from(SCHEMAS);
+    let metas: Vec<_> = store
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .map_err(store_err(&prefix))?;
+    let mut out = HashMap::new();
+    for m in metas {
+        let r: SchemaRecord = read_json(store, &m.location).await?;
+        out.insert(r.table, r.schema);
+    }
+    Ok(out)
+}
+
+/// Records a table's lake schema; written before the commit of the first file that
+/// has it, so the lake never holds a committed file its recorded schema does not cover.
+pub async fn write_schema(store: &dyn ObjectStore, table: &str, schema: &LakeSchema) -> Result<(), CheckpointError> {
+    let key = schema_key(table);
+    let body = serde_json::to_vec_pretty(&SchemaRecord {
+        table: table.to_owned(),
+        schema: schema.clone(),
+    })
+    .expect("schema serializes");
+    store.put(&key, PutPayload::from(body)).await.map_err(store_err(&key))?;
+    Ok(())
 }
 
 /// The latest commit record, if any.

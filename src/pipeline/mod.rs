@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::Gate;
 use crate::checkpoint::record::Identity;
-use crate::checkpoint::{Checkpoint, CheckpointError, read_head};
+use crate::checkpoint::{Checkpoint, CheckpointError, read_head, read_schemas};
 use crate::config::{Config, SnapshotMode};
 use crate::decode::StreamBuffer;
 use crate::lsn::Lsn;
@@ -229,6 +229,7 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
     // Each table's changes are written from its snapshot point on; a table never copied
     // waits for its copy (snapshot.mode = "initial").
     let head = checkpoint.head().clone();
+    let schemas = read_schemas(sink.store().as_ref()).await.map_err(|e| fail(e.into()))?;
     let mut gates: HashMap<String, Gate> = head
         .snapshots
         .iter()
@@ -273,6 +274,7 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
         cfg.sink.flush_interval,
         cfg.sink.max_buffer_bytes,
         (gates, cfg.snapshot == SnapshotMode::Initial),
+        schemas.clone(),
     ));
     let sink_task = tokio::spawn(tasks::sink_task(tasks::SinkTask {
         sink,
@@ -283,6 +285,7 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
         confirm: confirm_tx,
         withheld: initial_tables.iter().map(|t| (t.clone(), Default::default())).collect(),
         in_flight: in_flight.clone(),
+        schemas,
     }));
     let copier = tasks::Copier {
         cfg: cfg.clone(),

@@ -12,9 +12,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{EVENTS_PER_CHUNK, PipelineError};
-use crate::batch::{Batcher, Gate, Taken};
+use crate::batch::schema::LakeSchema;
+use crate::batch::{BatchError, Batcher, Gate, Taken};
 use crate::change::Event;
-use crate::checkpoint::{Checkpoint, announce_copy};
+use crate::checkpoint::{Checkpoint, announce_copy, write_schema};
 use crate::config::Config;
 use crate::lsn::Lsn;
 use crate::sink::{Sink, WrittenObject};
@@ -334,8 +335,9 @@ pub(super) async fn batch_task(
     flush_interval: Duration,
     max_bytes: usize,
     gates: (HashMap<String, Gate>, bool),
+    schemas: HashMap<String, LakeSchema>,
 ) -> Result<(), PipelineError> {
-    let mut batcher = Batcher::with_gates(gates.0, gates.1);
+    let mut batcher = Batcher::with_gates(gates.0, gates.1).with_lake_schemas(schemas);
     let mut deadline: Option<Instant> = None;
     loop {
         let sleep = async {
@@ -411,6 +413,8 @@ pub(super) struct SinkTask {
     /// announce them, until the copy commits.
     pub withheld: HashMap<String, (Vec<WrittenObject>, Vec<object_store::path::Path>)>,
     pub in_flight: Arc<Mutex<BTreeSet<String>>>,
+    /// The lake schema of each table, as recorded under `_walshore/schemas/`.
+    pub schemas: HashMap<String, LakeSchema>,
 }
 
 struct SinkState {
@@ -487,6 +491,11 @@ impl SinkTask {
             }
             SinkMsg::Flush(t) => t,
         };
+        // The schema first: a committed file is always covered by its table's schema.
+        for (table, schema) in &taken.schemas {
+            write_schema(self.sink.store().as_ref(), table, schema).await?;
+            self.schemas.insert(table.clone(), schema.clone());
+        }
         if !taken.files.is_empty() {
             let encoded = self.sink.encode_all(taken.files).await?;
             self.checkpoint
@@ -531,6 +540,26 @@ impl SinkTask {
         }
         let mut copied = Vec::new();
         let mut cleanup = Vec::new();
+        for c in &st.ready {
+            let recorded = self.schemas.get(&c.table).cloned().unwrap_or_default();
+            match recorded.merge(&c.relation) {
+                Ok(None) => {}
+                Ok(Some(next)) => {
+                    write_schema(self.sink.store().as_ref(), &c.table, &next).await?;
+                    self.schemas.insert(c.table.clone(), next);
+                }
+                Err(e) => {
+                    return Err(BatchError::Retype {
+                        table: c.table.clone(),
+                        column: e.column,
+                        from: e.from,
+                        to: e.to,
+                        lsn: c.lsn,
+                    }
+                    .into());
+                }
+            }
+        }
         for c in std::mem::take(&mut st.ready) {
             let (held, pending) = self.withheld.remove(&c.table).unwrap_or_default();
             files.extend(held);

@@ -182,6 +182,8 @@ pub struct TableCopied {
     pub pending: Vec<Path>,
     pub rows: u64,
     pub reset: bool,
+    /// The columns as copied, for the table's lake schema.
+    pub relation: Arc<Relation>,
 }
 
 /// What a copy needs from the pipeline.
@@ -590,6 +592,7 @@ impl Shared {
             pending,
             rows,
             reset: table.reset,
+            relation: table.relation.clone(),
         };
         if self.done.send(Ok(copied)).await.is_err() {
             return Err(SnapshotError::Interrupted);

@@ -224,6 +224,15 @@ pub async fn read_table(store: &Arc<dyn ObjectStore>, schema: &str, table: &str)
     let mut rows = Vec::new();
     let mut columns = Vec::new();
     let mut files = 0;
+    let mut metas = metas;
+    // Names sort in commit order: columns come out in the order they appeared.
+    metas.sort_by(|a, b| {
+        a.location
+            .as_ref()
+            .rsplit('/')
+            .next()
+            .cmp(&b.location.as_ref().rsplit('/').next())
+    });
     for meta in metas.iter().filter(|m| m.location.as_ref().ends_with(".parquet")) {
         files += 1;
         let bytes = store.get(&meta.location).await.unwrap().bytes().await.unwrap();
@@ -233,13 +242,12 @@ pub async fn read_table(store: &Arc<dyn ObjectStore>, schema: &str, table: &str)
             .unwrap();
         for batch in reader {
             let batch = batch.unwrap();
-            columns = batch
-                .schema()
-                .fields()
-                .iter()
-                .map(|f| f.name().clone())
-                .filter(|n| !n.starts_with('_'))
-                .collect();
+            // Every column any file has (schemas change): a row without one reads null.
+            for f in batch.schema().fields() {
+                if !f.name().starts_with('_') && !columns.contains(f.name()) {
+                    columns.push(f.name().clone());
+                }
+            }
             rows.extend(rows_of(&batch));
         }
     }
