@@ -96,6 +96,9 @@ async fn unchanged_toast_is_carried_from_the_old_row_or_named_never_invented() {
     assert_eq!(replay(&full, Some(&["id"])), source_rows(&c, &select("doc_full")).await);
 }
 
+/// Columns to compare: `(name, name before a rename)`.
+type Columns<'a> = &'a [(&'a str, Option<&'a str>)];
+
 /// The replayed rows projected on `cols` (a `(new, old)` pair reads `new`, or `old`
 /// where the row predates a rename).
 fn project(t: &LakeTable, rows: Vec<Vec<Option<String>>>, cols: &[(&str, Option<&str>)]) -> Vec<Vec<Option<String>>> {
@@ -160,7 +163,7 @@ async fn schema_changes_during_a_busy_stream_follow_the_lake_schema() {
         })
     };
     let store = open_lake(&config);
-    let steps: [(&str, &str, &[(&str, Option<&str>)]); 4] = [
+    let steps: [(&str, &str, Columns); 4] = [
         (
             "add",
             "ALTER TABLE evo ADD COLUMN note text; UPDATE evo SET note = 'n' || id WHERE id % 3 = 0",
