@@ -245,7 +245,48 @@ async fn schema_changes_during_a_busy_stream_follow_the_lake_schema() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("column public.evo.label changed type from Utf8 to Int32") && stderr.contains("new name"),
+        stderr.contains("column public.evo.label changed type from Utf8 to Int32")
+            && stderr.contains("walshore resnapshot --table public.evo"),
         "{stderr}"
+    );
+    // The way out the message gives: the old version aside, a new copy.
+    std::fs::rename(dir.path().join("lake/public/evo"), dir.path().join("evo-v1")).unwrap();
+    std::fs::remove_file(dir.path().join("lake/_walshore/schemas/public.evo.json")).unwrap();
+    let out = walshore(&[
+        "resnapshot",
+        "--config",
+        config.to_str().unwrap(),
+        "--table",
+        "public.evo",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    c.batch_execute("UPDATE evo SET label = 42 WHERE id = 4").await.unwrap();
+    sync(&config);
+    let lake = read_table(&store, "public", "evo").await;
+    assert_unique_positions(&lake);
+    assert!(
+        lake.rows.first().is_some_and(|r| r.op == "T"),
+        "the new version starts with T"
+    );
+    let cols: Columns = &[
+        ("id", None),
+        ("qty", None),
+        ("label", None),
+        ("new_col", None),
+        ("note", None),
+    ];
+    let names: Vec<&str> = cols.iter().map(|(c, _)| *c).collect();
+    let select = format!(
+        "SELECT {} FROM evo",
+        names
+            .iter()
+            .map(|n| format!("{n}::text"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    assert_eq!(
+        project(&lake, replay(&lake, Some(&["id"])), cols),
+        source_rows(&c, &select).await,
+        "the table copied anew, with its new types, then streamed"
     );
 }

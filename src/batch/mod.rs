@@ -53,7 +53,7 @@ pub enum BatchError {
         column: String,
     },
     #[error(
-        "column {table}.{column} changed type from {from} to {to} at lsn {lsn}, which is not a widening: the lake's files hold {from} and a reader sees one type per column; nothing from this transaction on was written. Ways out: change the column back; or give the table a new name in PostgreSQL (walshore copies it as a new lake table) and publish that"
+        "column {table}.{column} changed type from {from} to {to} at lsn {lsn}, which is not a widening: the lake's files hold {from} and a reader sees one type per column; nothing from this transaction on was written. Way out: stop walshore, move the folder of {table} in the sink aside (it keeps the old version) and delete _walshore/schemas/{table}.json, run walshore resnapshot --table {table}, and start walshore again: the table is copied anew with its new types while the stream goes on"
     )]
     Retype {
         table: String,
@@ -421,7 +421,15 @@ impl Batcher {
     fn relation(&mut self, rel: Arc<Relation>) -> Result<(), BatchError> {
         self.resolve_gate(&rel);
         let name = qualified(&rel);
-        match self.lake.get(&name).cloned().unwrap_or_default().merge(&rel) {
+        let lsn = self.tx.as_ref().map_or(Lsn::ZERO, |t| t.info.commit_lsn);
+        // A table whose changes here are held by a copy has the copy's schema; the
+        // columns of this (skipped) transaction do not matter to the lake.
+        let schema = if gated(&self.rel_gates, rel.id, lsn) {
+            Ok(None)
+        } else {
+            self.lake.get(&name).cloned().unwrap_or_default().merge(&rel)
+        };
+        match schema {
             Ok(None) => {}
             Ok(Some(next)) => {
                 self.lake.insert(name.clone(), next.clone());
@@ -433,7 +441,7 @@ impl Batcher {
                     column: e.column,
                     from: e.from,
                     to: e.to,
-                    lsn: self.tx.as_ref().map_or(Lsn::ZERO, |t| t.info.commit_lsn),
+                    lsn,
                 });
             }
         }

@@ -6,7 +6,7 @@
 //! reader sees one type per column. A renamed column is a drop and an add.
 
 use super::value::Kind;
-use crate::decode::Relation;
+use crate::decode::{Column, Relation, ReplicaIdentity};
 
 /// One column of a lake table.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -90,5 +90,28 @@ impl LakeSchema {
             }
         }
         Ok((next != *self).then_some(next))
+    }
+
+    /// [`LakeSchema::merge`] with the live columns of a schema built elsewhere (from
+    /// a copy, or a batcher that did not know this table's history).
+    pub fn merge_schema(&self, newer: &LakeSchema) -> Result<Option<LakeSchema>, Incompatible> {
+        let rel = Relation {
+            id: 0,
+            namespace: String::new(),
+            name: String::new(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: newer
+                .columns
+                .iter()
+                .filter(|c| !c.dropped)
+                .map(|c| Column {
+                    name: c.name.clone(),
+                    type_oid: c.pg_type_oid,
+                    type_modifier: c.pg_type_modifier,
+                    key: false,
+                })
+                .collect(),
+        };
+        self.merge(&rel)
     }
 }

@@ -191,3 +191,71 @@ fn gates_write_a_table_only_from_its_snapshot_point_and_hold_unknown_tables() {
         ]
     );
 }
+
+fn relation_of(cols: &[(&str, u32, i32)]) -> Relation {
+    Relation {
+        id: 1,
+        namespace: "public".into(),
+        name: "t".into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: cols
+            .iter()
+            .map(|(name, type_oid, type_modifier)| Column {
+                key: false,
+                name: (*name).into(),
+                type_oid: *type_oid,
+                type_modifier: *type_modifier,
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn lake_schema_adds_keeps_dropped_widens_and_refuses_other_retypes() {
+    use schema::LakeSchema;
+    // numeric(10,2): typmod = ((10 << 16) | 2) + 4
+    let n = |p: i32, s: i32| ((p << 16) | s) + 4;
+    let v1 = LakeSchema::default()
+        .merge(&relation_of(&[
+            ("id", 23, -1),
+            ("price", 1700, n(10, 2)),
+            ("gone", 25, -1),
+        ]))
+        .unwrap()
+        .unwrap();
+    let v2 = v1
+        .merge(&relation_of(&[
+            ("id", 20, -1),
+            ("price", 1700, n(12, 2)),
+            ("note", 25, -1),
+        ]))
+        .unwrap()
+        .unwrap();
+    let col = |s: &LakeSchema, name: &str| s.columns.iter().find(|c| c.name == name).cloned().unwrap();
+    assert_eq!(col(&v2, "id").arrow_type, "Int64", "int4 -> int8 widens");
+    assert_eq!(col(&v2, "price").arrow_type, "Decimal128(12, 2)");
+    assert!(col(&v2, "gone").dropped, "a dropped column stays, marked");
+    assert!(!col(&v2, "note").dropped);
+    assert_eq!(
+        v2.merge(&relation_of(&[
+            ("id", 20, -1),
+            ("price", 1700, n(12, 2)),
+            ("note", 25, -1)
+        ]))
+        .unwrap(),
+        None
+    );
+    let e = v2
+        .merge(&relation_of(&[("id", 23, -1), ("price", 1700, n(12, 2))]))
+        .unwrap_err();
+    assert_eq!(
+        (e.column.as_str(), e.from.as_str(), e.to.as_str()),
+        ("id", "Int64", "Int32"),
+        "no narrowing"
+    );
+    let e = v2.merge(&relation_of(&[("price", 1700, n(12, 3))])).unwrap_err();
+    assert_eq!(e.column, "price", "a scale change is not a widening");
+    // A schema from elsewhere merges by its live columns.
+    let merged = v1.merge_schema(&v2).unwrap().unwrap();
+    assert_eq!(merged, v2);
+}

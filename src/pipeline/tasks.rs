@@ -185,7 +185,13 @@ pub(super) async fn source_task(mut t: SourceTask) -> Result<(), PipelineError> 
         t.status_interval
     });
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut poll = tokio::time::interval(t.copier.cfg.snapshot_poll_interval);
+    // Copies due at start (requests, tables never copied) gate their tables before
+    // the first message is read; an interval's first tick may come after it.
+    if let Some(event) = t.copy_due(&mut status).await? {
+        out.push(event);
+    }
+    let period = t.copier.cfg.snapshot_poll_interval;
+    let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut downstream_gone = false;
     'read: loop {
@@ -399,6 +405,17 @@ pub(super) async fn batch_task(
     Ok(())
 }
 
+fn retype(table: &str, e: crate::batch::schema::Incompatible, lsn: Lsn) -> PipelineError {
+    BatchError::Retype {
+        table: table.to_owned(),
+        column: e.column,
+        from: e.from,
+        to: e.to,
+        lsn,
+    }
+    .into()
+}
+
 /// The sink task: encodes and uploads the batcher's files, commits them at transaction
 /// boundaries, and commits finished table copies with the stream's files of those
 /// tables that it held back since their snapshot points.
@@ -493,8 +510,12 @@ impl SinkTask {
         };
         // The schema first: a committed file is always covered by its table's schema.
         for (table, schema) in &taken.schemas {
-            write_schema(self.sink.store().as_ref(), table, schema).await?;
-            self.schemas.insert(table.clone(), schema.clone());
+            let recorded = self.schemas.get(table).cloned().unwrap_or_default();
+            let merged = recorded.merge_schema(schema).map_err(|e| retype(table, e, Lsn::ZERO))?;
+            if let Some(next) = merged {
+                write_schema(self.sink.store().as_ref(), table, &next).await?;
+                self.schemas.insert(table.clone(), next);
+            }
         }
         if !taken.files.is_empty() {
             let encoded = self.sink.encode_all(taken.files).await?;
@@ -542,22 +563,9 @@ impl SinkTask {
         let mut cleanup = Vec::new();
         for c in &st.ready {
             let recorded = self.schemas.get(&c.table).cloned().unwrap_or_default();
-            match recorded.merge(&c.relation) {
-                Ok(None) => {}
-                Ok(Some(next)) => {
-                    write_schema(self.sink.store().as_ref(), &c.table, &next).await?;
-                    self.schemas.insert(c.table.clone(), next);
-                }
-                Err(e) => {
-                    return Err(BatchError::Retype {
-                        table: c.table.clone(),
-                        column: e.column,
-                        from: e.from,
-                        to: e.to,
-                        lsn: c.lsn,
-                    }
-                    .into());
-                }
+            if let Some(next) = recorded.merge(&c.relation).map_err(|e| retype(&c.table, e, c.lsn))? {
+                write_schema(self.sink.store().as_ref(), &c.table, &next).await?;
+                self.schemas.insert(c.table.clone(), next);
             }
         }
         for c in std::mem::take(&mut st.ready) {
