@@ -30,15 +30,7 @@ async fn unchanged_toast_is_carried_from_the_old_row_or_named_never_invented() {
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &cluster.url("postgres", "postgres"),
-        "pub",
-        "walshore",
-        &SinkKind::File(dir.path().join("lake")),
-        "",
-        "",
-    );
+    let config = lake_config(dir.path(), &cluster, "postgres");
     let out = walshore(&["check", "--config", config.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -129,15 +121,7 @@ async fn schema_changes_during_a_busy_stream_follow_the_lake_schema() {
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &cluster.url("postgres", "postgres"),
-        "pub",
-        "walshore",
-        &SinkKind::File(dir.path().join("lake")),
-        "",
-        "",
-    );
+    let config = lake_config(dir.path(), &cluster, "postgres");
     sync(&config);
     c.batch_execute(
         "INSERT INTO evo SELECT i, i, i / 4.0, 'l' || i, 'o' || i, 'g' || i FROM generate_series(1, 200) i",

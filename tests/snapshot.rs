@@ -72,15 +72,7 @@ async fn setup(
     c.batch_execute(TABLES).await.unwrap();
     c.batch_execute(&seed(n)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &cluster.url("postgres", "postgres"),
-        "pub",
-        "walshore",
-        &SinkKind::File(dir.path().join("lake")),
-        "",
-        "",
-    );
+    let config = lake_config(dir.path(), &cluster, "postgres");
     use_initial_snapshot(&config, "parallelism = 2");
     (cluster, c, dir, config)
 }
@@ -221,15 +213,7 @@ async fn partitioned_tables_copy_and_stream_with_and_without_publish_via_partiti
         .await
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let config = write_config(
-            dir.path(),
-            &cluster.url("postgres", "postgres"),
-            "pub",
-            "walshore",
-            &SinkKind::File(dir.path().join("lake")),
-            "",
-            "",
-        );
+        let config = lake_config(dir.path(), &cluster, "postgres");
         use_initial_snapshot(&config, "");
         sync(&config);
         c.batch_execute("UPDATE fills SET qty = -qty WHERE id % 3 = 0; DELETE FROM fills WHERE id % 7 = 0; INSERT INTO fills VALUES (5000, '2026-02-15', 1)")

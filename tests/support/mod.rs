@@ -138,6 +138,20 @@ pub fn write_config(
     path
 }
 
+/// The usual test config: publication `pub`, slot `walshore`, a file sink at
+/// `dir/lake`, database `db` of `cluster` as `postgres`.
+pub fn lake_config(dir: &std::path::Path, cluster: &TempCluster, db: &str) -> PathBuf {
+    write_config(
+        dir,
+        &cluster.url("postgres", db),
+        "pub",
+        "walshore",
+        &SinkKind::File(dir.join("lake")),
+        "",
+        "",
+    )
+}
+
 /// Switches a config written by [`write_config`] to `snapshot.mode = "initial"`, with
 /// `extra` lines in the `[snapshot]` table.
 pub fn use_initial_snapshot(config: &std::path::Path, extra: &str) {
