@@ -88,6 +88,7 @@ struct RawSink {
     max_buffer: Option<String>,
     compression: Option<String>,
     row_group_rows: Option<usize>,
+    unrepresentable: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -256,6 +257,22 @@ pub struct SinkConfig {
     pub max_buffer_bytes: usize,
     pub compression: Compression,
     pub row_group_rows: usize,
+    pub unrepresentable: Unrepresentable,
+}
+
+/// What to do with a value PostgreSQL holds and the column's Parquet type cannot:
+/// ±infinity in a date, timestamp or numeric(p,s) column, NaN in numeric(p,s).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Unrepresentable {
+    /// Stop with table, column, LSN and value.
+    #[default]
+    Error,
+    /// Write null and name the column in the row's `_unrepresented`.
+    Null,
+    /// Write the nearest value the type holds (0001-01-01 / 9999-12-31 for dates and
+    /// timestamps, ±99…9 for numeric(p,s); NaN becomes null) and name the column in
+    /// `_unrepresented`.
+    Clamp,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -477,6 +494,17 @@ impl TryFrom<RawConfig> for Config {
                 ));
             }
         };
+        let unrepresentable = match raw.sink.unrepresentable.as_deref().unwrap_or("error") {
+            "error" => Unrepresentable::Error,
+            "null" => Unrepresentable::Null,
+            "clamp" => Unrepresentable::Clamp,
+            other => {
+                return Err(invalid(
+                    "sink.unrepresentable",
+                    format!("{other:?} is not one of error, null, clamp"),
+                ));
+            }
+        };
         let row_group_rows = raw.sink.row_group_rows.unwrap_or(DEFAULT_ROW_GROUP_ROWS);
         if row_group_rows == 0 {
             return Err(invalid("sink.row_group_rows", "must be at least 1"));
@@ -489,6 +517,7 @@ impl TryFrom<RawConfig> for Config {
             max_buffer_bytes: size("sink.max_buffer", raw.sink.max_buffer, DEFAULT_MAX_BUFFER_BYTES)? as usize,
             compression,
             row_group_rows,
+            unrepresentable,
         };
 
         let snapshot = match raw.snapshot.mode.as_deref().unwrap_or("initial") {

@@ -274,3 +274,93 @@ async fn schema_changes_during_a_busy_stream_follow_the_lake_schema() {
         "the table copied anew, with its new types, then streamed"
     );
 }
+
+#[tokio::test]
+async fn values_parquet_cannot_hold_follow_the_configured_policy() {
+    let cluster = cluster(&[]);
+    let c = cluster.connect("postgres").await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE odd (id int PRIMARY KEY, d date, ts timestamptz, n numeric(10,2), f float8);
+         INSERT INTO odd VALUES (1, 'infinity', '-infinity', 'NaN', 'Infinity'), (2, '-infinity', 'infinity', 1.5, '-0'),
+                                (3, '2026-01-01', '2026-01-01 00:00:00+00', 2.25, 'NaN');
+         CREATE PUBLICATION pub FOR TABLE odd;",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config_for = |policy: &str| {
+        let sub = dir.path().join(policy);
+        std::fs::create_dir_all(&sub).unwrap();
+        let config = write_config(
+            &sub,
+            &cluster.url("postgres", "postgres"),
+            "pub",
+            &format!("s_{policy}"),
+            &SinkKind::File(sub.join("lake")),
+            &format!("unrepresentable = \"{policy}\""),
+            "",
+        );
+        use_initial_snapshot(&config, "");
+        config
+    };
+
+    // The default: stop, naming table, column and value.
+    let out = walshore(&["sync", "--config", config_for("error").to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("public.odd.d") && stderr.contains("\"infinity\" cannot be represented"),
+        "{stderr}"
+    );
+
+    let null = config_for("null");
+    let clamp = config_for("clamp");
+    sync(&null);
+    sync(&clamp);
+    c.batch_execute("INSERT INTO odd VALUES (4, '-infinity', 'infinity', 'NaN', 1)")
+        .await
+        .unwrap();
+    sync(&null);
+    sync(&clamp);
+
+    let row = |t: &LakeTable, id: &str| {
+        t.rows
+            .iter()
+            .find(|r| r.values["id"].as_deref() == Some(id))
+            .cloned()
+            .unwrap()
+    };
+    let cols =
+        |r: &LakeRow| -> Vec<Option<String>> { ["d", "ts", "n", "f"].iter().map(|c| r.values[*c].clone()).collect() };
+    let s = |v: &str| Some(v.to_owned());
+    let lake = read_table(&open_lake(&null), "public", "odd").await;
+    for id in ["1", "2", "4"] {
+        assert!(row(&lake, id).replaced.contains(&"d".to_owned()), "row {id} names d");
+    }
+    assert_eq!(
+        cols(&row(&lake, "1")),
+        [None, None, None, s("inf")],
+        "null: the value is null, float keeps infinity"
+    );
+    assert_eq!(row(&lake, "1").replaced, ["d", "ts", "n"]);
+    assert_eq!(row(&lake, "4").replaced, ["d", "ts", "n"], "streamed rows too");
+    assert!(row(&lake, "3").replaced.is_empty(), "an ordinary row names nothing");
+    assert_eq!(
+        cols(&row(&lake, "3")),
+        [s("20454"), s("1767225600000000"), s("2.25"), s("NaN")]
+    );
+
+    let lake = read_table(&open_lake(&clamp), "public", "odd").await;
+    // 9999-12-31 is day 2932896, 0001-01-01 day -719162 of the Unix epoch.
+    assert_eq!(
+        cols(&row(&lake, "1")),
+        [s("2932896"), s("-62135596800000000"), None, s("inf")],
+        "clamp: the nearest value; NaN has none"
+    );
+    assert_eq!(
+        cols(&row(&lake, "2")),
+        [s("-719162"), s("253402300799999999"), s("1.50"), s("-0")]
+    );
+    assert_eq!(row(&lake, "2").replaced, ["d", "ts"]);
+    assert_eq!(cols(&row(&lake, "4"))[..2], [s("-719162"), s("253402300799999999")]);
+}

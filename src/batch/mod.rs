@@ -25,12 +25,17 @@ use arrow::array::{ArrayRef, Int64Builder, ListBuilder, RecordBatch, StringBuild
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
 use crate::change::{Change, Event, TxInfo};
+use crate::config::Unrepresentable;
 use crate::decode::{Relation, Tuple, TupleValue};
 use crate::lsn::Lsn;
 pub use value::{civil_from_days, copies_binary, days_from_civil};
 
 /// The metadata columns every row carries (DESIGN.md), in file order.
 pub const METADATA_COLUMNS: [&str; 6] = ["_op", "_lsn", "_seq", "_xid", "_commit_ts", "_unchanged"];
+
+/// With `sink.unrepresentable` = "null" or "clamp", files also have this column: the
+/// names of the row's columns whose value was replaced; null when none.
+pub const UNREPRESENTED_COLUMN: &str = "_unrepresented";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
@@ -104,10 +109,20 @@ struct Layout {
     relation: Arc<Relation>,
     kinds: Vec<value::Kind>,
     schema: SchemaRef,
+    /// Files have `_unrepresented`.
+    marker: bool,
+}
+
+fn string_list() -> DataType {
+    DataType::List(Arc::new(Field::new("element", DataType::Utf8, true)))
+}
+
+fn string_list_builder() -> ListBuilder<StringBuilder> {
+    ListBuilder::new(StringBuilder::new()).with_field(Arc::new(Field::new("element", DataType::Utf8, true)))
 }
 
 impl Layout {
-    fn new(relation: Arc<Relation>) -> Result<Layout, BatchError> {
+    fn new(relation: Arc<Relation>, marker: bool) -> Result<Layout, BatchError> {
         let mut fields = vec![
             Field::new("_op", DataType::Utf8, false),
             Field::new("_lsn", DataType::Int64, false),
@@ -118,15 +133,14 @@ impl Layout {
                 DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
                 false,
             ),
-            Field::new(
-                "_unchanged",
-                DataType::List(Arc::new(Field::new("element", DataType::Utf8, true))),
-                true,
-            ),
+            Field::new("_unchanged", string_list(), true),
         ];
+        if marker {
+            fields.push(Field::new(UNREPRESENTED_COLUMN, string_list(), true));
+        }
         let mut kinds = Vec::with_capacity(relation.columns.len());
         for c in &relation.columns {
-            if METADATA_COLUMNS.contains(&c.name.as_str()) {
+            if METADATA_COLUMNS.contains(&c.name.as_str()) || c.name == UNREPRESENTED_COLUMN {
                 return Err(BatchError::ReservedColumn {
                     schema: relation.namespace.clone(),
                     table: relation.name.clone(),
@@ -141,6 +155,7 @@ impl Layout {
             relation,
             kinds,
             schema: Arc::new(Schema::new(fields)),
+            marker,
         })
     }
 }
@@ -160,6 +175,7 @@ struct TableBuf {
     xid: Int64Builder,
     commit_ts: TimestampMicrosecondBuilder,
     unchanged: ListBuilder<StringBuilder>,
+    unrepresented: Option<ListBuilder<StringBuilder>>,
     columns: Vec<value::Builder>,
     rows: usize,
     parts: Vec<PartRange>,
@@ -168,6 +184,7 @@ struct TableBuf {
 impl TableBuf {
     fn new(layout: Arc<Layout>) -> TableBuf {
         let columns = layout.kinds.iter().map(value::Builder::new).collect();
+        let unrepresented = layout.marker.then(string_list_builder);
         TableBuf {
             layout,
             op: StringBuilder::new(),
@@ -175,11 +192,8 @@ impl TableBuf {
             seq: Int64Builder::new(),
             xid: Int64Builder::new(),
             commit_ts: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
-            unchanged: ListBuilder::new(StringBuilder::new()).with_field(Arc::new(Field::new(
-                "element",
-                DataType::Utf8,
-                true,
-            ))),
+            unchanged: string_list_builder(),
+            unrepresented,
             columns,
             rows: 0,
             parts: Vec::new(),
@@ -210,6 +224,19 @@ impl TableBuf {
         self.commit_ts.append_value(commit_ts);
     }
 
+    /// `_unrepresented` of one row: the names of the columns at `replaced`.
+    fn append_replaced(&mut self, replaced: &[usize]) {
+        let Some(u) = self.unrepresented.as_mut() else { return };
+        if replaced.is_empty() {
+            u.append_null();
+            return;
+        }
+        for &i in replaced {
+            u.values().append_value(&self.layout.relation.columns[i].name);
+        }
+        u.append(true);
+    }
+
     fn finish(&mut self, out: &mut Vec<TableFile>) {
         if self.rows == 0 {
             return;
@@ -222,6 +249,7 @@ impl TableBuf {
             Arc::new(self.commit_ts.finish()),
             Arc::new(self.unchanged.finish()),
         ];
+        arrays.extend(self.unrepresented.as_mut().map(|u| Arc::new(u.finish()) as ArrayRef));
         arrays.extend(self.columns.iter_mut().map(value::Builder::finish));
         let batch =
             RecordBatch::try_new(self.layout.schema.clone(), arrays).expect("builders match the layout's schema");
@@ -246,6 +274,33 @@ struct OpenTx {
     info: TxInfo,
     partition: String,
     seq: u64,
+}
+
+/// After a value failed to append: with a policy other than "error", an infinity or NaN
+/// the column's type cannot hold is written as null or clamped, and its column noted.
+fn fallback(
+    policy: Unrepresentable,
+    b: &mut value::Builder,
+    raw: &[u8],
+    binary: bool,
+    err: value::ValueError,
+    replaced: &mut Vec<usize>,
+    column: usize,
+) -> Result<(), value::ValueError> {
+    let Some(special) = b.special(raw, binary) else {
+        return Err(err);
+    };
+    match policy {
+        Unrepresentable::Error => return Err(err),
+        Unrepresentable::Null => b.append_null(),
+        Unrepresentable::Clamp => {
+            if !b.append_clamped(special) {
+                b.append_null();
+            }
+        }
+    }
+    replaced.push(column);
+    Ok(())
 }
 
 /// True when a change of `rel_id` in a transaction committed at `lsn` is held by (or
@@ -291,6 +346,8 @@ pub struct Batcher {
     rel_gates: HashMap<u32, Gate>,
     /// The snapshot points of `gates`.
     points: std::collections::HashSet<Lsn>,
+    /// What to do with values the column's type cannot hold.
+    unrepresentable: Unrepresentable,
     /// Lake schemas by `schema.table`, and the ones changed since the last `take`.
     lake: HashMap<String, schema::LakeSchema>,
     schema_changes: Vec<(String, schema::LakeSchema)>,
@@ -325,6 +382,12 @@ impl Batcher {
             unknown_pending,
             ..Batcher::default()
         }
+    }
+
+    /// Sets `sink.unrepresentable`.
+    pub fn with_unrepresentable(mut self, policy: Unrepresentable) -> Batcher {
+        self.unrepresentable = policy;
+        self
     }
 
     /// The lake schemas recorded so far, to check Relation messages against.
@@ -452,7 +515,8 @@ impl Batcher {
         {
             return Ok(());
         }
-        let layout = Arc::new(Layout::new(rel.clone())?);
+        let marker = self.unrepresentable != Unrepresentable::Error;
+        let layout = Arc::new(Layout::new(rel.clone(), marker)?);
         // Rows buffered under the old schema keep it: seal them into their own files.
         if let Some(mut buf) = self.tables.remove(&rel.id) {
             buf.finish(&mut self.sealed);
@@ -520,6 +584,7 @@ impl Batcher {
             .or_insert_with(|| TableBuf::new(layout.clone()));
         let layout = buf.layout.clone();
         let ncols = layout.kinds.len();
+        let policy = self.unrepresentable;
         if !all_null && tuple.len() != ncols {
             return Err(BatchError::Protocol {
                 lsn,
@@ -537,6 +602,7 @@ impl Batcher {
         // builders are checked before the metadata columns are appended.
         let mut bytes = 48;
         let mut unchanged = false;
+        let mut replaced = Vec::new();
         for i in 0..ncols {
             let mut v = if all_null { &TupleValue::Null } else { &tuple[i] };
             if let (TupleValue::Unchanged, Some(old)) = (v, old_full) {
@@ -554,7 +620,10 @@ impl Batcher {
                 }
                 TupleValue::Text(raw) => {
                     bytes += raw.len() + 8;
-                    buf.columns[i].append_text(raw).map_err(|e| e.0)
+                    let b = &mut buf.columns[i];
+                    b.append_text(raw)
+                        .or_else(|e| fallback(policy, b, raw, false, e, &mut replaced, i))
+                        .map_err(|e| e.0)
                 }
                 TupleValue::Binary(_) => Err("binary value received, but text format was requested".into()),
             };
@@ -569,6 +638,7 @@ impl Batcher {
             }
         }
         buf.append_meta(op, pos, Some(tx.info.xid), tx.info.commit_ts);
+        buf.append_replaced(&replaced);
         if unchanged {
             for (i, v) in tuple.iter().enumerate() {
                 if matches!(v, TupleValue::Unchanged) {
@@ -611,10 +681,12 @@ impl Batcher {
             .map(|c| copies_binary(c.type_oid, c.type_modifier))
             .collect();
         let ncols = relation.columns.len();
+        let policy = self.unrepresentable;
         while !rows.is_empty() {
             let before = rows.len();
             let columns = &mut buf.columns;
             let mut failed_column = 0;
+            let mut replaced = Vec::new();
             let n = copy_binary::for_each_field(&mut rows, |i, v| {
                 failed_column = i;
                 let Some(builder) = columns.get_mut(i) else {
@@ -625,8 +697,13 @@ impl Batcher {
                         builder.append_null();
                         Ok(())
                     }
-                    Some(raw) if binary[i] => builder.append_binary(raw).map_err(|e| e.0),
-                    Some(raw) => builder.append_text(raw).map_err(|e| e.0),
+                    Some(raw) => if binary[i] {
+                        builder.append_binary(raw)
+                    } else {
+                        builder.append_text(raw)
+                    }
+                    .or_else(|e| fallback(policy, builder, raw, binary[i], e, &mut replaced, i))
+                    .map_err(|e| e.0),
                 }
             })
             .map_err(|reason| BatchError::Value {
@@ -651,6 +728,7 @@ impl Batcher {
             let pos = RowPos { lsn, seq: *seq };
             buf.extend_part(&tx.partition, pos);
             buf.append_meta("R", pos, None, tx.info.commit_ts);
+            buf.append_replaced(&replaced);
             buf.unchanged.append_null();
             buf.rows += 1;
             *seq += 1;

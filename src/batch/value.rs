@@ -226,6 +226,14 @@ fn numeric_kind(typmod: i32) -> Kind {
     }
 }
 
+/// A value PostgreSQL holds that some Arrow types cannot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Special {
+    PosInf,
+    NegInf,
+    NaN,
+}
+
 /// Why a value could not be represented. The caller adds table, column and LSN.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{0}")]
@@ -313,6 +321,62 @@ impl Builder {
                 nulls.append_null();
             }
         }
+    }
+
+    /// The infinity or NaN `raw` holds when this column's type cannot (dates,
+    /// timestamps, numeric(p,s)); None for any other value or column.
+    pub(crate) fn special(&self, raw: &[u8], binary: bool) -> Option<Special> {
+        match (self, binary) {
+            (Builder::Date32(_) | Builder::Timestamp(..), false) | (Builder::Decimal(..), false) => match raw {
+                b"infinity" | b"Infinity" => Some(Special::PosInf),
+                b"-infinity" | b"-Infinity" => Some(Special::NegInf),
+                b"NaN" => Some(Special::NaN),
+                _ => None,
+            },
+            (Builder::Date32(_), true) => match i32::from_be_bytes(raw.try_into().ok()?) {
+                i32::MAX => Some(Special::PosInf),
+                i32::MIN => Some(Special::NegInf),
+                _ => None,
+            },
+            (Builder::Timestamp(..), true) => match i64::from_be_bytes(raw.try_into().ok()?) {
+                i64::MAX => Some(Special::PosInf),
+                i64::MIN => Some(Special::NegInf),
+                _ => None,
+            },
+            (Builder::Decimal(..), true) => match u16::from_be_bytes([*raw.get(4)?, *raw.get(5)?]) {
+                0xC000 => Some(Special::NaN),
+                0xD000 => Some(Special::PosInf),
+                0xF000 => Some(Special::NegInf),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Appends the value nearest to `s` that the column holds: 9999-12-31 (23:59:59.999999)
+    /// and 0001-01-01 for dates and timestamps, ±99…9 for numeric(p,s). False for NaN,
+    /// which has none.
+    pub(crate) fn append_clamped(&mut self, s: Special) -> bool {
+        let up = match s {
+            Special::PosInf => true,
+            Special::NegInf => false,
+            Special::NaN => return false,
+        };
+        let (first, last) = (days_from_civil(1, 1, 1), days_from_civil(9999, 12, 31));
+        match self {
+            Builder::Date32(b) => b.append_value(if up { last } else { first } as i32),
+            Builder::Timestamp(b, _) => b.append_value(if up {
+                last * 86_400_000_000 + 86_399_999_999
+            } else {
+                first * 86_400_000_000
+            }),
+            Builder::Decimal(b, precision, _) => {
+                let max = 10i128.pow(u32::from(*precision)) - 1;
+                b.append_value(if up { max } else { -max })
+            }
+            _ => return false,
+        }
+        true
     }
 
     /// Appends a value given in PostgreSQL's text output format.

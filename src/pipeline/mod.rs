@@ -251,6 +251,7 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
         shutdown: shutdown.child_token(),
         tracker: tokio_util::task::TaskTracker::new(),
         user: cfg.source.conn.user.clone(),
+        unrepresentable: cfg.sink.unrepresentable,
     };
     if let Some(p) = initial {
         p.spawn(&env, copy_tx.clone());
@@ -275,6 +276,7 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
         cfg.sink.max_buffer_bytes,
         (gates, cfg.snapshot == SnapshotMode::Initial),
         schemas.clone(),
+        cfg.sink.unrepresentable,
     ));
     let sink_task = tokio::spawn(tasks::sink_task(tasks::SinkTask {
         sink,

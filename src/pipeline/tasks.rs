@@ -342,8 +342,11 @@ pub(super) async fn batch_task(
     max_bytes: usize,
     gates: (HashMap<String, Gate>, bool),
     schemas: HashMap<String, LakeSchema>,
+    unrepresentable: crate::config::Unrepresentable,
 ) -> Result<(), PipelineError> {
-    let mut batcher = Batcher::with_gates(gates.0, gates.1).with_lake_schemas(schemas);
+    let mut batcher = Batcher::with_gates(gates.0, gates.1)
+        .with_lake_schemas(schemas)
+        .with_unrepresentable(unrepresentable);
     let mut deadline: Option<Instant> = None;
     loop {
         let sleep = async {

@@ -202,6 +202,8 @@ pub struct CopyEnv {
     pub tracker: tokio_util::task::TaskTracker,
     /// The role copying, named in a permission error's GRANT.
     pub user: String,
+    /// `sink.unrepresentable`.
+    pub unrepresentable: crate::config::Unrepresentable,
 }
 
 /// Session settings that make COPY's text output the same as pgoutput's.
@@ -602,7 +604,7 @@ impl Shared {
 
     /// A batcher inside the copy's transaction, positioned at `lsn`.
     fn batcher(&self, table: &Table, lsn: u64) -> Batcher {
-        let mut b = Batcher::new();
+        let mut b = Batcher::new().with_unrepresentable(self.env.unrepresentable);
         b.push(Event::Begin(TxInfo {
             xid: 0,
             commit_lsn: Lsn(lsn),

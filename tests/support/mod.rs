@@ -224,6 +224,8 @@ pub struct LakeRow {
     pub seq: i64,
     pub op: String,
     pub unchanged: Vec<String>,
+    /// `_unrepresented`, when the files have it.
+    pub replaced: Vec<String>,
     pub values: BTreeMap<String, Option<String>>,
 }
 
@@ -275,6 +277,20 @@ fn rows_of(batch: &RecordBatch) -> Vec<LakeRow> {
     let lsn = col("_lsn").as_primitive::<Int64Type>().clone();
     let seq = col("_seq").as_primitive::<Int64Type>().clone();
     let unchanged = col("_unchanged").as_list::<i32>().clone();
+    let replaced = batch
+        .column_by_name("_unrepresented")
+        .map(|a| a.as_list::<i32>().clone());
+    let names = |l: &arrow::array::ListArray, i: usize| -> Vec<String> {
+        if l.is_null(i) {
+            Vec::new()
+        } else {
+            l.value(i)
+                .as_string::<i32>()
+                .iter()
+                .map(|s| s.unwrap().to_owned())
+                .collect()
+        }
+    };
     let schema = batch.schema();
     (0..batch.num_rows())
         .map(|i| {
@@ -288,16 +304,8 @@ fn rows_of(batch: &RecordBatch) -> Vec<LakeRow> {
                 lsn: lsn.value(i),
                 seq: seq.value(i),
                 op: op.value(i).to_owned(),
-                unchanged: if unchanged.is_null(i) {
-                    Vec::new()
-                } else {
-                    unchanged
-                        .value(i)
-                        .as_string::<i32>()
-                        .iter()
-                        .map(|s| s.unwrap().to_owned())
-                        .collect()
-                },
+                unchanged: names(&unchanged, i),
+                replaced: replaced.as_ref().map(|l| names(l, i)).unwrap_or_default(),
                 values,
             }
         })
