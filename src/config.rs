@@ -64,6 +64,9 @@ struct RawConfig {
     snapshot: RawSnapshot,
     #[serde(default)]
     catalog: RawCatalog,
+    /// `default` and `"schema.table"` keys: how files are partitioned.
+    #[serde(default)]
+    partitions: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -260,6 +263,54 @@ pub struct SinkConfig {
     pub unrepresentable: Unrepresentable,
 }
 
+/// How a table's files are partitioned (the path segments below the table's folder).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PartitionBy {
+    /// `dt=YYYY-MM-DD` of the commit time in UTC (the default).
+    CommitDate,
+    /// `dt=YYYY-MM-DD/hour=HH` of the commit time in UTC.
+    CommitHour,
+    /// `{column}={value}`, the value in PostgreSQL's text form, Hive-escaped.
+    Column(String),
+}
+
+/// `[partitions]`: a default and per-table choices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Partitions {
+    pub default: PartitionBy,
+    /// By `schema.table`.
+    pub tables: std::collections::BTreeMap<String, PartitionBy>,
+}
+
+impl Default for Partitions {
+    fn default() -> Partitions {
+        Partitions {
+            default: PartitionBy::CommitDate,
+            tables: Default::default(),
+        }
+    }
+}
+
+impl Partitions {
+    pub fn of(&self, table: &str) -> &PartitionBy {
+        self.tables.get(table).unwrap_or(&self.default)
+    }
+}
+
+fn partition_by(key: &str, v: &str) -> Result<PartitionBy, ConfigError> {
+    match v {
+        "commit_date" => Ok(PartitionBy::CommitDate),
+        "commit_hour" => Ok(PartitionBy::CommitHour),
+        other => match other.strip_prefix("column:") {
+            Some(c) if !c.is_empty() => Ok(PartitionBy::Column(c.to_owned())),
+            _ => Err(invalid(
+                "partitions",
+                format!("{key} = {other:?} is not one of commit_date, commit_hour, column:NAME"),
+            )),
+        },
+    }
+}
+
 /// What to do with a value PostgreSQL holds and the column's Parquet type cannot:
 /// ±infinity in a date, timestamp or numeric(p,s) column, NaN in numeric(p,s).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -292,6 +343,7 @@ pub struct Config {
     pub snapshot_chunk_bytes: u64,
     /// How often to look for tables added to the publication and resnapshot requests.
     pub snapshot_poll_interval: Duration,
+    pub partitions: Partitions,
 }
 
 /// `64MiB`, `1 GB`, `4096` (bytes).
@@ -564,6 +616,23 @@ impl TryFrom<RawConfig> for Config {
             raw.snapshot.poll_interval,
             DEFAULT_SNAPSHOT_POLL_INTERVAL,
         )?;
+        let mut partitions = Partitions::default();
+        for (key, v) in &raw.partitions {
+            let by = partition_by(key, v)?;
+            if key == "default" {
+                if matches!(by, PartitionBy::Column(_)) {
+                    return Err(invalid("partitions.default", "must be commit_date or commit_hour"));
+                }
+                partitions.default = by;
+            } else if key.split_once('.').is_some_and(|(s, t)| !s.is_empty() && !t.is_empty()) {
+                partitions.tables.insert(key.clone(), by);
+            } else {
+                return Err(invalid(
+                    "partitions",
+                    format!("{key:?}: keys are \"default\" or a table as \"schema.table\""),
+                ));
+            }
+        }
         Ok(Config {
             source,
             sink,
@@ -571,6 +640,7 @@ impl TryFrom<RawConfig> for Config {
             snapshot_parallelism,
             snapshot_chunk_bytes,
             snapshot_poll_interval,
+            partitions,
         })
     }
 }

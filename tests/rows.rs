@@ -364,3 +364,128 @@ async fn values_parquet_cannot_hold_follow_the_configured_policy() {
     assert_eq!(row(&lake, "2").replaced, ["d", "ts"]);
     assert_eq!(cols(&row(&lake, "4"))[..2], [s("-719162"), s("253402300799999999")]);
 }
+
+/// Partition paths of a table's objects (the object keys, as S3 would hold them; the
+/// local-directory store escapes `%` once more on disk).
+async fn partition_dirs(
+    store: &std::sync::Arc<dyn object_store::ObjectStore>,
+    table: &str,
+) -> std::collections::BTreeSet<String> {
+    use futures::TryStreamExt;
+    let prefix = object_store::path::Path::from(format!("public/{table}"));
+    let metas: Vec<_> = store.list(Some(&prefix)).try_collect().await.unwrap();
+    metas
+        .iter()
+        .map(|m| {
+            let key = m.location.as_ref();
+            let rel = &key[prefix.as_ref().len() + 1..];
+            rel[..rel.rfind('/').unwrap()].to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn tables_partition_by_commit_date_commit_hour_or_an_escaped_column_value() {
+    let cluster = cluster(&[]);
+    let c = cluster.connect("postgres").await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE fills (id int PRIMARY KEY, venue text, qty int);
+         CREATE TABLE ticks (id int PRIMARY KEY, px numeric(10,2));
+         CREATE TABLE plain (id int PRIMARY KEY);
+         INSERT INTO fills VALUES (1, 'NYSE', 1), (2, 'a/b', 2), (3, 'x=y%', 3), (4, NULL, 4), (5, '../up', 5);
+         INSERT INTO ticks SELECT i, i FROM generate_series(1, 10) i;
+         INSERT INTO plain VALUES (1);
+         CREATE PUBLICATION pub FOR TABLE fills, ticks, plain;",
+    )
+    .await
+    .unwrap();
+    // On S3 (moto), where keys are what Athena sees; the local-directory store would
+    // escape `%` once more in its file names.
+    set_fake_aws_env();
+    let moto = Moto::start("lake");
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SinkKind::S3 {
+        moto: &moto,
+        bucket: "lake",
+        prefix: "cdc",
+    };
+    let config = write_config(
+        dir.path(),
+        &cluster.url("postgres", "postgres"),
+        "pub",
+        "walshore",
+        &sink,
+        "",
+        "",
+    );
+    use_initial_snapshot(&config, "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("{text}\n[partitions]\n\"public.fills\" = \"column:venue\"\n\"public.ticks\" = \"commit_hour\"\n"),
+    )
+    .unwrap();
+    sync(&config);
+    c.batch_execute(
+        "INSERT INTO fills VALUES (6, 'NYSE', 6), (7, 'LSE', 7); UPDATE fills SET venue = 'LSE' WHERE id = 1;
+         UPDATE fills SET qty = 30 WHERE id = 3; DELETE FROM fills WHERE id = 2; UPDATE ticks SET px = px * 2",
+    )
+    .await
+    .unwrap();
+    sync(&config);
+
+    let store = open_lake(&config);
+    let fills = partition_dirs(&store, "fills").await;
+    for venue in [
+        "venue=NYSE",
+        "venue=LSE",
+        "venue=a%2Fb",
+        "venue=x%3Dy%25",
+        "venue=__HIVE_DEFAULT_PARTITION__",
+        "venue=..%2Fup",
+    ] {
+        assert!(fills.contains(venue), "{venue} in {fills:?}");
+    }
+    assert!(
+        fills.iter().all(|p| !p.contains('/')),
+        "one segment per value: {fills:?}"
+    );
+    let ticks = partition_dirs(&store, "ticks").await;
+    assert!(
+        !ticks.is_empty()
+            && ticks.iter().all(|p| {
+                let (dt, hour) = p.split_once('/').unwrap();
+                dt.len() == 13 && dt.starts_with("dt=") && hour.len() == 7 && hour.starts_with("hour=")
+            }),
+        "dt=YYYY-MM-DD/hour=HH: {ticks:?}"
+    );
+    let plain = partition_dirs(&store, "plain").await;
+    assert!(plain.iter().all(|p| p.starts_with("dt=") && p.len() == 13), "{plain:?}");
+
+    let fills = read_table(&store, "public", "fills").await;
+    assert_unique_positions(&fills);
+    assert_eq!(
+        replay(&fills, Some(&["id"])),
+        source_rows(&c, "SELECT id::text, venue, qty::text FROM fills").await,
+        "replayed across partitions, fills equals the source"
+    );
+    let ticks = read_table(&store, "public", "ticks").await;
+    assert_eq!(
+        replay(&ticks, Some(&["id"])),
+        source_rows(&c, "SELECT id::text, px::text FROM ticks").await
+    );
+
+    // A partition column the table does not have is named, with the fix.
+    std::fs::write(
+        &config,
+        format!("{text}\n[partitions]\n\"public.fills\" = \"column:nope\"\n"),
+    )
+    .unwrap();
+    c.batch_execute("INSERT INTO fills VALUES (8, 'NYSE', 8)")
+        .await
+        .unwrap();
+    let out = walshore(&["sync", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("public.fills has no column nope"), "{stderr}");
+}

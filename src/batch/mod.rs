@@ -25,7 +25,7 @@ use arrow::array::{ArrayRef, Int64Builder, ListBuilder, RecordBatch, StringBuild
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
 use crate::change::{Change, Event, TxInfo};
-use crate::config::Unrepresentable;
+use crate::config::{PartitionBy, Partitions, Unrepresentable};
 use crate::decode::{Relation, Tuple, TupleValue};
 use crate::lsn::Lsn;
 pub use value::{civil_from_days, copies_binary, days_from_civil};
@@ -67,6 +67,10 @@ pub enum BatchError {
         to: String,
         lsn: Lsn,
     },
+    #[error(
+        "partitions.\"{table}\" = \"column:{column}\", but {table} has no column {column} (PostgreSQL sends no generated columns either); fix [partitions] in the config"
+    )]
+    PartitionColumn { table: String, column: String },
     #[error("protocol violation at lsn {lsn}: {what}")]
     Protocol { lsn: Lsn, what: String },
 }
@@ -111,6 +115,62 @@ struct Layout {
     schema: SchemaRef,
     /// Files have `_unrepresented`.
     marker: bool,
+    /// Where the partition of a row comes from.
+    part: PartSource,
+}
+
+/// A layout's partitioning, resolved against its columns.
+enum PartSource {
+    CommitDate,
+    CommitHour,
+    /// Index and name of the column.
+    Column(usize, String),
+}
+
+/// Hive's name for the partition of null (and empty) values.
+pub const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
+
+/// `{column}={value}` with the value escaped as Hive escapes path names (so no value
+/// can add a path segment or change the key's meaning); null or empty: Hive's default.
+pub fn column_partition(column: &str, value: Option<&[u8]>) -> String {
+    let mut out = String::with_capacity(column.len() + 16);
+    out.push_str(column);
+    out.push('=');
+    match value {
+        None | Some([]) => out.push_str(NULL_PARTITION),
+        Some(raw) => {
+            for ch in String::from_utf8_lossy(raw).chars() {
+                let escape = ch.is_control()
+                    || matches!(
+                        ch,
+                        '"' | '#' | '%' | '\'' | '*' | '/' | ':' | '=' | '?' | '\\' | '{' | '[' | ']' | '^'
+                    );
+                if escape {
+                    let mut buf = [0u8; 4];
+                    for b in ch.encode_utf8(&mut buf).bytes() {
+                        out.push_str(&format!("%{b:02X}"));
+                    }
+                } else {
+                    out.push(ch);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Which columns a table copy reads in COPY's binary format: those [`copies_binary`]
+/// allows, except a partition column (its text names the partition).
+pub fn copy_formats(relation: &Relation, partitions: &Partitions) -> Vec<bool> {
+    let part = match partitions.of(&qualified(relation)) {
+        PartitionBy::Column(c) => Some(c.as_str()),
+        _ => None,
+    };
+    relation
+        .columns
+        .iter()
+        .map(|c| copies_binary(c.type_oid, c.type_modifier) && Some(c.name.as_str()) != part)
+        .collect()
 }
 
 fn string_list() -> DataType {
@@ -122,7 +182,20 @@ fn string_list_builder() -> ListBuilder<StringBuilder> {
 }
 
 impl Layout {
-    fn new(relation: Arc<Relation>, marker: bool) -> Result<Layout, BatchError> {
+    fn new(relation: Arc<Relation>, marker: bool, partitions: &Partitions) -> Result<Layout, BatchError> {
+        let part = match partitions.of(&qualified(&relation)) {
+            PartitionBy::CommitDate => PartSource::CommitDate,
+            PartitionBy::CommitHour => PartSource::CommitHour,
+            PartitionBy::Column(name) => match relation.columns.iter().position(|c| &c.name == name) {
+                Some(i) => PartSource::Column(i, name.clone()),
+                None => {
+                    return Err(BatchError::PartitionColumn {
+                        table: qualified(&relation),
+                        column: name.clone(),
+                    });
+                }
+            },
+        };
         let mut fields = vec![
             Field::new("_op", DataType::Utf8, false),
             Field::new("_lsn", DataType::Int64, false),
@@ -156,6 +229,7 @@ impl Layout {
             kinds,
             schema: Arc::new(Schema::new(fields)),
             marker,
+            part,
         })
     }
 }
@@ -256,14 +330,54 @@ impl TableBuf {
         let rows = self.rows;
         let parts = std::mem::take(&mut self.parts);
         let ends: Vec<usize> = parts.iter().skip(1).map(|p| p.start_row).chain([rows]).collect();
+        // One file per partition, holding all of its runs (a partition column's values
+        // may alternate from row to row; commit-time partitions are one run each).
+        struct Group {
+            partition: String,
+            runs: Vec<(usize, usize)>,
+            first: RowPos,
+            last: RowPos,
+        }
+        let mut groups: Vec<Group> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
         for (p, end) in parts.into_iter().zip(ends) {
+            match index.get(&p.partition) {
+                Some(&g) => {
+                    groups[g].runs.push((p.start_row, end));
+                    groups[g].last = p.last;
+                }
+                None => {
+                    index.insert(p.partition.clone(), groups.len());
+                    groups.push(Group {
+                        partition: p.partition,
+                        runs: vec![(p.start_row, end)],
+                        first: p.first,
+                        last: p.last,
+                    });
+                }
+            }
+        }
+        for Group {
+            partition,
+            runs,
+            first,
+            last,
+        } in groups
+        {
+            let batch = match runs.as_slice() {
+                [(start, end)] => batch.slice(*start, end - start),
+                _ => {
+                    let rows: arrow::array::UInt32Array = runs.iter().flat_map(|(s, e)| *s as u32..*e as u32).collect();
+                    arrow::compute::take_record_batch(&batch, &rows).expect("row indices are in range")
+                }
+            };
             out.push(TableFile {
                 schema: self.layout.relation.namespace.clone(),
                 table: self.layout.relation.name.clone(),
-                partition: p.partition,
-                first: p.first,
-                last: p.last,
-                batch: batch.slice(p.start_row, end - p.start_row),
+                partition,
+                first,
+                last,
+                batch,
             });
         }
         self.rows = 0;
@@ -272,8 +386,21 @@ impl TableBuf {
 
 struct OpenTx {
     info: TxInfo,
+    /// `dt=…` and `dt=…/hour=…` of the commit time.
     partition: String,
+    hour: String,
     seq: u64,
+}
+
+impl OpenTx {
+    /// The partition of a row of `layout` whose partition column holds `value`.
+    fn partition_of<'a>(&'a self, layout: &Layout, value: Option<&[u8]>) -> std::borrow::Cow<'a, str> {
+        match &layout.part {
+            PartSource::CommitDate => self.partition.as_str().into(),
+            PartSource::CommitHour => self.hour.as_str().into(),
+            PartSource::Column(_, name) => column_partition(name, value).into(),
+        }
+    }
 }
 
 /// After a value failed to append: with a policy other than "error", an infinity or NaN
@@ -318,6 +445,12 @@ pub fn qualified(rel: &Relation) -> String {
     format!("{}.{}", rel.namespace, rel.name)
 }
 
+/// `dt=YYYY-MM-DD/hour=HH` of a commit time in UTC (µs since the Unix epoch).
+pub fn hour_partition(commit_ts: i64) -> String {
+    let hour = commit_ts.rem_euclid(86_400_000_000) / 3_600_000_000;
+    format!("{}/hour={hour:02}", date_partition(commit_ts))
+}
+
 /// `dt=YYYY-MM-DD` of a commit time in UTC (µs since the Unix epoch).
 pub fn date_partition(commit_ts: i64) -> String {
     let (y, m, d) = civil_from_days(commit_ts.div_euclid(86_400_000_000));
@@ -348,6 +481,7 @@ pub struct Batcher {
     points: std::collections::HashSet<Lsn>,
     /// What to do with values the column's type cannot hold.
     unrepresentable: Unrepresentable,
+    partitions: Arc<Partitions>,
     /// Lake schemas by `schema.table`, and the ones changed since the last `take`.
     lake: HashMap<String, schema::LakeSchema>,
     schema_changes: Vec<(String, schema::LakeSchema)>,
@@ -382,6 +516,12 @@ impl Batcher {
             unknown_pending,
             ..Batcher::default()
         }
+    }
+
+    /// Sets `[partitions]`.
+    pub fn with_partitions(mut self, partitions: Arc<Partitions>) -> Batcher {
+        self.partitions = partitions;
+        self
     }
 
     /// Sets `sink.unrepresentable`.
@@ -450,6 +590,7 @@ impl Batcher {
                 self.tx = Some(OpenTx {
                     info,
                     partition: date_partition(info.commit_ts),
+                    hour: hour_partition(info.commit_ts),
                     // The rare transaction whose commit record starts exactly at a
                     // snapshot point shares `_lsn` with that copy's `R` rows; its
                     // changes come after the copy, so their positions follow all of
@@ -516,7 +657,7 @@ impl Batcher {
             return Ok(());
         }
         let marker = self.unrepresentable != Unrepresentable::Error;
-        let layout = Arc::new(Layout::new(rel.clone(), marker)?);
+        let layout = Arc::new(Layout::new(rel.clone(), marker, &self.partitions)?);
         // Rows buffered under the old schema keep it: seal them into their own files.
         if let Some(mut buf) = self.tables.remove(&rel.id) {
             buf.finish(&mut self.sealed);
@@ -597,7 +738,18 @@ impl Batcher {
             });
         }
         let pos = RowPos { lsn, seq: tx.seq };
-        buf.extend_part(&tx.partition, pos);
+        let part_value = match &layout.part {
+            PartSource::Column(i, _) if !all_null => match &tuple[*i] {
+                TupleValue::Text(raw) => Some(&raw[..]),
+                TupleValue::Unchanged => match old_full.and_then(|o| o.get(*i)) {
+                    Some(TupleValue::Text(raw)) => Some(&raw[..]),
+                    _ => None,
+                },
+                _ => None,
+            },
+            _ => None,
+        };
+        buf.extend_part(&tx.partition_of(&layout, part_value), pos);
         // Values first: a value error must leave no half-appended row behind, so the
         // builders are checked before the metadata columns are appended.
         let mut bytes = 48;
@@ -675,11 +827,12 @@ impl Batcher {
             .or_insert_with(|| TableBuf::new(layout.clone()));
         let seq = self.snapshot_seq.entry(rel_id).or_insert(0);
         let relation = buf.layout.relation.clone();
-        let binary: Vec<bool> = relation
-            .columns
-            .iter()
-            .map(|c| copies_binary(c.type_oid, c.type_modifier))
-            .collect();
+        let binary = copy_formats(&relation, &self.partitions);
+        let layout = buf.layout.clone();
+        let part_col = match &layout.part {
+            PartSource::Column(i, _) => Some(*i),
+            _ => None,
+        };
         let ncols = relation.columns.len();
         let policy = self.unrepresentable;
         while !rows.is_empty() {
@@ -687,8 +840,12 @@ impl Batcher {
             let columns = &mut buf.columns;
             let mut failed_column = 0;
             let mut replaced = Vec::new();
+            let mut part_value: Option<Vec<u8>> = None;
             let n = copy_binary::for_each_field(&mut rows, |i, v| {
                 failed_column = i;
+                if Some(i) == part_col {
+                    part_value = v.map(<[u8]>::to_vec);
+                }
                 let Some(builder) = columns.get_mut(i) else {
                     return Err(format!("COPY row has more than {ncols} columns"));
                 };
@@ -726,7 +883,7 @@ impl Batcher {
                 });
             }
             let pos = RowPos { lsn, seq: *seq };
-            buf.extend_part(&tx.partition, pos);
+            buf.extend_part(&tx.partition_of(&layout, part_value.as_deref()), pos);
             buf.append_meta("R", pos, None, tx.info.commit_ts);
             buf.append_replaced(&replaced);
             buf.unchanged.append_null();

@@ -319,7 +319,7 @@ impl Checkpoint {
         let mut deleted = 0;
         for (location, pending) in pendings {
             for key in pending.keys.iter().filter(|k| !kept.contains(*k)) {
-                let path = Path::from(key.as_str());
+                let path = crate::sink::key_path(key);
                 match self.store.delete(&path).await {
                     Ok(()) => deleted += 1,
                     Err(object_store::Error::NotFound { .. }) => {}

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::Gate;
+use crate::batch::{Batcher, Gate};
 use crate::checkpoint::record::Identity;
 use crate::checkpoint::{Checkpoint, CheckpointError, read_head, read_schemas};
 use crate::config::{Config, SnapshotMode};
@@ -252,6 +252,7 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
         tracker: tokio_util::task::TaskTracker::new(),
         user: cfg.source.conn.user.clone(),
         unrepresentable: cfg.sink.unrepresentable,
+        partitions: Arc::new(cfg.partitions.clone()),
     };
     if let Some(p) = initial {
         p.spawn(&env, copy_tx.clone());
@@ -274,9 +275,10 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
         sink_tx,
         cfg.sink.flush_interval,
         cfg.sink.max_buffer_bytes,
-        (gates, cfg.snapshot == SnapshotMode::Initial),
-        schemas.clone(),
-        cfg.sink.unrepresentable,
+        Batcher::with_gates(gates, cfg.snapshot == SnapshotMode::Initial)
+            .with_lake_schemas(schemas.clone())
+            .with_unrepresentable(cfg.sink.unrepresentable)
+            .with_partitions(Arc::new(cfg.partitions.clone())),
     ));
     let sink_task = tokio::spawn(tasks::sink_task(tasks::SinkTask {
         sink,

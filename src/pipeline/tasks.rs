@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{EVENTS_PER_CHUNK, PipelineError};
 use crate::batch::schema::LakeSchema;
-use crate::batch::{BatchError, Batcher, Gate, Taken};
+use crate::batch::{BatchError, Batcher, Taken};
 use crate::change::Event;
 use crate::checkpoint::{Checkpoint, announce_copy, write_schema};
 use crate::config::Config;
@@ -340,13 +340,8 @@ pub(super) async fn batch_task(
     sink: mpsc::Sender<SinkMsg>,
     flush_interval: Duration,
     max_bytes: usize,
-    gates: (HashMap<String, Gate>, bool),
-    schemas: HashMap<String, LakeSchema>,
-    unrepresentable: crate::config::Unrepresentable,
+    mut batcher: Batcher,
 ) -> Result<(), PipelineError> {
-    let mut batcher = Batcher::with_gates(gates.0, gates.1)
-        .with_lake_schemas(schemas)
-        .with_unrepresentable(unrepresentable);
     let mut deadline: Option<Instant> = None;
     loop {
         let sleep = async {

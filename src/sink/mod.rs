@@ -83,15 +83,26 @@ fn pos_key(p: RowPos) -> String {
     format!("{}.{:016X}", p.lsn.to_key(), p.seq)
 }
 
+/// The path of a key written by [`object_key`] (already encoded: parsed, not encoded
+/// again, so that an escaped partition value keeps its `%XX`).
+pub fn key_path(key: &str) -> Path {
+    Path::parse(key).unwrap_or_else(|_| Path::from(key))
+}
+
 /// The object key of a table file (relative to the sink's root).
 pub fn object_key(schema: &str, table: &str, partition: &str, first: RowPos, last: RowPos) -> Path {
     let name = format!("{}-{}.parquet", pos_key(first), pos_key(last));
-    Path::from_iter([
-        PathPart::from(schema),
-        PathPart::from(table),
-        PathPart::from(partition),
-        PathPart::from(name.as_str()),
-    ])
+    // Partition segments come escaped (Hive style, `batch::column_partition`): taken as
+    // they are, one segment per `/`.
+    let segments = partition
+        .split('/')
+        .map(|p| PathPart::parse(p).unwrap_or_else(|_| PathPart::from(p)));
+    Path::from_iter(
+        [PathPart::from(schema), PathPart::from(table)]
+            .into_iter()
+            .chain(segments)
+            .chain([PathPart::from(name.as_str())]),
+    )
 }
 
 impl Sink {
@@ -207,7 +218,7 @@ impl Sink {
 
     /// Uploads one encoded file (a single atomic PUT).
     pub async fn write(&self, e: Encoded) -> Result<WrittenObject, SinkError> {
-        let path = Path::from(e.object.key.as_str());
+        let path = key_path(&e.object.key);
         self.store
             .put(&path, PutPayload::from_bytes(e.data))
             .await

@@ -53,7 +53,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::copy_binary::RowCutter;
-use crate::batch::{BatchError, Batcher, Taken, copies_binary};
+use crate::batch::{BatchError, Batcher, Taken, copy_formats};
 use crate::change::{Change, Event, TxInfo};
 use crate::checkpoint::{CheckpointError, announce_copy};
 use crate::config::SourceConfig;
@@ -204,6 +204,7 @@ pub struct CopyEnv {
     pub user: String,
     /// `sink.unrepresentable`.
     pub unrepresentable: crate::config::Unrepresentable,
+    pub partitions: Arc<crate::config::Partitions>,
 }
 
 /// Session settings that make COPY's text output the same as pgoutput's.
@@ -565,7 +566,7 @@ impl Shared {
             // files are uncommitted; a pending record lists them for the next start too).
             progress.rows.fetch_sub(out.rows, Ordering::Relaxed);
             for f in &out.files {
-                self.env.sink.store().delete(&Path::from(f.key.as_str())).await.ok();
+                self.env.sink.store().delete(&crate::sink::key_path(&f.key)).await.ok();
             }
             return Err(e);
         }
@@ -604,7 +605,9 @@ impl Shared {
 
     /// A batcher inside the copy's transaction, positioned at `lsn`.
     fn batcher(&self, table: &Table, lsn: u64) -> Batcher {
-        let mut b = Batcher::new().with_unrepresentable(self.env.unrepresentable);
+        let mut b = Batcher::new()
+            .with_unrepresentable(self.env.unrepresentable)
+            .with_partitions(self.env.partitions.clone());
         b.push(Event::Begin(TxInfo {
             xid: 0,
             commit_lsn: Lsn(lsn),
@@ -625,17 +628,15 @@ impl Shared {
     ) -> Result<(), SnapshotError> {
         // Binary where walshore decodes the binary form (cheaper for PostgreSQL and for
         // us), text for the rest: the text of a `::text` column is its binary form.
+        let binary = copy_formats(&table.relation, &self.env.partitions);
         let cols: Vec<String> = table
             .relation
             .columns
             .iter()
-            .map(|c| {
+            .zip(&binary)
+            .map(|(c, binary)| {
                 let q = quote_ident(&c.name);
-                if copies_binary(c.type_oid, c.type_modifier) {
-                    q
-                } else {
-                    format!("{q}::text")
-                }
+                if *binary { q } else { format!("{q}::text") }
             })
             .collect();
         let mut range = Vec::new();
