@@ -133,7 +133,8 @@ impl Kind {
 }
 
 /// Whether the initial copy reads this column in COPY's binary format (decoded by
-/// [`Builder::append_binary`]); every other column is copied as `column::text`, whose
+/// [`Builder::append_binary`]); every other column is copied as its output function's
+/// text (`format('%s', column)`), whose
 /// binary form is its text, so both formats meet the same parsers.
 pub fn copies_binary(type_oid: u32, typmod: i32) -> bool {
     use oid::*;
@@ -442,7 +443,9 @@ impl Builder {
                     return Err(unrepresentable(kind, if us > 0 { b"infinity" } else { b"-infinity" }));
                 }
                 let epoch = i64::from(PG_EPOCH_DAYS) * 86_400_000_000;
-                b.append_value(us.checked_add(epoch).ok_or_else(|| unrepresentable(kind, raw))?)
+                b.append_value(us.checked_add(epoch).ok_or_else(|| {
+                    unrepresentable(kind, format!("{us} µs after 2000-01-01 (past year 294247)").as_bytes())
+                })?)
             }
             Builder::List { .. } => return Err(ValueError("array values are copied as text".into())),
         }

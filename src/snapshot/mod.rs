@@ -627,7 +627,8 @@ impl Shared {
         out: &mut ChunkOut,
     ) -> Result<(), SnapshotError> {
         // Binary where walshore decodes the binary form (cheaper for PostgreSQL and for
-        // us), text for the rest: the text of a `::text` column is its binary form.
+        // us), the output function's text for the rest: its binary COPY form is that
+        // text, the same pgoutput sends.
         let binary = copy_formats(&table.relation, &self.env.partitions);
         let cols: Vec<String> = table
             .relation
@@ -636,7 +637,14 @@ impl Shared {
             .zip(&binary)
             .map(|(c, binary)| {
                 let q = quote_ident(&c.name);
-                if *binary { q } else { format!("{q}::text") }
+                // The type's output function, which pgoutput uses too (a cast to
+                // text differs for some types: inet adds its netmask). num_nulls: a
+                // composite whose fields are all null is not itself null.
+                if *binary {
+                    q
+                } else {
+                    format!("CASE WHEN num_nulls({q}) = 0 THEN format('%s', {q}) END")
+                }
             })
             .collect();
         let mut range = Vec::new();

@@ -323,6 +323,7 @@ pub fn render(a: &dyn Array, i: usize) -> Option<String> {
         DataType::Int64 => a.as_primitive::<Int64Type>().value(i).to_string(),
         DataType::Utf8 => a.as_string::<i32>().value(i).to_owned(),
         DataType::Boolean => a.as_boolean().value(i).to_string(),
+        DataType::Float32 => a.as_primitive::<arrow::datatypes::Float32Type>().value(i).to_string(),
         DataType::Float64 => a.as_primitive::<arrow::datatypes::Float64Type>().value(i).to_string(),
         DataType::Date32 => a.as_primitive::<arrow::datatypes::Date32Type>().value(i).to_string(),
         DataType::Decimal128(_, _) => a.as_primitive::<arrow::datatypes::Decimal128Type>().value_as_string(i),
