@@ -513,13 +513,15 @@ async fn a_copy_connection_lost_mid_copy_hands_its_chunk_to_the_other_connection
     snapshot_keys(&config, "parallelism = 2\nchunk_size = \"256kB\"");
     let cfg = config.clone();
     let sync = tokio::task::spawn_blocking(move || walshore(&["sync", "--config", cfg.to_str().unwrap()]));
-    // Terminate one of the two COPY backends while the copy runs.
+    // Terminate one of the two COPY backends while trades (copied last, in ~60 chunks)
+    // is being read: the other connection still has chunks to take.
     let mut killed = false;
     for _ in 0..2000 {
         let row = c
             .query_one(
                 "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM (SELECT pid FROM pg_stat_activity
-                 WHERE query LIKE 'COPY (SELECT %' AND state = 'active' AND pid <> pg_backend_pid() LIMIT 1) a",
+                 WHERE query LIKE 'COPY (SELECT % FROM ONLY \"public\".\"trades\"%' AND state = 'active'
+                   AND pid <> pg_backend_pid() LIMIT 1) a",
                 &[],
             )
             .await

@@ -28,7 +28,7 @@ use crate::change::{Change, Event, TxInfo};
 use crate::config::{PartitionBy, Partitions, Unrepresentable};
 use crate::decode::{Relation, Tuple, TupleValue};
 use crate::lsn::Lsn;
-pub use value::{civil_from_days, copies_binary, days_from_civil};
+pub use value::{civil_from_days, copies_binary, days_from_civil, is_array};
 
 /// The metadata columns every row carries (DESIGN.md), in file order.
 pub const METADATA_COLUMNS: [&str; 6] = ["_op", "_lsn", "_seq", "_xid", "_commit_ts", "_unchanged"];

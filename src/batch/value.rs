@@ -67,6 +67,11 @@ pub(crate) enum Kind {
     List(Box<Kind>),
 }
 
+/// Whether walshore writes this type as a List (a one-dimensional array of a mapped type).
+pub fn is_array(type_oid: u32) -> bool {
+    element_oid(type_oid).is_some()
+}
+
 fn element_oid(array_oid: u32) -> Option<u32> {
     use oid::*;
     Some(match array_oid {

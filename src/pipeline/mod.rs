@@ -305,6 +305,7 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
             .collect(),
         client: None,
         polled: false,
+        resolved: HashMap::new(),
     };
     let source = tokio::spawn(tasks::source_task(tasks::SourceTask {
         repl,

@@ -17,6 +17,7 @@ use crate::batch::{BatchError, Batcher, Taken};
 use crate::change::Event;
 use crate::checkpoint::{Checkpoint, announce_copy, write_schema};
 use crate::config::Config;
+use crate::decode::Relation;
 use crate::lsn::Lsn;
 use crate::sink::{Sink, WrittenObject};
 use crate::snapshot::{self, CopyEnv, Point, Selection, SnapshotError, TableCopied};
@@ -74,15 +75,12 @@ pub(super) struct Copier {
     pub in_lake: BTreeSet<String>,
     pub client: Option<tokio_postgres::Client>,
     pub polled: bool,
+    /// Relations as PostgreSQL sent them and as resolved against the catalog.
+    pub resolved: HashMap<u32, (Arc<Relation>, Arc<Relation>)>,
 }
 
 impl Copier {
-    /// Tables due for a copy, and which of them start with a `T` row.
-    async fn due(&mut self) -> Result<(BTreeSet<String>, BTreeSet<String>), PipelineError> {
-        let sql_err = |source| SnapshotError::Sql {
-            what: "listing the publication's tables".into(),
-            source,
-        };
+    async fn client(&mut self) -> Result<&tokio_postgres::Client, PipelineError> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             self.client = Some(
                 crate::source::sql::connect(&self.cfg.source.conn)
@@ -90,11 +88,39 @@ impl Copier {
                     .map_err(SnapshotError::from)?,
             );
         }
-        let client = self.client.as_ref().expect("connected above");
+        Ok(self.client.as_ref().expect("connected above"))
+    }
+
+    /// `rel` with what the catalog adds (see `source::types`), cached per version.
+    async fn resolve(&mut self, rel: &Arc<Relation>) -> Result<Arc<Relation>, PipelineError> {
+        if let Some((sent, resolved)) = self.resolved.get(&rel.id)
+            && sent == rel
+        {
+            return Ok(resolved.clone());
+        }
+        let resolved = crate::source::types::resolve(self.client().await?, rel)
+            .await
+            .map_err(|source| SnapshotError::Sql {
+                what: format!("reading the column types of {}.{}", rel.namespace, rel.name),
+                source,
+            })?;
+        let resolved = Arc::new(resolved);
+        self.resolved.insert(rel.id, (rel.clone(), resolved.clone()));
+        Ok(resolved)
+    }
+
+    /// Tables due for a copy, and which of them start with a `T` row.
+    async fn due(&mut self) -> Result<(BTreeSet<String>, BTreeSet<String>), PipelineError> {
+        let sql_err = |source| SnapshotError::Sql {
+            what: "listing the publication's tables".into(),
+            source,
+        };
+        let publication = self.cfg.source.publication.clone();
+        let client = self.client().await?;
         let published: BTreeSet<String> = client
             .query(
                 "SELECT schemaname::text || '.' || tablename::text FROM pg_catalog.pg_publication_tables WHERE pubname = $1",
-                &[&self.cfg.source.publication],
+                &[&publication],
             )
             .await
             .map_err(sql_err)?
@@ -310,7 +336,12 @@ impl SourceTask {
     /// PostgreSQL keeps hearing from us, so a slow sink never trips wal_sender_timeout.
     /// Returns false when downstream is gone.
     async fn send(&mut self, out: &mut Vec<Event>, status: &mut tokio::time::Interval) -> Result<bool, PipelineError> {
-        let chunk = std::mem::replace(out, Vec::with_capacity(EVENTS_PER_CHUNK));
+        let mut chunk = std::mem::replace(out, Vec::with_capacity(EVENTS_PER_CHUNK));
+        for event in &mut chunk {
+            if let Event::Relation(rel) = event {
+                *rel = self.copier.resolve(rel).await?;
+            }
+        }
         loop {
             tokio::select! {
                 permit = self.events.reserve() => {

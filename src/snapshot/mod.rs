@@ -283,17 +283,18 @@ async fn published_tables(
                 key: c.get(3),
             })
             .collect();
-        out.push((
-            Relation {
-                id: oid,
-                namespace: schema,
-                name,
-                replica_identity,
-                columns,
-            },
-            partitioned,
-            pages.max(0) as u64,
-        ));
+        let relation = Relation {
+            id: oid,
+            namespace: schema,
+            name,
+            replica_identity,
+            columns,
+        };
+        // Domains as their base type, multi-dimensional arrays as text: as the stream.
+        let relation = crate::source::types::resolve(client, &relation)
+            .await
+            .map_err(sql_err("reading column types"))?;
+        out.push((relation, partitioned, pages.max(0) as u64));
     }
     Ok(out)
 }

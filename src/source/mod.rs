@@ -14,6 +14,7 @@ mod conn;
 mod replication;
 pub mod sql;
 pub mod tls;
+pub mod types;
 
 pub use assemble::{Assembler, Step};
 pub use replication::{Replication, SlotState, SystemInfo, XLog};
