@@ -39,8 +39,8 @@ pub enum Change {
     Truncate {
         rel_ids: Vec<u32>,
     },
-    /// Rows of the initial copy (`_op = 'R'`) in COPY's binary format, whole rows
-    /// without header or trailer: `_seq` counts per table, `_xid` is null.
+    /// Rows of a table copy (`_op = 'R'`) in COPY's binary format, whole rows without
+    /// header or trailer: `_seq` counts per chunk from the chunk's base, `_xid` is null.
     SnapshotBinaryRows {
         rel_id: u32,
         rows: bytes::Bytes,

@@ -337,7 +337,7 @@ pub struct Config {
     pub source: SourceConfig,
     pub sink: SinkConfig,
     pub snapshot: SnapshotMode,
-    /// Connections copying tables at once in the initial copy.
+    /// Connections copying at once (each takes the next chunk of any table).
     pub snapshot_parallelism: usize,
     /// Heap bytes per chunk (ctid range) of a table's copy.
     pub snapshot_chunk_bytes: u64,

@@ -170,7 +170,7 @@ async fn database_checks(cfg: &Config, r: &mut Report) {
                 Outcome::Warn,
                 "privileges",
                 format!(
-                    "{name}: no SELECT privilege, which the initial copy needs: GRANT SELECT ON {quoted} TO {}",
+                    "{name}: no SELECT privilege, which table copies need: GRANT SELECT ON {quoted} TO {}",
                     quote_ident(&cfg.source.conn.user)
                 ),
             );

@@ -13,6 +13,11 @@
 //! `I` of the new row; under REPLICA IDENTITY FULL every update does. A value PostgreSQL
 //! did not send (unchanged TOAST) is taken from the old row when PostgreSQL sent it,
 //! otherwise it is null and named in `_unchanged`.
+//!
+//! Also here, all pure: gates (a table's changes are written from its snapshot point
+//! on, [`Gate`]), the lake schema each Relation is checked against ([`schema`]), the
+//! `sink.unrepresentable` policy, and partitions (commit date, commit hour or a
+//! column's escaped value; one file per partition).
 
 pub mod copy_binary;
 pub mod schema;
@@ -807,8 +812,8 @@ impl Batcher {
         Ok(())
     }
 
-    /// Rows of the initial copy in COPY's binary format: columns where
-    /// [`copies_binary`] holds carry their binary value, the others their text.
+    /// Rows of a table copy in COPY's binary format: columns where [`copy_formats`]
+    /// says binary carry their binary value, the others their output text.
     fn snapshot_binary_rows(&mut self, rel_id: u32, mut rows: &[u8]) -> Result<(), BatchError> {
         let tx = self.tx.as_mut().ok_or(BatchError::Protocol {
             lsn: Lsn::ZERO,

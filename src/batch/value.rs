@@ -137,7 +137,7 @@ impl Kind {
     }
 }
 
-/// Whether the initial copy reads this column in COPY's binary format (decoded by
+/// Whether a table copy reads this column in COPY's binary format (decoded by
 /// [`Builder::append_binary`]); every other column is copied as its output function's
 /// text (`format('%s', column)`), whose
 /// binary form is its text, so both formats meet the same parsers.

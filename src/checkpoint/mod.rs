@@ -271,8 +271,7 @@ impl Checkpoint {
 
     /// Start-up steps (3) and (4): claim the next sequence number, then clear what a
     /// crashed or fenced writer left behind.
-    /// `initialized`: the lake's starting state is established by this claim (a lake
-    /// that replicates without an initial copy).
+    /// `initialized`: from this claim on the lake continues the slot's stream.
     pub async fn claim_and_recover(&mut self, run_id: &str, initialized: bool) -> Result<usize, CheckpointError> {
         let mut claim = self
             .head

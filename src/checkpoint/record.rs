@@ -40,8 +40,8 @@ pub struct CommitRecord {
     pub files: Vec<WrittenObject>,
     /// Running totals per `schema.table`.
     pub tables: BTreeMap<String, TableStats>,
-    /// The lake has its starting state: the initial copy is committed (or
-    /// `snapshot.mode = "never"`). Until then a start redoes the copy from scratch.
+    /// The lake continues the slot's stream (set by the first claim after
+    /// START_REPLICATION). Until then a start recreates the slot.
     #[serde(default)]
     pub initialized: bool,
     /// Tables whose copy is committed: `schema.table` -> the snapshot point its `R` rows

@@ -144,8 +144,8 @@ fn new_run_id() -> String {
 async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Result<Summary, (PipelineError, Summary)> {
     let fail = |e: PipelineError| (e, Summary::default());
     let store = open_store(&cfg.sink).map_err(|e| fail(e.into()))?;
-    // A lake without its starting state (new, or an initial copy that never finished)
-    // takes its copy and its slot from one consistent point.
+    // A lake that does not yet continue a stream (new, or a first start that failed
+    // before it claimed) takes its slot and its first copies from one consistent point.
     let head = read_head(store.as_ref()).await.map_err(|e| fail(e.into()))?;
     let initialized = head.as_ref().is_some_and(|h| h.initialized);
     let export = !initialized && cfg.snapshot == SnapshotMode::Initial;

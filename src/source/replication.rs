@@ -213,8 +213,8 @@ impl Replication {
                     snapshot: None,
                 });
             }
-            // The lake has no starting state yet (an initial copy never finished): its
-            // copy and the slot must share one consistent point, so start both afresh.
+            // The lake does not continue this slot's stream yet: its first copies and
+            // the slot must share one consistent point, so start both afresh.
             tracing::info!(slot = %cfg.slot, "recreating the slot for a new initial snapshot");
             conn.simple_query(&format!("DROP_REPLICATION_SLOT {}", quote_ident(&cfg.slot)))
                 .await?;
