@@ -24,9 +24,9 @@
 //! table held back since its snapshot point, in one commit record that also records the
 //! table's point (`snapshots` in the record). A connection lost mid-chunk puts its
 //! chunk back in the queue for the connections that still hold the snapshot. A crash
-//! before the table's commit leaves only
-//! uncommitted files, deleted at the next start, and the table is copied again from a new
-//! snapshot point; tables already committed are never copied again. An exported snapshot
+//! before the table's commit leaves only uncommitted files, deleted at the next start,
+//! and the table is copied again from a new snapshot point; tables already committed
+//! are never copied again. An exported snapshot
 //! does not survive its session, so the chunks of an unfinished table cannot be resumed
 //! under it: mixing rows from two snapshot points inside one table is only correct with
 //! a per-key reconciliation against the stream (DBLog, Debezium's incremental snapshots),
