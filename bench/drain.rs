@@ -122,7 +122,7 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
         let client = rt.block_on(cluster.connect("postgres")).unwrap();
         rt.block_on(client.batch_execute(SCHEMA)).unwrap();
         for i in 0..runs {
-            for tool in ["recv", "ws"] {
+            for tool in ["recv", "bin", "ws"] {
                 rt.block_on(client.batch_execute(&format!(
                     "SELECT pg_create_logical_replication_slot('{tool}_{i}', 'pgoutput')"
                 )))
@@ -147,19 +147,21 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
         );
 
         let dir = tempfile::tempdir().unwrap();
-        let (mut recv_t, mut ws_t, mut rss) = (Vec::new(), Vec::new(), Vec::new());
-        for i in 0..runs {
-            let (secs, _) = timed(Command::new(&recvlogical).args([
+        let (mut recv_t, mut bin_t, mut ws_t, mut rss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        // pgoutput's text output (what walshore reads) and its binary output.
+        let recv = |slot: String, binary: bool| {
+            let port = cluster.port.to_string();
+            let mut args = vec![
                 "-h",
                 "127.0.0.1",
                 "-p",
-                &cluster.port.to_string(),
+                &port,
                 "-U",
                 "postgres",
                 "-d",
                 "postgres",
                 "--slot",
-                &format!("recv_{i}"),
+                &slot,
                 "--start",
                 "--endpos",
                 &end,
@@ -172,10 +174,23 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
                 "publication_names=bench",
                 "-o",
                 "streaming=on",
-            ]));
+            ];
+            if binary {
+                args.extend(["-o", "binary=true"]);
+            }
+            timed(Command::new(&recvlogical).args(&args)).0
+        };
+        for i in 0..runs {
+            let secs = recv(format!("recv_{i}"), false);
             recv_t.push(secs);
             println!(
                 "  pg_recvlogical run {i}: {secs:.2}s  {:.0} changes/s",
+                w.changes as f64 / secs
+            );
+            let secs = recv(format!("bin_{i}"), true);
+            bin_t.push(secs);
+            println!(
+                "  pg_recvlogical binary=true run {i}: {secs:.2}s  {:.0} changes/s",
                 w.changes as f64 / secs
             );
             let config = write_config(dir.path(), &cluster, i);
@@ -192,7 +207,7 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
                 maxrss as f64 / 1024.0
             );
         }
-        let (r, s) = (median(&mut recv_t), median(&mut ws_t));
+        let (r, b, s) = (median(&mut recv_t), median(&mut bin_t), median(&mut ws_t));
         let peak = rss.iter().cloned().fold(0.0, f64::max);
         println!(
             "  median: pg_recvlogical {:.0} changes/s, walshore {:.0} changes/s",
@@ -202,6 +217,12 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
         println!(
             "  RATIO walshore/pg_recvlogical = {:.2} (target >= 0.80); walshore peak RSS {peak:.0} MiB (target <= 256)",
             r / s
+        );
+        println!(
+            "  pgoutput binary=true vs text, PostgreSQL side: {:.0} vs {:.0} changes/s (binary/text = {:.2})",
+            w.changes as f64 / b,
+            w.changes as f64 / r,
+            r / b
         );
     }
 }
