@@ -12,6 +12,9 @@ import pyarrow.parquet as pq
 
 def main(root):
     tables = {}
+    if not os.path.isdir(root):
+        json.dump({}, sys.stdout)
+        return
     for dirpath, _, names in os.walk(root):
         if "/_walshore" in dirpath:
             continue

@@ -180,6 +180,27 @@ pub fn sync(config: &std::path::Path) {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+    assert_pyarrow_reads(config);
+}
+
+/// Every Parquet file of a file-sink lake is read by pyarrow, an independent reader.
+pub fn assert_pyarrow_reads(config: &std::path::Path) {
+    let cfg = Config::load(config).unwrap();
+    if cfg.sink.url.scheme() != "file" {
+        return;
+    }
+    let out = Command::new("python3")
+        .args([
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/read_lake.py"),
+            cfg.sink.url.path(),
+        ])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "pyarrow cannot read a file of the lake: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 pub fn spawn_run(config: &std::path::Path) -> Child {
