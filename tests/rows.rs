@@ -282,7 +282,8 @@ async fn values_parquet_cannot_hold_follow_the_configured_policy() {
     c.batch_execute(
         "CREATE TABLE odd (id int PRIMARY KEY, d date, ts timestamptz, n numeric(10,2), f float8);
          INSERT INTO odd VALUES (1, 'infinity', '-infinity', 'NaN', 'Infinity'), (2, '-infinity', 'infinity', 1.5, '-0'),
-                                (3, '2026-01-01', '2026-01-01 00:00:00+00', 2.25, 'NaN');
+                                (3, '2026-01-01', '2026-01-01 00:00:00+00', 2.25, 'NaN'),
+                                (5, '2026-01-01', '294276-12-31 23:59:59+00', 1, 1);
          CREATE PUBLICATION pub FOR TABLE odd;",
     )
     .await
@@ -317,7 +318,7 @@ async fn values_parquet_cannot_hold_follow_the_configured_policy() {
     let clamp = config_for("clamp");
     sync(&null);
     sync(&clamp);
-    c.batch_execute("INSERT INTO odd VALUES (4, '-infinity', 'infinity', 'NaN', 1)")
+    c.batch_execute("INSERT INTO odd VALUES (4, '-infinity', 'infinity', 'NaN', 1), (6, '2026-01-01', '294276-12-31 23:59:59+00', 1, 1)")
         .await
         .unwrap();
     sync(&null);
@@ -363,6 +364,11 @@ async fn values_parquet_cannot_hold_follow_the_configured_policy() {
     );
     assert_eq!(row(&lake, "2").replaced, ["d", "ts"]);
     assert_eq!(cols(&row(&lake, "4"))[..2], [s("-719162"), s("253402300799999999")]);
+    // Past year 294247 (PostgreSQL goes to 294276): copied (binary) and streamed (text).
+    for id in ["5", "6"] {
+        assert_eq!(cols(&row(&lake, id))[1], s("253402300799999999"), "row {id}");
+        assert_eq!(row(&lake, id).replaced, ["ts"], "row {id}");
+    }
 }
 
 /// Partition paths of a table's objects (the object keys, as S3 would hold them; the

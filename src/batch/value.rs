@@ -232,6 +232,11 @@ fn numeric_kind(typmod: i32) -> Kind {
     }
 }
 
+/// Digits of a date's or timestamp's year in PostgreSQL's ISO text.
+fn year_digits(raw: &[u8]) -> usize {
+    raw.iter().take_while(|c| c.is_ascii_digit()).count()
+}
+
 /// A value PostgreSQL holds that some Arrow types cannot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Special {
@@ -333,6 +338,14 @@ impl Builder {
     /// timestamps, numeric(p,s)); None for any other value or column.
     pub(crate) fn special(&self, raw: &[u8], binary: bool) -> Option<Special> {
         match (self, binary) {
+            // Past what µs since 1970 can count (year 294247): PostgreSQL goes to 294276.
+            (Builder::Timestamp(_, utc), false) if year_digits(raw) >= 6 && parse_timestamp(raw, *utc).is_err() => {
+                Some(if raw.ends_with(b" BC") {
+                    Special::NegInf
+                } else {
+                    Special::PosInf
+                })
+            }
             (Builder::Date32(_) | Builder::Timestamp(..), false) | (Builder::Decimal(..), false) => match raw {
                 b"infinity" | b"Infinity" => Some(Special::PosInf),
                 b"-infinity" | b"-Infinity" => Some(Special::NegInf),
@@ -347,6 +360,9 @@ impl Builder {
             (Builder::Timestamp(..), true) => match i64::from_be_bytes(raw.try_into().ok()?) {
                 i64::MAX => Some(Special::PosInf),
                 i64::MIN => Some(Special::NegInf),
+                us if us.checked_add(i64::from(PG_EPOCH_DAYS) * 86_400_000_000).is_none() => {
+                    Some(if us > 0 { Special::PosInf } else { Special::NegInf })
+                }
                 _ => None,
             },
             (Builder::Decimal(..), true) => match u16::from_be_bytes([*raw.get(4)?, *raw.get(5)?]) {
