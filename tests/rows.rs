@@ -494,4 +494,23 @@ async fn tables_partition_by_commit_date_commit_hour_or_an_escaped_column_value(
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("public.fills has no column nope"), "{stderr}");
+
+    // The same mistake on a new lake stops its copy with the same message.
+    let fresh = tempfile::tempdir().unwrap();
+    let config = lake_config(fresh.path(), &cluster, "postgres");
+    use_initial_snapshot(&config, "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("{text}\n[partitions]\n\"public.fills\" = \"column:nope\"\n"),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("slot = \"walshore\"", "slot = \"fresh\"");
+    std::fs::write(&config, text).unwrap();
+    let out = walshore(&["sync", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("public.fills has no column nope"), "{stderr}");
 }

@@ -579,7 +579,7 @@ impl Shared {
         }
         // The table's last chunk: with its marker, the table is ready to commit.
         if table.reset {
-            let mut batcher = self.batcher(table, self.point.lsn.0.saturating_sub(1));
+            let mut batcher = self.batcher(table, self.point.lsn.0.saturating_sub(1))?;
             batcher.push(Event::Change(Change::Truncate {
                 rel_ids: vec![table.relation.id],
             }))?;
@@ -604,8 +604,9 @@ impl Shared {
         Ok(())
     }
 
-    /// A batcher inside the copy's transaction, positioned at `lsn`.
-    fn batcher(&self, table: &Table, lsn: u64) -> Batcher {
+    /// A batcher inside the copy's transaction, positioned at `lsn`. Fails on a table
+    /// walshore cannot write (a reserved column name, a missing partition column).
+    fn batcher(&self, table: &Table, lsn: u64) -> Result<Batcher, BatchError> {
         let mut b = Batcher::new()
             .with_unrepresentable(self.env.unrepresentable)
             .with_partitions(self.env.partitions.clone());
@@ -613,10 +614,9 @@ impl Shared {
             xid: 0,
             commit_lsn: Lsn(lsn),
             commit_ts: self.point.taken_at,
-        }))
-        .and_then(|()| b.push(Event::Relation(table.relation.clone())))
-        .expect("a fresh batcher takes a begin and a relation");
-        b
+        }))?;
+        b.push(Event::Relation(table.relation.clone()))?;
+        Ok(b)
     }
 
     async fn copy_chunk(
@@ -682,7 +682,7 @@ impl Shared {
             what: format!("COPY {}", table.name),
             source
         }));
-        let mut batcher = self.batcher(table, self.point.lsn.0);
+        let mut batcher = self.batcher(table, self.point.lsn.0)?;
         batcher.set_snapshot_seq(table.relation.id, u64::from(chunk.index) << 32);
         let mut cutter = RowCutter::default();
         let format_err = |what| SnapshotError::Format {
