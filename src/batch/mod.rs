@@ -122,6 +122,8 @@ struct Layout {
     marker: bool,
     /// Where the partition of a row comes from.
     part: PartSource,
+    /// Which columns a copy of this table reads in binary ([`copy_formats`]).
+    copy_binary: Vec<bool>,
 }
 
 /// A layout's partitioning, resolved against its columns.
@@ -229,12 +231,14 @@ impl Layout {
             fields.push(Field::new(&c.name, kind.data_type(), true));
             kinds.push(kind);
         }
+        let copy_binary = copy_formats(&relation, partitions);
         Ok(Layout {
             relation,
             kinds,
             schema: Arc::new(Schema::new(fields)),
             marker,
             part,
+            copy_binary,
         })
     }
 }
@@ -832,8 +836,8 @@ impl Batcher {
             .or_insert_with(|| TableBuf::new(layout.clone()));
         let seq = self.snapshot_seq.entry(rel_id).or_insert(0);
         let relation = buf.layout.relation.clone();
-        let binary = copy_formats(&relation, &self.partitions);
         let layout = buf.layout.clone();
+        let binary = &layout.copy_binary;
         let part_col = match &layout.part {
             PartSource::Column(i, _) => Some(*i),
             _ => None,

@@ -140,6 +140,11 @@ async fn read_json<T: serde::de::DeserializeOwned>(store: &dyn ObjectStore, key:
     })
 }
 
+/// Every object under `prefix`.
+async fn list(store: &dyn ObjectStore, prefix: &Path) -> Result<Vec<object_store::ObjectMeta>, CheckpointError> {
+    store.list(Some(prefix)).try_collect().await.map_err(store_err(prefix))
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SchemaRecord {
     table: String,
@@ -160,11 +165,7 @@ fn schema_key(table: &str) -> Path {
 /// Every table's lake schema (`_walshore/schemas/`).
 pub async fn read_schemas(store: &dyn ObjectStore) -> Result<HashMap<String, LakeSchema>, CheckpointError> {
     let prefix = Path::from(SCHEMAS);
-    let metas: Vec<_> = store
-        .list(Some(&prefix))
-        .try_collect()
-        .await
-        .map_err(store_err(&prefix))?;
+    let metas = list(store, &prefix).await?;
     let mut out = HashMap::new();
     for m in metas {
         let r: SchemaRecord = read_json(store, &m.location).await?;
@@ -189,11 +190,7 @@ pub async fn write_schema(store: &dyn ObjectStore, table: &str, schema: &LakeSch
 /// The latest commit record, if any.
 pub async fn read_head(store: &dyn ObjectStore) -> Result<Option<CommitRecord>, CheckpointError> {
     let prefix = Path::from(COMMITS);
-    let metas: Vec<_> = store
-        .list(Some(&prefix))
-        .try_collect()
-        .await
-        .map_err(store_err(&prefix))?;
+    let metas = list(store, &prefix).await?;
     let Some(last) = metas
         .iter()
         .map(|m| m.location.clone())
@@ -283,12 +280,7 @@ impl Checkpoint {
 
     async fn recover(&mut self) -> Result<usize, CheckpointError> {
         let prefix = Path::from(PENDING);
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(store_err(&prefix))?;
+        let metas = list(self.store.as_ref(), &prefix).await?;
         let mut pendings = Vec::new();
         for meta in metas {
             match read_json::<PendingRecord>(self.store.as_ref(), &meta.location).await {

@@ -434,6 +434,17 @@ pub(super) async fn batch_task(
     Ok(())
 }
 
+/// Moves the confirmable LSN forward (never back).
+fn advance(confirm: &watch::Sender<Lsn>, lsn: Lsn) {
+    confirm.send_if_modified(|c| {
+        let forward = lsn > *c;
+        if forward {
+            *c = lsn;
+        }
+        forward
+    });
+}
+
 fn retype(table: &str, e: crate::batch::schema::Incompatible, lsn: Lsn) -> PipelineError {
     BatchError::Retype {
         table: table.to_owned(),
@@ -518,14 +529,7 @@ impl SinkTask {
         let taken = match msg {
             SinkMsg::Idle(lsn) => {
                 if st.uncommitted.is_empty() {
-                    self.confirm.send_if_modified(|c| {
-                        if lsn > *c {
-                            *c = lsn;
-                            true
-                        } else {
-                            false
-                        }
-                    });
+                    advance(&self.confirm, lsn);
                 }
                 return Ok(());
             }
@@ -612,14 +616,7 @@ impl SinkTask {
         if files.is_empty() && copied.is_empty() {
             // Nothing to publish: the transactions touched no published rows.
             if boundary.is_some() {
-                self.confirm.send_if_modified(|c| {
-                    if end_lsn > *c {
-                        *c = end_lsn;
-                        true
-                    } else {
-                        false
-                    }
-                });
+                advance(&self.confirm, end_lsn);
             }
             return Ok(());
         }
@@ -655,14 +652,7 @@ impl SinkTask {
             self.checkpoint.delete_quietly(&key).await;
         }
         crate::fault::point("after_commit_before_confirm");
-        self.confirm.send_if_modified(|c| {
-            if end > *c {
-                *c = end;
-                true
-            } else {
-                false
-            }
-        });
+        advance(&self.confirm, end);
         Ok(())
     }
 }
