@@ -31,6 +31,11 @@ pub const DEFAULT_SNAPSHOT_POLL_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the slot hears our committed position even when nothing changes:
 /// well below PostgreSQL's default wal_sender_timeout (60 s).
 pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// Silence from PostgreSQL after which the replication connection counts as lost:
+/// walshore asks for a reply every status interval, so a live server always answers.
+pub const DEFAULT_RECEIVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest time one object-store request may take (each try; the store retries).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -79,6 +84,7 @@ struct RawSource {
     stream_memory: Option<String>,
     spill_max_bytes: Option<String>,
     status_interval: Option<String>,
+    receive_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -92,6 +98,7 @@ struct RawSink {
     compression: Option<String>,
     row_group_rows: Option<usize>,
     unrepresentable: Option<String>,
+    request_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -242,6 +249,7 @@ pub struct SourceConfig {
     pub stream_memory_bytes: usize,
     pub spill_max_bytes: u64,
     pub status_interval: Duration,
+    pub receive_timeout: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -261,6 +269,7 @@ pub struct SinkConfig {
     pub compression: Compression,
     pub row_group_rows: usize,
     pub unrepresentable: Unrepresentable,
+    pub request_timeout: Duration,
 }
 
 /// How a table's files are partitioned (the path segments below the table's folder).
@@ -506,7 +515,18 @@ impl TryFrom<RawConfig> for Config {
                 raw.source.status_interval,
                 DEFAULT_STATUS_INTERVAL,
             )?,
+            receive_timeout: duration(
+                "source.receive_timeout",
+                raw.source.receive_timeout,
+                DEFAULT_RECEIVE_TIMEOUT,
+            )?,
         };
+        if source.receive_timeout <= source.status_interval {
+            return Err(invalid(
+                "source.receive_timeout",
+                "must be longer than source.status_interval (walshore asks PostgreSQL for a reply at each status interval)",
+            ));
+        }
 
         let url = url::Url::parse(&raw.sink.url)
             .map_err(|e| invalid("sink.url", format!("{e}; expected file:///path or s3://bucket/prefix")))?;
@@ -570,6 +590,11 @@ impl TryFrom<RawConfig> for Config {
             compression,
             row_group_rows,
             unrepresentable,
+            request_timeout: duration(
+                "sink.request_timeout",
+                raw.sink.request_timeout,
+                DEFAULT_REQUEST_TIMEOUT,
+            )?,
         };
 
         let snapshot = match raw.snapshot.mode.as_deref().unwrap_or("initial") {

@@ -32,6 +32,7 @@ pub mod lsn;
 pub mod pipeline;
 pub mod preflight;
 pub mod resnapshot;
+pub mod retry;
 pub mod sink;
 pub mod snapshot;
 pub mod source;

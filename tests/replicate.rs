@@ -6,61 +6,8 @@ mod support;
 use std::time::Duration;
 
 use object_store::ObjectStoreExt;
+use support::trades::{Env, SELECT, env, insert_sql};
 use support::*;
-
-const TABLE: &str = "CREATE TABLE trades (
-    id bigint PRIMARY KEY, symbol text, qty integer, price numeric(12,2), active boolean,
-    ts timestamptz, tags text[], payload bytea)";
-const SELECT: &str = "SELECT id::text, symbol, qty::text, price::text, active::text,
-    (extract(epoch FROM ts) * 1000000)::bigint::text, tags::text, payload::text FROM trades";
-
-struct Env {
-    cluster: walshore::cluster::TempCluster,
-    client: tokio_postgres::Client,
-    dir: tempfile::TempDir,
-}
-
-async fn env(settings: &[&str]) -> Env {
-    let cluster = cluster(settings);
-    let admin = cluster.connect("postgres").await.unwrap();
-    admin.batch_execute("CREATE DATABASE t").await.unwrap();
-    let client = cluster.connect("t").await.unwrap();
-    client.batch_execute(TABLE).await.unwrap();
-    client
-        .batch_execute("CREATE PUBLICATION pub FOR TABLE trades")
-        .await
-        .unwrap();
-    Env {
-        cluster,
-        client,
-        dir: tempfile::tempdir().unwrap(),
-    }
-}
-
-impl Env {
-    /// A config for this environment's database with a file sink under its directory.
-    fn file_config(&self, extra_sink: &str, extra_source: &str) -> std::path::PathBuf {
-        let lake = SinkKind::File(self.dir.path().join("lake"));
-        let url = self.cluster.url("postgres", "t");
-        write_config(
-            self.dir.path(),
-            &url,
-            "pub",
-            "walshore",
-            &lake,
-            extra_sink,
-            extra_source,
-        )
-    }
-}
-
-fn insert_sql(from: i64, to: i64) -> String {
-    format!(
-        "INSERT INTO trades SELECT i, 'SYM' || (i % 7), (i % 1000)::int, (i * 1.25)::numeric(12,2), i % 2 = 0,
-         timestamptz '2026-11-21 23:59:59.5+00' + i * interval '1 millisecond', ARRAY['a' || (i % 3), 'b'], decode(lpad(to_hex(i), 8, '0'), 'hex')
-         FROM generate_series({from}, {to}) AS i"
-    )
-}
 
 /// Inserts, updates, deletes, a key change, a truncate, a rollback and a savepoint
 /// rollback, with a `sync` in the middle.
@@ -97,14 +44,7 @@ async fn mixed_workload(e: &Env, config: &std::path::Path) {
 }
 
 async fn assert_lake_equals_source(e: &Env, config: &std::path::Path) -> LakeTable {
-    let store = open_lake(config);
-    let lake = read_table(&store, "public", "trades").await;
-    assert_unique_positions(&lake);
-    let replayed = replay(&lake, Some(&["id"]));
-    let source = source_rows(&e.client, SELECT).await;
-    assert_eq!(replayed.len(), source.len(), "row count: lake replay vs source");
-    assert_eq!(replayed, source, "lake replay differs from the source");
-    lake
+    e.assert_lake_equals_source(config, SELECT).await
 }
 
 #[tokio::test]

@@ -109,7 +109,7 @@ pub enum CheckpointError {
 impl CheckpointError {
     pub fn retry(&self) -> crate::source::Retry {
         match self {
-            CheckpointError::Store { source, .. } => crate::sink::retry_of_store(source),
+            CheckpointError::Store { source, .. } => crate::retry::of_store(source),
             _ => crate::source::Retry::Definite,
         }
     }
@@ -396,10 +396,14 @@ impl Checkpoint {
                     .await
                     .map(|c| c.run_id)
                     .unwrap_or_else(|_| "unknown".into());
-                return Err(CheckpointError::Fenced {
-                    seq: record.seq,
-                    holder,
-                });
+                // Our own earlier try of this very request reached the store (its reply
+                // was lost): the record is ours, and it is the one we meant to write.
+                if holder != record.run_id {
+                    return Err(CheckpointError::Fenced {
+                        seq: record.seq,
+                        holder,
+                    });
+                }
             }
             Err(source) => {
                 return Err(CheckpointError::Store {

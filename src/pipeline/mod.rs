@@ -14,7 +14,7 @@ mod tasks;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -35,7 +35,6 @@ pub use tasks::Summary;
 const EVENT_CHANNEL_CHUNKS: usize = 16;
 /// Events per chunk: amortises channel overhead without holding much.
 const EVENTS_PER_CHUNK: usize = 1024;
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// `sync` runs from cron and tests: a few quick retries, then report the failure.
 const SYNC_ATTEMPTS: u32 = 3;
 
@@ -77,42 +76,92 @@ impl PipelineError {
     }
 }
 
-/// Runs the pipeline, retrying transient failures with exponential backoff (in `sync`
-/// mode at most a few times). Returns when done, on shutdown, or on a definite error.
+/// Runs the pipeline, retrying transient failures with backoff (`crate::retry`; in
+/// `sync` mode at most a few times). Returns when done, on shutdown, or on a definite
+/// error.
 pub async fn run(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Result<Summary, PipelineError> {
-    let mut backoff = Duration::from_secs(1);
+    let attempts = (mode == Mode::Sync).then_some(SYNC_ATTEMPTS as usize - 1);
+    let mut delays = crate::retry::backoff(attempts);
+    let process = Process::new();
     let mut attempt = 0u32;
     let mut total = Summary::default();
     loop {
         attempt += 1;
         let started = Instant::now();
-        match run_once(cfg, mode, shutdown.clone()).await {
+        match run_once(cfg, mode, shutdown.clone(), &process).await {
             Ok(s) => {
                 total.absorb(s);
                 return Ok(total);
             }
             Err((e, partial)) => {
+                let progressed = partial.commits > 0;
                 total.absorb(partial);
                 // Right after a lost connection our own old walsender may still hold the
                 // slot until PostgreSQL notices (wal_sender_timeout): wait for it. On a
                 // first attempt the holder is someone else, and that is final.
                 let own_walsender = attempt > 1 && matches!(e, PipelineError::Source(SourceError::SlotInUse { .. }));
-                if (e.retry() == Retry::Definite && !own_walsender)
-                    || shutdown.is_cancelled()
-                    || (mode == Mode::Sync && attempt >= SYNC_ATTEMPTS)
-                {
+                if (e.retry() == Retry::Definite && !own_walsender) || shutdown.is_cancelled() {
                     return Err(e);
                 }
-                if started.elapsed() > MAX_BACKOFF * 2 {
-                    backoff = Duration::from_secs(1);
+                // An attempt that committed, or went well for a while, starts the
+                // backoff over: this failure is a new one, not a repeat.
+                if progressed || started.elapsed() > crate::retry::MAX_DELAY * 2 {
+                    delays = crate::retry::backoff(attempts);
                 }
-                tracing::warn!(attempt, retry_in = ?backoff, error = %ErrorChain(&e), "transient failure; reconnecting from the committed position");
+                let Some(delay) = delays.next() else {
+                    tracing::error!(attempts = attempt, "giving up after repeated transient failures");
+                    return Err(e);
+                };
+                tracing::warn!(attempt, retry_in = ?delay, error = %ErrorChain(&e), "transient failure; reconnecting from the committed position");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => return Err(e),
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
+        }
+    }
+}
+
+/// This process as a writer of the lake: every attempt's run id starts with its name,
+/// and once an attempt has claimed the lake, a head written by anybody else means
+/// another instance took over.
+struct Process {
+    name: String,
+    claimed: std::sync::atomic::AtomicBool,
+}
+
+impl Process {
+    fn new() -> Process {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        Process {
+            name: format!("{}-{}", host.trim(), std::process::id()),
+            claimed: Default::default(),
+        }
+    }
+
+    fn run_id(&self) -> String {
+        format!("{}-{:08x}", self.name, rand::random::<u32>())
+    }
+
+    fn owns(&self, run_id: &str) -> bool {
+        run_id
+            .strip_prefix(self.name.as_str())
+            .is_some_and(|rest| rest.starts_with('-'))
+    }
+
+    /// Refuses to go on when another instance committed since this process claimed
+    /// the lake: it took over (this one was paused or cut off), and two writers must
+    /// never alternate.
+    fn check_not_taken_over(&self, head: Option<&crate::checkpoint::CommitRecord>) -> Result<(), PipelineError> {
+        match head {
+            Some(h) if self.claimed.load(std::sync::atomic::Ordering::SeqCst) && !self.owns(&h.run_id) => {
+                Err(CheckpointError::Fenced {
+                    seq: h.seq,
+                    holder: h.run_id.clone(),
+                }
+                .into())
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -136,17 +185,18 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
-fn new_run_id() -> String {
-    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
-    format!("{}-{}-{:08x}", host.trim(), std::process::id(), rand::random::<u32>())
-}
-
-async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Result<Summary, (PipelineError, Summary)> {
+async fn run_once(
+    cfg: &Config,
+    mode: Mode,
+    shutdown: CancellationToken,
+    process: &Process,
+) -> Result<Summary, (PipelineError, Summary)> {
     let fail = |e: PipelineError| (e, Summary::default());
     let store = open_store(&cfg.sink).map_err(|e| fail(e.into()))?;
     // A lake that does not yet continue a stream (new, or a first start that failed
     // before it claimed) takes its slot and its first copies from one consistent point.
     let head = read_head(store.as_ref()).await.map_err(|e| fail(e.into()))?;
+    process.check_not_taken_over(head.as_ref()).map_err(fail)?;
     let initialized = head.as_ref().is_some_and(|h| h.initialized);
     let export = !initialized && cfg.snapshot == SnapshotMode::Initial;
     let (mut repl, slot, system) = Replication::open(&cfg.source, export)
@@ -186,7 +236,7 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
             return Err(fail(e));
         }
     };
-    let run_id = new_run_id();
+    let run_id = process.run_id();
     let sink = Arc::new(Sink::new(store, &cfg.sink));
 
     // A new lake copies every published table under the slot's exported snapshot:
@@ -216,6 +266,7 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
         .claim_and_recover(&run_id, true)
         .await
         .map_err(|e| fail(e.into()))?;
+    process.claimed.store(true, std::sync::atomic::Ordering::SeqCst);
     tracing::info!(
         slot = %cfg.source.slot,
         publication = %cfg.source.publication,
@@ -315,6 +366,7 @@ async fn run_once(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resu
         shutdown,
         target,
         status_interval: cfg.source.status_interval,
+        receive_timeout: cfg.source.receive_timeout,
         copier,
     }));
     let task = |e: tokio::task::JoinError| PipelineError::Task(e.to_string());

@@ -58,6 +58,8 @@ pub(super) struct SourceTask {
     /// `sync`: stop once everything before this LSN is delivered.
     pub target: Option<Lsn>,
     pub status_interval: Duration,
+    /// Silence from the server after which the connection counts as lost.
+    pub receive_timeout: Duration,
     pub copier: Copier,
 }
 
@@ -198,6 +200,23 @@ impl Copier {
     }
 }
 
+/// A catalog query on the copier's connection, bounded by `source.receive_timeout`:
+/// on a link that went silent it fails (and the client is dropped) instead of hanging.
+async fn within<T>(
+    limit: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, PipelineError>>,
+) -> Result<T, PipelineError> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(r) => r,
+        Err(_) => Err(crate::source::SourceError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("PostgreSQL did not answer within source.receive_timeout ({limit:?}) while {what}"),
+        ))
+        .into()),
+    }
+}
+
 /// How often `sync` asks the server where it is while waiting to reach its target.
 const SYNC_POLL: Duration = Duration::from_millis(200);
 
@@ -220,6 +239,9 @@ pub(super) async fn source_task(mut t: SourceTask) -> Result<(), PipelineError> 
     let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut downstream_gone = false;
+    // Silence while waiting for PostgreSQL: reset whenever a message arrives or the
+    // source stops waiting on it (a slow sink is not a silent server).
+    let mut heard = tokio::time::Instant::now();
     'read: loop {
         if (stopping || (t.copier.polled && t.target.is_some_and(|target| position >= target)))
             && !t.assembler.in_transaction()
@@ -239,14 +261,28 @@ pub(super) async fn source_task(mut t: SourceTask) -> Result<(), PipelineError> 
                 t.repl.confirm(lsn, false).await?;
             }
             _ = status.tick() => {
+                if heard.elapsed() > t.receive_timeout {
+                    return Err(crate::source::SourceError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "nothing received from PostgreSQL for {:?} (source.receive_timeout), although walshore asked for a reply every {:?}; the connection counts as lost",
+                            heard.elapsed(),
+                            t.status_interval
+                        ),
+                    ))
+                    .into());
+                }
+                // Ask for a reply: a live server answers at once, so silence means a
+                // dead link even when nothing changes.
                 let lsn = *t.confirm.borrow();
-                t.repl.confirm(lsn, t.target.is_some()).await?;
+                t.repl.confirm(lsn, true).await?;
             }
             // Between transactions only: a copy's gate applies to whole transactions.
             _ = poll.tick(), if !t.assembler.in_transaction() && !stopping => {
                 if let Some(event) = t.copy_due(&mut status).await? {
                     out.push(event);
                 }
+                heard = tokio::time::Instant::now();
             }
             msg = t.repl.next() => {
                 let mut msg = Some(msg?);
@@ -288,6 +324,7 @@ pub(super) async fn source_task(mut t: SourceTask) -> Result<(), PipelineError> 
                     downstream_gone = true;
                     break 'read;
                 }
+                heard = tokio::time::Instant::now();
             }
         }
     }
@@ -314,7 +351,7 @@ impl SourceTask {
     /// PostgreSQL keeps hearing from us while the temporary slot waits for a consistent
     /// point (it waits for running transactions to end).
     async fn copy_due(&mut self, status: &mut tokio::time::Interval) -> Result<Option<Event>, PipelineError> {
-        let (tables, reset) = self.copier.due().await?;
+        let (tables, reset) = within(self.receive_timeout, "listing the publication", self.copier.due()).await?;
         if tables.is_empty() {
             return Ok(None);
         }
@@ -339,7 +376,7 @@ impl SourceTask {
         let mut chunk = std::mem::replace(out, Vec::with_capacity(EVENTS_PER_CHUNK));
         for event in &mut chunk {
             if let Event::Relation(rel) = event {
-                *rel = self.copier.resolve(rel).await?;
+                *rel = within(self.receive_timeout, "reading column types", self.copier.resolve(rel)).await?;
             }
         }
         loop {

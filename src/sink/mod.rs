@@ -24,7 +24,6 @@ use parquet::schema::types::ColumnPath;
 
 use crate::batch::{RowPos, TableFile};
 use crate::config::{Compression, SinkConfig};
-pub(crate) use store::retry_of as retry_of_store;
 pub use store::{StoreError, open_store};
 
 /// What a write put in the object store.
@@ -60,7 +59,7 @@ impl SinkError {
     pub fn retry(&self) -> crate::source::Retry {
         match self {
             SinkError::Encode { .. } => crate::source::Retry::Definite,
-            SinkError::Put { source, .. } => retry_of_store(source),
+            SinkError::Put { source, .. } => crate::retry::of_store(source),
         }
     }
 }

@@ -9,7 +9,6 @@ use object_store::prefix::PrefixStore;
 use object_store::{ClientOptions, ObjectStore, RetryConfig};
 
 use crate::config::SinkConfig;
-use crate::source::Retry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -57,7 +56,7 @@ pub fn open_store(cfg: &SinkConfig) -> Result<Arc<dyn ObjectStore>, StoreError> 
             let bucket = cfg.url.host_str().unwrap_or_default();
             // allow_http lives in the client options: set it there, or the options
             // below would reset it.
-            let mut client = ClientOptions::new().with_timeout(std::time::Duration::from_secs(60));
+            let mut client = ClientOptions::new().with_timeout(cfg.request_timeout);
             let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
             if let Some(region) = &cfg.region {
                 b = b.with_region(region);
@@ -88,13 +87,5 @@ pub fn open_store(cfg: &SinkConfig) -> Result<Arc<dyn ObjectStore>, StoreError> 
                 Ok(Arc::new(PrefixStore::new(s3, prefix)))
             }
         }
-    }
-}
-
-/// Matched by kind, never by message text.
-pub(crate) fn retry_of(e: &object_store::Error) -> Retry {
-    match e {
-        object_store::Error::Generic { .. } | object_store::Error::JoinError { .. } => Retry::Transient,
-        _ => Retry::Definite,
     }
 }

@@ -112,8 +112,11 @@ impl SnapshotError {
 
     pub fn retry(&self) -> Retry {
         match self {
-            SnapshotError::Connect(_) => Retry::Transient,
-            e if e.connection_lost() => Retry::Transient,
+            SnapshotError::Connect(crate::source::sql::SqlError::Connect { source, .. }) => {
+                crate::retry::of_client(source)
+            }
+            SnapshotError::Connect(_) => Retry::Definite,
+            SnapshotError::Sql { source, .. } => crate::retry::of_client(source),
             SnapshotError::Sink(e) => e.retry(),
             SnapshotError::Checkpoint(e) => e.retry(),
             _ => Retry::Definite,

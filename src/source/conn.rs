@@ -78,14 +78,25 @@ const SESSION_SETTINGS: [(&str, &str); 6] = [
 
 impl Conn {
     /// Connects with `replication=database`.
+    /// `connect_timeout` bounds the whole connection set-up (TCP, TLS, start-up and
+    /// authentication), as in libpq: a link that accepts and then says nothing fails.
     pub(crate) async fn connect(params: &ConnParams) -> Result<Conn, SourceError> {
         let target = format!("{}:{}", params.host, params.port);
-        let tcp = tokio::time::timeout(params.connect_timeout, TcpStream::connect(&target))
+        tokio::time::timeout(params.connect_timeout, Self::establish(params, &target))
             .await
             .map_err(|_| SourceError::Connect {
                 target: target.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connection timed out"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within connect_timeout ({:?})", params.connect_timeout),
+                ),
             })?
+    }
+
+    async fn establish(params: &ConnParams, target: &str) -> Result<Conn, SourceError> {
+        let target = target.to_owned();
+        let tcp = TcpStream::connect(&target)
+            .await
             .map_err(|source| SourceError::Connect {
                 target: target.clone(),
                 source,

@@ -70,12 +70,7 @@ impl std::fmt::Display for PgError {
     }
 }
 
-/// Whether trying again can help.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Retry {
-    Transient,
-    Definite,
-}
+pub use crate::retry::Retry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -110,18 +105,12 @@ pub enum SourceError {
 }
 
 impl SourceError {
-    /// Decided in one place: network trouble and server shutdowns are worth retrying;
-    /// configuration, permission and protocol problems are not.
+    /// Network trouble and server shutdowns are worth retrying; configuration,
+    /// permission and protocol problems are not (see `crate::retry`).
     pub fn retry(&self) -> Retry {
         match self {
             SourceError::Connect { .. } | SourceError::Io(_) => Retry::Transient,
-            SourceError::Server(e) => match e.code.get(..2) {
-                // connection exceptions, insufficient resources, operator intervention
-                // (shutdown, cannot connect now), system errors
-                Some("08" | "53" | "58") => Retry::Transient,
-                Some("57") if e.code != "57014" => Retry::Transient,
-                _ => Retry::Definite,
-            },
+            SourceError::Server(e) => crate::retry::of_sqlstate(&e.code),
             _ => Retry::Definite,
         }
     }

@@ -202,7 +202,7 @@ impl Replication {
             if let Some(pid) = row[3].as_deref() {
                 return Err(SourceError::SlotInUse {
                     slot: cfg.slot.clone(),
-                    holder: format!("PostgreSQL backend pid {pid}"),
+                    holder: slot_holder(conn, pid).await,
                 });
             }
             if !export_snapshot {
@@ -316,7 +316,9 @@ impl Replication {
         match tag {
             b'd' => {}
             b'E' => return Err(SourceError::Server(PgError::parse(&body))),
-            b'c' => {
+            // CopyDone, or (a walsender ending the stream at server shutdown) the
+            // command's completion: the stream is over, reconnect.
+            b'c' | b'C' | b'Z' => {
                 return Err(SourceError::Io(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
                     "the server ended the replication stream",
@@ -375,5 +377,27 @@ impl Replication {
 
     pub async fn close(self) {
         self.conn.terminate().await;
+    }
+}
+
+/// Who holds a slot: the walsender's client as `pg_stat_replication` shows it.
+async fn slot_holder(conn: &mut Conn, pid: &str) -> String {
+    let query = format!(
+        "SELECT application_name, coalesce(host(client_addr), 'local socket'), client_port, backend_start FROM pg_catalog.pg_stat_replication WHERE pid = {}",
+        quote_literal(pid)
+    );
+    match conn.simple_query(&query).await {
+        Ok(rows) if !rows.is_empty() => {
+            let r = &rows[0];
+            let v = |i: usize| r[i].as_deref().unwrap_or("?").to_owned();
+            format!(
+                "PostgreSQL walsender pid {pid} for application {:?} at {}:{}, connected since {}",
+                v(0),
+                v(1),
+                v(2),
+                v(3)
+            )
+        }
+        _ => format!("PostgreSQL backend pid {pid}"),
     }
 }

@@ -27,6 +27,12 @@ pub async fn connect(p: &ConnParams) -> Result<tokio_postgres::Client, SqlError>
         .dbname(&p.dbname)
         .application_name(&p.application_name)
         .connect_timeout(p.connect_timeout)
+        // A copy connection whose peer vanished (a cut or blackholed link) is noticed
+        // by TCP keepalives instead of hanging.
+        .keepalives(true)
+        .keepalives_idle(std::time::Duration::from_secs(30))
+        .keepalives_interval(std::time::Duration::from_secs(10))
+        .keepalives_retries(3)
         .ssl_mode(match p.sslmode {
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,

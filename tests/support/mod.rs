@@ -3,6 +3,9 @@
 //! A component that cannot start fails the test loudly; nothing is skipped.
 #![allow(dead_code)]
 
+pub mod proxy;
+pub mod trades;
+
 use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Write};
 use std::path::PathBuf;

@@ -1,0 +1,416 @@
+//! Exactly once under faults: links to PostgreSQL and S3 cut, stalled and blackholed
+//! through a TCP proxy, S3 answering 500 and 503, PostgreSQL restarted, a full disk,
+//! a second instance, a paused instance that wakes up after a takeover, a slot that
+//! PostgreSQL invalidated, and a loop of SIGKILLs under a write load. Each test replays
+//! the lake and compares it with the source, and checks `(_lsn, _seq)` is unique.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::proxy::{Mode, Proxy};
+use support::trades::{Env, SELECT, SELECT_WITH_NOTE, Workload, Writer, env, insert_sql};
+use support::*;
+
+/// Rows committed to the lake for `public.trades`, from `walshore status`.
+fn committed_rows(config: &std::path::Path) -> u64 {
+    let out = walshore(&["status", "--config", config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["tables"]["public.trades"]["rows"].as_u64().unwrap_or(0)
+}
+
+/// Waits until a change made now reaches the lake through a running instance: it
+/// recovered from whatever the test did to it.
+async fn assert_run_catches_up(e: &Env, status_config: &std::path::Path, run: &mut std::process::Child) {
+    static MARKERS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+    let to = MARKERS.fetch_sub(10, std::sync::atomic::Ordering::SeqCst) - 1;
+    let before = committed_rows(status_config);
+    e.client.batch_execute(&insert_sql(to - 9, to)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while committed_rows(status_config) < before + 10 {
+        if let Some(status) = run.try_wait().unwrap() {
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(run.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+            panic!("walshore run exited ({status}) instead of recovering:\n{stderr}");
+        }
+        assert!(Instant::now() < deadline, "walshore run did not catch up within 90 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn through(url: &str, from: u16, to: u16) -> String {
+    let out = url.replace(&format!(":{from}/"), &format!(":{to}/"));
+    assert_ne!(out, url, "the port of {url} was not replaced");
+    out
+}
+
+#[tokio::test]
+async fn postgres_link_cut_stalled_and_blackholed_mid_stream() {
+    let e = env(&["wal_sender_timeout = 5s"]).await;
+    let proxy = Proxy::start(e.cluster.port);
+    let url = through(&e.cluster.url("postgres", "t"), e.cluster.port, proxy.port);
+    let lake = SinkKind::File(e.dir.path().join("lake"));
+    let config = e.config(&url, &lake, "", "status_interval = \"1s\"\nreceive_timeout = \"4s\"");
+    sync(&config);
+    let writer = Writer::spawn(e.cluster.url("postgres", "t"), Workload::default());
+    let mut run = spawn_run(&config);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let connections = proxy.connections();
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(proxy.connections() > connections, "walshore reconnected after the cut");
+    proxy.set(Mode::Stall);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.set(Mode::Forward);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.set(Mode::Blackhole);
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    proxy.set(Mode::Forward);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rounds = writer.stop();
+    assert!(rounds > 50, "the writer kept committing ({rounds} rounds)");
+    assert_run_catches_up(&e, &config, &mut run).await;
+    let (status, stderr) = stop(run);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.matches("transient failure").count() >= 2,
+        "the cut and the blackhole were retried:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("source.receive_timeout"),
+        "the blackhole was noticed by the receive timeout:\n{stderr}"
+    );
+    sync(&config);
+    e.assert_lake_equals_source(&config, SELECT).await;
+}
+
+#[tokio::test]
+async fn s3_errors_slow_answers_cuts_and_a_blackhole_mid_stream() {
+    set_fake_aws_env();
+    let moto = Moto::start("lake");
+    let proxy = Proxy::start(moto.port);
+    let e = env(&[]).await;
+    let s3 = SinkKind::S3 {
+        moto: &moto,
+        bucket: "lake",
+        prefix: "faults",
+    };
+    // The direct config reads the lake and checks status; walshore runs through the proxy.
+    let direct_dir = e.dir.path().join("direct");
+    std::fs::create_dir_all(&direct_dir).unwrap();
+    let direct = write_config(
+        &direct_dir,
+        &e.cluster.url("postgres", "t"),
+        "pub",
+        "walshore",
+        &s3,
+        "",
+        "",
+    );
+    let config = e.config(
+        &e.cluster.url("postgres", "t"),
+        &s3,
+        "request_timeout = \"3s\"\nmax_buffer = \"256KiB\"",
+        "",
+    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace(&moto.endpoint(), &format!("http://127.0.0.1:{}", proxy.port)),
+    )
+    .unwrap();
+    sync(&config);
+    let writer = Writer::spawn(e.cluster.url("postgres", "t"), Workload::default());
+    let mut run = spawn_run(&config);
+    let phases = [
+        (Mode::HttpStatus(503), 5),
+        (Mode::Forward, 2),
+        (Mode::HttpStatus(500), 5),
+        (Mode::Forward, 2),
+        (Mode::Delay(Duration::from_millis(300)), 4),
+        (Mode::Forward, 1),
+        (Mode::Stall, 2),
+        (Mode::Forward, 2),
+        (Mode::Blackhole, 6),
+        (Mode::Forward, 2),
+    ];
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (mode, secs) in phases {
+        proxy.set(mode);
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        if mode == Mode::Forward {
+            proxy.cut();
+        }
+    }
+    let rounds = writer.stop();
+    assert!(rounds > 50, "the writer kept committing ({rounds} rounds)");
+    assert!(
+        proxy.errors_served() >= 4,
+        "S3 errors were served ({})",
+        proxy.errors_served()
+    );
+    assert_run_catches_up(&e, &direct, &mut run).await;
+    let (status, stderr) = stop(run);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("transient failure"),
+        "the blackhole (a request timeout) was retried by the pipeline:\n{stderr}"
+    );
+    sync(&direct);
+    e.assert_lake_equals_source(&direct, SELECT).await;
+}
+
+#[tokio::test]
+async fn postgres_restarted_fast_and_immediate_mid_stream() {
+    let mut e = env(&[]).await;
+    let config = e.file_config("", "status_interval = \"1s\"");
+    sync(&config);
+    let writer = Writer::spawn(e.cluster.url("postgres", "t"), Workload::default());
+    let mut run = spawn_run(&config);
+    for mode in ["fast", "immediate", "fast", "immediate"] {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        e.cluster.restart(mode).unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rounds = writer.stop();
+    assert!(rounds > 50, "the writer kept committing ({rounds} rounds)");
+    e.client = e.cluster.connect("t").await.unwrap();
+    assert_run_catches_up(&e, &config, &mut run).await;
+    let (status, stderr) = stop(run);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.matches("transient failure").count() >= 4,
+        "each restart was retried:\n{stderr}"
+    );
+    sync(&config);
+    e.assert_lake_equals_source(&config, SELECT).await;
+}
+
+/// Kills `run` at random moments (at least 30 times) while a writer inserts, updates,
+/// deletes, commits large transactions (streamed: `logical_decoding_work_mem` is tiny)
+/// and adds a column.
+#[tokio::test]
+async fn thirty_random_sigkills_under_load_with_large_transactions_and_a_schema_change() {
+    let e = env(&["logical_decoding_work_mem = 64kB"]).await;
+    let config = e.file_config("max_buffer = \"512KiB\"", "stream_memory = \"1MiB\"");
+    sync(&config);
+    let writer = Writer::spawn(
+        e.cluster.url("postgres", "t"),
+        Workload {
+            large_every: 25,
+            large_rows: 20_000,
+            schema_change_at: Some(60),
+            pause: Duration::from_millis(10),
+        },
+    );
+    let mut seed = 0x9E3779B97F4A7C15u64;
+    let mut kills = 0;
+    for _ in 0..32 {
+        let mut child = spawn_run(&config);
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        tokio::time::sleep(Duration::from_millis(300 + seed % 1500)).await;
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let status = child.wait().unwrap();
+        if !status.success() {
+            kills += 1;
+        }
+    }
+    let rounds = writer.stop();
+    assert!(kills >= 30, "{kills} of 32 runs were killed");
+    assert!(rounds > 60, "the writer passed the schema change ({rounds} rounds)");
+    sync(&config);
+    let lake = e.assert_lake_equals_source(&config, SELECT_WITH_NOTE).await;
+    assert!(
+        lake.rows
+            .iter()
+            .any(|r| r.values.get("note").is_some_and(|v| v.is_some())),
+        "the added column reached the lake"
+    );
+}
+
+#[tokio::test]
+async fn two_instances_started_together_one_runs_the_other_is_refused() {
+    let e = env(&[]).await;
+    let config = e.file_config("", "");
+    use_initial_snapshot(&config, "");
+    e.client.batch_execute(&insert_sql(1, 5000)).await.unwrap();
+    let mut a = spawn_run(&config);
+    let mut b = spawn_run(&config);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (loser, winner, status) = loop {
+        if let Some(s) = a.try_wait().unwrap() {
+            break (a, b, s);
+        }
+        if let Some(s) = b.try_wait().unwrap() {
+            break (b, a, s);
+        }
+        assert!(Instant::now() < deadline, "neither instance was refused within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut loser = loser;
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(loser.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("in use by another process") || stderr.contains("another walshore"),
+        "the refused instance names the other holder:\n{stderr}"
+    );
+    e.client.batch_execute(&insert_sql(6000, 6100)).await.unwrap();
+    let mut winner = winner;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(winner.try_wait().unwrap().is_none(), "the first instance still runs");
+    let (status, stderr) = stop(winner);
+    assert!(status.success(), "{stderr}");
+    sync(&config);
+    e.assert_lake_equals_source(&config, SELECT).await;
+}
+
+#[tokio::test]
+async fn a_paused_instance_that_wakes_after_a_takeover_stops_without_writing() {
+    let e = env(&["wal_sender_timeout = 2s"]).await;
+    let config = e.file_config("", "status_interval = \"1s\"");
+    sync(&config);
+    let mut a = spawn_run(&config);
+    e.client.batch_execute(&insert_sql(1, 100)).await.unwrap();
+    assert_run_catches_up(&e, &config, &mut a).await;
+    unsafe { libc::kill(a.id() as i32, libc::SIGSTOP) };
+    // PostgreSQL drops the paused instance's walsender after wal_sender_timeout.
+    e.client.batch_execute(&insert_sql(200, 300)).await.unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the paused instance's walsender to time out",
+        || async { slot_count(&e.client, true).await == 0 },
+    )
+    .await;
+    let mut b = spawn_run(&config);
+    assert_run_catches_up(&e, &config, &mut b).await;
+    unsafe { libc::kill(a.id() as i32, libc::SIGCONT) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = a.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the woken instance did not stop within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(a.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("another walshore"), "{stderr}");
+    e.client.batch_execute(&insert_sql(400, 500)).await.unwrap();
+    assert_run_catches_up(&e, &config, &mut b).await;
+    let (status, stderr) = stop(b);
+    assert!(status.success(), "{stderr}");
+    sync(&config);
+    e.assert_lake_equals_source(&config, SELECT).await;
+}
+
+#[tokio::test]
+async fn a_slot_invalidated_by_max_slot_wal_keep_size_is_a_definite_error() {
+    let e = env(&[
+        "max_slot_wal_keep_size = 1MB",
+        "max_wal_size = 32MB",
+        "min_wal_size = 32MB",
+    ])
+    .await;
+    let config = e.file_config("", "");
+    e.client.batch_execute(&insert_sql(1, 100)).await.unwrap();
+    sync(&config);
+    let committed = committed_rows(&config);
+    // Push WAL past the slot's allowance while walshore is stopped.
+    for i in 0..6 {
+        e.client
+            .batch_execute(&format!(
+                "{}; SELECT pg_switch_wal(); CHECKPOINT",
+                insert_sql(1000 + i * 10_000, 1000 + i * 10_000 + 9_999)
+            ))
+            .await
+            .unwrap();
+    }
+    let status: String = e
+        .client
+        .query_one(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'walshore'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "lost", "the slot was invalidated");
+    let out = walshore(&["sync", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("max_slot_wal_keep_size") && stderr.contains("initial snapshot"),
+        "the error says why and what to do:\n{stderr}"
+    );
+    assert_eq!(
+        committed_rows(&config),
+        committed,
+        "nothing was committed that claims continuity"
+    );
+}
+
+/// The spill directory on a 1 MiB file system: a streamed transaction that does not
+/// fit stops walshore with a disk-full error naming `source.spill_dir`; nothing is
+/// committed for it, and with room again the lake is exact.
+#[tokio::test]
+async fn a_full_disk_is_a_definite_error_and_nothing_is_lost() {
+    let e = env(&["logical_decoding_work_mem = 64kB"]).await;
+    let small = e.dir.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a 1 MiB tmpfs (the tests run as root)");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let config = e.file_config(
+        "",
+        &format!(
+            "stream_memory = \"64KiB\"\nspill_dir = \"{}\"",
+            small.join("spill").display()
+        ),
+    );
+    // write_config sets its own spill_dir first; the last one wins only if we drop it.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let first = text.lines().find(|l| l.starts_with("spill_dir")).unwrap().to_owned();
+    std::fs::write(&config, text.replacen(&format!("{first}\n"), "", 1)).unwrap();
+    sync(&config);
+    e.client.batch_execute(&insert_sql(1000, 60_000)).await.unwrap();
+    let out = walshore(&["sync", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("source.spill_dir") && stderr.contains("No space left"),
+        "the error names the disk and the key:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("transient failure"),
+        "a full disk is not retried:\n{stderr}"
+    );
+    assert_eq!(
+        committed_rows(&config),
+        0,
+        "nothing of the stuck transaction was committed"
+    );
+    // Room again: the same transaction replicates whole.
+    let status = std::process::Command::new("mount")
+        .args(["-o", "remount,size=256m"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    sync(&config);
+    e.assert_lake_equals_source(&config, SELECT).await;
+}

@@ -1,0 +1,264 @@
+//! A TCP fault proxy for the link between walshore and PostgreSQL or the S3-protocol
+//! server: it forwards, delays, stalls, cuts, blackholes, or (for HTTP) answers requests
+//! with an error status itself. It runs on its own thread and runtime, so tests that
+//! block on a child process do not stall it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Pass bytes through.
+    Forward,
+    /// Pass bytes through, each read held back this long (slow responses).
+    Delay(Duration),
+    /// Hold bytes (both ways) until the mode changes; nothing is lost.
+    Stall,
+    /// Swallow bytes (both ways) and never answer; new connections are accepted and
+    /// swallowed too. A connection that lost bytes stays dead when the mode changes
+    /// back (as after a real partition, the peer must notice by a timeout).
+    Blackhole,
+    /// HTTP only: answer each request on a new connection with this status, without
+    /// forwarding it. Connections open when the mode is set are cut.
+    HttpStatus(u16),
+}
+
+struct Shared {
+    mode: Mutex<Mode>,
+    /// Bumped by every mode change; stalled pumps wait on it.
+    changed: watch::Sender<u64>,
+    /// Bumped by `cut`: every open connection closes.
+    cuts: watch::Sender<u64>,
+    pub connections: AtomicU64,
+    pub errors_served: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+pub struct Proxy {
+    pub port: u16,
+    shared: Arc<Shared>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Listens on a free loopback port and forwards to `upstream` (a loopback port).
+    pub fn start(upstream: u16) -> Proxy {
+        let shared = Arc::new(Shared {
+            mode: Mutex::new(Mode::Forward),
+            changed: watch::channel(0).0,
+            cuts: watch::channel(0).0,
+            connections: AtomicU64::new(0),
+            errors_served: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        });
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let s = shared.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = TcpListener::from_std(listener).unwrap();
+                let upstream: SocketAddr = ([127, 0, 0, 1], upstream).into();
+                let accept = async {
+                    loop {
+                        let Ok((client, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        s.connections.fetch_add(1, Ordering::SeqCst);
+                        tokio::spawn(connection(client, upstream, s.clone()));
+                    }
+                };
+                tokio::select! {
+                    _ = accept => {}
+                    _ = stop_rx => {}
+                }
+            });
+            rt.shutdown_background();
+        });
+        Proxy {
+            port,
+            shared,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn set(&self, mode: Mode) {
+        *self.shared.mode.lock().unwrap() = mode;
+        self.shared.changed.send_modify(|g| *g += 1);
+        if matches!(mode, Mode::HttpStatus(_)) {
+            self.cut();
+        }
+    }
+
+    /// Closes every open connection (new ones are handled by the current mode).
+    pub fn cut(&self) {
+        self.shared.cuts.send_modify(|g| *g += 1);
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Requests answered with an error status by [`Mode::HttpStatus`].
+    pub fn errors_served(&self) -> u64 {
+        self.shared.errors_served.load(Ordering::SeqCst)
+    }
+
+    /// Bytes forwarded (both ways).
+    pub fn bytes(&self) -> u64 {
+        self.shared.bytes.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn connection(mut client: TcpStream, upstream: SocketAddr, s: Arc<Shared>) {
+    let mode = *s.mode.lock().unwrap();
+    let mut cut = s.cuts.subscribe();
+    match mode {
+        Mode::HttpStatus(status) => {
+            tokio::select! {
+                _ = answer_http(&mut client, status, &s) => {}
+                _ = cut.changed() => {}
+            }
+            return;
+        }
+        Mode::Blackhole => {
+            let mut buf = vec![0u8; 64 * 1024];
+            tokio::select! {
+                _ = async { while matches!(client.read(&mut buf).await, Ok(n) if n > 0) {} } => {}
+                _ = cut.changed() => {}
+            }
+            return;
+        }
+        _ => {}
+    }
+    let Ok(server) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (cr, cw) = client.into_split();
+    let (sr, sw) = server.into_split();
+    let dead = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::select! {
+        _ = pump(cr, sw, s.clone(), dead.clone()) => {}
+        _ = pump(sr, cw, s.clone(), dead) => {}
+        _ = cut.changed() => {}
+    }
+}
+
+/// One direction; returns when either side closes. The mode is looked at for every
+/// read, so a change applies to open connections at once.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    s: Arc<Shared>,
+    dead: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut changed = s.changed.subscribe();
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        loop {
+            let mode = *s.mode.lock().unwrap();
+            match mode {
+                Mode::Forward | Mode::HttpStatus(_) => break,
+                Mode::Delay(d) => {
+                    tokio::time::sleep(d).await;
+                    break;
+                }
+                Mode::Stall => {
+                    if changed.changed().await.is_err() {
+                        return;
+                    }
+                }
+                Mode::Blackhole => break,
+            }
+        }
+        if *s.mode.lock().unwrap() == Mode::Blackhole {
+            dead.store(true, Ordering::SeqCst);
+        }
+        if dead.load(Ordering::SeqCst) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+        s.bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Reads HTTP requests (head and Content-Length body) and answers each with `status`,
+/// as S3 does when it is unavailable or failing.
+async fn answer_http(client: &mut TcpStream, status: u16, s: &Shared) {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match client.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let body_len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        while buf.len() < head_end + body_len {
+            match client.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..head_end + body_len);
+        let (code, reason) = match status {
+            500 => ("InternalError", "Internal Server Error"),
+            503 => ("SlowDown", "Service Unavailable"),
+            _ => ("InternalError", "Error"),
+        };
+        let body = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>"
+        );
+        let reply = format!(
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.errors_served.fetch_add(1, Ordering::SeqCst);
+        if client.write_all(reply.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
