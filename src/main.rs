@@ -198,6 +198,11 @@ async fn replicate(config: &std::path::Path, mode: Mode) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %ErrorChain(&e), "stopped");
             eprintln!("walshore: {}", ErrorChain(&e));
+            if walshore::retry::io_source(&e).is_some_and(walshore::retry::is_disk_full) {
+                eprintln!(
+                    "walshore: the disk is full: free space on the volume of sink.url (a file:// lake) or source.spill_dir, or move them to a larger one; nothing uncommitted was kept, and the next start continues from the last commit"
+                );
+            }
             ExitCode::from(1)
         }
     }

@@ -358,28 +358,14 @@ async fn a_slot_invalidated_by_max_slot_wal_keep_size_is_a_definite_error() {
 /// fit stops walshore with a disk-full error naming `source.spill_dir`; nothing is
 /// committed for it, and with room again the lake is exact.
 #[tokio::test]
-async fn a_full_disk_is_a_definite_error_and_nothing_is_lost() {
+async fn a_full_spill_disk_is_a_definite_error_and_nothing_is_lost() {
     let e = env(&["logical_decoding_work_mem = 64kB"]).await;
-    let small = e.dir.path().join("small");
-    std::fs::create_dir_all(&small).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-        .arg(&small)
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount a 1 MiB tmpfs (the tests run as root)");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(small.clone());
+    let small = Tmpfs::mount(e.dir.path().join("small"), "1m");
     let config = e.file_config(
         "",
         &format!(
             "stream_memory = \"64KiB\"\nspill_dir = \"{}\"",
-            small.join("spill").display()
+            small.0.join("spill").display()
         ),
     );
     // write_config sets its own spill_dir first; the last one wins only if we drop it.
@@ -405,12 +391,145 @@ async fn a_full_disk_is_a_definite_error_and_nothing_is_lost() {
         "nothing of the stuck transaction was committed"
     );
     // Room again: the same transaction replicates whole.
-    let status = std::process::Command::new("mount")
-        .args(["-o", "remount,size=256m"])
-        .arg(&small)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    small.resize("256m");
     sync(&config);
     e.assert_lake_equals_source(&config, SELECT).await;
+}
+
+/// Runs `run` with `WALSHORE_FAULT=spec` and waits for it to crash there.
+async fn crash_at(config: &std::path::Path, spec: &str) {
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("WALSHORE_FAULT", spec)
+        .env("WALSHORE_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let (_, stderr) = stop(child);
+            panic!("{spec}: walshore never reached the fault point:\n{stderr}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let name = spec.split('@').next().unwrap();
+    assert!(
+        !status.success() && stderr.contains(&format!("fault injected at {name}")),
+        "{spec}: the process did not crash there (built without --features fault-injection?):\n{stderr}"
+    );
+}
+
+/// A crash at each named fault point (`walshore::fault::POINTS`) while a writer
+/// changes `trades` (adding a column on the way) and a table added to the publication
+/// is copied in chunks beside the stream; then `sync` with other file boundaries.
+#[tokio::test]
+async fn a_crash_at_every_fault_point_under_a_writer_leaves_the_lake_exact() {
+    for point in walshore::fault::POINTS {
+        let e = env(&[]).await;
+        let config = e.file_config("max_buffer = \"128KiB\"", "");
+        use_initial_snapshot(&config, "chunk_size = \"64KiB\"\npoll_interval = \"1s\"");
+        e.client.batch_execute(&insert_sql(1, 3000)).await.unwrap();
+        sync(&config);
+        e.client
+            .batch_execute(
+                "CREATE TABLE prices (symbol text, ts bigint, px numeric, PRIMARY KEY (symbol, ts));
+                 INSERT INTO prices SELECT 'S' || (i % 50), i, i * 0.01 FROM generate_series(1, 20000) i;
+                 ALTER PUBLICATION pub ADD TABLE prices",
+            )
+            .await
+            .unwrap();
+        let writer = Writer::spawn(
+            e.cluster.url("postgres", "t"),
+            Workload {
+                schema_change_at: Some(3),
+                ..Workload::default()
+            },
+        );
+        if *point == "during_recovery" {
+            // Orphans first, so that recovery has files to delete.
+            crash_at(&config, "after_upload@2").await;
+        }
+        crash_at(&config, point).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rounds = writer.stop();
+        assert!(rounds > 3, "{point}: the writer passed its schema change");
+        let config = e.file_config("max_buffer = \"200KiB\"", "");
+        use_initial_snapshot(&config, "chunk_size = \"64KiB\"");
+        sync(&config);
+        e.assert_lake_equals_source(&config, SELECT_WITH_NOTE).await;
+        let store = open_lake(&config);
+        let prices = read_table(&store, "public", "prices").await;
+        assert_unique_positions(&prices);
+        assert_eq!(
+            replay(&prices, Some(&["symbol", "ts"])),
+            source_rows(&e.client, "SELECT symbol, ts::text, px::text FROM prices").await,
+            "{point}: prices"
+        );
+        assert_no_orphans(&config).await;
+    }
+}
+
+/// A tmpfs of a given size (the tests run as root), unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: std::path::PathBuf, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(&path).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount a {size} tmpfs at {}", path.display());
+        Tmpfs(path)
+    }
+
+    fn resize(&self, size: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(status.success(), "resize the tmpfs at {}", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A file-sink lake on a full disk: a definite error that says so, nothing committed
+/// that is not whole, and with room again the lake is exact without orphans.
+#[tokio::test]
+async fn a_full_lake_disk_is_a_definite_error_and_nothing_is_lost() {
+    let e = env(&[]).await;
+    let disk = Tmpfs::mount(e.dir.path().join("disk"), "1m");
+    let lake = SinkKind::File(disk.0.join("lake"));
+    let config = e.config(&e.cluster.url("postgres", "t"), &lake, "max_buffer = \"256KiB\"", "");
+    sync(&config);
+    e.client.batch_execute(&insert_sql(1, 100_000)).await.unwrap();
+    let out = walshore(&["sync", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("No space left") && stderr.contains("the disk is full"),
+        "the error names the full disk:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("transient failure"),
+        "a full disk is not retried:\n{stderr}"
+    );
+    disk.resize("256m");
+    sync(&config);
+    e.assert_lake_equals_source(&config, SELECT).await;
+    assert_no_orphans(&config).await;
 }

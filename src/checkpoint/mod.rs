@@ -312,7 +312,10 @@ impl Checkpoint {
             for key in pending.keys.iter().filter(|k| !kept.contains(*k)) {
                 let path = crate::sink::key_path(key);
                 match self.store.delete(&path).await {
-                    Ok(()) => deleted += 1,
+                    Ok(()) => {
+                        deleted += 1;
+                        crate::fault::point("during_recovery");
+                    }
                     Err(object_store::Error::NotFound { .. }) => {}
                     Err(source) => {
                         return Err(CheckpointError::Store {
@@ -351,6 +354,7 @@ impl Checkpoint {
             .put(&key, PutPayload::from(body))
             .await
             .map_err(store_err(&key))?;
+        crate::fault::point("after_pending_record");
         Ok(())
     }
 

@@ -172,6 +172,7 @@ impl Copier {
         reset: BTreeSet<String>,
     ) -> Result<(Vec<String>, Lsn), PipelineError> {
         let (exporter, name, lsn) = Replication::export_temporary(&self.cfg.source).await?;
+        crate::fault::point("after_snapshot_point");
         let prepared = snapshot::prepare(
             &self.cfg.source,
             Point::new(name, lsn),
@@ -584,6 +585,7 @@ impl SinkTask {
             let merged = recorded.merge_schema(schema).map_err(|e| retype(table, e, Lsn::ZERO))?;
             if let Some(next) = merged {
                 write_schema(self.sink.store().as_ref(), table, &next).await?;
+                crate::fault::point("after_schema_record");
                 self.schemas.insert(table.clone(), next);
             }
         }

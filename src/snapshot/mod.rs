@@ -814,10 +814,12 @@ async fn upload(env: &CopyEnv, taken: Taken) -> Result<Uploaded, SnapshotError> 
         encoded.iter().map(|e| e.object.key.clone()).collect(),
     )
     .await?;
+    crate::fault::point("after_copy_announce");
     let written = futures::stream::iter(encoded.into_iter().map(|e| env.sink.write(e)))
         .buffered(UPLOAD_CONCURRENCY)
         .try_collect::<Vec<_>>()
         .await?;
+    crate::fault::point("after_copy_upload");
     Ok((written, Some(pending)))
 }
 
