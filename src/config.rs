@@ -34,6 +34,10 @@ pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// Silence from PostgreSQL after which the replication connection counts as lost:
 /// walshore asks for a reply every status interval, so a live server always answers.
 pub const DEFAULT_RECEIVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Files above this size are uploaded in parts of this size.
+pub const DEFAULT_PART_SIZE: u64 = 16 << 20;
+/// S3's smallest part (all but the last).
+pub const MIN_PART_SIZE: u64 = 5 << 20;
 /// Longest time one object-store request may take (each try; the store retries).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -99,6 +103,7 @@ struct RawSink {
     row_group_rows: Option<usize>,
     unrepresentable: Option<String>,
     request_timeout: Option<String>,
+    part_size: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -270,6 +275,8 @@ pub struct SinkConfig {
     pub row_group_rows: usize,
     pub unrepresentable: Unrepresentable,
     pub request_timeout: Duration,
+    /// Files larger than this are uploaded in parts of this size (multipart).
+    pub part_size: usize,
 }
 
 /// How a table's files are partitioned (the path segments below the table's folder).
@@ -595,7 +602,14 @@ impl TryFrom<RawConfig> for Config {
                 raw.sink.request_timeout,
                 DEFAULT_REQUEST_TIMEOUT,
             )?,
+            part_size: size("sink.part_size", raw.sink.part_size, DEFAULT_PART_SIZE)? as usize,
         };
+        if sink.part_size < MIN_PART_SIZE as usize {
+            return Err(invalid(
+                "sink.part_size",
+                "must be at least 5MiB (S3's smallest multipart part)",
+            ));
+        }
 
         let snapshot = match raw.snapshot.mode.as_deref().unwrap_or("initial") {
             "initial" => SnapshotMode::Initial,

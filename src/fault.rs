@@ -16,6 +16,7 @@ pub const POINTS: &[&str] = &[
     // a flush of streamed changes
     "after_schema_record",
     "after_pending_record",
+    "mid_multipart_upload",
     "after_upload",
     "before_commit_record",
     "after_commit_before_confirm",

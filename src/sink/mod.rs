@@ -14,6 +14,7 @@ mod store;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use object_store::path::{Path, PathPart};
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parquet::arrow::ArrowWriter;
@@ -76,7 +77,11 @@ const DICTIONARY_PAGE_LIMIT: usize = 128 * 1024;
 pub struct Sink {
     store: Arc<dyn ObjectStore>,
     props: WriterProperties,
+    part_size: usize,
 }
+
+/// Parts of one multipart upload in flight at once.
+const PART_CONCURRENCY: usize = 4;
 
 fn pos_key(p: RowPos) -> String {
     format!("{}.{:016X}", p.lsn.to_key(), p.seq)
@@ -124,7 +129,11 @@ impl Sink {
             .set_dictionary_page_size_limit(DICTIONARY_PAGE_LIMIT)
             .set_created_by(format!("walshore {}", env!("CARGO_PKG_VERSION")))
             .build();
-        Sink { store, props }
+        Sink {
+            store,
+            props,
+            part_size: cfg.part_size,
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -215,16 +224,48 @@ impl Sink {
         &self.props
     }
 
-    /// Uploads one encoded file (a single atomic PUT).
+    /// Uploads one encoded file: a single PUT, or for a file larger than
+    /// `sink.part_size` a multipart upload (parts in parallel, each retried by the
+    /// store). Either way the object appears whole or not at all.
     pub async fn write(&self, e: Encoded) -> Result<WrittenObject, SinkError> {
         let path = key_path(&e.object.key);
-        self.store
-            .put(&path, PutPayload::from_bytes(e.data))
-            .await
-            .map_err(|source| SinkError::Put {
-                key: e.object.key.clone(),
-                source,
-            })?;
+        let err = |source| SinkError::Put {
+            key: e.object.key.clone(),
+            source,
+        };
+        if e.data.len() <= self.part_size {
+            self.store
+                .put(&path, PutPayload::from_bytes(e.data.clone()))
+                .await
+                .map_err(err)?;
+            return Ok(e.object);
+        }
+        let mut upload = self.store.put_multipart(&path).await.map_err(err)?;
+        let parts: Vec<_> = (0..e.data.len())
+            .step_by(self.part_size)
+            .map(|at| {
+                upload.put_part(PutPayload::from_bytes(
+                    e.data.slice(at..(at + self.part_size).min(e.data.len())),
+                ))
+            })
+            .collect();
+        let uploaded = async {
+            let mut parts = futures::stream::iter(parts).buffer_unordered(PART_CONCURRENCY);
+            while let Some(done) = futures::StreamExt::next(&mut parts).await {
+                done?;
+                crate::fault::point("mid_multipart_upload");
+            }
+            upload.complete().await
+        }
+        .await;
+        if let Err(source) = uploaded {
+            // Parts of an unfinished upload are invisible but cost storage: abort it
+            // (a crash cannot; the README asks for a lifecycle rule for that case).
+            if let Err(abort) = upload.abort().await {
+                tracing::warn!(key = %e.object.key, error = %abort, "cannot abort the failed multipart upload; a bucket lifecycle rule removes its parts");
+            }
+            return Err(err(source));
+        }
         Ok(e.object)
     }
 }
