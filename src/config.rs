@@ -697,6 +697,19 @@ mod tests {
         url = "s3://lake/cdc"
     "#;
 
+    /// The documented config parses, and its values are the defaults.
+    #[test]
+    fn the_documented_config_is_valid_and_shows_the_defaults() {
+        let text = include_str!("../config.toml").replace("${PGPASSWORD}", "secret");
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.source.receive_timeout, DEFAULT_RECEIVE_TIMEOUT);
+        assert_eq!(c.source.status_interval, DEFAULT_STATUS_INTERVAL);
+        assert_eq!(c.sink.request_timeout, DEFAULT_REQUEST_TIMEOUT);
+        assert_eq!(c.sink.part_size as u64, DEFAULT_PART_SIZE);
+        assert_eq!(c.sink.flush_interval, DEFAULT_FLUSH_INTERVAL);
+        assert_eq!(c.sink.max_buffer_bytes as u64, DEFAULT_MAX_BUFFER_BYTES);
+    }
+
     #[test]
     fn minimal_config_gets_documented_defaults() {
         let c = Config::parse(MIN).unwrap();
@@ -716,6 +729,11 @@ mod tests {
         assert!(e.to_string().contains("bogus"), "{e}");
         let e = Config::parse(&MIN.replace("slot = \"walshore\"", "slot = \"Bad-Slot\"")).unwrap_err();
         assert!(e.to_string().starts_with("source.slot:"), "{e}");
+        let e = Config::parse(&MIN.replace("slot = \"walshore\"", "slot = \"walshore\"\nreceive_timeout = \"5s\""))
+            .unwrap_err();
+        assert!(e.to_string().starts_with("source.receive_timeout:"), "{e}");
+        let e = Config::parse(&MIN.replace("s3://lake/cdc\"", "s3://lake/cdc\"\npart_size = \"1MiB\"")).unwrap_err();
+        assert!(e.to_string().starts_with("sink.part_size:"), "{e}");
     }
 
     #[test]
