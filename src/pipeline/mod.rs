@@ -134,7 +134,9 @@ impl Process {
     fn new() -> Process {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
         Process {
-            name: format!("{}-{}", host.trim(), std::process::id()),
+            // host and pid name the process in messages; the nonce keeps two
+            // containers with the same host name and pid apart
+            name: format!("{}-{}-{:04x}", host.trim(), std::process::id(), rand::random::<u16>()),
             claimed: Default::default(),
         }
     }
