@@ -421,3 +421,48 @@ impl Checkpoint {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> record::Identity {
+        record::Identity {
+            system_id: "7000000000000000001".into(),
+            slot: "walshore".into(),
+            publication: "pub".into(),
+        }
+    }
+
+    /// The compare-and-swap on a real directory: a writer that claimed, was paused, and
+    /// commits after another instance claimed the next number is refused, naming the
+    /// other; so is a second claim of the same number.
+    #[tokio::test]
+    async fn a_writer_overtaken_by_a_later_claim_cannot_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        let mut a = Checkpoint::load(store.clone(), &identity()).await.unwrap();
+        let mut late = Checkpoint::load(store.clone(), &identity()).await.unwrap();
+        a.claim_and_recover("host-1-aaaa-00000001", true).await.unwrap();
+        // Loaded before a's claim: its claim takes the same number and is refused.
+        match late.claim_and_recover("host-2-bbbb-00000001", true).await {
+            Err(CheckpointError::Fenced { seq: 1, holder }) => assert_eq!(holder, "host-1-aaaa-00000001"),
+            other => panic!("a second claim of commit 1 was not refused: {other:?}"),
+        }
+        // b takes over after a paused; a wakes and commits.
+        let mut b = Checkpoint::load(store.clone(), &identity()).await.unwrap();
+        b.claim_and_recover("host-2-bbbb-00000002", true).await.unwrap();
+        match a
+            .commit_files("host-1-aaaa-00000001", Lsn(0x100), None, Vec::new(), &[])
+            .await
+        {
+            Err(CheckpointError::Fenced { seq: 2, holder }) => assert_eq!(holder, "host-2-bbbb-00000002"),
+            other => panic!("the overtaken writer committed: {:?}", other.map(|r| r.seq)),
+        }
+        assert_eq!(
+            read_head(store.as_ref()).await.unwrap().unwrap().run_id,
+            "host-2-bbbb-00000002"
+        );
+    }
+}
