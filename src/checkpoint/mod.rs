@@ -33,7 +33,10 @@
 //! that any earlier writer still running (paused, cut off) fails its next commit and
 //! stops, and (4) deletes the files of every pending record that no commit record at or
 //! after its sequence number names, then the pending records themselves. Transactions
-//! PostgreSQL resends from before the head's `end_lsn` are skipped by commit LSN.
+//! PostgreSQL resends from before the head's `end_lsn` are skipped by commit LSN. A
+//! process that claimed once and, retrying after a failure, finds a head written by
+//! another process stops (`pipeline::Process`): it was taken over, and two writers
+//! that claim in turn would restart each other's streams forever.
 //!
 //! **The starting state.** A commit record says whether the lake continues a slot's
 //! stream (`initialized`, set by the first claim after START_REPLICATION). Until then a

@@ -1,8 +1,9 @@
 //! RecordBatch -> Parquet object.
 //!
 //! Contract:
-//! - [`Sink::write`] MUST be atomic per object (a single PUT: readers see all or nothing)
-//!   and returns what it wrote; publishing is the checkpoint's commit, a separate step.
+//! - [`Sink::write`] MUST be atomic per object (a single PUT, or a multipart upload that
+//!   the store assembles at its completing request: readers see all or nothing) and
+//!   returns what it wrote; publishing is the checkpoint's commit, a separate step.
 //! - The key follows from the rows: `{schema}/{table}/{partition}/{first}-{last}.parquet`
 //!   where `first` and `last` are the `(_lsn, _seq)` of the file's first and last rows in
 //!   fixed-width hex. A file holds exactly the table's rows of its partition between
