@@ -30,8 +30,7 @@ async fn assert_run_catches_up(e: &Env, status_config: &std::path::Path, run: &m
     let deadline = Instant::now() + Duration::from_secs(90);
     while committed_rows(status_config) < before + 10 {
         if let Some(status) = run.try_wait().unwrap() {
-            let mut stderr = String::new();
-            std::io::Read::read_to_string(run.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+            let stderr = stderr_of(run);
             panic!("walshore run exited ({status}) instead of recovering:\n{stderr}");
         }
         assert!(Instant::now() < deadline, "walshore run did not catch up within 90 s");
@@ -250,9 +249,7 @@ async fn two_instances_started_together_one_runs_the_other_is_refused() {
         assert!(Instant::now() < deadline, "neither instance was refused within 30 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let mut loser = loser;
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(loser.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let stderr = stderr_of(&loser);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("in use by another process") || stderr.contains("another walshore"),
@@ -296,8 +293,7 @@ async fn a_paused_instance_that_wakes_after_a_takeover_stops_without_writing() {
         assert!(Instant::now() < deadline, "the woken instance did not stop within 60 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(a.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let stderr = stderr_of(&a);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("another walshore"), "{stderr}");
     e.client.batch_execute(&insert_sql(400, 500)).await.unwrap();
@@ -398,14 +394,7 @@ async fn a_full_spill_disk_is_a_definite_error_and_nothing_is_lost() {
 
 /// Runs `run` with `WALSHORE_FAULT=spec` and waits for it to crash there.
 async fn crash_at(config: &std::path::Path, spec: &str) {
-    let mut child = std::process::Command::new(BIN)
-        .args(["run", "--config", config.to_str().unwrap()])
-        .env("WALSHORE_FAULT", spec)
-        .env("WALSHORE_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_run_with(config, &[("WALSHORE_FAULT", spec)]);
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -417,8 +406,7 @@ async fn crash_at(config: &std::path::Path, spec: &str) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let stderr = stderr_of(&child);
     let name = spec.split('@').next().unwrap();
     assert!(
         !status.success() && stderr.contains(&format!("fault injected at {name}")),

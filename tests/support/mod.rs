@@ -206,14 +206,36 @@ pub fn assert_pyarrow_reads(config: &std::path::Path) {
     );
 }
 
+/// Where each spawned `run` writes its stderr: a file, not a pipe, so that a long run
+/// never blocks on a pipe nobody reads while it runs.
+static STDERR_FILES: std::sync::Mutex<BTreeMap<u32, tempfile::NamedTempFile>> = std::sync::Mutex::new(BTreeMap::new());
+
 pub fn spawn_run(config: &std::path::Path) -> Child {
-    Command::new(BIN)
+    spawn_run_with(config, &[])
+}
+
+/// `walshore run` with extra environment variables (`WALSHORE_FAULT`, say).
+pub fn spawn_run_with(config: &std::path::Path, env: &[(&str, &str)]) -> Child {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let child = Command::new(BIN)
         .args(["run", "--config", config.to_str().unwrap()])
         .env("WALSHORE_LOG", "info")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(log.reopen().unwrap())
         .spawn()
-        .expect("spawn walshore run")
+        .expect("spawn walshore run");
+    STDERR_FILES.lock().unwrap().insert(child.id(), log);
+    child
+}
+
+/// What a child started by [`spawn_run`] has written to stderr so far.
+pub fn stderr_of(child: &Child) -> String {
+    let files = STDERR_FILES.lock().unwrap();
+    files
+        .get(&child.id())
+        .map(|f| std::fs::read_to_string(f.path()).unwrap_or_default())
+        .unwrap_or_default()
 }
 
 /// SIGTERM and wait; returns the exit status and stderr.
@@ -222,9 +244,7 @@ pub fn stop(mut child: Child) -> (std::process::ExitStatus, String) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            child.stderr.take().map(|mut e| e.read_to_string(&mut err));
-            return (status, err);
+            return (status, stderr_of(&child));
         }
         assert!(
             Instant::now() < deadline,
