@@ -360,6 +360,18 @@ pub struct Config {
     /// How often to look for tables added to the publication and resnapshot requests.
     pub snapshot_poll_interval: Duration,
     pub partitions: Partitions,
+    /// `catalog.kind = "glue"`.
+    pub glue: Option<GlueConfig>,
+}
+
+/// `[catalog]` with `kind = "glue"`.
+#[derive(Clone, Debug)]
+pub struct GlueConfig {
+    pub database: String,
+    /// A Glue-compatible endpoint (tests: moto).
+    pub endpoint: Option<String>,
+    /// Default: `sink.region`, then the standard AWS chain.
+    pub region: Option<String>,
 }
 
 /// `64MiB`, `1 GB`, `4096` (bytes).
@@ -621,6 +633,7 @@ impl TryFrom<RawConfig> for Config {
                 ));
             }
         };
+        let mut glue = None;
         match raw.catalog.kind.as_deref().unwrap_or("none") {
             "none" => {
                 if raw.catalog.database.is_some() || raw.catalog.endpoint.is_some() || raw.catalog.region.is_some() {
@@ -631,10 +644,28 @@ impl TryFrom<RawConfig> for Config {
                 }
             }
             "glue" => {
-                return Err(invalid(
-                    "catalog.kind",
-                    "\"glue\" is not available in this version yet; use \"none\"",
-                ));
+                let database = raw
+                    .catalog
+                    .database
+                    .clone()
+                    .ok_or_else(|| invalid("catalog.database", "required with kind = \"glue\""))?;
+                if database.is_empty()
+                    || !database
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                {
+                    return Err(invalid(
+                        "catalog.database",
+                        format!(
+                            "{database:?}: Glue (and Athena) database names are lower-case letters, digits and underscores"
+                        ),
+                    ));
+                }
+                glue = Some(GlueConfig {
+                    database,
+                    endpoint: raw.catalog.endpoint.clone(),
+                    region: raw.catalog.region.clone().or_else(|| sink.region.clone()),
+                });
             }
             other => return Err(invalid("catalog.kind", format!("{other:?} is not one of none, glue"))),
         }
@@ -680,6 +711,7 @@ impl TryFrom<RawConfig> for Config {
             snapshot_chunk_bytes,
             snapshot_poll_interval,
             partitions,
+            glue,
         })
     }
 }

@@ -18,6 +18,7 @@ pub const POINTS: &[&str] = &[
     "after_pending_record",
     "mid_multipart_upload",
     "after_upload",
+    "after_catalog_registration",
     "before_commit_record",
     "after_commit_before_confirm",
 ];

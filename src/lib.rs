@@ -21,6 +21,7 @@
 //! [`checkpoint`].
 
 pub mod batch;
+pub mod catalog;
 pub mod change;
 pub mod checkpoint;
 pub mod cluster;

@@ -21,7 +21,7 @@
 
 pub mod copy_binary;
 pub mod schema;
-mod value;
+pub(crate) mod value;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -60,6 +60,8 @@ pub enum PipelineError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
     #[error("task failed: {0}")]
     Task(String),
 }
@@ -71,6 +73,7 @@ impl PipelineError {
             PipelineError::Sink(e) => e.retry(),
             PipelineError::Checkpoint(e) => e.retry(),
             PipelineError::Snapshot(e) => e.retry(),
+            PipelineError::Catalog(e) => e.retry(),
             _ => Retry::Definite,
         }
     }
@@ -239,6 +242,10 @@ async fn run_once(
         }
     };
     let run_id = process.run_id();
+    let catalog = match &cfg.glue {
+        Some(g) => Some(crate::catalog::Catalog::open(g, &cfg.sink, &cfg.partitions).await),
+        None => None,
+    };
     let sink = Arc::new(Sink::new(store, &cfg.sink));
 
     // A new lake copies every published table under the slot's exported snapshot:
@@ -343,6 +350,7 @@ async fn run_once(
         withheld: initial_tables.iter().map(|t| (t.clone(), Default::default())).collect(),
         in_flight: in_flight.clone(),
         schemas,
+        catalog,
     }));
     let copier = tasks::Copier {
         cfg: cfg.clone(),

@@ -510,6 +510,8 @@ pub(super) struct SinkTask {
     pub in_flight: Arc<Mutex<BTreeSet<String>>>,
     /// The lake schema of each table, as recorded under `_walshore/schemas/`.
     pub schemas: HashMap<String, LakeSchema>,
+    /// `catalog.kind = "glue"`.
+    pub catalog: Option<crate::catalog::Catalog>,
 }
 
 struct SinkState {
@@ -666,6 +668,12 @@ impl SinkTask {
         );
         for f in &files {
             *st.summary.rows.entry(f.table.clone()).or_default() += f.rows;
+        }
+        // Tables and partitions are in the catalog before the record that publishes
+        // them: a committed partition is always registered.
+        if let Some(catalog) = &mut self.catalog {
+            catalog.register(&files, &self.schemas).await?;
+            crate::fault::point("after_catalog_registration");
         }
         let record = self
             .checkpoint

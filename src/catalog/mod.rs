@@ -1,0 +1,480 @@
+//! The AWS Glue catalog: one external Parquet table per replicated table (the change
+//! log, `{name}_changes`), its columns from the lake schema, its partitions registered
+//! before the commit record that first references them.
+//!
+//! Contract:
+//! - [`Catalog::register`] runs before the commit record that publishes `files`, so a
+//!   committed partition is always registered. A crash in between leaves a registered
+//!   partition whose data is not committed yet (it is streamed again); never the
+//!   reverse.
+//! - Every call is idempotent: an existing database, table or partition is success; a
+//!   table's columns are only ever added or widened, never dropped (analysts may still
+//!   query them in older partitions).
+
+use std::collections::{HashMap, HashSet};
+
+use arrow::datatypes::DataType;
+use aws_sdk_glue::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_glue::types::{Column, DatabaseInput, PartitionInput, SerDeInfo, StorageDescriptor, TableInput};
+
+use crate::batch::schema::LakeSchema;
+use crate::batch::value::Kind;
+use crate::config::{GlueConfig, PartitionBy, Partitions, SinkConfig, Unrepresentable};
+use crate::retry::Retry;
+use crate::sink::WrittenObject;
+
+const INPUT_FORMAT: &str = "org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat";
+const OUTPUT_FORMAT: &str = "org.apache.hadoop.hive.ql.io.parquet.MapredParquetOutputFormat";
+const SERDE: &str = "org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe";
+/// Glue takes at most 100 partitions per BatchCreatePartition.
+const PARTITION_BATCH: usize = 100;
+
+#[derive(Debug, thiserror::Error)]
+#[error("Glue {operation} {target}: {message}{hint}")]
+pub struct CatalogError {
+    pub operation: &'static str,
+    pub target: String,
+    pub message: String,
+    hint: &'static str,
+    retry: Retry,
+}
+
+impl CatalogError {
+    pub fn retry(&self) -> Retry {
+        self.retry
+    }
+}
+
+fn glue_err<E: ProvideErrorMetadata + std::error::Error + 'static>(
+    operation: &'static str,
+    target: &str,
+    e: SdkError<E>,
+) -> CatalogError {
+    let (message, code) = match &e {
+        SdkError::ServiceError(s) => (
+            format!(
+                "{}: {}",
+                s.err().code().unwrap_or("error"),
+                s.err().message().unwrap_or("no message")
+            ),
+            s.err().code().map(str::to_owned),
+        ),
+        other => (crate::pipeline::ErrorChain(other).to_string(), None),
+    };
+    let (retry, hint) = match code.as_deref() {
+        // no answer, a timeout, a dropped connection: try again
+        None => (Retry::Transient, ""),
+        Some(
+            "ThrottlingException"
+            | "ConcurrentModificationException"
+            | "InternalServiceException"
+            | "OperationTimeoutException"
+            | "ResourceNotReadyException",
+        ) => (Retry::Transient, ""),
+        Some("AccessDeniedException") => (
+            Retry::Definite,
+            "; allow glue:GetDatabase, glue:CreateDatabase, glue:GetTable, glue:CreateTable, glue:UpdateTable and glue:BatchCreatePartition on the catalog, the database and its tables for walshore's AWS identity",
+        ),
+        Some(_) => (Retry::Definite, ""),
+    };
+    CatalogError {
+        operation,
+        target: target.to_owned(),
+        message,
+        hint,
+        retry,
+    }
+}
+
+/// The Glue name of `schema.table`'s change-log table: lower case, `[a-z0-9_]`, the
+/// schema left out for `public`.
+pub fn table_name(qualified: &str) -> String {
+    let (schema, table) = qualified.split_once('.').unwrap_or(("public", qualified));
+    let base = if schema == "public" {
+        table.to_owned()
+    } else {
+        format!("{schema}_{table}")
+    };
+    let clean: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{clean}_changes")
+}
+
+/// The Hive type Glue records (and Athena reads) for an Arrow type.
+pub fn hive_type(t: &DataType) -> String {
+    match t {
+        DataType::Boolean => "boolean".into(),
+        DataType::Int16 => "smallint".into(),
+        DataType::Int32 => "int".into(),
+        DataType::Int64 => "bigint".into(),
+        DataType::Float32 => "float".into(),
+        DataType::Float64 => "double".into(),
+        DataType::Decimal128(p, s) => format!("decimal({p},{s})"),
+        DataType::Binary | DataType::LargeBinary => "binary".into(),
+        DataType::Date32 => "date".into(),
+        DataType::Timestamp(_, _) => "timestamp".into(),
+        DataType::List(f) | DataType::LargeList(f) => format!("array<{}>", hive_type(f.data_type())),
+        _ => "string".into(),
+    }
+}
+
+/// A table's columns as Glue records them: the metadata columns, then the table's own
+/// (dropped ones too: older files hold them).
+pub fn columns(schema: &LakeSchema, unrepresentable: Unrepresentable) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = vec![
+        ("_op".into(), "string".into()),
+        ("_lsn".into(), "bigint".into()),
+        ("_seq".into(), "bigint".into()),
+        ("_xid".into(), "bigint".into()),
+        ("_commit_ts".into(), "timestamp".into()),
+        ("_unchanged".into(), "array<string>".into()),
+    ];
+    if unrepresentable != Unrepresentable::Error {
+        out.push((crate::batch::UNREPRESENTED_COLUMN.into(), "array<string>".into()));
+    }
+    for c in &schema.columns {
+        let t = Kind::for_type(c.pg_type_oid, c.pg_type_modifier).data_type();
+        out.push((c.name.clone(), hive_type(&t)));
+    }
+    out
+}
+
+/// The partition keys of a table's partition spec (all strings, as in the path).
+pub fn partition_keys(by: &PartitionBy) -> Vec<String> {
+    match by {
+        PartitionBy::CommitDate => vec!["dt".into()],
+        PartitionBy::CommitHour => vec!["dt".into(), "hour".into()],
+        PartitionBy::Column(c) => vec![c.clone()],
+    }
+}
+
+/// A partition path (`dt=2026-11-22/hour=05`, `symbol=A%2FB`) as Glue values, unescaped.
+pub fn partition_values(partition: &str) -> Vec<String> {
+    partition
+        .split('/')
+        .map(|seg| {
+            let v = seg.split_once('=').map(|(_, v)| v).unwrap_or(seg);
+            unescape(v)
+        })
+        .collect()
+}
+
+fn unescape(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn column(name: &str, ty: &str) -> Column {
+    Column::builder().name(name).r#type(ty).build().expect("name is set")
+}
+
+pub struct Catalog {
+    client: aws_sdk_glue::Client,
+    database: String,
+    /// `{sink.url}` with a trailing slash: table locations are below it.
+    root: String,
+    unrepresentable: Unrepresentable,
+    partitions: Partitions,
+    /// Columns this process last gave each table.
+    tables: HashMap<String, Vec<(String, String)>>,
+    /// Partitions this process registered (or found registered).
+    registered: HashSet<(String, String)>,
+    database_ready: bool,
+}
+
+impl Catalog {
+    /// A client from the standard AWS chain (credentials, region), with `endpoint`
+    /// and `region` from the config when given.
+    pub async fn open(cfg: &GlueConfig, sink: &SinkConfig, partitions: &Partitions) -> Catalog {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(r) = &cfg.region {
+            loader = loader.region(aws_config::Region::new(r.clone()));
+        }
+        let shared = loader.load().await;
+        let mut b = aws_sdk_glue::config::Builder::from(&shared);
+        if let Some(ep) = &cfg.endpoint {
+            b = b.endpoint_url(ep);
+        }
+        let mut root = sink.url.to_string();
+        if !root.ends_with('/') {
+            root.push('/');
+        }
+        Catalog {
+            client: aws_sdk_glue::Client::from_conf(b.build()),
+            database: cfg.database.clone(),
+            root,
+            unrepresentable: sink.unrepresentable,
+            partitions: partitions.clone(),
+            tables: HashMap::new(),
+            registered: HashSet::new(),
+            database_ready: false,
+        }
+    }
+
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// Creates the database if it is missing.
+    pub async fn ensure_database(&mut self) -> Result<(), CatalogError> {
+        if self.database_ready {
+            return Ok(());
+        }
+        match self.client.get_database().name(&self.database).send().await {
+            Ok(_) => {}
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_entity_not_found_exception()) => {
+                let input = DatabaseInput::builder()
+                    .name(&self.database)
+                    .description("PostgreSQL tables replicated by walshore")
+                    .build()
+                    .expect("name is set");
+                match self.client.create_database().database_input(input).send().await {
+                    Ok(_) => tracing::info!(database = %self.database, "created the Glue database"),
+                    Err(e) if e.as_service_error().is_some_and(|s| s.is_already_exists_exception()) => {}
+                    Err(e) => return Err(glue_err("CreateDatabase", &self.database, e)),
+                }
+            }
+            Err(e) => return Err(glue_err("GetDatabase", &self.database, e)),
+        }
+        self.database_ready = true;
+        Ok(())
+    }
+
+    fn table_input(&self, qualified: &str, cols: &[(String, String)]) -> TableInput {
+        let (schema, table) = qualified.split_once('.').unwrap_or(("public", qualified));
+        let location = format!("{}{}/{}/", self.root, schema, table);
+        let keys = partition_keys(self.partitions.of(qualified));
+        TableInput::builder()
+            .name(table_name(qualified))
+            .description(format!("Every change of PostgreSQL table {qualified}, by walshore"))
+            .table_type("EXTERNAL_TABLE")
+            .parameters("classification", "parquet")
+            .parameters("EXTERNAL", "TRUE")
+            .parameters("walshore_version", env!("CARGO_PKG_VERSION"))
+            .parameters("walshore_source_table", qualified)
+            .storage_descriptor(
+                StorageDescriptor::builder()
+                    .set_columns(Some(cols.iter().map(|(n, t)| column(n, t)).collect()))
+                    .location(location)
+                    .input_format(INPUT_FORMAT)
+                    .output_format(OUTPUT_FORMAT)
+                    .serde_info(SerDeInfo::builder().serialization_library(SERDE).build())
+                    .build(),
+            )
+            .set_partition_keys(Some(keys.iter().map(|k| column(k, "string")).collect()))
+            .build()
+            .expect("name is set")
+    }
+
+    /// Creates the table of `qualified`, or adds and widens its columns.
+    pub async fn ensure_table(&mut self, qualified: &str, schema: &LakeSchema) -> Result<(), CatalogError> {
+        self.ensure_database().await?;
+        let wanted = columns(schema, self.unrepresentable);
+        if self.tables.get(qualified) == Some(&wanted) {
+            return Ok(());
+        }
+        let name = table_name(qualified);
+        let existing = match self
+            .client
+            .get_table()
+            .database_name(&self.database)
+            .name(&name)
+            .send()
+            .await
+        {
+            Ok(out) => out.table,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_entity_not_found_exception()) => None,
+            Err(e) => return Err(glue_err("GetTable", &name, e)),
+        };
+        match existing {
+            None => {
+                let input = self.table_input(qualified, &wanted);
+                match self
+                    .client
+                    .create_table()
+                    .database_name(&self.database)
+                    .table_input(input)
+                    .send()
+                    .await
+                {
+                    Ok(_) => tracing::info!(table = %name, database = %self.database, "created the Glue table"),
+                    Err(e) if e.as_service_error().is_some_and(|s| s.is_already_exists_exception()) => {
+                        // Another call created it meanwhile: look again next time.
+                        return Err(CatalogError {
+                            operation: "CreateTable",
+                            target: name,
+                            message: "created concurrently".into(),
+                            hint: "",
+                            retry: Retry::Transient,
+                        });
+                    }
+                    Err(e) => return Err(glue_err("CreateTable", &name, e)),
+                }
+            }
+            Some(t) => {
+                // Keep every column Glue has (older partitions may hold it); take our
+                // type for the ones we know (a widening), add the new ones.
+                let have: Vec<(String, String)> = t
+                    .storage_descriptor()
+                    .map(|sd| {
+                        sd.columns()
+                            .iter()
+                            .map(|c| (c.name().to_owned(), c.r#type().unwrap_or("string").to_owned()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let mut merged = have.clone();
+                for (n, ty) in &wanted {
+                    match merged.iter_mut().find(|(m, _)| m == n) {
+                        Some(c) => c.1 = ty.clone(),
+                        None => merged.push((n.clone(), ty.clone())),
+                    }
+                }
+                if merged != have {
+                    let input = self.table_input(qualified, &merged);
+                    self.client
+                        .update_table()
+                        .database_name(&self.database)
+                        .table_input(input)
+                        .send()
+                        .await
+                        .map_err(|e| glue_err("UpdateTable", &name, e))?;
+                    tracing::info!(table = %name, database = %self.database, columns = merged.len(), "updated the Glue table's columns");
+                }
+            }
+        }
+        self.tables.insert(qualified.to_owned(), wanted);
+        Ok(())
+    }
+
+    /// Registers every table and partition `files` live in, before their commit.
+    pub async fn register(
+        &mut self,
+        files: &[WrittenObject],
+        schemas: &HashMap<String, LakeSchema>,
+    ) -> Result<(), CatalogError> {
+        let mut new: HashMap<&str, Vec<&str>> = HashMap::new();
+        let mut tables: Vec<&str> = files.iter().map(|f| f.table.as_str()).collect();
+        tables.sort_unstable();
+        tables.dedup();
+        // Columns first (a schema change may come within a known partition).
+        for table in tables {
+            let schema = schemas.get(table).cloned().unwrap_or_default();
+            self.ensure_table(table, &schema).await?;
+        }
+        for f in files {
+            if !self.registered.contains(&(f.table.clone(), f.partition.clone())) {
+                let parts = new.entry(f.table.as_str()).or_default();
+                if !parts.contains(&f.partition.as_str()) {
+                    parts.push(f.partition.as_str());
+                }
+            }
+        }
+        for (table, parts) in new {
+            let name = table_name(table);
+            let (schema_name, bare) = table.split_once('.').unwrap_or(("public", table));
+            for chunk in parts.chunks(PARTITION_BATCH) {
+                let inputs: Vec<PartitionInput> = chunk
+                    .iter()
+                    .map(|p| {
+                        PartitionInput::builder()
+                            .set_values(Some(partition_values(p)))
+                            .storage_descriptor(
+                                StorageDescriptor::builder()
+                                    .location(format!("{}{}/{}/{}/", self.root, schema_name, bare, p))
+                                    .input_format(INPUT_FORMAT)
+                                    .output_format(OUTPUT_FORMAT)
+                                    .serde_info(SerDeInfo::builder().serialization_library(SERDE).build())
+                                    .build(),
+                            )
+                            .build()
+                    })
+                    .collect();
+                let out = self
+                    .client
+                    .batch_create_partition()
+                    .database_name(&self.database)
+                    .table_name(&name)
+                    .set_partition_input_list(Some(inputs))
+                    .send()
+                    .await
+                    .map_err(|e| glue_err("BatchCreatePartition", &name, e))?;
+                for e in out.errors() {
+                    let code = e.error_detail().and_then(|d| d.error_code()).unwrap_or("");
+                    if code != "AlreadyExistsException" {
+                        let message = e.error_detail().and_then(|d| d.error_message()).unwrap_or("");
+                        return Err(CatalogError {
+                            operation: "BatchCreatePartition",
+                            target: format!("{name} {:?}", e.partition_values()),
+                            message: format!("{code}: {message}"),
+                            hint: "",
+                            retry: if code == "ThrottlingException" || code == "InternalServiceException" {
+                                Retry::Transient
+                            } else {
+                                Retry::Definite
+                            },
+                        });
+                    }
+                }
+                for p in chunk {
+                    self.registered.insert((table.to_owned(), (*p).to_owned()));
+                }
+                tracing::debug!(table = %name, partitions = chunk.len(), "registered partitions");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_types_and_partition_values() {
+        assert_eq!(table_name("public.trades"), "trades_changes");
+        assert_eq!(table_name("Market.FX-Rates"), "market_fx_rates_changes");
+        assert_eq!(hive_type(&DataType::Decimal128(12, 2)), "decimal(12,2)");
+        assert_eq!(
+            hive_type(&DataType::List(std::sync::Arc::new(arrow::datatypes::Field::new(
+                "item",
+                DataType::Int32,
+                true
+            )))),
+            "array<int>"
+        );
+        assert_eq!(
+            hive_type(&DataType::Timestamp(
+                arrow::datatypes::TimeUnit::Microsecond,
+                Some("UTC".into())
+            )),
+            "timestamp"
+        );
+        assert_eq!(partition_values("dt=2026-11-22/hour=05"), vec!["2026-11-22", "05"]);
+        assert_eq!(partition_values("symbol=A%2FB%3D%25"), vec!["A/B=%"]);
+        assert_eq!(partition_values("symbol=%E2%82%AC"), vec!["€"]);
+    }
+}

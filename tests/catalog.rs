@@ -1,0 +1,316 @@
+//! The Glue catalog, against moto's Glue and S3: tables and partitions registered before
+//! their commit, the documented column types, schema changes, a crash between
+//! registration and commit, and what a reader of exactly the registered partitions
+//! (DuckDB over S3) sees.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+use support::trades::{SELECT, env, insert_sql};
+use support::*;
+
+const DATABASE: &str = "trading_cdc";
+
+struct Lake {
+    moto: Moto,
+    e: support::trades::Env,
+    config: std::path::PathBuf,
+}
+
+/// trades (partitioned by commit date) and prices (by `symbol`, values with `/`, `=`
+/// and `%`) in a publication, an S3 lake on moto, and `[catalog] kind = "glue"`.
+async fn lake(extra_catalog: &str) -> Lake {
+    set_fake_aws_env();
+    let moto = Moto::start("lake");
+    let e = env(&[]).await;
+    e.client
+        .batch_execute(
+            "CREATE TABLE prices (symbol text, ts bigint, px numeric(10,4), note text, PRIMARY KEY (symbol, ts));
+             INSERT INTO prices SELECT (ARRAY['EUR/USD', 'A=B', '100%', 'plain'])[1 + i % 4], i, i * 0.5, NULL FROM generate_series(1, 400) i;
+             ALTER PUBLICATION pub ADD TABLE prices",
+        )
+        .await
+        .unwrap();
+    e.client.batch_execute(&insert_sql(1, 500)).await.unwrap();
+    let s3 = SinkKind::S3 {
+        moto: &moto,
+        bucket: "lake",
+        prefix: "cdc",
+    };
+    let config = e.config(&e.cluster.url("postgres", "t"), &s3, "", "");
+    use_initial_snapshot(&config, "");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[partitions]\n\"public.prices\" = \"column:symbol\"\n\n[catalog]\nkind = \"glue\"\ndatabase = \"{DATABASE}\"\nendpoint = \"{}\"\n{extra_catalog}\n",
+        moto.endpoint()
+    ));
+    std::fs::write(&config, text).unwrap();
+    Lake { moto, e, config }
+}
+
+/// What `tests/py/glue_check.py` reports: Glue's tables and partitions, and the
+/// current state replayed from the registered partitions' files by DuckDB.
+fn glue_view(l: &Lake) -> Value {
+    let out = std::process::Command::new("python3")
+        .args([
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/glue_check.py"),
+            &l.moto.endpoint(),
+            DATABASE,
+            "trades_changes:id:id,symbol,qty,price",
+            "prices_changes:symbol,ts:symbol,ts,px,note",
+        ])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "glue_check.py failed (pip install boto3 duckdb==1.5.5 duckdb-extension-httpfs==1.5.5): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn state(v: &Value, table: &str) -> Vec<Vec<Option<String>>> {
+    let mut rows: Vec<Vec<Option<String>>> = v["state"][table]
+        .as_array()
+        .unwrap_or_else(|| panic!("no state for {table}: {v}"))
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+fn columns(v: &Value, table: &str) -> BTreeMap<String, String> {
+    v["tables"][table]["columns"]
+        .as_array()
+        .unwrap_or_else(|| panic!("table {table} is not in Glue: {v}"))
+        .iter()
+        .map(|c| (c[0].as_str().unwrap().to_owned(), c[1].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+/// The partition paths of the lake's committed files of `schema.table`.
+async fn lake_partitions(config: &std::path::Path, table: &str) -> std::collections::BTreeSet<String> {
+    let store = open_lake(config);
+    let prefix = table.replace('.', "/");
+    let mut out = std::collections::BTreeSet::new();
+    for m in futures::TryStreamExt::try_collect::<Vec<_>>(store.list(Some(&prefix.as_str().into())))
+        .await
+        .unwrap()
+    {
+        let key = m
+            .location
+            .as_ref()
+            .strip_prefix(&format!("{prefix}/"))
+            .unwrap()
+            .to_owned();
+        out.insert(key.rsplit_once('/').unwrap().0.to_owned());
+    }
+    out
+}
+
+async fn assert_readers_see_the_source(l: &Lake) -> Value {
+    let v = glue_view(l);
+    assert_eq!(
+        state(&v, "trades_changes"),
+        source_rows(
+            &l.e.client,
+            "SELECT id::text, symbol, qty::text, price::text FROM trades"
+        )
+        .await,
+        "trades: DuckDB over the registered partitions vs the source"
+    );
+    assert_eq!(
+        state(&v, "prices_changes"),
+        source_rows(&l.e.client, "SELECT symbol, ts::text, px::text, note FROM prices").await,
+        "prices: DuckDB over the registered partitions vs the source"
+    );
+    // Every partition holding a committed file is registered, at its own location.
+    for (table, glue) in [("public.trades", "trades_changes"), ("public.prices", "prices_changes")] {
+        let registered: std::collections::BTreeSet<String> = v["tables"][glue]["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let loc = p["location"].as_str().unwrap();
+                let base = format!("s3://lake/cdc/{}/", table.replace('.', "/"));
+                loc.strip_prefix(&base).unwrap().trim_end_matches('/').to_owned()
+            })
+            .collect();
+        let in_lake = lake_partitions(&l.config, table).await;
+        assert!(!in_lake.is_empty());
+        assert!(
+            in_lake.is_subset(&registered),
+            "{table}: partitions in the lake {in_lake:?}, registered {registered:?}"
+        );
+    }
+    v
+}
+
+#[tokio::test]
+async fn tables_and_partitions_are_registered_with_the_documented_types_and_read_back_exactly() {
+    let l = lake("").await;
+    sync(&l.config);
+    l.e.client
+        .batch_execute(
+            "UPDATE trades SET qty = qty + 1 WHERE id % 3 = 0; DELETE FROM trades WHERE id % 7 = 0;
+             INSERT INTO prices VALUES ('new/sym', 1, 1.25, 'x'), ('a''quote', 2, 2.5, NULL);
+             UPDATE prices SET note = 'n' || ts WHERE ts % 5 = 0; DELETE FROM prices WHERE ts % 11 = 0",
+        )
+        .await
+        .unwrap();
+    sync(&l.config);
+    let v = assert_readers_see_the_source(&l).await;
+
+    let trades = columns(&v, "trades_changes");
+    for (c, t) in [
+        ("_op", "string"),
+        ("_lsn", "bigint"),
+        ("_seq", "bigint"),
+        ("_xid", "bigint"),
+        ("_commit_ts", "timestamp"),
+        ("_unchanged", "array<string>"),
+        ("id", "bigint"),
+        ("symbol", "string"),
+        ("qty", "int"),
+        ("price", "decimal(12,2)"),
+        ("active", "boolean"),
+        ("ts", "timestamp"),
+        ("tags", "array<string>"),
+        ("payload", "binary"),
+    ] {
+        assert_eq!(
+            trades.get(c).map(String::as_str),
+            Some(t),
+            "trades_changes.{c}: {trades:?}"
+        );
+    }
+    let t = &v["tables"]["trades_changes"];
+    assert_eq!(t["partition_keys"], serde_json::json!([["dt", "string"]]));
+    assert_eq!(t["location"], "s3://lake/cdc/public/trades/");
+    assert_eq!(
+        t["serde"],
+        "org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe"
+    );
+    assert_eq!(t["parameters"]["walshore_source_table"], "public.trades");
+    assert_eq!(t["parameters"]["walshore_version"], env!("CARGO_PKG_VERSION"));
+    let p = &v["tables"]["prices_changes"];
+    assert_eq!(p["partition_keys"], serde_json::json!([["symbol", "string"]]));
+    let values: std::collections::BTreeSet<String> = p["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["values"][0].as_str().unwrap().to_owned())
+        .collect();
+    for s in ["EUR/USD", "A=B", "100%", "plain", "new/sym", "a'quote"] {
+        assert!(
+            values.contains(s),
+            "partition value {s:?} registered unescaped: {values:?}"
+        );
+    }
+    assert_eq!(columns(&v, "prices_changes")["px"], "decimal(10,4)");
+}
+
+#[tokio::test]
+async fn a_column_added_while_streaming_reaches_glue_and_old_partitions_still_read() {
+    let l = lake("").await;
+    sync(&l.config);
+    let run = spawn_run(&l.config);
+    l.e.client
+        .batch_execute(&format!(
+            "ALTER TABLE trades ADD COLUMN venue text; {}; UPDATE trades SET venue = 'XNYS' WHERE id > 490",
+            insert_sql(1000, 1100)
+        ))
+        .await
+        .unwrap();
+    // Widening too: int -> bigint.
+    l.e.client
+        .batch_execute(
+            "ALTER TABLE trades ALTER COLUMN qty TYPE bigint; UPDATE trades SET qty = 5000000000 WHERE id = 1",
+        )
+        .await
+        .unwrap();
+    wait_until(std::time::Duration::from_secs(60), "the new column in Glue", || async {
+        let v = glue_view(&l);
+        columns(&v, "trades_changes").get("venue").map(String::as_str) == Some("string")
+            && columns(&v, "trades_changes").get("qty").map(String::as_str) == Some("bigint")
+    })
+    .await;
+    let (status, stderr) = stop(run);
+    assert!(status.success(), "{stderr}");
+    let v = assert_readers_see_the_source(&l).await;
+    // Nothing dropped: the metadata columns and every old column are still there.
+    let cols = columns(&v, "trades_changes");
+    assert!(cols.contains_key("_op") && cols.contains_key("payload"), "{cols:?}");
+    // The whole table replays with the new column too.
+    l.e.assert_lake_equals_source(
+        &l.config,
+        &SELECT.replace("payload::text FROM", "payload::text, venue FROM"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_crash_between_registration_and_commit_leaves_no_missing_and_no_duplicate_partition() {
+    let l = lake("").await;
+    let out = std::process::Command::new(BIN)
+        .args(["sync", "--config", l.config.to_str().unwrap()])
+        .env("WALSHORE_FAULT", "after_catalog_registration")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("fault injected at after_catalog_registration"),
+        "{stderr}"
+    );
+    l.e.client
+        .batch_execute("INSERT INTO prices VALUES ('after/crash', 1, 9, NULL)")
+        .await
+        .unwrap();
+    sync(&l.config);
+    let v = assert_readers_see_the_source(&l).await;
+    for glue in ["trades_changes", "prices_changes"] {
+        let parts: Vec<String> = v["tables"][glue]["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["location"].as_str().unwrap().to_owned())
+            .collect();
+        let unique: std::collections::BTreeSet<_> = parts.iter().collect();
+        assert_eq!(parts.len(), unique.len(), "{glue}: duplicate partitions {parts:?}");
+    }
+}
+
+#[tokio::test]
+async fn glue_unreachable_is_retried_and_nothing_is_lost() {
+    // A Glue endpoint nobody listens on: the failure is transient, retried, and
+    // `sync` gives up after its attempts without committing anything.
+    let l = lake("").await;
+    let text = std::fs::read_to_string(&l.config).unwrap();
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    std::fs::write(
+        &l.config,
+        text.replace(
+            &format!("database = \"{DATABASE}\"\nendpoint = \"{}\"", l.moto.endpoint()),
+            &format!("database = \"{DATABASE}\"\nendpoint = \"{dead}\""),
+        ),
+    )
+    .unwrap();
+    let out = walshore(&["sync", "--config", l.config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("Glue"), "{stderr}");
+    assert!(stderr.contains("transient failure"), "retried:\n{stderr}");
+    // With Glue back, everything arrives.
+    std::fs::write(&l.config, text).unwrap();
+    sync(&l.config);
+    assert_readers_see_the_source(&l).await;
+}

@@ -1,0 +1,80 @@
+"""What a Glue-catalog reader sees: the tables and partitions registered in a Glue
+server (moto), and each table's current state replayed from exactly the files of its
+registered partitions, read by DuckDB over S3 (httpfs, offline from PyPI).
+
+usage: glue_check.py ENDPOINT DATABASE TABLE:KEY1,KEY2:COL1,COL2 ...
+prints JSON: {"tables": {name: {...}}, "state": {name: [[col values as text]]}}
+"""
+
+import json
+import os
+import sys
+
+import boto3
+import duckdb
+import duckdb_extension_httpfs
+
+endpoint, database = sys.argv[1], sys.argv[2]
+specs = [a.split(":") for a in sys.argv[3:]]
+region = os.environ.get("AWS_REGION", "us-east-1")
+glue = boto3.client("glue", endpoint_url=endpoint, region_name=region)
+s3 = boto3.client("s3", endpoint_url=endpoint, region_name=region)
+
+out = {"tables": {}, "state": {}}
+for t in glue.get_tables(DatabaseName=database)["TableList"]:
+    parts = []
+    for page in glue.get_paginator("get_partitions").paginate(DatabaseName=database, TableName=t["Name"]):
+        parts.extend({"values": p["Values"], "location": p["StorageDescriptor"]["Location"]} for p in page["Partitions"])
+    sd = t["StorageDescriptor"]
+    out["tables"][t["Name"]] = {
+        "columns": [[c["Name"], c["Type"]] for c in sd["Columns"]],
+        "partition_keys": [[c["Name"], c["Type"]] for c in t.get("PartitionKeys", [])],
+        "location": sd["Location"],
+        "serde": sd["SerdeInfo"]["SerializationLibrary"],
+        "parameters": t.get("Parameters", {}),
+        "partitions": parts,
+    }
+
+ext = os.path.join(os.path.dirname(duckdb_extension_httpfs.__file__), "extensions", "v1.5.5", "httpfs.duckdb_extension")
+db = duckdb.connect(config={"allow_unsigned_extensions": "true"})
+db.execute(f"LOAD '{ext}'")
+host = endpoint.split("://", 1)[1]
+db.execute(
+    f"CREATE SECRET (TYPE s3, KEY_ID '{os.environ['AWS_ACCESS_KEY_ID']}', SECRET '{os.environ['AWS_SECRET_ACCESS_KEY']}', "
+    f"REGION '{region}', ENDPOINT '{host}', URL_STYLE 'path', USE_SSL false)"
+)
+
+for name, keys, cols in specs:
+    keys, cols = keys.split(","), cols.split(",")
+    files = []
+    for p in out["tables"][name]["partitions"]:
+        bucket, prefix = p["location"][len("s3://"):].split("/", 1)
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            files.extend(f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", []) if o["Key"].endswith(".parquet"))
+    if not files:
+        out["state"][name] = []
+        continue
+    select = ", ".join(f'CAST("{c}" AS VARCHAR)' for c in cols)
+    unchanged = "_unchanged"
+    rows = db.execute(
+        f"SELECT _op, {unchanged}, {select} FROM read_parquet({files!r}, union_by_name = true) ORDER BY _lsn, _seq"
+    ).fetchall()
+    # The current-state rule: T empties, R/I/U upsert by key (unchanged-TOAST columns
+    # keep the previous value), D removes the key.
+    state = {}
+    for op, unch, *vals in rows:
+        row = dict(zip(cols, vals))
+        key = tuple(row[k] for k in keys)
+        if op == "T":
+            state = {}
+        elif op == "D":
+            state.pop(key, None)
+        else:
+            prev = state.get(key, {})
+            for c in unch or []:
+                if c in row:
+                    row[c] = prev.get(c)
+            state[key] = row
+    out["state"][name] = sorted([[r[c] for c in cols] for r in state.values()], key=lambda r: [x or "" for x in r])
+
+print(json.dumps(out))
