@@ -766,6 +766,17 @@ mod tests {
         assert!(e.to_string().starts_with("source.receive_timeout:"), "{e}");
         let e = Config::parse(&MIN.replace("s3://lake/cdc\"", "s3://lake/cdc\"\npart_size = \"1MiB\"")).unwrap_err();
         assert!(e.to_string().starts_with("sink.part_size:"), "{e}");
+        let glue = |extra: &str| Config::parse(&format!("{MIN}\n[catalog]\nkind = \"glue\"\n{extra}"));
+        let e = glue("").unwrap_err();
+        assert!(e.to_string().starts_with("catalog.database:"), "{e}");
+        let e = glue("database = \"Trading-CDC\"").unwrap_err();
+        assert!(e.to_string().starts_with("catalog.database:"), "{e}");
+        let c = glue("database = \"trading_cdc\"\nregion = \"eu-west-1\"").unwrap();
+        let g = c.glue.unwrap();
+        assert_eq!(
+            (g.database.as_str(), g.region.as_deref()),
+            ("trading_cdc", Some("eu-west-1"))
+        );
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub async fn check(cfg: &Config) -> usize {
     r.line(Outcome::Ok, "config", "parsed and valid");
     database_checks(cfg, &mut r).await;
     store_check(cfg, &mut r).await;
-    r.line(Outcome::Ok, "catalog", "catalog.kind = \"none\": nothing to register");
+    catalog_check(cfg, &mut r).await;
     r.failures
 }
 
@@ -284,5 +284,29 @@ async fn store_check(cfg: &Config, r: &mut Report) {
                 crate::pipeline::ErrorChain(&e)
             ),
         ),
+    }
+}
+
+async fn catalog_check(cfg: &Config, r: &mut Report) {
+    let Some(glue) = &cfg.glue else {
+        r.line(Outcome::Ok, "catalog", "catalog.kind = \"none\": nothing to register");
+        return;
+    };
+    let catalog = crate::catalog::Catalog::open(glue, &cfg.sink, &cfg.partitions).await;
+    match catalog.probe().await {
+        Ok(true) => r.line(
+            Outcome::Ok,
+            "catalog",
+            format!("Glue database {} is reachable", glue.database),
+        ),
+        Ok(false) => r.line(
+            Outcome::Ok,
+            "catalog",
+            format!(
+                "Glue is reachable; database {} does not exist yet and is created at the first commit",
+                glue.database
+            ),
+        ),
+        Err(e) => r.line(Outcome::Fail, "catalog", e),
     }
 }

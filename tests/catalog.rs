@@ -158,6 +158,14 @@ async fn assert_readers_see_the_source(l: &Lake) -> Value {
 #[tokio::test]
 async fn tables_and_partitions_are_registered_with_the_documented_types_and_read_back_exactly() {
     let l = lake("").await;
+    let out = walshore(&["check", "--config", l.config.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("ok") && l.contains("catalog") && l.contains("created at the first commit")),
+        "{stdout}"
+    );
     sync(&l.config);
     l.e.client
         .batch_execute(
@@ -304,6 +312,15 @@ async fn glue_unreachable_is_retried_and_nothing_is_lost() {
         ),
     )
     .unwrap();
+    let out = walshore(&["check", "--config", l.config.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("catalog") && l.contains("GetDatabase")),
+        "{stdout}"
+    );
     let out = walshore(&["sync", "--config", l.config.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");

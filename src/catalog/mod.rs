@@ -238,6 +238,16 @@ impl Catalog {
         &self.database
     }
 
+    /// For `check`: whether the database exists (`Ok(false)`: walshore creates it),
+    /// or why Glue cannot be used.
+    pub async fn probe(&self) -> Result<bool, CatalogError> {
+        match self.client.get_database().name(&self.database).send().await {
+            Ok(_) => Ok(true),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_entity_not_found_exception()) => Ok(false),
+            Err(e) => Err(glue_err("GetDatabase", &self.database, e)),
+        }
+    }
+
     /// Creates the database if it is missing.
     pub async fn ensure_database(&mut self) -> Result<(), CatalogError> {
         if self.database_ready {
