@@ -69,6 +69,16 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Print Athena SQL for the lake: a CREATE VIEW with the current state of every
+    /// replicated table (over its Glue change-log table), and example queries for the
+    /// demo's trading schema.
+    AthenaSql {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The Glue database (default: catalog.database).
+        #[arg(long)]
+        database: Option<String>,
+    },
     /// Start a throwaway PostgreSQL, write a few thousand trading changes and replicate
     /// them into DIR/lake with the file sink.
     Demo {
@@ -171,6 +181,41 @@ async fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("walshore: resnapshot: {}", ErrorChain(&e));
                     ExitCode::from(e.exit_code())
+                }
+            }
+        }
+        Command::AthenaSql { config, database } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let Some(database) = database.or_else(|| cfg.glue.as_ref().map(|g| g.database.clone())) else {
+                eprintln!(
+                    "walshore: athena-sql: no Glue database: set [catalog] database (kind = \"glue\") or pass --database"
+                );
+                return ExitCode::from(2);
+            };
+            let schemas = match walshore::sink::open_store(&cfg.sink) {
+                Ok(store) => walshore::checkpoint::read_schemas(store.as_ref())
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match schemas {
+                Ok(s) if s.is_empty() => {
+                    eprintln!(
+                        "walshore: athena-sql: the lake at {} has no tables yet; run walshore first",
+                        cfg.sink.url
+                    );
+                    ExitCode::from(1)
+                }
+                Ok(s) => {
+                    print!("{}", walshore::catalog::athena_sql(&database, &s, &cfg.partitions));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("walshore: athena-sql: {e}");
+                    ExitCode::from(1)
                 }
             }
         }

@@ -12,6 +12,10 @@ use support::trades::{SELECT, env, insert_sql};
 use support::*;
 
 const DATABASE: &str = "trading_cdc";
+/// The source side of what `glue_check.py` reads, as DuckDB renders it.
+const TRADES: &str =
+    "SELECT id::text, symbol, qty::text, price::text, '[' || array_to_string(tags, ', ') || ']' FROM trades";
+const PRICES: &str = "SELECT symbol, ts::text, px::text, note FROM prices";
 
 struct Lake {
     moto: Moto,
@@ -50,19 +54,26 @@ async fn lake(extra_catalog: &str) -> Lake {
     Lake { moto, e, config }
 }
 
-/// What `tests/py/glue_check.py` reports: Glue's tables and partitions, and the
-/// current state replayed from the registered partitions' files by DuckDB.
+/// What `tests/py/glue_check.py` reports: Glue's tables and partitions, the current
+/// state replayed from the registered partitions' files by DuckDB, and (with
+/// `athena-sql` output) the generated views run in DuckDB over those files.
 fn glue_view(l: &Lake) -> Value {
-    let out = std::process::Command::new("python3")
-        .args([
-            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/glue_check.py"),
-            &l.moto.endpoint(),
-            DATABASE,
-            "trades_changes:id:id,symbol,qty,price",
-            "prices_changes:symbol,ts:symbol,ts,px,note",
-        ])
-        .output()
-        .expect("python3");
+    glue_view_with(l, None)
+}
+
+fn glue_view_with(l: &Lake, views: Option<&std::path::Path>) -> Value {
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args([
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/glue_check.py"),
+        &l.moto.endpoint(),
+        DATABASE,
+        "trades_changes:id:id,symbol,qty,price,tags",
+        "prices_changes:symbol,ts:symbol,ts,px,note",
+    ]);
+    if let Some(v) = views {
+        cmd.arg("--views").arg(v);
+    }
+    let out = cmd.output().expect("python3");
     assert!(
         out.status.success(),
         "glue_check.py failed (pip install boto3 duckdb==1.5.5 duckdb-extension-httpfs==1.5.5): {}",
@@ -72,7 +83,11 @@ fn glue_view(l: &Lake) -> Value {
 }
 
 fn state(v: &Value, table: &str) -> Vec<Vec<Option<String>>> {
-    let mut rows: Vec<Vec<Option<String>>> = v["state"][table]
+    rows_of(v, "state", table)
+}
+
+fn rows_of(v: &Value, what: &str, table: &str) -> Vec<Vec<Option<String>>> {
+    let mut rows: Vec<Vec<Option<String>>> = v[what][table]
         .as_array()
         .unwrap_or_else(|| panic!("no state for {table}: {v}"))
         .iter()
@@ -121,16 +136,12 @@ async fn assert_readers_see_the_source(l: &Lake) -> Value {
     let v = glue_view(l);
     assert_eq!(
         state(&v, "trades_changes"),
-        source_rows(
-            &l.e.client,
-            "SELECT id::text, symbol, qty::text, price::text FROM trades"
-        )
-        .await,
+        source_rows(&l.e.client, TRADES).await,
         "trades: DuckDB over the registered partitions vs the source"
     );
     assert_eq!(
         state(&v, "prices_changes"),
-        source_rows(&l.e.client, "SELECT symbol, ts::text, px::text, note FROM prices").await,
+        source_rows(&l.e.client, PRICES).await,
         "prices: DuckDB over the registered partitions vs the source"
     );
     // Every partition holding a committed file is registered, at its own location.
@@ -330,4 +341,58 @@ async fn glue_unreachable_is_retried_and_nothing_is_lost() {
     std::fs::write(&l.config, text).unwrap();
     sync(&l.config);
     assert_readers_see_the_source(&l).await;
+}
+
+/// `walshore athena-sql` prints a current-state view per table; DuckDB runs each over
+/// exactly the registered partitions' files and gets the source's rows, after updates
+/// that leave a TOAST value out (`_unchanged`), deletes and a truncate.
+#[tokio::test]
+async fn the_athena_current_state_views_return_the_source_rows() {
+    let l = lake("").await;
+    l.e.client
+        .batch_execute(
+            "ALTER TABLE trades ALTER COLUMN tags SET STORAGE EXTERNAL;
+             UPDATE trades SET tags = ARRAY(SELECT 'tag' || g FROM generate_series(1, 2000) g) WHERE id % 50 = 0",
+        )
+        .await
+        .unwrap();
+    sync(&l.config);
+    l.e.client
+        .batch_execute(
+            "UPDATE trades SET qty = qty + 1 WHERE id % 10 = 0; DELETE FROM trades WHERE id % 7 = 0;
+             INSERT INTO prices VALUES ('x/y', 1, 1.5, 'n');
+             TRUNCATE prices; INSERT INTO prices VALUES ('after', 1, 2.5, NULL), ('EUR/USD', 9, 3, 'z');
+             UPDATE prices SET note = 'upd' WHERE symbol = 'after'",
+        )
+        .await
+        .unwrap();
+    sync(&l.config);
+    let sql = walshore(&["athena-sql", "--config", l.config.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&sql.stdout).into_owned();
+    assert!(sql.status.success(), "{}", String::from_utf8_lossy(&sql.stderr));
+    for view in ["trades", "prices"] {
+        assert!(
+            text.contains(&format!("CREATE OR REPLACE VIEW \"{DATABASE}\".\"{view}\"")),
+            "{text}"
+        );
+    }
+    // Some updates really left the big value out.
+    let lake = read_table(&open_lake(&l.config), "public", "trades").await;
+    assert!(
+        lake.rows.iter().any(|r| r.unchanged.contains(&"tags".to_string())),
+        "no update left tags out: the carry-forward is not exercised"
+    );
+    let file = l.e.dir.path().join("views.sql");
+    std::fs::write(&file, &text).unwrap();
+    let v = glue_view_with(&l, Some(&file));
+    assert_eq!(
+        rows_of(&v, "views", "trades"),
+        source_rows(&l.e.client, TRADES).await,
+        "the trades view"
+    );
+    assert_eq!(
+        rows_of(&v, "views", "prices"),
+        source_rows(&l.e.client, PRICES).await,
+        "the prices view"
+    );
 }

@@ -19,6 +19,10 @@ pub struct LakeColumn {
     /// No longer sent by PostgreSQL: null in files written since.
     #[serde(default)]
     pub dropped: bool,
+    /// Part of the replica identity key (the primary key; every column under REPLICA
+    /// IDENTITY FULL). Lakes written before this was recorded read as `false`.
+    #[serde(default)]
+    pub key: bool,
 }
 
 /// `_walshore/schemas/{schema.table}.json`.
@@ -73,6 +77,7 @@ impl LakeSchema {
                     pg_type_oid: r.type_oid,
                     pg_type_modifier: r.type_modifier,
                     dropped: false,
+                    key: r.key,
                 }),
                 Some(c) => {
                     let old = Kind::for_type(c.pg_type_oid, c.pg_type_modifier);
@@ -86,6 +91,7 @@ impl LakeSchema {
                     c.arrow_type = arrow_type;
                     c.pg_type_oid = r.type_oid;
                     c.pg_type_modifier = r.type_modifier;
+                    c.key = r.key;
                 }
             }
         }
@@ -108,7 +114,7 @@ impl LakeSchema {
                     name: c.name.clone(),
                     type_oid: c.pg_type_oid,
                     type_modifier: c.pg_type_modifier,
-                    key: false,
+                    key: c.key,
                 })
                 .collect(),
         };

@@ -23,6 +23,8 @@ use crate::config::{GlueConfig, PartitionBy, Partitions, SinkConfig, Unrepresent
 use crate::retry::Retry;
 use crate::sink::WrittenObject;
 
+pub mod views;
+
 const INPUT_FORMAT: &str = "org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat";
 const OUTPUT_FORMAT: &str = "org.apache.hadoop.hive.ql.io.parquet.MapredParquetOutputFormat";
 const SERDE: &str = "org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe";
@@ -86,17 +88,21 @@ fn glue_err<E: ProvideErrorMetadata + std::error::Error + 'static>(
     }
 }
 
-/// The Glue name of `schema.table`'s change-log table: lower case, `[a-z0-9_]`, the
-/// schema left out for `public`.
+/// The Glue name of `schema.table`'s change-log table: [`view_name`] + `_changes`.
 pub fn table_name(qualified: &str) -> String {
+    format!("{}_changes", view_name(qualified))
+}
+
+/// The name of `schema.table`'s current-state view: lower case, `[a-z0-9_]`, the
+/// schema left out for `public`.
+pub fn view_name(qualified: &str) -> String {
     let (schema, table) = qualified.split_once('.').unwrap_or(("public", qualified));
     let base = if schema == "public" {
         table.to_owned()
     } else {
         format!("{schema}_{table}")
     };
-    let clean: String = base
-        .chars()
+    base.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() {
                 c.to_ascii_lowercase()
@@ -104,8 +110,7 @@ pub fn table_name(qualified: &str) -> String {
                 '_'
             }
         })
-        .collect();
-    format!("{clean}_changes")
+        .collect()
 }
 
 /// The Hive type Glue records (and Athena reads) for an Arrow type.
@@ -127,8 +132,9 @@ pub fn hive_type(t: &DataType) -> String {
 }
 
 /// A table's columns as Glue records them: the metadata columns, then the table's own
-/// (dropped ones too: older files hold them).
-pub fn columns(schema: &LakeSchema, unrepresentable: Unrepresentable) -> Vec<(String, String)> {
+/// (dropped ones too: older files hold them), except a partition column, which Glue
+/// holds as a partition key (a name may not be both).
+pub fn columns(schema: &LakeSchema, unrepresentable: Unrepresentable, by: &PartitionBy) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = vec![
         ("_op".into(), "string".into()),
         ("_lsn".into(), "bigint".into()),
@@ -140,7 +146,8 @@ pub fn columns(schema: &LakeSchema, unrepresentable: Unrepresentable) -> Vec<(St
     if unrepresentable != Unrepresentable::Error {
         out.push((crate::batch::UNREPRESENTED_COLUMN.into(), "array<string>".into()));
     }
-    for c in &schema.columns {
+    let keys = partition_keys(by);
+    for c in schema.columns.iter().filter(|c| !keys.contains(&c.name)) {
         let t = Kind::for_type(c.pg_type_oid, c.pg_type_modifier).data_type();
         out.push((c.name.clone(), hive_type(&t)));
     }
@@ -189,6 +196,26 @@ fn unescape(v: &str) -> String {
 
 fn column(name: &str, ty: &str) -> Column {
     Column::builder().name(name).r#type(ty).build().expect("name is set")
+}
+
+/// What `walshore athena-sql` prints: a current-state view for every table of the
+/// lake (from its recorded schema), then, for the demo's trading schema, example
+/// queries.
+pub fn athena_sql(database: &str, schemas: &HashMap<String, LakeSchema>, partitions: &Partitions) -> String {
+    let mut tables: Vec<&String> = schemas.keys().collect();
+    tables.sort();
+    let mut out = String::new();
+    for t in &tables {
+        out.push_str(&format!(
+            "-- {t}: current state (latest row per key, truncates and deletes applied, unchanged TOAST values carried forward)\n{};\n\n",
+            views::current_state(database, t, &schemas[*t], partitions.of(t))
+        ));
+    }
+    let demo = ["public.trades", "public.prices"];
+    if demo.iter().all(|t| schemas.contains_key(*t)) {
+        out.push_str(&include_str!("../../sql/athena/examples.sql").replace("trading_cdc", database));
+    }
+    out
 }
 
 pub struct Catalog {
@@ -302,7 +329,7 @@ impl Catalog {
     /// Creates the table of `qualified`, or adds and widens its columns.
     pub async fn ensure_table(&mut self, qualified: &str, schema: &LakeSchema) -> Result<(), CatalogError> {
         self.ensure_database().await?;
-        let wanted = columns(schema, self.unrepresentable);
+        let wanted = columns(schema, self.unrepresentable, self.partitions.of(qualified));
         if self.tables.get(qualified) == Some(&wanted) {
             return Ok(());
         }

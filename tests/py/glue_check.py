@@ -2,8 +2,11 @@
 server (moto), and each table's current state replayed from exactly the files of its
 registered partitions, read by DuckDB over S3 (httpfs, offline from PyPI).
 
-usage: glue_check.py ENDPOINT DATABASE TABLE:KEY1,KEY2:COL1,COL2 ...
-prints JSON: {"tables": {name: {...}}, "state": {name: [[col values as text]]}}
+usage: glue_check.py ENDPOINT DATABASE TABLE:KEY1,KEY2:COL1,COL2 ... [--views FILE]
+prints JSON: {"tables": {name: {...}}, "state": {name: [[col values as text]]},
+"views": {view: [[...]]}}. With --views, FILE holds `walshore athena-sql` output: its
+CREATE VIEW statements run in DuckDB over change-log tables made of exactly the
+registered partitions' files, and each view of the listed tables is selected.
 """
 
 import json
@@ -15,12 +18,18 @@ import duckdb
 import duckdb_extension_httpfs
 
 endpoint, database = sys.argv[1], sys.argv[2]
-specs = [a.split(":") for a in sys.argv[3:]]
+args = sys.argv[3:]
+views_file = None
+if "--views" in args:
+    i = args.index("--views")
+    views_file = args[i + 1]
+    del args[i : i + 2]
+specs = [a.split(":") for a in args]
 region = os.environ.get("AWS_REGION", "us-east-1")
 glue = boto3.client("glue", endpoint_url=endpoint, region_name=region)
 s3 = boto3.client("s3", endpoint_url=endpoint, region_name=region)
 
-out = {"tables": {}, "state": {}}
+out = {"tables": {}, "state": {}, "views": {}}
 for t in glue.get_tables(DatabaseName=database)["TableList"]:
     parts = []
     for page in glue.get_paginator("get_partitions").paginate(DatabaseName=database, TableName=t["Name"]):
@@ -44,13 +53,18 @@ db.execute(
     f"REGION '{region}', ENDPOINT '{host}', URL_STYLE 'path', USE_SSL false)"
 )
 
-for name, keys, cols in specs:
-    keys, cols = keys.split(","), cols.split(",")
+def registered_files(name):
     files = []
     for p in out["tables"][name]["partitions"]:
         bucket, prefix = p["location"][len("s3://"):].split("/", 1)
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             files.extend(f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", []) if o["Key"].endswith(".parquet"))
+    return files
+
+
+for name, keys, cols in specs:
+    keys, cols = keys.split(","), cols.split(",")
+    files = registered_files(name)
     if not files:
         out["state"][name] = []
         continue
@@ -76,5 +90,23 @@ for name, keys, cols in specs:
                     row[c] = prev.get(c)
             state[key] = row
     out["state"][name] = sorted([[r[c] for c in cols] for r in state.values()], key=lambda r: [x or "" for x in r])
+
+if views_file:
+    db.execute(f'CREATE SCHEMA "{database}"')
+    for name in out["tables"]:
+        files = registered_files(name)
+        if files:
+            db.execute(f'CREATE VIEW "{database}"."{name}" AS SELECT * FROM read_parquet({files!r}, union_by_name = true)')
+    text = open(views_file).read()
+    for stmt in text.split(";\n"):
+        body = "\n".join(l for l in stmt.splitlines() if not l.startswith("--")).strip()
+        if body.startswith("CREATE OR REPLACE VIEW"):
+            db.execute(body)
+    for name, keys, cols in specs:
+        view = name[: -len("_changes")]
+        cols = cols.split(",")
+        select = ", ".join(f'CAST("{c}" AS VARCHAR)' for c in cols)
+        rows = db.execute(f'SELECT {select} FROM "{database}"."{view}"').fetchall()
+        out["views"][view] = [list(r) for r in rows]
 
 print(json.dumps(out))
