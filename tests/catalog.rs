@@ -144,6 +144,15 @@ async fn assert_readers_see_the_source(l: &Lake) -> Value {
         source_rows(&l.e.client, PRICES).await,
         "prices: DuckDB over the registered partitions vs the source"
     );
+    // pyarrow read every registered file: as many rows as the lake's commit records hold.
+    let status = walshore(&["status", "--config", l.config.to_str().unwrap()]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    for (table, glue) in [("public.trades", "trades_changes"), ("public.prices", "prices_changes")] {
+        assert_eq!(
+            v["pyarrow_rows"][glue], status["tables"][table]["rows"],
+            "{glue}: rows pyarrow read from the registered partitions vs rows committed"
+        );
+    }
     // Every partition holding a committed file is registered, at its own location.
     for (table, glue) in [("public.trades", "trades_changes"), ("public.prices", "prices_changes")] {
         let registered: std::collections::BTreeSet<String> = v["tables"][glue]["partitions"]
