@@ -119,6 +119,7 @@ struct RawSnapshot {
 #[serde(deny_unknown_fields)]
 struct RawCatalog {
     kind: Option<String>,
+    create_views: Option<bool>,
     database: Option<String>,
     endpoint: Option<String>,
     region: Option<String>,
@@ -372,6 +373,8 @@ pub struct GlueConfig {
     pub endpoint: Option<String>,
     /// Default: `sink.region`, then the standard AWS chain.
     pub region: Option<String>,
+    /// Keep a current-state view per table in Glue (Athena's view format).
+    pub create_views: bool,
 }
 
 /// `64MiB`, `1 GB`, `4096` (bytes).
@@ -636,10 +639,14 @@ impl TryFrom<RawConfig> for Config {
         let mut glue = None;
         match raw.catalog.kind.as_deref().unwrap_or("none") {
             "none" => {
-                if raw.catalog.database.is_some() || raw.catalog.endpoint.is_some() || raw.catalog.region.is_some() {
+                if raw.catalog.database.is_some()
+                    || raw.catalog.endpoint.is_some()
+                    || raw.catalog.region.is_some()
+                    || raw.catalog.create_views.is_some()
+                {
                     return Err(invalid(
                         "catalog",
-                        "database, endpoint and region apply only with kind = \"glue\"",
+                        "database, endpoint, region and create_views apply only with kind = \"glue\"",
                     ));
                 }
             }
@@ -665,6 +672,7 @@ impl TryFrom<RawConfig> for Config {
                     database,
                     endpoint: raw.catalog.endpoint.clone(),
                     region: raw.catalog.region.clone().or_else(|| sink.region.clone()),
+                    create_views: raw.catalog.create_views.unwrap_or(false),
                 });
             }
             other => return Err(invalid("catalog.kind", format!("{other:?} is not one of none, glue"))),

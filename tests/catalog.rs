@@ -62,6 +62,10 @@ fn glue_view(l: &Lake) -> Value {
 }
 
 fn glue_view_with(l: &Lake, views: Option<&std::path::Path>) -> Value {
+    glue_view_args(l, views, false)
+}
+
+fn glue_view_args(l: &Lake, views: Option<&std::path::Path>, glue_views: bool) -> Value {
     let mut cmd = std::process::Command::new("python3");
     cmd.args([
         concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/glue_check.py"),
@@ -72,6 +76,9 @@ fn glue_view_with(l: &Lake, views: Option<&std::path::Path>) -> Value {
     ]);
     if let Some(v) = views {
         cmd.arg("--views").arg(v);
+    }
+    if glue_views {
+        cmd.arg("--glue-views");
     }
     let out = cmd.output().expect("python3");
     assert!(
@@ -394,6 +401,57 @@ async fn the_athena_current_state_views_return_the_source_rows() {
     let file = l.e.dir.path().join("views.sql");
     std::fs::write(&file, &text).unwrap();
     let v = glue_view_with(&l, Some(&file));
+    assert_eq!(
+        rows_of(&v, "views", "trades"),
+        source_rows(&l.e.client, TRADES).await,
+        "the trades view"
+    );
+    assert_eq!(
+        rows_of(&v, "views", "prices"),
+        source_rows(&l.e.client, PRICES).await,
+        "the prices view"
+    );
+}
+
+/// With `create_views = true` walshore keeps each table's current-state view in Glue,
+/// in Athena's view format, in step with schema changes; run from Glue's definition
+/// over the registered partitions, it gives the source rows.
+#[tokio::test]
+async fn glue_views_in_athena_format_follow_schema_changes_and_return_the_source_rows() {
+    let l = lake("create_views = true").await;
+    sync(&l.config);
+    l.e.client
+        .batch_execute(
+            "ALTER TABLE prices ADD COLUMN venue text; UPDATE prices SET venue = 'X', px = px + 1 WHERE ts % 3 = 0;
+             DELETE FROM trades WHERE id % 4 = 0",
+        )
+        .await
+        .unwrap();
+    sync(&l.config);
+    let v = glue_view_args(&l, None, true);
+    for view in ["trades", "prices"] {
+        let g = &v["glue_views"][view];
+        assert_eq!(g["parameters"]["presto_view"], "true", "{view}: {g}");
+        assert_eq!(g["definition"]["catalog"], "awsdatacatalog");
+        assert_eq!(g["definition"]["schema"], DATABASE);
+    }
+    let prices = &v["glue_views"]["prices"]["definition"]["columns"];
+    assert!(
+        prices
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "venue" && c["type"] == "varchar"),
+        "the view follows the added column: {prices}"
+    );
+    assert!(
+        prices
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "px" && c["type"] == "decimal(10,4)"),
+        "{prices}"
+    );
     assert_eq!(
         rows_of(&v, "views", "trades"),
         source_rows(&l.e.client, TRADES).await,

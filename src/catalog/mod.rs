@@ -230,6 +230,8 @@ pub struct Catalog {
     /// Partitions this process registered (or found registered).
     registered: HashSet<(String, String)>,
     database_ready: bool,
+    /// `catalog.create_views`.
+    create_views: bool,
 }
 
 impl Catalog {
@@ -258,6 +260,7 @@ impl Catalog {
             tables: HashMap::new(),
             registered: HashSet::new(),
             database_ready: false,
+            create_views: cfg.create_views,
         }
     }
 
@@ -324,6 +327,79 @@ impl Catalog {
             .set_partition_keys(Some(keys.iter().map(|k| column(k, "string")).collect()))
             .build()
             .expect("name is set")
+    }
+
+    /// Creates or replaces the current-state view of `qualified` in Glue, in the form
+    /// Athena stores its own views (a Presto view: the query and its columns, base64
+    /// JSON in `ViewOriginalText`).
+    async fn upsert_view(&self, qualified: &str, schema: &LakeSchema) -> Result<(), CatalogError> {
+        use base64::Engine;
+        let name = view_name(qualified);
+        let sql = views::select(&self.database, qualified, schema, self.partitions.of(qualified));
+        let columns = views::view_columns(schema);
+        let definition = serde_json::json!({
+            "originalSql": sql,
+            "catalog": "awsdatacatalog",
+            "schema": self.database,
+            "columns": columns.iter().map(|(n, t)| serde_json::json!({"name": n, "type": t})).collect::<Vec<_>>(),
+            "owner": "walshore",
+            "runAsInvoker": false,
+        });
+        let text = format!(
+            "/* Presto View: {} */",
+            base64::engine::general_purpose::STANDARD.encode(definition.to_string())
+        );
+        let hive: Vec<Column> = schema
+            .columns
+            .iter()
+            .filter(|c| !c.dropped)
+            .map(|c| {
+                column(
+                    &c.name,
+                    &hive_type(&Kind::for_type(c.pg_type_oid, c.pg_type_modifier).data_type()),
+                )
+            })
+            .collect();
+        let input = TableInput::builder()
+            .name(&name)
+            .description(format!("Current state of PostgreSQL table {qualified}, by walshore"))
+            .table_type("VIRTUAL_VIEW")
+            .view_original_text(text)
+            .view_expanded_text("/* Presto View */")
+            .parameters("presto_view", "true")
+            .parameters("comment", "Presto View")
+            .parameters("walshore_version", env!("CARGO_PKG_VERSION"))
+            .parameters("walshore_source_table", qualified)
+            .storage_descriptor(
+                StorageDescriptor::builder()
+                    .set_columns(Some(hive))
+                    .serde_info(SerDeInfo::builder().build())
+                    .build(),
+            )
+            .build()
+            .expect("name is set");
+        match self
+            .client
+            .create_table()
+            .database_name(&self.database)
+            .table_input(input.clone())
+            .send()
+            .await
+        {
+            Ok(_) => tracing::info!(view = %name, database = %self.database, "created the current-state view"),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_already_exists_exception()) => {
+                self.client
+                    .update_table()
+                    .database_name(&self.database)
+                    .table_input(input)
+                    .send()
+                    .await
+                    .map_err(|e| glue_err("UpdateTable", &name, e))?;
+                tracing::info!(view = %name, database = %self.database, "replaced the current-state view");
+            }
+            Err(e) => return Err(glue_err("CreateTable", &name, e)),
+        }
+        Ok(())
     }
 
     /// Creates the table of `qualified`, or adds and widens its columns.
@@ -402,6 +478,9 @@ impl Catalog {
                     tracing::info!(table = %name, database = %self.database, columns = merged.len(), "updated the Glue table's columns");
                 }
             }
+        }
+        if self.create_views {
+            self.upsert_view(qualified, schema).await?;
         }
         self.tables.insert(qualified.to_owned(), wanted);
         Ok(())

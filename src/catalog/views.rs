@@ -43,6 +43,40 @@ fn may_be_unchanged(t: &DataType) -> bool {
 /// `CREATE OR REPLACE VIEW "{database}"."{view}"` with the current state of
 /// `qualified` (`schema.table`), whose lake schema is `schema`.
 pub fn current_state(database: &str, qualified: &str, schema: &LakeSchema, partition: &PartitionBy) -> String {
+    format!(
+        "CREATE OR REPLACE VIEW {}.{} AS\n{}",
+        ident(database),
+        ident(&super::view_name(qualified)),
+        select(database, qualified, schema, partition)
+    )
+}
+
+/// The view's columns with their Athena (Trino) types, for a view stored in Glue.
+pub fn view_columns(schema: &LakeSchema) -> Vec<(String, String)> {
+    schema
+        .columns
+        .iter()
+        .filter(|c| !c.dropped)
+        .map(|c| {
+            (
+                c.name.clone(),
+                trino_type(&Kind::for_type(c.pg_type_oid, c.pg_type_modifier).data_type()),
+            )
+        })
+        .collect()
+}
+
+fn trino_type(t: &DataType) -> String {
+    match t {
+        DataType::Binary => "varbinary".into(),
+        DataType::Timestamp(_, _) => "timestamp".into(),
+        DataType::List(f) => format!("array({})", trino_type(f.data_type())),
+        other => sql_type(other).unwrap_or_else(|| "varchar".into()),
+    }
+}
+
+/// The view's query (what follows `AS`).
+pub fn select(database: &str, qualified: &str, schema: &LakeSchema, partition: &PartitionBy) -> String {
     let live: Vec<_> = schema.columns.iter().filter(|c| !c.dropped).collect();
     let mut keys: Vec<&str> = live.iter().filter(|c| c.key).map(|c| c.name.as_str()).collect();
     if keys.is_empty() {
@@ -101,8 +135,7 @@ pub fn current_state(database: &str, qualified: &str, schema: &LakeSchema, parti
         .collect();
     let out_cols = live.iter().map(|c| ident(&c.name)).collect::<Vec<_>>().join(", ");
     format!(
-        "CREATE OR REPLACE VIEW {db}.{view} AS
-WITH changes AS (
+        "WITH changes AS (
     SELECT _op, _lsn, _seq, _unchanged, {source_cols}
     FROM {db}.{log}
 ),
@@ -129,7 +162,6 @@ filled AS (
 )
 SELECT {out_cols} FROM filled WHERE _rn = 1 AND _op <> 'D'",
         db = ident(database),
-        view = ident(&super::view_name(qualified)),
         log = ident(&super::table_name(qualified)),
         source_cols = source_cols.join(", "),
         filled = filled.join(",\n           "),

@@ -9,6 +9,7 @@ CREATE VIEW statements run in DuckDB over change-log tables made of exactly the
 registered partitions' files, and each view of the listed tables is selected.
 """
 
+import base64
 import json
 import os
 import sys
@@ -20,6 +21,9 @@ import duckdb_extension_httpfs
 endpoint, database = sys.argv[1], sys.argv[2]
 args = sys.argv[3:]
 views_file = None
+glue_views = "--glue-views" in args
+if glue_views:
+    args.remove("--glue-views")
 if "--views" in args:
     i = args.index("--views")
     views_file = args[i + 1]
@@ -29,8 +33,19 @@ region = os.environ.get("AWS_REGION", "us-east-1")
 glue = boto3.client("glue", endpoint_url=endpoint, region_name=region)
 s3 = boto3.client("s3", endpoint_url=endpoint, region_name=region)
 
-out = {"tables": {}, "state": {}, "views": {}}
+out = {"tables": {}, "state": {}, "views": {}, "glue_views": {}}
 for t in glue.get_tables(DatabaseName=database)["TableList"]:
+    if t.get("TableType") == "VIRTUAL_VIEW":
+        text = t["ViewOriginalText"]
+        prefix, suffix = "/* Presto View: ", " */"
+        assert text.startswith(prefix) and text.endswith(suffix), text
+        definition = json.loads(base64.b64decode(text[len(prefix) : -len(suffix)]))
+        out["glue_views"][t["Name"]] = {
+            "definition": definition,
+            "parameters": t.get("Parameters", {}),
+            "columns": [[c["Name"], c["Type"]] for c in t["StorageDescriptor"]["Columns"]],
+        }
+        continue
     parts = []
     for page in glue.get_paginator("get_partitions").paginate(DatabaseName=database, TableName=t["Name"]):
         parts.extend({"values": p["Values"], "location": p["StorageDescriptor"]["Location"]} for p in page["Partitions"])
@@ -106,17 +121,22 @@ for name, keys, cols in specs:
             state[key] = row
     out["state"][name] = sorted([[r[c] for c in cols] for r in state.values()], key=lambda r: [x or "" for x in r])
 
-if views_file:
+if views_file or glue_views:
     db.execute(f'CREATE SCHEMA "{database}"')
     for name in out["tables"]:
         files = registered_files(name)
         if files:
             db.execute(f'CREATE VIEW "{database}"."{name}" AS SELECT * FROM read_parquet({files!r}, union_by_name = true)')
-    text = open(views_file).read()
-    for stmt in text.split(";\n"):
-        body = "\n".join(l for l in stmt.splitlines() if not l.startswith("--")).strip()
-        if body.startswith("CREATE OR REPLACE VIEW"):
-            db.execute(body)
+    if views_file:
+        text = open(views_file).read()
+        for stmt in text.split(";\n"):
+            body = "\n".join(l for l in stmt.splitlines() if not l.startswith("--")).strip()
+            if body.startswith("CREATE OR REPLACE VIEW"):
+                db.execute(body)
+    else:
+        # The views as Glue holds them, in the form Athena reads.
+        for view, v in out["glue_views"].items():
+            db.execute(f'CREATE VIEW "{database}"."{view}" AS {v["definition"]["originalSql"]}')
     for name, keys, cols in specs:
         view = name[: -len("_changes")]
         cols = cols.split(",")
