@@ -120,6 +120,7 @@ struct RawSnapshot {
 struct RawCatalog {
     kind: Option<String>,
     create_views: Option<bool>,
+    partition_projection: Option<bool>,
     database: Option<String>,
     endpoint: Option<String>,
     region: Option<String>,
@@ -375,6 +376,8 @@ pub struct GlueConfig {
     pub region: Option<String>,
     /// Keep a current-state view per table in Glue (Athena's view format).
     pub create_views: bool,
+    /// Athena partition projection instead of registering partitions.
+    pub partition_projection: bool,
 }
 
 /// `64MiB`, `1 GB`, `4096` (bytes).
@@ -643,10 +646,11 @@ impl TryFrom<RawConfig> for Config {
                     || raw.catalog.endpoint.is_some()
                     || raw.catalog.region.is_some()
                     || raw.catalog.create_views.is_some()
+                    || raw.catalog.partition_projection.is_some()
                 {
                     return Err(invalid(
                         "catalog",
-                        "database, endpoint, region and create_views apply only with kind = \"glue\"",
+                        "database, endpoint, region, create_views and partition_projection apply only with kind = \"glue\"",
                     ));
                 }
             }
@@ -673,6 +677,7 @@ impl TryFrom<RawConfig> for Config {
                     endpoint: raw.catalog.endpoint.clone(),
                     region: raw.catalog.region.clone().or_else(|| sink.region.clone()),
                     create_views: raw.catalog.create_views.unwrap_or(false),
+                    partition_projection: raw.catalog.partition_projection.unwrap_or(false),
                 });
             }
             other => return Err(invalid("catalog.kind", format!("{other:?} is not one of none, glue"))),

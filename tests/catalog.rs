@@ -463,3 +463,37 @@ async fn glue_views_in_athena_format_follow_schema_changes_and_return_the_source
         "the prices view"
     );
 }
+
+/// With `partition_projection = true` no partition is registered; the table tells
+/// Athena how to compute them, and its location template, filled with each partition's
+/// values, names exactly the lake's partition folders.
+#[tokio::test]
+async fn partition_projection_registers_no_partition_and_its_template_finds_the_lake() {
+    let l = lake("partition_projection = true").await;
+    sync(&l.config);
+    let v = glue_view(&l);
+    let t = &v["tables"]["trades_changes"];
+    assert_eq!(t["partitions"], serde_json::json!([]), "{t}");
+    let p = &t["parameters"];
+    assert_eq!(p["projection.enabled"], "true", "{p}");
+    assert_eq!(p["projection.dt.type"], "date");
+    assert_eq!(p["projection.dt.format"], "yyyy-MM-dd");
+    assert_eq!(p["projection.dt.range"], "2026-01-01,NOW");
+    let template = p["storage.location.template"].as_str().unwrap();
+    for dir in lake_partitions(&l.config, "public.trades").await {
+        let dt = dir.strip_prefix("dt=").unwrap();
+        assert!(dt >= "2026-01-01", "{dt} is inside the projected range");
+        assert_eq!(
+            template.replace("${dt}", dt),
+            format!("s3://lake/cdc/public/trades/{dir}/"),
+            "the template finds partition {dir}"
+        );
+    }
+    let p = &v["tables"]["prices_changes"]["parameters"];
+    assert_eq!(p["projection.symbol.type"], "injected", "{p}");
+    assert_eq!(
+        p["storage.location.template"],
+        "s3://lake/cdc/public/prices/symbol=${symbol}/"
+    );
+    assert_eq!(v["tables"]["prices_changes"]["partitions"], serde_json::json!([]));
+}

@@ -194,6 +194,16 @@ fn unescape(v: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The parameters of every change-log table.
+fn input_parameters(qualified: &str) -> HashMap<String, String> {
+    HashMap::from([
+        ("classification".to_owned(), "parquet".to_owned()),
+        ("EXTERNAL".to_owned(), "TRUE".to_owned()),
+        ("walshore_version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
+        ("walshore_source_table".to_owned(), qualified.to_owned()),
+    ])
+}
+
 fn column(name: &str, ty: &str) -> Column {
     Column::builder().name(name).r#type(ty).build().expect("name is set")
 }
@@ -232,6 +242,8 @@ pub struct Catalog {
     database_ready: bool,
     /// `catalog.create_views`.
     create_views: bool,
+    /// `catalog.partition_projection`.
+    projection: bool,
 }
 
 impl Catalog {
@@ -261,6 +273,7 @@ impl Catalog {
             registered: HashSet::new(),
             database_ready: false,
             create_views: cfg.create_views,
+            projection: cfg.partition_projection,
         }
     }
 
@@ -311,10 +324,6 @@ impl Catalog {
             .name(table_name(qualified))
             .description(format!("Every change of PostgreSQL table {qualified}, by walshore"))
             .table_type("EXTERNAL_TABLE")
-            .parameters("classification", "parquet")
-            .parameters("EXTERNAL", "TRUE")
-            .parameters("walshore_version", env!("CARGO_PKG_VERSION"))
-            .parameters("walshore_source_table", qualified)
             .storage_descriptor(
                 StorageDescriptor::builder()
                     .set_columns(Some(cols.iter().map(|(n, t)| column(n, t)).collect()))
@@ -325,8 +334,46 @@ impl Catalog {
                     .build(),
             )
             .set_partition_keys(Some(keys.iter().map(|k| column(k, "string")).collect()))
+            .set_parameters(Some(self.projection_parameters(qualified, &keys).into_iter().fold(
+                input_parameters(qualified),
+                |mut m, (k, v)| {
+                    m.insert(k, v);
+                    m
+                },
+            )))
             .build()
             .expect("name is set")
+    }
+
+    /// Athena partition projection: how Athena computes a table's partitions itself
+    /// (no registration): dates from 2026-01-01 (no walshore lake is older) to now,
+    /// hours 00–23, and a partition column's values injected from the query's filter.
+    fn projection_parameters(&self, qualified: &str, keys: &[String]) -> Vec<(String, String)> {
+        if !self.projection {
+            return Vec::new();
+        }
+        let (schema, table) = qualified.split_once('.').unwrap_or(("public", qualified));
+        let mut p = vec![("projection.enabled".to_owned(), "true".to_owned())];
+        let mut template = format!("{}{}/{}", self.root, schema, table);
+        for k in keys {
+            template.push_str(&format!("/{k}=${{{k}}}"));
+            let kind = match (self.partitions.of(qualified), k.as_str()) {
+                (PartitionBy::Column(_), _) => vec![("type", "injected")],
+                (_, "hour") => vec![("type", "integer"), ("range", "0,23"), ("digits", "2")],
+                _ => vec![
+                    ("type", "date"),
+                    ("format", "yyyy-MM-dd"),
+                    ("range", "2026-01-01,NOW"),
+                    ("interval", "1"),
+                    ("interval.unit", "DAYS"),
+                ],
+            };
+            for (name, value) in kind {
+                p.push((format!("projection.{k}.{name}"), value.to_owned()));
+            }
+        }
+        p.push(("storage.location.template".to_owned(), format!("{template}/")));
+        p
     }
 
     /// Creates or replaces the current-state view of `qualified` in Glue, in the form
@@ -508,6 +555,10 @@ impl Catalog {
                     parts.push(f.partition.as_str());
                 }
             }
+        }
+        if self.projection {
+            // Athena computes the partitions from the table's projection parameters.
+            return Ok(());
         }
         for (table, parts) in new {
             let name = table_name(table);
