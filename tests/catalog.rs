@@ -497,3 +497,46 @@ async fn partition_projection_registers_no_partition_and_its_template_finds_the_
     );
     assert_eq!(v["tables"]["prices_changes"]["partitions"], serde_json::json!([]));
 }
+
+/// A Glue that refuses walshore's credentials (moto enforcing IAM): a definite error
+/// naming the credentials and the IAM actions, not retried; nothing committed.
+#[tokio::test]
+async fn glue_refusing_the_credentials_is_a_definite_error() {
+    let l = lake("").await;
+    let port = free_port();
+    let mut denying = std::process::Command::new("python3")
+        .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+        .env("INITIAL_NO_AUTH_ACTION_COUNT", "0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(std::time::Duration::from_secs(30), "the IAM-enforcing moto", || async {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await;
+    let text = std::fs::read_to_string(&l.config).unwrap();
+    std::fs::write(
+        &l.config,
+        text.replace(
+            &format!("database = \"{DATABASE}\"\nendpoint = \"{}\"", l.moto.endpoint()),
+            &format!("database = \"{DATABASE}\"\nendpoint = \"http://127.0.0.1:{port}\""),
+        ),
+    )
+    .unwrap();
+    let out = walshore(&["sync", "--config", l.config.to_str().unwrap()]);
+    let _ = denying.kill();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("glue:BatchCreatePartition") && stderr.contains("credentials"),
+        "the error names the credentials and the IAM actions:\n{stderr}"
+    );
+    assert!(!stderr.contains("transient failure"), "not retried:\n{stderr}");
+    let status = walshore(&["status", "--config", l.config.to_str().unwrap()]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(
+        status["tables"]["public.trades"]["rows"].as_u64().unwrap_or(0) == 0,
+        "nothing was committed: {status}"
+    );
+}

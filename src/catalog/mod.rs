@@ -53,19 +53,26 @@ fn glue_err<E: ProvideErrorMetadata + std::error::Error + 'static>(
     e: SdkError<E>,
 ) -> CatalogError {
     let (message, code) = match &e {
-        SdkError::ServiceError(s) => (
-            format!(
-                "{}: {}",
-                s.err().code().unwrap_or("error"),
-                s.err().message().unwrap_or("no message")
-            ),
-            s.err().code().map(str::to_owned),
-        ),
+        SdkError::ServiceError(s) => {
+            let status = s.raw().status().as_u16();
+            // A code the SDK could not read (an error body in another format): the
+            // HTTP status decides.
+            let code = s.err().code().map(str::to_owned).unwrap_or_else(|| status.to_string());
+            (
+                format!(
+                    "HTTP {status} {}: {}",
+                    s.err().code().unwrap_or(""),
+                    s.err().message().unwrap_or("no message")
+                ),
+                Some(code),
+            )
+        }
         other => (crate::pipeline::ErrorChain(other).to_string(), None),
     };
     let (retry, hint) = match code.as_deref() {
         // no answer, a timeout, a dropped connection: try again
         None => (Retry::Transient, ""),
+        Some(c) if c.len() == 3 && (c.starts_with('5') || c == "429") => (Retry::Transient, ""),
         Some(
             "ThrottlingException"
             | "ConcurrentModificationException"
@@ -73,9 +80,16 @@ fn glue_err<E: ProvideErrorMetadata + std::error::Error + 'static>(
             | "OperationTimeoutException"
             | "ResourceNotReadyException",
         ) => (Retry::Transient, ""),
-        Some("AccessDeniedException") => (
+        Some(
+            "AccessDeniedException"
+            | "UnrecognizedClientException"
+            | "InvalidClientTokenId"
+            | "InvalidSignatureException"
+            | "401"
+            | "403",
+        ) => (
             Retry::Definite,
-            "; allow glue:GetDatabase, glue:CreateDatabase, glue:GetTable, glue:CreateTable, glue:UpdateTable and glue:BatchCreatePartition on the catalog, the database and its tables for walshore's AWS identity",
+            "; check walshore's AWS credentials, and allow glue:GetDatabase, glue:CreateDatabase, glue:GetTable, glue:CreateTable, glue:UpdateTable and glue:BatchCreatePartition on the catalog, the database and its tables for its identity",
         ),
         Some(_) => (Retry::Definite, ""),
     };
