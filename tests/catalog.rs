@@ -526,6 +526,7 @@ async fn glue_refusing_the_credentials_is_a_definite_error() {
     .unwrap();
     let out = walshore(&["sync", "--config", l.config.to_str().unwrap()]);
     let _ = denying.kill();
+    let _ = denying.wait();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
