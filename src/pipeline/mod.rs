@@ -269,7 +269,18 @@ async fn run_once(
     };
 
     let start = checkpoint.position();
-    repl.start(&cfg.source, start).await.map_err(|e| fail(e.into()))?;
+    repl.start(&cfg.source, start)
+        .await
+        .map_err(|e| match e {
+            // The slot this start has just created is gone: another instance starting
+            // on the same new lake recreated it.
+            SourceError::SlotGone { slot: name, .. } if slot.created => SourceError::SlotInUse {
+                slot: name,
+                holder: "another process dropped the slot this instance had just created: another walshore is starting on the same configuration".into(),
+            },
+            e => e,
+        })
+        .map_err(|e| fail(e.into()))?;
     // From here the lake continues this slot's stream (copies run beside it).
     let deleted = checkpoint
         .claim_and_recover(&run_id, true)

@@ -96,6 +96,10 @@ pub enum SourceError {
         "replication slot {slot:?} is in use by another process ({holder}); another walshore may be running on this slot: stop it first"
     )]
     SlotInUse { slot: String, holder: String },
+    #[error(
+        "replication slot {slot:?} disappeared: {detail}; the position in the lake can no longer be continued from PostgreSQL, a new initial snapshot is needed"
+    )]
+    SlotGone { slot: String, detail: String },
     #[error("unexpected reply from PostgreSQL: {0}")]
     Protocol(String),
     #[error(transparent)]

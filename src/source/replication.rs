@@ -216,8 +216,21 @@ impl Replication {
             // The lake does not continue this slot's stream yet: its first copies and
             // the slot must share one consistent point, so start both afresh.
             tracing::info!(slot = %cfg.slot, "recreating the slot for a new initial snapshot");
-            conn.simple_query(&format!("DROP_REPLICATION_SLOT {}", quote_ident(&cfg.slot)))
-                .await?;
+            match conn
+                .simple_query(&format!("DROP_REPLICATION_SLOT {}", quote_ident(&cfg.slot)))
+                .await
+            {
+                Ok(_) => {}
+                // Dropped meanwhile by another starting instance: create it below.
+                Err(SourceError::Server(e)) if e.code == "42704" => {}
+                Err(SourceError::Server(e)) if e.code == "55006" => {
+                    return Err(SourceError::SlotInUse {
+                        slot: cfg.slot.clone(),
+                        holder: e.message,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
         }
         let create = format!(
             "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {}",
@@ -247,6 +260,12 @@ impl Replication {
             Err(SourceError::Server(PgError { code, .. })) if code == "42710" && !export_snapshot => {
                 Box::pin(Self::ensure_slot(conn, cfg, false)).await
             }
+            // A new lake needs the slot's own snapshot: another instance starting on
+            // the same configuration created it first.
+            Err(SourceError::Server(PgError { code, .. })) if code == "42710" => Err(SourceError::SlotInUse {
+                slot: cfg.slot.clone(),
+                holder: "another process created it while this instance was starting: another walshore is starting on the same configuration".into(),
+            }),
             Err(SourceError::Server(e)) if e.code == "42501" => Err(SourceError::Setup(format!(
                 "user {:?} may not create replication slots: {e}; GRANT it the REPLICATION attribute (ALTER ROLE {} REPLICATION; on RDS: GRANT rds_replication TO {})",
                 cfg.conn.user,
@@ -284,10 +303,10 @@ impl Replication {
                 "replication slot {:?} cannot be used: {e}; PostgreSQL removed WAL the lake still needs (max_slot_wal_keep_size exceeded?), so the lake cannot be continued from it: drop the slot and start a new lake with an initial snapshot",
                 cfg.slot
             ))),
-            Err(SourceError::Server(e)) if e.code == "42704" => Err(SourceError::Setup(format!(
-                "replication slot {:?} disappeared: {e}; the position in the lake can no longer be continued from PostgreSQL, a new initial snapshot is needed",
-                cfg.slot
-            ))),
+            Err(SourceError::Server(e)) if e.code == "42704" => Err(SourceError::SlotGone {
+                slot: cfg.slot.clone(),
+                detail: e.to_string(),
+            }),
             Err(e) => Err(e),
         }
     }
