@@ -516,7 +516,9 @@ async fn a_copy_connection_lost_mid_copy_hands_its_chunk_to_the_other_connection
     // Terminate one of the two COPY backends while trades (copied last, in ~60 chunks)
     // is being read: the other connection still has chunks to take.
     let mut killed = false;
-    for _ in 0..2000 {
+    // Time-based: on a loaded machine walshore may take a while to reach trades.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while std::time::Instant::now() < deadline && !sync.is_finished() {
         let row = c
             .query_one(
                 "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM (SELECT pid FROM pg_stat_activity
