@@ -85,6 +85,38 @@ pub fn of_store(e: &object_store::Error) -> Retry {
     }
 }
 
+/// An AWS service error (Glue) by its code, or by its HTTP status as text when the SDK
+/// could not read a code; `None`: no answer at all (timeout, connection).
+pub fn of_aws(code: Option<&str>) -> Retry {
+    match code {
+        None => Retry::Transient,
+        Some(c) if c.len() == 3 && (c.starts_with('5') || c == "429") => Retry::Transient,
+        Some(
+            "ThrottlingException"
+            | "ConcurrentModificationException"
+            | "InternalServiceException"
+            | "OperationTimeoutException"
+            | "ResourceNotReadyException",
+        ) => Retry::Transient,
+        Some(_) => Retry::Definite,
+    }
+}
+
+/// Whether an AWS error code says the credentials or permissions are wrong.
+pub fn is_aws_auth(code: Option<&str>) -> bool {
+    matches!(
+        code,
+        Some(
+            "AccessDeniedException"
+                | "UnrecognizedClientException"
+                | "InvalidClientTokenId"
+                | "InvalidSignatureException"
+                | "401"
+                | "403"
+        )
+    )
+}
+
 /// The first `std::io::Error` in an error's source chain.
 pub fn io_source<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
     let mut cur = Some(e);
@@ -151,6 +183,16 @@ mod tests {
             source: "connection reset".into(),
         };
         assert_eq!(of_store(&http), Retry::Transient);
+    }
+
+    #[test]
+    fn aws_codes() {
+        assert_eq!(of_aws(None), Retry::Transient);
+        assert_eq!(of_aws(Some("ThrottlingException")), Retry::Transient);
+        assert_eq!(of_aws(Some("503")), Retry::Transient);
+        assert_eq!(of_aws(Some("AccessDeniedException")), Retry::Definite);
+        assert_eq!(of_aws(Some("403")), Retry::Definite);
+        assert!(is_aws_auth(Some("403")) && !is_aws_auth(Some("ThrottlingException")));
     }
 
     #[test]

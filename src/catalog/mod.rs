@@ -69,29 +69,11 @@ fn glue_err<E: ProvideErrorMetadata + std::error::Error + 'static>(
         }
         other => (crate::pipeline::ErrorChain(other).to_string(), None),
     };
-    let (retry, hint) = match code.as_deref() {
-        // no answer, a timeout, a dropped connection: try again
-        None => (Retry::Transient, ""),
-        Some(c) if c.len() == 3 && (c.starts_with('5') || c == "429") => (Retry::Transient, ""),
-        Some(
-            "ThrottlingException"
-            | "ConcurrentModificationException"
-            | "InternalServiceException"
-            | "OperationTimeoutException"
-            | "ResourceNotReadyException",
-        ) => (Retry::Transient, ""),
-        Some(
-            "AccessDeniedException"
-            | "UnrecognizedClientException"
-            | "InvalidClientTokenId"
-            | "InvalidSignatureException"
-            | "401"
-            | "403",
-        ) => (
-            Retry::Definite,
-            "; check walshore's AWS credentials, and allow glue:GetDatabase, glue:CreateDatabase, glue:GetTable, glue:CreateTable, glue:UpdateTable and glue:BatchCreatePartition on the catalog, the database and its tables for its identity",
-        ),
-        Some(_) => (Retry::Definite, ""),
+    let retry = crate::retry::of_aws(code.as_deref());
+    let hint = if crate::retry::is_aws_auth(code.as_deref()) {
+        "; check walshore's AWS credentials, and allow glue:GetDatabase, glue:CreateDatabase, glue:GetTable, glue:CreateTable, glue:UpdateTable and glue:BatchCreatePartition on the catalog, the database and its tables for its identity"
+    } else {
+        ""
     };
     CatalogError {
         operation,
@@ -612,11 +594,7 @@ impl Catalog {
                             target: format!("{name} {:?}", e.partition_values()),
                             message: format!("{code}: {message}"),
                             hint: "",
-                            retry: if code == "ThrottlingException" || code == "InternalServiceException" {
-                                Retry::Transient
-                            } else {
-                                Retry::Definite
-                            },
+                            retry: crate::retry::of_aws(Some(code)),
                         });
                     }
                 }
