@@ -29,6 +29,8 @@ pub struct ClusterOptions {
     pub settings: Vec<String>,
     /// Where the cluster lives; a fresh temporary directory when `None`.
     pub dir: Option<PathBuf>,
+    /// Extra environment of the server tools and so of the server (e.g. `LD_PRELOAD`).
+    pub env: Vec<(String, String)>,
 }
 
 pub struct TempCluster {
@@ -37,6 +39,7 @@ pub struct TempCluster {
     bin: PathBuf,
     pub port: u16,
     as_postgres: bool,
+    env: Vec<(String, String)>,
     running: bool,
 }
 
@@ -94,6 +97,7 @@ impl TempCluster {
             bin,
             port: free_port()?,
             as_postgres,
+            env: opts.env.clone(),
             running: false,
         };
         c.run(
@@ -150,13 +154,16 @@ impl TempCluster {
 
     fn run(&self, tool: &str, args: &[&str]) -> Result<(), ClusterError> {
         let exe = self.bin.join(tool);
+        // `env` after `runuser`, so that the variables reach the server and not only
+        // runuser (which resets some of its environment).
         let mut cmd = if self.as_postgres {
             let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c.args(["-u", "postgres", "--", "env"]);
             c
         } else {
-            Command::new(&exe)
+            Command::new("env")
         };
+        cmd.args(self.env.iter().map(|(k, v)| format!("{k}={v}"))).arg(&exe);
         let out = cmd.args(args).current_dir("/").output()?;
         if !out.status.success() {
             let mut detail = String::from_utf8_lossy(&out.stderr).into_owned();

@@ -8,7 +8,7 @@ mod support;
 use std::collections::BTreeMap;
 
 use serde_json::Value;
-use support::trades::{SELECT, env, insert_sql};
+use support::trades::{SELECT, env, env_on, insert_sql};
 use support::*;
 
 const DATABASE: &str = "trading_cdc";
@@ -21,14 +21,26 @@ struct Lake {
     moto: Moto,
     e: support::trades::Env,
     config: std::path::PathBuf,
+    /// The server's clock, when the test moves it.
+    clock: Option<Clock>,
 }
 
 /// trades (partitioned by commit date) and prices (by `symbol`, values with `/`, `=`
 /// and `%`) in a publication, an S3 lake on moto, and `[catalog] kind = "glue"`.
 async fn lake(extra_catalog: &str) -> Lake {
+    lake_with(extra_catalog, false).await
+}
+
+/// [`lake`], with a server clock the test can move when `moving_clock`.
+async fn lake_with(extra_catalog: &str, moving_clock: bool) -> Lake {
     set_fake_aws_env();
     let moto = Moto::start("lake");
-    let e = env(&[]).await;
+    let (e, clock) = if moving_clock {
+        let (cluster, clock) = cluster_with_clock(&[]);
+        (env_on(cluster).await, Some(clock))
+    } else {
+        (env(&[]).await, None)
+    };
     e.client
         .batch_execute(
             "CREATE TABLE prices (symbol text, ts bigint, px numeric(10,4), note text, PRIMARY KEY (symbol, ts));
@@ -51,7 +63,7 @@ async fn lake(extra_catalog: &str) -> Lake {
         moto.endpoint()
     ));
     std::fs::write(&config, text).unwrap();
-    Lake { moto, e, config }
+    Lake { moto, e, config, clock }
 }
 
 /// What `tests/py/glue_check.py` reports: Glue's tables and partitions, the current
@@ -182,9 +194,23 @@ async fn assert_readers_see_the_source(l: &Lake) -> Value {
     v
 }
 
+/// PostgreSQL's own UTC date, on its (possibly moved) clock.
+async fn server_date(l: &Lake) -> String {
+    l.e.client
+        .query_one("SELECT (now() AT TIME ZONE 'UTC')::date::text", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Commits on three days (the server's clock moved a day at a time): both tables
+/// registered with the documented types, one `dt` partition per commit date holding
+/// exactly that date's commits, and every registered file read back exactly.
 #[tokio::test]
 async fn tables_and_partitions_are_registered_with_the_documented_types_and_read_back_exactly() {
-    let l = lake("").await;
+    let l = lake_with("", true).await;
+    let clock = l.clock.as_ref().unwrap();
+    let mut days = std::collections::BTreeSet::new();
     let out = walshore(&["check", "--config", l.config.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -193,7 +219,10 @@ async fn tables_and_partitions_are_registered_with_the_documented_types_and_read
             .any(|l| l.starts_with("ok") && l.contains("catalog") && l.contains("created at the first commit")),
         "{stdout}"
     );
+    days.insert(server_date(&l).await);
     sync(&l.config);
+    clock.shift_days(1);
+    days.insert(server_date(&l).await);
     l.e.client
         .batch_execute(
             "UPDATE trades SET qty = qty + 1 WHERE id % 3 = 0; DELETE FROM trades WHERE id % 7 = 0;
@@ -203,7 +232,34 @@ async fn tables_and_partitions_are_registered_with_the_documented_types_and_read
         .await
         .unwrap();
     sync(&l.config);
+    clock.shift_days(2);
+    days.insert(server_date(&l).await);
+    l.e.client
+        .batch_execute(&format!(
+            "{}; UPDATE trades SET price = price + 1 WHERE id % 5 = 0; DELETE FROM prices WHERE ts % 13 = 0",
+            insert_sql(600, 650)
+        ))
+        .await
+        .unwrap();
+    sync(&l.config);
+    assert_eq!(days.len(), 3, "the server's clock moved: {days:?}");
     let v = assert_readers_see_the_source(&l).await;
+    // One registered `dt` partition per commit date, each holding that date's commits only.
+    let registered: std::collections::BTreeSet<String> = v["tables"]["trades_changes"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["values"][0].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(registered, days, "trades_changes partitions vs the server's commit dates");
+    for (location, dates) in v["commit_dates"]["trades_changes"].as_object().unwrap() {
+        let dt = location
+            .trim_end_matches('/')
+            .rsplit_once("/dt=")
+            .unwrap_or_else(|| panic!("{location}"))
+            .1;
+        assert_eq!(dates, &serde_json::json!([dt]), "commit dates of the rows in {location}");
+    }
 
     let trades = columns(&v, "trades_changes");
     for (c, t) in [

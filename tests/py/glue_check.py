@@ -92,6 +92,23 @@ for name in out["tables"]:
         for f in registered_files(name)
     )
 
+# The UTC commit dates of the rows in each registered partition, by its location.
+out["commit_dates"] = {}
+for name in out["tables"]:
+    out["commit_dates"][name] = {}
+    for p in out["tables"][name]["partitions"]:
+        bucket, prefix = p["location"][len("s3://"):].split("/", 1)
+        files = [
+            f"s3://{bucket}/{o['Key']}"
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for o in page.get("Contents", [])
+            if o["Key"].endswith(".parquet")
+        ]
+        dates = db.execute(
+            f"SELECT DISTINCT strftime(make_timestamp(epoch_us(_commit_ts)), '%Y-%m-%d') FROM read_parquet({files!r}, union_by_name = true)"
+        ).fetchall() if files else []
+        out["commit_dates"][name][p["location"]] = sorted(d[0] for d in dates if d[0] is not None)
+
 for name, keys, cols in specs:
     keys, cols = keys.split(","), cols.split(",")
     files = registered_files(name)

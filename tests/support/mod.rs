@@ -33,11 +33,62 @@ pub fn free_port() -> u16 {
 }
 
 pub fn cluster(settings: &[&str]) -> TempCluster {
+    cluster_with_env(settings, Vec::new())
+}
+
+fn cluster_with_env(settings: &[&str], env: Vec<(String, String)>) -> TempCluster {
     TempCluster::start(ClusterOptions {
         settings: settings.iter().map(|s| s.to_string()).collect(),
         dir: None,
+        env,
     })
     .expect("start a throwaway PostgreSQL (is the `postgresql` Debian package installed?)")
+}
+
+/// The server's clock, shifted by libfaketime: commits on other days than today, so
+/// that `_commit_ts` (PostgreSQL's commit time) spreads over several `dt` partitions.
+/// walshore and the test keep the real clock.
+pub struct Clock {
+    _dir: tempfile::TempDir,
+    file: PathBuf,
+}
+
+impl Clock {
+    /// From now on the server's clock is `days` days ahead of the real one (read by
+    /// the server at every clock call: `FAKETIME_NO_CACHE`).
+    pub fn shift_days(&self, days: u32) {
+        std::fs::write(&self.file, format!("+{days}d\n")).unwrap();
+    }
+}
+
+/// A throwaway PostgreSQL whose clock the test moves with [`Clock::shift_days`].
+pub fn cluster_with_clock(settings: &[&str]) -> (TempCluster, Clock) {
+    let lib = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("faketime/libfaketime.so.1"))
+        .find(|p| p.exists())
+        .expect("libfaketime not found under /usr/lib/*/faketime: install the Debian package `libfaketime`");
+    let dir = tempfile::Builder::new().prefix("walshore-clock-").tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let clock = Clock {
+        file: dir.path().join("offset"),
+        _dir: dir,
+    };
+    clock.shift_days(0);
+    std::fs::set_permissions(&clock.file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let env = [
+        ("LD_PRELOAD", lib.to_str().unwrap()),
+        ("FAKETIME_TIMESTAMP_FILE", clock.file.to_str().unwrap()),
+        ("FAKETIME_NO_CACHE", "1"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    (cluster_with_env(settings, env), clock)
 }
 
 /// The moto server (S3 protocol) on a free loopback port, with one bucket.

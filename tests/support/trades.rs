@@ -168,7 +168,11 @@ pub struct Env {
 }
 
 pub async fn env(settings: &[&str]) -> Env {
-    let cluster = cluster(settings);
+    env_on(cluster(settings)).await
+}
+
+/// [`env`] on a cluster the caller started.
+pub async fn env_on(cluster: walshore::cluster::TempCluster) -> Env {
     let admin = cluster.connect("postgres").await.unwrap();
     admin.batch_execute("CREATE DATABASE t").await.unwrap();
     let client = cluster.connect("t").await.unwrap();
