@@ -102,6 +102,16 @@ pub fn of_aws(code: Option<&str>) -> Retry {
     }
 }
 
+/// Whether an AWS error code says the service is busy rather than failing: throttling
+/// or a concurrent change of the same resource. Such a call is worth repeating where it
+/// is, without tearing the pipeline down.
+pub fn is_aws_busy(code: Option<&str>) -> bool {
+    matches!(
+        code,
+        Some("ThrottlingException" | "ConcurrentModificationException" | "TooManyRequestsException" | "429")
+    )
+}
+
 /// Whether an AWS error code says the credentials or permissions are wrong.
 pub fn is_aws_auth(code: Option<&str>) -> bool {
     matches!(
@@ -139,9 +149,11 @@ pub const MAX_DELAY: Duration = Duration::from_secs(60);
 /// with jitter (so that several pipelines do not reconnect in step), capped at a
 /// minute. `attempts` bounds the number of retries (`None`: until stopped).
 pub fn backoff(attempts: Option<usize>) -> impl Iterator<Item = Duration> + Send {
+    // backon's jitter adds up to the current delay again, so the exponential part
+    // stops at half the cap: late delays fall between 30 s and 60 s.
     let b = ExponentialBuilder::default()
         .with_min_delay(MIN_DELAY)
-        .with_max_delay(MAX_DELAY)
+        .with_max_delay(MAX_DELAY / 2)
         .with_factor(2.0)
         .with_jitter();
     match attempts {
@@ -149,6 +161,7 @@ pub fn backoff(attempts: Option<usize>) -> impl Iterator<Item = Duration> + Send
         None => b.without_max_times(),
     }
     .build()
+    .map(|d| d.min(MAX_DELAY))
 }
 
 #[cfg(test)]
@@ -193,15 +206,17 @@ mod tests {
         assert_eq!(of_aws(Some("AccessDeniedException")), Retry::Definite);
         assert_eq!(of_aws(Some("403")), Retry::Definite);
         assert!(is_aws_auth(Some("403")) && !is_aws_auth(Some("ThrottlingException")));
+        assert!(is_aws_busy(Some("ThrottlingException")) && is_aws_busy(Some("ConcurrentModificationException")));
+        assert!(!is_aws_busy(Some("InternalServiceException")) && !is_aws_busy(None));
     }
 
     #[test]
     fn backoff_grows_to_the_cap_and_is_bounded_when_asked() {
         let delays: Vec<_> = backoff(Some(10)).collect();
         assert_eq!(delays.len(), 10);
-        assert!(delays[0] >= MIN_DELAY && delays[0] < MIN_DELAY * 3, "{delays:?}");
-        assert!(delays.iter().all(|d| *d <= MAX_DELAY * 2), "{delays:?}");
-        assert!(delays[9] >= MAX_DELAY, "{delays:?}");
+        assert!(delays[0] >= MIN_DELAY && delays[0] <= MIN_DELAY * 2, "{delays:?}");
+        assert!(delays.iter().all(|d| *d <= MAX_DELAY), "{delays:?}");
+        assert!(delays[9] >= MAX_DELAY / 2, "{delays:?}");
         assert!(backoff(None).take(100).count() == 100);
     }
 }

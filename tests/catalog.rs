@@ -251,14 +251,21 @@ async fn tables_and_partitions_are_registered_with_the_documented_types_and_read
         .iter()
         .map(|p| p["values"][0].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(registered, days, "trades_changes partitions vs the server's commit dates");
+    assert_eq!(
+        registered, days,
+        "trades_changes partitions vs the server's commit dates"
+    );
     for (location, dates) in v["commit_dates"]["trades_changes"].as_object().unwrap() {
         let dt = location
             .trim_end_matches('/')
             .rsplit_once("/dt=")
             .unwrap_or_else(|| panic!("{location}"))
             .1;
-        assert_eq!(dates, &serde_json::json!([dt]), "commit dates of the rows in {location}");
+        assert_eq!(
+            dates,
+            &serde_json::json!([dt]),
+            "commit dates of the rows in {location}"
+        );
     }
 
     let trades = columns(&v, "trades_changes");
@@ -596,4 +603,139 @@ async fn glue_refusing_the_credentials_is_a_definite_error() {
         status["tables"]["public.trades"]["rows"].as_u64().unwrap_or(0) == 0,
         "nothing was committed: {status}"
     );
+}
+
+fn committed_rows(config: &std::path::Path, table: &str) -> u64 {
+    let status = walshore(&["status", "--config", config.to_str().unwrap()]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    status["tables"][table]["rows"].as_u64().unwrap_or(0)
+}
+
+/// Glue throttling, then refusing with concurrent-modification errors (AWS JSON errors
+/// answered by a proxy in front of moto's Glue), then not answering at all, while `run`
+/// streams: no commit reaches the lake before its partition is in Glue; throttling and
+/// concurrent modification are waited out in place (the replication connection stays
+/// up); a silent Glue times out and the pipeline reconnects; once Glue answers again
+/// the new partitions and column arrive and the lake is exact.
+#[tokio::test]
+async fn glue_throttling_concurrent_changes_and_silence_are_retried_and_nothing_is_lost() {
+    use support::proxy::{Mode, Proxy};
+    let l = lake("").await;
+    let proxy = Proxy::start(l.moto.port);
+    let text = std::fs::read_to_string(&l.config).unwrap();
+    let text = text.replace(
+        &format!("database = \"{DATABASE}\"\nendpoint = \"{}\"", l.moto.endpoint()),
+        &format!(
+            "database = \"{DATABASE}\"\nendpoint = \"http://127.0.0.1:{}\"",
+            proxy.port
+        ),
+    );
+    assert!(text.contains("[sink]\n"), "{text}");
+    std::fs::write(
+        &l.config,
+        text.replace("[sink]\n", "[sink]\nrequest_timeout = \"3s\"\n"),
+    )
+    .unwrap();
+    sync(&l.config);
+    let before = committed_rows(&l.config, "public.prices");
+    let run = spawn_run(&l.config);
+    let _log = LogOnPanic::new(&run);
+    wait_until(std::time::Duration::from_secs(30), "replication to start", || async {
+        stderr_of(&run).contains("replication started")
+    })
+    .await;
+
+    // Throttled: a row in a new partition cannot commit, since its partition cannot be
+    // registered first.
+    proxy.set(Mode::AwsJsonError("ThrottlingException"));
+    l.e.client
+        .batch_execute("INSERT INTO prices VALUES ('throttled/1', 1, 1, NULL)")
+        .await
+        .unwrap();
+    wait_until(std::time::Duration::from_secs(30), "throttling answers", || async {
+        proxy.errors_served() >= 4
+    })
+    .await;
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(
+        committed_rows(&l.config, "public.prices"),
+        before,
+        "a row committed while its partition could not be registered"
+    );
+
+    // Concurrent modification, with a column to add to Glue's table.
+    let served = proxy.errors_served();
+    proxy.set(Mode::AwsJsonError("ConcurrentModificationException"));
+    l.e.client
+        .batch_execute(
+            "ALTER TABLE prices ADD COLUMN venue text; INSERT INTO prices VALUES ('busy/2', 2, 2, NULL, 'X')",
+        )
+        .await
+        .unwrap();
+    wait_until(
+        std::time::Duration::from_secs(60),
+        "concurrent-modification answers",
+        || async { proxy.errors_served() >= served + 2 },
+    )
+    .await;
+    assert_eq!(committed_rows(&l.config, "public.prices"), before);
+    proxy.set(Mode::Forward);
+    wait_until(
+        std::time::Duration::from_secs(120),
+        "the rows after Glue answers again",
+        || async { committed_rows(&l.config, "public.prices") == before + 2 },
+    )
+    .await;
+    let log = stderr_of(&run);
+    for kind in ["ThrottlingException", "ConcurrentModificationException"] {
+        assert!(
+            log.lines().any(|l| l.contains("Glue is busy") && l.contains(kind)),
+            "{kind} waited out in place:\n{log}"
+        );
+    }
+    assert!(
+        !log.contains("transient failure") && log.matches("replication started").count() == 1,
+        "the pipeline did not reconnect for a busy Glue:\n{log}"
+    );
+
+    // Silence: each attempt times out (`sink.request_timeout`); the pipeline retries.
+    proxy.set(Mode::Blackhole);
+    l.e.client
+        .batch_execute("INSERT INTO prices VALUES ('silent/3', 3, 3, NULL, 'Y')")
+        .await
+        .unwrap();
+    wait_until(std::time::Duration::from_secs(90), "a timed-out Glue call", || async {
+        stderr_of(&run).contains("transient failure")
+    })
+    .await;
+    assert_eq!(committed_rows(&l.config, "public.prices"), before + 2);
+    proxy.set(Mode::Forward);
+    wait_until(
+        std::time::Duration::from_secs(120),
+        "the row after Glue answers again",
+        || async { committed_rows(&l.config, "public.prices") == before + 3 },
+    )
+    .await;
+    let (status, stderr) = stop(run);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("transient failure") && l.contains("Glue") && l.contains("timeout")),
+        "the silent Glue's timeout named:\n{stderr}"
+    );
+    let v = assert_readers_see_the_source(&l).await;
+    assert_eq!(
+        columns(&v, "prices_changes").get("venue").map(String::as_str),
+        Some("string")
+    );
+    let values: std::collections::BTreeSet<String> = v["tables"]["prices_changes"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["values"][0].as_str().unwrap().to_owned())
+        .collect();
+    for p in ["throttled/1", "busy/2", "silent/3"] {
+        assert!(values.contains(p), "{p} registered: {values:?}");
+    }
 }

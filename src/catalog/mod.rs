@@ -12,6 +12,7 @@
 //!   query them in older partitions).
 
 use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use arrow::datatypes::DataType;
 use aws_sdk_glue::error::{ProvideErrorMetadata, SdkError};
@@ -39,6 +40,8 @@ pub struct CatalogError {
     pub message: String,
     hint: &'static str,
     retry: Retry,
+    /// Throttling or a concurrent modification: repeated in place (see [`Catalog::register`]).
+    busy: bool,
 }
 
 impl CatalogError {
@@ -46,6 +49,14 @@ impl CatalogError {
         self.retry
     }
 }
+
+/// The Glue client's TCP (and TLS) connect timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long [`Catalog::register`] repeats a call that Glue throttles (or refuses for a
+/// concurrent modification) before handing the error to the pipeline, which reconnects
+/// and tries again anyway.
+const BUSY_BUDGET: Duration = Duration::from_secs(300);
 
 fn glue_err<E: ProvideErrorMetadata + std::error::Error + 'static>(
     operation: &'static str,
@@ -70,6 +81,7 @@ fn glue_err<E: ProvideErrorMetadata + std::error::Error + 'static>(
         other => (crate::pipeline::ErrorChain(other).to_string(), None),
     };
     let retry = crate::retry::of_aws(code.as_deref());
+    let busy = crate::retry::is_aws_busy(code.as_deref());
     let hint = if crate::retry::is_aws_auth(code.as_deref()) {
         "; check walshore's AWS credentials, and allow glue:GetDatabase, glue:CreateDatabase, glue:GetTable, glue:CreateTable, glue:UpdateTable and glue:BatchCreatePartition on the catalog, the database and its tables for its identity"
     } else {
@@ -81,6 +93,7 @@ fn glue_err<E: ProvideErrorMetadata + std::error::Error + 'static>(
         message,
         hint,
         retry,
+        busy,
     }
 }
 
@@ -251,7 +264,13 @@ impl Catalog {
             loader = loader.region(aws_config::Region::new(r.clone()));
         }
         let shared = loader.load().await;
-        let mut b = aws_sdk_glue::config::Builder::from(&shared);
+        // Each attempt is bounded like an S3 request (`sink.request_timeout`), so a
+        // Glue that stops answering is an error to retry, not a pipeline that hangs.
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(CONNECT_TIMEOUT.min(sink.request_timeout))
+            .operation_attempt_timeout(sink.request_timeout)
+            .build();
+        let mut b = aws_sdk_glue::config::Builder::from(&shared).timeout_config(timeouts);
         if let Some(ep) = &cfg.endpoint {
             b = b.endpoint_url(ep);
         }
@@ -485,6 +504,7 @@ impl Catalog {
                             message: "created concurrently".into(),
                             hint: "",
                             retry: Retry::Transient,
+                            busy: true,
                         });
                     }
                     Err(e) => return Err(glue_err("CreateTable", &name, e)),
@@ -530,7 +550,33 @@ impl Catalog {
     }
 
     /// Registers every table and partition `files` live in, before their commit.
+    /// Throttling and concurrent modifications are waited out here, with the
+    /// pipeline's backoff, for up to [`BUSY_BUDGET`]: the replication connection stays
+    /// up. Every step is idempotent, so a repeated call picks up where the last stopped.
     pub async fn register(
+        &mut self,
+        files: &[WrittenObject],
+        schemas: &HashMap<String, LakeSchema>,
+    ) -> Result<(), CatalogError> {
+        let started = Instant::now();
+        let mut delays = crate::retry::backoff(None);
+        loop {
+            match self.register_once(files, schemas).await {
+                Err(e) if e.busy && started.elapsed() < BUSY_BUDGET => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(60));
+                    tracing::warn!(
+                        error = %e,
+                        retry_in = ?delay,
+                        "Glue is busy (throttling or a concurrent change); repeating the call"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn register_once(
         &mut self,
         files: &[WrittenObject],
         schemas: &HashMap<String, LakeSchema>,
@@ -595,6 +641,7 @@ impl Catalog {
                             message: format!("{code}: {message}"),
                             hint: "",
                             retry: crate::retry::of_aws(Some(code)),
+                            busy: crate::retry::is_aws_busy(Some(code)),
                         });
                     }
                 }

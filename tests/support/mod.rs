@@ -282,11 +282,32 @@ pub fn spawn_run_with(config: &std::path::Path, env: &[(&str, &str)]) -> Child {
 
 /// What a child started by [`spawn_run`] has written to stderr so far.
 pub fn stderr_of(child: &Child) -> String {
+    stderr_of_pid(child.id())
+}
+
+fn stderr_of_pid(pid: u32) -> String {
     let files = STDERR_FILES.lock().unwrap();
     files
-        .get(&child.id())
+        .get(&pid)
         .map(|f| std::fs::read_to_string(f.path()).unwrap_or_default())
         .unwrap_or_default()
+}
+
+/// Prints a spawned walshore's stderr if the test panics while this is alive.
+pub struct LogOnPanic(u32);
+
+impl LogOnPanic {
+    pub fn new(child: &Child) -> LogOnPanic {
+        LogOnPanic(child.id())
+    }
+}
+
+impl Drop for LogOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- walshore (pid {}) stderr ---\n{}", self.0, stderr_of_pid(self.0));
+        }
+    }
 }
 
 /// SIGTERM and wait; returns the exit status and stderr.

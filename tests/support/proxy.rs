@@ -27,6 +27,10 @@ pub enum Mode {
     /// HTTP only: answer each request on a new connection with this status, without
     /// forwarding it. Connections open when the mode is set are cut.
     HttpStatus(u16),
+    /// HTTP only, AWS JSON protocol (Glue): answer each request on a new connection
+    /// with `400` and this error type (`ThrottlingException`, say), without forwarding
+    /// it. Connections open when the mode is set are cut.
+    AwsJsonError(&'static str),
 }
 
 struct Shared {
@@ -96,10 +100,13 @@ impl Proxy {
         }
     }
 
+    /// Entering or leaving a mode that answers HTTP itself cuts the open connections,
+    /// so that a kept-alive connection does not stay in the mode it was accepted in.
     pub fn set(&self, mode: Mode) {
-        *self.shared.mode.lock().unwrap() = mode;
+        let answering = |m: Mode| matches!(m, Mode::HttpStatus(_) | Mode::AwsJsonError(_));
+        let old = std::mem::replace(&mut *self.shared.mode.lock().unwrap(), mode);
         self.shared.changed.send_modify(|g| *g += 1);
-        if matches!(mode, Mode::HttpStatus(_)) {
+        if answering(mode) || answering(old) {
             self.cut();
         }
     }
@@ -113,7 +120,7 @@ impl Proxy {
         self.shared.connections.load(Ordering::SeqCst)
     }
 
-    /// Requests answered with an error status by [`Mode::HttpStatus`].
+    /// Requests answered with an error by [`Mode::HttpStatus`] or [`Mode::AwsJsonError`].
     pub fn errors_served(&self) -> u64 {
         self.shared.errors_served.load(Ordering::SeqCst)
     }
@@ -140,9 +147,14 @@ async fn connection(mut client: TcpStream, upstream: SocketAddr, s: Arc<Shared>)
     let mode = *s.mode.lock().unwrap();
     let mut cut = s.cuts.subscribe();
     match mode {
-        Mode::HttpStatus(status) => {
+        Mode::HttpStatus(_) | Mode::AwsJsonError(_) => {
+            let reply = match mode {
+                Mode::HttpStatus(status) => s3_error(status),
+                Mode::AwsJsonError(kind) => aws_json_error(kind),
+                _ => unreachable!(),
+            };
             tokio::select! {
-                _ = answer_http(&mut client, status, &s) => {}
+                _ = answer_http(&mut client, &reply, &s) => {}
                 _ = cut.changed() => {}
             }
             return;
@@ -190,7 +202,7 @@ async fn pump(
         loop {
             let mode = *s.mode.lock().unwrap();
             match mode {
-                Mode::Forward | Mode::HttpStatus(_) => break,
+                Mode::Forward | Mode::HttpStatus(_) | Mode::AwsJsonError(_) => break,
                 Mode::Delay(d) => {
                     tokio::time::sleep(d).await;
                     break;
@@ -216,9 +228,34 @@ async fn pump(
     }
 }
 
-/// Reads HTTP requests (head and Content-Length body) and answers each with `status`,
-/// as S3 does when it is unavailable or failing.
-async fn answer_http(client: &mut TcpStream, status: u16, s: &Shared) {
+/// S3's answer when it is unavailable or failing: `status` with an XML error body.
+fn s3_error(status: u16) -> String {
+    let (code, reason) = match status {
+        500 => ("InternalError", "Internal Server Error"),
+        503 => ("SlowDown", "Service Unavailable"),
+        _ => ("InternalError", "Error"),
+    };
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>"
+    );
+    format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// An AWS JSON-protocol service's error answer (as Glue throttles): `400` with the
+/// error type in the header and the body.
+fn aws_json_error(kind: &str) -> String {
+    let body = format!("{{\"__type\":\"{kind}\",\"message\":\"injected by the test proxy\"}}");
+    format!(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.1\r\nx-amzn-ErrorType: {kind}\r\nx-amzn-RequestId: test-proxy\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Reads HTTP requests (head and Content-Length body) and answers each with `reply`.
+async fn answer_http(client: &mut TcpStream, reply: &str, s: &Shared) {
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
@@ -244,18 +281,6 @@ async fn answer_http(client: &mut TcpStream, status: u16, s: &Shared) {
             }
         }
         buf.drain(..head_end + body_len);
-        let (code, reason) = match status {
-            500 => ("InternalError", "Internal Server Error"),
-            503 => ("SlowDown", "Service Unavailable"),
-            _ => ("InternalError", "Error"),
-        };
-        let body = format!(
-            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>"
-        );
-        let reply = format!(
-            "HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
         s.errors_served.fetch_add(1, Ordering::SeqCst);
         if client.write_all(reply.as_bytes()).await.is_err() {
             return;
