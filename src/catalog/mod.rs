@@ -553,23 +553,28 @@ impl Catalog {
     /// Throttling and concurrent modifications are waited out here, with the
     /// pipeline's backoff, for up to [`BUSY_BUDGET`]: the replication connection stays
     /// up. Every step is idempotent, so a repeated call picks up where the last stopped.
+    /// `stop` ends the wait with the last error.
     pub async fn register(
         &mut self,
         files: &[WrittenObject],
         schemas: &HashMap<String, LakeSchema>,
+        stop: &tokio_util::sync::CancellationToken,
     ) -> Result<(), CatalogError> {
         let started = Instant::now();
         let mut delays = crate::retry::backoff(None);
         loop {
             match self.register_once(files, schemas).await {
-                Err(e) if e.busy && started.elapsed() < BUSY_BUDGET => {
+                Err(e) if e.busy && started.elapsed() < BUSY_BUDGET && !stop.is_cancelled() => {
                     let delay = delays.next().unwrap_or(Duration::from_secs(60));
                     tracing::warn!(
                         error = %e,
                         retry_in = ?delay,
                         "Glue is busy (throttling or a concurrent change); repeating the call"
                     );
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.cancelled() => return Err(e),
+                    }
                 }
                 other => return other,
             }

@@ -362,6 +362,7 @@ async fn run_once(
         in_flight: in_flight.clone(),
         schemas,
         catalog,
+        shutdown: shutdown.clone(),
     }));
     let copier = tasks::Copier {
         cfg: cfg.clone(),

@@ -512,6 +512,8 @@ pub(super) struct SinkTask {
     pub schemas: HashMap<String, LakeSchema>,
     /// `catalog.kind = "glue"`.
     pub catalog: Option<crate::catalog::Catalog>,
+    /// Ends a wait for a busy Glue (the commit is then not made; nothing is lost).
+    pub shutdown: CancellationToken,
 }
 
 struct SinkState {
@@ -672,7 +674,7 @@ impl SinkTask {
         // Tables and partitions are in the catalog before the record that publishes
         // them: a committed partition is always registered.
         if let Some(catalog) = &mut self.catalog {
-            catalog.register(&files, &self.schemas).await?;
+            catalog.register(&files, &self.schemas, &self.shutdown).await?;
             crate::fault::point("after_catalog_registration");
         }
         let record = self
