@@ -759,3 +759,65 @@ async fn glue_throttling_concurrent_changes_and_silence_are_retried_and_nothing_
         assert!(values.contains(p), "{p} registered: {values:?}");
     }
 }
+
+/// Glue's side, changed by hand with boto3 (`python3 -c`); panics with its stderr.
+fn glue_by_hand(l: &Lake, python: &str) {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import boto3\ng = boto3.client('glue', endpoint_url='{}', region_name='us-east-1')\n{python}",
+                l.moto.endpoint()
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A lake that gains `[catalog]` after it has data, then a Glue table and a partition
+/// deleted by hand: each start registers what the lake holds and Glue lacks, with no
+/// new change in PostgreSQL to trigger it.
+#[tokio::test]
+async fn a_start_registers_what_the_lake_holds_and_glue_lacks() {
+    let l = lake("").await;
+    let with_catalog = std::fs::read_to_string(&l.config).unwrap();
+    let (without, _) = with_catalog.split_once("\n[catalog]\n").unwrap();
+    std::fs::write(&l.config, without).unwrap();
+    sync(&l.config);
+    l.e.client
+        .batch_execute(
+            "UPDATE trades SET qty = qty + 1 WHERE id % 4 = 0; INSERT INTO prices VALUES ('late/1', 1, 1, NULL)",
+        )
+        .await
+        .unwrap();
+    sync(&l.config);
+    assert!(lake_partitions(&l.config, "public.prices").await.len() >= 5);
+
+    // The catalog turned on: nothing new in PostgreSQL, yet everything is registered.
+    std::fs::write(&l.config, &with_catalog).unwrap();
+    let out = walshore(&["sync", "--config", l.config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("registered partitions of the lake that Glue did not have"),
+        "{stderr}"
+    );
+    assert_readers_see_the_source(&l).await;
+
+    // Deleted by hand: the prices table, and one partition of trades.
+    glue_by_hand(
+        &l,
+        &format!(
+            "g.delete_table(DatabaseName='{DATABASE}', Name='prices_changes')\n\
+             p = g.get_partitions(DatabaseName='{DATABASE}', TableName='trades_changes')['Partitions'][0]\n\
+             g.batch_delete_partition(DatabaseName='{DATABASE}', TableName='trades_changes', PartitionsToDelete=[{{'Values': p['Values']}}])"
+        ),
+    );
+    let v = glue_view(&l);
+    assert!(v["tables"].get("prices_changes").is_none(), "{v}");
+    assert_eq!(v["tables"]["trades_changes"]["partitions"], serde_json::json!([]));
+    sync(&l.config);
+    let v = assert_readers_see_the_source(&l).await;
+    assert_eq!(columns(&v, "prices_changes")["px"], "decimal(10,4)");
+}

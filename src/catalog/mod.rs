@@ -11,7 +11,7 @@
 //!   table's columns are only ever added or widened, never dropped (analysts may still
 //!   query them in older partitions).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use arrow::datatypes::DataType;
@@ -50,6 +50,13 @@ impl CatalogError {
     }
 }
 
+/// What [`Catalog::patiently`] repeats.
+#[derive(Clone, Copy)]
+enum Job<'a> {
+    Register(&'a [WrittenObject], &'a HashMap<String, LakeSchema>),
+    Reconcile(&'a BTreeMap<String, Vec<String>>, &'a HashMap<String, LakeSchema>),
+}
+
 /// The Glue client's TCP (and TLS) connect timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -83,7 +90,7 @@ fn glue_err<E: ProvideErrorMetadata + std::error::Error + 'static>(
     let retry = crate::retry::of_aws(code.as_deref());
     let busy = crate::retry::is_aws_busy(code.as_deref());
     let hint = if crate::retry::is_aws_auth(code.as_deref()) {
-        "; check walshore's AWS credentials, and allow glue:GetDatabase, glue:CreateDatabase, glue:GetTable, glue:CreateTable, glue:UpdateTable and glue:BatchCreatePartition on the catalog, the database and its tables for its identity"
+        "; check walshore's AWS credentials, and allow glue:GetDatabase, glue:CreateDatabase, glue:GetTable, glue:CreateTable, glue:UpdateTable, glue:GetPartitions and glue:BatchCreatePartition on the catalog, the database and its tables for its identity"
     } else {
         ""
     };
@@ -550,20 +557,49 @@ impl Catalog {
     }
 
     /// Registers every table and partition `files` live in, before their commit.
-    /// Throttling and concurrent modifications are waited out here, with the
-    /// pipeline's backoff, for up to [`BUSY_BUDGET`]: the replication connection stays
-    /// up. Every step is idempotent, so a repeated call picks up where the last stopped.
-    /// `stop` ends the wait with the last error.
+    /// Throttling and concurrent modifications are waited out in place (see
+    /// [`Catalog::patiently`]): the replication connection stays up.
     pub async fn register(
         &mut self,
         files: &[WrittenObject],
         schemas: &HashMap<String, LakeSchema>,
         stop: &tokio_util::sync::CancellationToken,
     ) -> Result<(), CatalogError> {
+        self.patiently(Job::Register(files, schemas), stop).await.map(|_| ())
+    }
+
+    /// At start-up, after recovery has deleted every uncommitted file: each lake table
+    /// in Glue with its current columns, and each partition folder of the lake
+    /// (`lake`: by `schema.table`, from [`crate::sink::partitions_in_lake`]) that Glue
+    /// lacks registered. This makes good what no commit would: a lake that gains
+    /// `[catalog]` later, a Glue table or partition deleted by hand, a database
+    /// recreated. Returns the number of partitions registered.
+    pub async fn reconcile(
+        &mut self,
+        lake: &BTreeMap<String, Vec<String>>,
+        schemas: &HashMap<String, LakeSchema>,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<usize, CatalogError> {
+        self.patiently(Job::Reconcile(lake, schemas), stop).await
+    }
+
+    /// Runs `job`, repeating it while Glue throttles or reports a concurrent
+    /// modification, with the pipeline's backoff, for up to [`BUSY_BUDGET`]. Every
+    /// step is idempotent, so a repeat picks up where the last stopped. `stop` ends the
+    /// wait with the last error.
+    async fn patiently(
+        &mut self,
+        job: Job<'_>,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<usize, CatalogError> {
         let started = Instant::now();
         let mut delays = crate::retry::backoff(None);
         loop {
-            match self.register_once(files, schemas).await {
+            let result = match job {
+                Job::Register(files, schemas) => self.register_once(files, schemas).await.map(|()| 0),
+                Job::Reconcile(lake, schemas) => self.reconcile_once(lake, schemas).await,
+            };
+            match result {
                 Err(e) if e.busy && started.elapsed() < BUSY_BUDGET && !stop.is_cancelled() => {
                     let delay = delays.next().unwrap_or(Duration::from_secs(60));
                     tracing::warn!(
@@ -579,6 +615,54 @@ impl Catalog {
                 other => return other,
             }
         }
+    }
+
+    async fn reconcile_once(
+        &mut self,
+        lake: &BTreeMap<String, Vec<String>>,
+        schemas: &HashMap<String, LakeSchema>,
+    ) -> Result<usize, CatalogError> {
+        let mut created = 0;
+        for (table, parts) in lake {
+            let schema = schemas.get(table).cloned().unwrap_or_default();
+            self.ensure_table(table, &schema).await?;
+            if self.projection {
+                continue;
+            }
+            let name = table_name(table);
+            let mut have = HashSet::new();
+            let mut token = None;
+            loop {
+                let out = self
+                    .client
+                    .get_partitions()
+                    .database_name(&self.database)
+                    .table_name(&name)
+                    .set_next_token(token)
+                    .send()
+                    .await
+                    .map_err(|e| glue_err("GetPartitions", &name, e))?;
+                have.extend(out.partitions().iter().map(|p| p.values().to_vec()));
+                token = out.next_token().map(str::to_owned);
+                if token.is_none() {
+                    break;
+                }
+            }
+            let mut missing = Vec::new();
+            for p in parts {
+                if have.contains(&partition_values(p)) {
+                    self.registered.insert((table.clone(), p.clone()));
+                } else {
+                    missing.push(p.as_str());
+                }
+            }
+            if !missing.is_empty() {
+                self.create_partitions(table, &missing).await?;
+                tracing::info!(table = %name, partitions = missing.len(), "registered partitions of the lake that Glue did not have");
+                created += missing.len();
+            }
+        }
+        Ok(created)
     }
 
     async fn register_once(
@@ -608,53 +692,60 @@ impl Catalog {
             return Ok(());
         }
         for (table, parts) in new {
-            let name = table_name(table);
-            let (schema_name, bare) = table.split_once('.').unwrap_or(("public", table));
-            for chunk in parts.chunks(PARTITION_BATCH) {
-                let inputs: Vec<PartitionInput> = chunk
-                    .iter()
-                    .map(|p| {
-                        PartitionInput::builder()
-                            .set_values(Some(partition_values(p)))
-                            .storage_descriptor(
-                                StorageDescriptor::builder()
-                                    .location(format!("{}{}/{}/{}/", self.root, schema_name, bare, p))
-                                    .input_format(INPUT_FORMAT)
-                                    .output_format(OUTPUT_FORMAT)
-                                    .serde_info(SerDeInfo::builder().serialization_library(SERDE).build())
-                                    .build(),
-                            )
-                            .build()
-                    })
-                    .collect();
-                let out = self
-                    .client
-                    .batch_create_partition()
-                    .database_name(&self.database)
-                    .table_name(&name)
-                    .set_partition_input_list(Some(inputs))
-                    .send()
-                    .await
-                    .map_err(|e| glue_err("BatchCreatePartition", &name, e))?;
-                for e in out.errors() {
-                    let code = e.error_detail().and_then(|d| d.error_code()).unwrap_or("");
-                    if code != "AlreadyExistsException" {
-                        let message = e.error_detail().and_then(|d| d.error_message()).unwrap_or("");
-                        return Err(CatalogError {
-                            operation: "BatchCreatePartition",
-                            target: format!("{name} {:?}", e.partition_values()),
-                            message: format!("{code}: {message}"),
-                            hint: "",
-                            retry: crate::retry::of_aws(Some(code)),
-                            busy: crate::retry::is_aws_busy(Some(code)),
-                        });
-                    }
+            self.create_partitions(table, &parts).await?;
+        }
+        Ok(())
+    }
+
+    /// `BatchCreatePartition` for `parts` of `table` (100 per call); one that exists
+    /// already counts as created.
+    async fn create_partitions(&mut self, table: &str, parts: &[&str]) -> Result<(), CatalogError> {
+        let name = table_name(table);
+        let (schema_name, bare) = table.split_once('.').unwrap_or(("public", table));
+        for chunk in parts.chunks(PARTITION_BATCH) {
+            let inputs: Vec<PartitionInput> = chunk
+                .iter()
+                .map(|p| {
+                    PartitionInput::builder()
+                        .set_values(Some(partition_values(p)))
+                        .storage_descriptor(
+                            StorageDescriptor::builder()
+                                .location(format!("{}{}/{}/{}/", self.root, schema_name, bare, p))
+                                .input_format(INPUT_FORMAT)
+                                .output_format(OUTPUT_FORMAT)
+                                .serde_info(SerDeInfo::builder().serialization_library(SERDE).build())
+                                .build(),
+                        )
+                        .build()
+                })
+                .collect();
+            let out = self
+                .client
+                .batch_create_partition()
+                .database_name(&self.database)
+                .table_name(&name)
+                .set_partition_input_list(Some(inputs))
+                .send()
+                .await
+                .map_err(|e| glue_err("BatchCreatePartition", &name, e))?;
+            for e in out.errors() {
+                let code = e.error_detail().and_then(|d| d.error_code()).unwrap_or("");
+                if code != "AlreadyExistsException" {
+                    let message = e.error_detail().and_then(|d| d.error_message()).unwrap_or("");
+                    return Err(CatalogError {
+                        operation: "BatchCreatePartition",
+                        target: format!("{name} {:?}", e.partition_values()),
+                        message: format!("{code}: {message}"),
+                        hint: "",
+                        retry: crate::retry::of_aws(Some(code)),
+                        busy: crate::retry::is_aws_busy(Some(code)),
+                    });
                 }
-                for p in chunk {
-                    self.registered.insert((table.to_owned(), (*p).to_owned()));
-                }
-                tracing::debug!(table = %name, partitions = chunk.len(), "registered partitions");
             }
+            for p in chunk {
+                self.registered.insert((table.to_owned(), (*p).to_owned()));
+            }
+            tracing::debug!(table = %name, partitions = chunk.len(), "registered partitions");
         }
         Ok(())
     }

@@ -242,7 +242,7 @@ async fn run_once(
         }
     };
     let run_id = process.run_id();
-    let catalog = match &cfg.glue {
+    let mut catalog = match &cfg.glue {
         Some(g) => Some(crate::catalog::Catalog::open(g, &cfg.sink, &cfg.partitions).await),
         None => None,
     };
@@ -301,6 +301,22 @@ async fn run_once(
     // waits for its copy (snapshot.mode = "initial").
     let head = checkpoint.head().clone();
     let schemas = read_schemas(sink.store().as_ref()).await.map_err(|e| fail(e.into()))?;
+    if let Some(c) = &mut catalog {
+        // Only committed files are left (recovery ran): whatever of them Glue lacks is
+        // registered before anything new commits.
+        let mut lake = std::collections::BTreeMap::new();
+        for table in schemas.keys() {
+            let (schema_name, bare) = table.split_once('.').unwrap_or(("public", table));
+            let keys = crate::catalog::partition_keys(cfg.partitions.of(table));
+            let parts = crate::sink::partitions_in_lake(sink.store().as_ref(), schema_name, bare, &keys)
+                .await
+                .map_err(|e| fail(e.into()))?;
+            lake.insert(table.clone(), parts);
+        }
+        c.reconcile(&lake, &schemas, &shutdown)
+            .await
+            .map_err(|e| fail(e.into()))?;
+    }
     let mut gates: HashMap<String, Gate> = head
         .snapshots
         .iter()

@@ -55,13 +55,19 @@ pub enum SinkError {
         #[source]
         source: object_store::Error,
     },
+    #[error("cannot list {prefix} in the lake: {source}")]
+    List {
+        prefix: String,
+        #[source]
+        source: object_store::Error,
+    },
 }
 
 impl SinkError {
     pub fn retry(&self) -> crate::source::Retry {
         match self {
             SinkError::Encode { .. } => crate::source::Retry::Definite,
-            SinkError::Put { source, .. } => crate::retry::of_store(source),
+            SinkError::Put { source, .. } | SinkError::List { source, .. } => crate::retry::of_store(source),
         }
     }
 }
@@ -108,6 +114,44 @@ pub fn object_key(schema: &str, table: &str, partition: &str, first: RowPos, las
             .chain(segments)
             .chain([PathPart::from(name.as_str())]),
     )
+}
+
+/// The partition folders of `schema.table` in the lake, as the files' partitions are
+/// written (`dt=…`, `dt=…/hour=…`, `{column}=…`, escaped), one level per key of `keys`.
+/// Listed with a delimiter: a request per thousand folders, not per file. Folders of
+/// another partition spec (a table whose `[partitions]` entry changed) are left out.
+pub async fn partitions_in_lake(
+    store: &dyn ObjectStore,
+    schema: &str,
+    table: &str,
+    keys: &[String],
+) -> Result<Vec<String>, SinkError> {
+    let base = Path::from_iter([PathPart::from(schema), PathPart::from(table)]);
+    let strip = format!("{}/", base.as_ref());
+    let mut level = vec![base];
+    for key in keys {
+        let mut next = Vec::new();
+        for prefix in &level {
+            let listed = store
+                .list_with_delimiter(Some(prefix))
+                .await
+                .map_err(|source| SinkError::List {
+                    prefix: prefix.to_string(),
+                    source,
+                })?;
+            next.extend(listed.common_prefixes.into_iter().filter(|p| {
+                p.filename()
+                    .is_some_and(|f| f.strip_prefix(key.as_str()).is_some_and(|r| r.starts_with('=')))
+            }));
+        }
+        level = next;
+    }
+    let mut out: Vec<String> = level
+        .iter()
+        .filter_map(|p| p.as_ref().strip_prefix(&strip).map(str::to_owned))
+        .collect();
+    out.sort();
+    Ok(out)
 }
 
 impl Sink {
@@ -268,5 +312,41 @@ impl Sink {
             return Err(err(source));
         }
         Ok(e.object)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+
+    #[tokio::test]
+    async fn partition_folders_one_level_per_key_and_only_of_the_current_spec() {
+        let store = InMemory::new();
+        for key in [
+            "public/trades/dt=2026-11-22/hour=09/a.parquet",
+            "public/trades/dt=2026-11-22/hour=10/b.parquet",
+            "public/trades/dt=2026-11-23/hour=00/c.parquet",
+            // An older spec's folder, and a file at the wrong depth.
+            "public/trades/symbol=X/d.parquet",
+            "public/trades/dt=2026-11-24/e.parquet",
+            "public/prices/symbol=EUR%2FUSD/f.parquet",
+        ] {
+            store.put(&key_path(key), PutPayload::from_static(b"x")).await.unwrap();
+        }
+        let keys = |k: &[&str]| k.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            partitions_in_lake(&store, "public", "trades", &keys(&["dt", "hour"])).await.unwrap(),
+            ["dt=2026-11-22/hour=09", "dt=2026-11-22/hour=10", "dt=2026-11-23/hour=00"]
+        );
+        assert_eq!(
+            partitions_in_lake(&store, "public", "trades", &keys(&["dt"])).await.unwrap(),
+            ["dt=2026-11-22", "dt=2026-11-23", "dt=2026-11-24"]
+        );
+        assert_eq!(
+            partitions_in_lake(&store, "public", "prices", &keys(&["symbol"])).await.unwrap(),
+            ["symbol=EUR%2FUSD"]
+        );
+        assert!(partitions_in_lake(&store, "public", "none", &keys(&["dt"])).await.unwrap().is_empty());
     }
 }

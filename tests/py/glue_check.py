@@ -111,7 +111,7 @@ for name in out["tables"]:
 
 for name, keys, cols in specs:
     keys, cols = keys.split(","), cols.split(",")
-    files = registered_files(name)
+    files = registered_files(name) if name in out["tables"] else []
     if not files:
         out["state"][name] = []
         continue
