@@ -559,6 +559,21 @@ async fn partition_projection_registers_no_partition_and_its_template_finds_the_
         "s3://lake/cdc/public/prices/symbol=${symbol}/"
     );
     assert_eq!(v["tables"]["prices_changes"]["partitions"], serde_json::json!([]));
+
+    // Projection switched off: the next start drops the parameters and registers
+    // every partition of the lake.
+    let text = std::fs::read_to_string(&l.config).unwrap();
+    std::fs::write(
+        &l.config,
+        text.replace("partition_projection = true", "partition_projection = false"),
+    )
+    .unwrap();
+    sync(&l.config);
+    let v = assert_readers_see_the_source(&l).await;
+    for t in ["trades_changes", "prices_changes"] {
+        let p = &v["tables"][t]["parameters"];
+        assert!(p.get("projection.enabled").is_none(), "{t}: {p}");
+    }
 }
 
 /// A Glue that refuses walshore's credentials (moto enforcing IAM): a definite error

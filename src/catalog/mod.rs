@@ -536,7 +536,14 @@ impl Catalog {
                         None => merged.push((n.clone(), ty.clone())),
                     }
                 }
-                if merged != have {
+                // `partition_projection` switched since the table was made: its
+                // parameters follow (and with registration back, the start-up
+                // reconciliation registers the partitions).
+                let projected = t
+                    .parameters()
+                    .and_then(|p| p.get("projection.enabled"))
+                    .is_some_and(|v| v == "true");
+                if merged != have || projected != self.projection {
                     let input = self.table_input(qualified, &merged);
                     self.client
                         .update_table()
@@ -545,7 +552,7 @@ impl Catalog {
                         .send()
                         .await
                         .map_err(|e| glue_err("UpdateTable", &name, e))?;
-                    tracing::info!(table = %name, database = %self.database, columns = merged.len(), "updated the Glue table's columns");
+                    tracing::info!(table = %name, database = %self.database, columns = merged.len(), projection = self.projection, "updated the Glue table");
                 }
             }
         }

@@ -336,17 +336,32 @@ mod tests {
         }
         let keys = |k: &[&str]| k.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(
-            partitions_in_lake(&store, "public", "trades", &keys(&["dt", "hour"])).await.unwrap(),
-            ["dt=2026-11-22/hour=09", "dt=2026-11-22/hour=10", "dt=2026-11-23/hour=00"]
+            partitions_in_lake(&store, "public", "trades", &keys(&["dt", "hour"]))
+                .await
+                .unwrap(),
+            [
+                "dt=2026-11-22/hour=09",
+                "dt=2026-11-22/hour=10",
+                "dt=2026-11-23/hour=00"
+            ]
         );
         assert_eq!(
-            partitions_in_lake(&store, "public", "trades", &keys(&["dt"])).await.unwrap(),
+            partitions_in_lake(&store, "public", "trades", &keys(&["dt"]))
+                .await
+                .unwrap(),
             ["dt=2026-11-22", "dt=2026-11-23", "dt=2026-11-24"]
         );
         assert_eq!(
-            partitions_in_lake(&store, "public", "prices", &keys(&["symbol"])).await.unwrap(),
+            partitions_in_lake(&store, "public", "prices", &keys(&["symbol"]))
+                .await
+                .unwrap(),
             ["symbol=EUR%2FUSD"]
         );
-        assert!(partitions_in_lake(&store, "public", "none", &keys(&["dt"])).await.unwrap().is_empty());
+        assert!(
+            partitions_in_lake(&store, "public", "none", &keys(&["dt"]))
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 }
