@@ -40,7 +40,7 @@ pub struct CatalogError {
     pub message: String,
     hint: &'static str,
     retry: Retry,
-    /// Throttling or a concurrent modification: repeated in place (see [`Catalog::register`]).
+    /// Throttling or a concurrent modification: repeated in place (see `Catalog::patiently`).
     busy: bool,
 }
 
