@@ -302,6 +302,7 @@ async fn run_once(
     let head = checkpoint.head().clone();
     let schemas = read_schemas(sink.store().as_ref()).await.map_err(|e| fail(e.into()))?;
     if let Some(c) = &mut catalog {
+        let started = std::time::Instant::now();
         // Only committed files are left (recovery ran): whatever of them Glue lacks is
         // registered before anything new commits.
         let mut lake = std::collections::BTreeMap::new();
@@ -313,9 +314,18 @@ async fn run_once(
                 .map_err(|e| fail(e.into()))?;
             lake.insert(table.clone(), parts);
         }
-        c.reconcile(&lake, &schemas, &shutdown)
+        let registered = c
+            .reconcile(&lake, &schemas, &shutdown)
             .await
             .map_err(|e| fail(e.into()))?;
+        tracing::info!(
+            database = %c.database(),
+            tables = lake.len(),
+            partitions = lake.values().map(Vec::len).sum::<usize>(),
+            registered_now = registered,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "Glue catalog reconciled with the lake"
+        );
     }
     let mut gates: HashMap<String, Gate> = head
         .snapshots

@@ -15,7 +15,7 @@ mod store;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::{Path, PathPart};
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parquet::arrow::ArrowWriter;
@@ -87,6 +87,9 @@ pub struct Sink {
     part_size: usize,
 }
 
+/// Listings in flight at once in [`partitions_in_lake`].
+const LIST_CONCURRENCY: usize = 16;
+
 /// Parts of one multipart upload in flight at once.
 const PART_CONCURRENCY: usize = 4;
 
@@ -130,21 +133,29 @@ pub async fn partitions_in_lake(
     let strip = format!("{}/", base.as_ref());
     let mut level = vec![base];
     for key in keys {
-        let mut next = Vec::new();
-        for prefix in &level {
-            let listed = store
-                .list_with_delimiter(Some(prefix))
-                .await
-                .map_err(|source| SinkError::List {
-                    prefix: prefix.to_string(),
-                    source,
-                })?;
-            next.extend(listed.common_prefixes.into_iter().filter(|p| {
+        // A level below the first has a folder per date, say: listed 16 at a time.
+        let listed: Vec<Vec<Path>> = futures::stream::iter(&level)
+            .map(|prefix| async move {
+                store
+                    .list_with_delimiter(Some(prefix))
+                    .await
+                    .map(|l| l.common_prefixes)
+                    .map_err(|source| SinkError::List {
+                        prefix: prefix.to_string(),
+                        source,
+                    })
+            })
+            .buffer_unordered(LIST_CONCURRENCY)
+            .try_collect()
+            .await?;
+        level = listed
+            .into_iter()
+            .flatten()
+            .filter(|p| {
                 p.filename()
                     .is_some_and(|f| f.strip_prefix(key.as_str()).is_some_and(|r| r.starts_with('=')))
-            }));
-        }
-        level = next;
+            })
+            .collect();
     }
     let mut out: Vec<String> = level
         .iter()
