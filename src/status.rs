@@ -57,13 +57,42 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Value> {
         ),
         None => (Value::Null, Default::default()),
     };
+    let catalog = match &cfg.glue {
+        Some(g) => catalog_status(cfg, g, store.as_ref()).await,
+        None => Value::Null,
+    };
     Ok(json!({
         "sink": cfg.sink.url.to_string(),
         "publication": cfg.source.publication,
         "committed": committed,
         "slot": slot,
         "tables": tables,
+        "catalog": catalog,
     }))
+}
+
+/// Glue against the lake: per table, whether its change-log table exists and how many
+/// of the lake's partition folders are registered (the next start registers the
+/// missing ones). A Glue or lake error is reported in place; the rest of `status` stands.
+async fn catalog_status(cfg: &Config, g: &crate::config::GlueConfig, store: &dyn object_store::ObjectStore) -> Value {
+    let catalog = crate::catalog::Catalog::open(g, &cfg.sink, &cfg.partitions).await;
+    let schemas = match crate::checkpoint::read_schemas(store).await {
+        Ok(s) => s,
+        Err(e) => return json!({ "database": g.database, "error": e.to_string() }),
+    };
+    let mut names: Vec<&String> = schemas.keys().collect();
+    names.sort();
+    let mut tables = serde_json::Map::new();
+    for table in names {
+        let (schema_name, bare) = table.split_once('.').unwrap_or(("public", table));
+        let keys = crate::catalog::partition_keys(cfg.partitions.of(table));
+        let described = match crate::sink::partitions_in_lake(store, schema_name, bare, &keys).await {
+            Ok(lake) => catalog.describe(table, &lake).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        tables.insert(table.clone(), described.unwrap_or_else(|e| json!({ "error": e })));
+    }
+    json!({ "database": g.database, "tables": tables })
 }
 
 /// RFC 3339 in UTC with microseconds.

@@ -832,7 +832,30 @@ async fn a_start_registers_what_the_lake_holds_and_glue_lacks() {
     let v = glue_view(&l);
     assert!(v["tables"].get("prices_changes").is_none(), "{v}");
     assert_eq!(v["tables"]["trades_changes"]["partitions"], serde_json::json!([]));
+    // `status` shows what Glue lacks.
+    let c = catalog_status(&l);
+    assert_eq!(c["database"], DATABASE, "{c}");
+    assert_eq!(c["tables"]["public.prices"]["exists"], false, "{c}");
+    assert_eq!(c["tables"]["public.trades"]["exists"], true, "{c}");
+    assert_eq!(c["tables"]["public.trades"]["missing_partitions"], 1, "{c}");
     sync(&l.config);
     let v = assert_readers_see_the_source(&l).await;
     assert_eq!(columns(&v, "prices_changes")["px"], "decimal(10,4)");
+    let c = catalog_status(&l);
+    for t in ["public.prices", "public.trades"] {
+        assert_eq!(c["tables"][t]["exists"], true, "{c}");
+        assert_eq!(c["tables"][t]["missing_partitions"], 0, "{c}");
+        assert_eq!(
+            c["tables"][t]["registered_partitions"], c["tables"][t]["lake_partitions"],
+            "{c}"
+        );
+    }
+}
+
+/// The `catalog` part of `walshore status`.
+fn catalog_status(l: &Lake) -> Value {
+    let out = walshore(&["status", "--config", l.config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["catalog"].clone()
 }

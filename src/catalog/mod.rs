@@ -637,24 +637,7 @@ impl Catalog {
                 continue;
             }
             let name = table_name(table);
-            let mut have = HashSet::new();
-            let mut token = None;
-            loop {
-                let out = self
-                    .client
-                    .get_partitions()
-                    .database_name(&self.database)
-                    .table_name(&name)
-                    .set_next_token(token)
-                    .send()
-                    .await
-                    .map_err(|e| glue_err("GetPartitions", &name, e))?;
-                have.extend(out.partitions().iter().map(|p| p.values().to_vec()));
-                token = out.next_token().map(str::to_owned);
-                if token.is_none() {
-                    break;
-                }
-            }
+            let have = self.partitions_of(&name).await?;
             let mut missing = Vec::new();
             for p in parts {
                 if have.contains(&partition_values(p)) {
@@ -670,6 +653,63 @@ impl Catalog {
             }
         }
         Ok(created)
+    }
+
+    /// The values of every partition Glue has registered for the Glue table `name`.
+    async fn partitions_of(&self, name: &str) -> Result<HashSet<Vec<String>>, CatalogError> {
+        let mut have = HashSet::new();
+        let mut token = None;
+        loop {
+            let out = self
+                .client
+                .get_partitions()
+                .database_name(&self.database)
+                .table_name(name)
+                .set_next_token(token)
+                .send()
+                .await
+                .map_err(|e| glue_err("GetPartitions", name, e))?;
+            have.extend(out.partitions().iter().map(|p| p.values().to_vec()));
+            token = out.next_token().map(str::to_owned);
+            if token.is_none() {
+                return Ok(have);
+            }
+        }
+    }
+
+    /// For `status`: how Glue stands against the lake's partition folders of
+    /// `schema.table` (`lake`, from [`crate::sink::partitions_in_lake`]).
+    pub async fn describe(&self, qualified: &str, lake: &[String]) -> Result<serde_json::Value, CatalogError> {
+        let name = table_name(qualified);
+        let exists = match self
+            .client
+            .get_table()
+            .database_name(&self.database)
+            .name(&name)
+            .send()
+            .await
+        {
+            Ok(_) => true,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_entity_not_found_exception()) => false,
+            Err(e) => return Err(glue_err("GetTable", &name, e)),
+        };
+        if !exists || self.projection {
+            return Ok(serde_json::json!({
+                "glue_table": name,
+                "exists": exists,
+                "lake_partitions": lake.len(),
+                "partition_projection": self.projection,
+            }));
+        }
+        let have = self.partitions_of(&name).await?;
+        let missing = lake.iter().filter(|p| !have.contains(&partition_values(p))).count();
+        Ok(serde_json::json!({
+            "glue_table": name,
+            "exists": true,
+            "lake_partitions": lake.len(),
+            "registered_partitions": have.len(),
+            "missing_partitions": missing,
+        }))
     }
 
     async fn register_once(
