@@ -859,3 +859,63 @@ fn catalog_status(l: &Lake) -> Value {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     v["catalog"].clone()
 }
+
+/// A Glue table walshore did not make, and two PostgreSQL tables whose names map to one
+/// Glue name: a definite error naming both and the way out; the foreign table is left
+/// as it was, and nothing of the refused table is committed.
+#[tokio::test]
+async fn a_glue_table_walshore_does_not_own_is_never_overwritten() {
+    let l = lake("").await;
+    glue_by_hand(
+        &l,
+        &format!(
+            "g.create_database(DatabaseInput={{'Name': '{DATABASE}'}})\n\
+             g.create_table(DatabaseName='{DATABASE}', TableInput={{'Name': 'prices_changes', \
+             'StorageDescriptor': {{'Columns': [{{'Name': 'mine', 'Type': 'string'}}], 'Location': 's3://elsewhere/'}}}})"
+        ),
+    );
+    let out = walshore(&["sync", "--config", l.config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("prices_changes")
+            && stderr.contains("not made by walshore")
+            && stderr.contains("another catalog.database"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("transient failure"), "not retried:\n{stderr}");
+    assert_eq!(committed_rows(&l.config, "public.prices"), 0);
+    let v = glue_view(&l);
+    assert_eq!(
+        columns(&v, "prices_changes").keys().collect::<Vec<_>>(),
+        ["mine"],
+        "left as it was"
+    );
+
+    // Without it, the lake fills; then a second table whose name maps to trades_changes.
+    glue_by_hand(
+        &l,
+        &format!("g.delete_table(DatabaseName='{DATABASE}', Name='prices_changes')"),
+    );
+    sync(&l.config);
+    l.e.client
+        .batch_execute(
+            "CREATE TABLE \"TRADES\" (id bigint PRIMARY KEY, note text); INSERT INTO \"TRADES\" VALUES (1, 'x');
+             ALTER PUBLICATION pub ADD TABLE \"TRADES\"",
+        )
+        .await
+        .unwrap();
+    let out = walshore(&["sync", "--config", l.config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("it holds public.trades, and public.TRADES maps to the same Glue name"),
+        "{stderr}"
+    );
+    assert_eq!(committed_rows(&l.config, "public.TRADES"), 0);
+    let v = assert_readers_see_the_source(&l).await;
+    assert_eq!(
+        v["tables"]["trades_changes"]["parameters"]["walshore_source_table"],
+        "public.trades"
+    );
+}

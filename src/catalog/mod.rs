@@ -220,6 +220,30 @@ fn input_parameters(qualified: &str) -> HashMap<String, String> {
     ])
 }
 
+/// Refuses a Glue table or view that walshore did not make for `qualified`: one of
+/// another source table (two PostgreSQL names that map to one Glue name) or one made by
+/// someone else. walshore never overwrites a table it does not own.
+fn owned(t: &aws_sdk_glue::types::Table, name: &str, qualified: &str) -> Result<(), CatalogError> {
+    let owner = t.parameters().and_then(|p| p.get("walshore_source_table"));
+    if owner.map(String::as_str) == Some(qualified) {
+        return Ok(());
+    }
+    let message = match owner {
+        Some(other) => {
+            format!("it holds {other}, and {qualified} maps to the same Glue name (lower case, other characters as _)")
+        }
+        None => "it exists and was not made by walshore (no walshore_source_table parameter)".to_owned(),
+    };
+    Err(CatalogError {
+        operation: "GetTable",
+        target: name.to_owned(),
+        message,
+        hint: "; rename one of the PostgreSQL tables, take it out of the publication, or set another catalog.database (walshore does not overwrite a table it does not own)",
+        retry: Retry::Definite,
+        busy: false,
+    })
+}
+
 fn column(name: &str, ty: &str) -> Column {
     Column::builder().name(name).r#type(ty).build().expect("name is set")
 }
@@ -457,6 +481,17 @@ impl Catalog {
         {
             Ok(_) => tracing::info!(view = %name, database = %self.database, "created the current-state view"),
             Err(e) if e.as_service_error().is_some_and(|s| s.is_already_exists_exception()) => {
+                let existing = self
+                    .client
+                    .get_table()
+                    .database_name(&self.database)
+                    .name(&name)
+                    .send()
+                    .await
+                    .map_err(|e| glue_err("GetTable", &name, e))?;
+                if let Some(t) = existing.table() {
+                    owned(t, &name, qualified)?;
+                }
                 self.client
                     .update_table()
                     .database_name(&self.database)
@@ -518,6 +553,7 @@ impl Catalog {
                 }
             }
             Some(t) => {
+                owned(&t, &name, qualified)?;
                 // Keep every column Glue has (older partitions may hold it); take our
                 // type for the ones we know (a widening), add the new ones.
                 let have: Vec<(String, String)> = t

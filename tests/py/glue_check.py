@@ -54,7 +54,7 @@ for t in glue.get_tables(DatabaseName=database)["TableList"]:
         "columns": [[c["Name"], c["Type"]] for c in sd["Columns"]],
         "partition_keys": [[c["Name"], c["Type"]] for c in t.get("PartitionKeys", [])],
         "location": sd["Location"],
-        "serde": sd["SerdeInfo"]["SerializationLibrary"],
+        "serde": sd.get("SerdeInfo", {}).get("SerializationLibrary"),
         "parameters": t.get("Parameters", {}),
         "partitions": parts,
     }
