@@ -124,6 +124,24 @@ async fn database_checks(cfg: &Config, r: &mut Report) {
             format!("{publication:?} publishes {} table(s)", tables.len()),
         );
     }
+    if cfg.glue.is_some() {
+        // Glue names are lower case with other characters as `_`: two tables may meet.
+        let mut by_glue: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for t in &tables {
+            let name = format!("{}.{}", t.get::<_, String>(0), t.get::<_, String>(1));
+            by_glue.entry(crate::catalog::table_name(&name)).or_default().push(name);
+        }
+        for (glue, names) in by_glue.iter().filter(|(_, n)| n.len() > 1) {
+            r.line(
+                Outcome::Fail,
+                "catalog names",
+                format!(
+                    "{} all map to the Glue table {glue}; rename all but one, or take them out of the publication",
+                    names.join(", ")
+                ),
+            );
+        }
+    }
     for t in &tables {
         let name = format!("{}.{}", t.get::<_, String>(0), t.get::<_, String>(1));
         let quoted = format!(

@@ -905,6 +905,14 @@ async fn a_glue_table_walshore_does_not_own_is_never_overwritten() {
         )
         .await
         .unwrap();
+    let out = walshore(&["check", "--config", l.config.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("FAIL")
+            && l.contains("public.TRADES, public.trades all map to the Glue table trades_changes")),
+        "check sees the clash first:\n{stdout}"
+    );
     let out = walshore(&["sync", "--config", l.config.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
