@@ -742,6 +742,9 @@ async fn glue_throttling_concurrent_changes_and_silence_are_retried_and_nothing_
             .any(|l| l.contains("transient failure") && l.contains("Glue") && l.contains("timeout")),
         "the silent Glue's timeout named:\n{log}"
     );
+    // The reconnect did not list the lake and Glue again: once per process.
+    assert!(log.matches("replication started").count() >= 2, "{log}");
+    assert_eq!(log.matches("Glue catalog reconciled with the lake").count(), 1, "{log}");
 
     // A stop while Glue throttles ends the wait at once; the row comes with the next sync.
     let served = proxy.errors_served();

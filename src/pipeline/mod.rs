@@ -131,6 +131,9 @@ pub async fn run(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resul
 struct Process {
     name: String,
     claimed: std::sync::atomic::AtomicBool,
+    /// The start-up catalog reconciliation succeeded once: later attempts (a lost
+    /// connection, say) skip it, since every commit since registered its own partitions.
+    reconciled: std::sync::atomic::AtomicBool,
 }
 
 impl Process {
@@ -141,6 +144,7 @@ impl Process {
             // containers with the same host name and pid apart
             name: format!("{}-{}-{:04x}", host.trim(), std::process::id(), rand::random::<u16>()),
             claimed: Default::default(),
+            reconciled: Default::default(),
         }
     }
 
@@ -301,7 +305,10 @@ async fn run_once(
     // waits for its copy (snapshot.mode = "initial").
     let head = checkpoint.head().clone();
     let schemas = read_schemas(sink.store().as_ref()).await.map_err(|e| fail(e.into()))?;
-    if let Some(c) = &mut catalog {
+    if let Some(c) = catalog
+        .as_mut()
+        .filter(|_| !process.reconciled.load(std::sync::atomic::Ordering::SeqCst))
+    {
         let started = std::time::Instant::now();
         // Only committed files are left (recovery ran): whatever of them Glue lacks is
         // registered before anything new commits.
@@ -326,6 +333,7 @@ async fn run_once(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "Glue catalog reconciled with the lake"
         );
+        process.reconciled.store(true, std::sync::atomic::Ordering::SeqCst);
     }
     let mut gates: HashMap<String, Gate> = head
         .snapshots
