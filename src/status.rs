@@ -80,17 +80,17 @@ async fn catalog_status(cfg: &Config, g: &crate::config::GlueConfig, store: &dyn
         Ok(s) => s,
         Err(e) => return json!({ "database": g.database, "error": e.to_string() }),
     };
-    let mut names: Vec<&String> = schemas.keys().collect();
-    names.sort();
+    let lake = match crate::catalog::lake_partitions(store, schemas.keys(), &cfg.partitions).await {
+        Ok(l) => l,
+        Err(e) => return json!({ "database": g.database, "error": e.to_string() }),
+    };
     let mut tables = serde_json::Map::new();
-    for table in names {
-        let (schema_name, bare) = table.split_once('.').unwrap_or(("public", table));
-        let keys = crate::catalog::partition_keys(cfg.partitions.of(table));
-        let described = match crate::sink::partitions_in_lake(store, schema_name, bare, &keys).await {
-            Ok(lake) => catalog.describe(table, &lake).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        tables.insert(table.clone(), described.unwrap_or_else(|e| json!({ "error": e })));
+    for (table, parts) in &lake {
+        let described = catalog.describe(table, parts).await;
+        tables.insert(
+            table.clone(),
+            described.unwrap_or_else(|e| json!({ "error": e.to_string() })),
+        );
     }
     json!({ "database": g.database, "tables": tables })
 }

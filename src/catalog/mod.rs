@@ -171,6 +171,24 @@ pub fn columns(schema: &LakeSchema, unrepresentable: Unrepresentable, by: &Parti
 }
 
 /// The partition keys of a table's partition spec (all strings, as in the path).
+/// The partition folders in the lake of each of `tables` (`schema.table`), one level
+/// per key of its partition spec: what [`Catalog::reconcile`] and `status` compare
+/// with Glue.
+pub async fn lake_partitions<'a>(
+    store: &dyn object_store::ObjectStore,
+    tables: impl IntoIterator<Item = &'a String>,
+    partitions: &Partitions,
+) -> Result<BTreeMap<String, Vec<String>>, crate::sink::SinkError> {
+    let mut lake = BTreeMap::new();
+    for table in tables {
+        let (schema_name, bare) = table.split_once('.').unwrap_or(("public", table));
+        let keys = partition_keys(partitions.of(table));
+        let parts = crate::sink::partitions_in_lake(store, schema_name, bare, &keys).await?;
+        lake.insert(table.clone(), parts);
+    }
+    Ok(lake)
+}
+
 pub fn partition_keys(by: &PartitionBy) -> Vec<String> {
     match by {
         PartitionBy::CommitDate => vec!["dt".into()],
@@ -481,16 +499,8 @@ impl Catalog {
         {
             Ok(_) => tracing::info!(view = %name, database = %self.database, "created the current-state view"),
             Err(e) if e.as_service_error().is_some_and(|s| s.is_already_exists_exception()) => {
-                let existing = self
-                    .client
-                    .get_table()
-                    .database_name(&self.database)
-                    .name(&name)
-                    .send()
-                    .await
-                    .map_err(|e| glue_err("GetTable", &name, e))?;
-                if let Some(t) = existing.table() {
-                    owned(t, &name, qualified)?;
+                if let Some(t) = self.get_table(&name).await? {
+                    owned(&t, &name, qualified)?;
                 }
                 self.client
                     .update_table()
@@ -506,6 +516,22 @@ impl Catalog {
         Ok(())
     }
 
+    /// The Glue table (or view) `name` of the database, `None` when there is none.
+    async fn get_table(&self, name: &str) -> Result<Option<aws_sdk_glue::types::Table>, CatalogError> {
+        match self
+            .client
+            .get_table()
+            .database_name(&self.database)
+            .name(name)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out.table),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_entity_not_found_exception()) => Ok(None),
+            Err(e) => Err(glue_err("GetTable", name, e)),
+        }
+    }
+
     /// Creates the table of `qualified`, or adds and widens its columns.
     pub async fn ensure_table(&mut self, qualified: &str, schema: &LakeSchema) -> Result<(), CatalogError> {
         self.ensure_database().await?;
@@ -514,19 +540,7 @@ impl Catalog {
             return Ok(());
         }
         let name = table_name(qualified);
-        let existing = match self
-            .client
-            .get_table()
-            .database_name(&self.database)
-            .name(&name)
-            .send()
-            .await
-        {
-            Ok(out) => out.table,
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_entity_not_found_exception()) => None,
-            Err(e) => return Err(glue_err("GetTable", &name, e)),
-        };
-        match existing {
+        match self.get_table(&name).await? {
             None => {
                 let input = self.table_input(qualified, &wanted);
                 match self
@@ -717,18 +731,7 @@ impl Catalog {
     /// `schema.table` (`lake`, from [`crate::sink::partitions_in_lake`]).
     pub async fn describe(&self, qualified: &str, lake: &[String]) -> Result<serde_json::Value, CatalogError> {
         let name = table_name(qualified);
-        let exists = match self
-            .client
-            .get_table()
-            .database_name(&self.database)
-            .name(&name)
-            .send()
-            .await
-        {
-            Ok(_) => true,
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_entity_not_found_exception()) => false,
-            Err(e) => return Err(glue_err("GetTable", &name, e)),
-        };
+        let exists = self.get_table(&name).await?.is_some();
         if !exists || self.projection {
             return Ok(serde_json::json!({
                 "glue_table": name,

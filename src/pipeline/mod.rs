@@ -312,15 +312,9 @@ async fn run_once(
         let started = std::time::Instant::now();
         // Only committed files are left (recovery ran): whatever of them Glue lacks is
         // registered before anything new commits.
-        let mut lake = std::collections::BTreeMap::new();
-        for table in schemas.keys() {
-            let (schema_name, bare) = table.split_once('.').unwrap_or(("public", table));
-            let keys = crate::catalog::partition_keys(cfg.partitions.of(table));
-            let parts = crate::sink::partitions_in_lake(sink.store().as_ref(), schema_name, bare, &keys)
-                .await
-                .map_err(|e| fail(e.into()))?;
-            lake.insert(table.clone(), parts);
-        }
+        let lake = crate::catalog::lake_partitions(sink.store().as_ref(), schemas.keys(), &cfg.partitions)
+            .await
+            .map_err(|e| fail(e.into()))?;
         let registered = c
             .reconcile(&lake, &schemas, &shutdown)
             .await
