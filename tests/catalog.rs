@@ -101,6 +101,13 @@ fn glue_view_args(l: &Lake, views: Option<&std::path::Path>, glue_views: bool) -
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// `text`, a config of [`lake`], with Glue at `endpoint` instead of moto.
+fn with_glue_endpoint(l: &Lake, text: &str, endpoint: &str) -> String {
+    let moto = format!("database = \"{DATABASE}\"\nendpoint = \"{}\"", l.moto.endpoint());
+    assert!(text.contains(&moto), "{text}");
+    text.replace(&moto, &format!("database = \"{DATABASE}\"\nendpoint = \"{endpoint}\""))
+}
+
 fn state(v: &Value, table: &str) -> Vec<Vec<Option<String>>> {
     rows_of(v, "state", table)
 }
@@ -149,6 +156,17 @@ async fn lake_partitions(config: &std::path::Path, table: &str) -> std::collecti
         out.insert(key.rsplit_once('/').unwrap().0.to_owned());
     }
     out
+}
+
+/// The current-state views that `glue_check.py` ran give the source's rows.
+async fn assert_views_return_the_source(l: &Lake, v: &Value) {
+    for (view, select) in [("trades", TRADES), ("prices", PRICES)] {
+        assert_eq!(
+            rows_of(v, "views", view),
+            source_rows(&l.e.client, select).await,
+            "the {view} view"
+        );
+    }
 }
 
 async fn assert_readers_see_the_source(l: &Lake) -> Value {
@@ -399,14 +417,7 @@ async fn glue_unreachable_is_retried_and_nothing_is_lost() {
     let l = lake("").await;
     let text = std::fs::read_to_string(&l.config).unwrap();
     let dead = format!("http://127.0.0.1:{}", free_port());
-    std::fs::write(
-        &l.config,
-        text.replace(
-            &format!("database = \"{DATABASE}\"\nendpoint = \"{}\"", l.moto.endpoint()),
-            &format!("database = \"{DATABASE}\"\nendpoint = \"{dead}\""),
-        ),
-    )
-    .unwrap();
+    std::fs::write(&l.config, with_glue_endpoint(&l, &text, &dead)).unwrap();
     let out = walshore(&["check", "--config", l.config.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
@@ -469,16 +480,7 @@ async fn the_athena_current_state_views_return_the_source_rows() {
     let file = l.e.dir.path().join("views.sql");
     std::fs::write(&file, &text).unwrap();
     let v = glue_view_with(&l, Some(&file));
-    assert_eq!(
-        rows_of(&v, "views", "trades"),
-        source_rows(&l.e.client, TRADES).await,
-        "the trades view"
-    );
-    assert_eq!(
-        rows_of(&v, "views", "prices"),
-        source_rows(&l.e.client, PRICES).await,
-        "the prices view"
-    );
+    assert_views_return_the_source(&l, &v).await;
 }
 
 /// With `create_views = true` walshore keeps each table's current-state view in Glue,
@@ -520,16 +522,7 @@ async fn glue_views_in_athena_format_follow_schema_changes_and_return_the_source
             .any(|c| c["name"] == "px" && c["type"] == "decimal(10,4)"),
         "{prices}"
     );
-    assert_eq!(
-        rows_of(&v, "views", "trades"),
-        source_rows(&l.e.client, TRADES).await,
-        "the trades view"
-    );
-    assert_eq!(
-        rows_of(&v, "views", "prices"),
-        source_rows(&l.e.client, PRICES).await,
-        "the prices view"
-    );
+    assert_views_return_the_source(&l, &v).await;
 }
 
 /// With `partition_projection = true` no partition is registered; the table tells
@@ -601,10 +594,7 @@ async fn glue_refusing_the_credentials_is_a_definite_error() {
     let text = std::fs::read_to_string(&l.config).unwrap();
     std::fs::write(
         &l.config,
-        text.replace(
-            &format!("database = \"{DATABASE}\"\nendpoint = \"{}\"", l.moto.endpoint()),
-            &format!("database = \"{DATABASE}\"\nendpoint = \"http://127.0.0.1:{port}\""),
-        ),
+        with_glue_endpoint(&l, &text, &format!("http://127.0.0.1:{port}")),
     )
     .unwrap();
     let out = walshore(&["sync", "--config", l.config.to_str().unwrap()]);
@@ -617,12 +607,7 @@ async fn glue_refusing_the_credentials_is_a_definite_error() {
         "the error names the credentials and the IAM actions:\n{stderr}"
     );
     assert!(!stderr.contains("transient failure"), "not retried:\n{stderr}");
-    let status = walshore(&["status", "--config", l.config.to_str().unwrap()]);
-    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
-    assert!(
-        status["tables"]["public.trades"]["rows"].as_u64().unwrap_or(0) == 0,
-        "nothing was committed: {status}"
-    );
+    assert_eq!(committed_rows(&l.config, "public.trades"), 0, "nothing was committed");
 }
 
 fn committed_rows(config: &std::path::Path, table: &str) -> u64 {
@@ -643,13 +628,7 @@ async fn glue_throttling_concurrent_changes_and_silence_are_retried_and_nothing_
     let l = lake("").await;
     let proxy = Proxy::start(l.moto.port);
     let text = std::fs::read_to_string(&l.config).unwrap();
-    let text = text.replace(
-        &format!("database = \"{DATABASE}\"\nendpoint = \"{}\"", l.moto.endpoint()),
-        &format!(
-            "database = \"{DATABASE}\"\nendpoint = \"http://127.0.0.1:{}\"",
-            proxy.port
-        ),
-    );
+    let text = with_glue_endpoint(&l, &text, &format!("http://127.0.0.1:{}", proxy.port));
     assert!(text.contains("[sink]\n"), "{text}");
     std::fs::write(
         &l.config,

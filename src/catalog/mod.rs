@@ -502,18 +502,24 @@ impl Catalog {
                 if let Some(t) = self.get_table(&name).await? {
                     owned(&t, &name, qualified)?;
                 }
-                self.client
-                    .update_table()
-                    .database_name(&self.database)
-                    .table_input(input)
-                    .send()
-                    .await
-                    .map_err(|e| glue_err("UpdateTable", &name, e))?;
+                self.update_table(&name, input).await?;
                 tracing::info!(view = %name, database = %self.database, "replaced the current-state view");
             }
             Err(e) => return Err(glue_err("CreateTable", &name, e)),
         }
         Ok(())
+    }
+
+    /// Replaces the definition of the Glue table (or view) `name`.
+    async fn update_table(&self, name: &str, input: TableInput) -> Result<(), CatalogError> {
+        self.client
+            .update_table()
+            .database_name(&self.database)
+            .table_input(input)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| glue_err("UpdateTable", name, e))
     }
 
     /// The Glue table (or view) `name` of the database, `None` when there is none.
@@ -594,14 +600,7 @@ impl Catalog {
                     .and_then(|p| p.get("projection.enabled"))
                     .is_some_and(|v| v == "true");
                 if merged != have || projected != self.projection {
-                    let input = self.table_input(qualified, &merged);
-                    self.client
-                        .update_table()
-                        .database_name(&self.database)
-                        .table_input(input)
-                        .send()
-                        .await
-                        .map_err(|e| glue_err("UpdateTable", &name, e))?;
+                    self.update_table(&name, self.table_input(qualified, &merged)).await?;
                     tracing::info!(table = %name, database = %self.database, columns = merged.len(), projection = self.projection, "updated the Glue table");
                 }
             }
