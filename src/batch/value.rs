@@ -160,6 +160,12 @@ fn be<const N: usize>(raw: &[u8], kind: &str) -> Result<[u8; N], ValueError> {
 }
 
 /// numeric's binary form -> the unscaled value at `scale`, exactly, or an error.
+///
+/// The value arrives as base-10000 digit groups; a `numeric(38,10)` value with 38
+/// significant digits spans ten groups (40 decimal places), more than an `i128` holds,
+/// so the digits are placed one by one at their decimal position relative to `scale`:
+/// a digit below the scale must be zero (never rounded), a digit at or above the
+/// precision must be zero (no overflow), and the rest is accumulated exactly.
 pub(crate) fn decimal_from_binary(raw: &[u8], precision: u8, scale: i8) -> Result<i128, ValueError> {
     let bad = || ValueError("malformed binary numeric value".into());
     if raw.len() < 8 {
@@ -184,29 +190,48 @@ pub(crate) fn decimal_from_binary(raw: &[u8], precision: u8, scale: i8) -> Resul
         return Err(bad());
     }
     let overflow = || ValueError(format!("numeric value exceeds precision {precision}"));
+    let precision_i = i64::from(precision);
     let mut v: i128 = 0;
+    // The decimal exponent (relative to `scale`) of the last digit added to `v`.
+    let mut last: Option<i64> = None;
     for i in 0..ndigits {
-        v = v
-            .checked_mul(10_000)
-            .and_then(|v| v.checked_add(i128::from(word(8 + 2 * i))))
-            .ok_or_else(overflow)?;
-    }
-    // v is the value times 10^frac.
-    let frac = 4 * (ndigits as i64 - 1 - weight);
-    let shift = i64::from(scale) - frac;
-    if shift >= 0 {
-        for _ in 0..shift {
-            v = v.checked_mul(10).ok_or_else(overflow)?;
+        let group = word(8 + 2 * i);
+        if group > 9999 {
+            return Err(bad());
         }
-    } else {
-        for _ in 0..-shift {
-            if v % 10 != 0 {
-                return Err(ValueError(format!(
-                    "numeric value has more than {scale} fraction digits"
-                )));
+        for (j, d) in [group / 1000, group / 100 % 10, group / 10 % 10, group % 10]
+            .into_iter()
+            .enumerate()
+        {
+            // 10^pos is this digit's place in the value times 10^scale.
+            let pos = 4 * (weight - i as i64) + 3 - j as i64 + i64::from(scale);
+            if pos < 0 {
+                if d != 0 {
+                    return Err(ValueError(format!(
+                        "numeric value has more than {scale} fraction digits"
+                    )));
+                }
+                continue;
             }
-            v /= 10;
+            if pos >= precision_i {
+                if d != 0 {
+                    return Err(overflow());
+                }
+                continue;
+            }
+            // Digits come in decreasing position; fill any skipped places with zeros.
+            let gap = last.map_or(0, |l| l - pos - 1);
+            v = (0..gap).try_fold(v, |v, _| v.checked_mul(10)).ok_or_else(overflow)?;
+            v = v
+                .checked_mul(10)
+                .and_then(|v| v.checked_add(i128::from(d)))
+                .ok_or_else(overflow)?;
+            last = Some(pos);
         }
+    }
+    // The last digit sat at 10^last: shift it to 10^0.
+    for _ in 0..last.unwrap_or(0) {
+        v = v.checked_mul(10).ok_or_else(overflow)?;
     }
     if v >= 10i128.pow(u32::from(precision)) {
         return Err(overflow());
@@ -536,25 +561,22 @@ pub(crate) fn parse_decimal(raw: &[u8], precision: u8, scale: i8) -> Result<i128
     if int.is_empty() && frac.is_empty() || frac.len() > scale {
         return Err(bad("numeric", raw));
     }
+    // Significant digits are counted before they are accumulated, so that no input
+    // (however long) can overflow: at most `precision` ≤ 38 of them reach `v`.
     let mut v: i128 = 0;
     let mut n_digits = 0usize;
-    for &c in int.iter().chain(frac) {
+    let padding = std::iter::repeat_n(&b'0', scale - frac.len());
+    for &c in int.iter().chain(frac).chain(padding) {
         if !c.is_ascii_digit() {
             return Err(bad("numeric", raw));
         }
+        if v != 0 || c != b'0' {
+            n_digits += 1;
+            if n_digits > precision as usize {
+                return Err(bad("numeric", raw));
+            }
+        }
         v = v * 10 + i128::from(c - b'0');
-        if v != 0 {
-            n_digits += 1;
-        }
-    }
-    for _ in frac.len()..scale {
-        v *= 10;
-        if v != 0 {
-            n_digits += 1;
-        }
-    }
-    if n_digits > precision as usize {
-        return Err(bad("numeric", raw));
     }
     Ok(if neg { -v } else { v })
 }
@@ -777,6 +799,12 @@ mod tests {
             Ok(10i128.pow(38) - 1)
         );
         assert!(parse_decimal(b"1.234", 12, 2).is_err());
+        assert_eq!(
+            parse_decimal(b"1234567890123456789012345678.0123456789", 38, 10),
+            Ok(12345678901234567890123456780123456789)
+        );
+        assert!(parse_decimal(&[b'9'; 60], 38, 0).is_err(), "too long, not a panic");
+        assert_eq!(parse_decimal(b"-0.00", 5, 2), Ok(0));
         assert!(
             parse_decimal(b"NaN", 12, 2)
                 .unwrap_err()
@@ -797,6 +825,19 @@ mod tests {
         assert!(decimal_from_binary(&raw, 8, 4).is_err(), "precision");
         raw[4] = 0x40; // negative
         assert_eq!(decimal_from_binary(&raw, 12, 4), Ok(-123_456_789));
+        // The value: numeric(38,10) with 38 significant digits spans ten
+        // groups; accumulating the groups first overflowed i128.
+        let groups: [u16; 10] = [1234, 5678, 9012, 3456, 7890, 1234, 5678, 123, 4567, 8900];
+        let mut raw = vec![0, 10, 0, 6, 0, 0, 0, 10];
+        for g in groups {
+            raw.extend(g.to_be_bytes());
+        }
+        assert_eq!(
+            decimal_from_binary(&raw, 38, 10),
+            Ok(12345678901234567890123456780123456789)
+        );
+        assert!(decimal_from_binary(&raw, 37, 10).is_err(), "one digit too many");
+        assert!(decimal_from_binary(&raw, 38, 9).is_err(), "never rounded");
         // 0.05 = digits [500], weight -1
         let raw = [0, 1, 0xFF, 0xFF, 0, 0, 0, 2, 0x01, 0xF4];
         assert_eq!(decimal_from_binary(&raw, 5, 2), Ok(5));
