@@ -82,6 +82,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawSource {
     url: String,
+    password: Option<String>,
     publication: String,
     slot: String,
     spill_dir: Option<PathBuf>,
@@ -430,10 +431,30 @@ fn identifier(field: &'static str, v: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Fields holding a libpq URL: a `${NAME}` inside one is a component of the URL (a user,
+/// a password, a database, a host), so its value is percent-encoded and cannot change how
+/// the URL parses. A field that is one `${NAME}` and nothing else takes the whole URL.
+const URL_FIELDS: &[&str] = &["source.url"];
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+fn url_component(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Replaces `${NAME}` in every string value with the environment variable's value.
 fn expand_env(value: &mut toml::Value, path: &str) -> Result<(), ConfigError> {
     match value {
         toml::Value::String(s) => {
+            let whole = s.starts_with("${") && s.ends_with('}') && s.matches("${").count() == 1;
+            let encode = URL_FIELDS.contains(&path) && !whole;
             let mut out = String::new();
             let mut rest = s.as_str();
             while let Some(start) = rest.find("${") {
@@ -444,7 +465,11 @@ fn expand_env(value: &mut toml::Value, path: &str) -> Result<(), ConfigError> {
                     var: var.to_owned(),
                 })?;
                 out.push_str(&rest[..start]);
-                out.push_str(&val);
+                if encode {
+                    out.push_str(&url_component(&val));
+                } else {
+                    out.push_str(&val);
+                }
                 rest = &rest[start + end + 1..];
             }
             out.push_str(rest);
@@ -503,7 +528,10 @@ impl TryFrom<RawConfig> for Config {
     type Error = ConfigError;
 
     fn try_from(raw: RawConfig) -> Result<Config, ConfigError> {
-        let conn = ConnParams::parse(&raw.source.url).map_err(|m| invalid("source.url", m))?;
+        let mut conn = ConnParams::parse(&raw.source.url).map_err(|m| invalid("source.url", m))?;
+        if let Some(password) = raw.source.password {
+            conn.password = Some(password);
+        }
         identifier("source.publication", &raw.source.publication)?;
         identifier("source.slot", &raw.source.slot)?;
         if !raw
@@ -801,6 +829,52 @@ mod tests {
         let e = Config::parse(&MIN.replace("publication = \"walshore\"", "publication = \"${WALSHORE_TEST_NOPE}\""))
             .unwrap_err();
         assert!(e.to_string().contains("WALSHORE_TEST_NOPE"), "{e}");
+    }
+
+    /// A password with characters that mean something in a URL, expanded inside
+    /// `source.url`, is the password and nothing else; a variable holding the whole URL
+    /// is taken as a URL; `source.password` overrides the URL's.
+    #[test]
+    fn expanded_values_inside_the_url_cannot_change_how_it_parses() {
+        let tricky = "p/w?d@x:y#z%41 é";
+        unsafe { std::env::set_var("WALSHORE_TEST_PW", tricky) };
+        let text = MIN.replace(
+            "postgres://rep:secret@db.example:6543/trading?sslmode=require",
+            "postgres://rep:${WALSHORE_TEST_PW}@db.example:6543/trading?sslmode=require",
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.source.conn.password.as_deref(), Some(tricky));
+        assert_eq!(
+            (
+                c.source.conn.host.as_str(),
+                c.source.conn.port,
+                c.source.conn.dbname.as_str()
+            ),
+            ("db.example", 6543, "trading")
+        );
+        assert_eq!(c.source.conn.sslmode, SslMode::Require);
+        assert!(!format!("{:?}", c.source.conn).contains("p/w"));
+
+        unsafe {
+            std::env::set_var(
+                "WALSHORE_TEST_DB_URL",
+                "postgres://u:p%2Fw@db.example:7000/trading?sslmode=disable",
+            )
+        };
+        let text = MIN.replace(
+            "postgres://rep:secret@db.example:6543/trading?sslmode=require",
+            "${WALSHORE_TEST_DB_URL}",
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.source.conn.password.as_deref(), Some("p/w"));
+        assert_eq!(c.source.conn.port, 7000);
+
+        let text = MIN.replace(
+            "slot = \"walshore\"",
+            "slot = \"walshore\"\npassword = \"${WALSHORE_TEST_PW}\"",
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.source.conn.password.as_deref(), Some(tricky));
     }
 
     #[test]
