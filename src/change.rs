@@ -58,16 +58,61 @@ pub enum Event {
     Commit {
         end_lsn: Lsn,
     },
-    /// Copies of these tables (`schema.table`) run from snapshot point `from`: from
-    /// here on the stream's changes to them before `from` are not written (the copy
-    /// holds them), and their files wait for the copy's commit.
-    CopyStart {
+    /// Copies of these tables (`schema.table`) are due, their snapshot point not known
+    /// yet: from here their changes are written but held back, to be sorted out against
+    /// the point when the copy starts (those before it are in the copy).
+    CopyDue {
         tables: Vec<String>,
-        from: Lsn,
     },
+    /// A copy runs from its snapshot point: from here on the stream's changes to its
+    /// tables before the point are not written (the copy holds them), and their files
+    /// wait for the copy's commit.
+    CopyStart(Arc<CopyStart>),
     /// Nothing is in flight and the server has sent everything up to `lsn`: a flush
     /// that finds nothing buffered may confirm it (idle publications hold no WAL).
     Idle {
         lsn: Lsn,
     },
+}
+
+/// A copy of tables beside the stream, numbered in the order a run starts them.
+pub type CopyId = u64;
+
+/// Which PostgreSQL table a lake table is a copy of, and how it is in the publication.
+/// A table dropped and created again under its name has another `oid`; a table that
+/// left the publication and came back has other `membership` rows. Either way the lake
+/// no longer continues it, and it is copied again.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct TableIdentity {
+    /// `pg_class.oid` of the table.
+    pub oid: u32,
+    /// OIDs of the catalog rows that put it in the publication (`pg_publication_rel`,
+    /// `pg_publication_namespace`, of the table or of a partition ancestor); empty for a
+    /// `FOR ALL TABLES` publication. Sorted.
+    pub membership: Vec<u32>,
+}
+
+/// One table of a copy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopyTable {
+    /// `schema.table`.
+    pub name: String,
+    /// As of the snapshot point.
+    pub identity: TableIdentity,
+    /// The columns as copied (types resolved).
+    pub relation: Arc<crate::decode::Relation>,
+    /// `walshore resnapshot` requests this copy carries out: deleted once it commits.
+    pub requests: Vec<String>,
+}
+
+/// A copy's snapshot point, known: the hand-off from stream to copy for its tables.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopyStart {
+    pub id: CopyId,
+    /// Transactions committed before it are in the copy, the others in the stream.
+    pub from: Lsn,
+    pub tables: Vec<CopyTable>,
+    /// Tables that were due but are not copied (no longer in the publication at the
+    /// point): what was held back for them is dropped.
+    pub dropped: Vec<String>,
 }

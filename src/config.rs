@@ -40,6 +40,9 @@ pub const DEFAULT_PART_SIZE: u64 = 16 << 20;
 pub const MIN_PART_SIZE: u64 = 5 << 20;
 /// Longest time one object-store request may take (each try; the store retries).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Commit records are kept one by one this long, then only in checkpoints: a week
+/// covers a reader that follows the log and was down over a long weekend.
+pub const DEFAULT_LOG_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -105,6 +108,7 @@ struct RawSink {
     unrepresentable: Option<String>,
     request_timeout: Option<String>,
     part_size: Option<String>,
+    log_retention: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -280,6 +284,8 @@ pub struct SinkConfig {
     pub request_timeout: Duration,
     /// Files larger than this are uploaded in parts of this size (multipart).
     pub part_size: usize,
+    /// Commit records older than this are pruned once folded into a checkpoint.
+    pub log_retention: Duration,
 }
 
 /// How a table's files are partitioned (the path segments below the table's folder).
@@ -649,6 +655,7 @@ impl TryFrom<RawConfig> for Config {
                 DEFAULT_REQUEST_TIMEOUT,
             )?,
             part_size: size("sink.part_size", raw.sink.part_size, DEFAULT_PART_SIZE)? as usize,
+            log_retention: duration("sink.log_retention", raw.sink.log_retention, DEFAULT_LOG_RETENTION)?,
         };
         if sink.part_size < MIN_PART_SIZE as usize {
             return Err(invalid(
@@ -781,6 +788,7 @@ mod tests {
         assert_eq!(c.sink.part_size as u64, DEFAULT_PART_SIZE);
         assert_eq!(c.sink.flush_interval, DEFAULT_FLUSH_INTERVAL);
         assert_eq!(c.sink.max_buffer_bytes as u64, DEFAULT_MAX_BUFFER_BYTES);
+        assert_eq!(c.sink.log_retention, DEFAULT_LOG_RETENTION);
     }
 
     #[test]

@@ -47,7 +47,7 @@ async fn database_checks(cfg: &Config, r: &mut Report) {
     let client = match sql::connect(&cfg.source.conn).await {
         Ok(c) => c,
         Err(e) => {
-            r.line(Outcome::Fail, "connect", crate::pipeline::ErrorChain(&e));
+            r.line(Outcome::Fail, "connect", crate::retry::ErrorChain(&e));
             return;
         }
     };
@@ -71,7 +71,7 @@ async fn database_checks(cfg: &Config, r: &mut Report) {
         Ok((sys, _)) => r.line(Outcome::Ok, "replication", format!("replication connection works (system {}, timeline {})", sys.system_id, sys.timeline)),
         Err(e) => r.line(Outcome::Fail, "replication", format!(
             "{}; the user needs the REPLICATION attribute (ALTER ROLE {} REPLICATION; on RDS: GRANT rds_replication TO {}) and a pg_hba.conf line for replication connections",
-            crate::pipeline::ErrorChain(&e), quote_ident(&cfg.source.conn.user), quote_ident(&cfg.source.conn.user)
+            crate::retry::ErrorChain(&e), quote_ident(&cfg.source.conn.user), quote_ident(&cfg.source.conn.user)
         )),
     }
 
@@ -276,7 +276,7 @@ async fn store_check(cfg: &Config, r: &mut Report) {
     let store = match open_store(&cfg.sink) {
         Ok(s) => s,
         Err(e) => {
-            r.line(Outcome::Fail, "object store", crate::pipeline::ErrorChain(&e));
+            r.line(Outcome::Fail, "object store", crate::retry::ErrorChain(&e));
             return;
         }
     };
@@ -299,7 +299,7 @@ async fn store_check(cfg: &Config, r: &mut Report) {
             format!(
                 "cannot write to {}: {}; check the bucket, prefix, endpoint and credentials (the standard AWS chain)",
                 cfg.sink.url,
-                crate::pipeline::ErrorChain(&e)
+                crate::retry::ErrorChain(&e)
             ),
         ),
     }

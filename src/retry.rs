@@ -127,6 +127,26 @@ pub fn is_aws_auth(code: Option<&str>) -> bool {
     )
 }
 
+/// Displays an error with its whole `source()` chain: where an error is logged or
+/// printed (a `Display` shows its own layer only).
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            let s = e.to_string();
+            // thiserror messages often embed their source already.
+            if !self.0.to_string().contains(&s) {
+                write!(f, ": {s}")?;
+            }
+            cur = e.source();
+        }
+        Ok(())
+    }
+}
+
 /// The first `std::io::Error` in an error's source chain.
 pub fn io_source<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
     let mut cur = Some(e);

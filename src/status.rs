@@ -19,6 +19,38 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Value> {
             &[&cfg.source.slot],
         )
         .await?;
+    // A table copy waiting for its snapshot point: its temporary slot exists but has no
+    // consistent point yet, and the transactions open now are what it waits for.
+    let copy_slots = client
+        .query(
+            "SELECT slot_name::text, active_pid FROM pg_catalog.pg_replication_slots
+             WHERE temporary AND confirmed_flush_lsn IS NULL AND starts_with(slot_name::text, $1)",
+            &[&format!(
+                "{}_copy_",
+                cfg.source.slot.chars().take(40).collect::<String>()
+            )],
+        )
+        .await?;
+    let copies_waiting = if copy_slots.is_empty() {
+        Value::Array(Vec::new())
+    } else {
+        let blocking = match sql::open_transactions(&client).await {
+            Ok(list) => json!(list),
+            Err(e) => json!({ "error": e }),
+        };
+        Value::Array(
+            copy_slots
+                .iter()
+                .map(|r| {
+                    json!({
+                        "temporary_slot": r.get::<_, String>(0),
+                        "walsender_pid": r.get::<_, Option<i32>>(1),
+                        "waits_for": blocking,
+                    })
+                })
+                .collect(),
+        )
+    };
     let slot = match slot {
         Some(r) => json!({
             "name": cfg.source.slot,
@@ -38,10 +70,16 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Value> {
                 "lsn": h.end_lsn.to_string(),
                 "commit_time": h.commit_ts.map(micros_to_rfc3339),
                 "written_at": micros_to_rfc3339(h.written_at),
+                "log": {
+                    "folded_through": h.folded,
+                    "pruned_through": h.pruned,
+                    "retention": humantime::format_duration(cfg.sink.log_retention).to_string(),
+                },
             }),
             h.tables
                 .keys()
                 .chain(h.snapshots.keys())
+                .chain(h.identities.keys())
                 .map(|t| {
                     let s = h.tables.get(t).cloned().unwrap_or_default();
                     (
@@ -50,6 +88,7 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Value> {
                             "rows": s.rows,
                             "last_commit_time": s.last_commit_ts.map(micros_to_rfc3339),
                             "snapshot_lsn": h.snapshots.get(t).map(|l| l.to_string()),
+                            "oid": h.identities.get(t).map(|i| i.oid),
                         }),
                     )
                 })
@@ -67,6 +106,7 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Value> {
         "committed": committed,
         "slot": slot,
         "tables": tables,
+        "copies_waiting": copies_waiting,
         "catalog": catalog,
     }))
 }

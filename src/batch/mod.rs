@@ -29,7 +29,7 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, Int64Builder, ListBuilder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
-use crate::change::{Change, Event, TxInfo};
+use crate::change::{Change, CopyId, CopyStart, Event, TxInfo};
 use crate::config::{PartitionBy, Partitions, Unrepresentable};
 use crate::decode::{Relation, Tuple, TupleValue};
 use crate::lsn::Lsn;
@@ -91,6 +91,19 @@ pub struct RowPos {
     pub seq: u64,
 }
 
+/// Whether a file may be published at the next commit, or waits for a table copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hold {
+    /// Published with the transactions it holds.
+    None,
+    /// Its table's copy is due and the copy's snapshot point not known: the sink keeps
+    /// it back and sorts it out against the point (rows before it are in the copy).
+    Due,
+    /// Written after this copy's snapshot point: published with the copy, or at once if
+    /// the copy has committed.
+    Copy(CopyId),
+}
+
 /// The rows of one table, schema version and partition taken from the batcher.
 pub struct TableFile {
     pub schema: String,
@@ -100,6 +113,7 @@ pub struct TableFile {
     pub first: RowPos,
     pub last: RowPos,
     pub batch: RecordBatch,
+    pub hold: Hold,
 }
 
 /// Everything `take` hands over, and whether it ends on a transaction boundary.
@@ -112,6 +126,12 @@ pub struct Taken {
     pub commit_ts: Option<i64>,
     /// Lake schemas changed by these files: recorded before they are committed.
     pub schemas: Vec<(String, schema::LakeSchema)>,
+    /// Copies whose snapshot point became known after every file above was written:
+    /// the sink sorts out the files it holds for them once these files are in.
+    pub copy_starts: Vec<Arc<CopyStart>>,
+    /// Table OIDs to record (`snapshot.mode = "never"`; with copies, each copy records
+    /// its table's).
+    pub oids: Vec<(String, u32)>,
 }
 
 struct Layout {
@@ -252,6 +272,8 @@ struct PartRange {
 
 struct TableBuf {
     layout: Arc<Layout>,
+    /// Fixed when the buffer is opened: a table whose gate changes is sealed first.
+    hold: Hold,
     op: StringBuilder,
     lsn: Int64Builder,
     seq: Int64Builder,
@@ -265,11 +287,12 @@ struct TableBuf {
 }
 
 impl TableBuf {
-    fn new(layout: Arc<Layout>) -> TableBuf {
+    fn new(layout: Arc<Layout>, hold: Hold) -> TableBuf {
         let columns = layout.kinds.iter().map(value::Builder::new).collect();
         let unrepresented = layout.marker.then(string_list_builder);
         TableBuf {
             layout,
+            hold,
             op: StringBuilder::new(),
             lsn: Int64Builder::new(),
             seq: Int64Builder::new(),
@@ -387,6 +410,7 @@ impl TableBuf {
                 first,
                 last,
                 batch,
+                hold: self.hold,
             });
         }
         self.rows = 0;
@@ -410,6 +434,15 @@ impl OpenTx {
             PartSource::Column(_, name) => column_partition(name, value).into(),
         }
     }
+}
+
+/// A row walshore writes itself rather than a change's: a truncate's (all null), and a
+/// new table's first `T`, placed just before its transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Marker {
+    No,
+    InTransaction,
+    BeforeTransaction,
 }
 
 /// After a value failed to append: with a policy other than "error", an infinity or NaN
@@ -439,13 +472,21 @@ fn fallback(
     Ok(())
 }
 
-/// True when a change of `rel_id` in a transaction committed at `lsn` is held by (or
-/// due to) a copy of its table.
+/// True when a change of `rel_id` in a transaction committed at `lsn` is in a copy of
+/// its table (and not written).
 fn gated(gates: &HashMap<u32, Gate>, rel_id: u32, lsn: Lsn) -> bool {
     match gates.get(&rel_id) {
-        None => false,
-        Some(Gate::Pending) => true,
-        Some(Gate::From(from)) => lsn < *from,
+        Some(Gate::From { lsn: from, .. }) => lsn < *from,
+        None | Some(Gate::Due) => false,
+    }
+}
+
+/// What a table's files wait for under `gate`.
+fn hold_of(gate: Option<&Gate>) -> Hold {
+    match gate {
+        Some(Gate::From { copy: Some(id), .. }) => Hold::Copy(*id),
+        Some(Gate::Due) => Hold::Due,
+        Some(Gate::From { copy: None, .. }) | None => Hold::None,
     }
 }
 
@@ -469,12 +510,13 @@ pub fn date_partition(commit_ts: i64) -> String {
 /// Which of a table's changes the batcher writes, while and after it is copied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Gate {
-    /// A copy is due but its snapshot point is not known yet: nothing is written (the
-    /// copy will hold it).
-    Pending,
+    /// A copy is due but its snapshot point is not known yet: everything is written,
+    /// and the files are held back ([`Hold::Due`]) until the point sorts them out.
+    Due,
     /// Copied at this snapshot point: only transactions committed at or after it are
-    /// written (the earlier ones are in the copy).
-    From(Lsn),
+    /// written (the earlier ones are in the copy). `copy`: the copy of this run that
+    /// took the point, whose commit the files wait for.
+    From { lsn: Lsn, copy: Option<CopyId> },
 }
 
 #[derive(Default)]
@@ -482,8 +524,19 @@ pub struct Batcher {
     layouts: HashMap<u32, Arc<Layout>>,
     /// Gates by `schema.table`.
     gates: HashMap<String, Gate>,
-    /// Tables without a gate are pending (a copy is due for every new table).
-    unknown_pending: bool,
+    /// Tables without a gate are due for a copy (`snapshot.mode = "initial"`).
+    unknown_due: bool,
+    /// The OID each table name stands for (recorded, from a copy, or first seen): a
+    /// Relation under the name with another OID is a new table.
+    oids: HashMap<String, u32>,
+    /// Record OIDs and start a new table under an old name with a `T` row
+    /// (`snapshot.mode = "never"`: no copy does it).
+    record_oids: bool,
+    oid_changes: Vec<(String, u32)>,
+    copy_starts: Vec<Arc<CopyStart>>,
+    /// Relations of tables whose copy is due, kept until the copy's point says which of
+    /// them the lake schema takes (those at or after it).
+    due_relations: HashMap<String, Vec<(Lsn, Arc<Relation>)>>,
     /// The gate of each relation id, resolved from `gates` by name.
     rel_gates: HashMap<u32, Gate>,
     /// The snapshot points of `gates`.
@@ -511,20 +564,29 @@ impl Batcher {
     }
 
     /// A batcher that writes each table's changes only from its gate on; with
-    /// `unknown_pending`, tables it has no gate for are [`Gate::Pending`].
-    pub fn with_gates(gates: HashMap<String, Gate>, unknown_pending: bool) -> Batcher {
+    /// `unknown_due`, tables it has no gate for are [`Gate::Due`].
+    pub fn with_gates(gates: HashMap<String, Gate>, unknown_due: bool) -> Batcher {
         Batcher {
             points: gates
                 .values()
                 .filter_map(|g| match g {
-                    Gate::From(l) => Some(*l),
-                    Gate::Pending => None,
+                    Gate::From { lsn, .. } => Some(*lsn),
+                    Gate::Due => None,
                 })
                 .collect(),
             gates,
-            unknown_pending,
+            unknown_due,
             ..Batcher::default()
         }
+    }
+
+    /// The OID each table stands for, as recorded; with `record`, OIDs first seen and
+    /// changed are handed over for recording, and a new table under an old name starts
+    /// with a `T` row (there is no copy to do it).
+    pub fn with_oids(mut self, oids: HashMap<String, u32>, record: bool) -> Batcher {
+        self.oids = oids;
+        self.record_oids = record;
+        self
     }
 
     /// Sets `[partitions]`.
@@ -545,11 +607,12 @@ impl Batcher {
         self
     }
 
-    /// Sets the gate of `schema.table`.
+    /// Sets the gate of `schema.table`. Rows buffered under the old gate are sealed
+    /// into their own files: a file's [`Hold`] is one for all its rows.
     pub fn set_gate(&mut self, table: &str, gate: Gate) {
         self.gates.insert(table.to_owned(), gate);
-        if let Gate::From(l) = gate {
-            self.points.insert(l);
+        if let Gate::From { lsn, .. } = gate {
+            self.points.insert(lsn);
         }
         let ids: Vec<u32> = self
             .layouts
@@ -559,19 +622,51 @@ impl Batcher {
             .collect();
         for id in ids {
             self.rel_gates.insert(id, gate);
+            if let Some(mut buf) = self.tables.remove(&id) {
+                buf.finish(&mut self.sealed);
+            }
         }
     }
 
+    fn gate_of(&self, table: &str) -> Option<Gate> {
+        self.gates.get(table).copied().or(self.unknown_due.then_some(Gate::Due))
+    }
+
     fn resolve_gate(&mut self, rel: &Relation) {
-        let gate = self
-            .gates
-            .get(&qualified(rel))
-            .copied()
-            .or(self.unknown_pending.then_some(Gate::Pending));
-        match gate {
+        match self.gate_of(&qualified(rel)) {
             Some(g) => self.rel_gates.insert(rel.id, g),
             None => self.rel_gates.remove(&rel.id),
         };
+    }
+
+    /// A Relation under a name that stood for another OID: a table dropped and created
+    /// again (or another table renamed to it). Returns true when a `T` row is to start
+    /// it (`record_oids`); with copies, its changes are held until its copy.
+    fn new_identity(&mut self, rel: &Relation, name: &str) -> bool {
+        match self.oids.get(name) {
+            Some(&oid) if oid == rel.id => false,
+            None => {
+                self.oids.insert(name.to_owned(), rel.id);
+                if self.record_oids {
+                    self.oid_changes.push((name.to_owned(), rel.id));
+                }
+                false
+            }
+            Some(&old) => {
+                tracing::info!(table = %name, old_oid = old, new_oid = rel.id, "a new table under an old name (dropped and created again, or renamed to it)");
+                self.oids.insert(name.to_owned(), rel.id);
+                if self.record_oids {
+                    self.oid_changes.push((name.to_owned(), rel.id));
+                    true
+                } else {
+                    // Its rows go to the lake through a copy; until then they are held.
+                    if self.unknown_due {
+                        self.set_gate(name, Gate::Due);
+                    }
+                    false
+                }
+            }
+        }
     }
 
     /// Starts `_seq` of the snapshot rows of `rel_id` at `seq` (a chunk's base).
@@ -590,7 +685,11 @@ impl Batcher {
 
     /// True when something is buffered that `take` would hand over.
     pub fn has_data(&self) -> bool {
-        !self.sealed.is_empty() || self.tables.values().any(|t| t.rows > 0) || self.last_end.is_some()
+        !self.sealed.is_empty()
+            || self.tables.values().any(|t| t.rows > 0)
+            || self.last_end.is_some()
+            || !self.copy_starts.is_empty()
+            || !self.oid_changes.is_empty()
     }
 
     pub fn push(&mut self, event: Event) -> Result<(), BatchError> {
@@ -621,10 +720,34 @@ impl Batcher {
                 self.last_end = Some(end_lsn);
                 self.last_commit_ts = Some(tx.info.commit_ts);
             }
-            Event::CopyStart { tables, from } => {
+            Event::CopyDue { tables } => {
                 for t in tables {
-                    self.set_gate(&t, Gate::From(from));
+                    self.set_gate(&t, Gate::Due);
                 }
+            }
+            Event::CopyStart(start) => {
+                for t in &start.tables {
+                    self.set_gate(
+                        &t.name,
+                        Gate::From {
+                            lsn: start.from,
+                            copy: Some(start.id),
+                        },
+                    );
+                    self.oids.insert(t.name.clone(), t.identity.oid);
+                    // The table as copied, then as the stream changed it after the
+                    // point while the point was not known.
+                    self.merge_schema(&t.name, &t.relation, start.from)?;
+                    for (lsn, rel) in self.due_relations.remove(&t.name).unwrap_or_default() {
+                        if lsn >= start.from {
+                            self.merge_schema(&t.name, &rel, lsn)?;
+                        }
+                    }
+                }
+                for t in &start.dropped {
+                    self.due_relations.remove(t);
+                }
+                self.copy_starts.push(start);
             }
             Event::Idle { .. } => {}
         }
@@ -635,28 +758,23 @@ impl Batcher {
         self.resolve_gate(&rel);
         let name = qualified(&rel);
         let lsn = self.tx.as_ref().map_or(Lsn::ZERO, |t| t.info.commit_lsn);
+        // Changes a copy holds are not written: whose they are does not matter. Nor do a
+        // skipped resend's (its Relation comes outside a transaction): what it held is
+        // committed, with the OID it recorded.
+        let starts_with_truncate =
+            self.tx.is_some() && !gated(&self.rel_gates, rel.id, lsn) && self.new_identity(&rel, &name);
+        self.resolve_gate(&rel);
         // A table whose changes here are held by a copy has the copy's schema; the
-        // columns of this (skipped) transaction do not matter to the lake.
-        let schema = if gated(&self.rel_gates, rel.id, lsn) {
-            Ok(None)
+        // columns of this (skipped) transaction do not matter to the lake. Nor do those
+        // of a table whose copy is due, until its point says which of them count.
+        if gated(&self.rel_gates, rel.id, lsn) {
+        } else if self.rel_gates.get(&rel.id) == Some(&Gate::Due) {
+            self.due_relations
+                .entry(name.clone())
+                .or_default()
+                .push((lsn, rel.clone()));
         } else {
-            self.lake.get(&name).cloned().unwrap_or_default().merge(&rel)
-        };
-        match schema {
-            Ok(None) => {}
-            Ok(Some(next)) => {
-                self.lake.insert(name.clone(), next.clone());
-                self.schema_changes.push((name, next));
-            }
-            Err(e) => {
-                return Err(BatchError::Retype {
-                    table: name,
-                    column: e.column,
-                    from: e.from,
-                    to: e.to,
-                    lsn,
-                });
-            }
+            self.merge_schema(&name, &rel, lsn)?;
         }
         if let Some(old) = self.layouts.get(&rel.id)
             && old.relation.columns == rel.columns
@@ -672,30 +790,56 @@ impl Batcher {
             buf.finish(&mut self.sealed);
         }
         self.layouts.insert(rel.id, layout);
+        if starts_with_truncate {
+            // Just before this transaction: no transaction commits at commit LSN - 1
+            // (WAL records start on 8-byte boundaries), and the old table's rows of
+            // earlier transactions sort before it.
+            self.row(rel.id, "T", &Vec::new(), None, Marker::BeforeTransaction)?;
+        }
         Ok(())
+    }
+
+    /// Brings the lake schema of `name` up to `rel` (a change is handed over with the
+    /// next `take`); a type change that is not a widening is an error at `lsn`.
+    fn merge_schema(&mut self, name: &str, rel: &Relation, lsn: Lsn) -> Result<(), BatchError> {
+        match self.lake.get(name).cloned().unwrap_or_default().merge(rel) {
+            Ok(None) => Ok(()),
+            Ok(Some(next)) => {
+                self.lake.insert(name.to_owned(), next.clone());
+                self.schema_changes.push((name.to_owned(), next));
+                Ok(())
+            }
+            Err(e) => Err(BatchError::Retype {
+                table: name.to_owned(),
+                column: e.column,
+                from: e.from,
+                to: e.to,
+                lsn,
+            }),
+        }
     }
 
     fn change(&mut self, change: Change) -> Result<(), BatchError> {
         match change {
-            Change::Insert { rel_id, new } => self.row(rel_id, "I", &new, None, false),
+            Change::Insert { rel_id, new } => self.row(rel_id, "I", &new, None, Marker::No),
             Change::Update {
                 rel_id,
                 old,
                 old_is_full_row,
                 new,
             } => match old {
-                None => self.row(rel_id, "U", &new, None, false),
+                None => self.row(rel_id, "U", &new, None, Marker::No),
                 Some(old) => {
                     let full = old_is_full_row.then_some(&old);
-                    self.row(rel_id, "D", &old, None, false)?;
-                    self.row(rel_id, "I", &new, full, false)
+                    self.row(rel_id, "D", &old, None, Marker::No)?;
+                    self.row(rel_id, "I", &new, full, Marker::No)
                 }
             },
-            Change::Delete { rel_id, old, .. } => self.row(rel_id, "D", &old, None, false),
+            Change::Delete { rel_id, old, .. } => self.row(rel_id, "D", &old, None, Marker::No),
             Change::SnapshotBinaryRows { rel_id, rows } => self.snapshot_binary_rows(rel_id, &rows),
             Change::Truncate { rel_ids } => {
                 for rel_id in rel_ids {
-                    self.row(rel_id, "T", &Vec::new(), None, true)?;
+                    self.row(rel_id, "T", &Vec::new(), None, Marker::InTransaction)?;
                 }
                 Ok(())
             }
@@ -710,8 +854,9 @@ impl Batcher {
         op: &'static str,
         tuple: &Tuple,
         old_full: Option<&Tuple>,
-        all_null: bool,
+        marker: Marker,
     ) -> Result<(), BatchError> {
+        let all_null = marker != Marker::No;
         let tx = self.tx.as_mut().ok_or(BatchError::Protocol {
             lsn: Lsn::ZERO,
             what: "row change outside a transaction".into(),
@@ -728,10 +873,11 @@ impl Batcher {
             tx.seq += 1;
             return Ok(());
         }
+        let hold = hold_of(self.rel_gates.get(&rel_id));
         let buf = self
             .tables
             .entry(rel_id)
-            .or_insert_with(|| TableBuf::new(layout.clone()));
+            .or_insert_with(|| TableBuf::new(layout.clone(), hold));
         let layout = buf.layout.clone();
         let ncols = layout.kinds.len();
         let policy = self.unrepresentable;
@@ -746,7 +892,13 @@ impl Batcher {
                 ),
             });
         }
-        let pos = RowPos { lsn, seq: tx.seq };
+        let pos = match marker {
+            Marker::BeforeTransaction => RowPos {
+                lsn: Lsn(lsn.0.saturating_sub(1)),
+                seq: 0,
+            },
+            _ => RowPos { lsn, seq: tx.seq },
+        };
         let part_value = match &layout.part {
             PartSource::Column(i, _) if !all_null => match &tuple[*i] {
                 TupleValue::Text(raw) => Some(&raw[..]),
@@ -811,7 +963,9 @@ impl Batcher {
             buf.unchanged.append_null();
         }
         buf.rows += 1;
-        tx.seq += 1;
+        if marker != Marker::BeforeTransaction {
+            tx.seq += 1;
+        }
         self.bytes += bytes;
         Ok(())
     }
@@ -833,7 +987,7 @@ impl Batcher {
         let buf = self
             .tables
             .entry(rel_id)
-            .or_insert_with(|| TableBuf::new(layout.clone()));
+            .or_insert_with(|| TableBuf::new(layout.clone(), Hold::None));
         let seq = self.snapshot_seq.entry(rel_id).or_insert(0);
         let relation = buf.layout.relation.clone();
         let layout = buf.layout.clone();
@@ -923,7 +1077,15 @@ impl Batcher {
             end_lsn,
             commit_ts,
             schemas: std::mem::take(&mut self.schema_changes),
+            copy_starts: std::mem::take(&mut self.copy_starts),
+            oids: std::mem::take(&mut self.oid_changes),
         }
+    }
+
+    /// A copy's snapshot point arrived since the last `take`: hand everything over now,
+    /// so that the sink sorts out the files held for it with all of them in.
+    pub fn copy_started(&self) -> bool {
+        !self.copy_starts.is_empty()
     }
 }
 

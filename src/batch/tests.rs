@@ -6,6 +6,7 @@ use bytes::Bytes;
 
 use super::*;
 use crate::decode::{Column, ReplicaIdentity};
+use std::collections::HashMap;
 
 fn rel(id: u32) -> Arc<Relation> {
     Arc::new(Relation {
@@ -157,9 +158,20 @@ fn positions(f: &TableFile) -> Vec<(u64, u64)> {
     lsn.into_iter().zip(seq).map(|(l, s)| (l as u64, s as u64)).collect()
 }
 
+fn ops(f: &TableFile) -> Vec<String> {
+    let op = f.batch.column(0).as_string::<i32>();
+    (0..f.batch.num_rows()).map(|i| op.value(i).to_owned()).collect()
+}
+
 #[test]
-fn gates_write_a_table_only_from_its_snapshot_point_and_hold_unknown_tables() {
-    let gates = HashMap::from([("public.t".to_owned(), Gate::From(Lsn(200)))]);
+fn gates_write_a_table_from_its_point_and_hold_what_waits_for_a_copy() {
+    let gates = HashMap::from([(
+        "public.t".to_owned(),
+        Gate::From {
+            lsn: Lsn(200),
+            copy: None,
+        },
+    )]);
     let mut b = Batcher::with_gates(gates, true);
     let mut other = (*rel(2)).clone();
     other.name = "new".into();
@@ -171,25 +183,89 @@ fn gates_write_a_table_only_from_its_snapshot_point_and_hold_unknown_tables() {
         insert(&mut b, 2, "1");
         b.push(Event::Commit { end_lsn: Lsn(lsn + 8) }).unwrap();
         if lsn == 200 {
-            // The copy of the new table starts at 300.
-            b.push(Event::CopyStart {
-                tables: vec!["public.new".into()],
+            // The copy of the new table (copy 1) turns out to start at 300.
+            b.push(Event::CopyStart(Arc::new(CopyStart {
+                id: 1,
                 from: Lsn(300),
-            })
+                tables: vec![crate::change::CopyTable {
+                    name: "public.new".into(),
+                    identity: crate::change::TableIdentity {
+                        oid: 2,
+                        membership: Vec::new(),
+                    },
+                    relation: Arc::new(other.clone()),
+                    requests: Vec::new(),
+                }],
+                dropped: Vec::new(),
+            })))
             .unwrap();
+            assert!(b.copy_started(), "the point goes to the sink with what came before");
         }
     }
     let taken = b.take();
-    let tables: Vec<(&str, Vec<(u64, u64)>)> = taken.files.iter().map(|f| (f.table.as_str(), positions(f))).collect();
+    let tables: Vec<(&str, Hold, Vec<(u64, u64)>)> = taken
+        .files
+        .iter()
+        .map(|f| (f.table.as_str(), f.hold, positions(f)))
+        .collect();
     // public.t before 200 is in its copy; at 200 the transaction's changes follow the
-    // copy's rows; public.new waits for its copy until 300 (its point, also a tie).
+    // copy's rows. public.new, never copied, is written but held (Due) until its point
+    // is known; from the point on it waits for copy 1 (300 is a tie).
     assert_eq!(
         tables,
         [
-            ("t", vec![(200, SNAPSHOT_TIE_SEQ), (300, SNAPSHOT_TIE_SEQ)]),
-            ("new", vec![(300, SNAPSHOT_TIE_SEQ + 1)]),
+            ("new", Hold::Due, vec![(100, 1), (200, SNAPSHOT_TIE_SEQ + 1)]),
+            ("t", Hold::None, vec![(200, SNAPSHOT_TIE_SEQ), (300, SNAPSHOT_TIE_SEQ)]),
+            ("new", Hold::Copy(1), vec![(300, SNAPSHOT_TIE_SEQ + 1)]),
         ]
     );
+    assert_eq!(taken.copy_starts.len(), 1);
+}
+
+#[test]
+fn a_new_table_under_an_old_name_waits_for_a_copy_or_starts_with_a_truncate() {
+    // With copies: held until the copier copies the new table.
+    let gates = HashMap::from([(
+        "public.t".to_owned(),
+        Gate::From {
+            lsn: Lsn(50),
+            copy: None,
+        },
+    )]);
+    let mut b = Batcher::with_gates(gates.clone(), true).with_oids(HashMap::from([("public.t".to_owned(), 1)]), false);
+    for (lsn, oid) in [(100, 1), (200, 2)] {
+        begin(&mut b, lsn);
+        b.push(Event::Relation(rel(oid))).unwrap();
+        insert(&mut b, oid, "1");
+        b.push(Event::Commit { end_lsn: Lsn(lsn + 8) }).unwrap();
+    }
+    let taken = b.take();
+    let holds: Vec<(Hold, Vec<(u64, u64)>)> = taken.files.iter().map(|f| (f.hold, positions(f))).collect();
+    assert_eq!(holds, [(Hold::None, vec![(100, 0)]), (Hold::Due, vec![(200, 0)])]);
+    assert!(taken.oids.is_empty(), "a copy records the identity");
+
+    // Without copies: a T row just before the new table's first transaction, and its
+    // OID recorded with it.
+    let mut b = Batcher::with_gates(HashMap::new(), false).with_oids(HashMap::from([("public.t".to_owned(), 1)]), true);
+    for (lsn, oid) in [(100, 1), (200, 2), (300, 2)] {
+        begin(&mut b, lsn);
+        b.push(Event::Relation(rel(oid))).unwrap();
+        insert(&mut b, oid, "1");
+        b.push(Event::Commit { end_lsn: Lsn(lsn + 8) }).unwrap();
+    }
+    let taken = b.take();
+    let rows: Vec<(Vec<String>, Vec<(u64, u64)>)> = taken.files.iter().map(|f| (ops(f), positions(f))).collect();
+    assert_eq!(
+        rows,
+        [
+            (vec!["I".to_owned()], vec![(100, 0)]),
+            (
+                vec!["T".to_owned(), "I".to_owned(), "I".to_owned()],
+                vec![(199, 0), (200, 0), (300, 0)]
+            ),
+        ]
+    );
+    assert_eq!(taken.oids, [("public.t".to_owned(), 2)]);
 }
 
 fn relation_of(cols: &[(&str, u32, i32)]) -> Relation {

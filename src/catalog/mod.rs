@@ -85,7 +85,7 @@ fn glue_err<E: ProvideErrorMetadata + std::error::Error + 'static>(
                 Some(code),
             )
         }
-        other => (crate::pipeline::ErrorChain(other).to_string(), None),
+        other => (crate::retry::ErrorChain(other).to_string(), None),
     };
     let retry = crate::retry::of_aws(code.as_deref());
     let busy = crate::retry::is_aws_busy(code.as_deref());

@@ -64,9 +64,11 @@
 //! Leftover pending records after a commit are harmless: their keys are named by a
 //! commit record and are kept.
 
+pub mod log;
+pub mod pending;
 pub mod record;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::TryStreamExt;
@@ -75,12 +77,14 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 
 use crate::batch::schema::LakeSchema;
 use crate::lsn::Lsn;
+use crate::retry::Retry;
 use crate::sink::WrittenObject;
-pub use record::{CommitRecord, PendingRecord, TableStats};
+pub use log::{FOLD, Watermarks, committed_files, fold_or_prune, read_head};
+use log::{commit_key, read_json, write_hint};
+pub use pending::{FOREIGN_GRACE, Sweeper, announce_copy};
+pub use record::{CommitExtras, CommitRecord, PendingRecord, TableIdentity, TableStats};
 
-const COMMITS: &str = "_walshore/commits";
 const SCHEMAS: &str = "_walshore/schemas";
-const PENDING: &str = "_walshore/pending";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -110,16 +114,12 @@ pub enum CheckpointError {
 }
 
 impl CheckpointError {
-    pub fn retry(&self) -> crate::source::Retry {
+    pub fn retry(&self) -> Retry {
         match self {
             CheckpointError::Store { source, .. } => crate::retry::of_store(source),
-            _ => crate::source::Retry::Definite,
+            _ => Retry::Definite,
         }
     }
-}
-
-fn commit_key(seq: u64) -> Path {
-    Path::from(format!("{COMMITS}/{seq:020}.json"))
 }
 
 fn store_err(key: &Path) -> impl FnOnce(object_store::Error) -> CheckpointError + '_ {
@@ -127,25 +127,6 @@ fn store_err(key: &Path) -> impl FnOnce(object_store::Error) -> CheckpointError 
         key: key.to_string(),
         source,
     }
-}
-
-async fn read_json<T: serde::de::DeserializeOwned>(store: &dyn ObjectStore, key: &Path) -> Result<T, CheckpointError> {
-    let bytes = store
-        .get(key)
-        .await
-        .map_err(store_err(key))?
-        .bytes()
-        .await
-        .map_err(store_err(key))?;
-    serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Corrupt {
-        key: key.to_string(),
-        message: e.to_string(),
-    })
-}
-
-/// Every object under `prefix`.
-async fn list(store: &dyn ObjectStore, prefix: &Path) -> Result<Vec<object_store::ObjectMeta>, CheckpointError> {
-    store.list(Some(prefix)).try_collect().await.map_err(store_err(prefix))
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -168,7 +149,11 @@ fn schema_key(table: &str) -> Path {
 /// Every table's lake schema (`_walshore/schemas/`).
 pub async fn read_schemas(store: &dyn ObjectStore) -> Result<HashMap<String, LakeSchema>, CheckpointError> {
     let prefix = Path::from(SCHEMAS);
-    let metas = list(store, &prefix).await?;
+    let metas: Vec<_> = store
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .map_err(store_err(&prefix))?;
     let mut out = HashMap::new();
     for m in metas {
         let r: SchemaRecord = read_json(store, &m.location).await?;
@@ -190,50 +175,13 @@ pub async fn write_schema(store: &dyn ObjectStore, table: &str, schema: &LakeSch
     Ok(())
 }
 
-/// The latest commit record, if any.
-pub async fn read_head(store: &dyn ObjectStore) -> Result<Option<CommitRecord>, CheckpointError> {
-    let prefix = Path::from(COMMITS);
-    let metas = list(store, &prefix).await?;
-    let Some(last) = metas
-        .iter()
-        .map(|m| m.location.clone())
-        .filter(|p| p.as_ref().ends_with(".json"))
-        .max()
-    else {
-        return Ok(None);
-    };
-    read_json(store, &last).await.map(Some)
-}
-
-/// Announces files that a table copy is about to upload (copies run beside the sink
-/// task, so they announce on their own). `floor` is a commit number no later than the
-/// one that will publish them: the next start keeps them only if a commit at or after
-/// `floor` names them. Returns the pending record's key, to delete once committed.
-pub async fn announce_copy(
-    store: &dyn ObjectStore,
-    floor: u64,
-    run_id: &str,
-    keys: Vec<String>,
-) -> Result<Path, CheckpointError> {
-    let key = Path::from(format!(
-        "{PENDING}/{floor:020}-copy-{:016x}.json",
-        rand::random::<u64>()
-    ));
-    let record = PendingRecord {
-        seq: floor,
-        run_id: run_id.to_owned(),
-        keys,
-    };
-    let body = serde_json::to_vec(&record).expect("pending record serializes");
-    store.put(&key, PutPayload::from(body)).await.map_err(store_err(&key))?;
-    Ok(key)
-}
-
 /// The commit log of one pipeline, as seen by its single writer.
 pub struct Checkpoint {
     store: Arc<dyn ObjectStore>,
     head: CommitRecord,
     pending_parts: u32,
+    /// Log housekeeping's progress, recorded with the next commit.
+    marks: Watermarks,
 }
 
 impl Checkpoint {
@@ -253,10 +201,15 @@ impl Checkpoint {
             }
             None => CommitRecord::genesis(identity),
         };
+        let marks = Watermarks {
+            folded: head.folded,
+            pruned: head.pruned,
+        };
         Ok(Checkpoint {
             store,
             head,
             pending_parts: 0,
+            marks,
         })
     }
 
@@ -270,121 +223,84 @@ impl Checkpoint {
     }
 
     /// Start-up steps (3) and (4): claim the next sequence number, then clear what a
-    /// crashed or fenced writer left behind.
-    /// `initialized`: from this claim on the lake continues the slot's stream.
-    pub async fn claim_and_recover(&mut self, run_id: &str, initialized: bool) -> Result<usize, CheckpointError> {
+    /// crashed or fenced writer left behind (files of pending records that no commit
+    /// completes). `initialized`: from this claim on the lake continues the slot's
+    /// stream. `owns`: whether a run id is of this process (an earlier attempt).
+    pub async fn claim_and_recover(
+        &mut self,
+        run_id: &str,
+        initialized: bool,
+        owns: &(dyn Fn(&str) -> bool + Send + Sync),
+    ) -> Result<pending::Cleared, CheckpointError> {
         let mut claim = self
             .head
             .next(run_id, self.head.end_lsn, self.head.commit_ts, Vec::new());
         claim.initialized |= initialized;
+        // Nothing is published by a claim: the pending records its head completed may
+        // still be there, and their files stay.
+        claim.completes = self.head.completes.clone();
         self.commit(claim).await?;
-        self.recover().await
-    }
-
-    async fn recover(&mut self) -> Result<usize, CheckpointError> {
-        let prefix = Path::from(PENDING);
-        let metas = list(self.store.as_ref(), &prefix).await?;
-        let mut pendings = Vec::new();
-        for meta in metas {
-            match read_json::<PendingRecord>(self.store.as_ref(), &meta.location).await {
-                Ok(p) => pendings.push((meta.location, p)),
-                Err(CheckpointError::Store {
-                    source: object_store::Error::NotFound { .. },
-                    ..
-                }) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        // A pending file is kept when a commit record at or after its announcement
-        // names it; every commit record from the earliest announcement on is read once.
-        let mut kept = HashSet::new();
-        if let Some(first) = pendings.iter().map(|(_, p)| p.seq).min() {
-            for seq in first..=self.head.seq {
-                match read_json::<CommitRecord>(self.store.as_ref(), &commit_key(seq)).await {
-                    Ok(c) => kept.extend(c.files.into_iter().map(|f| f.key)),
-                    Err(CheckpointError::Store {
-                        source: object_store::Error::NotFound { .. },
-                        ..
-                    }) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        let mut deleted = 0;
-        for (location, pending) in pendings {
-            for key in pending.keys.iter().filter(|k| !kept.contains(*k)) {
-                let path = crate::sink::key_path(key);
-                match self.store.delete(&path).await {
-                    Ok(()) => {
-                        deleted += 1;
-                        crate::fault::point("during_recovery");
-                    }
-                    Err(object_store::Error::NotFound { .. }) => {}
-                    Err(source) => {
-                        return Err(CheckpointError::Store {
-                            key: key.clone(),
-                            source,
-                        });
-                    }
-                }
-                tracing::info!(key = %key, "deleted uncommitted file left by an earlier run");
-            }
-            self.delete_quietly(&location).await;
-        }
-        Ok(deleted)
-    }
-
-    pub async fn delete_quietly(&self, path: &Path) {
-        if let Err(e) = self.store.delete(path).await
-            && !matches!(e, object_store::Error::NotFound { .. })
-        {
-            tracing::warn!(key = %path, error = %e, "cannot delete pending record; it is harmless and cleared at the next start");
-        }
+        write_hint(self.store.as_ref(), self.head.seq).await;
+        let who = Sweeper {
+            claim_seq: self.head.seq,
+            run_id,
+            owns,
+            completes: &self.head.completes,
+        };
+        pending::clear(self.store.as_ref(), &who, &mut HashMap::new()).await
     }
 
     /// Announces files about to be uploaded for the next commit.
     pub async fn announce(&mut self, run_id: &str, keys: Vec<String>) -> Result<(), CheckpointError> {
         let seq = self.head.seq + 1;
-        let key = Path::from(format!("{PENDING}/{seq:020}-{:06}.json", self.pending_parts));
+        let key = pending::stream_key(seq, self.pending_parts);
         self.pending_parts += 1;
         let record = PendingRecord {
             seq,
             run_id: run_id.to_owned(),
             keys,
         };
-        let body = serde_json::to_vec(&record).expect("pending record serializes");
-        self.store
-            .put(&key, PutPayload::from(body))
-            .await
-            .map_err(store_err(&key))?;
+        pending::write(self.store.as_ref(), &key, &record).await?;
         crate::fault::point("after_pending_record");
         Ok(())
     }
 
+    /// Log housekeeping's progress, recorded with the next commit.
+    pub fn set_watermarks(&mut self, marks: Watermarks) {
+        self.marks = marks;
+    }
+
     /// Commits `files` up to `end_lsn` as the next record, with the table copies they
     /// finish: compare-and-swap on the sequence number, so it never moves backward and a
-    /// second writer is refused.
+    /// second writer is refused. Then the pending records it completes are deleted: they
+    /// must be gone before the next commit (see [`pending`]).
     pub async fn commit_files(
         &mut self,
         run_id: &str,
         end_lsn: Lsn,
         commit_ts: Option<i64>,
         files: Vec<WrittenObject>,
-        copied: &[(String, Lsn)],
+        extras: CommitExtras,
     ) -> Result<&CommitRecord, CheckpointError> {
-        let next = self.head.next_with(
+        let seq = self.head.seq + 1;
+        let mut extras = extras;
+        extras
+            .completes
+            .extend((0..self.pending_parts).map(|n| pending::stream_key(seq, n).to_string()));
+        let mut next = self.head.next_with(
             run_id,
             end_lsn.max(self.head.end_lsn),
             commit_ts.or(self.head.commit_ts),
             files,
-            copied,
+            &extras,
         );
+        next.folded = self.marks.folded.max(self.head.folded);
+        next.pruned = self.marks.pruned.max(self.head.pruned);
         self.commit(next).await?;
-        let seq = self.head.seq;
-        for n in 0..std::mem::take(&mut self.pending_parts) {
-            self.delete_quietly(&Path::from(format!("{PENDING}/{seq:020}-{n:06}.json")))
-                .await;
-        }
+        self.pending_parts = 0;
+        let done = self.head.completes.iter().map(|k| crate::sink::key_path(k)).collect();
+        log::delete_all(self.store.as_ref(), done).await?;
+        write_hint(self.store.as_ref(), self.head.seq).await;
         Ok(&self.head)
     }
 
@@ -447,17 +363,18 @@ mod tests {
             Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap());
         let mut a = Checkpoint::load(store.clone(), &identity()).await.unwrap();
         let mut late = Checkpoint::load(store.clone(), &identity()).await.unwrap();
-        a.claim_and_recover("host-1-aaaa-00000001", true).await.unwrap();
+        let own = |_: &str| false;
+        a.claim_and_recover("host-1-aaaa-00000001", true, &own).await.unwrap();
         // Loaded before a's claim: its claim takes the same number and is refused.
-        match late.claim_and_recover("host-2-bbbb-00000001", true).await {
+        match late.claim_and_recover("host-2-bbbb-00000001", true, &own).await {
             Err(CheckpointError::Fenced { seq: 1, holder }) => assert_eq!(holder, "host-1-aaaa-00000001"),
             other => panic!("a second claim of commit 1 was not refused: {other:?}"),
         }
         // b takes over after a paused; a wakes and commits.
         let mut b = Checkpoint::load(store.clone(), &identity()).await.unwrap();
-        b.claim_and_recover("host-2-bbbb-00000002", true).await.unwrap();
+        b.claim_and_recover("host-2-bbbb-00000002", true, &own).await.unwrap();
         match a
-            .commit_files("host-1-aaaa-00000001", Lsn(0x100), None, Vec::new(), &[])
+            .commit_files("host-1-aaaa-00000001", Lsn(0x100), None, Vec::new(), Default::default())
             .await
         {
             Err(CheckpointError::Fenced { seq: 2, holder }) => assert_eq!(holder, "host-2-bbbb-00000002"),

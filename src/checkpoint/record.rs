@@ -1,10 +1,15 @@
 //! The JSON records of the commit log. Field names are a stable format: `status` and
-//! operators read them.
+//! operators read them. Fields added after format 1 default when absent, so a lake
+//! written by an older walshore reads as it did.
 
 use std::collections::BTreeMap;
 
 use crate::lsn::Lsn;
 use crate::sink::WrittenObject;
+
+/// The format written; 2 added `completes`, `identities`, `folded`, `pruned`, writer tags
+/// in data file names, the head hint and checkpoints.
+pub const FORMAT: u32 = 2;
 
 /// Which pipeline a lake belongs to.
 #[derive(Clone, Debug)]
@@ -21,6 +26,8 @@ pub struct TableStats {
     /// Commit time (µs since the Unix epoch) of the latest change written for it.
     pub last_commit_ts: Option<i64>,
 }
+
+pub use crate::change::TableIdentity;
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CommitRecord {
@@ -49,9 +56,26 @@ pub struct CommitRecord {
     /// copy and are not written again.
     #[serde(default)]
     pub snapshots: BTreeMap<String, Lsn>,
+    /// The pending records whose files this record publishes (a claim inherits its
+    /// head's): the only pending records whose files are committed. The writer deletes
+    /// them before its next commit, so at a start every other pending record lists only
+    /// uncommitted files.
+    #[serde(default)]
+    pub completes: Vec<String>,
+    /// What each table of the lake is a copy of: set when its copy commits, dropped when
+    /// it leaves the publication.
+    #[serde(default)]
+    pub identities: BTreeMap<String, TableIdentity>,
+    /// Records `1..=folded` are also in checkpoints (`_walshore/checkpoints/`).
+    #[serde(default)]
+    pub folded: u64,
+    /// Records `1..=pruned` have been deleted (they are in checkpoints).
+    #[serde(default)]
+    pub pruned: u64,
 }
 
-/// Files announced for commit `seq` before upload.
+/// Files announced before upload: for commit `seq` (the stream), or for a commit at or
+/// after `seq` (copies and the files held back for them).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct PendingRecord {
     pub seq: u64,
@@ -59,18 +83,58 @@ pub struct PendingRecord {
     pub keys: Vec<String>,
 }
 
-fn now_micros() -> i64 {
+/// `_walshore/head.json`: where the newest commit record was, a hint written after each
+/// commit so that a start reads the head without listing the log. The log itself stays
+/// the truth: a reader walks forward from the hint while the next record exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HeadHint {
+    pub seq: u64,
+}
+
+/// `_walshore/checkpoints/{last:020}.json`: the data files of commit records
+/// `first..=last`, folded into one object so that old records can be pruned and the log
+/// does not grow by an object per commit forever.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CheckpointRecord {
+    pub format: u32,
+    pub first: u64,
+    pub last: u64,
+    /// Wall-clock time of record `last`.
+    pub last_written_at: i64,
+    /// Every data file the folded records publish, in commit order.
+    pub files: Vec<WrittenObject>,
+}
+
+pub fn now_micros() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
 }
 
+/// What a commit publishes besides the stream's files.
+#[derive(Clone, Debug, Default)]
+pub struct CommitExtras {
+    /// Table copies that this commit finishes: `schema.table`, snapshot point, identity.
+    pub copied: Vec<(String, Lsn, TableIdentity)>,
+    /// Tables no longer in the publication: their point and identity are dropped, so
+    /// that a return copies them again.
+    pub left: Vec<String>,
+    /// Table OIDs seen in the stream (`snapshot.mode = "never"`, where no copy records
+    /// them): a later table under the same name is a new table.
+    pub oids: Vec<(String, u32)>,
+    /// Publication memberships observed (adopted for tables a lake from before
+    /// identities holds).
+    pub adopted: Vec<(String, TableIdentity)>,
+    /// Pending records whose files this commit publishes (besides its own stream parts).
+    pub completes: Vec<String>,
+}
+
 impl CommitRecord {
     /// The state of an empty lake (never written).
     pub fn genesis(id: &Identity) -> CommitRecord {
         CommitRecord {
-            format: 1,
+            format: FORMAT,
             seq: 0,
             run_id: String::new(),
             system_id: id.system_id.clone(),
@@ -83,25 +147,44 @@ impl CommitRecord {
             tables: BTreeMap::new(),
             initialized: false,
             snapshots: BTreeMap::new(),
+            completes: Vec::new(),
+            identities: BTreeMap::new(),
+            folded: 0,
+            pruned: 0,
         }
     }
 
     /// The record that follows this one.
     pub fn next(&self, run_id: &str, end_lsn: Lsn, commit_ts: Option<i64>, files: Vec<WrittenObject>) -> CommitRecord {
-        self.next_with(run_id, end_lsn, commit_ts, files, &[])
+        self.next_with(run_id, end_lsn, commit_ts, files, &CommitExtras::default())
     }
 
-    /// [`CommitRecord::next`] that also records finished table copies.
+    /// [`CommitRecord::next`] that also records finished table copies, departures and
+    /// the pending records it completes.
     pub fn next_with(
         &self,
         run_id: &str,
         end_lsn: Lsn,
         commit_ts: Option<i64>,
         files: Vec<WrittenObject>,
-        copied: &[(String, Lsn)],
+        extras: &CommitExtras,
     ) -> CommitRecord {
         let mut snapshots = self.snapshots.clone();
-        snapshots.extend(copied.iter().cloned());
+        let mut identities = self.identities.clone();
+        for t in &extras.left {
+            snapshots.remove(t);
+            identities.remove(t);
+        }
+        for (t, identity) in &extras.adopted {
+            identities.insert(t.clone(), identity.clone());
+        }
+        for (t, oid) in &extras.oids {
+            identities.entry(t.clone()).or_default().oid = *oid;
+        }
+        for (t, point, identity) in &extras.copied {
+            snapshots.insert(t.clone(), *point);
+            identities.insert(t.clone(), identity.clone());
+        }
         let mut tables = self.tables.clone();
         for f in &files {
             let t = tables.entry(f.table.clone()).or_default();
@@ -109,7 +192,7 @@ impl CommitRecord {
             t.last_commit_ts = t.last_commit_ts.max(commit_ts);
         }
         CommitRecord {
-            format: 1,
+            format: FORMAT,
             seq: self.seq + 1,
             run_id: run_id.to_owned(),
             system_id: self.system_id.clone(),
@@ -123,6 +206,10 @@ impl CommitRecord {
             files,
             tables,
             snapshots,
+            completes: extras.completes.clone(),
+            identities,
+            folded: self.folded,
+            pruned: self.pruned,
         }
     }
 }

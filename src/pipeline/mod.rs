@@ -2,15 +2,31 @@
 //! shutdown order and the retry policy. No stage logic lives here.
 //!
 //! ```text
-//! source task ──Vec<Event>──► batch task ──SinkMsg──► sink task
-//!      ▲          (bounded)                 (bounded)     │
-//!      └──────────────── watch: confirmable LSN ◄─────────┘
+//!            copy due / copy point (between transactions)
+//!   copier ─────────────────────────────┐
+//!     │ copies ──────────────────────┐   ▼
+//!     │                              │ source ──events──► batch ──files──► sink
+//!     │                              │   ▲    (bytes)          (1 flush)   │  │
+//!     │                              └───┼─────── copy results ───────────┘  │
+//!     ◄──────────── copies published ────┼──────────────────────────────────┘
+//!                                        └──── watch: confirmable LSN ◄─────┘
+//! housekeeping: sweeps other writers' pending records, folds and prunes the log
 //! ```
-//! Shutdown (signal, or `sync` reaching its target): the source stops at a transaction
-//! boundary and closes its channel; the batch task hands over what it holds; the sink
-//! commits it and closes the watch; the source confirms the final LSN and disconnects.
+//! The stream never waits for the copier: a copy is due in the stream first, and its
+//! snapshot point follows in the stream when PostgreSQL has given it (see
+//! `snapshot` and `handoff`). Shutdown (signal, or `sync` reaching its target): the
+//! source stops at a transaction boundary and closes its channel; the batch task hands
+//! over what it holds; the sink commits it (and, for `sync`, the copies under way) and
+//! closes the watch; the source confirms the final LSN and disconnects. Every task of
+//! an attempt, the copies' included, has ended before the next attempt starts.
 
-mod tasks;
+mod batch_task;
+mod copier;
+mod handoff;
+mod housekeeping;
+mod queue;
+mod sink_task;
+mod source_task;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -20,20 +36,22 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{Batcher, Gate};
+use crate::change::{CopyStart, CopyTable};
 use crate::checkpoint::record::Identity;
-use crate::checkpoint::{Checkpoint, CheckpointError, read_head, read_schemas};
+use crate::checkpoint::{Checkpoint, CheckpointError, Watermarks, read_head, read_schemas};
 use crate::config::{Config, SnapshotMode};
 use crate::decode::StreamBuffer;
 use crate::lsn::Lsn;
+pub use crate::retry::ErrorChain;
+use crate::retry::Retry;
 use crate::sink::{Sink, SinkError, StoreError, open_store};
-use crate::snapshot::{CopyEnv, Point, Selection};
-use crate::source::{Assembler, Replication, Retry, SourceError, quote_ident};
+use crate::snapshot::{CopyEnv, Point};
+use crate::source::{Assembler, Replication, SourceError, quote_ident};
 
-pub use tasks::Summary;
+pub use sink_task::Summary;
 
-/// Chunks of events in flight between source and batcher.
-const EVENT_CHANNEL_CHUNKS: usize = 16;
-/// Events per chunk: amortises channel overhead without holding much.
+/// Events per chunk from source to batcher (a chunk is also handed over at
+/// `queue::CHUNK_BYTES` of messages): amortises channel overhead without holding much.
 const EVENTS_PER_CHUNK: usize = 1024;
 /// `sync` runs from cron and tests: a few quick retries, then report the failure.
 const SYNC_ATTEMPTS: u32 = 3;
@@ -64,6 +82,12 @@ pub enum PipelineError {
     Catalog(#[from] crate::catalog::CatalogError),
     #[error("task failed: {0}")]
     Task(String),
+}
+
+impl From<crate::decode::StreamError> for PipelineError {
+    fn from(e: crate::decode::StreamError) -> PipelineError {
+        PipelineError::Source(e.into())
+    }
 }
 
 impl PipelineError {
@@ -148,8 +172,10 @@ impl Process {
         }
     }
 
-    fn run_id(&self) -> String {
-        format!("{}-{:08x}", self.name, rand::random::<u32>())
+    /// A new attempt's run id and its writer tag (in data file names).
+    fn run_id(&self) -> (String, String) {
+        let tag = format!("{:012x}", rand::random::<u64>() >> 16);
+        (format!("{}-{tag}", self.name), tag)
     }
 
     fn owns(&self, run_id: &str) -> bool {
@@ -172,25 +198,6 @@ impl Process {
             }
             _ => Ok(()),
         }
-    }
-}
-
-/// Displays an error with its whole `source()` chain.
-pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cur = self.0.source();
-        while let Some(e) = cur {
-            let s = e.to_string();
-            // thiserror messages often embed their source already.
-            if !self.0.to_string().contains(&s) {
-                write!(f, ": {s}")?;
-            }
-            cur = e.source();
-        }
-        Ok(())
     }
 }
 
@@ -245,12 +252,12 @@ async fn run_once(
             return Err(fail(e));
         }
     };
-    let run_id = process.run_id();
-    let mut catalog = match &cfg.glue {
+    let (run_id, writer) = process.run_id();
+    let catalog = match &cfg.glue {
         Some(g) => Some(crate::catalog::Catalog::open(g, &cfg.sink, &cfg.partitions).await),
         None => None,
     };
-    let sink = Arc::new(Sink::new(store, &cfg.sink));
+    let sink = Arc::new(Sink::new(store, &cfg.sink, &writer));
 
     // A new lake copies every published table under the slot's exported snapshot:
     // the copy connections import it before the stream starts (which ends it).
@@ -261,10 +268,8 @@ async fn run_once(
                 Point::new(name, slot.confirmed_flush),
                 cfg.snapshot_parallelism,
                 cfg.snapshot_chunk_bytes,
-                Selection {
-                    only: None,
-                    reset: &BTreeSet::new(),
-                },
+                0,
+                None,
             )
             .await
             .map_err(|e| fail(e.into()))?,
@@ -286,8 +291,12 @@ async fn run_once(
         })
         .map_err(|e| fail(e.into()))?;
     // From here the lake continues this slot's stream (copies run beside it).
-    let deleted = checkpoint
-        .claim_and_recover(&run_id, true)
+    let owns: Arc<dyn Fn(&str) -> bool + Send + Sync> = {
+        let name = process.name.clone();
+        Arc::new(move |run: &str| run.strip_prefix(name.as_str()).is_some_and(|r| r.starts_with('-')))
+    };
+    let cleared = checkpoint
+        .claim_and_recover(&run_id, true, owns.as_ref())
         .await
         .map_err(|e| fail(e.into()))?;
     process.claimed.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -296,11 +305,76 @@ async fn run_once(
         publication = %cfg.source.publication,
         resume_lsn = %start.max(slot.confirmed_flush),
         committed_seq = checkpoint.head().seq,
-        uncommitted_files_removed = deleted,
+        uncommitted_files_removed = cleared.files,
         server_version = repl.server_version,
         "replication started"
     );
 
+    let result = stream(
+        cfg,
+        shutdown,
+        process,
+        Attempt {
+            repl,
+            checkpoint,
+            sink: sink.clone(),
+            run_id: run_id.clone(),
+            catalog,
+            initial,
+            start,
+            target: (mode == Mode::Sync).then_some(system.xlogpos),
+            owns,
+        },
+    )
+    .await;
+    if let Err((PipelineError::Checkpoint(CheckpointError::Fenced { .. }), _)) = &result {
+        // Nothing of this attempt can be committed any more, and its file names are its
+        // own: take back what it announced, so no reader sees it.
+        match crate::checkpoint::pending::withdraw(sink.store().as_ref(), &run_id).await {
+            Ok(n) => tracing::info!(
+                files = n,
+                "fenced off: deleted the files this instance uploaded and could not commit"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "fenced off: cannot delete the files this instance uploaded; the running instance deletes them")
+            }
+        }
+    }
+    result
+}
+
+/// What an attempt has set up before its tasks start.
+struct Attempt {
+    repl: Replication,
+    checkpoint: Checkpoint,
+    sink: Arc<Sink>,
+    run_id: String,
+    catalog: Option<crate::catalog::Catalog>,
+    initial: Option<crate::snapshot::Prepared>,
+    start: Lsn,
+    target: Option<Lsn>,
+    owns: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+}
+
+/// Starts the tasks of an attempt and waits for all of them.
+async fn stream(
+    cfg: &Config,
+    shutdown: CancellationToken,
+    process: &Process,
+    a: Attempt,
+) -> Result<Summary, (PipelineError, Summary)> {
+    let fail = |e: PipelineError| (e, Summary::default());
+    let Attempt {
+        repl,
+        checkpoint,
+        sink,
+        run_id,
+        mut catalog,
+        initial,
+        start,
+        target,
+        owns,
+    } = a;
     // Each table's changes are written from its snapshot point on; a table never copied
     // waits for its copy (snapshot.mode = "initial").
     let head = checkpoint.head().clone();
@@ -309,7 +383,7 @@ async fn run_once(
         .as_mut()
         .filter(|_| !process.reconciled.load(std::sync::atomic::Ordering::SeqCst))
     {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         // Only committed files are left (recovery ran): whatever of them Glue lacks is
         // registered before anything new commits.
         let lake = crate::catalog::lake_partitions(sink.store().as_ref(), schemas.keys(), &cfg.partitions)
@@ -332,23 +406,51 @@ async fn run_once(
     let mut gates: HashMap<String, Gate> = head
         .snapshots
         .iter()
-        .map(|(t, l)| (t.clone(), Gate::From(*l)))
+        .map(|(t, l)| (t.clone(), Gate::From { lsn: *l, copy: None }))
         .collect();
-    let initial_tables = initial.as_ref().map(|p| p.tables()).unwrap_or_default();
+    let mut handoff = handoff::Handoff::default();
+    let mut running = std::collections::BTreeMap::new();
+    let mut oids: HashMap<String, u32> = head.identities.iter().map(|(t, i)| (t.clone(), i.oid)).collect();
     if let Some(p) = &initial {
-        gates.extend(initial_tables.iter().map(|t| (t.clone(), Gate::From(p.lsn()))));
+        // The first copy of a new lake (copy 0), at the slot's own point: known before
+        // the stream starts, so its tables are gated from the first message.
+        let first = CopyStart {
+            id: 0,
+            from: p.lsn(),
+            tables: p
+                .tables()
+                .into_iter()
+                .map(|(name, identity, relation)| CopyTable {
+                    name,
+                    identity,
+                    relation,
+                    requests: Vec::new(),
+                })
+                .collect(),
+            dropped: Vec::new(),
+        };
+        for t in &first.tables {
+            gates.insert(
+                t.name.clone(),
+                Gate::From {
+                    lsn: first.from,
+                    copy: Some(0),
+                },
+            );
+            oids.insert(t.name.clone(), t.identity.oid);
+            running.insert(t.name.clone(), 0);
+        }
+        handoff.started(&first);
     }
-    let in_flight = Arc::new(std::sync::Mutex::new(
-        initial_tables.iter().cloned().collect::<BTreeSet<_>>(),
-    ));
     let (copy_tx, copy_rx) = mpsc::channel(16);
+    let tracker = tokio_util::task::TaskTracker::new();
     let env = CopyEnv {
         sink: sink.clone(),
         run_id: run_id.clone(),
         floor: head.seq + 1,
         buffer_bytes: (cfg.sink.max_buffer_bytes / cfg.snapshot_parallelism).max(1 << 20),
         shutdown: shutdown.child_token(),
-        tracker: tokio_util::task::TaskTracker::new(),
+        tracker: tracker.clone(),
         user: cfg.source.conn.user.clone(),
         unrepresentable: cfg.sink.unrepresentable,
         partitions: Arc::new(cfg.partitions.clone()),
@@ -356,9 +458,8 @@ async fn run_once(
     if let Some(p) = initial {
         p.spawn(&env, copy_tx.clone());
     }
-    let copies = (env.shutdown.clone(), env.tracker.clone());
+    let copies_stop = env.shutdown.clone();
 
-    let target = (mode == Mode::Sync).then_some(system.xlogpos);
     let buffer = StreamBuffer::new(
         cfg.source.spill_dir.clone(),
         cfg.source.stream_memory_bytes,
@@ -366,74 +467,116 @@ async fn run_once(
     );
     let assembler = Assembler::new(start, buffer);
 
-    let (event_tx, event_rx) = mpsc::channel(EVENT_CHANNEL_CHUNKS);
+    let (event_tx, event_rx) = queue::channel();
     let (sink_tx, sink_rx) = mpsc::channel(1);
     let (confirm_tx, confirm_rx) = watch::channel(Lsn::ZERO);
-    let batch = tokio::spawn(tasks::batch_task(
+    let (requests_tx, requests_rx) = mpsc::channel(4);
+    let (published_tx, published_rx) = mpsc::unbounded_channel();
+    let (marks_tx, marks_rx) = watch::channel(Watermarks {
+        folded: head.folded,
+        pruned: head.pruned,
+    });
+    let copier_stop = CancellationToken::new();
+    let housekeeping_stop = CancellationToken::new();
+    let initial_mode = cfg.snapshot == SnapshotMode::Initial;
+    let mut copier = copier::Copier::new(copier::CopierInit {
+        cfg: cfg.clone(),
+        env,
+        results: copy_tx,
+        requests: requests_tx,
+        published: published_rx,
+        stop: copier_stop.clone(),
+        identities: head.identities.clone(),
+        copied: head.snapshots.keys().cloned().collect::<BTreeSet<_>>(),
+        running,
+        next_id: 1,
+    });
+    // Copies due now are due from the stream's first message on.
+    let due_now = copier.due_at_start().await.map_err(fail)?;
+    let outstanding = usize::from(!due_now.is_empty());
+    for t in due_now {
+        gates.insert(t, Gate::Due);
+    }
+    let batch = tokio::spawn(batch_task::batch_task(
         event_rx,
         sink_tx,
         cfg.sink.flush_interval,
         cfg.sink.max_buffer_bytes,
-        Batcher::with_gates(gates, cfg.snapshot == SnapshotMode::Initial)
+        Batcher::with_gates(gates, initial_mode)
+            .with_oids(oids, !initial_mode)
             .with_lake_schemas(schemas.clone())
             .with_unrepresentable(cfg.sink.unrepresentable)
             .with_partitions(Arc::new(cfg.partitions.clone())),
     ));
-    let sink_task = tokio::spawn(tasks::sink_task(tasks::SinkTask {
-        sink,
+    let housekeeping = tokio::spawn(
+        housekeeping::Housekeeping {
+            store: sink.store().clone(),
+            run_id: run_id.clone(),
+            claim_seq: head.seq,
+            owns,
+            interval: cfg.snapshot_poll_interval,
+            retention: cfg.sink.log_retention,
+            marks: marks_tx,
+            stop: housekeeping_stop.clone(),
+        }
+        .run(),
+    );
+    let sink_task = tokio::spawn(sink_task::sink_task(sink_task::SinkTask {
+        sink: sink.clone(),
         checkpoint,
         run_id,
         input: sink_rx,
         copies: copy_rx,
         confirm: confirm_tx,
-        withheld: initial_tables.iter().map(|t| (t.clone(), Default::default())).collect(),
-        in_flight: in_flight.clone(),
+        handoff,
         schemas,
         catalog,
         shutdown: shutdown.clone(),
+        published: published_tx,
+        marks: marks_rx,
+        partitions: Arc::new(cfg.partitions.clone()),
+        unrepresentable: cfg.sink.unrepresentable,
     }));
-    let copier = tasks::Copier {
-        cfg: cfg.clone(),
-        env,
-        results: copy_tx,
-        in_flight,
-        copied: head.snapshots.keys().chain(&initial_tables).cloned().collect(),
-        in_lake: head
-            .tables
-            .iter()
-            .filter(|(_, s)| s.rows > 0)
-            .map(|(t, _)| t.clone())
-            .collect(),
-        client: None,
-        polled: false,
-        resolved: HashMap::new(),
-    };
-    let source = tokio::spawn(tasks::source_task(tasks::SourceTask {
+    let copier = tokio::spawn(copier.run());
+    let source = tokio::spawn(source_task::source_task(source_task::SourceTask {
         repl,
         assembler,
-        events: event_tx,
+        events: Some(event_tx),
         confirm: confirm_rx,
         shutdown,
         target,
         status_interval: cfg.source.status_interval,
         receive_timeout: cfg.source.receive_timeout,
-        copier,
+        copy_requests: requests_rx,
+        outstanding,
+        copier_stop,
+        types: source_task::TypeResolver {
+            conn: cfg.source.conn.clone(),
+            client: None,
+            resolved: HashMap::new(),
+        },
     }));
     let task = |e: tokio::task::JoinError| PipelineError::Task(e.to_string());
-    let (s, b, d) = tokio::join!(source, batch, sink_task);
+    let (s, b, d, c) = tokio::join!(source, batch, sink_task, copier);
     // Copies still running belong to this run: stop them and wait, so that none
     // uploads after the next attempt has cleaned up.
-    copies.0.cancel();
-    copies.1.close();
-    copies.1.wait().await;
+    copies_stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+    housekeeping_stop.cancel();
+    let kept = housekeeping.await.unwrap_or_else(|e| Err(task(e)));
     let batch = b.unwrap_or_else(|e| Err(task(e)));
+    let copier = c.unwrap_or_else(|e| Err(task(e)));
     let (summary, _, sunk) = d.map_err(|e| (task(e), Summary::default()))?;
     // The first real error wins; a stage that stopped because its neighbour did is Ok.
-    if let Err(e) = sunk.and(batch) {
+    if let Err(e) = sunk.and(batch).and(copier) {
         return Err((e, summary));
     }
-    match s.unwrap_or_else(|e| Err(task(e))) {
-        Ok(()) => Ok(summary),
-        Err(e) => Err((e, summary)),
+    if let Err(e) = s.unwrap_or_else(|e| Err(task(e))) {
+        return Err((e, summary));
     }
+    if let Err(e) = kept {
+        tracing::warn!(error = %ErrorChain(&e), "log housekeeping failed; it runs again at the next start");
+    }
+    Ok(summary)
 }

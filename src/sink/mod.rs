@@ -4,12 +4,17 @@
 //! - [`Sink::write`] MUST be atomic per object (a single PUT, or a multipart upload that
 //!   the store assembles at its completing request: readers see all or nothing) and
 //!   returns what it wrote; publishing is the checkpoint's commit, a separate step.
-//! - The key follows from the rows: `{schema}/{table}/{partition}/{first}-{last}.parquet`
-//!   where `first` and `last` are the `(_lsn, _seq)` of the file's first and last rows in
-//!   fixed-width hex. A file holds exactly the table's rows of its partition between
-//!   those positions, so the same key always means the same content and a replay MAY
-//!   overwrite an object with identical bytes. Names sort in commit order.
+//! - The key follows from the rows and the writer:
+//!   `{schema}/{table}/{partition}/{first}-{last}-{writer}.parquet` where `first` and
+//!   `last` are the `(_lsn, _seq)` of the file's first and last rows in fixed-width hex
+//!   and `writer` is the tag of the pipeline attempt that wrote it. A file holds exactly
+//!   the table's rows of its partition between those positions, so within an attempt the
+//!   same key always means the same content and a retry MAY overwrite an object with
+//!   identical bytes. Names sort in commit order. The tag keeps the names of two writers
+//!   apart (a replay after a restart, a fenced writer that wakes up), so deleting a file
+//!   a pending record lists can never remove a file another writer committed.
 
+pub mod recut;
 mod store;
 
 use std::sync::Arc;
@@ -55,6 +60,12 @@ pub enum SinkError {
         #[source]
         source: object_store::Error,
     },
+    #[error("cannot read object {key} back: {source}")]
+    Read {
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
     #[error("cannot list {prefix} in the lake: {source}")]
     List {
         prefix: String,
@@ -64,10 +75,12 @@ pub enum SinkError {
 }
 
 impl SinkError {
-    pub fn retry(&self) -> crate::source::Retry {
+    pub fn retry(&self) -> crate::retry::Retry {
         match self {
-            SinkError::Encode { .. } => crate::source::Retry::Definite,
-            SinkError::Put { source, .. } | SinkError::List { source, .. } => crate::retry::of_store(source),
+            SinkError::Encode { .. } => crate::retry::Retry::Definite,
+            SinkError::Put { source, .. } | SinkError::Read { source, .. } | SinkError::List { source, .. } => {
+                crate::retry::of_store(source)
+            }
         }
     }
 }
@@ -85,6 +98,8 @@ pub struct Sink {
     store: Arc<dyn ObjectStore>,
     props: WriterProperties,
     part_size: usize,
+    /// This attempt's tag in file names.
+    writer: String,
 }
 
 /// Listings in flight at once in [`partitions_in_lake`].
@@ -104,8 +119,8 @@ pub fn key_path(key: &str) -> Path {
 }
 
 /// The object key of a table file (relative to the sink's root).
-pub fn object_key(schema: &str, table: &str, partition: &str, first: RowPos, last: RowPos) -> Path {
-    let name = format!("{}-{}.parquet", pos_key(first), pos_key(last));
+pub fn object_key(schema: &str, table: &str, partition: &str, first: RowPos, last: RowPos, writer: &str) -> Path {
+    let name = format!("{}-{}-{writer}.parquet", pos_key(first), pos_key(last));
     // Partition segments come escaped (Hive style, `batch::column_partition`): taken as
     // they are, one segment per `/`.
     let segments = partition
@@ -166,7 +181,8 @@ pub async fn partitions_in_lake(
 }
 
 impl Sink {
-    pub fn new(store: Arc<dyn ObjectStore>, cfg: &SinkConfig) -> Sink {
+    /// `writer`: the attempt's tag in file names (lower-case hex).
+    pub fn new(store: Arc<dyn ObjectStore>, cfg: &SinkConfig, writer: &str) -> Sink {
         let compression = match cfg.compression {
             Compression::Zstd => PqCompression::ZSTD(ZstdLevel::try_new(1).expect("level 1 is valid")),
             Compression::Snappy => PqCompression::SNAPPY,
@@ -189,6 +205,7 @@ impl Sink {
             store,
             props,
             part_size: cfg.part_size,
+            writer: writer.to_owned(),
         }
     }
 
@@ -199,7 +216,7 @@ impl Sink {
     /// Encodes a table file as Parquet. CPU-bound: run it off the async threads. The
     /// columns of each row group are encoded on two threads (the flush after a large
     /// copy or transaction is on the critical path; the machines have 2 cores).
-    pub fn encode(props: &WriterProperties, file: &TableFile) -> Result<Encoded, SinkError> {
+    pub fn encode(props: &WriterProperties, tag: &str, file: &TableFile) -> Result<Encoded, SinkError> {
         let table = format!("{}.{}", file.schema, file.table);
         let err = |source| SinkError::Encode {
             table: table.clone(),
@@ -251,7 +268,7 @@ impl Sink {
             group += 1;
         }
         writer.close().map_err(err)?;
-        let key = object_key(&file.schema, &file.table, &file.partition, file.first, file.last);
+        let key = object_key(&file.schema, &file.table, &file.partition, file.first, file.last, tag);
         Ok(Encoded {
             object: WrittenObject {
                 key: key.to_string(),
@@ -269,7 +286,9 @@ impl Sink {
     /// Encodes files off the async threads.
     pub async fn encode_all(&self, files: Vec<TableFile>) -> Result<Vec<Encoded>, SinkError> {
         let props = self.props.clone();
-        let encoded = tokio::task::spawn_blocking(move || files.iter().map(|f| Sink::encode(&props, f)).collect());
+        let writer = self.writer.clone();
+        let encoded =
+            tokio::task::spawn_blocking(move || files.iter().map(|f| Sink::encode(&props, &writer, f)).collect());
         match encoded.await {
             Ok(r) => r,
             Err(e) => std::panic::resume_unwind(e.into_panic()),
@@ -278,6 +297,10 @@ impl Sink {
 
     pub fn props(&self) -> &WriterProperties {
         &self.props
+    }
+
+    pub fn writer(&self) -> &str {
+        &self.writer
     }
 
     /// Uploads one encoded file: a single PUT, or for a file larger than

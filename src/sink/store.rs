@@ -1,12 +1,20 @@
 //! The object store behind `sink.url`: a local directory (`file://`) or S3 (`s3://`, any
 //! S3-compatible endpoint, credentials from the standard AWS chain).
 
+use std::ops::Range;
 use std::sync::Arc;
 
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
+use object_store::path::Path;
 use object_store::prefix::PrefixStore;
-use object_store::{ClientOptions, ObjectStore, RetryConfig};
+use object_store::{
+    ClientOptions, CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, RetryConfig,
+};
 
 use crate::config::SinkConfig;
 
@@ -49,8 +57,11 @@ pub fn open_store(cfg: &SinkConfig) -> Result<Arc<dyn ObjectStore>, StoreError> 
                 })?
                 // Files are written to a temporary name and renamed: readers never see a
                 // partial file.
-                .with_automatic_cleanup(true);
-            Ok(Arc::new(fs))
+                .with_automatic_cleanup(true)
+                // Durable before confirmed: every write is fsynced with its directories
+                // before it returns, as an S3 PUT is durable when it returns.
+                .with_fsync(true);
+            Ok(Arc::new(DurableLocal { fs }))
         }
         _ => {
             let bucket = cfg.url.host_str().unwrap_or_default();
@@ -87,5 +98,110 @@ pub fn open_store(cfg: &SinkConfig) -> Result<Arc<dyn ObjectStore>, StoreError> 
                 Ok(Arc::new(PrefixStore::new(s3, prefix)))
             }
         }
+    }
+}
+
+/// The local lake: `LocalFileSystem` with fsync, whose deletes are durable too (it fsyncs
+/// only writes). A deleted pending record must not come back after a power loss: it
+/// would name files that a later commit published (see `checkpoint::pending`).
+#[derive(Debug)]
+struct DurableLocal {
+    fs: LocalFileSystem,
+}
+
+impl std::fmt::Display for DurableLocal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Durable{}", self.fs)
+    }
+}
+
+/// fsyncs the directory that held `path` (or, once automatic cleanup removed it, the
+/// nearest one that still exists).
+fn sync_parent(path: &std::path::Path) -> std::io::Result<()> {
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        match std::fs::File::open(d) {
+            Ok(f) => return f.sync_all(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => dir = d.parent(),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for DurableLocal {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.fs.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.fs.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
+        self.fs.get_opts(location, options).await
+    }
+
+    async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> object_store::Result<Vec<Bytes>> {
+        self.fs.get_ranges(location, ranges).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        let fs = self.fs.clone();
+        self.fs
+            .delete_stream(locations)
+            .then(move |deleted| {
+                let fs = fs.clone();
+                async move {
+                    let location = deleted?;
+                    let file = fs.path_to_filesystem(&location)?;
+                    tokio::task::spawn_blocking(move || sync_parent(&file))
+                        .await
+                        .map_err(|e| object_store::Error::JoinError { source: e })?
+                        .map_err(|e| object_store::Error::Generic {
+                            store: "LocalFileSystem",
+                            source: Box::new(e),
+                        })?;
+                    Ok(location)
+                }
+            })
+            .boxed()
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.fs.list(prefix)
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.fs.list_with_offset(prefix, offset)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        self.fs.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> object_store::Result<()> {
+        self.fs.copy_opts(from, to, options).await
+    }
+
+    async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> object_store::Result<()> {
+        self.fs.rename_opts(from, to, options).await
     }
 }

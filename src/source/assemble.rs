@@ -263,7 +263,8 @@ mod tests {
                 Event::Change(_) => "change",
                 Event::Commit { .. } => "commit",
                 Event::Idle { .. } => "idle",
-                Event::CopyStart { .. } => "copy-start",
+                Event::CopyDue { .. } => "copy-due",
+                Event::CopyStart(_) => "copy-start",
             })
             .collect()
     }

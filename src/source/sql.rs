@@ -65,3 +65,52 @@ pub async fn connect(p: &ConnParams) -> Result<tokio_postgres::Client, SqlError>
     };
     Ok(client)
 }
+
+/// A transaction with a transaction id: one that a new replication slot's snapshot
+/// point waits for (PostgreSQL takes the point once every transaction running when it
+/// was asked for has ended).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct OpenTransaction {
+    pub pid: i32,
+    /// `pg_stat_activity.state`: `idle in transaction` for one nobody is using.
+    pub state: String,
+    pub age_seconds: f64,
+    pub user: String,
+    pub application: String,
+}
+
+impl std::fmt::Display for OpenTransaction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pid {} ({}, open {:.0} s, user {:?}, application {:?})",
+            self.pid, self.state, self.age_seconds, self.user, self.application
+        )
+    }
+}
+
+/// The oldest open transactions with a transaction id (at most five), oldest first.
+/// Sessions of other users show only with `pg_read_all_stats` (or as superuser).
+pub async fn open_transactions(client: &tokio_postgres::Client) -> Result<Vec<OpenTransaction>, String> {
+    let rows = client
+        .query(
+            "SELECT pid, coalesce(state, ''), extract(epoch FROM now() - xact_start)::float8,
+                    coalesce(usename::text, ''), coalesce(application_name, '')
+             FROM pg_catalog.pg_stat_activity
+             WHERE backend_xid IS NOT NULL AND pid <> pg_catalog.pg_backend_pid() AND xact_start IS NOT NULL
+             ORDER BY xact_start LIMIT 5",
+            &[],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(rows
+        .iter()
+        .map(|r| OpenTransaction {
+            pid: r.get(0),
+            state: r.get(1),
+            age_seconds: r.get(2),
+            user: r.get(3),
+            application: r.get(4),
+        })
+        .collect())
+}

@@ -585,15 +585,12 @@ pub async fn assert_no_orphans(config: &std::path::Path) {
     let all: Vec<_> = futures::TryStreamExt::try_collect::<Vec<_>>(store.list(None))
         .await
         .unwrap();
-    let mut named = std::collections::HashSet::new();
-    for m in all
-        .iter()
-        .filter(|m| m.location.as_ref().starts_with("_walshore/commits/"))
-    {
-        let bytes = store.get(&m.location).await.unwrap().bytes().await.unwrap();
-        let record: walshore::checkpoint::CommitRecord = serde_json::from_slice(&bytes).unwrap();
-        named.extend(record.files.into_iter().map(|f| f.key));
-    }
+    let named: std::collections::HashSet<String> = walshore::checkpoint::committed_files(store.as_ref())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| f.key)
+        .collect();
     for m in all.iter().filter(|m| m.location.as_ref().ends_with(".parquet")) {
         assert!(
             named.contains(m.location.as_ref()),

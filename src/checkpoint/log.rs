@@ -1,0 +1,262 @@
+//! The commit log's objects and how they are found: numbered commit records, the head
+//! hint, and the checkpoints old records are folded into before they are pruned.
+//!
+//! Finding the head costs the same after a million commits as after ten: the hint names
+//! the newest record (it is written after each commit, so it may lag by the records
+//! whose hint write was lost), and a reader walks forward from it while the next record
+//! exists. Records are numbered without gaps, so the first missing number ends the walk.
+//! Only a lake without a hint (written by an older walshore) is listed, once.
+//!
+//! Folding: records `k·FOLD + 1 ..= (k+1)·FOLD` become one checkpoint object once all of
+//! them exist and the head has passed them; a folded record older than
+//! `sink.log_retention` is deleted. A reader that needs every committed file (tests,
+//! `verify`) reads the checkpoints, then the records after the last one.
+
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use super::record::{CheckpointRecord, CommitRecord, FORMAT, HeadHint};
+use super::{CheckpointError, store_err};
+use crate::sink::WrittenObject;
+
+pub(crate) const COMMITS: &str = "_walshore/commits";
+pub(crate) const CHECKPOINTS: &str = "_walshore/checkpoints";
+const HEAD: &str = "_walshore/head.json";
+
+/// Commit records per checkpoint: about 1 MiB of JSON for a few files per commit, and at
+/// a commit every 5 s one checkpoint every 83 minutes (6,300 objects a year instead of
+/// 6.3 million).
+pub const FOLD: u64 = 1000;
+/// Records read at once while folding.
+const FOLD_CONCURRENCY: usize = 16;
+
+pub(crate) fn commit_key(seq: u64) -> Path {
+    Path::from(format!("{COMMITS}/{seq:020}.json"))
+}
+
+pub(crate) fn checkpoint_key(last: u64) -> Path {
+    Path::from(format!("{CHECKPOINTS}/{last:020}.json"))
+}
+
+pub(crate) fn is_not_found(e: &CheckpointError) -> bool {
+    matches!(
+        e,
+        CheckpointError::Store {
+            source: object_store::Error::NotFound { .. },
+            ..
+        }
+    )
+}
+
+pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
+    store: &dyn ObjectStore,
+    key: &Path,
+) -> Result<T, CheckpointError> {
+    let bytes = store
+        .get(key)
+        .await
+        .map_err(store_err(key))?
+        .bytes()
+        .await
+        .map_err(store_err(key))?;
+    serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Corrupt {
+        key: key.to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// A record, or None when it does not exist.
+pub(crate) async fn read_commit(store: &dyn ObjectStore, seq: u64) -> Result<Option<CommitRecord>, CheckpointError> {
+    match read_json(store, &commit_key(seq)).await {
+        Ok(r) => Ok(Some(r)),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The latest commit record, if any: from the hint, walking forward; a lake without a
+/// hint (or whose hint names a pruned record) is listed.
+pub async fn read_head(store: &dyn ObjectStore) -> Result<Option<CommitRecord>, CheckpointError> {
+    let hint = match read_json::<HeadHint>(store, &Path::from(HEAD)).await {
+        Ok(h) => Some(h.seq),
+        Err(e) if is_not_found(&e) => None,
+        // A torn or foreign hint only costs a listing.
+        Err(CheckpointError::Corrupt { .. }) => None,
+        Err(e) => return Err(e),
+    };
+    let mut head = match hint.filter(|s| *s > 0) {
+        Some(seq) => match read_commit(store, seq).await? {
+            Some(r) => r,
+            None => return list_head(store).await,
+        },
+        None => return list_head(store).await,
+    };
+    while let Some(next) = read_commit(store, head.seq + 1).await? {
+        head = next;
+    }
+    Ok(Some(head))
+}
+
+/// The head by listing every record: lakes from before the hint.
+async fn list_head(store: &dyn ObjectStore) -> Result<Option<CommitRecord>, CheckpointError> {
+    let prefix = Path::from(COMMITS);
+    let last = store
+        .list(Some(&prefix))
+        .try_filter_map(|m| async move { Ok(m.location.as_ref().ends_with(".json").then_some(m.location)) })
+        .try_fold(None::<Path>, |max, p| async move { Ok(max.max(Some(p))) })
+        .await
+        .map_err(store_err(&prefix))?;
+    match last {
+        None => Ok(None),
+        Some(key) => {
+            let head: CommitRecord = read_json(store, &key).await?;
+            // Walk on, in case records were added while we listed.
+            let mut head = head;
+            while let Some(next) = read_commit(store, head.seq + 1).await? {
+                head = next;
+            }
+            Ok(Some(head))
+        }
+    }
+}
+
+/// Records the head's number. A failure is only logged: the hint may lag.
+pub(crate) async fn write_hint(store: &dyn ObjectStore, seq: u64) {
+    let body = serde_json::to_vec(&HeadHint { seq }).expect("hint serializes");
+    if let Err(e) = store.put(&Path::from(HEAD), PutPayload::from(body)).await {
+        tracing::warn!(seq, error = %e, "cannot write the head hint; the next start walks the commit log from an older one");
+    }
+}
+
+/// How far folding and pruning have come (carried in every commit record).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Watermarks {
+    pub folded: u64,
+    pub pruned: u64,
+}
+
+/// One step of log housekeeping: folds the next chunk of records into a checkpoint when
+/// the head has passed it, else prunes the next folded chunk whose newest record is
+/// older than `retention`. Returns the new watermarks, or None when there is nothing to
+/// do. Every step is idempotent: a crash in the middle is finished by the next one.
+pub async fn fold_or_prune(
+    store: &Arc<dyn ObjectStore>,
+    head_seq: u64,
+    marks: Watermarks,
+    retention: std::time::Duration,
+) -> Result<Option<Watermarks>, CheckpointError> {
+    // Only whole chunks that the head has passed: their records never change again.
+    if marks.folded + FOLD < head_seq {
+        let first = marks.folded + 1;
+        let last = marks.folded + FOLD;
+        fold(store, first, last).await?;
+        return Ok(Some(Watermarks { folded: last, ..marks }));
+    }
+    if marks.pruned < marks.folded {
+        let first = marks.pruned + 1;
+        let last = (marks.pruned + FOLD).min(marks.folded);
+        let cp: CheckpointRecord = read_json(store.as_ref(), &checkpoint_key(last)).await?;
+        let age = crate::checkpoint::record::now_micros() - cp.last_written_at;
+        if age < retention.as_micros() as i64 {
+            return Ok(None);
+        }
+        delete_all(store.as_ref(), (first..=last).map(commit_key).collect()).await?;
+        tracing::info!(
+            first,
+            last,
+            "pruned commit records older than sink.log_retention (kept in a checkpoint)"
+        );
+        return Ok(Some(Watermarks { pruned: last, ..marks }));
+    }
+    Ok(None)
+}
+
+/// Deletes `keys`; one already gone is not an error.
+pub(crate) async fn delete_all(store: &dyn ObjectStore, keys: Vec<Path>) -> Result<(), CheckpointError> {
+    let first = keys.first().cloned().unwrap_or_default();
+    let stream = futures::stream::iter(keys.into_iter().map(Ok)).boxed();
+    store
+        .delete_stream(stream)
+        .map(|r| match r {
+            Err(object_store::Error::NotFound { path, .. }) => Ok(Path::from(path)),
+            other => other,
+        })
+        .try_for_each(|_| async { Ok(()) })
+        .await
+        .map_err(store_err(&first))
+}
+
+async fn fold(store: &Arc<dyn ObjectStore>, first: u64, last: u64) -> Result<(), CheckpointError> {
+    let key = checkpoint_key(last);
+    if store.head(&key).await.is_ok() {
+        return Ok(());
+    }
+    let records: Vec<Option<CommitRecord>> = futures::stream::iter(first..=last)
+        .map(|seq| {
+            let store = store.clone();
+            async move { read_commit(store.as_ref(), seq).await }
+        })
+        .buffered(FOLD_CONCURRENCY)
+        .try_collect()
+        .await?;
+    let mut files: Vec<WrittenObject> = Vec::new();
+    let mut last_written_at = 0;
+    for (seq, r) in (first..).zip(records) {
+        let r = r.ok_or_else(|| CheckpointError::Corrupt {
+            key: commit_key(seq).to_string(),
+            message: format!("missing while folding records {first}..={last} into a checkpoint"),
+        })?;
+        last_written_at = r.written_at;
+        files.extend(r.files);
+    }
+    let body = serde_json::to_vec(&CheckpointRecord {
+        format: FORMAT,
+        first,
+        last,
+        last_written_at,
+        files,
+    })
+    .expect("checkpoint serializes");
+    let opts = PutOptions {
+        mode: PutMode::Create,
+        ..PutOptions::default()
+    };
+    match store.put_opts(&key, PutPayload::from(body), opts).await {
+        // The same records give the same checkpoint: one folded before us is as good.
+        Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
+        Err(e) => return Err(store_err(&key)(e)),
+    }
+    tracing::info!(first, last, "folded commit records into a checkpoint");
+    Ok(())
+}
+
+/// Every data file the log names, in commit order: the checkpoints, then the records
+/// after them. For readers that need the whole manifest (tests, `verify`); it reads
+/// the whole log, so it costs what the lake's age costs.
+pub async fn committed_files(store: &dyn ObjectStore) -> Result<Vec<WrittenObject>, CheckpointError> {
+    let Some(head) = read_head(store).await? else {
+        return Ok(Vec::new());
+    };
+    let mut files = Vec::new();
+    let mut seq = 0;
+    while seq < head.folded {
+        let cp: CheckpointRecord = read_json(store, &checkpoint_key(seq + FOLD)).await?;
+        files.extend(cp.files);
+        seq = cp.last;
+    }
+    for s in seq + 1..=head.seq {
+        match read_commit(store, s).await? {
+            Some(r) => files.extend(r.files),
+            None => {
+                return Err(CheckpointError::Corrupt {
+                    key: commit_key(s).to_string(),
+                    message: "missing: neither folded nor present".into(),
+                });
+            }
+        }
+    }
+    Ok(files)
+}

@@ -1,0 +1,85 @@
+//! The batch task: events in stream order into per-table Arrow files, handed to the sink
+//! at the flush interval, at the memory limit, and when a copy's snapshot point arrives.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::PipelineError;
+use super::queue::EventReceiver;
+use crate::batch::{Batcher, Taken};
+use crate::change::Event;
+use crate::lsn::Lsn;
+
+pub(super) enum SinkMsg {
+    Flush(Taken),
+    /// Nothing is buffered or in flight up to this LSN.
+    Idle(Lsn),
+}
+
+pub(super) async fn batch_task(
+    mut events: EventReceiver,
+    sink: mpsc::Sender<SinkMsg>,
+    flush_interval: Duration,
+    max_bytes: usize,
+    mut batcher: Batcher,
+) -> Result<(), PipelineError> {
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            chunk = events.recv() => {
+                let Some(chunk) = chunk else { break };
+                for event in chunk.events {
+                    if let Event::Idle { lsn } = event {
+                        if !batcher.has_data() && sink.send(SinkMsg::Idle(lsn)).await.is_err() {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    let commit = matches!(event, Event::Commit { .. });
+                    batcher.push(event)?;
+                    if deadline.is_none() && batcher.has_data() {
+                        deadline = Some(Instant::now() + flush_interval);
+                    }
+                    // Bounded memory: hand over at the limit, inside a transaction too. A
+                    // copy's point (between transactions) goes over with every file
+                    // written before it.
+                    let due = commit && deadline.is_some_and(|d| Instant::now() >= d);
+                    if batcher.buffered_bytes() >= max_bytes || due || batcher.copy_started() {
+                        if sink.send(SinkMsg::Flush(batcher.take())).await.is_err() {
+                            return Ok(());
+                        }
+                        if !batcher.in_transaction() {
+                            deadline = None;
+                        }
+                    }
+                }
+            }
+            _ = sleep => {
+                if batcher.in_transaction() {
+                    // Flushed at this transaction's commit: files never end mid-way
+                    // for want of time, only for want of memory.
+                    deadline = Some(Instant::now() + Duration::from_millis(50));
+                    continue;
+                }
+                deadline = None;
+                if batcher.has_data() && sink.send(SinkMsg::Flush(batcher.take())).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    // Input closed: the source stopped at a transaction boundary (or failed, in which
+    // case an open transaction is dropped here and streamed again after the restart).
+    if batcher.has_data() && !batcher.in_transaction() {
+        let _ = sink.send(SinkMsg::Flush(batcher.take())).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,332 @@
+//! The sink task: encodes and uploads the batcher's files, commits them at transaction
+//! boundaries, and publishes finished table copies with the stream's files that waited
+//! for them ([`Handoff`], the one owner of that hand-off).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use object_store::ObjectStoreExt;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::PipelineError;
+use super::batch_task::SinkMsg;
+use super::handoff::{Handoff, Held, Placed};
+use crate::batch::BatchError;
+use crate::batch::schema::LakeSchema;
+use crate::change::{CopyId, TableIdentity};
+use crate::checkpoint::{Checkpoint, CommitExtras, Watermarks, write_schema};
+use crate::lsn::Lsn;
+use crate::sink::{Sink, WrittenObject};
+use crate::snapshot::{CopyMsg, SnapshotError};
+
+/// Uploads in flight at once for one flush.
+const UPLOAD_CONCURRENCY: usize = 4;
+
+/// What a run wrote.
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    pub commits: u64,
+    pub files: u64,
+    pub bytes: u64,
+    pub end_lsn: Lsn,
+    /// Rows per `schema.table`.
+    pub rows: BTreeMap<String, u64>,
+}
+
+impl Summary {
+    pub(super) fn absorb(&mut self, other: Summary) {
+        self.commits += other.commits;
+        self.files += other.files;
+        self.bytes += other.bytes;
+        self.end_lsn = self.end_lsn.max(other.end_lsn);
+        for (t, n) in other.rows {
+            *self.rows.entry(t).or_default() += n;
+        }
+    }
+}
+
+pub(super) struct SinkTask {
+    pub sink: Arc<Sink>,
+    pub checkpoint: Checkpoint,
+    pub run_id: String,
+    pub input: mpsc::Receiver<SinkMsg>,
+    pub copies: mpsc::Receiver<CopyMsg>,
+    pub confirm: watch::Sender<Lsn>,
+    pub handoff: Handoff,
+    /// The lake schema of each table, as recorded under `_walshore/schemas/`.
+    pub schemas: HashMap<String, LakeSchema>,
+    /// `catalog.kind = "glue"`.
+    pub catalog: Option<crate::catalog::Catalog>,
+    /// Ends a wait for a busy Glue (the commit is then not made; nothing is lost).
+    pub shutdown: CancellationToken,
+    /// Tells the copier which copies are published.
+    pub published: mpsc::UnboundedSender<(CopyId, String)>,
+    /// Log housekeeping's progress, recorded with each commit.
+    pub marks: watch::Receiver<Watermarks>,
+    /// For the `T` row that starts a table copied again.
+    pub partitions: Arc<crate::config::Partitions>,
+    pub unrepresentable: crate::config::Unrepresentable,
+}
+
+#[derive(Default)]
+struct SinkState {
+    summary: Summary,
+    /// Uploaded, not yet committed: the open transactions' files.
+    uncommitted: Vec<WrittenObject>,
+    /// Recorded with the next commit.
+    left: Vec<String>,
+    adopted: Vec<(String, TableIdentity)>,
+    oids: Vec<(String, u32)>,
+}
+
+pub(super) async fn sink_task(mut t: SinkTask) -> (Summary, Checkpoint, Result<(), PipelineError>) {
+    let mut st = SinkState::default();
+    let result = t.run(&mut st).await;
+    (st.summary, t.checkpoint, result)
+}
+
+/// Moves the confirmable LSN forward (never back).
+fn advance(confirm: &watch::Sender<Lsn>, lsn: Lsn) {
+    confirm.send_if_modified(|c| {
+        let forward = lsn > *c;
+        if forward {
+            *c = lsn;
+        }
+        forward
+    });
+}
+
+fn retype(table: &str, e: crate::batch::schema::Incompatible, lsn: Lsn) -> PipelineError {
+    BatchError::Retype {
+        table: table.to_owned(),
+        column: e.column,
+        from: e.from,
+        to: e.to,
+        lsn,
+    }
+    .into()
+}
+
+impl SinkTask {
+    async fn run(&mut self, st: &mut SinkState) -> Result<(), PipelineError> {
+        self.confirm.send_replace(self.checkpoint.position());
+        let (mut input_open, mut copies_open) = (true, true);
+        loop {
+            tokio::select! {
+                msg = self.input.recv(), if input_open => match msg {
+                    None => {
+                        input_open = false;
+                        // The source stopped at a boundary (or failed, and the open
+                        // transaction is streamed again): copies commit on their own now.
+                        self.commit(st, None).await?;
+                    }
+                    Some(msg) => self.on_msg(st, msg).await?,
+                },
+                msg = self.copies.recv(), if copies_open => match msg {
+                    None => copies_open = false,
+                    // Shutdown: the copy starts again at the next start.
+                    Some(CopyMsg::Failed(SnapshotError::Interrupted)) => {}
+                    Some(CopyMsg::Failed(e)) => return Err(e.into()),
+                    Some(CopyMsg::Copied(c)) => {
+                        self.handoff.copied(c);
+                        if self.handoff.has_ready() && (st.uncommitted.is_empty() || !input_open) {
+                            self.commit(st, None).await?;
+                        }
+                    }
+                    Some(CopyMsg::Left(table)) => st.left.push(table),
+                    Some(CopyMsg::Adopted(table, identity)) => st.adopted.push((table, identity)),
+                },
+                else => break,
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_msg(&mut self, st: &mut SinkState, msg: SinkMsg) -> Result<(), PipelineError> {
+        let taken = match msg {
+            SinkMsg::Idle(lsn) => {
+                if st.uncommitted.is_empty() {
+                    advance(&self.confirm, lsn);
+                }
+                return Ok(());
+            }
+            SinkMsg::Flush(t) => t,
+        };
+        // The schema first: a committed file is always covered by its table's schema.
+        for (table, schema) in &taken.schemas {
+            let recorded = self.schemas.get(table).cloned().unwrap_or_default();
+            let merged = recorded.merge_schema(schema).map_err(|e| retype(table, e, Lsn::ZERO))?;
+            if let Some(next) = merged {
+                write_schema(self.sink.store().as_ref(), table, &next).await?;
+                crate::fault::point("after_schema_record");
+                self.schemas.insert(table.clone(), next);
+            }
+        }
+        if !taken.files.is_empty() {
+            let tags: Vec<(String, String, crate::batch::Hold)> = taken
+                .files
+                .iter()
+                .map(|f| (f.schema.clone(), f.table.clone(), f.hold))
+                .collect();
+            let encoded = self.sink.encode_all(taken.files).await?;
+            self.checkpoint
+                .announce(&self.run_id, encoded.iter().map(|e| e.object.key.clone()).collect())
+                .await?;
+            let mut uploads =
+                futures::stream::iter(encoded.into_iter().map(|e| self.sink.write(e))).buffered(UPLOAD_CONCURRENCY);
+            let mut tags = tags.into_iter();
+            while let Some(written) = uploads.next().await {
+                let file = written?;
+                crate::fault::point("after_upload");
+                let (schema, name, hold) = tags.next().expect("one tag per file");
+                let held = Held {
+                    file,
+                    schema,
+                    name,
+                    pending: None,
+                };
+                if let Placed::Publish(f) = self.handoff.place(held, hold) {
+                    st.uncommitted.push(f);
+                }
+            }
+        }
+        // A copy's point comes after every file written before it: sort those out now.
+        for start in &taken.copy_starts {
+            let floor = self.checkpoint.head().seq + 1;
+            self.handoff.start(start, &self.sink, &self.run_id, floor).await?;
+            tracing::debug!(copy = start.id, snapshot_point = %start.from, "copy point reached the sink");
+        }
+        st.oids.extend(taken.oids);
+        match taken.end_lsn {
+            Some(end_lsn) => self.commit(st, Some((end_lsn, taken.commit_ts))).await,
+            // A copy whose rows were uploaded before its point came is published now.
+            None if self.handoff.has_ready() && st.uncommitted.is_empty() => self.commit(st, None).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Commits at a transaction boundary (`boundary`: the end of the last transaction
+    /// handed over, and its commit time), or with only the ready copies (None).
+    async fn commit(&mut self, st: &mut SinkState, boundary: Option<(Lsn, Option<i64>)>) -> Result<(), PipelineError> {
+        let mut files = Vec::new();
+        if boundary.is_some() {
+            files = std::mem::take(&mut st.uncommitted);
+        }
+        let floor = self.checkpoint.head().seq + 1;
+        // Held files outlive this commit's pending records: announce them again, so
+        // that a crash before their copy commits still deletes them.
+        self.handoff
+            .announce_held(self.sink.store().as_ref(), &self.run_id, floor)
+            .await?;
+        let mut extras = CommitExtras::default();
+        let mut requests = Vec::new();
+        let mut published = Vec::new();
+        for ready in self.handoff.take_ready() {
+            let c = ready.copied;
+            let recorded = self.schemas.get(&c.table).cloned().unwrap_or_default();
+            if let Some(next) = recorded.merge(&c.relation).map_err(|e| retype(&c.table, e, c.lsn))? {
+                write_schema(self.sink.store().as_ref(), &c.table, &next).await?;
+                self.schemas.insert(c.table.clone(), next);
+            }
+            // Rows of the table already in the lake (or in this commit) go before the
+            // copy: a T row at point − 1 empties the table for a reader replaying.
+            let in_lake = self.checkpoint.head().tables.get(&c.table).is_some_and(|s| s.rows > 0)
+                || files.iter().any(|f: &WrittenObject| f.table == c.table);
+            if in_lake {
+                let (marker, pending) = crate::snapshot::truncate_marker(
+                    &self.sink,
+                    &self.run_id,
+                    floor,
+                    self.partitions.clone(),
+                    self.unrepresentable,
+                    &c,
+                )
+                .await?;
+                files.extend(marker);
+                extras.completes.push(pending.to_string());
+            }
+            for h in ready.held {
+                files.push(h.file);
+                if let Some(p) = h.pending
+                    && !extras.completes.contains(&p.to_string())
+                {
+                    extras.completes.push(p.to_string());
+                }
+            }
+            files.extend(c.files);
+            extras.completes.extend(c.pending.iter().map(|p| p.to_string()));
+            extras.copied.push((c.table.clone(), c.lsn, ready.identity));
+            requests.extend(ready.requests);
+            published.push((c.id, c.table));
+        }
+        extras
+            .completes
+            .extend(self.handoff.take_retired().iter().map(|p| p.to_string()));
+        extras.left = std::mem::take(&mut st.left);
+        extras.adopted = std::mem::take(&mut st.adopted);
+        extras.oids = std::mem::take(&mut st.oids);
+        let (end_lsn, commit_ts) = boundary.unwrap_or((Lsn::ZERO, None));
+        let nothing = files.is_empty()
+            && extras.copied.is_empty()
+            && extras.left.is_empty()
+            && extras.adopted.is_empty()
+            && extras.oids.is_empty()
+            && extras.completes.is_empty();
+        if nothing {
+            // Nothing to publish: the transactions touched no published rows.
+            if boundary.is_some() {
+                advance(&self.confirm, end_lsn);
+            }
+            return Ok(());
+        }
+        let (n_files, rows, bytes) = (
+            files.len(),
+            files.iter().map(|f| f.rows).sum::<u64>(),
+            files.iter().map(|f| f.bytes).sum::<u64>(),
+        );
+        for f in &files {
+            *st.summary.rows.entry(f.table.clone()).or_default() += f.rows;
+        }
+        // Tables and partitions are in the catalog before the record that publishes
+        // them: a committed partition is always registered.
+        if let Some(catalog) = &mut self.catalog {
+            catalog.register(&files, &self.schemas, &self.shutdown).await?;
+            crate::fault::point("after_catalog_registration");
+        }
+        self.checkpoint.set_watermarks(*self.marks.borrow());
+        let tables_copied: Vec<String> = extras.copied.iter().map(|(t, ..)| t.clone()).collect();
+        let left = extras.left.clone();
+        let record = self
+            .checkpoint
+            .commit_files(&self.run_id, end_lsn, commit_ts, files, extras)
+            .await?;
+        // Lag: from the source commit of the newest transaction to durable in the lake.
+        let lag_ms = record.commit_ts.map(|ts| (record.written_at - ts) / 1000);
+        tracing::info!(seq = record.seq, end_lsn = %record.end_lsn, files = n_files, rows, bytes, lag_ms, tables_copied = ?tables_copied, tables_left = ?left, "committed");
+        st.summary.commits += 1;
+        st.summary.files += n_files as u64;
+        st.summary.bytes += bytes;
+        st.summary.end_lsn = record.end_lsn;
+        let end = record.end_lsn;
+        if !published.is_empty() {
+            crate::fault::point("after_copy_commit");
+        }
+        for (id, table) in published {
+            self.handoff.committed(id, &table);
+            let _ = self.published.send((id, table));
+        }
+        for key in requests {
+            let path = crate::sink::key_path(&key);
+            if let Err(e) = self.sink.store().delete(&path).await
+                && !matches!(e, object_store::Error::NotFound { .. })
+            {
+                tracing::warn!(request = %key, error = %e, "cannot delete a carried-out resnapshot request; it is carried out again");
+            }
+        }
+        crate::fault::point("after_commit_before_confirm");
+        advance(&self.confirm, end);
+        Ok(())
+    }
+}

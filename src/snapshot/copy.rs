@@ -1,0 +1,516 @@
+//! A prepared copy at work: connections take chunks in turn, parse, encode and upload
+//! them, and each table is reported once all its chunks are uploaded.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Chunk, CopyEnv, CopyMsg, Point, Prepared, SnapshotError, Table, TableCopied};
+use crate::batch::copy_binary::RowCutter;
+use crate::batch::{BatchError, Batcher, Taken, copy_formats};
+use crate::change::{Change, Event, TxInfo};
+use crate::checkpoint::announce_copy;
+use crate::lsn::Lsn;
+use crate::sink::WrittenObject;
+use crate::source::quote_ident;
+
+/// Uploads in flight at once for one flush of a chunk.
+const UPLOAD_CONCURRENCY: usize = 4;
+/// How often copy progress is logged.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Per-table progress, shared by the connections copying its chunks.
+struct Progress {
+    rows: AtomicU64,
+    bytes: AtomicU64,
+    pages_done: AtomicU64,
+    chunks_left: AtomicU64,
+    files: std::sync::Mutex<(Vec<WrittenObject>, Vec<Path>)>,
+}
+
+impl Progress {
+    /// Keeps a finished chunk's files until the table is done.
+    fn hold(&self, files: Vec<WrittenObject>, pending: impl IntoIterator<Item = Path>) {
+        let mut held = self.files.lock().expect("files lock");
+        held.0.extend(files);
+        held.1.extend(pending);
+    }
+}
+
+impl Prepared {
+    /// Copies every chunk, sending each table to `done` once all its chunks are
+    /// uploaded. Stops at the first error (sent to `done` too) or on shutdown.
+    pub(super) async fn run(self, env: CopyEnv, done: mpsc::Sender<CopyMsg>) {
+        let Prepared {
+            id,
+            point,
+            workers,
+            tables,
+            chunks,
+        } = self;
+        let started = Instant::now();
+        let progress: Vec<Progress> = tables
+            .iter()
+            .enumerate()
+            .map(|(i, _)| Progress {
+                rows: AtomicU64::new(0),
+                bytes: AtomicU64::new(0),
+                pages_done: AtomicU64::new(0),
+                chunks_left: AtomicU64::new(chunks.iter().filter(|c| c.table == i).count() as u64),
+                files: std::sync::Mutex::new((Vec::new(), Vec::new())),
+            })
+            .collect();
+        tracing::info!(
+            tables = tables.len(),
+            chunks = chunks.len(),
+            snapshot_point = %point.lsn,
+            "table copy started"
+        );
+        let shared = Arc::new(Shared {
+            id,
+            queue: std::sync::Mutex::new(Queue {
+                chunks: chunks.into_iter().collect(),
+                connections: workers.len(),
+            }),
+            stop: env.shutdown.child_token(),
+            point,
+            tables,
+            progress,
+            env,
+            done,
+        });
+        // One task per connection: each parses and encodes its own chunks.
+        let work = futures::future::join_all(workers.into_iter().map(|client| {
+            let shared = shared.clone();
+            shared
+                .env
+                .tracker
+                .clone()
+                .spawn(async move { shared.worker(&client).await })
+        }));
+        let mut work = std::pin::pin!(work);
+        let mut log = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_INTERVAL, PROGRESS_INTERVAL);
+        // A progress bar too when a person watches (stderr is a terminal).
+        let bar = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let mut redraw = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = &mut work => break,
+                _ = log.tick() => shared.log_progress(started),
+                _ = redraw.tick(), if bar => shared.draw_bar(started),
+            }
+        }
+        if bar {
+            eprint!("\r\x1b[K");
+        }
+        // Every chunk is copied, or an error (or shutdown) said why not.
+        if !shared.stop.is_cancelled()
+            && shared
+                .progress
+                .iter()
+                .any(|p| p.chunks_left.load(Ordering::Acquire) > 0)
+        {
+            let _ = shared
+                .done
+                .send(CopyMsg::Failed(SnapshotError::Task(
+                    "the copy connections ended with chunks left".into(),
+                )))
+                .await;
+        }
+        tracing::info!(
+            tables = shared.tables.len(),
+            rows = shared
+                .progress
+                .iter()
+                .map(|p| p.rows.load(Ordering::Relaxed))
+                .sum::<u64>(),
+            secs = started.elapsed().as_secs_f64(),
+            "table copy read"
+        );
+    }
+}
+
+/// What one chunk has uploaded so far.
+#[derive(Default)]
+struct ChunkOut {
+    files: Vec<WrittenObject>,
+    pending: Vec<Path>,
+    /// Every key announced, uploaded or not: what a failed chunk deletes.
+    announced: Vec<String>,
+    /// Rows counted in the table's progress.
+    rows: u64,
+}
+
+impl ChunkOut {
+    fn absorb(&mut self, upload: Upload) -> Result<(), SnapshotError> {
+        self.announced.extend(upload.announced);
+        self.pending.extend(upload.pending);
+        self.files.extend(upload.written?);
+        Ok(())
+    }
+}
+
+/// The chunks not taken yet, and the connections still there to take them (one lock:
+/// a connection never leaves while another puts a chunk back).
+struct Queue {
+    chunks: VecDeque<Chunk>,
+    connections: usize,
+}
+
+/// What the copy connections share.
+struct Shared {
+    id: crate::change::CopyId,
+    point: Point,
+    tables: Vec<Table>,
+    progress: Vec<Progress>,
+    env: CopyEnv,
+    done: mpsc::Sender<CopyMsg>,
+    queue: std::sync::Mutex<Queue>,
+    /// Cancelled on shutdown, or when one connection fails.
+    stop: CancellationToken,
+}
+
+impl Shared {
+    async fn worker(&self, client: &tokio_postgres::Client) {
+        loop {
+            let chunk = {
+                let mut queue = self.queue.lock().expect("queue lock");
+                match queue.chunks.pop_front() {
+                    Some(c) => c,
+                    None => {
+                        queue.connections -= 1;
+                        return;
+                    }
+                }
+            };
+            let Err(e) = self.chunk_then_table(client, &chunk).await else {
+                continue;
+            };
+            // A connection lost while others still hold the snapshot: they take its
+            // chunk over (chunks already copied are not copied again).
+            if (e.connection_lost() || client.is_closed()) && !self.stop.is_cancelled() {
+                let table = self.tables[chunk.table].name.clone();
+                let index = chunk.index;
+                let mut queue = self.queue.lock().expect("queue lock");
+                if queue.connections > 1 {
+                    queue.connections -= 1;
+                    queue.chunks.push_front(chunk);
+                    drop(queue);
+                    tracing::warn!(table = %table, chunk = index, error = %e, "copy connection lost; its chunk goes back to the queue for the other connections");
+                    return;
+                }
+            }
+            if !self.stop.is_cancelled() || matches!(e, SnapshotError::Interrupted) {
+                self.stop.cancel();
+                let _ = self.done.send(CopyMsg::Failed(e)).await;
+            }
+            return;
+        }
+    }
+
+    async fn chunk_then_table(&self, client: &tokio_postgres::Client, chunk: &Chunk) -> Result<(), SnapshotError> {
+        let table = &self.tables[chunk.table];
+        let progress = &self.progress[chunk.table];
+        let mut out = ChunkOut::default();
+        if let Err(e) = self.copy_chunk(client, table, chunk, progress, &mut out).await {
+            // Its rows are copied again: take them out of the count and the lake. Every
+            // upload of the chunk has ended (none is left running), so what it announced
+            // is deleted for good; no commit names these files.
+            progress.rows.fetch_sub(out.rows, Ordering::Relaxed);
+            let store = self.env.sink.store();
+            let files = out.announced.iter().map(|k| crate::sink::key_path(k)).collect();
+            if let Err(err) = crate::checkpoint::log::delete_all(store.as_ref(), files).await {
+                tracing::warn!(table = %table.name, error = %err, "cannot delete the files of a failed chunk; the next start deletes them");
+            } else if let Err(err) = crate::checkpoint::log::delete_all(store.as_ref(), out.pending.clone()).await {
+                tracing::warn!(table = %table.name, error = %err, "cannot delete the pending records of a failed chunk; the next start deletes them");
+            }
+            return Err(e);
+        }
+        progress.hold(out.files, out.pending);
+        let pages = chunk.hi.unwrap_or(table.pages.max(chunk.lo)) - chunk.lo;
+        progress.pages_done.fetch_add(pages, Ordering::Relaxed);
+        if progress.chunks_left.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return Ok(());
+        }
+        // The table's last chunk: the table is ready to commit.
+        let (files, pending) = std::mem::take(&mut *progress.files.lock().expect("files lock"));
+        let rows = progress.rows.load(Ordering::Relaxed);
+        tracing::info!(table = %table.name, rows, bytes = progress.bytes.load(Ordering::Relaxed), files = files.len(), snapshot_point = %self.point.lsn, "copied table");
+        let copied = TableCopied {
+            id: self.id,
+            table: table.name.clone(),
+            lsn: self.point.lsn,
+            taken_at: self.point.taken_at,
+            files,
+            pending,
+            rows,
+            relation: table.relation.clone(),
+        };
+        if self.done.send(CopyMsg::Copied(copied)).await.is_err() {
+            return Err(SnapshotError::Interrupted);
+        }
+        Ok(())
+    }
+
+    /// A batcher inside the copy's transaction, positioned at `lsn`. Fails on a table
+    /// walshore cannot write (a reserved column name, a missing partition column).
+    fn batcher(&self, table: &Table, lsn: u64) -> Result<Batcher, BatchError> {
+        let mut b = Batcher::new()
+            .with_unrepresentable(self.env.unrepresentable)
+            .with_partitions(self.env.partitions.clone());
+        b.push(Event::Begin(TxInfo {
+            xid: 0,
+            commit_lsn: Lsn(lsn),
+            commit_ts: self.point.taken_at,
+        }))?;
+        b.push(Event::Relation(table.relation.clone()))?;
+        Ok(b)
+    }
+
+    async fn copy_chunk(
+        &self,
+        client: &tokio_postgres::Client,
+        table: &Table,
+        chunk: &Chunk,
+        progress: &Progress,
+        out: &mut ChunkOut,
+    ) -> Result<(), SnapshotError> {
+        // Binary where walshore decodes the binary form (cheaper for PostgreSQL and for
+        // us), the output function's text for the rest: its binary COPY form is that
+        // text, the same pgoutput sends.
+        let binary = copy_formats(&table.relation, &self.env.partitions);
+        let cols: Vec<String> = table
+            .relation
+            .columns
+            .iter()
+            .zip(&binary)
+            .map(|(c, binary)| {
+                let q = quote_ident(&c.name);
+                // The type's output function, which pgoutput uses too (a cast to
+                // text differs for some types: inet adds its netmask). num_nulls: a
+                // composite whose fields are all null is not itself null.
+                if *binary {
+                    q
+                } else {
+                    format!("CASE WHEN num_nulls({q}) = 0 THEN format('%s', {q}) END")
+                }
+            })
+            .collect();
+        let mut range = Vec::new();
+        if chunk.lo > 0 {
+            range.push(format!("ctid >= '({},0)'::tid", chunk.lo));
+        }
+        if let Some(hi) = chunk.hi {
+            range.push(format!("ctid < '({hi},0)'::tid"));
+        }
+        let filter = if range.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", range.join(" AND "))
+        };
+        let sql = format!(
+            "COPY (SELECT {} FROM {}{filter}) TO STDOUT (FORMAT binary)",
+            cols.join(", "),
+            table.from
+        );
+        let stream = client.copy_out(&sql).await.map_err(|source| {
+            if source.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+                SnapshotError::Permission {
+                    table: table.from.trim_start_matches("ONLY ").to_owned(),
+                    user: quote_ident(&self.env.user),
+                }
+            } else {
+                SnapshotError::Sql {
+                    what: format!("COPY {}", table.name),
+                    source,
+                }
+            }
+        })?;
+        let mut stream = std::pin::pin!(stream.map_err(|source| SnapshotError::Sql {
+            what: format!("COPY {}", table.name),
+            source
+        }));
+        let mut batcher = self.batcher(table, self.point.lsn.0)?;
+        batcher.set_snapshot_seq(table.relation.id, u64::from(chunk.index) << 32);
+        let mut cutter = RowCutter::default();
+        let mut counted = 0;
+        // One flush uploads while the next is read. The upload runs on the run's task
+        // tracker and is always awaited, on an error too: no upload outlives its chunk.
+        let mut uploading: Option<tokio::task::JoinHandle<Upload>> = None;
+        let read = self
+            .read_chunk(
+                &mut stream,
+                table,
+                progress,
+                out,
+                &mut batcher,
+                &mut cutter,
+                &mut counted,
+                &mut uploading,
+            )
+            .await;
+        if let Some(h) = uploading.take() {
+            out.absorb(h.await.map_err(|e| SnapshotError::Task(e.to_string()))?)?;
+        }
+        read
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn read_chunk(
+        &self,
+        stream: &mut (impl futures::Stream<Item = Result<bytes::Bytes, SnapshotError>> + Unpin),
+        table: &Table,
+        progress: &Progress,
+        out: &mut ChunkOut,
+        batcher: &mut Batcher,
+        cutter: &mut RowCutter,
+        counted: &mut u64,
+        uploading: &mut Option<tokio::task::JoinHandle<Upload>>,
+    ) -> Result<(), SnapshotError> {
+        let format_err = |what| SnapshotError::Format {
+            table: table.name.clone(),
+            what,
+        };
+        let mut ended = false;
+        while !ended {
+            let block = match stream.next().await {
+                Some(data) => {
+                    let data = data?;
+                    progress.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    match cutter.push(&data).map_err(format_err)? {
+                        Some(block) => block,
+                        None => continue,
+                    }
+                }
+                None => {
+                    ended = true;
+                    progress.rows.fetch_add(cutter.rows() - *counted, Ordering::Relaxed);
+                    out.rows = cutter.rows();
+                    std::mem::take(cutter).finish().map_err(format_err)?
+                }
+            };
+            if self.stop.is_cancelled() {
+                return Err(SnapshotError::Interrupted);
+            }
+            if !block.is_empty() {
+                batcher.push(Event::Change(Change::SnapshotBinaryRows {
+                    rel_id: table.relation.id,
+                    rows: block,
+                }))?;
+            }
+            if !ended {
+                progress.rows.fetch_add(cutter.rows() - *counted, Ordering::Relaxed);
+                *counted = cutter.rows();
+                out.rows = *counted;
+            }
+            if ended || batcher.buffered_bytes() >= self.env.buffer_bytes {
+                if let Some(h) = uploading.take() {
+                    out.absorb(h.await.map_err(|e| SnapshotError::Task(e.to_string()))?)?;
+                }
+                if batcher.has_data() {
+                    *uploading = Some(self.env.tracker.spawn(upload_owned(self.env.clone(), batcher.take())));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One line, redrawn in place: the whole copy's share of pages, rows, rate, ETA.
+    fn draw_bar(&self, started: Instant) {
+        let total: u64 = self.tables.iter().map(|t| t.pages).sum();
+        let done: u64 = self.progress.iter().map(|p| p.pages_done.load(Ordering::Relaxed)).sum();
+        let rows: u64 = self.progress.iter().map(|p| p.rows.load(Ordering::Relaxed)).sum();
+        let bytes: u64 = self.progress.iter().map(|p| p.bytes.load(Ordering::Relaxed)).sum();
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        let share = if total > 0 {
+            (done as f64 / total as f64).min(1.0)
+        } else {
+            0.0
+        };
+        let width = 30;
+        let filled = (share * width as f64) as usize;
+        let eta = if done > 0 && total > done {
+            format!("ETA {:.0}s", secs * (total - done) as f64 / done as f64)
+        } else {
+            String::new()
+        };
+        eprint!(
+            "\r\x1b[Kcopy [{}{}] {:>3.0}%  {rows} rows  {:.1} MiB/s  {eta}",
+            "=".repeat(filled),
+            " ".repeat(width - filled),
+            share * 100.0,
+            bytes as f64 / 1048576.0 / secs
+        );
+    }
+
+    fn log_progress(&self, started: Instant) {
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        for (table, p) in self.tables.iter().zip(&self.progress) {
+            let rows = p.rows.load(Ordering::Relaxed);
+            let left = p.chunks_left.load(Ordering::Relaxed);
+            if rows == 0 || left == 0 {
+                continue;
+            }
+            let done = p.pages_done.load(Ordering::Relaxed);
+            // ETA from the finished chunks' share of the table's pages.
+            let eta_secs =
+                (done > 0 && table.pages > done).then(|| (secs * (table.pages - done) as f64 / done as f64) as u64);
+            tracing::info!(
+                table = %table.name,
+                rows,
+                bytes = p.bytes.load(Ordering::Relaxed),
+                percent = (table.pages > 0).then(|| (done * 100 / table.pages).min(100)),
+                rows_per_sec = (rows as f64 / secs) as u64,
+                eta_secs,
+                "copying"
+            );
+        }
+    }
+}
+
+/// One upload of a chunk's flush: what it announced (whether or not it got written).
+struct Upload {
+    announced: Vec<String>,
+    pending: Option<Path>,
+    written: Result<Vec<WrittenObject>, SnapshotError>,
+}
+
+async fn upload_owned(env: CopyEnv, taken: Taken) -> Upload {
+    let mut announced = Vec::new();
+    let mut pending = None;
+    let written = upload(&env, taken, &mut announced, &mut pending).await;
+    Upload {
+        announced,
+        pending,
+        written,
+    }
+}
+
+/// Encodes, announces and uploads what a copy's batcher holds.
+async fn upload(
+    env: &CopyEnv,
+    taken: Taken,
+    announced: &mut Vec<String>,
+    pending: &mut Option<Path>,
+) -> Result<Vec<WrittenObject>, SnapshotError> {
+    if taken.files.is_empty() {
+        return Ok(Vec::new());
+    }
+    let encoded = env.sink.encode_all(taken.files).await?;
+    let keys: Vec<String> = encoded.iter().map(|e| e.object.key.clone()).collect();
+    *pending = Some(announce_copy(env.sink.store().as_ref(), env.floor, &env.run_id, keys.clone()).await?);
+    announced.extend(keys);
+    crate::fault::point("after_copy_announce");
+    let written = futures::stream::iter(encoded.into_iter().map(|e| env.sink.write(e)))
+        .buffered(UPLOAD_CONCURRENCY)
+        .try_collect::<Vec<_>>()
+        .await?;
+    crate::fault::point("after_copy_upload");
+    Ok(written)
+}
