@@ -1,7 +1,10 @@
 //! Named crash points for the exactly-once tests. Compiled in only with the
-//! `fault-injection` feature; `WALSHORE_FAULT=<name>` makes the process exit abruptly
-//! (as SIGKILL would: no destructors, no flush) when it reaches that point.
-//! `WALSHORE_FAULT=<name>@<n>` crashes at the n-th time the point is reached.
+//! `fault-injection` feature. `WALSHORE_FAULT=<name>` makes the process exit abruptly
+//! (as SIGKILL would: no destructors, no flush) when it reaches that point;
+//! `<name>@<n>` at the n-th time it is reached. `<name>[@<n>]:stop` stops the process
+//! there instead (SIGSTOP: a test wakes it with SIGCONT, as a paused writer wakes), and
+//! `<name>[@<n>]:sleep=<ms>` holds the thread there. Several specs are separated by
+//! commas.
 
 /// Every point, in the order a pipeline passes them. `tests/faults.rs` crashes at each.
 pub const POINTS: &[&str] = &[
@@ -25,18 +28,43 @@ pub const POINTS: &[&str] = &[
 
 #[cfg(feature = "fault-injection")]
 pub fn point(name: &str) {
+    use std::sync::Mutex;
     use std::sync::atomic::{AtomicU64, Ordering};
-    static HITS: AtomicU64 = AtomicU64::new(0);
-    let Ok(spec) = std::env::var("WALSHORE_FAULT") else {
+    static HITS: Mutex<Vec<(String, AtomicU64)>> = Mutex::new(Vec::new());
+    let Ok(specs) = std::env::var("WALSHORE_FAULT") else {
         return;
     };
-    let (want, nth) = match spec.split_once('@') {
-        Some((n, k)) => (n.to_owned(), k.parse::<u64>().unwrap_or(1)),
-        None => (spec, 1),
-    };
-    if want == name && HITS.fetch_add(1, Ordering::SeqCst) + 1 == nth {
-        eprintln!("walshore: fault injected at {name}");
-        std::process::abort();
+    for spec in specs.split(',') {
+        let (target, action) = spec.split_once(':').unwrap_or((spec, "abort"));
+        let (want, nth) = match target.split_once('@') {
+            Some((n, k)) => (n, k.parse::<u64>().unwrap_or(1)),
+            None => (target, 1),
+        };
+        if want != name {
+            continue;
+        }
+        let hit = {
+            let mut hits = HITS.lock().unwrap_or_else(|e| e.into_inner());
+            let i = match hits.iter().position(|(s, _)| s == spec) {
+                Some(i) => i,
+                None => {
+                    hits.push((spec.to_owned(), AtomicU64::new(0)));
+                    hits.len() - 1
+                }
+            };
+            hits[i].1.fetch_add(1, Ordering::SeqCst) + 1
+        };
+        if hit != nth {
+            continue;
+        }
+        eprintln!("walshore: fault injected at {name}: {action}");
+        match action.split_once('=') {
+            Some(("sleep", ms)) => std::thread::sleep(std::time::Duration::from_millis(ms.parse().unwrap_or(1000))),
+            _ if action == "stop" => unsafe {
+                libc::raise(libc::SIGSTOP);
+            },
+            _ => std::process::abort(),
+        }
     }
 }
 

@@ -273,6 +273,7 @@ impl Handoff {
         match self.copies.get_mut(&c.id).and_then(|s| s.tables.get_mut(&c.table)) {
             Some(t) => t.copied = Some(c),
             None => {
+                tracing::info!(table = %c.table, snapshot_point = %c.lsn, "copy uploaded before the stream reached its point; it is published once the stream does");
                 self.early.insert((c.id, c.table.clone()), c);
             }
         }

@@ -261,6 +261,13 @@ impl SourceTask {
                         if out.full() {
                             break;
                         }
+                        // Between transactions, a copy request or a stop goes first: under
+                        // a backlog the loop might otherwise seldom reach a boundary.
+                        if !self.assembler.in_transaction()
+                            && (self.shutdown.is_cancelled() || !self.copy_requests.is_empty())
+                        {
+                            break;
+                        }
                         msg = self.repl.try_next()?;
                     }
                     if !out.events.is_empty() && !self.send(&mut out, &mut status).await? {

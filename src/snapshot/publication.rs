@@ -18,12 +18,13 @@ pub async fn members(
     // A table is in a publication by a row of pg_publication_rel (its own or a partition
     // ancestor's), by its schema's row of pg_publication_namespace (PostgreSQL 15), or
     // for every table (FOR ALL TABLES: no row). Leaving and coming back makes new rows.
+    // (pg_partition_ancestors has no row for a table that is not a partition.)
     let schemas = if server_version >= 150_000 {
         "UNION ALL
          SELECT pn.oid FROM pg_catalog.pg_publication_namespace pn
-         WHERE pn.pnpubid = p.oid AND pn.pnnspid IN (
+         WHERE pn.pnpubid = p.oid AND (pn.pnnspid = c.relnamespace OR pn.pnnspid IN (
              SELECT a.relnamespace FROM pg_catalog.pg_partition_ancestors(c.oid) x
-             JOIN pg_catalog.pg_class a ON a.oid = x.relid)"
+             JOIN pg_catalog.pg_class a ON a.oid = x.relid))"
     } else {
         ""
     };
@@ -34,7 +35,8 @@ pub async fn members(
                         ARRAY(SELECT m FROM (
                             SELECT pr.oid FROM pg_catalog.pg_publication_rel pr
                             WHERE pr.prpubid = p.oid
-                              AND pr.prrelid IN (SELECT relid FROM pg_catalog.pg_partition_ancestors(c.oid))
+                              AND (pr.prrelid = c.oid
+                                   OR pr.prrelid IN (SELECT relid FROM pg_catalog.pg_partition_ancestors(c.oid)))
                             {schemas}) AS members(m) ORDER BY m)
                  FROM pg_catalog.pg_publication p
                  JOIN pg_catalog.pg_publication_tables pt ON pt.pubname = p.pubname

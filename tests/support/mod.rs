@@ -599,3 +599,132 @@ pub async fn assert_no_orphans(config: &std::path::Path) {
         );
     }
 }
+
+/// Replays a table exactly by the documented rule (DESIGN, "Output layout"): in
+/// `(_lsn, _seq)` order, `T` empties, `R`/`I`/`U` upsert by key, `D` deletes by key (a
+/// key not present: nothing), an unchanged column takes the key's previous value. Unlike
+/// [`replay`] it does not treat an update or delete of a missing key as a bug: the rows
+/// a table writes between coming back to the publication and its new copy may touch
+/// keys the lake never had, and the copy's `T` row supersedes them.
+pub fn replay_by_rule(t: &LakeTable, key: &[&str]) -> Vec<Vec<Option<String>>> {
+    type Row = BTreeMap<String, Option<String>>;
+    let mut state: BTreeMap<Vec<Option<String>>, Row> = BTreeMap::new();
+    let key_of = |v: &Row| -> Vec<Option<String>> { key.iter().map(|c| v.get(*c).cloned().flatten()).collect() };
+    for r in &t.rows {
+        match r.op.as_str() {
+            "T" => state.clear(),
+            "D" => {
+                state.remove(&key_of(&r.values));
+            }
+            "I" | "U" | "R" => {
+                let mut values = r.values.clone();
+                let k = key_of(&values);
+                for c in &r.unchanged {
+                    let prev = state.get(&k).and_then(|row| row.get(c).cloned().flatten());
+                    values.insert(c.clone(), prev);
+                }
+                state.insert(k, values);
+            }
+            other => panic!("unknown _op {other}"),
+        }
+    }
+    let mut out: Vec<Vec<Option<String>>> = state
+        .into_values()
+        .map(|row| t.columns.iter().map(|c| row.get(c).cloned().flatten()).collect())
+        .collect();
+    out.sort();
+    out
+}
+
+/// `walshore status` as JSON.
+pub fn status(config: &std::path::Path) -> serde_json::Value {
+    let out = walshore(&["status", "--config", config.to_str().unwrap()]);
+    assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Runs `sql(round)` against `url` on its own thread (a test blocked on a child process
+/// does not pause it) every `pause` until stopped; a failed statement is retried on a
+/// new connection, so it survives restarts.
+pub struct SqlLoop {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    rounds: Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SqlLoop {
+    pub fn spawn(url: String, pause: Duration, sql: impl Fn(u64) -> String + Send + 'static) -> SqlLoop {
+        use std::sync::atomic::Ordering;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let rounds = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (s, r) = (stop.clone(), rounds.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut client: Option<tokio_postgres::Client> = None;
+                let mut i = 0u64;
+                while !s.load(Ordering::SeqCst) {
+                    let c = match &client {
+                        Some(c) if !c.is_closed() => c,
+                        _ => {
+                            match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                                Ok((c, conn)) => {
+                                    tokio::spawn(conn);
+                                    client = Some(c);
+                                }
+                                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                            }
+                            continue;
+                        }
+                    };
+                    if c.batch_execute(&sql(i)).await.is_ok() {
+                        i += 1;
+                        r.store(i, Ordering::SeqCst);
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+            });
+        });
+        SqlLoop {
+            stop,
+            rounds,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn rounds(&self) -> u64 {
+        self.rounds.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Stops and returns the rounds committed.
+    pub fn stop(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.rounds()
+    }
+}
+
+impl Drop for SqlLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Waits (polling, blocking the thread) until `f` holds, failing after `timeout`.
+pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
