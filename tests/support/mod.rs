@@ -579,8 +579,8 @@ where
     }
 }
 
-/// Every file in the lake is named by a commit record.
-pub async fn assert_no_orphans(config: &std::path::Path) {
+/// Data files in the lake that no commit record (or checkpoint) names.
+pub async fn orphans(config: &std::path::Path) -> Vec<String> {
     let store = open_lake(config);
     let all: Vec<_> = futures::TryStreamExt::try_collect::<Vec<_>>(store.list(None))
         .await
@@ -591,13 +591,19 @@ pub async fn assert_no_orphans(config: &std::path::Path) {
         .into_iter()
         .map(|f| f.key)
         .collect();
-    for m in all.iter().filter(|m| m.location.as_ref().ends_with(".parquet")) {
-        assert!(
-            named.contains(m.location.as_ref()),
-            "orphan file {} is named by no commit record",
-            m.location
-        );
-    }
+    all.iter()
+        .filter(|m| m.location.as_ref().ends_with(".parquet") && !named.contains(m.location.as_ref()))
+        .map(|m| m.location.to_string())
+        .collect()
+}
+
+/// Every file in the lake is named by a commit record.
+pub async fn assert_no_orphans(config: &std::path::Path) {
+    let orphans = orphans(config).await;
+    assert!(
+        orphans.is_empty(),
+        "orphan files named by no commit record: {orphans:?}"
+    );
 }
 
 /// Replays a table exactly by the documented rule (DESIGN, "Output layout"): in
