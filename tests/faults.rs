@@ -304,6 +304,81 @@ async fn a_paused_instance_that_wakes_after_a_takeover_stops_without_writing() {
     e.assert_lake_equals_source(&config, SELECT).await;
 }
 
+/// Whether a process is stopped (SIGSTOP): `T` in /proc/<pid>/stat.
+fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')))
+        .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn a_fenced_writers_late_upload_is_removed_by_the_running_writer() {
+    let e = env(&["wal_sender_timeout = 2s"]).await;
+    let config = e.file_config("", "status_interval = \"1s\"");
+    // The running writer sweeps other writers' pending records every poll interval.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("mode = \"never\"", "mode = \"never\"\npoll_interval = \"500ms\""),
+    )
+    .unwrap();
+    sync(&config);
+    // A stops after announcing its first flush and before uploading it; woken, it
+    // uploads and stops again before it could commit.
+    let mut a = spawn_run_with(
+        &config,
+        &[("WALSHORE_FAULT", "after_pending_record:stop,after_upload:stop")],
+    );
+    let _log_a = LogOnPanic::new(&a);
+    e.client.batch_execute(&insert_sql(1, 100)).await.unwrap();
+    wait_until(Duration::from_secs(30), "A to stop after announcing", || async {
+        is_stopped(a.id())
+    })
+    .await;
+    wait_until(Duration::from_secs(30), "A's walsender to time out", || async {
+        slot_count(&e.client, true).await == 0
+    })
+    .await;
+    let mut b = spawn_run(&config);
+    let _log_b = LogOnPanic::new(&b);
+    assert_run_catches_up(&e, &config, &mut b).await;
+    assert!(orphans(&config).await.is_empty(), "nothing of A's is in the lake yet");
+    // A wakes after B took over, finishes its upload: a file no commit will ever name.
+    unsafe { libc::kill(a.id() as i32, libc::SIGCONT) };
+    wait_until(Duration::from_secs(30), "A's late upload", || async {
+        !orphans(&config).await.is_empty()
+    })
+    .await;
+    let late = orphans(&config).await;
+    // ... and dies before it could take it back itself.
+    wait_until(Duration::from_secs(30), "A to stop after its upload", || async {
+        is_stopped(a.id())
+    })
+    .await;
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let swept = Instant::now();
+    wait_until(
+        Duration::from_secs(30),
+        "the running writer to remove A's late file",
+        || async { orphans(&config).await.is_empty() },
+    )
+    .await;
+    eprintln!("A's late file {late:?} was removed {:?} after A died", swept.elapsed());
+    e.client.batch_execute(&insert_sql(400, 500)).await.unwrap();
+    assert_run_catches_up(&e, &config, &mut b).await;
+    let (status, stderr) = stop(b);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("deleted files another writer uploaded but never committed"),
+        "{stderr}"
+    );
+    sync(&config);
+    e.assert_lake_equals_source(&config, SELECT).await;
+    assert_no_orphans(&config).await;
+}
+
 #[tokio::test]
 async fn a_slot_invalidated_by_max_slot_wal_keep_size_is_a_definite_error() {
     let e = env(&[

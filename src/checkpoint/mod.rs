@@ -353,6 +353,190 @@ mod tests {
         }
     }
 
+    fn local() -> (tempfile::TempDir, Arc<dyn ObjectStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        (dir, store)
+    }
+
+    fn file(key: &str) -> WrittenObject {
+        WrittenObject {
+            key: key.into(),
+            table: "public.t".into(),
+            partition: "dt=2026-11-30".into(),
+            rows: 1,
+            bytes: 1,
+            first: crate::batch::RowPos { lsn: Lsn(1), seq: 0 },
+            last: crate::batch::RowPos { lsn: Lsn(1), seq: 0 },
+        }
+    }
+
+    /// `n` commits, each publishing one file named after its number.
+    async fn commits(store: &Arc<dyn ObjectStore>, n: u64) -> Checkpoint {
+        let mut c = Checkpoint::load(store.clone(), &identity()).await.unwrap();
+        let own = |_: &str| false;
+        c.claim_and_recover("host-1-aaaa-000000000001", true, &own)
+            .await
+            .unwrap();
+        for i in 2..=n {
+            c.commit_files(
+                "host-1-aaaa-000000000001",
+                Lsn(i * 8),
+                None,
+                vec![file(&format!("f{i}"))],
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        }
+        c
+    }
+
+    #[tokio::test]
+    async fn the_head_is_read_from_its_hint_walking_forward_or_by_listing_without_one() {
+        let (dir, store) = local();
+        commits(&store, 40).await;
+        assert_eq!(read_head(store.as_ref()).await.unwrap().unwrap().seq, 40);
+        // A hint left behind (a crash between a commit and its hint): walked forward.
+        log::write_hint(store.as_ref(), 31).await;
+        assert_eq!(read_head(store.as_ref()).await.unwrap().unwrap().seq, 40);
+        // No hint (a lake of an older walshore), or one naming a deleted record: listed.
+        std::fs::remove_file(dir.path().join("_walshore/head.json")).unwrap();
+        assert_eq!(read_head(store.as_ref()).await.unwrap().unwrap().seq, 40);
+        log::write_hint(store.as_ref(), 5).await;
+        std::fs::remove_file(dir.path().join("_walshore/commits/00000000000000000005.json")).unwrap();
+        assert_eq!(read_head(store.as_ref()).await.unwrap().unwrap().seq, 40);
+    }
+
+    #[tokio::test]
+    async fn folding_and_pruning_keep_every_committed_file_named() {
+        let (dir, store) = local();
+        let mut c = commits(&store, 2 * FOLD + 5).await;
+        let day = std::time::Duration::from_secs(86_400);
+        let mut marks = Watermarks::default();
+        // Two chunks are folded; none is old enough to prune yet.
+        while let Some(next) = fold_or_prune(&store, c.head().seq, marks, day).await.unwrap() {
+            marks = next;
+        }
+        assert_eq!(
+            marks,
+            Watermarks {
+                folded: 2 * FOLD,
+                pruned: 0
+            }
+        );
+        // With no retention, both are pruned; the head and the records after the last
+        // checkpoint stay.
+        while let Some(next) = fold_or_prune(&store, c.head().seq, marks, std::time::Duration::ZERO)
+            .await
+            .unwrap()
+        {
+            marks = next;
+        }
+        assert_eq!(
+            marks,
+            Watermarks {
+                folded: 2 * FOLD,
+                pruned: 2 * FOLD
+            }
+        );
+        let left = std::fs::read_dir(dir.path().join("_walshore/commits")).unwrap().count();
+        assert_eq!(left, 5);
+        // The next commit records the watermarks; the manifest is whole.
+        c.set_watermarks(marks);
+        c.commit_files(
+            "host-1-aaaa-000000000001",
+            Lsn(1 << 20),
+            None,
+            vec![file("last")],
+            Default::default(),
+        )
+        .await
+        .unwrap();
+        let files: Vec<String> = committed_files(store.as_ref())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|f| f.key)
+            .collect();
+        let mut expected: Vec<String> = (2..=2 * FOLD + 5).map(|i| format!("f{i}")).collect();
+        expected.push("last".into());
+        assert_eq!(files, expected);
+        assert_eq!(read_head(store.as_ref()).await.unwrap().unwrap().folded, 2 * FOLD);
+    }
+
+    #[tokio::test]
+    async fn recovery_keeps_what_the_head_completes_and_a_sweep_spares_fresh_foreign_records() {
+        let (dir, store) = local();
+        let put = |k: &str| {
+            let p = dir.path().join(k);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b"x").unwrap();
+        };
+        let mut a = Checkpoint::load(store.clone(), &identity()).await.unwrap();
+        let own_a = |r: &str| r.starts_with("host-1-");
+        a.claim_and_recover("host-1-aaaa-000000000001", true, &own_a)
+            .await
+            .unwrap();
+        // Writer A announces and uploads two flushes; the first is committed, then A
+        // dies before it deleted that pending record; the second never commits.
+        a.announce("host-1-aaaa-000000000001", vec!["public/t/a1.parquet".into()])
+            .await
+            .unwrap();
+        put("public/t/a1.parquet");
+        let committed_pending = pending::stream_key(a.head().seq + 1, 0).to_string();
+        let mut extras = CommitExtras::default();
+        extras.completes.push(committed_pending.clone());
+        let mut next = a.head().next_with(
+            "host-1-aaaa-000000000001",
+            Lsn(16),
+            None,
+            vec![file("public/t/a1.parquet")],
+            &extras,
+        );
+        next.completes = vec![committed_pending.clone()];
+        a.commit(next).await.unwrap();
+        a.pending_parts = 0;
+        a.announce("host-1-aaaa-000000000001", vec!["public/t/a2.parquet".into()])
+            .await
+            .unwrap();
+        put("public/t/a2.parquet");
+        // B starts: A's committed file stays, its uncommitted one goes; A's records are
+        // another process's and young, so the one of the uncommitted file is kept (a
+        // late upload is deleted again by the sweep); the completed one goes.
+        let mut b = Checkpoint::load(store.clone(), &identity()).await.unwrap();
+        let own_b = |r: &str| r.starts_with("host-2-");
+        let cleared = b
+            .claim_and_recover("host-2-bbbb-000000000001", true, &own_b)
+            .await
+            .unwrap();
+        assert_eq!((cleared.files, cleared.kept), (1, 1));
+        assert!(dir.path().join("public/t/a1.parquet").exists(), "committed: kept");
+        assert!(!dir.path().join("public/t/a2.parquet").exists(), "uncommitted: deleted");
+        assert!(!dir.path().join(&committed_pending).exists());
+        // A's late upload lands after B's start: the sweep removes it, and keeps the
+        // record for the grace period.
+        put("public/t/a2.parquet");
+        let who = Sweeper {
+            claim_seq: b.head().seq,
+            run_id: "host-2-bbbb-000000000001",
+            owns: &own_b,
+            completes: &[],
+        };
+        let mut cache = HashMap::new();
+        let swept = pending::clear(store.as_ref(), &who, &mut cache).await.unwrap();
+        assert_eq!((swept.files, swept.kept), (1, 1));
+        assert!(!dir.path().join("public/t/a2.parquet").exists());
+        // B's own records in flight are never touched.
+        b.announce("host-2-bbbb-000000000001", vec!["public/t/b1.parquet".into()])
+            .await
+            .unwrap();
+        put("public/t/b1.parquet");
+        pending::clear(store.as_ref(), &who, &mut cache).await.unwrap();
+        assert!(dir.path().join("public/t/b1.parquet").exists());
+    }
+
     /// The compare-and-swap on a real directory: a writer that claimed, was paused, and
     /// commits after another instance claimed the next number is refused, naming the
     /// other; so is a second claim of the same number.
