@@ -655,6 +655,14 @@ impl Batcher {
             Some(&old) => {
                 tracing::info!(table = %name, old_oid = old, new_oid = rel.id, "a new table under an old name (dropped and created again, or renamed to it)");
                 self.oids.insert(name.to_owned(), rel.id);
+                // The old table's state goes (a table renamed away gets a new Relation
+                // before its next change): nothing here grows with every rebuild.
+                if let Some(mut buf) = self.tables.remove(&old) {
+                    buf.finish(&mut self.sealed);
+                }
+                self.layouts.remove(&old);
+                self.rel_gates.remove(&old);
+                self.snapshot_seq.remove(&old);
                 if self.record_oids {
                     self.oid_changes.push((name.to_owned(), rel.id));
                     true

@@ -13,6 +13,7 @@
 mod message;
 mod reader;
 pub mod stream;
+mod subxacts;
 
 pub use message::{Column, Message, Relation, ReplicaIdentity, Tuple, TupleValue};
 pub use stream::{StreamBuffer, StreamError};

@@ -8,6 +8,8 @@
 //! - Memory is bounded: when the bytes held in memory by all buffered transactions pass
 //!   `memory_limit`, the transaction being appended to moves to a spill file in
 //!   `spill_dir` and every later message of it goes there too.
+//! - Per-subtransaction bookkeeping is bounded too (`subxacts`): a million
+//!   subtransactions in one transaction keep a fixed number of entries in memory.
 //! - A subtransaction abort truncates the transaction at the first message of that
 //!   subtransaction. Everything after that point in the stream belongs to the aborted
 //!   subtransaction or to subtransactions nested in it, because a backend runs a
@@ -22,6 +24,8 @@ use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 
 use bytes::Bytes;
+
+use super::subxacts::Subxacts;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -46,27 +50,18 @@ pub enum StreamError {
     SpillFull { xid: u32, limit: u64 },
 }
 
-struct SubStart {
-    subxid: u32,
-    /// Ordinal of the subtransaction's first message within the transaction.
-    index: u64,
-    /// Byte offset of that message in the spill file, once spilled.
-    offset: u64,
-}
-
 struct Spill {
     file: BufWriter<File>,
     len: u64,
 }
 
-#[derive(Default)]
 struct Txn {
     mem: Vec<Bytes>,
     mem_bytes: usize,
     spill: Option<Spill>,
     count: u64,
-    subxacts: Vec<SubStart>,
-    seen: std::collections::HashSet<u32>,
+    /// Where each subtransaction starts (bounded: see `subxacts`).
+    subxacts: Subxacts,
 }
 
 pub struct StreamBuffer {
@@ -101,14 +96,19 @@ impl StreamBuffer {
 
     /// Appends one raw message of top-level transaction `xid`, sent by `subxid`.
     pub fn push(&mut self, xid: u32, subxid: u32, raw: Bytes) -> Result<(), StreamError> {
-        let txn = self.txns.entry(xid).or_default();
-        if subxid != xid && txn.seen.insert(subxid) {
+        let dir = self.spill_dir.clone();
+        let txn = self.txns.entry(xid).or_insert_with(|| Txn {
+            mem: Vec::new(),
+            mem_bytes: 0,
+            spill: None,
+            count: 0,
+            subxacts: Subxacts::new(dir.clone()),
+        });
+        if subxid != xid {
             let offset = txn.spill.as_ref().map_or(0, |s| s.len);
-            txn.subxacts.push(SubStart {
-                subxid,
-                index: txn.count,
-                offset,
-            });
+            txn.subxacts
+                .note(subxid, txn.count, offset, txn.spill.is_some())
+                .map_err(|source| StreamError::Spill { xid, dir, source })?;
         }
         txn.count += 1;
         if let Some(spill) = txn.spill.as_mut() {
@@ -150,11 +150,9 @@ impl StreamBuffer {
             file: BufWriter::with_capacity(1 << 16, file),
             len: 0,
         };
-        let mut sub = txn.subxacts.iter_mut().peekable();
-        for (i, raw) in txn.mem.drain(..).enumerate() {
-            while let Some(s) = sub.next_if(|s| s.index == i as u64) {
-                s.offset = spill.len;
-            }
+        let mut offsets = Vec::with_capacity(txn.mem.len());
+        for raw in txn.mem.drain(..) {
+            offsets.push(spill.len);
             if self.spill_bytes + 4 + raw.len() as u64 > self.spill_limit {
                 return Err(StreamError::SpillFull {
                     xid,
@@ -164,6 +162,9 @@ impl StreamBuffer {
             write_entry(&mut spill, &raw).map_err(io)?;
             self.spill_bytes += 4 + raw.len() as u64;
         }
+        // Every message of the transaction was in memory: so are its subtransactions'
+        // entries, whose offsets are known now.
+        txn.subxacts.set_offsets(|index| offsets[index as usize]);
         self.mem_bytes -= txn.mem_bytes;
         txn.mem_bytes = 0;
         txn.spill = Some(spill);
@@ -184,13 +185,15 @@ impl StreamBuffer {
         let Some(txn) = self.txns.get_mut(&xid) else {
             return Ok(());
         };
-        let Some(pos) = txn.subxacts.iter().position(|s| s.subxid == subxid) else {
+        let cut = txn.subxacts.cut(subxid).map_err(|source| StreamError::Spill {
+            xid,
+            dir: self.spill_dir.clone(),
+            source,
+        })?;
+        let Some(start) = cut else {
             return Ok(()); // nothing of this subtransaction was streamed
         };
-        let (index, offset) = (txn.subxacts[pos].index, txn.subxacts[pos].offset);
-        for s in txn.subxacts.drain(pos..) {
-            txn.seen.remove(&s.subxid);
-        }
+        let (index, offset) = (start.index, start.offset);
         txn.count = index;
         if let Some(spill) = txn.spill.as_mut() {
             let io = |source| StreamError::Spill {

@@ -16,6 +16,9 @@ use crate::decode::Relation;
 use crate::lsn::Lsn;
 use crate::source::{Assembler, Replication, SourceError, Step, XLog};
 
+/// Relations whose resolved column types are cached.
+const RESOLVED_CACHE: usize = 4096;
+
 /// How often `sync` asks the server where it is while waiting to reach its target.
 const SYNC_POLL: Duration = Duration::from_millis(200);
 
@@ -85,6 +88,11 @@ impl TypeResolver {
                     source,
                 })?;
         let resolved = Arc::new(resolved);
+        // Tables dropped and created again leave entries behind: start over at a bound
+        // (entries are read again on demand).
+        if self.resolved.len() >= RESOLVED_CACHE {
+            self.resolved.clear();
+        }
         self.resolved.insert(rel.id, (rel.clone(), resolved.clone()));
         Ok(resolved)
     }
