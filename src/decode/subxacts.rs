@@ -57,7 +57,8 @@ impl Subxacts {
         }
     }
 
-    /// Entries held in memory (for tests and the bound).
+    /// Entries held in memory.
+    #[cfg(test)]
     pub fn in_memory(&self) -> usize {
         self.mem.len()
     }

@@ -1,0 +1,343 @@
+//! Lifetime benchmark: what the age of a lake costs a start, and memory under the loads
+//! that used to grow it.
+//!
+//! `cargo bench --bench lifetime` runs all of it; `-- --log-only` or `-- --memory-only`
+//! one half; `--records N` (local log, default 1,000,000), `--s3-records N` (default
+//! 100,000), `--runs N` (default 3).
+//!
+//! - **Log**: a lake whose commit log holds N records (as walshore leaves it with a long
+//!   `sink.log_retention`: every full thousand folded into a checkpoint, the records
+//!   kept), on the local sink and on the S3 test server (moto). Times `walshore sync`
+//!   with nothing to do and `walshore status`, and their peak RSS, against a log of
+//!   1,000 records in the same run.
+//! - **Memory**: a backlog of 64 KiB jsonb rows drained to the S3 test server through a
+//!   proxy that delays every answer (the sink is the bottleneck, so the queues fill);
+//!   and one transaction of 1,000,000 subtransactions (a PL/pgSQL loop with an EXCEPTION
+//!   block), streamed by PostgreSQL and spilled by walshore. Peak RSS of `walshore
+//!   sync` for each (target ≤ 256 MiB).
+
+#[path = "../tests/support/proxy.rs"]
+#[allow(dead_code)]
+mod proxy;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use walshore::checkpoint::record::{CheckpointRecord, CommitRecord, FORMAT, HeadHint};
+use walshore::cluster::{ClusterOptions, TempCluster};
+
+/// Runs a command, returning (seconds, peak RSS in MiB of that process).
+#[allow(clippy::zombie_processes)] // reaped by wait4 below, which also gives its rusage
+fn timed(cmd: &mut Command) -> (f64, f64) {
+    let start = Instant::now();
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(r, pid, "wait4");
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        let mut err = String::new();
+        use std::io::Read;
+        child.stderr.unwrap().read_to_string(&mut err).ok();
+        panic!("{cmd:?} failed (status {status}):\n{err}");
+    }
+    (secs, usage.ru_maxrss as f64 / 1024.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn walshore() -> &'static str {
+    env!("CARGO_BIN_EXE_walshore")
+}
+
+struct Moto {
+    child: Child,
+    port: u16,
+}
+
+impl Moto {
+    fn start() -> Moto {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto server (pip install 'moto[server]')");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(|mut s| {
+                use std::io::{Read, Write};
+                write!(s, "PUT /lake HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").is_ok()
+                    && s.read_to_string(&mut String::new()).is_ok()
+            });
+            if ok {
+                return Moto { child, port };
+            }
+            assert!(Instant::now() < deadline, "moto did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config(dir: &Path, cluster: &TempCluster, slot: &str, sink: &str) -> PathBuf {
+    let path = dir.join(format!("{slot}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "[source]\nurl = \"{}\"\npublication = \"bench\"\nslot = \"{slot}\"\nspill_dir = \"{}\"\n[sink]\n{sink}\n[snapshot]\nmode = \"never\"\n",
+            cluster.url("postgres", "postgres"),
+            dir.join("spill").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn main() {
+    unsafe {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "bench");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "bench");
+        std::env::set_var("AWS_REGION", "us-east-1");
+    }
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str, default: u64| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let runs = arg("--runs", 3) as usize;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    if !args.iter().any(|a| a == "--memory-only") {
+        log_bench(&rt, runs, arg("--records", 1_000_000), arg("--s3-records", 100_000));
+    }
+    if !args.iter().any(|a| a == "--log-only") {
+        wide_rows_bench(&rt);
+        subtransactions_bench(&rt);
+    }
+}
+
+/// Appends records to the log after its head up to `records`, as walshore leaves a log
+/// with a long retention: every full thousand folded into a checkpoint.
+async fn fabricate_log(store: Arc<dyn ObjectStore>, records: u64, local: Option<&Path>) {
+    let head = walshore::checkpoint::read_head(store.as_ref()).await.unwrap().unwrap();
+    let fold = walshore::checkpoint::FOLD;
+    let folded = (records - 1) / fold * fold;
+    let now = walshore::checkpoint::record::now_micros();
+    let record = |seq: u64| {
+        let mut r: CommitRecord = head.clone();
+        r.seq = seq;
+        r.written_at = now;
+        r.files = Vec::new();
+        r.completes = Vec::new();
+        r.folded = if seq == records { folded } else { 0 };
+        serde_json::to_vec(&r).unwrap()
+    };
+    let put = |key: String, body: Vec<u8>| {
+        let store = store.clone();
+        async move {
+            match local {
+                Some(root) => {
+                    let p = root.join(&key);
+                    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                    std::fs::write(p, body).unwrap();
+                }
+                None => {
+                    store.put(&ObjectPath::from(key.as_str()), PutPayload::from(body)).await.unwrap();
+                }
+            }
+        }
+    };
+    let started = Instant::now();
+    futures::stream::iter(head.seq + 1..=records)
+        .map(|seq| put(format!("_walshore/commits/{seq:020}.json"), record(seq)))
+        .buffer_unordered(64)
+        .collect::<Vec<()>>()
+        .await;
+    // The real records before the fabricated ones carry files: the first checkpoint names them.
+    let mut first_files = Vec::new();
+    for seq in 1..=head.seq {
+        if let Ok(r) = store.get(&ObjectPath::from(format!("_walshore/commits/{seq:020}.json"))).await {
+            let r: CommitRecord = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+            first_files.extend(r.files);
+        }
+    }
+    futures::stream::iter((1..=folded / fold).map(|k| {
+        let files = if k == 1 { first_files.clone() } else { Vec::new() };
+        let cp = CheckpointRecord {
+            format: FORMAT,
+            first: (k - 1) * fold + 1,
+            last: k * fold,
+            last_written_at: now,
+            files,
+        };
+        put(format!("_walshore/checkpoints/{:020}.json", k * fold), serde_json::to_vec(&cp).unwrap())
+    }))
+    .buffer_unordered(64)
+    .collect::<Vec<()>>()
+    .await;
+    put(
+        "_walshore/head.json".into(),
+        serde_json::to_vec(&HeadHint { seq: records }).unwrap(),
+    )
+    .await;
+    eprintln!("  fabricated {} records in {:.1}s", records - head.seq, started.elapsed().as_secs_f64());
+}
+
+fn log_bench(rt: &tokio::runtime::Runtime, runs: usize, local_records: u64, s3_records: u64) {
+    println!("== log: start-up and status against the age of the log ({runs} runs, medians; RSS = max)");
+    let cluster = TempCluster::start(ClusterOptions::default()).expect("start PostgreSQL");
+    let c = rt.block_on(cluster.connect("postgres")).unwrap();
+    rt.block_on(c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION bench FOR TABLE t;",
+    ))
+    .unwrap();
+    let moto = Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut i = 0;
+    for (kind, sizes) in [("local", [1_000, local_records]), ("s3", [1_000, s3_records])] {
+        let mut rows = Vec::new();
+        for records in sizes {
+            i += 1;
+            let slot = format!("log_{i}");
+            let sink = match kind {
+                "local" => format!("url = \"file://{}/lake-{i}\"", dir.path().display()),
+                _ => format!(
+                    "url = \"s3://lake/log-{i}\"\nendpoint = \"http://127.0.0.1:{}\"\nregion = \"us-east-1\"",
+                    moto.port
+                ),
+            };
+            let cfg_path = config(dir.path(), &cluster, &slot, &sink);
+            let sync = || {
+                timed(Command::new(walshore()).args(["sync", "--config", cfg_path.to_str().unwrap()]))
+            };
+            sync();
+            rt.block_on(c.batch_execute(&format!("INSERT INTO t VALUES ({i}, 'x')"))).unwrap();
+            sync();
+            let cfg = walshore::config::Config::load(&cfg_path).unwrap();
+            let store = walshore::sink::open_store(&cfg.sink).unwrap();
+            let local = (kind == "local").then(|| dir.path().join(format!("lake-{i}")));
+            rt.block_on(fabricate_log(store, records, local.as_deref()));
+            let mut s = Vec::new();
+            let mut s_rss: f64 = 0.0;
+            let mut st = Vec::new();
+            let mut st_rss: f64 = 0.0;
+            for _ in 0..runs {
+                let (secs, rss) = sync();
+                s.push(secs);
+                s_rss = s_rss.max(rss);
+                let (secs, rss) =
+                    timed(Command::new(walshore()).args(["status", "--config", cfg_path.to_str().unwrap()]));
+                st.push(secs);
+                st_rss = st_rss.max(rss);
+            }
+            let row = (records, median(s), s_rss, median(st), st_rss);
+            println!(
+                "  {kind:>5} {records:>9} records: sync {:.3}s {:.0} MiB, status {:.3}s {:.0} MiB",
+                row.1, row.2, row.3, row.4
+            );
+            rows.push(row);
+        }
+        let (a, b) = (rows[0], rows[1]);
+        println!(
+            "  RATIO {kind} {} / {} records: sync time {:.2}, sync RSS {:.2}, status time {:.2}, status RSS {:.2} (flat = about 1)",
+            b.0,
+            a.0,
+            b.1 / a.1,
+            b.2 / a.2,
+            b.3 / a.3,
+            b.4 / a.4
+        );
+    }
+}
+
+fn wide_rows_bench(rt: &tokio::runtime::Runtime) {
+    println!("== memory: a backlog of 64 KiB jsonb rows into a slow S3 (every answer delayed 50 ms)");
+    let cluster = TempCluster::start(ClusterOptions::default()).expect("start PostgreSQL");
+    let c = rt.block_on(cluster.connect("postgres")).unwrap();
+    let rows = 8_000;
+    rt.block_on(c.batch_execute(
+        "CREATE TABLE docs (id int PRIMARY KEY, body jsonb); CREATE PUBLICATION bench FOR TABLE docs;",
+    ))
+    .unwrap();
+    let moto = Moto::start();
+    let proxy = proxy::Proxy::start(moto.port);
+    let dir = tempfile::tempdir().unwrap();
+    let sink = format!(
+        "url = \"s3://lake/wide\"\nendpoint = \"http://127.0.0.1:{}\"\nregion = \"us-east-1\"",
+        proxy.port
+    );
+    let cfg = config(dir.path(), &cluster, "wide", &sink);
+    timed(Command::new(walshore()).args(["sync", "--config", cfg.to_str().unwrap()]));
+    // 64 KiB of distinct text per row (jsonb is not compressed on the wire).
+    let started = Instant::now();
+    rt.block_on(c.batch_execute(&format!(
+        "DO $$ BEGIN FOR t IN 0..{} LOOP
+            INSERT INTO docs SELECT i, jsonb_build_object('k', i, 'pad',
+                (SELECT string_agg(md5((i * 1000 + j)::text), '') FROM generate_series(1, 2048) j))
+            FROM generate_series(t * 20 + 1, t * 20 + 20) i; COMMIT; END LOOP; END $$",
+        rows / 20 - 1
+    )))
+    .unwrap();
+    eprintln!("  backlog written in {:.1}s", started.elapsed().as_secs_f64());
+    proxy.set(proxy::Mode::Delay(Duration::from_millis(50)));
+    let (secs, rss) = timed(Command::new(walshore()).args(["sync", "--config", cfg.to_str().unwrap()]));
+    proxy.set(proxy::Mode::Forward);
+    let wire: f64 = rows as f64 * 64.0 / 1024.0;
+    println!("  {rows} rows (~{wire:.0} MiB of row data) drained in {secs:.1}s; walshore peak RSS {rss:.0} MiB (target <= 256)");
+}
+
+fn subtransactions_bench(rt: &tokio::runtime::Runtime) {
+    println!("== memory: one transaction of 1,000,000 subtransactions (PL/pgSQL loop with EXCEPTION)");
+    let cluster = TempCluster::start(ClusterOptions {
+        settings: vec!["logical_decoding_work_mem = 64kB".into()],
+        ..ClusterOptions::default()
+    })
+    .expect("start PostgreSQL");
+    let c = rt.block_on(cluster.connect("postgres")).unwrap();
+    rt.block_on(c.batch_execute(
+        "CREATE TABLE s (id int PRIMARY KEY, v text); CREATE PUBLICATION bench FOR TABLE s;",
+    ))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sink = format!("url = \"file://{}/lake\"", dir.path().display());
+    let cfg = config(dir.path(), &cluster, "subx", &sink);
+    timed(Command::new(walshore()).args(["sync", "--config", cfg.to_str().unwrap()]));
+    let n = 1_000_000;
+    let started = Instant::now();
+    rt.block_on(c.batch_execute(&format!(
+        "DO $$ BEGIN FOR i IN 1..{n} LOOP
+            BEGIN INSERT INTO s VALUES (i, 'row ' || i); EXCEPTION WHEN unique_violation THEN NULL; END;
+         END LOOP; END $$"
+    )))
+    .unwrap();
+    eprintln!("  transaction written in {:.1}s", started.elapsed().as_secs_f64());
+    let (secs, rss) = timed(Command::new(walshore()).args(["sync", "--config", cfg.to_str().unwrap()]));
+    let out = Command::new(walshore())
+        .args(["status", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = status["tables"]["public.s"]["rows"].as_u64().unwrap_or(0);
+    assert_eq!(rows, n, "every row of the transaction is in the lake");
+    println!("  {n} subtransactions, {rows} rows drained in {secs:.1}s; walshore peak RSS {rss:.0} MiB (target <= 256)");
+}
