@@ -67,7 +67,11 @@ struct Moto {
 
 impl Moto {
     fn start() -> Moto {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = Command::new("python3")
             .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
@@ -78,7 +82,11 @@ impl Moto {
         loop {
             let ok = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(|mut s| {
                 use std::io::{Read, Write};
-                write!(s, "PUT /lake HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").is_ok()
+                write!(
+                    s,
+                    "PUT /lake HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+                .is_ok()
                     && s.read_to_string(&mut String::new()).is_ok()
             });
             if ok {
@@ -162,7 +170,10 @@ async fn fabricate_log(store: Arc<dyn ObjectStore>, records: u64, local: Option<
                     std::fs::write(p, body).unwrap();
                 }
                 None => {
-                    store.put(&ObjectPath::from(key.as_str()), PutPayload::from(body)).await.unwrap();
+                    store
+                        .put(&ObjectPath::from(key.as_str()), PutPayload::from(body))
+                        .await
+                        .unwrap();
                 }
             }
         }
@@ -176,7 +187,10 @@ async fn fabricate_log(store: Arc<dyn ObjectStore>, records: u64, local: Option<
     // The real records before the fabricated ones carry files: the first checkpoint names them.
     let mut first_files = Vec::new();
     for seq in 1..=head.seq {
-        if let Ok(r) = store.get(&ObjectPath::from(format!("_walshore/commits/{seq:020}.json"))).await {
+        if let Ok(r) = store
+            .get(&ObjectPath::from(format!("_walshore/commits/{seq:020}.json")))
+            .await
+        {
             let r: CommitRecord = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
             first_files.extend(r.files);
         }
@@ -190,7 +204,10 @@ async fn fabricate_log(store: Arc<dyn ObjectStore>, records: u64, local: Option<
             last_written_at: now,
             files,
         };
-        put(format!("_walshore/checkpoints/{:020}.json", k * fold), serde_json::to_vec(&cp).unwrap())
+        put(
+            format!("_walshore/checkpoints/{:020}.json", k * fold),
+            serde_json::to_vec(&cp).unwrap(),
+        )
     }))
     .buffer_unordered(64)
     .collect::<Vec<()>>()
@@ -200,17 +217,19 @@ async fn fabricate_log(store: Arc<dyn ObjectStore>, records: u64, local: Option<
         serde_json::to_vec(&HeadHint { seq: records }).unwrap(),
     )
     .await;
-    eprintln!("  fabricated {} records in {:.1}s", records - head.seq, started.elapsed().as_secs_f64());
+    eprintln!(
+        "  fabricated {} records in {:.1}s",
+        records - head.seq,
+        started.elapsed().as_secs_f64()
+    );
 }
 
 fn log_bench(rt: &tokio::runtime::Runtime, runs: usize, local_records: u64, s3_records: u64) {
     println!("== log: start-up and status against the age of the log ({runs} runs, medians; RSS = max)");
     let cluster = TempCluster::start(ClusterOptions::default()).expect("start PostgreSQL");
     let c = rt.block_on(cluster.connect("postgres")).unwrap();
-    rt.block_on(c.batch_execute(
-        "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION bench FOR TABLE t;",
-    ))
-    .unwrap();
+    rt.block_on(c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION bench FOR TABLE t;"))
+        .unwrap();
     let moto = Moto::start();
     let dir = tempfile::tempdir().unwrap();
     let mut i = 0;
@@ -227,11 +246,10 @@ fn log_bench(rt: &tokio::runtime::Runtime, runs: usize, local_records: u64, s3_r
                 ),
             };
             let cfg_path = config(dir.path(), &cluster, &slot, &sink);
-            let sync = || {
-                timed(Command::new(walshore()).args(["sync", "--config", cfg_path.to_str().unwrap()]))
-            };
+            let sync = || timed(Command::new(walshore()).args(["sync", "--config", cfg_path.to_str().unwrap()]));
             sync();
-            rt.block_on(c.batch_execute(&format!("INSERT INTO t VALUES ({i}, 'x')"))).unwrap();
+            rt.block_on(c.batch_execute(&format!("INSERT INTO t VALUES ({i}, 'x')")))
+                .unwrap();
             sync();
             let cfg = walshore::config::Config::load(&cfg_path).unwrap();
             let store = walshore::sink::open_store(&cfg.sink).unwrap();
@@ -275,9 +293,9 @@ fn wide_rows_bench(rt: &tokio::runtime::Runtime) {
     let cluster = TempCluster::start(ClusterOptions::default()).expect("start PostgreSQL");
     let c = rt.block_on(cluster.connect("postgres")).unwrap();
     let rows = 8_000;
-    rt.block_on(c.batch_execute(
-        "CREATE TABLE docs (id int PRIMARY KEY, body jsonb); CREATE PUBLICATION bench FOR TABLE docs;",
-    ))
+    rt.block_on(
+        c.batch_execute("CREATE TABLE docs (id int PRIMARY KEY, body jsonb); CREATE PUBLICATION bench FOR TABLE docs;"),
+    )
     .unwrap();
     let moto = Moto::start();
     let proxy = proxy::Proxy::start(moto.port);
@@ -303,7 +321,9 @@ fn wide_rows_bench(rt: &tokio::runtime::Runtime) {
     let (secs, rss) = timed(Command::new(walshore()).args(["sync", "--config", cfg.to_str().unwrap()]));
     proxy.set(proxy::Mode::Forward);
     let wire: f64 = rows as f64 * 64.0 / 1024.0;
-    println!("  {rows} rows (~{wire:.0} MiB of row data) drained in {secs:.1}s; walshore peak RSS {rss:.0} MiB (target <= 256)");
+    println!(
+        "  {rows} rows (~{wire:.0} MiB of row data) drained in {secs:.1}s; walshore peak RSS {rss:.0} MiB (target <= 256)"
+    );
 }
 
 fn subtransactions_bench(rt: &tokio::runtime::Runtime) {
@@ -314,10 +334,8 @@ fn subtransactions_bench(rt: &tokio::runtime::Runtime) {
     })
     .expect("start PostgreSQL");
     let c = rt.block_on(cluster.connect("postgres")).unwrap();
-    rt.block_on(c.batch_execute(
-        "CREATE TABLE s (id int PRIMARY KEY, v text); CREATE PUBLICATION bench FOR TABLE s;",
-    ))
-    .unwrap();
+    rt.block_on(c.batch_execute("CREATE TABLE s (id int PRIMARY KEY, v text); CREATE PUBLICATION bench FOR TABLE s;"))
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let sink = format!("url = \"file://{}/lake\"", dir.path().display());
     let cfg = config(dir.path(), &cluster, "subx", &sink);
@@ -339,5 +357,7 @@ fn subtransactions_bench(rt: &tokio::runtime::Runtime) {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = status["tables"]["public.s"]["rows"].as_u64().unwrap_or(0);
     assert_eq!(rows, n, "every row of the transaction is in the lake");
-    println!("  {n} subtransactions, {rows} rows drained in {secs:.1}s; walshore peak RSS {rss:.0} MiB (target <= 256)");
+    println!(
+        "  {n} subtransactions, {rows} rows drained in {secs:.1}s; walshore peak RSS {rss:.0} MiB (target <= 256)"
+    );
 }

@@ -136,8 +136,19 @@ async fn s3_errors_slow_answers_cuts_and_a_blackhole_mid_stream() {
     ];
     tokio::time::sleep(Duration::from_secs(2)).await;
     for (mode, secs) in phases {
+        let retried = stderr_of(&run).matches("transient failure").count();
         proxy.set(mode);
         tokio::time::sleep(Duration::from_secs(secs)).await;
+        if mode == Mode::Blackhole {
+            // Held until the pipeline has noticed: a request timed out and the store's own
+            // retries gave up, or a conditional write timed out (how long that takes
+            // depends on what was in flight when the link went silent).
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while stderr_of(&run).matches("transient failure").count() <= retried {
+                assert!(Instant::now() < deadline, "the blackhole was not noticed within 120 s");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
         if mode == Mode::Forward {
             proxy.cut();
         }

@@ -2,10 +2,13 @@
 //!
 //! # The exactly-once argument
 //!
-//! **Keys follow from rows.** A data file is named by the `(_lsn, _seq)` of its first and
-//! last rows and holds exactly the table's rows of its partition between them (see
-//! `sink`). Two writes of the same key therefore carry the same rows, so overwriting an
-//! object with a replayed copy changes nothing a reader can see.
+//! **Keys follow from rows and writer.** A data file is named by the `(_lsn, _seq)` of its
+//! first and last rows and by the tag of the attempt that wrote it, and holds exactly
+//! the table's rows of its partition between those positions (see `sink`). Within an
+//! attempt, two writes of a key carry the same rows, so a retried upload changes
+//! nothing a reader can see; two attempts (a restart, a fenced writer) never share a
+//! name, so deleting what one attempt left uncommitted never removes a file another
+//! committed.
 //!
 //! **The commit log is the source of truth.** Progress is a log of numbered objects,
 //! `_walshore/commits/{seq:020}.json`, each created with a conditional request
@@ -14,29 +17,42 @@
 //! replication resumes from. The record with the highest number is the head. Creating
 //! `seq` succeeds for exactly one writer: this is the compare-and-swap that orders
 //! commits and fences off a second writer. A record is written only after all its files
-//! are durable, and only at a transaction boundary, so a transaction is never split
-//! across commit records.
+//! are durable (on a local directory: fsynced with their directories), and only at a
+//! transaction boundary, so a transaction is never split across commit records.
+//!
+//! **The head is found from a hint.** `_walshore/head.json` names the newest record,
+//! written after each commit; a reader walks forward from it while the next number
+//! exists (numbers have no gaps). A start therefore costs the same after a million
+//! commits as after ten. Old records are folded into checkpoints and pruned (see
+//! [`log`]); the manifest of committed files stays whole.
 //!
 //! **Files not yet committed are announced.** Before uploading files for commit `seq`,
 //! the writer creates `_walshore/pending/{seq:020}-{n:06}.json` listing their keys. A file
 //! in the lake is therefore either named by a commit record or listed in a pending
-//! record.
+//! record. A commit record lists the pending records it completes (`completes`), and the
+//! writer deletes those before its next commit; so at any moment the only pending
+//! records whose files are committed are those the head completes (a claim inherits its
+//! head's list). Every other pending record lists only uncommitted files.
 //!
 //! **PostgreSQL only hears committed positions.** The slot is confirmed up to the head's
 //! `end_lsn` after the record is durable, or, when nothing at all is in flight, up to a
-//! keepalive's position (the WAL in between holds nothing for this publication). So
-//! PostgreSQL never discards WAL that the lake does not yet hold.
+//! keepalive's position (the walsender sends a keepalive only for WAL it has decoded, and
+//! skips on restart only transactions whose commit record lies before the confirmed
+//! position). So PostgreSQL never discards WAL that the lake does not yet hold.
 //!
 //! **Start-up.** A starting instance (1) reads the head, (2) acquires the slot with
 //! START_REPLICATION from the head's `end_lsn` — PostgreSQL refuses a second consumer of
 //! an active slot — (3) claims the next sequence number with an empty commit record, so
 //! that any earlier writer still running (paused, cut off) fails its next commit and
-//! stops, and (4) deletes the files of every pending record that no commit record at or
-//! after its sequence number names, then the pending records themselves. Transactions
-//! PostgreSQL resends from before the head's `end_lsn` are skipped by commit LSN. A
-//! process that claimed once and, retrying after a failure, finds a head written by
-//! another process stops (`pipeline::Process`): it was taken over, and two writers
-//! that claim in turn would restart each other's streams forever.
+//! stops, and (4) deletes the files of every pending record the claim does not complete,
+//! reading no commit record (see [`pending`]). Transactions PostgreSQL resends from
+//! before the head's `end_lsn` are skipped by commit LSN. A process that claimed once
+//! and, retrying after a failure, finds a head written by another process stops
+//! (`pipeline::Process`): it was taken over, and two writers that claim in turn would
+//! restart each other's streams forever. A writer fenced off at its commit deletes what
+//! it announced; the running writer deletes again, every `snapshot.poll_interval`, the
+//! files of other writers' pending records, so a late upload of a fenced writer is gone
+//! within one interval.
 //!
 //! **The starting state.** A commit record says whether the lake continues a slot's
 //! stream (`initialized`, set by the first claim after START_REPLICATION). Until then a
@@ -46,23 +62,24 @@
 //!
 //! **Table copies** run beside the stream (see `snapshot`). A copy's files are
 //! announced in their own pending records (numbered no later than the commit that will
-//! publish them); the stream's files of a table being copied are held back and
-//! announced again at each commit that passes them over, so every file of an unfinished
-//! copy stays listed in a pending record until the copy commits, and a crash deletes
-//! them all (step 4). The table's snapshot point is recorded (`snapshots`) in the same
-//! record that publishes the copy; a table without one is copied again at the next
-//! start, and its changes before the new point are not written. Confirming the slot
-//! past held-back changes is safe for the same reason: if their copy never commits, the
-//! next copy of the table contains them.
+//! publish them); the stream's files that wait for a copy are held back and announced
+//! again before each commit that passes them over, one record per table, so every file
+//! of an unfinished copy stays listed in a pending record that no commit completes
+//! until the copy commits, and a crash deletes them all (step 4). The table's snapshot
+//! point and identity (`snapshots`, `identities`) are recorded in the same record that
+//! publishes the copy; a table without them, or whose identity changed, is copied again,
+//! and its changes before the new point are not written. Confirming the slot past
+//! held-back changes is safe for the same reason: if their copy never commits, the next
+//! copy of the table contains them.
 //!
 //! **A crash at each step.** Before the pending record: nothing was written. After the
-//! pending record or some uploads, before the commit record: the files are orphans
-//! listed in a pending record; start-up (4) deletes them and the changes are streamed
-//! again, because the slot was not confirmed past the head. After the commit record,
-//! before confirming to PostgreSQL: the transactions are in the lake; PostgreSQL resends
-//! them and the assembler skips them by LSN. After confirming: nothing is resent.
-//! Leftover pending records after a commit are harmless: their keys are named by a
-//! commit record and are kept.
+//! pending record or some uploads, before the commit record: the files are listed in a
+//! pending record no commit completes; start-up (4) deletes them and the changes are
+//! streamed again, because the slot was not confirmed past the head. After the commit
+//! record, before its pending records are deleted: the claim inherits their names, and
+//! their files are kept. Before confirming to PostgreSQL: the transactions are in the
+//! lake; PostgreSQL resends them and the assembler skips them by LSN. After confirming:
+//! nothing is resent.
 
 pub mod log;
 pub mod pending;
