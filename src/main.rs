@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use walshore::config::{Config, ConfigError};
-use walshore::pipeline::{self, ErrorChain, Mode};
+use walshore::pipeline::{self, Mode};
+use walshore::retry::ErrorChain;
 
 #[derive(Parser)]
 #[command(

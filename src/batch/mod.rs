@@ -20,19 +20,27 @@
 //! column's escaped value; one file per partition).
 
 pub mod copy_binary;
+mod gate;
+mod numeric;
+mod partition;
 pub mod schema;
+mod table;
 pub(crate) mod value;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Int64Builder, ListBuilder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::array::RecordBatch;
 
-use crate::change::{Change, CopyId, CopyStart, Event, TxInfo};
-use crate::config::{PartitionBy, Partitions, Unrepresentable};
+use crate::change::{Change, CopyStart, Event};
+use crate::config::{Partitions, Unrepresentable};
 use crate::decode::{Relation, Tuple, TupleValue};
 use crate::lsn::Lsn;
+pub use gate::{Gate, Hold};
+use gate::{gated, hold_of};
+use partition::PartSource;
+pub use partition::{NULL_PARTITION, column_partition, copy_formats, date_partition, hour_partition};
+use table::{Layout, OpenTx, TableBuf};
 pub use value::{civil_from_days, copies_binary, days_from_civil, is_array};
 
 /// The metadata columns every row carries (DESIGN.md), in file order.
@@ -91,19 +99,6 @@ pub struct RowPos {
     pub seq: u64,
 }
 
-/// Whether a file may be published at the next commit, or waits for a table copy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Hold {
-    /// Published with the transactions it holds.
-    None,
-    /// Its table's copy is due and the copy's snapshot point not known: the sink keeps
-    /// it back and sorts it out against the point (rows before it are in the copy).
-    Due,
-    /// Written after this copy's snapshot point: published with the copy, or at once if
-    /// the copy has committed.
-    Copy(CopyId),
-}
-
 /// The rows of one table, schema version and partition taken from the batcher.
 pub struct TableFile {
     pub schema: String,
@@ -132,308 +127,6 @@ pub struct Taken {
     /// Table OIDs to record (`snapshot.mode = "never"`; with copies, each copy records
     /// its table's).
     pub oids: Vec<(String, u32)>,
-}
-
-struct Layout {
-    relation: Arc<Relation>,
-    kinds: Vec<value::Kind>,
-    schema: SchemaRef,
-    /// Files have `_unrepresented`.
-    marker: bool,
-    /// Where the partition of a row comes from.
-    part: PartSource,
-    /// Which columns a copy of this table reads in binary ([`copy_formats`]).
-    copy_binary: Vec<bool>,
-}
-
-/// A layout's partitioning, resolved against its columns.
-enum PartSource {
-    CommitDate,
-    CommitHour,
-    /// Index and name of the column.
-    Column(usize, String),
-}
-
-/// Hive's name for the partition of null (and empty) values.
-pub const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
-
-/// `{column}={value}` with the value escaped as Hive escapes path names (so no value
-/// can add a path segment or change the key's meaning); null or empty: Hive's default.
-pub fn column_partition(column: &str, value: Option<&[u8]>) -> String {
-    let mut out = String::with_capacity(column.len() + 16);
-    out.push_str(column);
-    out.push('=');
-    match value {
-        None | Some([]) => out.push_str(NULL_PARTITION),
-        Some(raw) => {
-            for ch in String::from_utf8_lossy(raw).chars() {
-                let escape = ch.is_control()
-                    || matches!(
-                        ch,
-                        '"' | '#' | '%' | '\'' | '*' | '/' | ':' | '=' | '?' | '\\' | '{' | '[' | ']' | '^'
-                    );
-                if escape {
-                    let mut buf = [0u8; 4];
-                    for b in ch.encode_utf8(&mut buf).bytes() {
-                        out.push_str(&format!("%{b:02X}"));
-                    }
-                } else {
-                    out.push(ch);
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Which columns a table copy reads in COPY's binary format: those [`copies_binary`]
-/// allows, except a partition column (its text names the partition).
-pub fn copy_formats(relation: &Relation, partitions: &Partitions) -> Vec<bool> {
-    let part = match partitions.of(&qualified(relation)) {
-        PartitionBy::Column(c) => Some(c.as_str()),
-        _ => None,
-    };
-    relation
-        .columns
-        .iter()
-        .map(|c| copies_binary(c.type_oid, c.type_modifier) && Some(c.name.as_str()) != part)
-        .collect()
-}
-
-fn string_list() -> DataType {
-    DataType::List(Arc::new(Field::new("element", DataType::Utf8, true)))
-}
-
-fn string_list_builder() -> ListBuilder<StringBuilder> {
-    ListBuilder::new(StringBuilder::new()).with_field(Arc::new(Field::new("element", DataType::Utf8, true)))
-}
-
-impl Layout {
-    fn new(relation: Arc<Relation>, marker: bool, partitions: &Partitions) -> Result<Layout, BatchError> {
-        let part = match partitions.of(&qualified(&relation)) {
-            PartitionBy::CommitDate => PartSource::CommitDate,
-            PartitionBy::CommitHour => PartSource::CommitHour,
-            PartitionBy::Column(name) => match relation.columns.iter().position(|c| &c.name == name) {
-                Some(i) => PartSource::Column(i, name.clone()),
-                None => {
-                    return Err(BatchError::PartitionColumn {
-                        table: qualified(&relation),
-                        column: name.clone(),
-                    });
-                }
-            },
-        };
-        let mut fields = vec![
-            Field::new("_op", DataType::Utf8, false),
-            Field::new("_lsn", DataType::Int64, false),
-            Field::new("_seq", DataType::Int64, false),
-            Field::new("_xid", DataType::Int64, true),
-            Field::new(
-                "_commit_ts",
-                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-                false,
-            ),
-            Field::new("_unchanged", string_list(), true),
-        ];
-        if marker {
-            fields.push(Field::new(UNREPRESENTED_COLUMN, string_list(), true));
-        }
-        let mut kinds = Vec::with_capacity(relation.columns.len());
-        for c in &relation.columns {
-            if METADATA_COLUMNS.contains(&c.name.as_str()) || c.name == UNREPRESENTED_COLUMN {
-                return Err(BatchError::ReservedColumn {
-                    schema: relation.namespace.clone(),
-                    table: relation.name.clone(),
-                    column: c.name.clone(),
-                });
-            }
-            let kind = value::Kind::for_type(c.type_oid, c.type_modifier);
-            fields.push(Field::new(&c.name, kind.data_type(), true));
-            kinds.push(kind);
-        }
-        let copy_binary = copy_formats(&relation, partitions);
-        Ok(Layout {
-            relation,
-            kinds,
-            schema: Arc::new(Schema::new(fields)),
-            marker,
-            part,
-            copy_binary,
-        })
-    }
-}
-
-struct PartRange {
-    partition: String,
-    start_row: usize,
-    first: RowPos,
-    last: RowPos,
-}
-
-struct TableBuf {
-    layout: Arc<Layout>,
-    /// Fixed when the buffer is opened: a table whose gate changes is sealed first.
-    hold: Hold,
-    op: StringBuilder,
-    lsn: Int64Builder,
-    seq: Int64Builder,
-    xid: Int64Builder,
-    commit_ts: TimestampMicrosecondBuilder,
-    unchanged: ListBuilder<StringBuilder>,
-    unrepresented: Option<ListBuilder<StringBuilder>>,
-    columns: Vec<value::Builder>,
-    rows: usize,
-    parts: Vec<PartRange>,
-}
-
-impl TableBuf {
-    fn new(layout: Arc<Layout>, hold: Hold) -> TableBuf {
-        let columns = layout.kinds.iter().map(value::Builder::new).collect();
-        let unrepresented = layout.marker.then(string_list_builder);
-        TableBuf {
-            layout,
-            hold,
-            op: StringBuilder::new(),
-            lsn: Int64Builder::new(),
-            seq: Int64Builder::new(),
-            xid: Int64Builder::new(),
-            commit_ts: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
-            unchanged: string_list_builder(),
-            unrepresented,
-            columns,
-            rows: 0,
-            parts: Vec::new(),
-        }
-    }
-
-    fn extend_part(&mut self, partition: &str, pos: RowPos) {
-        match self.parts.last_mut() {
-            Some(p) if p.partition == partition => p.last = pos,
-            _ => self.parts.push(PartRange {
-                partition: partition.to_owned(),
-                start_row: self.rows,
-                first: pos,
-                last: pos,
-            }),
-        }
-    }
-
-    /// `_op`, `_lsn`, `_seq`, `_xid` and `_commit_ts` of one row (`_unchanged` is the
-    /// caller's).
-    fn append_meta(&mut self, op: &str, pos: RowPos, xid: Option<u32>, commit_ts: i64) {
-        self.op.append_value(op);
-        self.lsn.append_value(pos.lsn.0 as i64);
-        self.seq.append_value(pos.seq as i64);
-        // xid 0 is PostgreSQL's InvalidTransactionId: rows walshore writes itself (the
-        // T marker before a re-snapshot) belong to no source transaction.
-        self.xid.append_option(xid.filter(|x| *x != 0).map(i64::from));
-        self.commit_ts.append_value(commit_ts);
-    }
-
-    /// `_unrepresented` of one row: the names of the columns at `replaced`.
-    fn append_replaced(&mut self, replaced: &[usize]) {
-        let Some(u) = self.unrepresented.as_mut() else { return };
-        if replaced.is_empty() {
-            u.append_null();
-            return;
-        }
-        for &i in replaced {
-            u.values().append_value(&self.layout.relation.columns[i].name);
-        }
-        u.append(true);
-    }
-
-    fn finish(&mut self, out: &mut Vec<TableFile>) {
-        if self.rows == 0 {
-            return;
-        }
-        let mut arrays: Vec<ArrayRef> = vec![
-            Arc::new(self.op.finish()),
-            Arc::new(self.lsn.finish()),
-            Arc::new(self.seq.finish()),
-            Arc::new(self.xid.finish()),
-            Arc::new(self.commit_ts.finish()),
-            Arc::new(self.unchanged.finish()),
-        ];
-        arrays.extend(self.unrepresented.as_mut().map(|u| Arc::new(u.finish()) as ArrayRef));
-        arrays.extend(self.columns.iter_mut().map(value::Builder::finish));
-        let batch =
-            RecordBatch::try_new(self.layout.schema.clone(), arrays).expect("builders match the layout's schema");
-        let rows = self.rows;
-        let parts = std::mem::take(&mut self.parts);
-        let ends: Vec<usize> = parts.iter().skip(1).map(|p| p.start_row).chain([rows]).collect();
-        // One file per partition, holding all of its runs (a partition column's values
-        // may alternate from row to row; commit-time partitions are one run each).
-        struct Group {
-            partition: String,
-            runs: Vec<(usize, usize)>,
-            first: RowPos,
-            last: RowPos,
-        }
-        let mut groups: Vec<Group> = Vec::new();
-        let mut index: HashMap<String, usize> = HashMap::new();
-        for (p, end) in parts.into_iter().zip(ends) {
-            match index.get(&p.partition) {
-                Some(&g) => {
-                    groups[g].runs.push((p.start_row, end));
-                    groups[g].last = p.last;
-                }
-                None => {
-                    index.insert(p.partition.clone(), groups.len());
-                    groups.push(Group {
-                        partition: p.partition,
-                        runs: vec![(p.start_row, end)],
-                        first: p.first,
-                        last: p.last,
-                    });
-                }
-            }
-        }
-        for Group {
-            partition,
-            runs,
-            first,
-            last,
-        } in groups
-        {
-            let batch = match runs.as_slice() {
-                [(start, end)] => batch.slice(*start, end - start),
-                _ => {
-                    let rows: arrow::array::UInt32Array = runs.iter().flat_map(|(s, e)| *s as u32..*e as u32).collect();
-                    arrow::compute::take_record_batch(&batch, &rows).expect("row indices are in range")
-                }
-            };
-            out.push(TableFile {
-                schema: self.layout.relation.namespace.clone(),
-                table: self.layout.relation.name.clone(),
-                partition,
-                first,
-                last,
-                batch,
-                hold: self.hold,
-            });
-        }
-        self.rows = 0;
-    }
-}
-
-struct OpenTx {
-    info: TxInfo,
-    /// `dt=…` and `dt=…/hour=…` of the commit time.
-    partition: String,
-    hour: String,
-    seq: u64,
-}
-
-impl OpenTx {
-    /// The partition of a row of `layout` whose partition column holds `value`.
-    fn partition_of<'a>(&'a self, layout: &Layout, value: Option<&[u8]>) -> std::borrow::Cow<'a, str> {
-        match &layout.part {
-            PartSource::CommitDate => self.partition.as_str().into(),
-            PartSource::CommitHour => self.hour.as_str().into(),
-            PartSource::Column(_, name) => column_partition(name, value).into(),
-        }
-    }
 }
 
 /// A row walshore writes itself rather than a change's: a truncate's (all null), and a
@@ -472,51 +165,9 @@ fn fallback(
     Ok(())
 }
 
-/// True when a change of `rel_id` in a transaction committed at `lsn` is in a copy of
-/// its table (and not written).
-fn gated(gates: &HashMap<u32, Gate>, rel_id: u32, lsn: Lsn) -> bool {
-    match gates.get(&rel_id) {
-        Some(Gate::From { lsn: from, .. }) => lsn < *from,
-        None | Some(Gate::Due) => false,
-    }
-}
-
-/// What a table's files wait for under `gate`.
-fn hold_of(gate: Option<&Gate>) -> Hold {
-    match gate {
-        Some(Gate::From { copy: Some(id), .. }) => Hold::Copy(*id),
-        Some(Gate::Due) => Hold::Due,
-        Some(Gate::From { copy: None, .. }) | None => Hold::None,
-    }
-}
-
 /// `schema.table`, the name tables go by in the commit log and the config.
 pub fn qualified(rel: &Relation) -> String {
     format!("{}.{}", rel.namespace, rel.name)
-}
-
-/// `dt=YYYY-MM-DD/hour=HH` of a commit time in UTC (µs since the Unix epoch).
-pub fn hour_partition(commit_ts: i64) -> String {
-    let hour = commit_ts.rem_euclid(86_400_000_000) / 3_600_000_000;
-    format!("{}/hour={hour:02}", date_partition(commit_ts))
-}
-
-/// `dt=YYYY-MM-DD` of a commit time in UTC (µs since the Unix epoch).
-pub fn date_partition(commit_ts: i64) -> String {
-    let (y, m, d) = civil_from_days(commit_ts.div_euclid(86_400_000_000));
-    format!("dt={y:04}-{m:02}-{d:02}")
-}
-
-/// Which of a table's changes the batcher writes, while and after it is copied.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Gate {
-    /// A copy is due but its snapshot point is not known yet: everything is written,
-    /// and the files are held back ([`Hold::Due`]) until the point sorts them out.
-    Due,
-    /// Copied at this snapshot point: only transactions committed at or after it are
-    /// written (the earlier ones are in the copy). `copy`: the copy of this run that
-    /// took the point, whose commit the files wait for.
-    From { lsn: Lsn, copy: Option<CopyId> },
 }
 
 #[derive(Default)]
@@ -563,32 +214,6 @@ impl Batcher {
         Batcher::default()
     }
 
-    /// A batcher that writes each table's changes only from its gate on; with
-    /// `unknown_due`, tables it has no gate for are [`Gate::Due`].
-    pub fn with_gates(gates: HashMap<String, Gate>, unknown_due: bool) -> Batcher {
-        Batcher {
-            points: gates
-                .values()
-                .filter_map(|g| match g {
-                    Gate::From { lsn, .. } => Some(*lsn),
-                    Gate::Due => None,
-                })
-                .collect(),
-            gates,
-            unknown_due,
-            ..Batcher::default()
-        }
-    }
-
-    /// The OID each table stands for, as recorded; with `record`, OIDs first seen and
-    /// changed are handed over for recording, and a new table under an old name starts
-    /// with a `T` row (there is no copy to do it).
-    pub fn with_oids(mut self, oids: HashMap<String, u32>, record: bool) -> Batcher {
-        self.oids = oids;
-        self.record_oids = record;
-        self
-    }
-
     /// Sets `[partitions]`.
     pub fn with_partitions(mut self, partitions: Arc<Partitions>) -> Batcher {
         self.partitions = partitions;
@@ -605,76 +230,6 @@ impl Batcher {
     pub fn with_lake_schemas(mut self, lake: HashMap<String, schema::LakeSchema>) -> Batcher {
         self.lake = lake;
         self
-    }
-
-    /// Sets the gate of `schema.table`. Rows buffered under the old gate are sealed
-    /// into their own files: a file's [`Hold`] is one for all its rows.
-    pub fn set_gate(&mut self, table: &str, gate: Gate) {
-        self.gates.insert(table.to_owned(), gate);
-        if let Gate::From { lsn, .. } = gate {
-            self.points.insert(lsn);
-        }
-        let ids: Vec<u32> = self
-            .layouts
-            .iter()
-            .filter(|(_, l)| qualified(&l.relation) == table)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
-            self.rel_gates.insert(id, gate);
-            if let Some(mut buf) = self.tables.remove(&id) {
-                buf.finish(&mut self.sealed);
-            }
-        }
-    }
-
-    fn gate_of(&self, table: &str) -> Option<Gate> {
-        self.gates.get(table).copied().or(self.unknown_due.then_some(Gate::Due))
-    }
-
-    fn resolve_gate(&mut self, rel: &Relation) {
-        match self.gate_of(&qualified(rel)) {
-            Some(g) => self.rel_gates.insert(rel.id, g),
-            None => self.rel_gates.remove(&rel.id),
-        };
-    }
-
-    /// A Relation under a name that stood for another OID: a table dropped and created
-    /// again (or another table renamed to it). Returns true when a `T` row is to start
-    /// it (`record_oids`); with copies, its changes are held until its copy.
-    fn new_identity(&mut self, rel: &Relation, name: &str) -> bool {
-        match self.oids.get(name) {
-            Some(&oid) if oid == rel.id => false,
-            None => {
-                self.oids.insert(name.to_owned(), rel.id);
-                if self.record_oids {
-                    self.oid_changes.push((name.to_owned(), rel.id));
-                }
-                false
-            }
-            Some(&old) => {
-                tracing::info!(table = %name, old_oid = old, new_oid = rel.id, "a new table under an old name (dropped and created again, or renamed to it)");
-                self.oids.insert(name.to_owned(), rel.id);
-                // The old table's state goes (a table renamed away gets a new Relation
-                // before its next change): nothing here grows with every rebuild.
-                if let Some(mut buf) = self.tables.remove(&old) {
-                    buf.finish(&mut self.sealed);
-                }
-                self.layouts.remove(&old);
-                self.rel_gates.remove(&old);
-                self.snapshot_seq.remove(&old);
-                if self.record_oids {
-                    self.oid_changes.push((name.to_owned(), rel.id));
-                    true
-                } else {
-                    // Its rows go to the lake through a copy; until then they are held.
-                    if self.unknown_due {
-                        self.set_gate(name, Gate::Due);
-                    }
-                    false
-                }
-            }
-        }
     }
 
     /// Starts `_seq` of the snapshot rows of `rel_id` at `seq` (a chunk's base).

@@ -5,6 +5,7 @@ use arrow::datatypes::Int64Type;
 use bytes::Bytes;
 
 use super::*;
+use crate::change::TxInfo;
 use crate::decode::{Column, ReplicaIdentity};
 use std::collections::HashMap;
 
@@ -203,7 +204,8 @@ fn gates_write_a_table_from_its_point_and_hold_what_waits_for_a_copy() {
         }
     }
     let taken = b.take();
-    let tables: Vec<(&str, Hold, Vec<(u64, u64)>)> = taken
+    type Positions = Vec<(u64, u64)>;
+    let tables: Vec<(&str, Hold, Positions)> = taken
         .files
         .iter()
         .map(|f| (f.table.as_str(), f.hold, positions(f)))
@@ -254,7 +256,8 @@ fn a_new_table_under_an_old_name_waits_for_a_copy_or_starts_with_a_truncate() {
         b.push(Event::Commit { end_lsn: Lsn(lsn + 8) }).unwrap();
     }
     let taken = b.take();
-    let rows: Vec<(Vec<String>, Vec<(u64, u64)>)> = taken.files.iter().map(|f| (ops(f), positions(f))).collect();
+    type Rows = Vec<(Vec<String>, Vec<(u64, u64)>)>;
+    let rows: Rows = taken.files.iter().map(|f| (ops(f), positions(f))).collect();
     assert_eq!(
         rows,
         [

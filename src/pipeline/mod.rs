@@ -42,7 +42,7 @@ use crate::checkpoint::{Checkpoint, CheckpointError, Watermarks, read_head, read
 use crate::config::{Config, SnapshotMode};
 use crate::decode::StreamBuffer;
 use crate::lsn::Lsn;
-pub use crate::retry::ErrorChain;
+use crate::retry::ErrorChain;
 use crate::retry::Retry;
 use crate::sink::{Sink, SinkError, StoreError, open_store};
 use crate::snapshot::{CopyEnv, Point};
