@@ -341,6 +341,10 @@ fn subtransactions_bench(rt: &tokio::runtime::Runtime) {
     let sink = format!("url = \"file://{}/lake\"", dir.path().display());
     let cfg = config(dir.path(), &cluster, "subx", &sink);
     timed(Command::new(walshore()).args(["sync", "--config", cfg.to_str().unwrap()]));
+    // PostgreSQL's own client reads the same WAL from a slot of its own: how long the
+    // decoder itself takes over a million subtransactions.
+    rt.block_on(c.batch_execute("SELECT pg_create_logical_replication_slot('recv', 'pgoutput')"))
+        .unwrap();
     let n = 1_000_000;
     let started = Instant::now();
     rt.block_on(c.batch_execute(&format!(
@@ -350,6 +354,37 @@ fn subtransactions_bench(rt: &tokio::runtime::Runtime) {
     )))
     .unwrap();
     eprintln!("  transaction written in {:.1}s", started.elapsed().as_secs_f64());
+    let end: String = rt
+        .block_on(c.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]))
+        .unwrap()
+        .get(0);
+    let recvlogical = cluster.bin().join("pg_recvlogical");
+    let port = cluster.port.to_string();
+    let (recv_secs, _) = timed(Command::new(&recvlogical).args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+        "--slot",
+        "recv",
+        "--start",
+        "--endpos",
+        &end,
+        "--no-loop",
+        "-f",
+        "/dev/null",
+        "-o",
+        "proto_version=2",
+        "-o",
+        "publication_names=bench",
+        "-o",
+        "streaming=on",
+    ]));
+    println!("  pg_recvlogical (pgoutput, streaming) read it in {recv_secs:.1}s");
     let (secs, rss) = timed(Command::new(walshore()).args(["sync", "--config", cfg.to_str().unwrap()]));
     let out = Command::new(walshore())
         .args(["status", "--config", cfg.to_str().unwrap()])
@@ -359,6 +394,7 @@ fn subtransactions_bench(rt: &tokio::runtime::Runtime) {
     let rows = status["tables"]["public.s"]["rows"].as_u64().unwrap_or(0);
     assert_eq!(rows, n, "every row of the transaction is in the lake");
     println!(
-        "  {n} subtransactions, {rows} rows drained in {secs:.1}s; walshore peak RSS {rss:.0} MiB (target <= 256)"
+        "  {n} subtransactions, {rows} rows drained in {secs:.1}s; RATIO walshore / pg_recvlogical time {:.2} (the decoder is the limit when about 1); walshore peak RSS {rss:.0} MiB (target <= 256)",
+        secs / recv_secs
     );
 }
