@@ -149,6 +149,11 @@ pub async fn run(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resul
     }
 }
 
+/// Whether `run_id` is an attempt of the process named `process`.
+fn is_run_of(process: &str, run_id: &str) -> bool {
+    run_id.strip_prefix(process).is_some_and(|rest| rest.starts_with('-'))
+}
+
 /// This process as a writer of the lake: every attempt's run id starts with its name,
 /// and once an attempt has claimed the lake, a head written by anybody else means
 /// another instance took over.
@@ -179,9 +184,7 @@ impl Process {
     }
 
     fn owns(&self, run_id: &str) -> bool {
-        run_id
-            .strip_prefix(self.name.as_str())
-            .is_some_and(|rest| rest.starts_with('-'))
+        is_run_of(&self.name, run_id)
     }
 
     /// Refuses to go on when another instance committed since this process claimed
@@ -293,7 +296,7 @@ async fn run_once(
     // From here the lake continues this slot's stream (copies run beside it).
     let owns: Arc<dyn Fn(&str) -> bool + Send + Sync> = {
         let name = process.name.clone();
-        Arc::new(move |run: &str| run.strip_prefix(name.as_str()).is_some_and(|r| r.starts_with('-')))
+        Arc::new(move |run: &str| is_run_of(&name, run))
     };
     let cleared = checkpoint
         .claim_and_recover(&run_id, true, owns.as_ref())
@@ -341,6 +344,18 @@ async fn run_once(
         }
     }
     result
+}
+
+/// Runs a stage; if it fails, cancels `copies`.
+async fn stop_copies_on_error(
+    copies: CancellationToken,
+    stage: impl std::future::Future<Output = Result<(), PipelineError>>,
+) -> Result<(), PipelineError> {
+    let r = stage.await;
+    if r.is_err() {
+        copies.cancel();
+    }
+    r
 }
 
 /// What an attempt has set up before its tasks start.
@@ -497,16 +512,21 @@ async fn stream(
     for t in due_now {
         gates.insert(t, Gate::Due);
     }
-    let batch = tokio::spawn(batch_task::batch_task(
-        event_rx,
-        sink_tx,
-        cfg.sink.flush_interval,
-        cfg.sink.max_buffer_bytes,
-        Batcher::with_gates(gates, initial_mode)
-            .with_oids(oids, !initial_mode)
-            .with_lake_schemas(schemas.clone())
-            .with_unrepresentable(cfg.sink.unrepresentable)
-            .with_partitions(Arc::new(cfg.partitions.clone())),
+    // A stage that fails stops the copies at once: the attempt is over, and a copy of an
+    // hour must not hold the retry (or the error) back.
+    let batch = tokio::spawn(stop_copies_on_error(
+        copies_stop.clone(),
+        batch_task::batch_task(
+            event_rx,
+            sink_tx,
+            cfg.sink.flush_interval,
+            cfg.sink.max_buffer_bytes,
+            Batcher::with_gates(gates, initial_mode)
+                .with_oids(oids, !initial_mode)
+                .with_lake_schemas(schemas.clone())
+                .with_unrepresentable(cfg.sink.unrepresentable)
+                .with_partitions(Arc::new(cfg.partitions.clone())),
+        ),
     ));
     let housekeeping = tokio::spawn(
         housekeeping::Housekeeping {
@@ -538,24 +558,27 @@ async fn stream(
         unrepresentable: cfg.sink.unrepresentable,
     }));
     let copier = tokio::spawn(copier.run());
-    let source = tokio::spawn(source_task::source_task(source_task::SourceTask {
-        repl,
-        assembler,
-        events: Some(event_tx),
-        confirm: confirm_rx,
-        shutdown,
-        target,
-        status_interval: cfg.source.status_interval,
-        receive_timeout: cfg.source.receive_timeout,
-        copy_requests: requests_rx,
-        outstanding,
-        copier_stop,
-        types: source_task::TypeResolver {
-            conn: cfg.source.conn.clone(),
-            client: None,
-            resolved: HashMap::new(),
-        },
-    }));
+    let source = tokio::spawn(stop_copies_on_error(
+        copies_stop.clone(),
+        source_task::source_task(source_task::SourceTask {
+            repl,
+            assembler,
+            events: Some(event_tx),
+            confirm: confirm_rx,
+            shutdown,
+            target,
+            status_interval: cfg.source.status_interval,
+            receive_timeout: cfg.source.receive_timeout,
+            copy_requests: requests_rx,
+            outstanding,
+            copier_stop,
+            types: source_task::TypeResolver {
+                conn: cfg.source.conn.clone(),
+                client: None,
+                resolved: HashMap::new(),
+            },
+        }),
+    ));
     let task = |e: tokio::task::JoinError| PipelineError::Task(e.to_string());
     let (s, b, d, c) = tokio::join!(source, batch, sink_task, copier);
     // Copies still running belong to this run: stop them and wait, so that none
