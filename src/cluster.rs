@@ -210,6 +210,14 @@ impl TempCluster {
         self.pg_ctl(&["-m", mode, "restart"])
     }
 
+    /// Starts a cluster [`stop`](Self::stop) stopped.
+    pub fn start_again(&mut self) -> Result<(), ClusterError> {
+        if !self.running {
+            self.pg_ctl_start()?;
+        }
+        Ok(())
+    }
+
     pub fn stop(&mut self) -> Result<(), ClusterError> {
         if self.running {
             self.running = false;

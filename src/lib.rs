@@ -38,3 +38,4 @@ pub mod sink;
 pub mod snapshot;
 pub mod source;
 pub mod status;
+pub mod telemetry;

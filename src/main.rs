@@ -70,6 +70,19 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Exit 0 if the running walshore of this config answers its /healthz (or, with
+    /// --ready, /readyz) with 200, else 1: a container health check that needs no shell
+    /// or curl. Needs [metrics] listen.
+    Health {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Ask /readyz (replicating and committing) instead of /healthz (alive).
+        #[arg(long)]
+        ready: bool,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Print Athena SQL for the lake: a CREATE VIEW with the current state of every
     /// replicated table (over its Glue change-log table), and example queries for the
     /// demo's trading schema.
@@ -220,6 +233,31 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Command::Health { config, ready, timeout } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let Some(addr) = cfg.metrics.listen else {
+                eprintln!(
+                    "walshore: health: {} has no [metrics] listen; set it (for example listen = \"127.0.0.1:{}\") and restart walshore",
+                    config.display(),
+                    walshore::config::DEFAULT_METRICS_PORT
+                );
+                return ExitCode::from(2);
+            };
+            let path = if ready { "/readyz" } else { "/healthz" };
+            match walshore::telemetry::server::probe(addr, path, timeout).await {
+                Ok(body) => {
+                    println!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Err(why) => {
+                    eprintln!("walshore: health: {why}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Demo { dir } => match walshore::demo::demo(&dir).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -236,7 +274,18 @@ async fn replicate(config: &std::path::Path, mode: Mode) -> ExitCode {
         Err(code) => return code,
     };
     let shutdown = shutdown_on_signal();
-    match pipeline::run(&cfg, mode, shutdown).await {
+    let telemetry = match walshore::telemetry::start(&cfg).await {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("walshore: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = pipeline::run(&cfg, mode, shutdown).await;
+    if let Some(t) = telemetry {
+        t.stop().await;
+    }
+    match result {
         Ok(summary) => {
             tracing::info!(commits = summary.commits, files = summary.files, end_lsn = %summary.end_lsn, "stopped cleanly");
             ExitCode::SUCCESS

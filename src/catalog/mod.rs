@@ -830,6 +830,7 @@ impl Catalog {
             for p in chunk {
                 self.registered.insert((table.to_owned(), (*p).to_owned()));
             }
+            metrics::counter!(crate::telemetry::names::GLUE_PARTITIONS).increment(chunk.len() as u64);
             tracing::debug!(table = %name, partitions = chunk.len(), "registered partitions");
         }
         Ok(())

@@ -386,6 +386,7 @@ mod tests {
             bytes: 1,
             first: crate::batch::RowPos { lsn: Lsn(1), seq: 0 },
             last: crate::batch::RowPos { lsn: Lsn(1), seq: 0 },
+            ops: Default::default(),
         }
     }
 

@@ -79,6 +79,8 @@ struct RawConfig {
     snapshot: RawSnapshot,
     #[serde(default)]
     catalog: RawCatalog,
+    #[serde(default)]
+    metrics: RawMetrics,
     /// `default` and `"schema.table"` keys: how files are partitioned.
     #[serde(default)]
     partitions: std::collections::BTreeMap<String, String>,
@@ -239,6 +241,100 @@ pub enum SnapshotMode {
     Never,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+    ready_within: Option<String>,
+    stuck_after: Option<String>,
+    slot_interval: Option<String>,
+    emf: Option<bool>,
+    emf_interval: Option<String>,
+    emf_namespace: Option<String>,
+}
+
+/// The port `[metrics] listen` suggests: clear of Prometheus (9090), node_exporter
+/// (9100) and postgres_exporter (9187).
+pub const DEFAULT_METRICS_PORT: u16 = 9753;
+/// Changes received and not committed for longer than this make `/readyz` fail.
+pub const DEFAULT_READY_WITHIN: Duration = Duration::from_secs(120);
+/// A stage inside one unit of work for longer than this makes `/healthz` fail: above
+/// every bounded wait inside a commit (S3 retries, a busy Glue's 5 minutes).
+pub const DEFAULT_STUCK_AFTER: Duration = Duration::from_secs(600);
+/// How often the slot is sampled for the slot gauges.
+pub const DEFAULT_SLOT_INTERVAL: Duration = Duration::from_secs(30);
+/// How often an EMF line is written.
+pub const DEFAULT_EMF_INTERVAL: Duration = Duration::from_secs(60);
+
+/// `[metrics]`: off unless `listen` or `emf` is set.
+#[derive(Clone, Debug)]
+pub struct MetricsConfig {
+    /// `/metrics`, `/healthz`, `/readyz` on this address.
+    pub listen: Option<std::net::SocketAddr>,
+    pub ready_within: Duration,
+    pub stuck_after: Duration,
+    pub slot_interval: Duration,
+    /// CloudWatch Embedded Metric Format lines on stdout.
+    pub emf: bool,
+    pub emf_interval: Duration,
+    pub emf_namespace: String,
+}
+
+impl MetricsConfig {
+    pub fn enabled(&self) -> bool {
+        self.listen.is_some() || self.emf
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> MetricsConfig {
+        MetricsConfig {
+            listen: None,
+            ready_within: DEFAULT_READY_WITHIN,
+            stuck_after: DEFAULT_STUCK_AFTER,
+            slot_interval: DEFAULT_SLOT_INTERVAL,
+            emf: false,
+            emf_interval: DEFAULT_EMF_INTERVAL,
+            emf_namespace: "walshore".into(),
+        }
+    }
+}
+
+fn metrics_config(raw: RawMetrics) -> Result<MetricsConfig, ConfigError> {
+    let listen = match raw.listen {
+        None => None,
+        Some(s) => {
+            let s = s.trim();
+            // A bare port is a port on loopback.
+            let parsed = match s.parse::<u16>() {
+                Ok(port) => Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
+                Err(_) => s.parse::<std::net::SocketAddr>(),
+            };
+            Some(parsed.map_err(|_| {
+                invalid(
+                    "metrics.listen",
+                    format!(
+                        "{s:?} is not an address such as \"127.0.0.1:{DEFAULT_METRICS_PORT}\" (or a port, on loopback)"
+                    ),
+                )
+            })?)
+        }
+    };
+    let namespace = raw.emf_namespace.unwrap_or_else(|| "walshore".into());
+    if namespace.is_empty() || namespace.len() > 255 {
+        return Err(invalid("metrics.emf_namespace", "must be 1 to 255 characters"));
+    }
+    Ok(MetricsConfig {
+        listen,
+        ready_within: duration("metrics.ready_within", raw.ready_within, DEFAULT_READY_WITHIN)?,
+        stuck_after: duration("metrics.stuck_after", raw.stuck_after, DEFAULT_STUCK_AFTER)?,
+        slot_interval: duration("metrics.slot_interval", raw.slot_interval, DEFAULT_SLOT_INTERVAL)?,
+        emf: raw.emf.unwrap_or(false),
+        emf_interval: duration("metrics.emf_interval", raw.emf_interval, DEFAULT_EMF_INTERVAL)?,
+        emf_namespace: namespace,
+    })
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub source: SourceConfig,
@@ -253,6 +349,7 @@ pub struct Config {
     pub partitions: Partitions,
     /// `catalog.kind = "glue"`.
     pub glue: Option<GlueConfig>,
+    pub metrics: MetricsConfig,
 }
 
 /// `[catalog]` with `kind = "glue"`.
@@ -642,6 +739,7 @@ impl TryFrom<RawConfig> for Config {
             snapshot_poll_interval,
             partitions,
             glue,
+            metrics: metrics_config(raw.metrics)?,
         })
     }
 }

@@ -86,6 +86,10 @@ impl StreamBuffer {
     }
 
     /// True when some streamed transaction is neither committed nor aborted.
+    pub fn spill_bytes(&self) -> u64 {
+        self.spill_bytes
+    }
+
     pub fn in_flight(&self) -> bool {
         !self.txns.is_empty()
     }

@@ -36,6 +36,11 @@ pub(super) async fn batch_task(
         tokio::select! {
             chunk = events.recv() => {
                 let Some(chunk) = chunk else { break };
+                let _busy = crate::telemetry::STATE.busy("batch");
+                if crate::telemetry::enabled() {
+                    metrics::gauge!(crate::telemetry::names::BUFFERED_BYTES)
+                        .set((events.bytes() + batcher.buffered_bytes()) as f64);
+                }
                 for event in chunk.events {
                     if let Event::Idle { lsn } = event {
                         if !batcher.has_data() && sink.send(SinkMsg::Idle(lsn)).await.is_err() {
@@ -70,6 +75,7 @@ pub(super) async fn batch_task(
                     continue;
                 }
                 deadline = None;
+                let _busy = crate::telemetry::STATE.busy("batch");
                 if batcher.has_data() && sink.send(SinkMsg::Flush(batcher.take())).await.is_err() {
                     return Ok(());
                 }

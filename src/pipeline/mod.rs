@@ -91,6 +91,19 @@ impl From<crate::decode::StreamError> for PipelineError {
 }
 
 impl PipelineError {
+    /// The part that failed, as the `stage` label of the error metrics.
+    pub fn stage(&self) -> &'static str {
+        match self {
+            PipelineError::Source(_) => "source",
+            PipelineError::Batch(_) => "batch",
+            PipelineError::Sink(_) | PipelineError::Store(_) => "sink",
+            PipelineError::Checkpoint(_) => "checkpoint",
+            PipelineError::Snapshot(_) => "copy",
+            PipelineError::Catalog(_) => "catalog",
+            PipelineError::Task(_) => "pipeline",
+        }
+    }
+
     pub fn retry(&self) -> Retry {
         match self {
             PipelineError::Source(e) => e.retry(),
@@ -115,7 +128,9 @@ pub async fn run(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resul
     loop {
         attempt += 1;
         let started = Instant::now();
-        match run_once(cfg, mode, shutdown.clone(), &process).await {
+        let outcome = run_once(cfg, mode, shutdown.clone(), &process).await;
+        crate::telemetry::STATE.set_connected(false);
+        match outcome {
             Ok(s) => {
                 total.absorb(s);
                 return Ok(total);
@@ -127,6 +142,7 @@ pub async fn run(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resul
                 // slot until PostgreSQL notices (wal_sender_timeout): wait for it. On a
                 // first attempt the holder is someone else, and that is final.
                 let own_walsender = attempt > 1 && matches!(e, PipelineError::Source(SourceError::SlotInUse { .. }));
+                crate::telemetry::failed(e.stage(), e.retry());
                 if (e.retry() == Retry::Definite && !own_walsender) || shutdown.is_cancelled() {
                     return Err(e);
                 }
@@ -140,6 +156,7 @@ pub async fn run(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resul
                     return Err(e);
                 };
                 tracing::warn!(attempt, retry_in = ?delay, error = %ErrorChain(&e), "transient failure; reconnecting from the committed position");
+                crate::telemetry::retried(e.stage());
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => return Err(e),
@@ -303,6 +320,7 @@ async fn run_once(
         .await
         .map_err(|e| fail(e.into()))?;
     process.claimed.store(true, std::sync::atomic::Ordering::SeqCst);
+    crate::telemetry::STATE.set_connected(true);
     tracing::info!(
         slot = %cfg.source.slot,
         publication = %cfg.source.publication,
@@ -577,6 +595,7 @@ async fn stream(
                 client: None,
                 resolved: HashMap::new(),
             },
+            open_commit_ts: 0,
         }),
     ));
     let task = |e: tokio::task::JoinError| PipelineError::Task(e.to_string());

@@ -63,6 +63,11 @@ impl EventReceiver {
     pub async fn recv(&mut self) -> Option<Chunk> {
         self.rx.recv().await
     }
+
+    /// Message bytes in the queue now.
+    pub fn bytes(&self) -> usize {
+        QUEUE_BYTES.saturating_sub(self.budget.available_permits())
+    }
 }
 
 impl Drop for EventReceiver {

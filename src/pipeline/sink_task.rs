@@ -79,6 +79,8 @@ struct SinkState {
     left: Vec<String>,
     adopted: Vec<(String, TableIdentity)>,
     oids: Vec<(String, u32)>,
+    /// When the first flush of the next commit reached the sink (commit duration).
+    flush_started: Option<std::time::Instant>,
 }
 
 pub(super) async fn sink_task(mut t: SinkTask) -> (Summary, Checkpoint, Result<(), PipelineError>) {
@@ -149,11 +151,14 @@ impl SinkTask {
             SinkMsg::Idle(lsn) => {
                 if st.uncommitted.is_empty() {
                     advance(&self.confirm, lsn);
+                    crate::telemetry::STATE.committed(lsn.0, None, false);
                 }
                 return Ok(());
             }
             SinkMsg::Flush(t) => t,
         };
+        let _busy = crate::telemetry::STATE.busy("sink");
+        st.flush_started.get_or_insert_with(std::time::Instant::now);
         // The schema first: a committed file is always covered by its table's schema.
         for (table, schema) in &taken.schemas {
             let recorded = self.schemas.get(table).cloned().unwrap_or_default();
@@ -210,6 +215,7 @@ impl SinkTask {
     /// Commits at a transaction boundary (`boundary`: the end of the last transaction
     /// handed over, and its commit time), or with only the ready copies (None).
     async fn commit(&mut self, st: &mut SinkState, boundary: Option<(Lsn, Option<i64>)>) -> Result<(), PipelineError> {
+        let commit_started = std::time::Instant::now();
         let mut files = Vec::new();
         if boundary.is_some() {
             files = std::mem::take(&mut st.uncommitted);
@@ -278,6 +284,8 @@ impl SinkTask {
             // Nothing to publish: the transactions touched no published rows.
             if boundary.is_some() {
                 advance(&self.confirm, end_lsn);
+                crate::telemetry::STATE.committed(end_lsn.0, commit_ts, false);
+                st.flush_started = None;
             }
             return Ok(());
         }
@@ -289,6 +297,7 @@ impl SinkTask {
         for f in &files {
             *st.summary.rows.entry(f.table.clone()).or_default() += f.rows;
         }
+        let observed = crate::telemetry::enabled().then(|| written_rows(&files));
         // Tables and partitions are in the catalog before the record that publishes
         // them: a committed partition is always registered.
         if let Some(catalog) = &mut self.catalog {
@@ -325,8 +334,43 @@ impl SinkTask {
                 tracing::warn!(request = %key, error = %e, "cannot delete a carried-out resnapshot request; it is carried out again");
             }
         }
+        if let Some(rows_by_op) = observed {
+            use crate::telemetry::names;
+            let started = if boundary.is_some() {
+                st.flush_started.take()
+            } else {
+                None
+            };
+            for ((table, op), n) in rows_by_op {
+                metrics::counter!(names::ROWS_WRITTEN, "table" => table, "op" => op).increment(n);
+            }
+            metrics::counter!(names::COMMITS).increment(1);
+            metrics::counter!(names::FILES_WRITTEN).increment(n_files as u64);
+            metrics::counter!(names::BYTES_WRITTEN).increment(bytes);
+            metrics::histogram!(names::FLUSH_ROWS).record(rows as f64);
+            metrics::histogram!(names::FLUSH_BYTES).record(bytes as f64);
+            if let Some(t) = started.or(Some(commit_started)) {
+                metrics::histogram!(names::COMMIT_DURATION).record(t.elapsed().as_secs_f64());
+            }
+        }
         crate::fault::point("after_commit_before_confirm");
         advance(&self.confirm, end);
+        if boundary.is_some() {
+            crate::telemetry::STATE.committed(end.0, record.commit_ts, true);
+        }
         Ok(())
     }
+}
+
+/// Rows of `files` per table and `_op`.
+fn written_rows(files: &[crate::sink::WrittenObject]) -> BTreeMap<(String, &'static str), u64> {
+    let mut out = BTreeMap::new();
+    for f in files {
+        for (op, n) in crate::sink::OpCounts::OPS.iter().zip(f.ops.0) {
+            if n > 0 {
+                *out.entry((f.table.clone(), *op)).or_default() += n;
+            }
+        }
+    }
+    out
 }

@@ -55,6 +55,8 @@ pub(super) struct SourceTask {
     /// Cancelled when this task stops: the copier starts no copy after that.
     pub copier_stop: CancellationToken,
     pub types: TypeResolver,
+    /// Commit time of the transaction whose events are being handed over (metrics).
+    pub open_commit_ts: i64,
 }
 
 /// Relations as PostgreSQL sent them, and as resolved against the catalog (domains as
@@ -291,6 +293,47 @@ impl SourceTask {
         Ok(())
     }
 
+    /// Counts what a chunk carries: transactions received (and their commit times, for
+    /// the lag), changes per table and operation.
+    fn observe(&mut self, events: &[Event]) {
+        use crate::change::Change;
+        let mut counts: std::collections::HashMap<(u32, u8), u64> = std::collections::HashMap::new();
+        let mut transactions = 0u64;
+        for event in events {
+            match event {
+                Event::Begin(info) => self.open_commit_ts = info.commit_ts,
+                Event::Commit { end_lsn } => {
+                    transactions += 1;
+                    crate::telemetry::STATE.received(self.open_commit_ts, end_lsn.0);
+                }
+                Event::Change(change) => match change {
+                    Change::Insert { rel_id, .. } => *counts.entry((*rel_id, b'I')).or_default() += 1,
+                    Change::Update { rel_id, .. } => *counts.entry((*rel_id, b'U')).or_default() += 1,
+                    Change::Delete { rel_id, .. } => *counts.entry((*rel_id, b'D')).or_default() += 1,
+                    Change::Truncate { rel_ids } => {
+                        for rel_id in rel_ids {
+                            *counts.entry((*rel_id, b'T')).or_default() += 1;
+                        }
+                    }
+                    Change::SnapshotBinaryRows { .. } => {}
+                },
+                _ => {}
+            }
+        }
+        use crate::telemetry::names;
+        metrics::counter!(names::TRANSACTIONS_RECEIVED).increment(transactions);
+        for ((rel_id, op), n) in counts {
+            let table = self
+                .types
+                .resolved
+                .get(&rel_id)
+                .map_or_else(|| rel_id.to_string(), |(_, r)| format!("{}.{}", r.namespace, r.name));
+            metrics::counter!(names::CHANGES_RECEIVED, "table" => table, "op" => crate::telemetry::op_label(op))
+                .increment(n);
+        }
+        metrics::gauge!(names::SPILL_BYTES).set(self.assembler.spill_bytes() as f64);
+    }
+
     /// Hands a chunk downstream, waiting for room (backpressure, in bytes). While it
     /// waits, PostgreSQL keeps hearing from us, so a slow sink never trips
     /// wal_sender_timeout. Returns false when downstream is gone.
@@ -301,7 +344,11 @@ impl SourceTask {
                 *rel = within(self.receive_timeout, "reading column types", self.types.resolve(rel)).await?;
             }
         }
+        if crate::telemetry::enabled() {
+            self.observe(&chunk.events);
+        }
         let Some(events) = &self.events else { return Ok(false) };
+        let _busy = crate::telemetry::STATE.busy("source");
         let send = events.send(chunk.events, chunk.bytes);
         let mut send = std::pin::pin!(send);
         loop {

@@ -44,6 +44,35 @@ pub struct WrittenObject {
     pub bytes: u64,
     pub first: RowPos,
     pub last: RowPos,
+    /// Rows per `_op`, for the metrics (not recorded in the log).
+    #[serde(skip)]
+    pub ops: OpCounts,
+}
+
+/// Rows of a file per `_op` value.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpCounts(pub [u64; 5]);
+
+impl OpCounts {
+    /// The `_op` values, in the order of the counts.
+    pub const OPS: [&str; 5] = ["I", "U", "D", "T", "R"];
+
+    /// Counts the `_op` column (the first) of `batch`.
+    pub fn of(batch: &arrow::record_batch::RecordBatch) -> OpCounts {
+        let mut c = OpCounts::default();
+        let Some(ops) = batch
+            .column_by_name("_op")
+            .and_then(|a| a.as_any().downcast_ref::<arrow::array::StringArray>())
+        else {
+            return c;
+        };
+        for op in ops.iter().flatten() {
+            if let Some(i) = Self::OPS.iter().position(|o| *o == op) {
+                c.0[i] += 1;
+            }
+        }
+        c
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -278,6 +307,7 @@ impl Sink {
                 bytes: buf.len() as u64,
                 first: file.first,
                 last: file.last,
+                ops: OpCounts::of(&file.batch),
             },
             data: Bytes::from(buf),
         })

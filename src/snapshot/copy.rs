@@ -102,13 +102,17 @@ impl Prepared {
         loop {
             tokio::select! {
                 _ = &mut work => break,
-                _ = log.tick() => shared.log_progress(started),
+                _ = log.tick() => {
+                    shared.log_progress(started);
+                    shared.record_progress(false);
+                }
                 _ = redraw.tick(), if bar => shared.draw_bar(started),
             }
         }
         if bar {
             eprint!("\r\x1b[K");
         }
+        shared.record_progress(true);
         // Every chunk is copied, or an error (or shutdown) said why not.
         if !shared.stop.is_cancelled()
             && shared
@@ -447,6 +451,26 @@ impl Shared {
             share * 100.0,
             bytes as f64 / 1048576.0 / secs
         );
+    }
+
+    /// The copy gauges: rows read per table, and the rows expected (from the share of
+    /// pages read so far; the count itself once done).
+    fn record_progress(&self, done: bool) {
+        if !crate::telemetry::enabled() {
+            return;
+        }
+        for (table, p) in self.tables.iter().zip(&self.progress) {
+            let rows = p.rows.load(Ordering::Relaxed);
+            let pages_done = p.pages_done.load(Ordering::Relaxed);
+            let finished = done || p.chunks_left.load(Ordering::Relaxed) == 0;
+            metrics::gauge!(crate::telemetry::names::COPY_ROWS, "table" => table.name.clone()).set(rows as f64);
+            let expected = if finished || table.pages == 0 || pages_done == 0 {
+                rows as f64
+            } else {
+                rows as f64 * table.pages as f64 / pages_done.min(table.pages) as f64
+            };
+            metrics::gauge!(crate::telemetry::names::COPY_ROWS_ESTIMATED, "table" => table.name.clone()).set(expected);
+        }
     }
 
     fn log_progress(&self, started: Instant) {

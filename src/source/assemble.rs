@@ -33,6 +33,11 @@ pub struct Assembler {
 }
 
 impl Assembler {
+    /// Bytes of streamed transactions spilled to disk now.
+    pub fn spill_bytes(&self) -> u64 {
+        self.buffer.spill_bytes()
+    }
+
     pub fn new(committed: Lsn, buffer: StreamBuffer) -> Assembler {
         Assembler {
             framing: Framing::default(),

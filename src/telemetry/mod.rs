@@ -1,0 +1,499 @@
+//! What a running walshore tells the outside: Prometheus metrics (through the `metrics`
+//! facade), liveness and readiness, and CloudWatch EMF lines.
+//!
+//! The stages record into the facade; with no `[metrics]` section no recorder is
+//! installed and every call is a no-op. State that is not a plain counter (the commit
+//! times behind the lag gauges, whether the stream is connected, which stage is busy
+//! since when) lives in [`State`], read when `/metrics`, `/healthz` or `/readyz` is asked
+//! and when an EMF line is written.
+//!
+//! Metric names follow Prometheus' conventions: `walshore_` prefix, base units
+//! (`_seconds`, `_bytes`), `_total` for counters. Labels never carry row values: table
+//! names, operations, stages and kinds only.
+
+pub mod emf;
+pub mod server;
+pub mod slot;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Every metric walshore records, with its help text (README's table says what to alert on).
+pub mod names {
+    pub const RECEIVED_LAG: &str = "walshore_received_lag_seconds";
+    pub const COMMITTED_LAG: &str = "walshore_committed_lag_seconds";
+    pub const RECEIVED_TS: &str = "walshore_received_commit_timestamp_seconds";
+    pub const COMMITTED_TS: &str = "walshore_committed_commit_timestamp_seconds";
+    pub const UNCOMMITTED: &str = "walshore_uncommitted_seconds";
+    pub const CONNECTED: &str = "walshore_connected";
+    pub const READY: &str = "walshore_ready";
+    pub const SLOT_CONFIRMED_LAG: &str = "walshore_slot_confirmed_lag_bytes";
+    pub const SLOT_RETAINED: &str = "walshore_slot_retained_bytes";
+    pub const SLOT_SAFE_WAL: &str = "walshore_slot_safe_wal_size_bytes";
+    pub const SLOT_WAL_STATUS: &str = "walshore_slot_wal_status";
+    pub const SLOT_ACTIVE: &str = "walshore_slot_active";
+    pub const SLOT_SAMPLED: &str = "walshore_slot_sampled_timestamp_seconds";
+    pub const SLOT_SAMPLE_ERRORS: &str = "walshore_slot_sample_errors_total";
+    pub const CHANGES_RECEIVED: &str = "walshore_changes_received_total";
+    pub const TRANSACTIONS_RECEIVED: &str = "walshore_transactions_received_total";
+    pub const ROWS_WRITTEN: &str = "walshore_rows_written_total";
+    pub const BYTES_WRITTEN: &str = "walshore_written_bytes_total";
+    pub const FILES_WRITTEN: &str = "walshore_files_written_total";
+    pub const COMMITS: &str = "walshore_commits_total";
+    pub const COMMIT_DURATION: &str = "walshore_commit_duration_seconds";
+    pub const FLUSH_ROWS: &str = "walshore_flush_rows";
+    pub const FLUSH_BYTES: &str = "walshore_flush_bytes";
+    pub const COPY_ROWS: &str = "walshore_copy_rows";
+    pub const COPY_ROWS_ESTIMATED: &str = "walshore_copy_rows_estimated";
+    pub const RETRIES: &str = "walshore_retries_total";
+    pub const ERRORS: &str = "walshore_errors_total";
+    pub const GLUE_PARTITIONS: &str = "walshore_glue_partitions_registered_total";
+    pub const SPILL_BYTES: &str = "walshore_spill_bytes";
+    pub const BUFFERED_BYTES: &str = "walshore_buffered_bytes";
+    pub const HEARTBEATS: &str = "walshore_heartbeats_total";
+    pub const STAGE_BUSY: &str = "walshore_stage_busy_seconds";
+}
+
+/// Bucket bounds of the commit duration histogram (seconds): a local commit takes
+/// milliseconds, one waiting out a slow S3 or Glue seconds to minutes.
+const COMMIT_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+/// Rows per flush.
+const ROW_BUCKETS: &[f64] = &[1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7];
+/// Bytes per flush (encoded Parquet).
+const BYTE_BUCKETS: &[f64] = &[
+    1024.0,
+    16384.0,
+    131072.0,
+    1048576.0,
+    8388608.0,
+    33554432.0,
+    134217728.0,
+    536870912.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder (once; later calls return the same handle).
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(names::COMMIT_DURATION.into()), COMMIT_BUCKETS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(names::FLUSH_ROWS.into()), ROW_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(names::FLUSH_BYTES.into()), BYTE_BUCKETS))
+                .expect("bucket lists are not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed, which walshore never does.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            ENABLED.store(true, Ordering::Relaxed);
+            handle
+        })
+        .clone()
+}
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Whether a recorder is installed: stages skip per-change bookkeeping otherwise.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    use names::*;
+    describe_gauge!(
+        RECEIVED_LAG,
+        Unit::Seconds,
+        "now minus the commit time of the newest transaction received from PostgreSQL"
+    );
+    describe_gauge!(
+        COMMITTED_LAG,
+        Unit::Seconds,
+        "now minus the commit time of the newest transaction whose changes are committed to the lake (or that had none to write)"
+    );
+    describe_gauge!(
+        RECEIVED_TS,
+        Unit::Seconds,
+        "commit time (Unix seconds) of the newest transaction received"
+    );
+    describe_gauge!(
+        COMMITTED_TS,
+        Unit::Seconds,
+        "commit time (Unix seconds) of the newest transaction committed to the lake"
+    );
+    describe_gauge!(
+        UNCOMMITTED,
+        Unit::Seconds,
+        "how long received changes have waited without a commit to the lake; 0 when nothing waits"
+    );
+    describe_gauge!(CONNECTED, "1 while the replication stream is up");
+    describe_gauge!(
+        READY,
+        "1 while /readyz answers 200: connected, and committing within metrics.ready_within or with nothing to commit"
+    );
+    describe_gauge!(
+        SLOT_CONFIRMED_LAG,
+        Unit::Bytes,
+        "pg_current_wal_lsn() minus the slot's confirmed_flush_lsn"
+    );
+    describe_gauge!(
+        SLOT_RETAINED,
+        Unit::Bytes,
+        "pg_current_wal_lsn() minus the slot's restart_lsn: WAL the slot keeps on the server's disk"
+    );
+    describe_gauge!(
+        SLOT_SAFE_WAL,
+        Unit::Bytes,
+        "pg_replication_slots.safe_wal_size: WAL that can still be written before the slot is invalidated (absent with max_slot_wal_keep_size = -1)"
+    );
+    describe_gauge!(
+        SLOT_WAL_STATUS,
+        "1 for the slot's current pg_replication_slots.wal_status (label status: reserved, extended, unreserved, lost)"
+    );
+    describe_gauge!(SLOT_ACTIVE, "1 while a walsender holds the slot");
+    describe_gauge!(
+        SLOT_SAMPLED,
+        Unit::Seconds,
+        "when the slot was last sampled (Unix seconds)"
+    );
+    describe_counter!(
+        SLOT_SAMPLE_ERRORS,
+        "slot samples that failed (the server unreachable, say)"
+    );
+    describe_counter!(
+        CHANGES_RECEIVED,
+        "row changes decoded from the stream, per table and operation (insert, update, delete, truncate)"
+    );
+    describe_counter!(TRANSACTIONS_RECEIVED, "transactions decoded from the stream");
+    describe_counter!(
+        ROWS_WRITTEN,
+        "rows committed to the lake, per table and _op (I, U, D, T, R)"
+    );
+    describe_counter!(BYTES_WRITTEN, Unit::Bytes, "Parquet bytes committed to the lake");
+    describe_counter!(FILES_WRITTEN, "Parquet files committed to the lake");
+    describe_counter!(COMMITS, "commit records written");
+    describe_histogram!(
+        COMMIT_DURATION,
+        Unit::Seconds,
+        "from a flush reaching the sink to its commit record written (uploads, Glue, record)"
+    );
+    describe_histogram!(FLUSH_ROWS, "rows per commit");
+    describe_histogram!(FLUSH_BYTES, Unit::Bytes, "Parquet bytes per commit");
+    describe_gauge!(COPY_ROWS, "rows the running (or last) copy of each table has read");
+    describe_gauge!(
+        COPY_ROWS_ESTIMATED,
+        "rows the copy of each table is expected to read: extrapolated from its share of the table's pages, exact once done"
+    );
+    describe_counter!(
+        RETRIES,
+        "times the pipeline reconnected after a transient failure, per stage that failed"
+    );
+    describe_counter!(
+        ERRORS,
+        "failures per stage and kind (transient: retried; definite: walshore stops)"
+    );
+    describe_counter!(GLUE_PARTITIONS, "partitions registered in the Glue catalog");
+    describe_gauge!(
+        SPILL_BYTES,
+        Unit::Bytes,
+        "bytes of streamed in-progress transactions spilled to disk"
+    );
+    describe_gauge!(
+        BUFFERED_BYTES,
+        Unit::Bytes,
+        "decoded changes waiting in memory between source and sink"
+    );
+    describe_counter!(
+        HEARTBEATS,
+        "heartbeat messages written to the WAL (source.heartbeat_interval)"
+    );
+    describe_gauge!(
+        STAGE_BUSY,
+        "how long each stage has been inside its current unit of work (0 when waiting for input)"
+    );
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// What is read at request time: lag sources, connection, stage activity.
+pub struct State {
+    /// Commit time of the newest transaction received, µs since the epoch (0: none yet).
+    received_ts: AtomicI64,
+    /// Of the newest transaction committed to the lake (or confirmed with nothing to write).
+    committed_ts: AtomicI64,
+    /// End LSN of the newest transaction received and of the newest one committed.
+    received_end: AtomicU64,
+    committed_end: AtomicU64,
+    /// Since when received changes wait for a commit.
+    waiting_since: Mutex<Option<Instant>>,
+    connected: AtomicBool,
+    /// Stage → since when it is busy with its current unit of work.
+    busy: Mutex<HashMap<&'static str, Instant>>,
+    /// The last commit record written (wall time).
+    last_commit: Mutex<Option<Instant>>,
+}
+
+pub static STATE: LazyLock<State> = LazyLock::new(|| State {
+    received_ts: AtomicI64::new(0),
+    committed_ts: AtomicI64::new(0),
+    received_end: AtomicU64::new(0),
+    committed_end: AtomicU64::new(0),
+    waiting_since: Mutex::new(None),
+    connected: AtomicBool::new(false),
+    busy: Mutex::new(HashMap::new()),
+    last_commit: Mutex::new(None),
+});
+
+/// A stage inside a unit of work; dropping it ends the unit.
+pub struct Busy(&'static str);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        STATE.busy.lock().expect("not poisoned").remove(self.0);
+    }
+}
+
+impl State {
+    /// A transaction was received: its commit time (µs) and end LSN.
+    pub fn received(&self, commit_ts: i64, end: u64) {
+        self.received_ts.fetch_max(commit_ts, Ordering::Relaxed);
+        self.received_end.fetch_max(end, Ordering::Relaxed);
+        let mut w = self.waiting_since.lock().expect("not poisoned");
+        if w.is_none() && end > self.committed_end.load(Ordering::Relaxed) {
+            *w = Some(Instant::now());
+        }
+    }
+
+    /// Everything up to `end` is in the lake (committed, or confirmed with nothing to
+    /// write); `commit_ts`: the newest such transaction's commit time, if known.
+    pub fn committed(&self, end: u64, commit_ts: Option<i64>, record: bool) {
+        self.committed_end.fetch_max(end, Ordering::Relaxed);
+        if let Some(ts) = commit_ts {
+            self.committed_ts.fetch_max(ts, Ordering::Relaxed);
+        }
+        if record {
+            *self.last_commit.lock().expect("not poisoned") = Some(Instant::now());
+        }
+        let mut w = self.waiting_since.lock().expect("not poisoned");
+        if end >= self.received_end.load(Ordering::Relaxed) {
+            *w = None;
+        } else if w.is_some() {
+            // What remains arrived after this commit's transactions.
+            *w = Some(Instant::now());
+        }
+    }
+
+    /// The stream went up or down.
+    pub fn set_connected(&self, up: bool) {
+        self.connected.store(up, Ordering::Relaxed);
+        if !up {
+            // What was received and not committed is streamed again after a reconnect.
+            let committed = self.committed_end.load(Ordering::Relaxed);
+            self.received_end.store(committed, Ordering::Relaxed);
+            *self.waiting_since.lock().expect("not poisoned") = None;
+            self.busy.lock().expect("not poisoned").clear();
+        }
+    }
+
+    /// `stage` starts a unit of work (ended when the guard drops).
+    pub fn busy(&self, stage: &'static str) -> Busy {
+        self.busy.lock().expect("not poisoned").insert(stage, Instant::now());
+        Busy(stage)
+    }
+
+    /// How long changes have waited for a commit (zero when none wait).
+    pub fn uncommitted_for(&self) -> Duration {
+        self.waiting_since
+            .lock()
+            .expect("not poisoned")
+            .map_or(Duration::ZERO, |t| t.elapsed())
+    }
+
+    /// Liveness: no stage has been inside one unit of work for longer than `stuck_after`.
+    pub fn health(&self, stuck_after: Duration) -> Result<(), String> {
+        let busy = self.busy.lock().expect("not poisoned");
+        let mut stuck: Vec<String> = busy
+            .iter()
+            .filter(|(_, since)| since.elapsed() > stuck_after)
+            .map(|(stage, since)| format!("{stage} busy for {:.0} s", since.elapsed().as_secs_f64()))
+            .collect();
+        if stuck.is_empty() {
+            return Ok(());
+        }
+        stuck.sort();
+        Err(format!(
+            "stuck (metrics.stuck_after = {stuck_after:?}): {}",
+            stuck.join(", ")
+        ))
+    }
+
+    /// Readiness: connected, and changes received wait no longer than `within`.
+    pub fn readiness(&self, within: Duration) -> Result<(), String> {
+        if !self.connected.load(Ordering::Relaxed) {
+            return Err("not connected to PostgreSQL (starting, or reconnecting after a failure)".into());
+        }
+        let waited = self.uncommitted_for();
+        if waited > within {
+            return Err(format!(
+                "changes received {:.0} s ago are not committed yet (metrics.ready_within = {within:?})",
+                waited.as_secs_f64()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sets the gauges that are computed rather than recorded (before a scrape or an
+    /// EMF line).
+    pub fn refresh(&self, ready_within: Duration) {
+        let now = unix_now();
+        for (ts, lag, at) in [
+            (names::RECEIVED_TS, names::RECEIVED_LAG, &self.received_ts),
+            (names::COMMITTED_TS, names::COMMITTED_LAG, &self.committed_ts),
+        ] {
+            let micros = at.load(Ordering::Relaxed);
+            if micros > 0 {
+                let secs = micros as f64 / 1e6;
+                metrics::gauge!(ts).set(secs);
+                metrics::gauge!(lag).set((now - secs).max(0.0));
+            }
+        }
+        metrics::gauge!(names::UNCOMMITTED).set(self.uncommitted_for().as_secs_f64());
+        metrics::gauge!(names::CONNECTED).set(f64::from(u8::from(self.connected.load(Ordering::Relaxed))));
+        metrics::gauge!(names::READY).set(f64::from(u8::from(self.readiness(ready_within).is_ok())));
+        let busy = self.busy.lock().expect("not poisoned");
+        for stage in STAGES {
+            let secs = busy.get(stage).map_or(0.0, |t| t.elapsed().as_secs_f64());
+            metrics::gauge!(names::STAGE_BUSY, "stage" => *stage).set(secs);
+        }
+    }
+}
+
+/// The stages that report when they are busy.
+pub const STAGES: &[&str] = &["source", "batch", "sink"];
+
+/// A failure of `stage`, of the kind `retry` says.
+pub fn failed(stage: &'static str, retry: crate::retry::Retry) {
+    let kind = match retry {
+        crate::retry::Retry::Transient => "transient",
+        crate::retry::Retry::Definite => "definite",
+    };
+    metrics::counter!(names::ERRORS, "stage" => stage, "kind" => kind).increment(1);
+}
+
+/// The pipeline starts again after a failure of `stage`.
+pub fn retried(stage: &'static str) {
+    metrics::counter!(names::RETRIES, "stage" => stage).increment(1);
+}
+
+/// The operation label of a change.
+pub fn op_label(op: u8) -> &'static str {
+    match op {
+        b'I' => "insert",
+        b'U' => "update",
+        b'D' => "delete",
+        b'T' => "truncate",
+        _ => "other",
+    }
+}
+
+/// The endpoint, slot sampler and EMF writer of a `run` or `sync`.
+pub struct Running {
+    stop: tokio_util::sync::CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Starts what `[metrics]` asks for; None when it asks for nothing. Fails only when the
+/// endpoint cannot listen.
+pub async fn start(cfg: &crate::config::Config) -> std::io::Result<Option<Running>> {
+    let m = &cfg.metrics;
+    if !m.enabled() {
+        return Ok(None);
+    }
+    let handle = install();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut tasks = Vec::new();
+    if let Some(listen) = m.listen {
+        tasks.push(server::serve(m, listen, handle.clone(), stop.clone()).await?);
+    }
+    tasks.push(tokio::spawn(slot::sampler(
+        cfg.source.conn.clone(),
+        cfg.source.slot.clone(),
+        m.slot_interval,
+        stop.clone(),
+    )));
+    if m.emf {
+        let dimensions = vec![
+            ("Database".to_owned(), cfg.source.conn.dbname.clone()),
+            ("Slot".to_owned(), cfg.source.slot.clone()),
+        ];
+        tasks.push(tokio::spawn(emf::writer(
+            handle,
+            m.emf_namespace.clone(),
+            dimensions,
+            m.emf_interval,
+            m.ready_within,
+            stop.clone(),
+        )));
+    }
+    Ok(Some(Running { stop, tasks }))
+}
+
+impl Running {
+    /// Stops everything (the EMF writer writes a last line).
+    pub async fn stop(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_follows_connection_and_waiting_changes() {
+        let s = State {
+            received_ts: AtomicI64::new(0),
+            committed_ts: AtomicI64::new(0),
+            received_end: AtomicU64::new(0),
+            committed_end: AtomicU64::new(0),
+            waiting_since: Mutex::new(None),
+            connected: AtomicBool::new(false),
+            busy: Mutex::new(HashMap::new()),
+            last_commit: Mutex::new(None),
+        };
+        assert!(s.readiness(Duration::from_secs(60)).is_err(), "not connected");
+        s.connected.store(true, Ordering::Relaxed);
+        assert!(s.readiness(Duration::from_secs(60)).is_ok(), "idle");
+        s.received(1_000_000, 100);
+        assert!(s.uncommitted_for() < Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(s.readiness(Duration::from_millis(10)).is_err(), "waited past the bound");
+        s.committed(50, Some(500_000), true);
+        assert!(
+            s.readiness(Duration::from_millis(10)).is_ok(),
+            "the rest arrived after this commit"
+        );
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(s.readiness(Duration::from_millis(10)).is_err());
+        s.committed(100, Some(1_000_000), true);
+        assert_eq!(s.uncommitted_for(), Duration::ZERO);
+        assert!(s.readiness(Duration::from_millis(10)).is_ok());
+    }
+}
