@@ -240,6 +240,34 @@ async fn database_checks(cfg: &Config, r: &mut Report) {
         }
         Err(e) => r.line(Outcome::Fail, "slot", e),
     }
+    // How close the slot is to max_slot_wal_keep_size, and whether there is a limit.
+    match crate::telemetry::slot::sample(&client, &cfg.source.slot).await {
+        Ok(Some(s)) => match s.risk(&cfg.source.slot) {
+            Some(risk) => r.line(Outcome::Warn, "slot WAL", risk),
+            None => match (s.keep_size, s.safe_wal_size) {
+                (Some(keep), Some(safe)) => r.line(
+                    Outcome::Ok,
+                    "slot WAL",
+                    format!(
+                        "holds {} MiB; {} MiB more before max_slot_wal_keep_size ({} MiB) invalidates it",
+                        s.retained_bytes.unwrap_or(0).max(0) >> 20,
+                        safe.max(0) >> 20,
+                        keep >> 20
+                    ),
+                ),
+                _ => r.line(
+                    Outcome::Ok,
+                    "slot WAL",
+                    format!(
+                        "holds {} MiB; max_slot_wal_keep_size = -1: a stopped walshore makes the server keep WAL until its disk is full (alert on walshore_slot_retained_bytes, or set a limit)",
+                        s.retained_bytes.unwrap_or(0).max(0) >> 20
+                    ),
+                ),
+            },
+        },
+        Ok(None) => {}
+        Err(e) => r.line(Outcome::Warn, "slot WAL", format!("cannot read the slot's WAL figures: {e}")),
+    }
 
     // Copies made while streaming (new tables, resnapshot, a copy a crash cut short)
     // take their snapshot from a temporary slot on a WAL sender of their own.
