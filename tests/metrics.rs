@@ -254,3 +254,49 @@ fn health_without_a_listen_address_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("[metrics] listen"));
 }
+
+#[tokio::test]
+async fn emf_lines_on_stdout_parse_and_carry_the_dimensions() {
+    let e = env(&[]).await;
+    let config = e.file_config("", "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("{text}\n[metrics]\nemf = true\nemf_interval = \"1s\"\nemf_namespace = \"walshore-test\"\n"),
+    )
+    .unwrap();
+    sync(&config);
+    e.client.batch_execute(&insert_sql(1, 300)).await.unwrap();
+    e.client
+        .batch_execute("UPDATE trades SET qty = 0 WHERE id <= 10; DELETE FROM trades WHERE id > 290")
+        .await
+        .unwrap();
+    let out = walshore(&["sync", "--config", config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|err| panic!("not JSON ({err}): {l}")))
+        .collect();
+    assert!(!lines.is_empty(), "at least the line written at the stop");
+    let mut rows = 0.0;
+    for l in &lines {
+        let spec = &l["_aws"]["CloudWatchMetrics"][0];
+        assert!(
+            l["_aws"]["Timestamp"].as_u64().unwrap() > 1_700_000_000_000,
+            "milliseconds"
+        );
+        assert_eq!(spec["Namespace"], "walshore-test");
+        assert_eq!(spec["Dimensions"], serde_json::json!([["Database", "Slot"]]));
+        assert_eq!(l["Database"], "t");
+        assert_eq!(l["Slot"], "walshore");
+        for m in spec["Metrics"].as_array().unwrap() {
+            let name = m["Name"].as_str().unwrap();
+            assert!(l[name].is_number(), "{name} has a value: {l}");
+            assert!(["Seconds", "Bytes", "Count", "None"].contains(&m["Unit"].as_str().unwrap()));
+        }
+        rows += l["RowsWritten"].as_f64().unwrap_or(0.0);
+    }
+    // Counters are per line: summed over the lines, they are what this sync wrote.
+    assert_eq!(rows, 300.0 + 10.0 + 10.0, "300 inserts, 10 updates, 10 deletes");
+}

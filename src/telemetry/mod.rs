@@ -54,8 +54,42 @@ pub mod names {
     pub const GLUE_PARTITIONS: &str = "walshore_glue_partitions_registered_total";
     pub const SPILL_BYTES: &str = "walshore_spill_bytes";
     pub const BUFFERED_BYTES: &str = "walshore_buffered_bytes";
-    pub const HEARTBEATS: &str = "walshore_heartbeats_total";
     pub const STAGE_BUSY: &str = "walshore_stage_busy_seconds";
+
+    /// Every name above (docs and the dashboard are checked against it).
+    pub const ALL: &[&str] = &[
+        RECEIVED_LAG,
+        COMMITTED_LAG,
+        RECEIVED_TS,
+        COMMITTED_TS,
+        UNCOMMITTED,
+        CONNECTED,
+        READY,
+        SLOT_CONFIRMED_LAG,
+        SLOT_RETAINED,
+        SLOT_SAFE_WAL,
+        SLOT_WAL_STATUS,
+        SLOT_ACTIVE,
+        SLOT_SAMPLED,
+        SLOT_SAMPLE_ERRORS,
+        CHANGES_RECEIVED,
+        TRANSACTIONS_RECEIVED,
+        ROWS_WRITTEN,
+        BYTES_WRITTEN,
+        FILES_WRITTEN,
+        COMMITS,
+        COMMIT_DURATION,
+        FLUSH_ROWS,
+        FLUSH_BYTES,
+        COPY_ROWS,
+        COPY_ROWS_ESTIMATED,
+        RETRIES,
+        ERRORS,
+        GLUE_PARTITIONS,
+        SPILL_BYTES,
+        BUFFERED_BYTES,
+        STAGE_BUSY,
+    ];
 }
 
 /// Bucket bounds of the commit duration histogram (seconds): a local commit takes
@@ -210,10 +244,6 @@ fn describe() {
         BUFFERED_BYTES,
         Unit::Bytes,
         "decoded changes waiting in memory between source and sink"
-    );
-    describe_counter!(
-        HEARTBEATS,
-        "heartbeat messages written to the WAL (source.heartbeat_interval)"
     );
     describe_gauge!(
         STAGE_BUSY,
