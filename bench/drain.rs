@@ -81,8 +81,14 @@ fn timed(cmd: &mut Command) -> (f64, i64) {
         child.stderr.unwrap().read_to_string(&mut err).ok();
         panic!("{cmd:?} failed (status {status}):\n{err}");
     }
+    let cpu = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    *LAST_CPU.lock().unwrap() = cpu(usage.ru_utime) + cpu(usage.ru_stime);
     (secs, usage.ru_maxrss)
 }
+
+/// CPU seconds (user + system) of the last command [`timed`] ran: steadier than wall
+/// time on a noisy machine.
+static LAST_CPU: std::sync::Mutex<f64> = std::sync::Mutex::new(0.0);
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -107,7 +113,9 @@ fn main() {
     if !only_snapshot {
         drain_benches(&rt, walshore, runs, scale);
     }
-    snapshot_bench(&rt, walshore, runs, (1_000_000.0 * scale) as u64);
+    if !args.iter().any(|a| a == "--drain-only") {
+        snapshot_bench(&rt, walshore, runs, (1_000_000.0 * scale) as u64);
+    }
 }
 
 fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scale: f64) {
@@ -122,7 +130,7 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
         let client = rt.block_on(cluster.connect("postgres")).unwrap();
         rt.block_on(client.batch_execute(SCHEMA)).unwrap();
         for i in 0..runs {
-            for tool in ["recv", "bin", "ws"] {
+            for tool in ["recv", "bin", "ws", "wsm"] {
                 rt.block_on(client.batch_execute(&format!(
                     "SELECT pg_create_logical_replication_slot('{tool}_{i}', 'pgoutput')"
                 )))
@@ -148,6 +156,7 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
 
         let dir = tempfile::tempdir().unwrap();
         let (mut recv_t, mut bin_t, mut ws_t, mut rss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut wsm_t, mut ws_cpu, mut wsm_cpu) = (Vec::new(), Vec::new(), Vec::new());
         // pgoutput's text output (what walshore reads) and its binary output.
         let recv = |slot: String, binary: bool| {
             let port = cluster.port.to_string();
@@ -200,13 +209,45 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
                     .env("WALSHORE_LOG", "warn"),
             );
             ws_t.push(secs);
+            ws_cpu.push(*LAST_CPU.lock().unwrap());
             rss.push(maxrss as f64 / 1024.0);
             println!(
                 "  walshore sync  run {i}: {secs:.2}s  {:.0} changes/s  peak RSS {:.0} MiB",
                 w.changes as f64 / secs,
                 maxrss as f64 / 1024.0
             );
+            // The same with the metrics endpoint on, scraped every 500 ms, and the slot
+            // sampled every second.
+            let (config, port) = write_metrics_config(dir.path(), &cluster, i);
+            let scraping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let scraper = {
+                let scraping = scraping.clone();
+                std::thread::spawn(move || {
+                    let mut scrapes = 0u64;
+                    while scraping.load(std::sync::atomic::Ordering::Relaxed) {
+                        if scrape(port) {
+                            scrapes += 1;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(500));
+                    }
+                    scrapes
+                })
+            };
+            let (secs, _) = timed(
+                Command::new(walshore)
+                    .args(["sync", "--config", config.to_str().unwrap()])
+                    .env("WALSHORE_LOG", "warn"),
+            );
+            scraping.store(false, std::sync::atomic::Ordering::Relaxed);
+            let scrapes = scraper.join().unwrap();
+            wsm_t.push(secs);
+            wsm_cpu.push(*LAST_CPU.lock().unwrap());
+            println!(
+                "  walshore sync with metrics run {i}: {secs:.2}s  {:.0} changes/s  ({scrapes} scrapes)",
+                w.changes as f64 / secs
+            );
         }
+        let m = median(&mut wsm_t);
         let (r, b, s) = (median(&mut recv_t), median(&mut bin_t), median(&mut ws_t));
         let peak = rss.iter().cloned().fold(0.0, f64::max);
         println!(
@@ -217,6 +258,13 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
         println!(
             "  RATIO walshore/pg_recvlogical = {:.2} (target >= 0.80); walshore peak RSS {peak:.0} MiB (target <= 256)",
             r / s
+        );
+        println!(
+            "  RATIO walshore with metrics/without = {:.2} (target >= 0.97); CPU seconds without/with = {:.2} ({:.2} vs {:.2})",
+            s / m,
+            median(&mut ws_cpu) / median(&mut wsm_cpu),
+            median(&mut ws_cpu),
+            median(&mut wsm_cpu)
         );
         println!(
             "  pgoutput binary=true vs text, PostgreSQL side: {:.0} vs {:.0} changes/s (binary/text = {:.2})",
@@ -307,6 +355,39 @@ fn snapshot_bench(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, row
         "  RATIO walshore/COPY = {:.2} (target >= 0.80); walshore peak RSS {peak:.0} MiB (target <= 256)",
         c / s
     );
+}
+
+/// One GET /metrics; true when it answered.
+fn scrape(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let mut body = Vec::new();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .is_ok()
+        && s.read_to_end(&mut body).is_ok()
+        && body.starts_with(b"HTTP/1.1 200")
+}
+
+/// [`write_config`] for slot `wsm_{i}` with the metrics endpoint on a free port.
+fn write_metrics_config(dir: &Path, cluster: &TempCluster, i: usize) -> (std::path::PathBuf, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let path = dir.join(format!("bench-metrics-{i}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "[source]\nurl = \"{}\"\npublication = \"bench\"\nslot = \"wsm_{i}\"\n[sink]\nurl = \"file://{}/lake-metrics-{i}\"\n[snapshot]\nmode = \"never\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\nslot_interval = \"1s\"\n",
+            cluster.url("postgres", "postgres"),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    (path, port)
 }
 
 fn write_config(dir: &Path, cluster: &TempCluster, i: usize) -> std::path::PathBuf {

@@ -769,6 +769,26 @@ mod tests {
         assert_eq!(c.sink.flush_interval, DEFAULT_FLUSH_INTERVAL);
         assert_eq!(c.sink.max_buffer_bytes as u64, DEFAULT_MAX_BUFFER_BYTES);
         assert_eq!(c.sink.log_retention, DEFAULT_LOG_RETENTION);
+        assert_eq!(c.metrics.ready_within, DEFAULT_READY_WITHIN);
+        assert_eq!(c.metrics.stuck_after, DEFAULT_STUCK_AFTER);
+        assert_eq!(c.metrics.slot_interval, DEFAULT_SLOT_INTERVAL);
+        assert_eq!(c.metrics.emf_interval, DEFAULT_EMF_INTERVAL);
+        assert!(!c.metrics.enabled(), "metrics are off unless asked for");
+    }
+
+    #[test]
+    fn metrics_listen_takes_an_address_or_a_loopback_port() {
+        let with = |m: &str| Config::parse(&format!("{MIN}\n[metrics]\n{m}"));
+        let c = with("listen = \"9753\"").unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9753".parse().unwrap()));
+        assert!(c.metrics.enabled());
+        let c = with("listen = \"0.0.0.0:9100\"").unwrap();
+        assert_eq!(c.metrics.listen, Some("0.0.0.0:9100".parse().unwrap()));
+        assert!(with("emf = true").unwrap().metrics.enabled());
+        let e = with("listen = \"localhost\"").unwrap_err();
+        assert!(e.to_string().starts_with("metrics.listen:"), "{e}");
+        let e = with("ready_within = \"soon\"").unwrap_err();
+        assert!(e.to_string().starts_with("metrics.ready_within:"), "{e}");
     }
 
     #[test]

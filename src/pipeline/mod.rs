@@ -596,6 +596,7 @@ async fn stream(
                 resolved: HashMap::new(),
             },
             open_commit_ts: 0,
+            counters: HashMap::new(),
         }),
     ));
     let task = |e: tokio::task::JoinError| PipelineError::Task(e.to_string());

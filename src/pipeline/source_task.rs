@@ -57,6 +57,8 @@ pub(super) struct SourceTask {
     pub types: TypeResolver,
     /// Commit time of the transaction whose events are being handed over (metrics).
     pub open_commit_ts: i64,
+    /// Counter handles per (relation, operation): registered once, not per chunk.
+    pub counters: std::collections::HashMap<(u32, u8), metrics::Counter>,
 }
 
 /// Relations as PostgreSQL sent them, and as resolved against the catalog (domains as
@@ -297,7 +299,35 @@ impl SourceTask {
     /// the lag), changes per table and operation.
     fn observe(&mut self, events: &[Event]) {
         use crate::change::Change;
-        let mut counts: std::collections::HashMap<(u32, u8), u64> = std::collections::HashMap::new();
+        use crate::telemetry::names;
+        // Names may change (a table renamed): start over at a bound, like the types.
+        if self.counters.len() >= RESOLVED_CACHE {
+            self.counters.clear();
+        }
+        let resolved = &self.types.resolved;
+        let counters = &mut self.counters;
+        let mut add = |(rel_id, op): (u32, u8), n: u64| {
+            counters
+                .entry((rel_id, op))
+                .or_insert_with(|| {
+                    let table = resolved
+                        .get(&rel_id)
+                        .map_or_else(|| rel_id.to_string(), |(_, r)| format!("{}.{}", r.namespace, r.name));
+                    metrics::counter!(names::CHANGES_RECEIVED, "table" => table, "op" => crate::telemetry::op_label(op))
+                })
+                .increment(n);
+        };
+        // Runs of one table and operation are counted first: a chunk is mostly a few
+        // long runs.
+        let mut run: Option<((u32, u8), u64)> = None;
+        let mut count = |key: (u32, u8)| match &mut run {
+            Some((k, n)) if *k == key => *n += 1,
+            _ => {
+                if let Some((k, n)) = run.replace((key, 1)) {
+                    add(k, n);
+                }
+            }
+        };
         let mut transactions = 0u64;
         for event in events {
             match event {
@@ -307,30 +337,19 @@ impl SourceTask {
                     crate::telemetry::STATE.received(self.open_commit_ts, end_lsn.0);
                 }
                 Event::Change(change) => match change {
-                    Change::Insert { rel_id, .. } => *counts.entry((*rel_id, b'I')).or_default() += 1,
-                    Change::Update { rel_id, .. } => *counts.entry((*rel_id, b'U')).or_default() += 1,
-                    Change::Delete { rel_id, .. } => *counts.entry((*rel_id, b'D')).or_default() += 1,
-                    Change::Truncate { rel_ids } => {
-                        for rel_id in rel_ids {
-                            *counts.entry((*rel_id, b'T')).or_default() += 1;
-                        }
-                    }
+                    Change::Insert { rel_id, .. } => count((*rel_id, b'I')),
+                    Change::Update { rel_id, .. } => count((*rel_id, b'U')),
+                    Change::Delete { rel_id, .. } => count((*rel_id, b'D')),
+                    Change::Truncate { rel_ids } => rel_ids.iter().for_each(|r| count((*r, b'T'))),
                     Change::SnapshotBinaryRows { .. } => {}
                 },
                 _ => {}
             }
         }
-        use crate::telemetry::names;
-        metrics::counter!(names::TRANSACTIONS_RECEIVED).increment(transactions);
-        for ((rel_id, op), n) in counts {
-            let table = self
-                .types
-                .resolved
-                .get(&rel_id)
-                .map_or_else(|| rel_id.to_string(), |(_, r)| format!("{}.{}", r.namespace, r.name));
-            metrics::counter!(names::CHANGES_RECEIVED, "table" => table, "op" => crate::telemetry::op_label(op))
-                .increment(n);
+        if let Some((k, n)) = run {
+            add(k, n);
         }
+        metrics::counter!(names::TRANSACTIONS_RECEIVED).increment(transactions);
         metrics::gauge!(names::SPILL_BYTES).set(self.assembler.spill_bytes() as f64);
     }
 

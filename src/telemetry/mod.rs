@@ -497,6 +497,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_stage_busy_past_the_bound_fails_liveness_until_it_finishes() {
+        let busy = STATE.busy("sink");
+        assert!(STATE.health(Duration::from_secs(60)).is_ok());
+        std::thread::sleep(Duration::from_millis(30));
+        let why = STATE.health(Duration::from_millis(10)).unwrap_err();
+        assert!(why.contains("sink busy for"), "{why}");
+        drop(busy);
+        assert!(
+            STATE.health(Duration::from_millis(10)).is_ok(),
+            "waiting for input is not stuck"
+        );
+    }
+
+    #[test]
     fn readiness_follows_connection_and_waiting_changes() {
         let s = State {
             received_ts: AtomicI64::new(0),
