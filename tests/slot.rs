@@ -68,6 +68,21 @@ async fn settles(client: &tokio_postgres::Client, what: &str, written: i64) {
     );
 }
 
+/// About 40 MiB of WAL into `table` (through `client`), in 40 transactions over 4 s.
+async fn pad(client: &tokio_postgres::Client, table: &str) {
+    for i in 0..40 {
+        client
+            .batch_execute(&format!(
+                "INSERT INTO {table} SELECT g, repeat('x', 500) FROM generate_series({}, {}) g",
+                i * 2000,
+                i * 2000 + 1999
+            ))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn an_idle_publication_holds_no_wal_while_other_tables_and_databases_write() {
     let e = env(&[]).await;
@@ -92,38 +107,12 @@ async fn an_idle_publication_holds_no_wal_while_other_tables_and_databases_write
     e.client.batch_execute(&insert_sql(1, 10)).await.unwrap();
 
     // (a) Only an unpublished table of the same database changes.
-    let written = wal_written_while(&e.client, async {
-        for i in 0..40 {
-            e.client
-                .batch_execute(&format!(
-                    "INSERT INTO unpublished SELECT g, repeat('x', 500) FROM generate_series({}, {}) g",
-                    i * 2000,
-                    i * 2000 + 1999
-                ))
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
+    let written = wal_written_while(&e.client, pad(&e.client, "unpublished")).await;
     assert!(written > 32 << 20, "the test wrote enough WAL: {written}");
     settles(&e.client, "unpublished table", written).await;
 
     // (b) Another database writes, this one is idle (RDS's rdsadmin heartbeat, say).
-    let written = wal_written_while(&e.client, async {
-        for i in 0..40 {
-            elsewhere
-                .batch_execute(&format!(
-                    "INSERT INTO heartbeat SELECT g, repeat('x', 500) FROM generate_series({}, {}) g",
-                    i * 2000,
-                    i * 2000 + 1999
-                ))
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
+    let written = wal_written_while(&e.client, pad(&elsewhere, "heartbeat")).await;
     assert!(written > 32 << 20, "the test wrote enough WAL: {written}");
     settles(&e.client, "other database", written).await;
 

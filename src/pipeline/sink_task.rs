@@ -151,7 +151,7 @@ impl SinkTask {
             SinkMsg::Idle(lsn) => {
                 if st.uncommitted.is_empty() {
                     advance(&self.confirm, lsn);
-                    crate::telemetry::STATE.committed(lsn.0, None, false);
+                    crate::telemetry::STATE.committed(lsn.0, None);
                 }
                 return Ok(());
             }
@@ -284,7 +284,7 @@ impl SinkTask {
             // Nothing to publish: the transactions touched no published rows.
             if boundary.is_some() {
                 advance(&self.confirm, end_lsn);
-                crate::telemetry::STATE.committed(end_lsn.0, commit_ts, false);
+                crate::telemetry::STATE.committed(end_lsn.0, commit_ts);
                 st.flush_started = None;
             }
             return Ok(());
@@ -356,7 +356,7 @@ impl SinkTask {
         crate::fault::point("after_commit_before_confirm");
         advance(&self.confirm, end);
         if boundary.is_some() {
-            crate::telemetry::STATE.committed(end.0, record.commit_ts, true);
+            crate::telemetry::STATE.committed(end.0, record.commit_ts);
         }
         Ok(())
     }

@@ -273,31 +273,35 @@ pub struct State {
     connected: AtomicBool,
     /// Stage → since when it is busy with its current unit of work.
     busy: Mutex<HashMap<&'static str, Instant>>,
-    /// The last commit record written (wall time).
-    last_commit: Mutex<Option<Instant>>,
 }
 
-pub static STATE: LazyLock<State> = LazyLock::new(|| State {
-    received_ts: AtomicI64::new(0),
-    committed_ts: AtomicI64::new(0),
-    received_end: AtomicU64::new(0),
-    committed_end: AtomicU64::new(0),
-    waiting_since: Mutex::new(None),
-    connected: AtomicBool::new(false),
-    busy: Mutex::new(HashMap::new()),
-    last_commit: Mutex::new(None),
-});
+pub static STATE: LazyLock<State> = LazyLock::new(State::new);
 
 /// A stage inside a unit of work; dropping it ends the unit.
-pub struct Busy(&'static str);
+/// None when no recorder is installed (nobody asks `/healthz`).
+pub struct Busy(Option<&'static str>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        STATE.busy.lock().expect("not poisoned").remove(self.0);
+        if let Some(stage) = self.0 {
+            STATE.busy.lock().expect("not poisoned").remove(stage);
+        }
     }
 }
 
 impl State {
+    fn new() -> State {
+        State {
+            received_ts: AtomicI64::new(0),
+            committed_ts: AtomicI64::new(0),
+            received_end: AtomicU64::new(0),
+            committed_end: AtomicU64::new(0),
+            waiting_since: Mutex::new(None),
+            connected: AtomicBool::new(false),
+            busy: Mutex::new(HashMap::new()),
+        }
+    }
+
     /// A transaction was received: its commit time (µs) and end LSN.
     pub fn received(&self, commit_ts: i64, end: u64) {
         self.received_ts.fetch_max(commit_ts, Ordering::Relaxed);
@@ -310,13 +314,10 @@ impl State {
 
     /// Everything up to `end` is in the lake (committed, or confirmed with nothing to
     /// write); `commit_ts`: the newest such transaction's commit time, if known.
-    pub fn committed(&self, end: u64, commit_ts: Option<i64>, record: bool) {
+    pub fn committed(&self, end: u64, commit_ts: Option<i64>) {
         self.committed_end.fetch_max(end, Ordering::Relaxed);
         if let Some(ts) = commit_ts {
             self.committed_ts.fetch_max(ts, Ordering::Relaxed);
-        }
-        if record {
-            *self.last_commit.lock().expect("not poisoned") = Some(Instant::now());
         }
         let mut w = self.waiting_since.lock().expect("not poisoned");
         if end >= self.received_end.load(Ordering::Relaxed) {
@@ -340,9 +341,13 @@ impl State {
     }
 
     /// `stage` starts a unit of work (ended when the guard drops).
+    /// Nothing is kept while metrics are off: the stages call this per chunk.
     pub fn busy(&self, stage: &'static str) -> Busy {
+        if !enabled() {
+            return Busy(None);
+        }
         self.busy.lock().expect("not poisoned").insert(stage, Instant::now());
-        Busy(stage)
+        Busy(Some(stage))
     }
 
     /// How long changes have waited for a commit (zero when none wait).
@@ -498,6 +503,7 @@ mod tests {
 
     #[test]
     fn a_stage_busy_past_the_bound_fails_liveness_until_it_finishes() {
+        install();
         let busy = STATE.busy("sink");
         assert!(STATE.health(Duration::from_secs(60)).is_ok());
         std::thread::sleep(Duration::from_millis(30));
@@ -512,16 +518,7 @@ mod tests {
 
     #[test]
     fn readiness_follows_connection_and_waiting_changes() {
-        let s = State {
-            received_ts: AtomicI64::new(0),
-            committed_ts: AtomicI64::new(0),
-            received_end: AtomicU64::new(0),
-            committed_end: AtomicU64::new(0),
-            waiting_since: Mutex::new(None),
-            connected: AtomicBool::new(false),
-            busy: Mutex::new(HashMap::new()),
-            last_commit: Mutex::new(None),
-        };
+        let s = State::new();
         assert!(s.readiness(Duration::from_secs(60)).is_err(), "not connected");
         s.connected.store(true, Ordering::Relaxed);
         assert!(s.readiness(Duration::from_secs(60)).is_ok(), "idle");
@@ -529,14 +526,14 @@ mod tests {
         assert!(s.uncommitted_for() < Duration::from_secs(1));
         std::thread::sleep(Duration::from_millis(30));
         assert!(s.readiness(Duration::from_millis(10)).is_err(), "waited past the bound");
-        s.committed(50, Some(500_000), true);
+        s.committed(50, Some(500_000));
         assert!(
             s.readiness(Duration::from_millis(10)).is_ok(),
             "the rest arrived after this commit"
         );
         std::thread::sleep(Duration::from_millis(30));
         assert!(s.readiness(Duration::from_millis(10)).is_err());
-        s.committed(100, Some(1_000_000), true);
+        s.committed(100, Some(1_000_000));
         assert_eq!(s.uncommitted_for(), Duration::ZERO);
         assert!(s.readiness(Duration::from_millis(10)).is_ok());
     }
