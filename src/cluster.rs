@@ -218,6 +218,20 @@ impl TempCluster {
         Ok(())
     }
 
+    /// The tail of the server log and the free space beside the data directory.
+    pub fn postmortem(&self) -> String {
+        let log = std::fs::read_to_string(self.data.join("server.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+        let free = free_bytes(&self.data)
+            .map(|b| format!("{} MiB", b >> 20))
+            .unwrap_or_else(|e| format!("unknown ({e})"));
+        format!(
+            "--- PostgreSQL on port {} (free disk: {free}), server.log tail ---\n{tail}",
+            self.port
+        )
+    }
+
     pub fn stop(&mut self) -> Result<(), ClusterError> {
         if self.running {
             self.running = false;
@@ -229,10 +243,25 @@ impl TempCluster {
 
 impl Drop for TempCluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test shows how the server fared: a crash, a full disk.
+            eprintln!("{}", self.postmortem());
+        }
         if self.running {
             let _ = self.pg_ctl(&["-m", "immediate", "stop"]);
         }
     }
+}
+
+/// Bytes an unprivileged writer may still use on the file system holding `path`.
+fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 fn path_str(p: &Path) -> &str {

@@ -30,6 +30,7 @@ pub mod decode;
 pub mod demo;
 pub mod fault;
 pub mod lsn;
+pub mod notify;
 pub mod pipeline;
 pub mod preflight;
 pub mod resnapshot;

@@ -268,6 +268,9 @@ async fn main() -> ExitCode {
     }
 }
 
+/// How long a stopping walshore goes on delivering notices of what it committed.
+const NOTIFY_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn replicate(config: &std::path::Path, mode: Mode) -> ExitCode {
     let cfg = match load(config) {
         Ok(c) => c,
@@ -281,7 +284,17 @@ async fn replicate(config: &std::path::Path, mode: Mode) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let notifier = match walshore::notify::start(&cfg).await {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("walshore: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let result = pipeline::run(&cfg, mode, shutdown).await;
+    if let Some(n) = notifier {
+        n.stop(NOTIFY_GRACE).await;
+    }
     if let Some(t) = telemetry {
         t.stop().await;
     }

@@ -323,10 +323,7 @@ impl Catalog {
         if let Some(ep) = &cfg.endpoint {
             b = b.endpoint_url(ep);
         }
-        let mut root = sink.url.to_string();
-        if !root.ends_with('/') {
-            root.push('/');
-        }
+        let root = sink.root();
         Catalog {
             client: aws_sdk_glue::Client::from_conf(b.build()),
             database: cfg.database.clone(),

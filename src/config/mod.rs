@@ -81,6 +81,8 @@ struct RawConfig {
     catalog: RawCatalog,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    notify: RawNotify,
     /// `default` and `"schema.table"` keys: how files are partitioned.
     #[serde(default)]
     partitions: std::collections::BTreeMap<String, String>,
@@ -170,6 +172,17 @@ pub struct SinkConfig {
     pub part_size: usize,
     /// Commit records older than this are pruned once folded into a checkpoint.
     pub log_retention: Duration,
+}
+
+impl SinkConfig {
+    /// `url` with a trailing slash: table folders (`{root}{schema}/{table}/`) are below it.
+    pub fn root(&self) -> String {
+        let mut root = self.url.to_string();
+        if !root.ends_with('/') {
+            root.push('/');
+        }
+        root
+    }
 }
 
 /// How a table's files are partitioned (the path segments below the table's folder).
@@ -335,6 +348,124 @@ fn metrics_config(raw: RawMetrics) -> Result<MetricsConfig, ConfigError> {
     })
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    webhook: Option<String>,
+    webhook_secret: Option<String>,
+    sns_topic_arn: Option<String>,
+    sns_endpoint: Option<String>,
+    queue: Option<usize>,
+    timeout: Option<String>,
+}
+
+/// Notices buffered for a target that is behind before it reads them from the log.
+pub const DEFAULT_NOTIFY_QUEUE: usize = 1024;
+/// One request to a notification target.
+pub const DEFAULT_NOTIFY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `[notify]`: new-data notifications, off unless a target is set.
+#[derive(Clone)]
+pub struct NotifyConfig {
+    /// POST each notice here (http or https).
+    pub webhook: Option<url::Url>,
+    /// HMAC-SHA256 key: each POST carries `X-Walshore-Signature: sha256=<hex>` of its body.
+    pub webhook_secret: Option<String>,
+    /// Publish each notice to this SNS topic (its region is the ARN's).
+    pub sns_topic_arn: Option<String>,
+    /// An SNS-compatible endpoint (VPC endpoints, tests).
+    pub sns_endpoint: Option<String>,
+    pub queue: usize,
+    pub timeout: Duration,
+}
+
+impl NotifyConfig {
+    pub fn enabled(&self) -> bool {
+        self.webhook.is_some() || self.sns_topic_arn.is_some()
+    }
+}
+
+impl Default for NotifyConfig {
+    fn default() -> NotifyConfig {
+        NotifyConfig {
+            webhook: None,
+            webhook_secret: None,
+            sns_topic_arn: None,
+            sns_endpoint: None,
+            queue: DEFAULT_NOTIFY_QUEUE,
+            timeout: DEFAULT_NOTIFY_TIMEOUT,
+        }
+    }
+}
+
+impl std::fmt::Debug for NotifyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NotifyConfig")
+            .field("webhook", &self.webhook.as_ref().map(crate::notify::describe_url))
+            .field("webhook_secret", &self.webhook_secret.as_ref().map(|_| "…"))
+            .field("sns_topic_arn", &self.sns_topic_arn)
+            .field("sns_endpoint", &self.sns_endpoint)
+            .field("queue", &self.queue)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// The region of an SNS topic ARN: `arn:{partition}:sns:{region}:{account}:{name}`.
+pub fn sns_region(arn: &str) -> Option<&str> {
+    let parts: Vec<&str> = arn.split(':').collect();
+    (parts.len() == 6 && parts[0] == "arn" && parts[2] == "sns" && !parts[3].is_empty() && !parts[5].is_empty())
+        .then(|| parts[3])
+}
+
+fn notify_config(raw: RawNotify) -> Result<NotifyConfig, ConfigError> {
+    let webhook = match raw.webhook {
+        None => None,
+        Some(s) => {
+            let u = url::Url::parse(s.trim()).map_err(|e| invalid("notify.webhook", format!("not a URL: {e}")))?;
+            if !matches!(u.scheme(), "http" | "https") {
+                return Err(invalid(
+                    "notify.webhook",
+                    format!("must be an http:// or https:// URL, not {}://", u.scheme()),
+                ));
+            }
+            Some(u)
+        }
+    };
+    if raw.webhook_secret.is_some() && webhook.is_none() {
+        return Err(invalid(
+            "notify.webhook_secret",
+            "signs webhook requests: set notify.webhook too",
+        ));
+    }
+    if raw.webhook_secret.as_ref().is_some_and(|s| s.is_empty()) {
+        return Err(invalid("notify.webhook_secret", "must not be empty"));
+    }
+    if let Some(arn) = &raw.sns_topic_arn
+        && sns_region(arn).is_none()
+    {
+        return Err(invalid(
+            "notify.sns_topic_arn",
+            format!("{arn:?} is not a topic ARN such as \"arn:aws:sns:eu-west-1:123456789012:new-data\""),
+        ));
+    }
+    if raw.sns_endpoint.is_some() && raw.sns_topic_arn.is_none() {
+        return Err(invalid("notify.sns_endpoint", "set notify.sns_topic_arn too"));
+    }
+    let queue = raw.queue.unwrap_or(DEFAULT_NOTIFY_QUEUE);
+    if !(1..=1 << 20).contains(&queue) {
+        return Err(invalid("notify.queue", "must be between 1 and 1048576 notices"));
+    }
+    Ok(NotifyConfig {
+        webhook,
+        webhook_secret: raw.webhook_secret,
+        sns_topic_arn: raw.sns_topic_arn,
+        sns_endpoint: raw.sns_endpoint,
+        queue,
+        timeout: duration("notify.timeout", raw.timeout, DEFAULT_NOTIFY_TIMEOUT)?,
+    })
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub source: SourceConfig,
@@ -350,6 +481,7 @@ pub struct Config {
     /// `catalog.kind = "glue"`.
     pub glue: Option<GlueConfig>,
     pub metrics: MetricsConfig,
+    pub notify: NotifyConfig,
 }
 
 /// `[catalog]` with `kind = "glue"`.
@@ -740,6 +872,7 @@ impl TryFrom<RawConfig> for Config {
             partitions,
             glue,
             metrics: metrics_config(raw.metrics)?,
+            notify: notify_config(raw.notify)?,
         })
     }
 }
@@ -774,6 +907,9 @@ mod tests {
         assert_eq!(c.metrics.slot_interval, DEFAULT_SLOT_INTERVAL);
         assert_eq!(c.metrics.emf_interval, DEFAULT_EMF_INTERVAL);
         assert!(!c.metrics.enabled(), "metrics are off unless asked for");
+        assert_eq!(c.notify.queue, DEFAULT_NOTIFY_QUEUE);
+        assert_eq!(c.notify.timeout, DEFAULT_NOTIFY_TIMEOUT);
+        assert!(!c.notify.enabled(), "notifications are off unless a target is set");
     }
 
     #[test]
@@ -789,6 +925,32 @@ mod tests {
         assert!(e.to_string().starts_with("metrics.listen:"), "{e}");
         let e = with("ready_within = \"soon\"").unwrap_err();
         assert!(e.to_string().starts_with("metrics.ready_within:"), "{e}");
+    }
+
+    #[test]
+    fn notify_targets_are_checked() {
+        let with = |m: &str| Config::parse(&format!("{MIN}\n[notify]\n{m}"));
+        let c = with("webhook = \"https://h.example/in?token=x\"\nwebhook_secret = \"k\"").unwrap();
+        assert!(c.notify.enabled());
+        assert!(!format!("{:?}", c.notify).contains("token"), "{:?}", c.notify);
+        let c = with("sns_topic_arn = \"arn:aws:sns:eu-west-1:123456789012:new-data.fifo\"").unwrap();
+        assert_eq!(
+            sns_region(c.notify.sns_topic_arn.as_deref().unwrap()),
+            Some("eu-west-1")
+        );
+        for (bad, field) in [
+            ("webhook = \"ftp://h/x\"", "notify.webhook:"),
+            ("webhook = \"not a url\"", "notify.webhook:"),
+            ("webhook_secret = \"k\"", "notify.webhook_secret:"),
+            ("sns_topic_arn = \"arn:aws:sqs:eu-west-1:1:q\"", "notify.sns_topic_arn:"),
+            ("sns_topic_arn = \"new-data\"", "notify.sns_topic_arn:"),
+            ("sns_endpoint = \"http://127.0.0.1:5000\"", "notify.sns_endpoint:"),
+            ("webhook = \"http://h/\"\nqueue = 0", "notify.queue:"),
+            ("webhook = \"http://h/\"\ntimeout = \"later\"", "notify.timeout:"),
+        ] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.starts_with(field), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -314,6 +314,7 @@ impl SinkTask {
         // Lag: from the source commit of the newest transaction to durable in the lake.
         let lag_ms = record.commit_ts.map(|ts| (record.written_at - ts) / 1000);
         tracing::info!(seq = record.seq, end_lsn = %record.end_lsn, files = n_files, rows, bytes, lag_ms, tables_copied = ?tables_copied, tables_left = ?left, "committed");
+        crate::notify::committed(record);
         st.summary.commits += 1;
         st.summary.files += n_files as u64;
         st.summary.bytes += bytes;

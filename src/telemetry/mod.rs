@@ -55,6 +55,10 @@ pub mod names {
     pub const SPILL_BYTES: &str = "walshore_spill_bytes";
     pub const BUFFERED_BYTES: &str = "walshore_buffered_bytes";
     pub const STAGE_BUSY: &str = "walshore_stage_busy_seconds";
+    pub const NOTIFICATIONS_SENT: &str = "walshore_notifications_sent_total";
+    pub const NOTIFICATION_FAILURES: &str = "walshore_notification_failures_total";
+    pub const NOTIFICATIONS_SKIPPED: &str = "walshore_notifications_skipped_total";
+    pub const NOTIFY_BACKLOG: &str = "walshore_notification_backlog_commits";
 
     /// Every name above (docs and the dashboard are checked against it).
     pub const ALL: &[&str] = &[
@@ -89,6 +93,10 @@ pub mod names {
         SPILL_BYTES,
         BUFFERED_BYTES,
         STAGE_BUSY,
+        NOTIFICATIONS_SENT,
+        NOTIFICATION_FAILURES,
+        NOTIFICATIONS_SKIPPED,
+        NOTIFY_BACKLOG,
     ];
 }
 
@@ -249,6 +257,19 @@ fn describe() {
         STAGE_BUSY,
         "how long each stage has been inside its current unit of work (0 when waiting for input)"
     );
+    describe_counter!(
+        NOTIFICATIONS_SENT,
+        "new-data notices delivered, per target (webhook, sns)"
+    );
+    describe_counter!(
+        NOTIFICATION_FAILURES,
+        "failed attempts to deliver a notice (each is retried), per target"
+    );
+    describe_counter!(
+        NOTIFICATIONS_SKIPPED,
+        "commits never announced: their records were pruned (sink.log_retention) before delivery"
+    );
+    describe_gauge!(NOTIFY_BACKLOG, "commits made and not yet announced to the target");
 }
 
 /// Seconds since the Unix epoch, now.
