@@ -219,6 +219,17 @@ async fn every_commit_reaches_the_webhook_at_least_once_across_a_hang_and_a_kill
         assert_eq!(n["publication"], "pub");
     }
 
+    // A second instance on the same lake is refused the slot, and sends nothing.
+    let standby = e.dir.path().join("standby.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&standby, text.split("\n[metrics]").next().unwrap()).unwrap();
+    let sent = hook.requests().len();
+    let out = walshore(&["run", "--config", standby.to_str().unwrap()]);
+    assert!(!out.status.success(), "the second instance is refused");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("notifications") || stderr.contains("slot"), "{stderr}");
+    assert_eq!(hook.requests().len(), sent, "a refused instance announced nothing:\n{stderr}");
+
     // Hung: commits go on; the backlog and the failures show.
     hook.answer(Answer::Hang);
     let before_hang = hook.requests().len();

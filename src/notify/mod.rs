@@ -77,6 +77,9 @@ struct Feed {
     first: AtomicU64,
     /// `sink.url` with a trailing slash.
     root: String,
+    /// This process has claimed the lake (a second instance, refused or standing by,
+    /// sends nothing).
+    claimed: tokio::sync::watch::Sender<bool>,
 }
 
 static FEED: OnceLock<Feed> = OnceLock::new();
@@ -93,6 +96,13 @@ pub fn committed(record: &CommitRecord) {
         let _ = feed.tx.send(Arc::new(Notice::of(record, &feed.root)));
     }
     feed.latest.fetch_max(record.seq, Ordering::SeqCst);
+}
+
+/// This process writes the lake now: its targets may send.
+pub fn claimed() {
+    if let Some(feed) = FEED.get() {
+        feed.claimed.send_replace(true);
+    }
 }
 
 /// The running targets.
@@ -134,6 +144,7 @@ pub async fn start(cfg: &Config) -> Result<Option<Notifier>, NotifyError> {
         latest: AtomicU64::new(0),
         first: AtomicU64::new(0),
         root,
+        claimed: tokio::sync::watch::channel(false).0,
     });
     let stop = CancellationToken::new();
     let marks = Arc::new(MarkBook::default());
@@ -292,7 +303,6 @@ impl Cursor {
             (None, 0) => head + 1,
             (None, first) => (head + 1).min(first),
         };
-        marks.set(kind, target, self.next - 1);
         Ok(())
     }
 
@@ -367,6 +377,12 @@ async fn deliver(target: Target, mut cursor: Cursor, placed: bool, marks: Arc<Ma
         }
         delay = (delay * 2).min(MAX_RETRY_DELAY);
     }
+    let mut claimed = FEED.get().expect("started").claimed.subscribe();
+    tokio::select! {
+        _ = claimed.wait_for(|c| *c) => {}
+        _ = stop.cancelled() => return,
+    }
+    marks.set(kind, &address, cursor.next - 1);
     tracing::info!(target = kind, address = %address, from_seq = cursor.next, "notifications on");
     // Commits made and not yet announced: set before each wait.
     let show_backlog = |next: u64| backlog.set((cursor_latest() + 1).saturating_sub(next) as f64);

@@ -320,6 +320,7 @@ async fn run_once(
         .await
         .map_err(|e| fail(e.into()))?;
     process.claimed.store(true, std::sync::atomic::Ordering::SeqCst);
+    crate::notify::claimed();
     crate::telemetry::STATE.set_connected(true);
     tracing::info!(
         slot = %cfg.source.slot,
@@ -597,6 +598,8 @@ async fn stream(
             },
             open_commit_ts: 0,
             counters: HashMap::new(),
+            transactions: metrics::counter!(crate::telemetry::names::TRANSACTIONS_RECEIVED),
+            spill: metrics::gauge!(crate::telemetry::names::SPILL_BYTES),
         }),
     ));
     let task = |e: tokio::task::JoinError| PipelineError::Task(e.to_string());

@@ -59,6 +59,8 @@ pub(super) struct SourceTask {
     pub open_commit_ts: i64,
     /// Counter handles per (relation, operation): registered once, not per chunk.
     pub counters: std::collections::HashMap<(u32, u8), metrics::Counter>,
+    pub transactions: metrics::Counter,
+    pub spill: metrics::Gauge,
 }
 
 /// Relations as PostgreSQL sent them, and as resolved against the catalog (domains as
@@ -329,12 +331,14 @@ impl SourceTask {
             }
         };
         let mut transactions = 0u64;
+        // The chunk's newest transaction stands for all of it (one update per chunk).
+        let mut newest = None;
         for event in events {
             match event {
                 Event::Begin(info) => self.open_commit_ts = info.commit_ts,
                 Event::Commit { end_lsn } => {
                     transactions += 1;
-                    crate::telemetry::STATE.received(self.open_commit_ts, end_lsn.0);
+                    newest = Some((self.open_commit_ts, end_lsn.0));
                 }
                 Event::Change(change) => match change {
                     Change::Insert { rel_id, .. } => count((*rel_id, b'I')),
@@ -349,8 +353,11 @@ impl SourceTask {
         if let Some((k, n)) = run {
             add(k, n);
         }
-        metrics::counter!(names::TRANSACTIONS_RECEIVED).increment(transactions);
-        metrics::gauge!(names::SPILL_BYTES).set(self.assembler.spill_bytes() as f64);
+        if let Some((commit_ts, end)) = newest {
+            crate::telemetry::STATE.received(commit_ts, end);
+        }
+        self.transactions.increment(transactions);
+        self.spill.set(self.assembler.spill_bytes() as f64);
     }
 
     /// Hands a chunk downstream, waiting for room (backpressure, in bytes). While it
