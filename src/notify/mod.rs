@@ -12,6 +12,9 @@
 //! few seconds' worth, or more if the target was slow to answer); consumers dedupe by
 //! `seq`, which is the commit record's number and never reused within a lake.
 //!
+//! Only the process that has claimed the lake sends: a second instance, refused the
+//! slot or waiting for it, announces nothing.
+//!
 //! A target that fails is retried with backoff (1 s doubling to 1 min) for as long as
 //! the process runs, the notices in order; `walshore_notification_backlog_commits` shows
 //! how far behind it is. A notice whose commit record was pruned (`sink.log_retention`)
@@ -71,7 +74,8 @@ pub struct Mark {
 /// What the sink task and the targets share.
 struct Feed {
     tx: broadcast::Sender<Arc<Notice>>,
-    /// The newest commit this process made (0: none yet).
+    /// The newest commit known: the head when the targets were placed, then this
+    /// process's commits.
     latest: AtomicU64,
     /// The first commit this process made (0: none yet).
     first: AtomicU64,
