@@ -228,7 +228,11 @@ async fn every_commit_reaches_the_webhook_at_least_once_across_a_hang_and_a_kill
     assert!(!out.status.success(), "the second instance is refused");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("notifications") || stderr.contains("slot"), "{stderr}");
-    assert_eq!(hook.requests().len(), sent, "a refused instance announced nothing:\n{stderr}");
+    assert_eq!(
+        hook.requests().len(),
+        sent,
+        "a refused instance announced nothing:\n{stderr}"
+    );
 
     // Hung: commits go on; the backlog and the failures show.
     hook.answer(Answer::Hang);

@@ -111,6 +111,92 @@ async fn s3_sink_replays_inserts_updates_deletes_truncate_and_rollbacks() {
     assert!(lake.files >= 2, "several flushes, several files");
 }
 
+/// `tests/py/s3_encryption.py` on the moto server.
+fn s3_encryption(args: &[&str]) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/s3_encryption.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "s3_encryption.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn every_object_written_to_s3_is_encrypted_with_the_configured_kms_key() {
+    set_fake_aws_env();
+    let moto = Moto::start("lake");
+    let key = s3_encryption(&["key", &moto.endpoint()])["arn"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let e = env(&[]).await;
+    // 8 MiB of random bytes in one transaction: one file above the part size, uploaded
+    // in parts.
+    e.client
+        .batch_execute("CREATE TABLE blobs (id int PRIMARY KEY, b bytea); ALTER PUBLICATION pub ADD TABLE blobs")
+        .await
+        .unwrap();
+    let sink = SinkKind::S3 {
+        moto: &moto,
+        bucket: "lake",
+        prefix: "enc",
+    };
+    let config = write_config(
+        e.dir.path(),
+        &e.cluster.url("postgres", "t"),
+        "pub",
+        "walshore",
+        &sink,
+        &format!("sse = \"aws:kms\"\nkms_key_id = \"{key}\"\npart_size = \"5MiB\"\nmax_buffer = \"64MiB\""),
+        "",
+    );
+    sync(&config);
+    e.client.batch_execute(&insert_sql(1, 1000)).await.unwrap();
+    e.client
+        .batch_execute(
+            "INSERT INTO blobs SELECT i, (SELECT decode(string_agg(md5(random()::text || g || i), ''), 'hex')
+             FROM generate_series(1, 65536) g) FROM generate_series(1, 8) i",
+        )
+        .await
+        .unwrap();
+    sync(&config);
+    assert_lake_equals_source(&e, &config).await;
+    let objects = s3_encryption(&["objects", &moto.endpoint(), "lake", "enc/"]);
+    let objects = objects.as_object().unwrap();
+    for kind in [
+        ".parquet",
+        "_walshore/commits/",
+        "_walshore/head.json",
+        "_walshore/schemas/",
+    ] {
+        assert!(
+            objects.keys().any(|k| k.contains(kind)),
+            "no {kind} object in {:?}",
+            objects.keys()
+        );
+    }
+    let large = objects
+        .iter()
+        .filter(|(k, o)| k.contains("/blobs/") && o["size"].as_u64().unwrap() > 5 << 20)
+        .count();
+    assert!(large >= 1, "a blob file larger than the part size: {objects:?}");
+    for (k, o) in objects {
+        assert_eq!(o["sse"], "aws:kms", "{k}: {o}");
+        assert_eq!(o["kms_key_id"], key.as_str(), "{k}: {o}");
+        // moto keeps the bucket-key flag of a PUT only: a multipart upload made with
+        // boto3 and BucketKeyEnabled=True reads back without it too.
+        if o["size"].as_u64().unwrap() <= 5 << 20 {
+            assert_eq!(o["bucket_key"], true, "{k}: {o}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn large_streamed_transaction_with_subtransaction_abort_is_replicated_whole() {
     let e = env(&["logical_decoding_work_mem = 64kB"]).await;

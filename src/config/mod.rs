@@ -116,6 +116,9 @@ struct RawSink {
     request_timeout: Option<String>,
     part_size: Option<String>,
     log_retention: Option<String>,
+    sse: Option<String>,
+    kms_key_id: Option<String>,
+    bucket_key: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -172,6 +175,18 @@ pub struct SinkConfig {
     pub part_size: usize,
     /// Commit records older than this are pruned once folded into a checkpoint.
     pub log_retention: Duration,
+    /// Server-side encryption asked for on every object walshore writes (S3 only).
+    pub sse: Option<Sse>,
+}
+
+/// `sink.sse`: how S3 encrypts what walshore writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sse {
+    /// `"AES256"`: S3-managed keys (SSE-S3).
+    S3,
+    /// `"aws:kms"`: a KMS key (SSE-KMS): `kms_key_id` (key id, ARN or alias; the
+    /// account's `aws/s3` key when absent), with S3 bucket keys unless `bucket_key = false`.
+    Kms { key_id: Option<String>, bucket_key: bool },
 }
 
 impl SinkConfig {
@@ -747,6 +762,37 @@ impl TryFrom<RawConfig> for Config {
                 ));
             }
         };
+        let sse = match raw.sink.sse.as_deref() {
+            None => None,
+            Some("AES256") => Some(Sse::S3),
+            Some("aws:kms") => Some(Sse::Kms {
+                key_id: raw.sink.kms_key_id.clone(),
+                bucket_key: raw.sink.bucket_key.unwrap_or(true),
+            }),
+            Some(other) => {
+                return Err(invalid(
+                    "sink.sse",
+                    format!("{other:?} is not one of \"aws:kms\", \"AES256\""),
+                ));
+            }
+        };
+        if raw.sink.kms_key_id.as_deref().is_some_and(str::is_empty) {
+            return Err(invalid("sink.kms_key_id", "must not be empty"));
+        }
+        if !matches!(sse, Some(Sse::Kms { .. })) {
+            if raw.sink.kms_key_id.is_some() {
+                return Err(invalid("sink.kms_key_id", "needs sink.sse = \"aws:kms\""));
+            }
+            if raw.sink.bucket_key.is_some() {
+                return Err(invalid("sink.bucket_key", "needs sink.sse = \"aws:kms\""));
+            }
+        }
+        if sse.is_some() && url.scheme() == "file" {
+            return Err(invalid(
+                "sink.sse",
+                "is for s3:// lakes; a file:// lake is encrypted by its disk",
+            ));
+        }
         let row_group_rows = raw.sink.row_group_rows.unwrap_or(DEFAULT_ROW_GROUP_ROWS);
         if row_group_rows == 0 {
             return Err(invalid("sink.row_group_rows", "must be at least 1"));
@@ -767,6 +813,7 @@ impl TryFrom<RawConfig> for Config {
             )?,
             part_size: size("sink.part_size", raw.sink.part_size, DEFAULT_PART_SIZE)? as usize,
             log_retention: duration("sink.log_retention", raw.sink.log_retention, DEFAULT_LOG_RETENTION)?,
+            sse,
         };
         if sink.part_size < MIN_PART_SIZE as usize {
             return Err(invalid(
@@ -925,6 +972,44 @@ mod tests {
         assert!(e.to_string().starts_with("metrics.listen:"), "{e}");
         let e = with("ready_within = \"soon\"").unwrap_err();
         assert!(e.to_string().starts_with("metrics.ready_within:"), "{e}");
+    }
+
+    #[test]
+    fn encryption_is_for_s3_and_kms_options_need_kms() {
+        let on_s3 = |extra: &str| Config::parse(&MIN.replace("[sink]\n", &format!("[sink]\n{extra}\n")));
+        assert!(on_s3("").unwrap().sink.sse.is_none());
+        let c = on_s3("sse = \"aws:kms\"\nkms_key_id = \"alias/lake\"").unwrap();
+        assert_eq!(
+            c.sink.sse,
+            Some(Sse::Kms {
+                key_id: Some("alias/lake".into()),
+                bucket_key: true
+            })
+        );
+        let c = on_s3("sse = \"aws:kms\"\nbucket_key = false").unwrap();
+        assert_eq!(
+            c.sink.sse,
+            Some(Sse::Kms {
+                key_id: None,
+                bucket_key: false
+            })
+        );
+        assert_eq!(on_s3("sse = \"AES256\"").unwrap().sink.sse, Some(Sse::S3));
+        for (bad, field) in [
+            ("sse = \"aws:kms:dsse\"", "sink.sse:"),
+            ("kms_key_id = \"k\"", "sink.kms_key_id:"),
+            ("sse = \"AES256\"\nkms_key_id = \"k\"", "sink.kms_key_id:"),
+            ("sse = \"AES256\"\nbucket_key = true", "sink.bucket_key:"),
+            ("sse = \"aws:kms\"\nkms_key_id = \"\"", "sink.kms_key_id:"),
+        ] {
+            let e = on_s3(bad).unwrap_err().to_string();
+            assert!(e.starts_with(field), "{bad}: {e}");
+        }
+        let on_file = MIN
+            .replace("s3://lake/cdc", "file:///var/lake")
+            .replace("[sink]\n", "[sink]\nsse = \"aws:kms\"\n");
+        let e = Config::parse(&on_file).unwrap_err().to_string();
+        assert!(e.starts_with("sink.sse:"), "a file:// lake: {e}");
     }
 
     #[test]

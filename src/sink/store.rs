@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::prefix::PrefixStore;
@@ -77,6 +77,23 @@ pub fn open_store(cfg: &SinkConfig) -> Result<Arc<dyn ObjectStore>, StoreError> 
                 // plain http only when the endpoint itself says http.
                 b = b.with_endpoint(endpoint).with_virtual_hosted_style_request(false);
                 client = client.with_allow_http(endpoint.starts_with("http://"));
+            }
+            // Every PUT and multipart upload carries the encryption headers: data files
+            // and the commit log alike.
+            let key = |name: &str| name.parse::<AmazonS3ConfigKey>().expect("an object_store S3 key");
+            match &cfg.sse {
+                None => {}
+                Some(crate::config::Sse::S3) => {
+                    b = b.with_config(key("aws_server_side_encryption"), "AES256");
+                }
+                Some(crate::config::Sse::Kms { key_id, bucket_key }) => {
+                    b = b
+                        .with_config(key("aws_server_side_encryption"), "aws:kms")
+                        .with_bucket_key(*bucket_key);
+                    if let Some(id) = key_id {
+                        b = b.with_config(key("aws_sse_kms_key_id"), id);
+                    }
+                }
             }
             // object_store retries transient HTTP failures itself (5xx, timeouts,
             // throttling) with exponential backoff; we bound the total time.
