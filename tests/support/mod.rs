@@ -312,6 +312,13 @@ impl Drop for LogOnPanic {
 
 /// SIGTERM and wait; returns the exit status and stderr.
 pub fn stop(mut child: Child) -> (std::process::ExitStatus, String) {
+    // A process that has logged has its signal handlers: before that, SIGTERM's
+    // default action would end it abruptly, which is not what a test of a clean stop
+    // (or a stop right after a start) means.
+    let up = Instant::now() + Duration::from_secs(30);
+    while stderr_of(&child).is_empty() && child.try_wait().unwrap().is_none() && Instant::now() < up {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
