@@ -318,6 +318,20 @@ impl Cursor {
                 }
                 continue;
             }
+            // What the channel already holds comes before the log: a target that was
+            // busy while commits went on reads them from memory, not with a GET each.
+            if self.early.is_none() {
+                match self.rx.try_recv() {
+                    Ok(n) => {
+                        if n.seq >= self.next {
+                            self.early = Some(n);
+                        }
+                        continue;
+                    }
+                    Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
+                    Err(_) => {}
+                }
+            }
             if self.next <= cursor_latest() || self.early.is_some() {
                 return self.read_logged().await;
             }
@@ -462,6 +476,133 @@ async fn pause(stop: &CancellationToken, delay: &mut Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batch::RowPos;
+    use crate::checkpoint::record::Identity;
+    use crate::lsn::Lsn;
+    use crate::sink::WrittenObject;
+
+    /// Records 1..=n, each publishing one file of `seq` rows.
+    fn records(n: u64) -> Vec<CommitRecord> {
+        let id = Identity {
+            system_id: "7".into(),
+            slot: "walshore".into(),
+            publication: "walshore".into(),
+        };
+        let mut out = Vec::new();
+        let mut head = CommitRecord::genesis(&id);
+        for seq in 1..=n {
+            let file = WrittenObject {
+                key: format!("public/t/{seq}.parquet"),
+                table: "public.t".into(),
+                partition: String::new(),
+                rows: seq,
+                bytes: 100,
+                first: RowPos {
+                    lsn: Lsn(seq * 100),
+                    seq: 0,
+                },
+                last: RowPos {
+                    lsn: Lsn(seq * 100),
+                    seq: 0,
+                },
+                ops: Default::default(),
+            };
+            head = head.next("run", Lsn(seq * 100 + 50), Some(1), vec![file]);
+            out.push(head.clone());
+        }
+        out
+    }
+
+    async fn put(store: &dyn ObjectStore, r: &CommitRecord) {
+        let key = crate::checkpoint::log::commit_key(r.seq);
+        store
+            .put(&key, PutPayload::from(serde_json::to_vec(r).unwrap()))
+            .await
+            .unwrap();
+    }
+
+    async fn take(cursor: &mut Cursor, stop: &CancellationToken) -> u64 {
+        match cursor.next(stop).await.expect("a notice") {
+            Next::Commit(seq, notice) => {
+                assert_eq!(notice.expect("files").rows, seq, "the notice of commit {seq}");
+                cursor.next = seq + 1;
+                seq
+            }
+            _ => panic!("not a commit"),
+        }
+    }
+
+    /// The queue serves what it holds without reading the log; what fell out of it (a
+    /// target that lagged) comes from the log, in order; records the log pruned before
+    /// they were delivered are passed over. (One test: the feed is the process's.)
+    #[tokio::test]
+    async fn a_cursor_reads_the_queue_then_the_log_and_passes_over_pruned_records() {
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let feed = FEED.get_or_init(|| Feed {
+            tx: broadcast::channel(2).0,
+            latest: AtomicU64::new(0),
+            first: AtomicU64::new(0),
+            root: "s3://lake/".into(),
+            claimed: tokio::sync::watch::channel(false).0,
+        });
+        let mut cursor = Cursor {
+            rx: feed.tx.subscribe(),
+            store: store.clone(),
+            root: feed.root.clone(),
+            next: 1,
+            early: None,
+        };
+        let stop = CancellationToken::new();
+        let all = records(7);
+        // 1 and 2 are only in the queue: a read of the log would find nothing and fail.
+        committed(&all[0]);
+        committed(&all[1]);
+        assert_eq!(take(&mut cursor, &stop).await, 1);
+        assert_eq!(take(&mut cursor, &stop).await, 2);
+        // 3..=7 overflow a queue of 2 while the target is busy: 3..=5 are lost from it
+        // and read from the log, 6 and 7 come from the queue.
+        for r in &all[2..] {
+            put(store.as_ref(), r).await;
+            committed(r);
+        }
+        for want in 3..=7 {
+            assert_eq!(take(&mut cursor, &stop).await, want);
+        }
+
+        // Another lake whose log pruned records 1..=3 (4 and 5 remain) before a target
+        // that stopped at 1 came back.
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let mut kept = records(5);
+        kept[4].pruned = 3;
+        for r in &kept[3..] {
+            put(store.as_ref(), r).await;
+        }
+        let mut cursor = Cursor {
+            rx: feed.tx.subscribe(),
+            store,
+            root: feed.root.clone(),
+            next: 2,
+            early: None,
+        };
+        match cursor.next(&stop).await.unwrap() {
+            Next::Pruned { from, to } => assert_eq!((from, to), (2, 4)),
+            _ => panic!("records 2 and 3 are pruned"),
+        }
+        cursor.next = 4;
+        assert_eq!(take(&mut cursor, &stop).await, 4);
+        assert_eq!(take(&mut cursor, &stop).await, 5);
+
+        // Caught up and stopping: the cursor says so instead of waiting.
+        let mut cursor = Cursor {
+            rx: feed.tx.subscribe(),
+            store: Arc::new(object_store::memory::InMemory::new()),
+            root: feed.root.clone(),
+            next: 8,
+            early: None,
+        };
+        stop.cancel();
+        assert!(matches!(cursor.next(&stop).await.unwrap(), Next::Stopped));
+    }
 
     #[test]
     fn urls_are_shown_without_credentials_or_query() {
