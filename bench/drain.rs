@@ -377,25 +377,22 @@ fn write_metrics_config(dir: &Path, cluster: &TempCluster, i: usize) -> (std::pa
         .local_addr()
         .unwrap()
         .port();
-    let path = dir.join(format!("bench-metrics-{i}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "[source]\nurl = \"{}\"\npublication = \"bench\"\nslot = \"wsm_{i}\"\n[sink]\nurl = \"file://{}/lake-metrics-{i}\"\n[snapshot]\nmode = \"never\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\nslot_interval = \"1s\"\n",
-            cluster.url("postgres", "postgres"),
-            dir.display()
-        ),
-    )
-    .unwrap();
-    (path, port)
+    let extra = format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\nslot_interval = \"1s\"\n");
+    (config_for_slot(dir, cluster, &format!("wsm_{i}"), &extra), port)
 }
 
 fn write_config(dir: &Path, cluster: &TempCluster, i: usize) -> std::path::PathBuf {
-    let path = dir.join(format!("bench-{i}.toml"));
+    config_for_slot(dir, cluster, &format!("ws_{i}"), "")
+}
+
+/// A config draining publication `bench` through `slot` into its own file lake, with
+/// `extra` sections.
+fn config_for_slot(dir: &Path, cluster: &TempCluster, slot: &str, extra: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("bench-{slot}.toml"));
     std::fs::write(
         &path,
         format!(
-            "[source]\nurl = \"{}\"\npublication = \"bench\"\nslot = \"ws_{i}\"\n[sink]\nurl = \"file://{}/lake-{i}\"\n[snapshot]\nmode = \"never\"\n",
+            "[source]\nurl = \"{}\"\npublication = \"bench\"\nslot = \"{slot}\"\n[sink]\nurl = \"file://{}/lake-{slot}\"\n[snapshot]\nmode = \"never\"\n{extra}",
             cluster.url("postgres", "postgres"),
             dir.display()
         ),

@@ -78,27 +78,19 @@ fn glue_view_with(l: &Lake, views: Option<&std::path::Path>) -> Value {
 }
 
 fn glue_view_args(l: &Lake, views: Option<&std::path::Path>, glue_views: bool) -> Value {
-    let mut cmd = std::process::Command::new("python3");
-    cmd.args([
-        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/glue_check.py"),
-        &l.moto.endpoint(),
-        DATABASE,
-        "trades_changes:id:id,symbol,qty,price,tags",
-        "prices_changes:symbol,ts:symbol,ts,px,note",
-    ]);
+    let mut args: Vec<std::ffi::OsString> = vec![
+        l.moto.endpoint().into(),
+        DATABASE.into(),
+        "trades_changes:id:id,symbol,qty,price,tags".into(),
+        "prices_changes:symbol,ts:symbol,ts,px,note".into(),
+    ];
     if let Some(v) = views {
-        cmd.arg("--views").arg(v);
+        args.extend(["--views".into(), v.as_os_str().to_owned()]);
     }
     if glue_views {
-        cmd.arg("--glue-views");
+        args.push("--glue-views".into());
     }
-    let out = cmd.output().expect("python3");
-    assert!(
-        out.status.success(),
-        "glue_check.py failed (pip install boto3 duckdb==1.5.5 duckdb-extension-httpfs==1.5.5): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    python_json("glue_check.py", &args)
 }
 
 /// `text`, a config of [`lake`], with Glue at `endpoint` instead of moto.

@@ -322,28 +322,12 @@ async fn every_commit_reaches_the_webhook_at_least_once_across_a_hang_and_a_kill
     assert!(status.success(), "{stderr}");
 }
 
-/// `tests/py/sns_sqs.py`: SNS topic and SQS queue on moto.
-fn sns_sqs(args: &[&str]) -> serde_json::Value {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/sns_sqs.py");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "sns_sqs.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[tokio::test]
 async fn notices_reach_an_sqs_queue_through_an_sns_topic() {
     set_fake_aws_env();
     let moto = Moto::start("lake");
     let e = env(&[]).await;
-    let made = sns_sqs(&["setup", &moto.endpoint(), "new-data"]);
+    let made = python_json("sns_sqs.py", &["setup", &moto.endpoint(), "new-data"]);
     let (topic, queue) = (made["topic"].as_str().unwrap(), made["queue"].as_str().unwrap());
     let s3 = SinkKind::S3 {
         moto: &moto,
@@ -365,7 +349,7 @@ async fn notices_reach_an_sqs_queue_through_an_sns_topic() {
     let mut messages = Vec::new();
     wait_for(Duration::from_secs(60), "notices for 30 rows in the queue", || {
         messages.extend(
-            sns_sqs(&["receive", &moto.endpoint(), queue])
+            python_json("sns_sqs.py", &["receive", &moto.endpoint(), queue])
                 .as_array()
                 .unwrap()
                 .clone(),

@@ -111,27 +111,11 @@ async fn s3_sink_replays_inserts_updates_deletes_truncate_and_rollbacks() {
     assert!(lake.files >= 2, "several flushes, several files");
 }
 
-/// `tests/py/s3_encryption.py` on the moto server.
-fn s3_encryption(args: &[&str]) -> serde_json::Value {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/s3_encryption.py");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "s3_encryption.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[tokio::test]
 async fn every_object_written_to_s3_is_encrypted_with_the_configured_kms_key() {
     set_fake_aws_env();
     let moto = Moto::start("lake");
-    let key = s3_encryption(&["key", &moto.endpoint()])["arn"]
+    let key = python_json("s3_encryption.py", &["key", &moto.endpoint()])["arn"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -147,11 +131,8 @@ async fn every_object_written_to_s3_is_encrypted_with_the_configured_kms_key() {
         bucket: "lake",
         prefix: "enc",
     };
-    let config = write_config(
-        e.dir.path(),
+    let config = e.config(
         &e.cluster.url("postgres", "t"),
-        "pub",
-        "walshore",
         &sink,
         &format!("sse = \"aws:kms\"\nkms_key_id = \"{key}\"\npart_size = \"5MiB\"\nmax_buffer = \"64MiB\""),
         "",
@@ -167,7 +148,7 @@ async fn every_object_written_to_s3_is_encrypted_with_the_configured_kms_key() {
         .unwrap();
     sync(&config);
     assert_lake_equals_source(&e, &config).await;
-    let objects = s3_encryption(&["objects", &moto.endpoint(), "lake", "enc/"]);
+    let objects = python_json("s3_encryption.py", &["objects", &moto.endpoint(), "lake", "enc/"]);
     let objects = objects.as_object().unwrap();
     for kind in [
         ".parquet",

@@ -128,16 +128,10 @@ async fn every_type_round_trips_through_copy_and_stream_and_pyarrow_reads_every_
     sync(&config);
 
     // The values as pyarrow reads them (an independent reader), replayed.
-    let out = std::process::Command::new("python3")
-        .args([
-            "tests/py/read_lake.py",
-            dir.path().join("lake").to_str().unwrap(),
-            "public.kinds",
-        ])
-        .output()
-        .expect("python3");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let read: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let read = python_json(
+        "read_lake.py",
+        &[dir.path().join("lake").to_str().unwrap(), "public.kinds"],
+    );
     let mut lake = LakeTable {
         columns: read["columns"]
             .as_array()

@@ -649,6 +649,18 @@ pub fn replay_by_rule(t: &LakeTable, key: &[&str]) -> Vec<Vec<Option<String>>> {
     out
 }
 
+/// Runs `tests/py/{script}` with `args` and parses the JSON it prints.
+pub fn python_json<S: AsRef<std::ffi::OsStr>>(script: &str, args: &[S]) -> serde_json::Value {
+    let path = format!("{}/tests/py/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("python3").arg(&path).args(args).output().expect("python3");
+    assert!(
+        out.status.success(),
+        "{script} failed (scripts/test installs its Python packages): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// `walshore status` as JSON.
 pub fn status(config: &std::path::Path) -> serde_json::Value {
     let out = walshore(&["status", "--config", config.to_str().unwrap()]);
