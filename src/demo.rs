@@ -9,37 +9,12 @@ use crate::cluster::{ClusterOptions, TempCluster};
 use crate::config::Config;
 use crate::pipeline::{self, Mode};
 
-const SCHEMA: &str = r#"
-CREATE TABLE trades (
-    id          bigserial PRIMARY KEY,
-    symbol      text NOT NULL,
-    side        char(1) NOT NULL,
-    quantity    integer NOT NULL,
-    price       numeric(18,6) NOT NULL,
-    trader      text NOT NULL,
-    traded_at   timestamptz NOT NULL DEFAULT now()
+/// The trading schema of `sql/trading.sql` (also what docker-compose.yml loads), and
+/// the publication.
+const SCHEMA: &str = concat!(
+    include_str!("../sql/trading.sql"),
+    "CREATE PUBLICATION walshore FOR TABLE trades, prices, fx_rates, news;\n"
 );
-CREATE TABLE prices (
-    symbol      text NOT NULL,
-    ts          timestamptz NOT NULL,
-    bid         numeric(18,6),
-    ask         numeric(18,6),
-    PRIMARY KEY (symbol, ts)
-);
-CREATE TABLE fx_rates (
-    pair        text PRIMARY KEY,
-    rate        numeric(20,10) NOT NULL,
-    updated_at  timestamptz NOT NULL DEFAULT now()
-);
-CREATE TABLE news (
-    id           bigserial PRIMARY KEY,
-    headline     text NOT NULL,
-    body         text,
-    tags         text[],
-    published_at timestamptz NOT NULL DEFAULT now()
-);
-CREATE PUBLICATION walshore FOR TABLE trades, prices, fx_rates, news;
-"#;
 
 const CHANGES: &str = r#"
 INSERT INTO fx_rates (pair, rate) VALUES ('EURUSD', 1.0850000000), ('GBPUSD', 1.2700000000), ('USDJPY', 151.2000000000);

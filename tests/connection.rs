@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::*;
+use walshore::cluster::TempCluster;
 
 fn openssl(dir: &std::path::Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -97,11 +98,11 @@ fn make_certs(dir: &std::path::Path) {
     );
 }
 
-#[tokio::test]
-async fn tls_modes_verify_the_server_as_libpq_does() {
+/// Turns TLS on in `cluster` with a certificate for 127.0.0.1 from a CA made here; the
+/// returned folder holds `ca.crt` and an unrelated `other.crt`.
+async fn serve_tls(cluster: &TempCluster) -> tempfile::TempDir {
     let certs = tempfile::tempdir().unwrap();
     make_certs(certs.path());
-    let cluster = cluster(&[]);
     let data = cluster.data_dir().to_owned();
     for f in ["server.crt", "server.key"] {
         std::fs::copy(certs.path().join(f), data.join(f)).unwrap();
@@ -126,6 +127,14 @@ async fn tls_modes_verify_the_server_as_libpq_does() {
         admin.query_one("SHOW ssl", &[]).await.unwrap().get::<_, String>(0) == "on"
     })
     .await;
+    certs
+}
+
+#[tokio::test]
+async fn tls_modes_verify_the_server_as_libpq_does() {
+    let cluster = cluster(&[]);
+    let certs = serve_tls(&cluster).await;
+    let admin = cluster.connect("postgres").await.unwrap();
     admin
         .batch_execute("CREATE TABLE a (id int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE a")
         .await
@@ -304,4 +313,199 @@ async fn md5_and_cleartext_password_authentication_work() {
             "{user}: {stderr}"
         );
     }
+}
+
+/// A PAM service that hands each login's password to `tests/py/iam_token_check.py`,
+/// which checks it as RDS checks an IAM token. Removed on drop.
+struct IamChecker {
+    service: String,
+    dir: tempfile::TempDir,
+}
+
+impl IamChecker {
+    /// Accepts tokens for `host` signed with the credentials of `set_fake_aws_env`.
+    fn install(host: &str) -> IamChecker {
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "this test installs a PAM service in /etc/pam.d and must run as root"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("iam_token_check.py");
+        std::fs::copy(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/iam_token_check.py"),
+            &script,
+        )
+        .unwrap();
+        let log = dir.path().join("checks.jsonl");
+        std::fs::write(&log, "").unwrap();
+        // The server runs as postgres: it must reach the script and append to the log.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let service = format!("walshore-iam-test-{}", std::process::id());
+        std::fs::write(
+            format!("/etc/pam.d/{service}"),
+            format!(
+                "auth required pam_exec.so expose_authtok quiet /usr/bin/python3 {} \
+                 --access-key testing --secret-key testing --region us-east-1 --host {host} --log {}\n\
+                 account required pam_permit.so\n",
+                script.display(),
+                log.display()
+            ),
+        )
+        .unwrap();
+        IamChecker { service, dir }
+    }
+
+    /// One entry per login attempt: (accepted, why, X-Amz-Date, signature).
+    fn checks(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("checks.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for IamChecker {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(format!("/etc/pam.d/{}", self.service));
+    }
+}
+
+/// `source.auth = "iam"`: every connection logs in with a token signed for it, so the
+/// replication connection outlives its token and a reconnect after the token's lifetime
+/// (2 s here, 15 min on RDS) still logs in. The server checks each token as RDS does.
+#[tokio::test]
+async fn iam_tokens_are_signed_per_connection_and_reconnects_outlive_their_lifetime() {
+    set_fake_aws_env();
+    let cluster = cluster(&[]);
+    let certs = serve_tls(&cluster).await;
+    let host = format!("127.0.0.1:{}", cluster.port);
+    let checker = IamChecker::install(&host);
+    let hba = cluster.data_dir().join("pg_hba.conf");
+    let rest = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!(
+            "hostssl all iamuser 127.0.0.1/32 pam pamservice={0}\n\
+             hostssl replication iamuser 127.0.0.1/32 pam pamservice={0}\n\
+             host all iamuser 127.0.0.1/32 reject\n{rest}",
+            checker.service
+        ),
+    )
+    .unwrap();
+    let admin = cluster.connect("postgres").await.unwrap();
+    admin
+        .batch_execute(
+            "CREATE ROLE iamuser LOGIN SUPERUSER;
+             CREATE TABLE a (id int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE a",
+        )
+        .await
+        .unwrap();
+    admin.query_one("SELECT pg_reload_conf()", &[]).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "postgres://iamuser@{host}/postgres?sslmode=verify-full&sslrootcert={}",
+        certs.path().join("ca.crt").display()
+    );
+    let iam = "auth = \"iam\"\nregion = \"us-east-1\"\niam_token_lifetime = \"2s\"";
+    let lake = SinkKind::File(dir.path().join("lake"));
+    let config = write_config(dir.path(), &url, "pub", "walshore", &lake, "", iam);
+    sync(&config);
+    let child = spawn_run(&config);
+    let _log = LogOnPanic::new(&child);
+    let store = open_lake(&config);
+    let lake_rows = |n: usize| {
+        let store = store.clone();
+        async move { read_table(&store, "public", "a").await.rows.len() == n }
+    };
+    admin
+        .batch_execute("INSERT INTO a SELECT generate_series(1, 10)")
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(60), "the first rows in the lake", || lake_rows(10)).await;
+    let walsender = || async {
+        admin
+            .query_opt("SELECT pid FROM pg_stat_replication WHERE usename = 'iamuser'", &[])
+            .await
+            .unwrap()
+            .map(|r| r.get::<_, i32>(0))
+    };
+    let first = walsender().await.expect("a walsender for iamuser");
+
+    // Past every token's lifetime, the logged-in replication connection goes on.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    admin
+        .batch_execute("INSERT INTO a SELECT generate_series(11, 20)")
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(60), "rows after the token expired", || {
+        lake_rows(20)
+    })
+    .await;
+    assert_eq!(
+        walsender().await,
+        Some(first),
+        "the replication connection was not replaced"
+    );
+
+    // A reconnect signs a new token: an old one would be refused as expired.
+    let before = checker.checks().len();
+    admin
+        .query_one("SELECT pg_terminate_backend($1)", &[&first])
+        .await
+        .unwrap();
+    admin
+        .batch_execute("INSERT INTO a SELECT generate_series(21, 30)")
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(60), "rows after the reconnect", || lake_rows(30)).await;
+    let second = walsender().await.expect("a new walsender");
+    assert_ne!(second, first);
+    let (status, stderr) = support::stop(child);
+    assert!(status.success(), "{stderr}");
+
+    let checks = checker.checks();
+    let refused: Vec<_> = checks.iter().filter(|c| c["ok"] != true).collect();
+    assert!(refused.is_empty(), "refused logins: {refused:?}");
+    assert!(
+        checks.len() > before,
+        "the reconnect logged in through the checker: {checks:?}"
+    );
+    // Each token was signed for its login (SigV4 dates have whole seconds), not kept.
+    for c in &checks {
+        let d = c["date"].as_str().unwrap();
+        let signed = humantime::parse_rfc3339(&format!(
+            "{}-{}-{}T{}:{}:{}Z",
+            &d[0..4],
+            &d[4..6],
+            &d[6..8],
+            &d[9..11],
+            &d[11..13],
+            &d[13..15]
+        ))
+        .unwrap();
+        let checked = humantime::parse_rfc3339_weak(&c["checked_at"].as_str().unwrap()[..26]).unwrap();
+        let age = checked.duration_since(signed).unwrap();
+        assert!(
+            age < Duration::from_millis(1500),
+            "a token {age:?} old at its login: {c}"
+        );
+    }
+
+    // Wrong credentials: the token does not verify, and the error says what to check.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walshore"))
+        .args(["sync", "--config", config.to_str().unwrap()])
+        .env("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("refused user \"iamuser\"") && stderr.contains("rds-db:connect"),
+        "{stderr}"
+    );
+    assert_eq!(checker.checks().last().unwrap()["why"], "signature does not match");
 }

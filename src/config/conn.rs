@@ -13,6 +13,19 @@ pub enum SslMode {
     VerifyFull,
 }
 
+/// How walshore proves who it is to PostgreSQL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Auth {
+    /// The password from the URL, `source.password` or `PGPASSWORD`, if the server asks.
+    Password,
+    /// `source.auth = "iam"`: a fresh IAM token per connection (RDS, Aurora), signed for
+    /// `region` (the AWS chain's when `None`) and good for `token_lifetime`.
+    Iam {
+        region: Option<String>,
+        token_lifetime: Duration,
+    },
+}
+
 /// Connection parameters from a libpq-style URL. `Debug` never shows the password.
 #[derive(Clone)]
 pub struct ConnParams {
@@ -25,6 +38,7 @@ pub struct ConnParams {
     pub sslrootcert: Option<PathBuf>,
     pub application_name: String,
     pub connect_timeout: Duration,
+    pub auth: Auth,
 }
 
 impl std::fmt::Debug for ConnParams {
@@ -68,6 +82,7 @@ impl ConnParams {
             sslrootcert: None,
             application_name: "walshore".into(),
             connect_timeout: Duration::from_secs(10),
+            auth: Auth::Password,
         };
         for (k, v) in url.query_pairs() {
             match &*k {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod conn;
-pub use conn::{ConnParams, SslMode};
+pub use conn::{Auth, ConnParams, SslMode};
 
 /// Upper bound on commit -> visible: 5 s keeps Athena "near-real-time" while a busy
 /// table still gets files of useful size.
@@ -63,6 +63,57 @@ pub enum ConfigError {
     Env { field: String, var: String },
 }
 
+/// `source.auth`, `source.region` and `source.iam_token_lifetime`, checked against the URL.
+fn source_auth(raw: &RawSource, conn: &ConnParams) -> Result<Auth, ConfigError> {
+    match raw.auth.as_deref().unwrap_or("password") {
+        "password" => {
+            if raw.region.is_some() || raw.iam_token_lifetime.is_some() {
+                return Err(invalid(
+                    "source.region",
+                    "source.region and source.iam_token_lifetime are for source.auth = \"iam\"; set it or remove them",
+                ));
+            }
+            Ok(Auth::Password)
+        }
+        "iam" => {
+            if matches!(conn.sslmode, SslMode::Disable | SslMode::Prefer) {
+                return Err(invalid(
+                    "source.url",
+                    "source.auth = \"iam\" sends a token that must not travel in clear text: add \
+                     sslmode=verify-full&sslrootcert=/path/to/rds-global-bundle.pem to source.url",
+                ));
+            }
+            // PGPASSWORD may be set for other tools; a password written for walshore is a mistake.
+            if conn.password.is_some() && conn.password != std::env::var("PGPASSWORD").ok() {
+                return Err(invalid(
+                    "source.auth",
+                    "\"iam\" signs a token for each connection, so a password is not used: remove it from \
+                     source.url and source.password",
+                ));
+            }
+            let token_lifetime = duration(
+                "source.iam_token_lifetime",
+                raw.iam_token_lifetime.clone(),
+                crate::source::iam::MAX_TOKEN_LIFETIME,
+            )?;
+            if token_lifetime > crate::source::iam::MAX_TOKEN_LIFETIME || token_lifetime.is_zero() {
+                return Err(invalid(
+                    "source.iam_token_lifetime",
+                    "RDS accepts tokens of at most 15m; leave it out for 15m",
+                ));
+            }
+            Ok(Auth::Iam {
+                region: raw.region.clone(),
+                token_lifetime,
+            })
+        }
+        other => Err(invalid(
+            "source.auth",
+            format!("{other:?} is not one of \"password\" or \"iam\" (IAM database authentication on RDS or Aurora)"),
+        )),
+    }
+}
+
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field,
@@ -93,6 +144,9 @@ struct RawConfig {
 struct RawSource {
     url: String,
     password: Option<String>,
+    auth: Option<String>,
+    region: Option<String>,
+    iam_token_lifetime: Option<String>,
     publication: String,
     slot: String,
     spill_dir: Option<PathBuf>,
@@ -661,8 +715,12 @@ impl TryFrom<RawConfig> for Config {
 
     fn try_from(raw: RawConfig) -> Result<Config, ConfigError> {
         let mut conn = ConnParams::parse(&raw.source.url).map_err(|m| invalid("source.url", m))?;
-        if let Some(password) = raw.source.password {
-            conn.password = Some(password);
+        if let Some(password) = &raw.source.password {
+            conn.password = Some(password.clone());
+        }
+        conn.auth = source_auth(&raw.source, &conn)?;
+        if conn.auth != Auth::Password {
+            conn.password = None;
         }
         identifier("source.publication", &raw.source.publication)?;
         identifier("source.slot", &raw.source.slot)?;
@@ -972,6 +1030,47 @@ mod tests {
         assert!(e.to_string().starts_with("metrics.listen:"), "{e}");
         let e = with("ready_within = \"soon\"").unwrap_err();
         assert!(e.to_string().starts_with("metrics.ready_within:"), "{e}");
+    }
+
+    #[test]
+    fn iam_auth_needs_tls_and_no_password() {
+        let with = |url: &str, extra: &str| {
+            Config::parse(&MIN.replace(
+                "url = \"postgres://rep:secret@db.example:6543/trading?sslmode=require\"",
+                &format!("url = \"{url}\"\n{extra}"),
+            ))
+        };
+        let c = with(
+            "postgres://rep@db.example:5432/trading?sslmode=verify-full",
+            "auth = \"iam\"\nregion = \"eu-west-1\"",
+        )
+        .unwrap();
+        assert_eq!(
+            c.source.conn.auth,
+            Auth::Iam {
+                region: Some("eu-west-1".into()),
+                token_lifetime: Duration::from_secs(900)
+            }
+        );
+        assert_eq!(c.source.conn.password, None);
+        let err = |url: &str, extra: &str| with(url, extra).unwrap_err().to_string();
+        let e = err("postgres://rep@db.example/trading?sslmode=prefer", "auth = \"iam\"");
+        assert!(e.starts_with("source.url:") && e.contains("verify-full"), "{e}");
+        let e = err("postgres://rep:pw@db.example/trading?sslmode=require", "auth = \"iam\"");
+        assert!(e.starts_with("source.auth:") && e.contains("remove it"), "{e}");
+        let e = err(
+            "postgres://rep@db.example/trading?sslmode=require",
+            "auth = \"iam\"\niam_token_lifetime = \"16m\"",
+        );
+        assert!(e.starts_with("source.iam_token_lifetime:"), "{e}");
+        let e = err("postgres://rep@db.example/trading", "region = \"eu-west-1\"");
+        assert!(e.starts_with("source.region:"), "{e}");
+        let e = err("postgres://rep@db.example/trading", "auth = \"kerberos\"");
+        assert!(e.starts_with("source.auth:"), "{e}");
+        assert_eq!(
+            with("postgres://rep@db.example/trading", "").unwrap().source.conn.auth,
+            Auth::Password
+        );
     }
 
     #[test]

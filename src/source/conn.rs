@@ -13,7 +13,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::{PgError, SourceError};
+use super::{PgError, SourceError, auth_fix};
 use crate::config::{ConnParams, SslMode};
 
 enum Io {
@@ -159,9 +159,12 @@ impl Conn {
     }
 
     async fn authenticate(&mut self, params: &ConnParams) -> Result<(), SourceError> {
+        // Signed now, for this connection alone: an IAM token is good for one login.
+        let secret = super::iam::password(params).await.map_err(SourceError::IamToken)?;
         let password = || {
-            params.password.as_deref().ok_or_else(|| SourceError::Auth {
+            secret.as_deref().ok_or_else(|| SourceError::Auth {
                 user: params.user.clone(),
+                fix: auth_fix(params),
                 message: "the server asks for a password and none was given; put it in source.url or PGPASSWORD".into(),
             })
         };
@@ -199,6 +202,7 @@ impl Conn {
                             if !mechanisms.contains(&sasl::SCRAM_SHA_256.as_bytes()) {
                                 return Err(SourceError::Auth {
                                     user: params.user.clone(),
+                                    fix: auth_fix(params),
                                     message: "the server offers no SASL mechanism walshore supports (SCRAM-SHA-256)"
                                         .into(),
                                 });
@@ -215,6 +219,7 @@ impl Conn {
                                 .ok_or_else(|| SourceError::Protocol("SASL continue before SASL start".into()))?;
                             s.update(&body).map_err(|e| SourceError::Auth {
                                 user: params.user.clone(),
+                                fix: auth_fix(params),
                                 message: e.to_string(),
                             })?;
                             frontend::sasl_response(s.message(), &mut self.wbuf).map_err(SourceError::Io)?;
@@ -226,12 +231,14 @@ impl Conn {
                                 .ok_or_else(|| SourceError::Protocol("SASL final before SASL start".into()))?;
                             s.finish(&body).map_err(|e| SourceError::Auth {
                                 user: params.user.clone(),
+                                fix: auth_fix(params),
                                 message: format!("server signature did not verify: {e}"),
                             })?;
                         }
                         other => {
                             return Err(SourceError::Auth {
                                 user: params.user.clone(),
+                                fix: auth_fix(params),
                                 message: format!(
                                     "authentication method {other} is not supported; use trust, password, md5 or scram-sha-256 in pg_hba.conf"
                                 ),
@@ -256,6 +263,7 @@ impl Conn {
                     return Err(if e.code == "28P01" || e.code == "28000" {
                         SourceError::Auth {
                             user: params.user.clone(),
+                            fix: auth_fix(params),
                             message: e.message,
                         }
                     } else {

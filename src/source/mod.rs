@@ -11,6 +11,7 @@
 
 mod assemble;
 mod conn;
+pub mod iam;
 mod replication;
 pub mod sql;
 pub mod tls;
@@ -84,8 +85,14 @@ pub enum SourceError {
     },
     #[error("TLS to PostgreSQL at {target} failed: {message}")]
     Tls { target: String, message: String },
-    #[error("PostgreSQL refused user {user:?}: {message}; check the user and password in source.url and pg_hba.conf")]
-    Auth { user: String, message: String },
+    #[error("PostgreSQL refused user {user:?}: {message}; {fix}")]
+    Auth {
+        user: String,
+        message: String,
+        fix: &'static str,
+    },
+    #[error("{0}")]
+    IamToken(String),
     #[error("connection to PostgreSQL lost: {0}")]
     Io(#[source] std::io::Error),
     #[error("PostgreSQL: {0}")]
@@ -106,6 +113,17 @@ pub enum SourceError {
     Decode(#[from] crate::decode::DecodeError),
     #[error(transparent)]
     Stream(#[from] crate::decode::StreamError),
+}
+
+/// What to check when the server refuses a login.
+pub(crate) fn auth_fix(p: &crate::config::ConnParams) -> &'static str {
+    match p.auth {
+        crate::config::Auth::Password => "check the user and password in source.url and pg_hba.conf",
+        crate::config::Auth::Iam { .. } => {
+            "check that the database user was granted rds_iam, that walshore's AWS identity is allowed \
+             rds-db:connect as that user, that source.region is the database's region, and that the clock is right"
+        }
+    }
 }
 
 impl SourceError {

@@ -16,6 +16,8 @@ pub enum SqlError {
     },
     #[error("TLS setup: {0}")]
     Tls(String),
+    #[error("{0}")]
+    IamToken(String),
 }
 
 /// Connects and drives the connection on a task.
@@ -38,7 +40,8 @@ pub async fn connect(p: &ConnParams) -> Result<tokio_postgres::Client, SqlError>
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
             _ => tokio_postgres::config::SslMode::Require,
         });
-    if let Some(pw) = &p.password {
+    // Signed now, for this connection alone: an IAM token is good for one login.
+    if let Some(pw) = super::iam::password(p).await.map_err(SqlError::IamToken)? {
         c.password(pw);
     }
     let target = format!("{}:{}", p.host, p.port);
