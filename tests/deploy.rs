@@ -83,3 +83,284 @@ async fn rds_sql_gives_walshore_a_role_that_replicates_the_trading_tables() {
     let ops: Vec<&str> = fx.rows.iter().map(|r| r.op.as_str()).collect();
     assert_eq!(ops, ["R", "R", "U"], "{:?}", fx.rows);
 }
+
+fn read(file: &str) -> String {
+    std::fs::read_to_string(Path::new(ROOT).join(file)).unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+/// `${NAME}` references in `text`.
+fn env_refs(text: &str) -> Vec<String> {
+    text.split("${")
+        .skip(1)
+        .filter_map(|s| s.split_once('}').map(|(name, _)| name.to_owned()))
+        .collect()
+}
+
+/// The Dockerfile's `INSTRUCTION [ ... ]` argument as a JSON array (exec form).
+fn exec_form(dockerfile: &str, instruction: &str) -> Vec<String> {
+    let joined = dockerfile.replace("\\\n", " ");
+    let line = joined
+        .lines()
+        .find(|l| l.starts_with(instruction))
+        .unwrap_or_else(|| panic!("the Dockerfile has no {instruction}"));
+    let json = &line[line
+        .find('[')
+        .unwrap_or_else(|| panic!("{instruction} is not in exec form: {line}"))..];
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("{instruction} {json}: {e}"))
+}
+
+#[test]
+fn dockerfile_builds_walshore_from_the_repository_and_runs_it_as_non_root() {
+    let text = read("Dockerfile");
+    let cargo = read("Cargo.toml");
+    let rust_version = cargo
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .unwrap()
+        .trim_matches('"');
+    let froms: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
+    assert_eq!(froms.len(), 2, "multi-stage: a build and a run stage: {froms:?}");
+    assert!(
+        froms[0].starts_with(&format!("FROM rust:{rust_version}-")),
+        "the build stage uses the pinned toolchain {rust_version}: {}",
+        froms[0]
+    );
+    assert!(
+        froms[1].contains("distroless/cc") && froms[1].ends_with(":nonroot"),
+        "{}",
+        froms[1]
+    );
+    let last_stage = text.split("\nFROM ").last().unwrap();
+    assert!(last_stage.contains("\nUSER nonroot\n"), "runs as non-root");
+    assert!(
+        text.contains("cargo build --release --locked --bin walshore"),
+        "release build from Cargo.lock"
+    );
+    // The release profile the image is built with carries no debug info.
+    let release = cargo
+        .split("[profile.release]")
+        .nth(1)
+        .unwrap()
+        .split("\n[")
+        .next()
+        .unwrap();
+    assert!(
+        release.contains("debug = false") && release.contains("strip = \"debuginfo\""),
+        "{release}"
+    );
+    // Every COPY from the build context names something in the repository.
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from="))
+    {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        for src in &parts[1..parts.len() - 1] {
+            assert!(
+                Path::new(ROOT).join(src).exists(),
+                "{line}: {src} is not in the repository"
+            );
+        }
+    }
+    for ignored in read(".dockerignore").lines() {
+        assert!(!["src", "Cargo.toml", "Cargo.lock", "sql", "bench"].contains(&ignored));
+    }
+    assert_eq!(exec_form(&text, "ENTRYPOINT"), ["/usr/local/bin/walshore"]);
+    assert_eq!(
+        exec_form(&text, "CMD"),
+        ["run", "--config", "/etc/walshore/config.toml"]
+    );
+    let health = exec_form(&text, "HEALTHCHECK");
+    assert_eq!(health[..2], ["/usr/local/bin/walshore", "health"], "{health:?}");
+    for secret in ["PASSWORD", "SECRET", "AWS_ACCESS_KEY_ID"] {
+        assert!(
+            !text.contains(&format!("ENV {secret}")),
+            "no secret baked into the image"
+        );
+    }
+}
+
+#[test]
+fn compose_file_is_valid_and_mounts_only_files_of_the_repository() {
+    let out = Command::new("docker-compose")
+        .args(["-f", "docker-compose.yml", "config", "-q"])
+        .current_dir(ROOT)
+        .output()
+        .expect("docker-compose (Debian package docker-compose; scripts/test installs it)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let services = python_json("compose_services.py", &[format!("{ROOT}/docker-compose.yml")]);
+    let services = services.as_object().unwrap();
+    for name in ["postgres", "moto", "walshore", "load"] {
+        assert!(services.contains_key(name), "service {name}");
+    }
+    for (name, s) in services {
+        for v in s["volumes"].as_array().into_iter().flatten() {
+            let host = v.as_str().unwrap().split(':').next().unwrap();
+            assert!(
+                Path::new(host).is_file(),
+                "{name} mounts {host}, not a file of the repository"
+            );
+        }
+        if let Some(ctx) = s["build"]["context"].as_str() {
+            assert!(Path::new(ctx).join("Dockerfile").is_file(), "{name} builds {ctx}");
+        }
+    }
+    let pg = &services["postgres"];
+    assert!(pg["command"].to_string().contains("wal_level=logical"), "{pg}");
+    let init: Vec<String> = pg["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    assert!(init.iter().any(|v| v.contains("sql/trading.sql")) && init.iter().any(|v| v.contains("sql/setup.sql")));
+
+    let w = &services["walshore"];
+    assert_eq!(
+        w["command"],
+        serde_json::json!(exec_form(&read("Dockerfile"), "CMD")),
+        "the image's default command"
+    );
+    assert!(
+        w["volumes"][0]
+            .as_str()
+            .unwrap()
+            .ends_with("ops/compose/walshore.toml:/etc/walshore/config.toml:ro")
+    );
+    // Every ${VAR} of the config is set for the container (or walshore would stop on it).
+    for var in env_refs(&read("ops/compose/walshore.toml")) {
+        assert!(
+            w["environment"].get(&var).is_some(),
+            "walshore's environment lacks {var}"
+        );
+    }
+    let load = services["load"]["command"].to_string();
+    assert!(
+        load.contains("pgbench") && load.contains("-f /ops/trading.pgbench") && load.contains("-R 20"),
+        "{load}"
+    );
+}
+
+/// What docker-compose.yml runs, run here without Docker: the schema and setup SQL, the
+/// pgbench trading script, walshore with the compose config against PostgreSQL and moto,
+/// the image's health check, and the analyst's DuckDB queries, whose answers must be
+/// PostgreSQL's.
+#[tokio::test]
+async fn compose_config_load_health_check_and_analyst_queries_work_outside_docker() {
+    set_fake_aws_env();
+    let cluster = cluster(&[]);
+    let admin = cluster.connect("postgres").await.unwrap();
+    admin.batch_execute("CREATE DATABASE trading").await.unwrap();
+    psql(&cluster, "trading", "sql/trading.sql");
+    psql(&cluster, "trading", "sql/setup.sql");
+    let moto = Moto::start("lake");
+    let metrics_port = free_port();
+    let env = [
+        ("PGHOST", "127.0.0.1".to_owned()),
+        ("PGPORT", cluster.port.to_string()),
+        ("PGPASSWORD", "change-me".to_owned()),
+        ("S3_ENDPOINT", moto.endpoint()),
+        ("METRICS_LISTEN", format!("127.0.0.1:{metrics_port}")),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let config = format!("{ROOT}/ops/compose/walshore.toml");
+    let child = spawn_run_with(Path::new(&config), &env);
+    let _log = LogOnPanic::new(&child);
+
+    let pgbench = Command::new(cluster.bin().join("pgbench"))
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-p", &cluster.port.to_string()])
+        .args([
+            "-n",
+            "-c",
+            "2",
+            "-t",
+            "150",
+            "-f",
+            &format!("{ROOT}/ops/trading.pgbench"),
+            "trading",
+        ])
+        .output()
+        .expect("pgbench");
+    assert!(
+        pgbench.status.success(),
+        "pgbench: {}{}",
+        String::from_utf8_lossy(&pgbench.stdout),
+        String::from_utf8_lossy(&pgbench.stderr)
+    );
+    let db = cluster.connect("trading").await.unwrap();
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name("lake")
+        .with_endpoint(moto.endpoint())
+        .with_allow_http(true)
+        .with_region("us-east-1")
+        .with_access_key_id("testing")
+        .with_secret_access_key("testing")
+        .build()
+        .unwrap();
+    let store: std::sync::Arc<dyn object_store::ObjectStore> =
+        std::sync::Arc::new(object_store::prefix::PrefixStore::new(store, "trading"));
+    wait_until(std::time::Duration::from_secs(120), "300 trades in the lake", || {
+        let store = store.clone();
+        async move { read_table(&store, "public", "trades").await.rows.len() == 300 }
+    })
+    .await;
+
+    // The image's health check, as Docker runs it, against this walshore.
+    let health = exec_form(&read("Dockerfile"), "HEALTHCHECK");
+    let run_health = || {
+        let args: Vec<String> = health[1..]
+            .iter()
+            .map(|a| a.replace("/etc/walshore/config.toml", &config))
+            .collect();
+        Command::new(BIN)
+            .args(&args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let up = run_health();
+    assert!(up.status.success(), "health: {}", String::from_utf8_lossy(&up.stderr));
+
+    // The analyst's queries over S3 answer what PostgreSQL answers.
+    let lake_rows: serde_json::Value = python_json(
+        "duckdb_sql.py",
+        &[
+            format!("{ROOT}/ops/compose/analyst.sql"),
+            "localhost:5000".to_owned(),
+            moto.endpoint().trim_start_matches("http://").to_owned(),
+        ],
+    );
+    let latest_prices = source_rows(
+        &db,
+        "SELECT symbol, (array_agg(bid ORDER BY ts DESC))[1]::text, (array_agg(ask ORDER BY ts DESC))[1]::text,
+                to_char(max(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') FROM prices GROUP BY symbol ORDER BY symbol",
+    )
+    .await;
+    let positions = source_rows(
+        &db,
+        "SELECT trader, sum(CASE side WHEN 'B' THEN quantity ELSE -quantity END)::text, count(*)::text
+         FROM trades GROUP BY trader ORDER BY trader",
+    )
+    .await;
+    let as_json = |rows: Vec<Vec<Option<String>>>| serde_json::json!(rows);
+    assert_eq!(lake_rows[1], as_json(positions), "position per trader");
+    let lake_prices: Vec<Vec<Option<String>>> = serde_json::from_value(lake_rows[0].clone()).unwrap();
+    let norm = |rows: &[Vec<Option<String>>]| -> Vec<(String, f64, f64, String)> {
+        rows.iter()
+            .map(|r| {
+                let ts = r[3].clone().unwrap();
+                (
+                    r[0].clone().unwrap(),
+                    r[1].as_ref().unwrap().parse().unwrap(),
+                    r[2].as_ref().unwrap().parse().unwrap(),
+                    ts[..19].to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(norm(&lake_prices), norm(&latest_prices), "latest price per symbol");
+
+    let (status, stderr) = support::stop(child);
+    assert!(status.success(), "{stderr}");
+    let down = run_health();
+    assert_eq!(down.status.code(), Some(1), "health of a stopped walshore");
+}
