@@ -13,7 +13,8 @@ use walshore::retry::ErrorChain;
 #[command(
     name = "walshore",
     version,
-    about = "Replicate a PostgreSQL publication into partitioned Parquet on S3, continuously and exactly once."
+    about = "Replicate a PostgreSQL publication into partitioned Parquet on S3, continuously and exactly once.",
+    after_help = "--config FILE takes a TOML file (see config.toml), or env:NAME for TOML held by the environment variable NAME."
 )]
 struct Cli {
     /// Log format on stderr.

@@ -364,3 +364,71 @@ async fn compose_config_load_health_check_and_analyst_queries_work_outside_docke
     let down = run_health();
     assert_eq!(down.status.code(), Some(1), "health of a stopped walshore");
 }
+
+/// Runs `program args` in ops/cdk and returns its output, failing with both streams.
+fn in_cdk(program: &str, args: &[&str]) -> String {
+    let dir = Path::new(ROOT).join("ops/cdk");
+    assert!(
+        dir.join("node_modules/aws-cdk-lib").is_dir(),
+        "ops/cdk has no node_modules: run scripts/test (it runs npm ci there)"
+    );
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(&dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e} (Node with npm is needed)"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{program} {args:?} in ops/cdk:\n{text}");
+    text
+}
+
+/// The CDK app synthesizes offline (no lookups, no account) without warnings, and its
+/// assertion tests (ops/cdk/test, Node's test runner) pass.
+#[test]
+fn cdk_app_synthesizes_offline_and_its_assertion_tests_pass() {
+    let out = in_cdk("npm", &["test"]);
+    assert!(out.contains("# fail 0") && !out.contains("# pass 0"), "{out}");
+    let outdir = tempfile::tempdir().unwrap();
+    let out = in_cdk(
+        "npx",
+        &["cdk", "synth", "--quiet", "--output", outdir.path().to_str().unwrap()],
+    );
+    assert!(
+        !out.contains("WARNING") && !out.contains("[Warning]"),
+        "cdk synth warns:\n{out}"
+    );
+    let template: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(outdir.path().join("Walshore.template.json")).unwrap()).unwrap();
+    let types: std::collections::BTreeSet<&str> = template["Resources"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|r| r["Type"].as_str().unwrap())
+        .collect();
+    for t in [
+        "AWS::ECS::Service",
+        "AWS::S3::Bucket",
+        "AWS::KMS::Key",
+        "AWS::Glue::Database",
+        "AWS::Athena::WorkGroup",
+        "AWS::CloudWatch::Alarm",
+    ] {
+        assert!(types.contains(t), "the synthesized template has no {t}: {types:?}");
+    }
+    // The image asset is the repository's Dockerfile, with .dockerignore applied.
+    let assets = std::fs::read_to_string(outdir.path().join("Walshore.assets.json")).unwrap();
+    let assets: serde_json::Value = serde_json::from_str(&assets).unwrap();
+    let image = assets["dockerImages"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .expect("an image asset");
+    let dir = outdir.path().join(image["source"]["directory"].as_str().unwrap());
+    assert!(dir.join("Dockerfile").is_file() && dir.join("src/main.rs").is_file());
+    assert!(!dir.join("target").exists(), "the build context leaves out target/");
+}

@@ -682,11 +682,18 @@ fn expand_env(value: &mut toml::Value, path: &str) -> Result<(), ConfigError> {
 }
 
 impl Config {
+    /// Reads the config file at `path`, or with `env:NAME` the TOML held by environment
+    /// variable NAME (a container with no file to mount: ops/cdk passes it so).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read_err = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        let text = match path.to_str().and_then(|p| p.strip_prefix("env:")) {
+            Some(var) => std::env::var(var)
+                .map_err(|_| read_err(std::io::Error::other(format!("environment variable {var} is not set"))))?,
+            None => std::fs::read_to_string(path).map_err(read_err)?,
+        };
         Config::parse(&text).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.to_owned(),
@@ -1030,6 +1037,15 @@ mod tests {
         assert!(e.to_string().starts_with("metrics.listen:"), "{e}");
         let e = with("ready_within = \"soon\"").unwrap_err();
         assert!(e.to_string().starts_with("metrics.ready_within:"), "{e}");
+    }
+
+    #[test]
+    fn a_config_may_come_from_an_environment_variable() {
+        unsafe { std::env::set_var("WALSHORE_TEST_CONFIG_TOML", MIN) };
+        let c = Config::load(Path::new("env:WALSHORE_TEST_CONFIG_TOML")).unwrap();
+        assert_eq!(c.source.slot, "walshore");
+        let e = Config::load(Path::new("env:WALSHORE_TEST_CONFIG_UNSET")).unwrap_err();
+        assert!(e.to_string().contains("WALSHORE_TEST_CONFIG_UNSET is not set"), "{e}");
     }
 
     #[test]
