@@ -93,17 +93,70 @@ async fn run_demo(cluster: &TempCluster, dir: &Path, lake: &PathBuf) -> anyhow::
     for (table, rows) in &summary.rows {
         println!("  {table:<20} {rows:>6} rows");
     }
-    println!("\nfiles under {}:", lake.display());
     let mut files = Vec::new();
     collect(lake, &mut files)?;
-    files.sort();
-    for f in files {
-        println!("  {}", f.strip_prefix(lake).unwrap_or(&f).display());
-    }
+    println!(
+        "\n{} files under {} (tables in public/<table>/dt=<day>/, the commit log in _walshore/)",
+        files.len(),
+        lake.display()
+    );
+    analyst_view(lake)?;
     println!(
         "\nconfig used: {} (its PostgreSQL is thrown away now: point source.url at your own database and run `walshore check` then `walshore run`)",
         config_path.display()
     );
+    Ok(())
+}
+
+/// DuckDB over the demo's lake: the current state of a table is each key's last change
+/// by (_lsn, _seq) unless that is a delete. `{lake}` is the lake's folder. The demo
+/// truncates nothing, and these columns are never TOASTed; `walshore athena-sql`'s views
+/// handle both.
+const DUCKDB_ANALYST_SQL: &str = "\
+SELECT symbol, arg_max(bid, ts) AS bid, arg_max(ask, ts) AS ask, max(ts) AS quoted_at FROM (
+  SELECT * FROM read_parquet('{lake}/public/prices/*/*.parquet')
+  QUALIFY row_number() OVER (PARTITION BY symbol, ts ORDER BY _lsn DESC, _seq DESC) = 1
+) WHERE _op <> 'D' GROUP BY symbol ORDER BY symbol;
+SELECT trader, sum(CASE side WHEN 'B' THEN quantity ELSE -quantity END) AS position, count(*) AS trades FROM (
+  SELECT * FROM read_parquet('{lake}/public/trades/*/*.parquet')
+  QUALIFY row_number() OVER (PARTITION BY id ORDER BY _lsn DESC, _seq DESC) = 1
+) WHERE _op <> 'D' GROUP BY trader ORDER BY trader;
+";
+
+/// What an analyst sees: two tables in their current state, replayed from the lake's
+/// change rows, and the DuckDB command that asks the same of the same files.
+fn analyst_view(lake: &Path) -> anyhow::Result<()> {
+    let prices = crate::lake::current_state(&lake.join("public/prices"), &["symbol", "ts"], &["bid", "ask"])?;
+    let mut latest: std::collections::BTreeMap<String, (String, String, String)> = Default::default();
+    for row in prices {
+        let (symbol, ts, bid, ask) = (row[0].clone(), row[1].clone(), row[2].clone(), row[3].clone());
+        if latest.get(&symbol).is_none_or(|(t, _, _)| ts > *t) {
+            latest.insert(symbol, (ts, bid, ask));
+        }
+    }
+    println!(
+        "\nwhat an analyst sees, read back from the lake (current state: each key's last change, deletes applied):"
+    );
+    println!("\n  latest price per symbol (prices)");
+    println!("  {:<8} {:>14} {:>14}  quoted at", "symbol", "bid", "ask");
+    for (symbol, (ts, bid, ask)) in &latest {
+        println!("  {symbol:<8} {bid:>14} {ask:>14}  {ts}");
+    }
+    let trades = crate::lake::current_state(&lake.join("public/trades"), &["id"], &["trader", "side", "quantity"])?;
+    let mut positions: std::collections::BTreeMap<String, (i64, u64)> = Default::default();
+    for row in trades {
+        let quantity: i64 = row[3].parse()?;
+        let p = positions.entry(row[1].clone()).or_default();
+        p.0 += if row[2] == "B" { quantity } else { -quantity };
+        p.1 += 1;
+    }
+    println!("\n  position per trader (trades)");
+    println!("  {:<10} {:>10} {:>7}", "trader", "position", "trades");
+    for (trader, (position, count)) in &positions {
+        println!("  {trader:<10} {position:>10} {count:>7}");
+    }
+    let sql = DUCKDB_ANALYST_SQL.replace("{lake}", &lake.display().to_string());
+    println!("\nthe same from DuckDB (https://duckdb.org), over the same files:\n\nduckdb -c \"{sql}\"");
     Ok(())
 }
 

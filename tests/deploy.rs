@@ -432,3 +432,54 @@ fn cdk_app_synthesizes_offline_and_its_assertion_tests_pass() {
     assert!(dir.join("Dockerfile").is_file() && dir.join("src/main.rs").is_file());
     assert!(!dir.join("target").exists(), "the build context leaves out target/");
 }
+
+/// `walshore demo` ends with what an analyst sees: the latest price per symbol and the
+/// position per trader, replayed from the lake; the DuckDB command it prints answers the
+/// same over the same files.
+#[test]
+fn demo_ends_with_the_analyst_view_and_the_duckdb_command_that_agrees() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .arg("demo")
+        .current_dir(dir.path())
+        .env("WALSHORE_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let section = |title: &str| -> Vec<Vec<String>> {
+        stdout
+            .split(title)
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {title:?} in:\n{stdout}"))
+            .lines()
+            .skip(2)
+            .take_while(|l| !l.trim().is_empty())
+            .map(|l| l.split_whitespace().map(str::to_owned).collect())
+            .collect()
+    };
+    let prices = section("latest price per symbol (prices)");
+    let positions = section("position per trader (trades)");
+    assert_eq!(prices.len(), 5, "{prices:?}");
+    assert_eq!(positions.len(), 17, "{positions:?}");
+    let trades: u64 = positions.iter().map(|p| p[2].parse::<u64>().unwrap()).sum();
+    assert_eq!(trades, 2000 - 20, "2000 trades, every hundredth deleted");
+
+    let sql = stdout
+        .split("duckdb -c \"")
+        .nth(1)
+        .and_then(|s| s.split("\"\n").next())
+        .expect("a duckdb command");
+    let file = dir.path().join("analyst.sql");
+    std::fs::write(&file, sql).unwrap();
+    let duck = python_json("duckdb_sql.py", &[file]);
+    let duck: Vec<Vec<Vec<String>>> = serde_json::from_value(duck).unwrap();
+    let num = |s: &str| s.parse::<f64>().unwrap();
+    assert_eq!(duck[0].len(), prices.len());
+    for (d, p) in duck[0].iter().zip(&prices) {
+        assert_eq!(d[0], p[0]);
+        assert_eq!((num(&d[1]), num(&d[2])), (num(&p[1]), num(&p[2])), "{d:?} {p:?}");
+        assert_eq!(d[3][..19].replace(' ', "T"), p[3][..19], "{d:?} {p:?}");
+    }
+    assert_eq!(duck[1], positions, "position per trader");
+}
