@@ -55,7 +55,7 @@ pub async fn demo(dir: &Path) -> anyhow::Result<()> {
     result
 }
 
-async fn run_demo(cluster: &TempCluster, dir: &Path, lake: &PathBuf) -> anyhow::Result<()> {
+async fn run_demo(cluster: &TempCluster, dir: &Path, lake: &Path) -> anyhow::Result<()> {
     let admin = cluster.connect("postgres").await?;
     admin.batch_execute("CREATE DATABASE trading").await?;
     let db = cluster.connect("trading").await?;

@@ -11,6 +11,9 @@ use arrow::datatypes::{DataType, Int64Type, TimeUnit, TimestampMicrosecondType};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
+/// A key's last change: its `(_lsn, _seq)`, `_op` and row.
+type Latest = ((i64, i64), String, Vec<String>);
+
 /// The live rows of the table whose files are under `dir` (a local folder), as text:
 /// the `key` columns, then the `values` columns. A key's last change wins unless it is a
 /// delete; a truncate removes every row changed before it. Values PostgreSQL did not
@@ -18,8 +21,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 pub fn current_state(dir: &Path, key: &[&str], values: &[&str]) -> anyhow::Result<Vec<Vec<String>>> {
     let mut files = Vec::new();
     parquet_files(dir, &mut files)?;
-    // key -> ((lsn, seq), op, row)
-    let mut state: HashMap<Vec<String>, ((i64, i64), String, Vec<String>)> = HashMap::new();
+    let mut state: HashMap<Vec<String>, Latest> = HashMap::new();
     let mut truncates: Vec<(i64, i64)> = Vec::new();
     let options = FormatOptions::default().with_null("NULL");
     for file in files {
