@@ -482,4 +482,18 @@ fn demo_ends_with_the_analyst_view_and_the_duckdb_command_that_agrees() {
         assert_eq!(d[3][..19].replace(' ', "T"), p[3][..19], "{d:?} {p:?}");
     }
     assert_eq!(duck[1], positions, "position per trader");
+
+    // sql/athena/trading.sql is this lake's generated Athena SQL, not a hand-kept copy.
+    let generated = Command::new(BIN)
+        .args(["athena-sql", "--config", "walshore-demo/config.toml", "--database", "trading_cdc"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(generated.status.success(), "{}", String::from_utf8_lossy(&generated.stderr));
+    let kept = read("sql/athena/trading.sql");
+    let body = kept.split_once("\n\n").expect("a header, a blank line, the SQL").1;
+    assert!(
+        body == String::from_utf8_lossy(&generated.stdout),
+        "sql/athena/trading.sql differs from `walshore athena-sql` over the demo's lake: regenerate it (its header says how)"
+    );
 }
