@@ -485,11 +485,21 @@ fn demo_ends_with_the_analyst_view_and_the_duckdb_command_that_agrees() {
 
     // sql/athena/trading.sql is this lake's generated Athena SQL, not a hand-kept copy.
     let generated = Command::new(BIN)
-        .args(["athena-sql", "--config", "walshore-demo/config.toml", "--database", "trading_cdc"])
+        .args([
+            "athena-sql",
+            "--config",
+            "walshore-demo/config.toml",
+            "--database",
+            "trading_cdc",
+        ])
         .current_dir(dir.path())
         .output()
         .unwrap();
-    assert!(generated.status.success(), "{}", String::from_utf8_lossy(&generated.stderr));
+    assert!(
+        generated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&generated.stderr)
+    );
     let kept = read("sql/athena/trading.sql");
     let body = kept.split_once("\n\n").expect("a header, a blank line, the SQL").1;
     assert!(
