@@ -123,6 +123,20 @@ impl ConnParams {
     }
 }
 
+/// Percent-encodes everything but RFC 3986's unreserved characters (`A-Za-z0-9-._~`),
+/// which is also SigV4's URI encoding: a `${VAR}` inside `source.url`, an IAM token.
+pub fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());

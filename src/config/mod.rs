@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod conn;
-pub use conn::{Auth, ConnParams, SslMode};
+pub use conn::{Auth, ConnParams, SslMode, percent_encode};
 
 /// Upper bound on commit -> visible: 5 s keeps Athena "near-real-time" while a busy
 /// table still gets files of useful size.
@@ -622,19 +622,6 @@ fn identifier(field: &'static str, v: &str) -> Result<(), ConfigError> {
 /// the URL parses. A field that is one `${NAME}` and nothing else takes the whole URL.
 const URL_FIELDS: &[&str] = &["source.url"];
 
-/// Percent-encodes everything but RFC 3986's unreserved characters.
-fn url_component(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// Replaces `${NAME}` in every string value with the environment variable's value.
 fn expand_env(value: &mut toml::Value, path: &str) -> Result<(), ConfigError> {
     match value {
@@ -652,7 +639,7 @@ fn expand_env(value: &mut toml::Value, path: &str) -> Result<(), ConfigError> {
                 })?;
                 out.push_str(&rest[..start]);
                 if encode {
-                    out.push_str(&url_component(&val));
+                    out.push_str(&percent_encode(&val));
                 } else {
                     out.push_str(&val);
                 }

@@ -17,7 +17,7 @@ use aws_sigv4::http_request::{SignableBody, SignableRequest, SignatureLocation, 
 use aws_sigv4::sign::v4;
 use tokio::sync::OnceCell;
 
-use crate::config::{Auth, ConnParams};
+use crate::config::{Auth, ConnParams, percent_encode};
 
 /// RDS accepts tokens that live at most this long.
 pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(15 * 60);
@@ -69,7 +69,7 @@ async fn token(p: &ConnParams, region: Option<&str>, lifetime: Duration) -> Resu
                 "https://{}:{}/?Action=connect&DBUser={}",
                 p.host,
                 p.port,
-                encode(&p.user)
+                percent_encode(&p.user)
             ),
             body: SignableBody::Bytes(&[]),
         },
@@ -114,22 +114,9 @@ fn presign(creds: &Credentials, req: &Request<'_>, time: SystemTime, lifetime: D
         out.push(if out.contains('?') { '&' } else { '?' });
         out.push_str(name);
         out.push('=');
-        out.push_str(&encode(&value));
+        out.push_str(&percent_encode(&value));
     }
     Ok(out)
-}
-
-/// SigV4's URI encoding: everything but `A-Za-z0-9-_.~` as `%XX`.
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -205,7 +192,7 @@ mod tests {
 
     #[test]
     fn encodes_as_sigv4_does() {
-        assert_eq!(encode("a-Z_0.~"), "a-Z_0.~");
-        assert_eq!(encode("a b/c+d=é"), "a%20b%2Fc%2Bd%3D%C3%A9");
+        assert_eq!(percent_encode("a-Z_0.~"), "a-Z_0.~");
+        assert_eq!(percent_encode("a b/c+d=é"), "a%20b%2Fc%2Bd%3D%C3%A9");
     }
 }
