@@ -14,19 +14,14 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// Runs `file` (relative to the repository) with psql in database `db`, stopping at the
 /// first error.
 fn psql(cluster: &walshore::cluster::TempCluster, db: &str, file: &str) -> String {
-    let out = Command::new(cluster.bin().join("psql"))
-        .args(["-X", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres"])
-        .args(["-p", &cluster.port.to_string(), "-d", db, "-f"])
-        .arg(Path::new(ROOT).join(file))
-        .output()
-        .expect("psql");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "psql -f {file}:\n{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    run_ok(
+        Command::new(cluster.bin().join("psql"))
+            .args(["-X", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres"])
+            .args(["-p", &cluster.port.to_string(), "-d", db, "-f"])
+            .arg(Path::new(ROOT).join(file)),
+        &format!("psql -f {file}"),
+    )
+    .stdout
 }
 
 /// `sql/rds.sql` runs as written (with stand-ins for the roles RDS provides) and its role
@@ -181,12 +176,12 @@ fn dockerfile_builds_walshore_from_the_repository_and_runs_it_as_non_root() {
 
 #[test]
 fn compose_file_is_valid_and_mounts_only_files_of_the_repository() {
-    let out = Command::new("docker-compose")
-        .args(["-f", "docker-compose.yml", "config", "-q"])
-        .current_dir(ROOT)
-        .output()
-        .expect("docker-compose (Debian package docker-compose; scripts/test installs it)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    run_ok(
+        Command::new("docker-compose")
+            .args(["-f", "docker-compose.yml", "config", "-q"])
+            .current_dir(ROOT),
+        "docker-compose config (Debian package docker-compose; scripts/test installs it)",
+    );
     let services = python_json("compose_services.py", &[format!("{ROOT}/docker-compose.yml")]);
     let services = services.as_object().unwrap();
     for name in ["postgres", "moto", "walshore", "load"] {
@@ -253,51 +248,39 @@ async fn compose_config_load_health_check_and_analyst_queries_work_outside_docke
     psql(&cluster, "trading", "sql/trading.sql");
     psql(&cluster, "trading", "sql/setup.sql");
     let moto = Moto::start("lake");
+    // The addresses and secret compose gives the container, here given to this process
+    // (so that its children and its own reading of the config see them).
     let metrics_port = free_port();
-    let env = [
+    for (name, value) in [
         ("PGHOST", "127.0.0.1".to_owned()),
         ("PGPORT", cluster.port.to_string()),
         ("PGPASSWORD", "change-me".to_owned()),
         ("S3_ENDPOINT", moto.endpoint()),
         ("METRICS_LISTEN", format!("127.0.0.1:{metrics_port}")),
-    ];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    ] {
+        unsafe { std::env::set_var(name, value) };
+    }
     let config = format!("{ROOT}/ops/compose/walshore.toml");
-    let child = spawn_run_with(Path::new(&config), &env);
+    let child = spawn_run(Path::new(&config));
     let _log = LogOnPanic::new(&child);
 
-    let pgbench = Command::new(cluster.bin().join("pgbench"))
-        .args(["-h", "127.0.0.1", "-U", "postgres", "-p", &cluster.port.to_string()])
-        .args([
-            "-n",
-            "-c",
-            "2",
-            "-t",
-            "150",
-            "-f",
-            &format!("{ROOT}/ops/trading.pgbench"),
-            "trading",
-        ])
-        .output()
-        .expect("pgbench");
-    assert!(
-        pgbench.status.success(),
-        "pgbench: {}{}",
-        String::from_utf8_lossy(&pgbench.stdout),
-        String::from_utf8_lossy(&pgbench.stderr)
+    run_ok(
+        Command::new(cluster.bin().join("pgbench"))
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-p", &cluster.port.to_string()])
+            .args([
+                "-n",
+                "-c",
+                "2",
+                "-t",
+                "150",
+                "-f",
+                &format!("{ROOT}/ops/trading.pgbench"),
+                "trading",
+            ]),
+        "pgbench",
     );
     let db = cluster.connect("trading").await.unwrap();
-    let store = object_store::aws::AmazonS3Builder::new()
-        .with_bucket_name("lake")
-        .with_endpoint(moto.endpoint())
-        .with_allow_http(true)
-        .with_region("us-east-1")
-        .with_access_key_id("testing")
-        .with_secret_access_key("testing")
-        .build()
-        .unwrap();
-    let store: std::sync::Arc<dyn object_store::ObjectStore> =
-        std::sync::Arc::new(object_store::prefix::PrefixStore::new(store, "trading"));
+    let store = open_lake(Path::new(&config));
     wait_until(std::time::Duration::from_secs(120), "300 trades in the lake", || {
         let store = store.clone();
         async move { read_table(&store, "public", "trades").await.rows.len() == 300 }
@@ -311,11 +294,7 @@ async fn compose_config_load_health_check_and_analyst_queries_work_outside_docke
             .iter()
             .map(|a| a.replace("/etc/walshore/config.toml", &config))
             .collect();
-        Command::new(BIN)
-            .args(&args)
-            .envs(env.iter().copied())
-            .output()
-            .unwrap()
+        Command::new(BIN).args(&args).output().unwrap()
     };
     let up = run_health();
     assert!(up.status.success(), "health: {}", String::from_utf8_lossy(&up.stderr));
@@ -365,25 +344,18 @@ async fn compose_config_load_health_check_and_analyst_queries_work_outside_docke
     assert_eq!(down.status.code(), Some(1), "health of a stopped walshore");
 }
 
-/// Runs `program args` in ops/cdk and returns its output, failing with both streams.
+/// Runs `program args` in ops/cdk and returns all it printed.
 fn in_cdk(program: &str, args: &[&str]) -> String {
     let dir = Path::new(ROOT).join("ops/cdk");
     assert!(
         dir.join("node_modules/aws-cdk-lib").is_dir(),
         "ops/cdk has no node_modules: run scripts/test (it runs npm ci there)"
     );
-    let out = Command::new(program)
-        .args(args)
-        .current_dir(&dir)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e} (Node with npm is needed)"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new(program).args(args).current_dir(&dir),
+        &format!("{program} {args:?} in ops/cdk (Node with npm is needed)"),
     );
-    assert!(out.status.success(), "{program} {args:?} in ops/cdk:\n{text}");
-    text
+    out.stdout + &out.stderr
 }
 
 /// The CDK app synthesizes offline (no lookups, no account) without warnings, and its
@@ -439,14 +411,14 @@ fn cdk_app_synthesizes_offline_and_its_assertion_tests_pass() {
 #[test]
 fn demo_ends_with_the_analyst_view_and_the_duckdb_command_that_agrees() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .arg("demo")
-        .current_dir(dir.path())
-        .env("WALSHORE_LOG", "warn")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = run_ok(
+        Command::new(BIN)
+            .arg("demo")
+            .current_dir(dir.path())
+            .env("WALSHORE_LOG", "warn"),
+        "walshore demo",
+    )
+    .stdout;
     let section = |title: &str| -> Vec<Vec<String>> {
         stdout
             .split(title)
@@ -484,26 +456,22 @@ fn demo_ends_with_the_analyst_view_and_the_duckdb_command_that_agrees() {
     assert_eq!(duck[1], positions, "position per trader");
 
     // sql/athena/trading.sql is this lake's generated Athena SQL, not a hand-kept copy.
-    let generated = Command::new(BIN)
-        .args([
-            "athena-sql",
-            "--config",
-            "walshore-demo/config.toml",
-            "--database",
-            "trading_cdc",
-        ])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        generated.status.success(),
-        "{}",
-        String::from_utf8_lossy(&generated.stderr)
+    let generated = run_ok(
+        Command::new(BIN)
+            .args([
+                "athena-sql",
+                "--config",
+                "walshore-demo/config.toml",
+                "--database",
+                "trading_cdc",
+            ])
+            .current_dir(dir.path()),
+        "walshore athena-sql",
     );
     let kept = read("sql/athena/trading.sql");
     let body = kept.split_once("\n\n").expect("a header, a blank line, the SQL").1;
     assert!(
-        body == String::from_utf8_lossy(&generated.stdout),
+        body == generated.stdout,
         "sql/athena/trading.sql differs from `walshore athena-sql` over the demo's lake: regenerate it (its header says how)"
     );
 }

@@ -652,13 +652,35 @@ pub fn replay_by_rule(t: &LakeTable, key: &[&str]) -> Vec<Vec<Option<String>>> {
 /// Runs `tests/py/{script}` with `args` and parses the JSON it prints.
 pub fn python_json<S: AsRef<std::ffi::OsStr>>(script: &str, args: &[S]) -> serde_json::Value {
     let path = format!("{}/tests/py/{script}", env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new("python3").arg(&path).args(args).output().expect("python3");
+    let out = run_ok(
+        Command::new("python3").arg(&path).args(args),
+        &format!("{script} (scripts/test installs its Python packages)"),
+    );
+    serde_json::from_str(&out.stdout).unwrap()
+}
+
+/// What a command that succeeded printed.
+pub struct Printed {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cmd` to its end. The test fails, showing what it printed, if it cannot start
+/// (`what` names it and how to install it) or exits with an error.
+pub fn run_ok(cmd: &mut Command, what: &str) -> Printed {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let printed = Printed {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
     assert!(
         out.status.success(),
-        "{script} failed (scripts/test installs its Python packages): {}",
-        String::from_utf8_lossy(&out.stderr)
+        "{what}: {}\n{}{}",
+        out.status,
+        printed.stdout,
+        printed.stderr
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    printed
 }
 
 /// `walshore status` as JSON.
