@@ -41,3 +41,4 @@ pub mod snapshot;
 pub mod source;
 pub mod status;
 pub mod telemetry;
+pub mod verify;

@@ -96,6 +96,11 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Value> {
         ),
         None => (Value::Null, Default::default()),
     };
+    let last_verify = match crate::verify::read_last(store.as_ref()).await {
+        Ok(Some(r)) => last_verify(&r),
+        Ok(None) => Value::Null,
+        Err(e) => json!({ "error": e }),
+    };
     let catalog = match &cfg.glue {
         Some(g) => catalog_status(cfg, g, store.as_ref()).await,
         None => Value::Null,
@@ -107,8 +112,30 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Value> {
         "slot": slot,
         "tables": tables,
         "copies_waiting": copies_waiting,
+        "last_verify": last_verify,
         "catalog": catalog,
     }))
+}
+
+/// The last `walshore verify`: when, at which point, and what it found.
+pub fn last_verify(r: &crate::verify::Report) -> Value {
+    let named = |o: crate::verify::Outcome| -> Vec<&str> {
+        r.tables
+            .iter()
+            .filter(|t| t.result == o)
+            .map(|t| t.table.as_str())
+            .collect()
+    };
+    json!({
+        "result": r.result,
+        "point": r.point,
+        "started_at": r.started_at,
+        "finished_at": r.finished_at,
+        "tables": r.tables.len(),
+        "tables_differing": named(crate::verify::Outcome::Differs),
+        "tables_unverified": named(crate::verify::Outcome::Unverified),
+        "summary": r.summary,
+    })
 }
 
 /// Glue against the lake: per table, whether its change-log table exists and how many

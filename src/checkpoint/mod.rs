@@ -98,7 +98,7 @@ use crate::retry::Retry;
 use crate::sink::WrittenObject;
 pub use log::{FOLD, Watermarks, committed_files, fold_or_prune, read_head};
 use log::{commit_key, read_json, write_hint};
-pub use pending::{FOREIGN_GRACE, Sweeper, announce_copy};
+pub use pending::{FOREIGN_GRACE, Sweeper, announce_copy, announced_keys};
 pub use record::{CommitExtras, CommitRecord, PendingRecord, TableIdentity, TableStats};
 
 const SCHEMAS: &str = "_walshore/schemas";

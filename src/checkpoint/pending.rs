@@ -173,3 +173,24 @@ pub async fn withdraw(store: &dyn ObjectStore, run_id: &str) -> Result<usize, Ch
     }
     Ok(files)
 }
+
+/// Every file listed in a pending record now: uploads under way (or left by a crash
+/// for the next start to delete), and the files the head's `completes` publishes.
+pub async fn announced_keys(store: &dyn ObjectStore) -> Result<HashSet<String>, CheckpointError> {
+    let prefix = Path::from(PENDING);
+    let records: Vec<_> = store
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .map_err(store_err(&prefix))?;
+    let mut keys = HashSet::new();
+    for meta in records {
+        match read_json::<PendingRecord>(store, &meta.location).await {
+            Ok(r) => keys.extend(r.keys),
+            // Completed and deleted since the listing.
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(keys)
+}

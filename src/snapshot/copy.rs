@@ -16,7 +16,6 @@ use crate::batch::copy_binary::RowCutter;
 use crate::batch::{BatchError, Batcher, Taken, copy_formats};
 use crate::change::{Change, Event, TxInfo};
 use crate::checkpoint::announce_copy;
-use crate::lsn::Lsn;
 use crate::sink::WrittenObject;
 use crate::source::quote_ident;
 
@@ -262,21 +261,6 @@ impl Shared {
         Ok(())
     }
 
-    /// A batcher inside the copy's transaction, positioned at `lsn`. Fails on a table
-    /// walshore cannot write (a reserved column name, a missing partition column).
-    fn batcher(&self, table: &Table, lsn: u64) -> Result<Batcher, BatchError> {
-        let mut b = Batcher::new()
-            .with_unrepresentable(self.env.unrepresentable)
-            .with_partitions(self.env.partitions.clone());
-        b.push(Event::Begin(TxInfo {
-            xid: 0,
-            commit_lsn: Lsn(lsn),
-            commit_ts: self.point.taken_at,
-        }))?;
-        b.push(Event::Relation(table.relation.clone()))?;
-        Ok(b)
-    }
-
     async fn copy_chunk(
         &self,
         client: &tokio_postgres::Client,
@@ -285,44 +269,7 @@ impl Shared {
         progress: &Progress,
         out: &mut ChunkOut,
     ) -> Result<(), SnapshotError> {
-        // Binary where walshore decodes the binary form (cheaper for PostgreSQL and for
-        // us), the output function's text for the rest: its binary COPY form is that
-        // text, the same pgoutput sends.
-        let binary = copy_formats(&table.relation, &self.env.partitions);
-        let cols: Vec<String> = table
-            .relation
-            .columns
-            .iter()
-            .zip(&binary)
-            .map(|(c, binary)| {
-                let q = quote_ident(&c.name);
-                // The type's output function, which pgoutput uses too (a cast to
-                // text differs for some types: inet adds its netmask). num_nulls: a
-                // composite whose fields are all null is not itself null.
-                if *binary {
-                    q
-                } else {
-                    format!("CASE WHEN num_nulls({q}) = 0 THEN format('%s', {q}) END")
-                }
-            })
-            .collect();
-        let mut range = Vec::new();
-        if chunk.lo > 0 {
-            range.push(format!("ctid >= '({},0)'::tid", chunk.lo));
-        }
-        if let Some(hi) = chunk.hi {
-            range.push(format!("ctid < '({hi},0)'::tid"));
-        }
-        let filter = if range.is_empty() {
-            String::new()
-        } else {
-            format!(" WHERE {}", range.join(" AND "))
-        };
-        let sql = format!(
-            "COPY (SELECT {} FROM {}{filter}) TO STDOUT (FORMAT binary)",
-            cols.join(", "),
-            table.from
-        );
+        let sql = copy_sql(table, chunk, &self.env.partitions);
         let stream = client.copy_out(&sql).await.map_err(|source| {
             if source.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
                 SnapshotError::Permission {
@@ -340,7 +287,7 @@ impl Shared {
             what: format!("COPY {}", table.name),
             source
         }));
-        let mut batcher = self.batcher(table, self.point.lsn.0)?;
+        let mut batcher = batcher_for(table, &self.point, self.env.unrepresentable, &self.env.partitions)?;
         batcher.set_snapshot_seq(table.relation.id, u64::from(chunk.index) << 32);
         let mut cutter = RowCutter::default();
         let mut counted = 0;
@@ -496,6 +443,68 @@ impl Shared {
             );
         }
     }
+}
+
+/// A batcher inside a copy's transaction at `point`, which has seen the table's
+/// columns. Fails on a table walshore cannot write (a reserved column name, a missing
+/// partition column).
+pub(super) fn batcher_for(
+    table: &Table,
+    point: &Point,
+    unrepresentable: crate::config::Unrepresentable,
+    partitions: &Arc<crate::config::Partitions>,
+) -> Result<Batcher, BatchError> {
+    let mut b = Batcher::new()
+        .with_unrepresentable(unrepresentable)
+        .with_partitions(partitions.clone());
+    b.push(Event::Begin(TxInfo {
+        xid: 0,
+        commit_lsn: point.lsn,
+        commit_ts: point.taken_at,
+    }))?;
+    b.push(Event::Relation(table.relation.clone()))?;
+    Ok(b)
+}
+
+/// The COPY that reads `chunk` of `table`: binary where walshore decodes the binary
+/// form (cheaper for PostgreSQL and for us), the output function's text for the rest
+/// (its binary COPY form is that text, the same pgoutput sends).
+pub(super) fn copy_sql(table: &Table, chunk: &Chunk, partitions: &crate::config::Partitions) -> String {
+    let binary = copy_formats(&table.relation, partitions);
+    let cols: Vec<String> = table
+        .relation
+        .columns
+        .iter()
+        .zip(&binary)
+        .map(|(c, binary)| {
+            let q = quote_ident(&c.name);
+            // The type's output function, which pgoutput uses too (a cast to text
+            // differs for some types: inet adds its netmask). num_nulls: a composite
+            // whose fields are all null is not itself null.
+            if *binary {
+                q
+            } else {
+                format!("CASE WHEN num_nulls({q}) = 0 THEN format('%s', {q}) END")
+            }
+        })
+        .collect();
+    let mut range = Vec::new();
+    if chunk.lo > 0 {
+        range.push(format!("ctid >= '({},0)'::tid", chunk.lo));
+    }
+    if let Some(hi) = chunk.hi {
+        range.push(format!("ctid < '({hi},0)'::tid"));
+    }
+    let filter = if range.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", range.join(" AND "))
+    };
+    format!(
+        "COPY (SELECT {} FROM {}{filter}) TO STDOUT (FORMAT binary)",
+        cols.join(", "),
+        table.from
+    )
 }
 
 /// One upload of a chunk's flush: what it announced (whether or not it got written).

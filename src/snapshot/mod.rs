@@ -55,6 +55,7 @@
 
 mod copy;
 pub mod publication;
+mod read;
 pub mod requests;
 
 use std::collections::BTreeSet;
@@ -72,6 +73,7 @@ use crate::lsn::Lsn;
 use crate::retry::Retry;
 use crate::sink::{Sink, SinkError, WrittenObject};
 use crate::source::{quote_ident, quote_literal, sql};
+pub use read::SnapshotTable;
 pub use requests::{request_resnapshot, requested};
 
 #[derive(Debug, thiserror::Error)]

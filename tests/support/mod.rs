@@ -3,6 +3,7 @@
 //! A component that cannot start fails the test loudly; nothing is skipped.
 #![allow(dead_code)]
 
+pub mod kinds;
 pub mod proxy;
 pub mod trades;
 

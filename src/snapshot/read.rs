@@ -1,0 +1,102 @@
+//! Reading tables under a snapshot point without writing anything: what `walshore
+//! verify` compares the lake with. The rows come out exactly as a copy would write
+//! them (same COPY, same decoding into Arrow), so a value compares with the lake's
+//! representation of it, not with some other rendering.
+
+use std::sync::Arc;
+
+use arrow::record_batch::RecordBatch;
+use futures::StreamExt;
+
+use super::copy::{batcher_for, copy_sql};
+use super::{Chunk, Prepared, SnapshotError};
+use crate::batch::copy_binary::RowCutter;
+use crate::change::{Change, Event};
+use crate::config::{Partitions, Unrepresentable};
+use crate::decode::Relation;
+
+/// A published table as the snapshot sees it.
+pub struct SnapshotTable {
+    pub name: String,
+    pub relation: Arc<Relation>,
+    /// Heap bytes when the snapshot was taken (0 when unknown, e.g. a partitioned root).
+    pub bytes: u64,
+}
+
+impl Prepared {
+    /// The tables this snapshot reads, in order.
+    pub fn snapshot_tables(&self) -> Vec<SnapshotTable> {
+        self.tables
+            .iter()
+            .map(|t| SnapshotTable {
+                name: t.name.clone(),
+                relation: t.relation.clone(),
+                bytes: t.pages * 8192,
+            })
+            .collect()
+    }
+
+    /// Reads table `index` whole on the first connection, handing `on_batch` the rows as
+    /// `R` rows of the lake every `buffer_bytes` of row data. Returns the rows read.
+    pub async fn read_table<E: From<SnapshotError>>(
+        &self,
+        index: usize,
+        unrepresentable: Unrepresentable,
+        partitions: &Arc<Partitions>,
+        buffer_bytes: usize,
+        mut on_batch: impl FnMut(RecordBatch) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        let table = &self.tables[index];
+        let client = &self.workers[0];
+        let whole = Chunk {
+            table: index,
+            index: 0,
+            lo: 0,
+            hi: None,
+        };
+        let what = || format!("COPY {}", table.name);
+        let sql = copy_sql(table, &whole, partitions);
+        let stream = client
+            .copy_out(&sql)
+            .await
+            .map_err(|source| SnapshotError::Sql { what: what(), source })?;
+        let mut stream = std::pin::pin!(stream);
+        let mut batcher = batcher_for(table, &self.point, unrepresentable, partitions).map_err(SnapshotError::from)?;
+        let mut cutter = RowCutter::default();
+        let mut rows = 0;
+        let format_err = |what| SnapshotError::Format {
+            table: table.name.clone(),
+            what,
+        };
+        loop {
+            let (block, ended) = match stream.next().await {
+                Some(data) => {
+                    let data = data.map_err(|source| SnapshotError::Sql { what: what(), source })?;
+                    match cutter.push(&data).map_err(format_err)? {
+                        Some(block) => (block, false),
+                        None => continue,
+                    }
+                }
+                None => (std::mem::take(&mut cutter).finish().map_err(format_err)?, true),
+            };
+            if !block.is_empty() {
+                batcher
+                    .push(Event::Change(Change::SnapshotBinaryRows {
+                        rel_id: table.relation.id,
+                        rows: block,
+                    }))
+                    .map_err(SnapshotError::from)?;
+            }
+            if ended || batcher.buffered_bytes() >= buffer_bytes {
+                for file in batcher.take().files {
+                    rows += file.batch.num_rows() as u64;
+                    on_batch(file.batch)?;
+                }
+            }
+            if ended {
+                break;
+            }
+        }
+        Ok(rows)
+    }
+}
