@@ -11,35 +11,6 @@ use support::proxy::{Mode, Proxy};
 use support::trades::*;
 use support::*;
 
-/// A bare HTTP GET on loopback: (status, body).
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).ok()?;
-    let status = reply.split_whitespace().nth(1)?.parse().ok()?;
-    let body = reply
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Some((status, body))
-}
-
-/// Every series of the Prometheus text: `name{labels}` → value.
-fn scrape(port: u16) -> BTreeMap<String, f64> {
-    let (status, body) = get(port, "/metrics").expect("the metrics endpoint answers");
-    assert_eq!(status, 200, "/metrics: {body}");
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
-
 /// The sum of every series of `name` whose labels contain each of `labels`.
 fn sum(m: &BTreeMap<String, f64>, name: &str, labels: &[&str]) -> Option<f64> {
     let mut found = None;
@@ -111,7 +82,7 @@ async fn metrics_health_and_readiness_follow_a_running_pipeline() {
         },
     );
     wait_for(Duration::from_secs(60), "/readyz answers 200", || {
-        get(port, "/readyz").is_some_and(|(s, _)| s == 200)
+        http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)
     });
     assert!(health(&config, false), "walshore health: /healthz");
     assert!(health(&config, true), "walshore health --ready: /readyz");
@@ -159,10 +130,10 @@ async fn metrics_health_and_readiness_follow_a_running_pipeline() {
             let m = scrape(port);
             sum(&m, "walshore_uncommitted_seconds", &[]).unwrap_or(0.0) > 5.0
                 && sum(&m, "walshore_committed_lag_seconds", &[]).unwrap_or(0.0) > 5.0
-                && get(port, "/readyz").is_some_and(|(s, _)| s == 503)
+                && http_get(port, "/readyz").is_some_and(|(s, _)| s == 503)
         },
     );
-    let (_, why) = get(port, "/readyz").unwrap();
+    let (_, why) = http_get(port, "/readyz").unwrap();
     assert!(why.contains("not committed"), "readyz says why: {why}");
     assert!(
         health(&config, false),
@@ -177,7 +148,7 @@ async fn metrics_health_and_readiness_follow_a_running_pipeline() {
             let m = scrape(port);
             sum(&m, "walshore_uncommitted_seconds", &[]).unwrap_or(99.0) < 3.0
                 && sum(&m, "walshore_committed_lag_seconds", &[]).unwrap_or(99.0) < 5.0
-                && get(port, "/readyz").is_some_and(|(s, _)| s == 200)
+                && http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)
         },
     );
 
@@ -187,7 +158,7 @@ async fn metrics_health_and_readiness_follow_a_running_pipeline() {
     wait_for(
         Duration::from_secs(60),
         "/readyz to fail while PostgreSQL is down",
-        || get(port, "/readyz").is_some_and(|(s, b)| s == 503 && b.contains("not connected")),
+        || http_get(port, "/readyz").is_some_and(|(s, b)| s == 503 && b.contains("not connected")),
     );
     assert!(health(&config, false), "alive while PostgreSQL is down");
     let m = scrape(port);
@@ -197,7 +168,7 @@ async fn metrics_health_and_readiness_follow_a_running_pipeline() {
     wait_for(
         Duration::from_secs(120),
         "/readyz to pass after PostgreSQL is back",
-        || get(port, "/readyz").is_some_and(|(s, _)| s == 200),
+        || http_get(port, "/readyz").is_some_and(|(s, _)| s == 200),
     );
     assert!(sum(&scrape(port), "walshore_retries_total", &["stage=\"source\""]).unwrap_or(0.0) >= 1.0);
 

@@ -77,7 +77,11 @@ const CHANGES: &str = "
     INSERT INTO prices VALUES ('Z', '2026-11-30 11:00+00', 5, 6);
     UPDATE fx_rates SET rate = rate * 2;
     DELETE FROM trades WHERE id % 10 = 0;
-    UPDATE trades SET price = price + 0.000001 WHERE id % 7 = 0;";
+    UPDATE trades SET price = price + 0.000001 WHERE id % 7 = 0;
+    ALTER TABLE fx_rates ADD COLUMN note text;
+    UPDATE fx_rates SET note = 'n' WHERE pair = 'EURUSD';
+    ALTER TABLE news DROP COLUMN tags;
+    UPDATE news SET headline = 'after the drop' WHERE id = 5;";
 
 #[tokio::test]
 async fn a_correct_lake_verifies_equal_for_every_type_and_the_trading_schema_under_a_writer() {
@@ -89,7 +93,14 @@ async fn a_correct_lake_verifies_equal_for_every_type_and_the_trading_schema_und
     c.batch_execute(TRADING_EXTRA).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = lake_config(dir.path(), &cluster, "postgres");
-    use_initial_snapshot(&config, "");
+    use_initial_snapshot(&config, "poll_interval = \"500ms\"");
+    // A table partitioned by a column's value; the metrics, for the verify gauges.
+    let port = free_port();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[partitions]\n\"public.ticks\" = \"column:symbol\"\n\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"
+    ));
+    std::fs::write(&config, text).unwrap();
     sync(&config);
     c.batch_execute(&format!("{}; {CHANGES}", ROWS.trim().trim_end_matches(';')))
         .await
@@ -142,10 +153,33 @@ async fn a_correct_lake_verifies_equal_for_every_type_and_the_trading_schema_und
         // The writer moved on meanwhile: each round is its own point.
         assert!(table(&report, "public.trades")["lake_changes"].as_u64().unwrap() > 500);
     }
+    // The running walshore shows the last verification in its metrics.
+    wait_for(Duration::from_secs(30), "the verify gauges", || {
+        let m = scrape(port);
+        m.get("walshore_verify_tables{result=\"equal\"}") == Some(&7.0)
+            && m.get("walshore_verify_tables{result=\"differs\"}") == Some(&0.0)
+            && m.get("walshore_verify_finished_timestamp_seconds")
+                .is_some_and(|t| *t > 1.7e9)
+    });
     let rounds = writer.stop();
     assert!(rounds > 20);
     let (status, stderr) = stop(run);
     assert!(status.success(), "{stderr}");
+
+    // The lake did carry unchanged TOAST values forward, and across a key change.
+    let store = open_lake(&config);
+    let news = read_table(&store, "public", "news").await;
+    assert!(
+        news.rows.iter().any(|r| r.op == "U" && r.unchanged == ["body"]),
+        "no update left the body unchanged: the test would not test carrying forward"
+    );
+    assert!(news.rows.iter().any(|r| r.op == "I" && r.unchanged == ["body"]));
+    let ticks = committed(&config, "public.ticks").await;
+    assert!(
+        ticks.iter().any(|f| f.partition == "symbol=X"),
+        "{:?}",
+        ticks[0].partition
+    );
 
     // status shows the last verification.
     let s = status_of(&config);

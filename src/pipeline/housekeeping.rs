@@ -1,6 +1,6 @@
 //! Housekeeping beside the pipeline, every `snapshot.poll_interval`: the sweep of other
 //! writers' pending records (a fenced writer's late uploads are deleted within one
-//! interval), and folding and pruning of the commit log so that it does not grow by an
+//! interval), the last `walshore verify`'s outcome into the metrics, and folding and pruning of the commit log so that it does not grow by an
 //! object per commit forever. It only ever deletes what no commit names, and records
 //! its progress through the sink's next commit.
 
@@ -50,6 +50,14 @@ impl Housekeeping {
                     records_kept = cleared.kept,
                     "deleted files another writer uploaded but never committed"
                 );
+            }
+            // The last `walshore verify`, for the metrics (it runs as its own process).
+            if crate::telemetry::enabled() {
+                match crate::verify::read_last(self.store.as_ref()).await {
+                    Ok(Some(report)) => crate::telemetry::verified(&report),
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!(error = %e, "cannot read the last verification's record"),
+                }
             }
             // Fold and prune as far as there is work, a step at a time.
             while !self.stop.is_cancelled() {

@@ -59,6 +59,8 @@ pub mod names {
     pub const NOTIFICATION_FAILURES: &str = "walshore_notification_failures_total";
     pub const NOTIFICATIONS_SKIPPED: &str = "walshore_notifications_skipped_total";
     pub const NOTIFY_BACKLOG: &str = "walshore_notification_backlog_commits";
+    pub const VERIFY_FINISHED: &str = "walshore_verify_finished_timestamp_seconds";
+    pub const VERIFY_TABLES: &str = "walshore_verify_tables";
 
     /// Every name above (docs and the dashboard are checked against it).
     pub const ALL: &[&str] = &[
@@ -97,6 +99,8 @@ pub mod names {
         NOTIFICATION_FAILURES,
         NOTIFICATIONS_SKIPPED,
         NOTIFY_BACKLOG,
+        VERIFY_FINISHED,
+        VERIFY_TABLES,
     ];
 }
 
@@ -202,6 +206,15 @@ fn describe() {
     );
     describe_gauge!(SLOT_ACTIVE, "1 while a walsender holds the slot");
     describe_gauge!(
+        VERIFY_FINISHED,
+        Unit::Seconds,
+        "when the last `walshore verify` of this lake finished (Unix seconds; absent until one ran)"
+    );
+    describe_gauge!(
+        VERIFY_TABLES,
+        "tables of the last `walshore verify` per result (label result: equal, differs, unverified)"
+    );
+    describe_gauge!(
         SLOT_SAMPLED,
         Unit::Seconds,
         "when the slot was last sampled (Unix seconds)"
@@ -273,6 +286,22 @@ fn describe() {
 }
 
 /// Seconds since the Unix epoch, now.
+/// The last verification's gauges, from its record in the lake.
+pub fn verified(report: &crate::verify::Report) {
+    if !enabled() {
+        return;
+    }
+    metrics::gauge!(names::VERIFY_FINISHED).set(report.finished_at_seconds);
+    for (result, label) in [
+        (crate::verify::Outcome::Equal, "equal"),
+        (crate::verify::Outcome::Differs, "differs"),
+        (crate::verify::Outcome::Unverified, "unverified"),
+    ] {
+        let n = report.tables.iter().filter(|t| t.result == result).count();
+        metrics::gauge!(names::VERIFY_TABLES, "result" => label).set(n as f64);
+    }
+}
+
 pub fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

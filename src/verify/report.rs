@@ -139,6 +139,9 @@ pub struct Report {
     /// RFC 3339.
     pub started_at: String,
     pub finished_at: String,
+    /// `finished_at` in Unix seconds (for the metrics).
+    #[serde(default)]
+    pub finished_at_seconds: f64,
     pub seconds: f64,
     pub tables: Vec<TableReport>,
     pub summary: String,
@@ -177,6 +180,7 @@ impl Report {
             point,
             started_at: crate::status::micros_to_rfc3339(started_at),
             finished_at: crate::status::micros_to_rfc3339(micros),
+            finished_at_seconds: micros as f64 / 1e6,
             seconds,
             tables,
             summary,
