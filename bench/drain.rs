@@ -6,6 +6,9 @@
 //! drain decodes exactly the same WAL. Prints each drain, the medians, the ratio
 //! walshore / pg_recvlogical (higher is better; target ≥ 0.8) and walshore's peak RSS.
 
+#[path = "common.rs"]
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
@@ -61,29 +64,10 @@ CREATE TABLE prices (symbol text NOT NULL, ts timestamptz NOT NULL, bid numeric(
 CREATE PUBLICATION bench FOR TABLE trades, prices;";
 
 /// Runs a command, returning (seconds, peak RSS in KiB of that process).
-#[allow(clippy::zombie_processes)] // reaped by wait4 below, which also gives its rusage
 fn timed(cmd: &mut Command) -> (f64, i64) {
-    let start = Instant::now();
-    let child = cmd
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    let secs = start.elapsed().as_secs_f64();
-    assert_eq!(r, pid, "wait4");
-    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
-        let mut err = String::new();
-        use std::io::Read;
-        child.stderr.unwrap().read_to_string(&mut err).ok();
-        panic!("{cmd:?} failed (status {status}):\n{err}");
-    }
-    let cpu = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    *LAST_CPU.lock().unwrap() = cpu(usage.ru_utime) + cpu(usage.ru_stime);
-    (secs, usage.ru_maxrss)
+    let t = common::timed(cmd);
+    *LAST_CPU.lock().unwrap() = t.cpu_secs;
+    (t.secs, (t.rss_mib * 1024.0) as i64)
 }
 
 /// CPU seconds (user + system) of the last command [`timed`] ran: steadier than wall
@@ -91,8 +75,7 @@ fn timed(cmd: &mut Command) -> (f64, i64) {
 static LAST_CPU: std::sync::Mutex<f64> = std::sync::Mutex::new(0.0);
 
 fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+    common::median(v.to_vec())
 }
 
 fn main() {

@@ -16,6 +16,9 @@
 //!   block), streamed by PostgreSQL and spilled by walshore. Peak RSS of `walshore
 //!   sync` for each (target ≤ 256 MiB).
 
+#[path = "common.rs"]
+#[allow(dead_code)] // the CPU time is not reported here
+mod common;
 #[path = "../tests/support/proxy.rs"]
 #[allow(dead_code)]
 mod proxy;
@@ -25,6 +28,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::median;
+
 use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -32,28 +37,9 @@ use walshore::checkpoint::record::{CheckpointRecord, CommitRecord, FORMAT, HeadH
 use walshore::cluster::{ClusterOptions, TempCluster};
 
 /// Runs a command, returning (seconds, peak RSS in MiB of that process).
-#[allow(clippy::zombie_processes)] // reaped by wait4 below, which also gives its rusage
 fn timed(cmd: &mut Command) -> (f64, f64) {
-    let start = Instant::now();
-    let child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    let secs = start.elapsed().as_secs_f64();
-    assert_eq!(r, pid, "wait4");
-    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
-        let mut err = String::new();
-        use std::io::Read;
-        child.stderr.unwrap().read_to_string(&mut err).ok();
-        panic!("{cmd:?} failed (status {status}):\n{err}");
-    }
-    (secs, usage.ru_maxrss as f64 / 1024.0)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+    let t = common::timed(cmd);
+    (t.secs, t.rss_mib)
 }
 
 fn walshore() -> &'static str {

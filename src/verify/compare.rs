@@ -2,6 +2,7 @@
 //! spilled to buckets by a hash of the key, so that memory holds one bucket at a time;
 //! a bucket whose digests agree costs nothing more.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -10,7 +11,7 @@ use arrow::datatypes::Int64Type;
 use arrow::record_batch::RecordBatch;
 
 use super::report::{Sample, SampleValue, TableReport};
-use super::rows::{Cell, Columns, Digest, Spill, bucket_of, cells, push_cell, read_records, row_hash};
+use super::rows::{Cell, Columns, Digest, Records, Spill, bucket_of, cells, push_cell, row_hash};
 
 /// The lake's record header: `_lsn`, `_seq`, `_op`.
 const LAKE_HEADER: usize = 17;
@@ -19,11 +20,11 @@ const LAKE_HEADER: usize = 17;
 pub type Pos = (i64, i64);
 
 /// A lake row read back from its bucket.
-struct LakeChange {
+struct LakeChange<'a> {
     pos: Pos,
     op: u8,
-    key: Box<[u8]>,
-    row: Box<[u8]>,
+    key: &'a [u8],
+    row: &'a [u8],
 }
 
 /// Encodes the rows of batches into `(key, row)`: a keyed table's key is its key
@@ -87,7 +88,7 @@ impl SourceSide {
             batch,
             |_, key, row| {
                 let b = bucket_of(bucket_key(key, row), n);
-                digests[b].add(row_hash(key, row), 1);
+                digests[b].add(row_hash(row), 1);
                 spill.write(b, &[], &[key, row])
             },
             |_, _| false,
@@ -191,73 +192,78 @@ impl LakeSide {
     }
 }
 
-/// A bucket's live rows after replay.
-enum State {
+/// A bucket's live rows after replay, borrowed from its records where they are whole.
+enum State<'a> {
     /// key -> row
-    Keyed(HashMap<Box<[u8]>, Box<[u8]>>),
+    Keyed(Map<&'a [u8], Cow<'a, [u8]>>),
     /// row -> how many times
-    Multiset(HashMap<Box<[u8]>, u64>),
+    Multiset(Map<&'a [u8], u64>),
 }
+
+type Map<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
 
 /// Replays a lake bucket in `(_lsn, _seq)` order: `T` empties, `R`/`I`/`U` upsert by
 /// key, `D` deletes; a value PostgreSQL did not send is carried forward from the key's
 /// previous row.
-fn replay(cols: &Columns, path: &Path, truncates: &[Pos]) -> std::io::Result<State> {
-    let mut records: Vec<LakeChange> = Vec::new();
-    read_records(path, LAKE_HEADER, 2, |h, mut parts| {
-        let pos = (
-            i64::from_le_bytes(h[..8].try_into().expect("8 bytes")),
-            i64::from_le_bytes(h[8..16].try_into().expect("8 bytes")),
-        );
-        let row = parts.pop().expect("two parts");
-        let key = parts.pop().expect("two parts");
-        records.push(LakeChange {
-            pos,
+fn replay<'a>(cols: &Columns, records: &'a Records, truncates: &[Pos]) -> State<'a> {
+    let mut changes: Vec<LakeChange<'a>> = records
+        .iter()
+        .map(|(h, key, row)| LakeChange {
+            pos: (
+                i64::from_le_bytes(h[..8].try_into().expect("8 bytes")),
+                i64::from_le_bytes(h[8..16].try_into().expect("8 bytes")),
+            ),
             op: h[16],
             key,
             row,
-        });
-    })?;
-    records.sort_unstable_by_key(|r| r.pos);
+        })
+        .collect();
+    changes.sort_unstable_by_key(|r| r.pos);
     let mut t = truncates.iter().peekable();
+    // Whether a truncate lies between the previous change and this one.
+    let mut truncated_before = |pos: Pos| {
+        let mut any = false;
+        while t.next_if(|&&tp| tp < pos).is_some() {
+            any = true;
+        }
+        any
+    };
     if cols.multiset {
-        let mut state: HashMap<Box<[u8]>, u64> = HashMap::new();
-        for LakeChange { pos, op, row, .. } in records {
-            if t.next_if(|&&tp| tp < pos).is_some() {
-                while t.next_if(|&&tp| tp < pos).is_some() {}
+        let mut state: Map<&[u8], u64> = Map::default();
+        for LakeChange { pos, op, row, .. } in changes {
+            if truncated_before(pos) {
                 state.clear();
             }
             if op == b'D' {
-                if let Some(n) = state.get_mut(&row) {
+                if let Some(n) = state.get_mut(row) {
                     *n -= 1;
                     if *n == 0 {
-                        state.remove(&row);
+                        state.remove(row);
                     }
                 }
             } else {
                 *state.entry(row).or_default() += 1;
             }
         }
-        if t.next().is_some() {
+        if truncated_before((i64::MAX, i64::MAX)) {
             state.clear();
         }
-        return Ok(State::Multiset(state));
+        return State::Multiset(state);
     }
-    let mut state: HashMap<Box<[u8]>, Box<[u8]>> = HashMap::new();
-    for LakeChange { pos, op, key, row } in records {
-        if t.next_if(|&&tp| tp < pos).is_some() {
-            while t.next_if(|&&tp| tp < pos).is_some() {}
+    let mut state: Map<&[u8], Cow<'a, [u8]>> = Map::default();
+    for LakeChange { pos, op, key, row } in changes {
+        if truncated_before(pos) {
             state.clear();
         }
         if op == b'D' {
-            state.remove(&key);
+            state.remove(key);
             continue;
         }
-        let row = if cells(&row).any(|c| c == Cell::Unchanged) {
-            let previous = state.get(&key);
+        let row = if cells(row).any(|c| c == Cell::Unchanged) {
+            let previous = state.get(key);
             let mut merged = Vec::with_capacity(row.len());
             let mut before = previous.map(|p| cells(p));
-            for cell in cells(&row) {
+            for cell in cells(row) {
                 let old = before.as_mut().and_then(|b| b.next());
                 let cell = match (cell, old) {
                     (Cell::Unchanged, Some(old)) => old,
@@ -269,23 +275,23 @@ fn replay(cols: &Columns, path: &Path, truncates: &[Pos]) -> std::io::Result<Sta
                 };
                 push_cell(&mut merged, cell);
             }
-            merged.into_boxed_slice()
+            Cow::Owned(merged)
         } else {
-            row
+            Cow::Borrowed(row)
         };
         state.insert(key, row);
     }
-    if t.next().is_some() {
+    if truncated_before((i64::MAX, i64::MAX)) {
         state.clear();
     }
-    Ok(State::Keyed(state))
+    State::Keyed(state)
 }
 
-fn digest(state: &State) -> Digest {
+fn digest(state: &State<'_>) -> Digest {
     let mut d = Digest::default();
     match state {
-        State::Keyed(m) => m.iter().for_each(|(k, r)| d.add(row_hash(k, r), 1)),
-        State::Multiset(m) => m.iter().for_each(|(r, n)| d.add(row_hash(&[], r), *n)),
+        State::Keyed(m) => m.values().for_each(|r| d.add(row_hash(r), 1)),
+        State::Multiset(m) => m.iter().for_each(|(r, n)| d.add(row_hash(r), *n)),
     }
     d
 }
@@ -300,23 +306,23 @@ pub fn compare(
     report: &mut TableReport,
 ) -> std::io::Result<()> {
     for (b, (source_path, source_digest)) in source.0.iter().zip(source.1).enumerate() {
-        let state = replay(cols, &lake.0[b], lake.1)?;
+        let records = Records::read(&lake.0[b], LAKE_HEADER)?;
+        let state = replay(cols, &records, lake.1);
         let lake_digest = digest(&state);
         report.lake_rows += lake_digest.rows;
         if lake_digest == *source_digest {
             continue;
         }
-        let mut keyed = HashMap::new();
-        let mut counted: HashMap<Box<[u8]>, u64> = HashMap::new();
-        read_records(source_path, 0, 2, |_, mut parts| {
-            let row = parts.pop().expect("two parts");
-            let key = parts.pop().expect("two parts");
+        let source_records = Records::read(source_path, 0)?;
+        let mut keyed: Map<&[u8], &[u8]> = Map::default();
+        let mut counted: Map<&[u8], u64> = Map::default();
+        for (_, key, row) in source_records.iter() {
             if cols.multiset {
                 *counted.entry(row).or_default() += 1;
             } else {
                 keyed.insert(key, row);
             }
-        })?;
+        }
         let sample = |report: &mut TableReport, s: Sample| {
             if report.samples.iter().filter(|x| x.kind == s.kind).count() < samples {
                 report.samples.push(s);
@@ -329,12 +335,12 @@ pub fn compare(
                         report.missing += 1;
                         sample(
                             report,
-                            keyed_sample(cols, "missing", &key, Some(&source_row), None, show_values),
+                            keyed_sample(cols, "missing", key, Some(source_row), None, show_values),
                         );
                         continue;
                     };
                     let mut differing = Vec::new();
-                    for (c, (s, l)) in cells(&source_row).zip(cells(&lake_row)).enumerate() {
+                    for (c, (s, l)) in cells(source_row).zip(cells(&lake_row)).enumerate() {
                         match l {
                             Cell::Unchecked => report.unchecked_values += 1,
                             l if l != s => differing.push(c),
@@ -344,7 +350,7 @@ pub fn compare(
                     if !differing.is_empty() {
                         report.differing += 1;
                         let mut s =
-                            keyed_sample(cols, "differing", &key, Some(&source_row), Some(&lake_row), show_values);
+                            keyed_sample(cols, "differing", key, Some(source_row), Some(&lake_row), show_values);
                         s.columns = differing.iter().map(|&c| cols.names[c].clone()).collect();
                         if show_values {
                             s.values.retain(|v| s.columns.contains(&v.column));
@@ -356,7 +362,7 @@ pub fn compare(
                     report.extra += 1;
                     sample(
                         report,
-                        keyed_sample(cols, "extra", &key, None, Some(&lake_row), show_values),
+                        keyed_sample(cols, "extra", key, None, Some(&lake_row), show_values),
                     );
                 }
             }
@@ -365,15 +371,15 @@ pub fn compare(
                     let l = lake.remove(&row).unwrap_or(0);
                     if n > l {
                         report.missing += n - l;
-                        sample(report, multiset_sample(cols, "missing", &row, show_values));
+                        sample(report, multiset_sample(cols, "missing", row, show_values));
                     } else if l > n {
                         report.extra += l - n;
-                        sample(report, multiset_sample(cols, "extra", &row, show_values));
+                        sample(report, multiset_sample(cols, "extra", row, show_values));
                     }
                 }
                 for (row, l) in lake {
                     report.extra += l;
-                    sample(report, multiset_sample(cols, "extra", &row, show_values));
+                    sample(report, multiset_sample(cols, "extra", row, show_values));
                 }
             }
         }

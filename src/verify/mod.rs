@@ -493,15 +493,17 @@ async fn read_lake(
     report: &mut TableReport,
 ) -> Result<(), VerifyError> {
     use futures::StreamExt;
-    let wanted: Vec<&WrittenObject> = files
+    let wanted: Vec<(String, u64)> = files
         .iter()
         .filter(|f| (f.first.lsn.0 as i64, f.first.seq as i64) < cutoff)
+        .map(|f| (f.key.clone(), f.rows))
         .collect();
     let total = wanted.len();
-    let mut fetches = futures::stream::iter(wanted.into_iter().map(|f| {
+    // Fetches run ahead (several at once); one blocking thread decodes file after file
+    // and hands over a few batches at a time, while this task encodes and spills them.
+    let (fetched_tx, mut fetched_rx) = tokio::sync::mpsc::channel(FETCH_CONCURRENCY);
+    let fetches = futures::stream::iter(wanted.into_iter().map(move |(key, rows)| {
         let store = store.clone();
-        let key = f.key.clone();
-        let rows = f.rows;
         tokio::spawn(async move {
             let path = crate::sink::key_path(&key);
             let got = match store.get(&path).await {
@@ -512,17 +514,57 @@ async fn read_lake(
         })
     }))
     .buffered(FETCH_CONCURRENCY);
+    let feeder = tokio::spawn(async move {
+        let mut fetches = std::pin::pin!(fetches);
+        while let Some(joined) = fetches.next().await {
+            let item = joined.map_err(|e| e.to_string());
+            if fetched_tx.send(item).await.is_err() {
+                break;
+            }
+        }
+    });
+    let (decoded_tx, mut decoded) = tokio::sync::mpsc::channel(4);
+    let names = cols.names.clone();
+    let decoder = tokio::task::spawn_blocking(move || {
+        while let Some(item) = fetched_rx.blocking_recv() {
+            let (key, rows, got) = match item {
+                Ok(x) => x,
+                Err(what) => {
+                    let _ = decoded_tx.blocking_send(Decoded::Failed(String::new(), what));
+                    return;
+                }
+            };
+            let ended = match got {
+                Err(object_store::Error::NotFound { .. }) => Decoded::Missing(key),
+                Err(e) => Decoded::Failed(key, e.to_string()),
+                Ok(bytes) => match decode_file(bytes, &names, |batch| {
+                    decoded_tx.blocking_send(Decoded::Batch(batch)).is_ok()
+                }) {
+                    Ok(found) => Decoded::End { key, rows, found },
+                    Err(what) => Decoded::Failed(key, what),
+                },
+            };
+            if decoded_tx.blocking_send(ended).is_err() {
+                return;
+            }
+        }
+    });
     let mut done = 0;
     let mut last_log = Instant::now();
-    while let Some(fetched) = fetches.next().await {
-        let (key, rows, bytes) = fetched.map_err(|e| VerifyError::Lake {
-            key: table.into(),
-            what: e.to_string(),
-        })?;
-        let lake_err = |what: String| VerifyError::Lake { key: key.clone(), what };
-        let bytes = match bytes {
-            Ok(b) => b,
-            Err(object_store::Error::NotFound { .. }) => {
+    let result = loop {
+        let Some(next) = decoded.recv().await else {
+            break Ok(());
+        };
+        match next {
+            Decoded::Batch(batch) => {
+                if let Err(what) = lake.add(cols, &batch) {
+                    break Err(VerifyError::Lake {
+                        key: table.into(),
+                        what,
+                    });
+                }
+            }
+            Decoded::Missing(key) => {
                 report.files_missing += 1;
                 problem(
                     report,
@@ -530,47 +572,72 @@ async fn read_lake(
                         "{key}: named by the commit log, missing from the lake (deleted by hand, or by a lifecycle rule?)"
                     ),
                 );
-                continue;
             }
-            Err(e) => return Err(lake_err(e.to_string())),
-        };
-        let found = decode_file(bytes, cols, lake).map_err(lake_err)?;
-        if found != rows {
-            report.files_damaged += 1;
-            problem(
-                report,
-                format!("{key}: holds {found} rows, its commit record says {rows}"),
-            );
+            Decoded::Failed(key, what) => {
+                let key = if key.is_empty() { table.to_owned() } else { key };
+                break Err(VerifyError::Lake { key, what });
+            }
+            Decoded::End { key, rows, found } => {
+                if found != rows {
+                    report.files_damaged += 1;
+                    problem(
+                        report,
+                        format!("{key}: holds {found} rows, its commit record says {rows}"),
+                    );
+                }
+                done += 1;
+                if last_log.elapsed() >= PROGRESS_INTERVAL {
+                    last_log = Instant::now();
+                    tracing::info!(
+                        table,
+                        files = done,
+                        of = total,
+                        changes = lake.changes,
+                        "verify: reading the lake"
+                    );
+                }
+            }
         }
-        done += 1;
-        if last_log.elapsed() >= PROGRESS_INTERVAL {
-            last_log = Instant::now();
-            tracing::info!(
-                table,
-                files = done,
-                of = total,
-                changes = lake.changes,
-                "verify: reading the lake"
-            );
-        }
-    }
-    Ok(())
+    };
+    // On an error the channels close and both stop at their next hand-over.
+    drop(decoded);
+    feeder.abort();
+    let _ = decoder.await;
+    result
 }
 
-/// Decodes one Parquet file, only the columns compared and the metadata; returns the
-/// rows it holds.
-fn decode_file(bytes: bytes::Bytes, cols: &rows::Columns, lake: &mut compare::LakeSide) -> Result<u64, String> {
+/// What the decoding thread hands over.
+enum Decoded {
+    Batch(arrow::record_batch::RecordBatch),
+    /// A file's batches are all handed over: the rows its footer gives, and its
+    /// commit record's.
+    End {
+        key: String,
+        rows: u64,
+        found: u64,
+    },
+    Missing(String),
+    Failed(String, String),
+}
+
+/// Decodes one Parquet file, the compared columns (`names`) and the metadata, handing
+/// each batch to `each` (which returns false to stop); returns the rows its footer gives.
+fn decode_file(
+    bytes: bytes::Bytes,
+    names: &[String],
+    mut each: impl FnMut(arrow::record_batch::RecordBatch) -> bool,
+) -> Result<u64, String> {
     use parquet::arrow::ProjectionMask;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| e.to_string())?;
     let rows = builder.metadata().file_metadata().num_rows() as u64;
-    let schema = builder.schema().clone();
-    let roots: Vec<usize> = schema
+    let roots: Vec<usize> = builder
+        .schema()
         .fields()
         .iter()
         .enumerate()
         .filter(|(_, f)| {
-            matches!(f.name().as_str(), "_op" | "_lsn" | "_seq" | "_unchanged") || cols.names.contains(f.name())
+            matches!(f.name().as_str(), "_op" | "_lsn" | "_seq" | "_unchanged") || names.contains(f.name())
         })
         .map(|(i, _)| i)
         .collect();
@@ -581,8 +648,9 @@ fn decode_file(bytes: bytes::Bytes, cols: &rows::Columns, lake: &mut compare::La
         .build()
         .map_err(|e| e.to_string())?;
     for batch in reader {
-        let batch = batch.map_err(|e| e.to_string())?;
-        lake.add(cols, &batch)?;
+        if !each(batch.map_err(|e| e.to_string())?) {
+            break;
+        }
     }
     Ok(rows)
 }

@@ -2,8 +2,7 @@
 //! when the values are equal: `-0` is not `0`, NULL is not the empty string), rows
 //! as length-prefixed cells, and the buckets they spill to by a hash of their key.
 
-use std::hash::{Hash, Hasher};
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -217,23 +216,15 @@ pub fn cells(mut row: &[u8]) -> impl Iterator<Item = Cell<'_>> {
     })
 }
 
-/// A 128-bit hash of a row (and its key), for the order-free digest of a bucket.
-pub fn row_hash(key: &[u8], row: &[u8]) -> u128 {
-    let half = |seed: u8| {
-        let mut h = std::hash::DefaultHasher::new();
-        seed.hash(&mut h);
-        key.hash(&mut h);
-        row.hash(&mut h);
-        h.finish()
-    };
-    (u128::from(half(1)) << 64) | u128::from(half(2))
+/// A 128-bit hash of a row (XXH3), for the order-free digest of a bucket. A key is
+/// some of its row's cells, so the row alone says both.
+pub fn row_hash(row: &[u8]) -> u128 {
+    twox_hash::XxHash3_128::oneshot(row)
 }
 
 /// Which of `buckets` a key goes to.
 pub fn bucket_of(key: &[u8], buckets: usize) -> usize {
-    let mut h = std::hash::DefaultHasher::new();
-    key.hash(&mut h);
-    (h.finish() % buckets as u64) as usize
+    (twox_hash::XxHash3_64::oneshot_with_seed(0x5eed, key) % buckets as u64) as usize
 }
 
 /// What a bucket holds, in any order: rows, and a sum of their hashes.
@@ -295,29 +286,42 @@ impl Spill {
     }
 }
 
-/// Reads a bucket file back as records of a `header`-byte header and `parts` parts.
-pub fn read_records(
-    path: &Path,
+/// A u32-length-prefixed part and what follows it.
+fn length_prefixed(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (len, rest) = buf.split_first_chunk::<4>()?;
+    let len = u32::from_le_bytes(*len) as usize;
+    (rest.len() >= len).then(|| rest.split_at(len))
+}
+
+/// A bucket file read whole: its records, each a `header`-byte header and two
+/// length-prefixed parts, borrowed from the buffer (one allocation per bucket).
+pub struct Records {
+    buf: Vec<u8>,
     header: usize,
-    parts: usize,
-    mut each: impl FnMut(&[u8], Vec<Box<[u8]>>),
-) -> std::io::Result<()> {
-    let mut r = BufReader::with_capacity(256 * 1024, std::fs::File::open(path)?);
-    let mut head = vec![0u8; header];
-    loop {
-        if r.fill_buf()?.is_empty() {
-            return Ok(());
-        }
-        r.read_exact(&mut head)?;
-        let mut out = Vec::with_capacity(parts);
-        for _ in 0..parts {
-            let mut len = [0u8; 4];
-            r.read_exact(&mut len)?;
-            let mut part = vec![0u8; u32::from_le_bytes(len) as usize];
-            r.read_exact(&mut part)?;
-            out.push(part.into_boxed_slice());
-        }
-        each(&head, out);
+}
+
+impl Records {
+    pub fn read(path: &Path, header: usize) -> std::io::Result<Records> {
+        Ok(Records {
+            buf: std::fs::read(path)?,
+            header,
+        })
+    }
+
+    /// `(header, first part, second part)` of each record, in the order written.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8], &[u8])> {
+        let mut rest = &self.buf[..];
+        let header = self.header;
+        std::iter::from_fn(move || {
+            if rest.len() < header {
+                return None;
+            }
+            let (h, tail) = rest.split_at(header);
+            let (first, tail) = length_prefixed(tail)?;
+            let (second, tail) = length_prefixed(tail)?;
+            rest = tail;
+            Some((h, first, second))
+        })
     }
 }
 
@@ -400,8 +404,24 @@ mod tests {
     }
 
     #[test]
+    fn spilled_records_read_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spill = Spill::create(dir.path(), "t", 2).unwrap();
+        spill.write(1, b"hd", &[b"key", b""]).unwrap();
+        spill.write(1, b"HD", &[b"", b"row"]).unwrap();
+        let paths = spill.finish().unwrap();
+        assert_eq!(Records::read(&paths[0], 2).unwrap().iter().count(), 0);
+        let r = Records::read(&paths[1], 2).unwrap();
+        let back: Vec<_> = r.iter().collect();
+        assert_eq!(
+            back,
+            [(&b"hd"[..], &b"key"[..], &b""[..]), (&b"HD"[..], &b""[..], &b"row"[..])]
+        );
+    }
+
+    #[test]
     fn a_digest_ignores_order_and_counts_repeats() {
-        let (a, b) = (row_hash(b"k1", b"r1"), row_hash(b"k2", b"r2"));
+        let (a, b) = (row_hash(b"r1"), row_hash(b"r2"));
         let mut x = Digest::default();
         x.add(a, 1);
         x.add(b, 2);

@@ -1,0 +1,41 @@
+//! What the benchmarks share: timing a command with its peak RSS and CPU, and medians.
+
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+/// A finished command: wall seconds, peak RSS (MiB) and CPU seconds (user + system).
+pub struct Timed {
+    pub secs: f64,
+    pub rss_mib: f64,
+    pub cpu_secs: f64,
+}
+
+/// Runs a command to its end; panics with its stderr unless it exits 0.
+#[allow(clippy::zombie_processes)] // reaped by wait4 below, which also gives its rusage
+pub fn timed(cmd: &mut Command) -> Timed {
+    let start = Instant::now();
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(r, pid, "wait4");
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        let mut err = String::new();
+        use std::io::Read;
+        child.stderr.unwrap().read_to_string(&mut err).ok();
+        panic!("{cmd:?} failed (status {status}):\n{err}");
+    }
+    let cpu = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Timed {
+        secs,
+        rss_mib: usage.ru_maxrss as f64 / 1024.0,
+        cpu_secs: cpu(usage.ru_utime) + cpu(usage.ru_stime),
+    }
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
