@@ -21,6 +21,8 @@ pub struct SnapshotTable {
     pub relation: Arc<Relation>,
     /// Heap bytes when the snapshot was taken (0 when unknown, e.g. a partitioned root).
     pub bytes: u64,
+    /// What makes it the table it is, as of the snapshot.
+    pub identity: crate::change::TableIdentity,
 }
 
 impl Prepared {
@@ -32,6 +34,7 @@ impl Prepared {
                 name: t.name.clone(),
                 relation: t.relation.clone(),
                 bytes: t.pages * 8192,
+                identity: t.identity.clone(),
             })
             .collect()
     }

@@ -165,9 +165,14 @@ pub async fn verify(cfg: &Config, opts: &Options) -> Result<Report, VerifyError>
     tracing::info!(point = %point, tables = tables.len(), "verify: consistent point taken");
 
     let reached = wait_for_lake(&source, store.as_ref(), point, opts.timeout).await?;
-    let head = read_head(store.as_ref())
-        .await?
-        .ok_or_else(|| VerifyError::NoLake(cfg.sink.url.to_string()))?;
+    // Resnapshots asked for and not yet committed: their tables' changes are held back
+    // from the lake until the copy commits.
+    let requested = snapshot::requested(store.as_ref())
+        .await
+        .map_err(|e| VerifyError::Lake {
+            key: "_walshore/requests".into(),
+            what: e.to_string(),
+        })?;
     tracing::info!(point = %point, lake = %reached, "verify: the lake holds everything before the point");
     // The tables' folders first, then the pending records, then the commit log: a file
     // listed was announced before its upload, so by the time the log is read it is either
@@ -178,6 +183,10 @@ pub async fn verify(cfg: &Config, opts: &Options) -> Result<Report, VerifyError>
     }
     let announced = crate::checkpoint::announced_keys(store.as_ref()).await?;
     let manifest = committed_files(store.as_ref()).await?;
+    // The head as of the manifest: which copies it holds, of which tables.
+    let head = read_head(store.as_ref())
+        .await?
+        .ok_or_else(|| VerifyError::NoLake(cfg.sink.url.to_string()))?;
 
     let dir = std::fs::create_dir_all(&cfg.source.spill_dir)
         .and_then(|()| {
@@ -200,7 +209,7 @@ pub async fn verify(cfg: &Config, opts: &Options) -> Result<Report, VerifyError>
     let mut plans = Vec::new();
     for (i, table) in tables.iter().enumerate() {
         let files: Vec<&WrittenObject> = manifest.iter().filter(|f| f.table == table.name).collect();
-        if let Some(reason) = unverifiable(cfg, &head, table, point) {
+        if let Some(reason) = unverifiable(cfg, &head, &requested, table, point) {
             plans.push(Plan::Skip(TableReport::unverified(&table.name, reason)));
             listed[i].clear();
             continue;
@@ -336,22 +345,39 @@ enum Plan {
 }
 
 /// Why a table's lake cannot stand for the source at `point`, if it cannot.
-fn unverifiable(cfg: &Config, head: &CommitRecord, table: &SnapshotTable, point: Lsn) -> Option<String> {
-    if let Some(identity) = head.identities.get(&table.name)
-        && identity.oid != table.relation.id
-    {
+fn unverifiable(
+    cfg: &Config,
+    head: &CommitRecord,
+    requested: &std::collections::BTreeMap<String, Vec<String>>,
+    table: &SnapshotTable,
+    point: Lsn,
+) -> Option<String> {
+    const AGAIN: &str = "verify again once status shows its new snapshot_lsn";
+    if let Some(identity) = head.identities.get(&table.name) {
+        if identity.oid != table.relation.id {
+            return Some(format!(
+                "the lake holds an earlier table of this name (OID {}; the source's is {}): walshore copies the new one; {AGAIN}",
+                identity.oid, table.relation.id
+            ));
+        }
+        if cfg.snapshot == SnapshotMode::Initial && identity.membership != table.identity.membership {
+            return Some(format!(
+                "it left the publication and came back: walshore copies it again; {AGAIN}"
+            ));
+        }
+    }
+    if requested.contains_key(&table.name) {
         return Some(format!(
-            "the lake holds an earlier table of this name (OID {}; the source's is {}): walshore copies the new one; verify again once status shows its snapshot_lsn",
-            identity.oid, table.relation.id
+            "a resnapshot of it is under way (its changes wait for the copy); {AGAIN}"
         ));
     }
     match head.snapshots.get(&table.name) {
         Some(copied) if *copied > point => Some(format!(
             "the lake's copy of it was taken at {copied}, after the verify point: verify again"
         )),
-        None if cfg.snapshot == SnapshotMode::Initial => Some(
-            "its copy is not committed yet (a table new to the publication, or a resnapshot under way): verify again once status shows its snapshot_lsn".into(),
-        ),
+        None if cfg.snapshot == SnapshotMode::Initial => Some(format!(
+            "its copy is not committed yet (a table new to the publication); {AGAIN}"
+        )),
         _ => None,
     }
 }
