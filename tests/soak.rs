@@ -182,6 +182,19 @@ async fn a_lifecycle_of_leaves_returns_rebuilds_resnapshots_alters_and_kills_end
         );
     }
     assert_no_orphans(&config).await;
+    // walshore verify, a second oracle, says the same of the lake after its lifetime.
+    let out = walshore(&["verify", "--config", config.to_str().unwrap(), "--format", "json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "verify printed no report ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(
+        out.status.success() && report["result"] == "equal",
+        "verify after the soak (seed {seed}): {report:#}"
+    );
+    assert_eq!(report["tables"].as_array().unwrap().len(), 6, "{report:#}");
     eprintln!(
         "soak passed: {kills} kills, {nightly_life} rebuilds, {evo_columns} columns added, {rounds} writer rounds"
     );

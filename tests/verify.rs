@@ -52,7 +52,7 @@ const TRADING_EXTRA: &str = "
     CREATE TABLE ticks (symbol text, price float8);
     ALTER PUBLICATION pub ADD TABLE trades, prices, fx_rates, news, ledger, ticks;
     INSERT INTO ledger VALUES ('a', 1), ('a', 1), ('b', 2);
-    INSERT INTO ticks VALUES ('X', 'NaN'), ('X', '-0'), ('X', 0), ('X', 0), ('Y', NULL), ('', 1);
+    INSERT INTO ticks VALUES ('X', 'NaN'), ('X', '-0'), ('X', 0), ('X', 0), ('Y', NULL), ('', 1), ('a/b=%c', 2);
     INSERT INTO fx_rates (pair, rate) VALUES ('EURUSD', 1.1), ('GBPUSD', 1.3);
     INSERT INTO prices VALUES ('X', '2026-11-30 10:00+00', 1, 2), ('Y', '2026-11-30 10:00+00', 3, 4);
     -- Bodies past the TOAST threshold that do not compress: an update of the headline
@@ -442,4 +442,66 @@ async fn usage_errors_exit_2_and_a_missing_lake_is_named() {
     assert!(stderr.contains("public.nope is not a table of publication"), "{stderr}");
     let (code, _, stderr) = verify(&config, &["--format", "yaml"]);
     assert_eq!(code, 2, "{stderr}");
+}
+
+#[tokio::test]
+async fn a_lake_on_s3_verifies_equal_and_an_object_copied_beside_its_files_is_named() {
+    use object_store::ObjectStoreExt;
+    set_fake_aws_env();
+    let moto = Moto::start("lake");
+    let cluster = cluster(&[]);
+    let c = cluster.connect("postgres").await.unwrap();
+    c.batch_execute(&format!(
+        "{}; CREATE PUBLICATION pub FOR TABLE trades; {}",
+        support::trades::TABLE,
+        support::trades::insert_sql(1, 500)
+    ))
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = SinkKind::S3 {
+        moto: &moto,
+        bucket: "lake",
+        prefix: "verify",
+    };
+    let config = write_config(
+        dir.path(),
+        &cluster.url("postgres", "postgres"),
+        "pub",
+        "walshore",
+        &s3,
+        "",
+        "",
+    );
+    use_initial_snapshot(&config, "");
+    // Partitioned by a text column whose values need escaping in an object key.
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("\n[partitions]\n\"public.trades\" = \"column:symbol\"\n");
+    std::fs::write(&config, text).unwrap();
+    sync(&config);
+    c.batch_execute(
+        "UPDATE trades SET symbol = 'a/b=%' || (id % 2) WHERE id % 3 = 0; DELETE FROM trades WHERE id % 11 = 0",
+    )
+    .await
+    .unwrap();
+    sync(&config);
+    let (code, report) = verify_json(&config, &[]);
+    assert_eq!(code, 0, "{report:#}");
+    let t = table(&report, "public.trades");
+    assert!(t["lake_files"].as_u64().unwrap() > 3, "{t:#}");
+    assert_eq!(t["files_stray"], 0);
+
+    let store = open_lake(&config);
+    let file = committed(&config, "public.trades").await.pop().unwrap();
+    let from = walshore::sink::key_path(&file.key);
+    let to = object_store::path::Path::from(file.key.replace(".parquet", "-copy.parquet"));
+    store.copy(&from, &to).await.unwrap();
+    let (code, report) = verify_json(&config, &[]);
+    assert_eq!(code, 1);
+    let t = table(&report, "public.trades");
+    assert_eq!(t["files_stray"], 1, "{t:#}");
+    assert!(
+        t["file_problems"][0].as_str().unwrap().contains("-copy.parquet"),
+        "{t:#}"
+    );
 }
