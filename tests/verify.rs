@@ -442,6 +442,23 @@ async fn usage_errors_exit_2_and_a_missing_lake_is_named() {
     assert!(stderr.contains("public.nope is not a table of publication"), "{stderr}");
     let (code, _, stderr) = verify(&config, &["--format", "yaml"]);
     assert_eq!(code, 2, "{stderr}");
+
+    // A running walshore on an idle publication: the slot's confirmed position passes
+    // the point without any change to commit.
+    c.batch_execute("INSERT INTO t VALUES (1), (2)").await.unwrap();
+    let run = spawn_run(&config);
+    let _log = LogOnPanic::new(&run);
+    wait_for(Duration::from_secs(60), "the run to commit the rows and idle", || {
+        let s = status_of(&config);
+        s["tables"]["public.t"]["rows"] == 2 && s["slot"]["active"] == true
+    });
+    let started = std::time::Instant::now();
+    let (code, stdout, stderr) = verify(&config, &["--timeout", "60s"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("2 rows in the source, 2 in the lake"), "{stdout}");
+    eprintln!("verify beside an idle run took {:?}", started.elapsed());
+    let (status, stderr) = stop(run);
+    assert!(status.success(), "{stderr}");
 }
 
 #[tokio::test]
