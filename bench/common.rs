@@ -1,6 +1,7 @@
 //! What the benchmarks share: timing a command with its peak RSS and CPU, and medians.
 
 use std::process::{Command, Stdio};
+use std::str::FromStr;
 use std::time::Instant;
 
 /// A finished command: wall seconds, peak RSS (MiB) and CPU seconds (user + system).
@@ -38,4 +39,36 @@ pub fn timed(cmd: &mut Command) -> Timed {
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
+}
+
+/// The value after `--name` on the command line, or `default`.
+pub fn arg<T: FromStr>(name: &str, default: T) -> T {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// `psql -c sql` as the cluster's superuser, over TCP, output to be discarded: the
+/// reference reads (`COPY … TO STDOUT`).
+pub fn psql(cluster: &walshore::cluster::TempCluster, sql: &str) -> Command {
+    let bin = cluster.bin().join("psql");
+    let mut cmd = Command::new(if bin.exists() { bin } else { "psql".into() });
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &cluster.port.to_string(),
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+        "-X",
+        "-q",
+        "-c",
+        sql,
+    ]);
+    cmd
 }

@@ -80,13 +80,7 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str, default: f64| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
+    let arg = common::arg::<f64>;
     let runs = arg("--runs", 3.0) as usize;
     let scale = arg("--scale", 1.0);
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -281,25 +275,10 @@ fn snapshot_bench(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, row
         "\n== initial copy : {rows} trade rows, {:.0} MiB table",
         size as f64 / 1048576.0
     );
-    let psql = cluster.bin().join("psql");
-    let psql = if psql.exists() { psql } else { "psql".into() };
     let dir = tempfile::tempdir().unwrap();
     let (mut copy_t, mut ws_t, mut rss) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
-        let (secs, _) = timed(Command::new(&psql).args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &cluster.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-X",
-            "-q",
-            "-c",
-            "COPY trades TO STDOUT (FORMAT binary)",
-        ]));
+        let (secs, _) = timed(&mut common::psql(&cluster, "COPY trades TO STDOUT (FORMAT binary)"));
         copy_t.push(secs);
         println!("  COPY binary    run {i}: {secs:.2}s  {:.0} rows/s", rows as f64 / secs);
         let path = dir.path().join(format!("snap-{i}.toml"));

@@ -113,13 +113,7 @@ fn main() {
         std::env::set_var("AWS_REGION", "us-east-1");
     }
     let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str, default: u64| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
+    let arg = common::arg::<u64>;
     let runs = arg("--runs", 3) as usize;
     let rt = tokio::runtime::Runtime::new().unwrap();
     if !args.iter().any(|a| a == "--memory-only") {

@@ -31,14 +31,7 @@ fn insert(from: u64, to: u64) -> String {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str, default: u64| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
+    let arg = common::arg::<u64>;
     let rows = arg("--rows", 1_000_000);
     let runs = arg("--runs", 3) as usize;
     let walshore = env!("CARGO_BIN_EXE_walshore");
@@ -92,23 +85,9 @@ fn main() {
         rows * 2,
         lake_bytes as f64 / 1048576.0
     );
-    let psql = cluster.bin().join("psql");
     let (mut copy_t, mut verify_t, mut rss, mut cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
-        let c = timed(Command::new(&psql).args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &cluster.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-X",
-            "-q",
-            "-c",
-            "COPY trades TO STDOUT (FORMAT binary)",
-        ]));
+        let c = timed(&mut common::psql(&cluster, "COPY trades TO STDOUT (FORMAT binary)"));
         println!("  COPY to /dev/null  run {i}: {:.2}s", c.secs);
         copy_t.push(c.secs);
         // Exit 0 only when equal: the benchmark checks the answer too.
