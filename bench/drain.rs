@@ -5,6 +5,9 @@
 //! throwaway cluster gets one slot per drain *before* the backlog is written, so every
 //! drain decodes exactly the same WAL. Prints each drain, the medians, the ratio
 //! walshore / pg_recvlogical (higher is better; target ≥ 0.8) and walshore's peak RSS.
+//! Beside them a *null drain*: walshore's own replication client (this binary run with
+//! `--null-drain CONFIG END`) that frames each message and drops it, the practical upper
+//! bound on our side of the wire; with the CPU seconds per million changes of each.
 
 #[path = "common.rs"]
 mod common;
@@ -24,7 +27,7 @@ struct Workload {
 fn workloads(scale: f64) -> Vec<Workload> {
     let n = |x: f64| ((x * scale).round() as u64).max(1);
     let (trades, prices, updates, deletes, singles) =
-        (n(1_000_000.0), n(500_000.0), n(200_000.0), n(50_000.0), n(100_000.0));
+        (n(1_000_000.0), n(500_000.0), n(200_000.0), n(50_000.0), n(1_000_000.0));
     vec![
         Workload {
             name: "batched (1000-row transactions)",
@@ -78,8 +81,45 @@ fn median(v: &mut [f64]) -> f64 {
     common::median(v.to_vec())
 }
 
+/// `--null-drain CONFIG END`: walshore's replication client reads the config's slot up
+/// to END, frames each message and drops it (answering the server's reply requests).
+fn null_drain(config: &str, end: &str) {
+    use walshore::source::{Replication, XLog};
+    let cfg = walshore::config::Config::load(Path::new(config)).expect("config");
+    let end: walshore::lsn::Lsn = end.parse().expect("an LSN");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (mut repl, slot, _) = Replication::open(&cfg.source, false).await.expect("open");
+        repl.start(&cfg.source, slot.confirmed_flush).await.expect("start");
+        let mut position = slot.confirmed_flush;
+        loop {
+            match repl.next().await.expect("next") {
+                XLog::Data { wal_start, .. } => position = position.max(wal_start),
+                XLog::Keepalive {
+                    wal_end,
+                    reply_requested,
+                } => {
+                    position = position.max(wal_end);
+                    if reply_requested {
+                        repl.confirm(position, false).await.expect("confirm");
+                    }
+                }
+            }
+            if position >= end {
+                break;
+            }
+        }
+    });
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--null-drain") {
+        return null_drain(&args[i + 1], &args[i + 2]);
+    }
     let arg = common::arg::<f64>;
     let runs = arg("--runs", 3.0) as usize;
     let scale = arg("--scale", 1.0);
@@ -107,7 +147,7 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
         let client = rt.block_on(cluster.connect("postgres")).unwrap();
         rt.block_on(client.batch_execute(SCHEMA)).unwrap();
         for i in 0..runs {
-            for tool in ["recv", "bin", "ws", "wsm"] {
+            for tool in ["recv", "bin", "null", "ws", "wsm"] {
                 rt.block_on(client.batch_execute(&format!(
                     "SELECT pg_create_logical_replication_slot('{tool}_{i}', 'pgoutput')"
                 )))
@@ -134,6 +174,7 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
         let dir = tempfile::tempdir().unwrap();
         let (mut recv_t, mut bin_t, mut ws_t, mut rss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut wsm_t, mut ws_cpu, mut wsm_cpu) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut null_t, mut null_cpu, mut null_rss, mut recv_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         // pgoutput's text output (what walshore reads) and its binary output.
         let recv = |slot: String, binary: bool| {
             let port = cluster.port.to_string();
@@ -169,6 +210,7 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
         for i in 0..runs {
             let secs = recv(format!("recv_{i}"), false);
             recv_t.push(secs);
+            recv_cpu.push(*LAST_CPU.lock().unwrap());
             println!(
                 "  pg_recvlogical run {i}: {secs:.2}s  {:.0} changes/s",
                 w.changes as f64 / secs
@@ -178,6 +220,23 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
             println!(
                 "  pg_recvlogical binary=true run {i}: {secs:.2}s  {:.0} changes/s",
                 w.changes as f64 / secs
+            );
+            // walshore's own replication client, each message framed and dropped: the
+            // most our side of the wire can take.
+            let null_config = config_for_slot(dir.path(), &cluster, &format!("null_{i}"), "");
+            let (secs, maxrss) = timed(Command::new(std::env::current_exe().unwrap()).args([
+                "--null-drain",
+                null_config.to_str().unwrap(),
+                &end,
+            ]));
+            null_t.push(secs);
+            null_cpu.push(*LAST_CPU.lock().unwrap());
+            null_rss.push(maxrss as f64 / 1024.0);
+            println!(
+                "  null drain     run {i}: {secs:.2}s  {:.0} changes/s  CPU {:.2}s  peak RSS {:.0} MiB",
+                w.changes as f64 / secs,
+                null_cpu[i],
+                maxrss as f64 / 1024.0
             );
             let config = write_config(dir.path(), &cluster, i);
             let (secs, maxrss) = timed(
@@ -235,6 +294,21 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
         println!(
             "  RATIO walshore/pg_recvlogical = {:.2} (target >= 0.80); walshore peak RSS {peak:.0} MiB (target <= 256)",
             r / s
+        );
+        let per_million = |cpu: &mut Vec<f64>| median(cpu) * 1e6 / w.changes as f64;
+        let n = median(&mut null_t);
+        println!(
+            "  null drain {:.0} changes/s, CPU {:.2} s per million changes, peak RSS {:.0} MiB; CPU per million: pg_recvlogical {:.2} s, walshore {:.2} s",
+            w.changes as f64 / n,
+            per_million(&mut null_cpu),
+            null_rss.iter().cloned().fold(0.0, f64::max),
+            per_million(&mut recv_cpu),
+            per_million(&mut ws_cpu),
+        );
+        println!(
+            "  RATIO walshore/null drain = {:.2} (target >= 0.95 batched, >= 0.90 one-row); pg_recvlogical/null drain = {:.2}",
+            n / s,
+            n / r
         );
         println!(
             "  RATIO walshore with metrics/without = {:.2} (target >= 0.97); CPU seconds without/with = {:.2} ({:.2} vs {:.2})",

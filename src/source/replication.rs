@@ -84,8 +84,6 @@ impl Replication {
     }
 
     /// Connects, checks `wal_level` and the publication, and creates the slot if it is
-    /// missing (idempotent: a concurrent creation is taken as success).
-    /// Connects, checks `wal_level` and the publication, and creates the slot if it is
     /// missing (idempotent: a concurrent creation is taken as success). With
     /// `export_snapshot` the slot is (re)created with an exported snapshot for the
     /// initial copy, and the connection must stay idle until the copy has imported it.
