@@ -136,7 +136,12 @@ fn main() {
 }
 
 fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scale: f64) {
-    for w in workloads(scale) {
+    // `--one-row-only`: the one-row workload alone (for a profiler).
+    let one_row_only = std::env::args().any(|a| a == "--one-row-only");
+    for w in workloads(scale)
+        .into_iter()
+        .filter(|w| !one_row_only || w.name.starts_with("one-row"))
+    {
         let cluster = TempCluster::start(ClusterOptions::default()).expect("start PostgreSQL");
         let recvlogical = cluster.bin().join("pg_recvlogical");
         let recvlogical = if recvlogical.exists() {
