@@ -181,7 +181,13 @@ pub async fn verify(cfg: &Config, opts: &Options) -> Result<Report, VerifyError>
     for t in &tables {
         listed.push(list_table(store.as_ref(), &t.name).await?);
     }
-    let announced = crate::checkpoint::announced_keys(store.as_ref()).await?;
+    // As paths, the form a listing gives (a key with escapes parses to the same path).
+    let announced: std::collections::HashSet<object_store::path::Path> =
+        crate::checkpoint::announced_keys(store.as_ref())
+            .await?
+            .iter()
+            .map(|k| crate::sink::key_path(k))
+            .collect();
     let manifest = committed_files(store.as_ref()).await?;
     // The head as of the manifest: which copies it holds, of which tables.
     let head = read_head(store.as_ref())
@@ -266,7 +272,7 @@ pub async fn verify(cfg: &Config, opts: &Options) -> Result<Report, VerifyError>
         let committed: std::collections::HashSet<object_store::path::Path> =
             files.iter().map(|f| crate::sink::key_path(&f.key)).collect();
         for path in std::mem::take(&mut listed[i]) {
-            if committed.contains(&path) || announced.contains(path.as_ref()) {
+            if committed.contains(&path) || announced.contains(&path) {
                 continue;
             }
             // Deleted since the listing (a start's clean-up of an uncommitted file).
