@@ -1,8 +1,9 @@
 //! Housekeeping beside the pipeline, every `snapshot.poll_interval`: the sweep of other
 //! writers' pending records (a fenced writer's late uploads are deleted within one
 //! interval), the last `walshore verify`'s outcome into the metrics, and folding and
-//! pruning of the commit log so that it does not grow by an object per commit forever. It only ever deletes what no commit names, and records
-//! its progress through the sink's next commit.
+//! pruning of the commit log so that it does not grow by an object per commit forever.
+//! It only ever deletes what no commit names, and records its progress through the
+//! sink's next commit.
 
 use std::collections::HashMap;
 use std::sync::Arc;
