@@ -181,13 +181,8 @@ impl Replication {
         let mut rows = conn.simple_query(&query).await?;
         // A walsender whose client just died (a restart after a crash) releases the slot
         // when it notices the closed socket: give it a moment before calling it taken.
-        // `walshore verify` holds it while it peeks (milliseconds to seconds): wait for it.
-        let started = std::time::Instant::now();
-        for attempt in 0.. {
+        for _ in 0..10 {
             if rows.first().is_none_or(|r| r[3].is_none()) {
-                break;
-            }
-            if attempt >= 10 && (started.elapsed() > VERIFY_PEEK_WAIT || !held_by_verify(conn, &cfg.slot).await) {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -296,17 +291,7 @@ impl Replication {
             "START_REPLICATION SLOT {} LOGICAL {start} ({options})",
             quote_ident(&cfg.slot)
         );
-        let started = std::time::Instant::now();
-        let mut result = self.conn.start_copy_both(&sql).await;
-        // Taken by `walshore verify`'s peek since the slot was found free: wait for it.
-        while matches!(&result, Err(SourceError::Server(e)) if e.code == "55006")
-            && started.elapsed() < VERIFY_PEEK_WAIT
-            && held_by_verify(&mut self.conn, &cfg.slot).await
-        {
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            result = self.conn.start_copy_both(&sql).await;
-        }
-        match result {
+        match self.conn.start_copy_both(&sql).await {
             Ok(()) => Ok(()),
             Err(SourceError::Server(e)) if e.code == "55006" => Err(SourceError::SlotInUse {
                 slot: cfg.slot.clone(),
@@ -413,25 +398,6 @@ impl Replication {
 }
 
 /// Who holds a slot: the walsender's client as `pg_stat_replication` shows it.
-/// How long a start waits for `walshore verify` to give the slot back.
-const VERIFY_PEEK_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
-
-/// Whether the slot is held by `walshore verify` peeking at it (a session with its
-/// application name), not by a consumer.
-async fn held_by_verify(conn: &mut Conn, slot: &str) -> bool {
-    let query = format!(
-        "SELECT a.application_name FROM pg_catalog.pg_replication_slots s
-         JOIN pg_catalog.pg_stat_activity a ON a.pid = s.active_pid WHERE s.slot_name = {}",
-        quote_literal(slot)
-    );
-    match conn.simple_query(&query).await {
-        Ok(rows) => rows
-            .first()
-            .is_some_and(|r| r[0].as_deref() == Some(crate::verify::APPLICATION)),
-        Err(_) => false,
-    }
-}
-
 async fn slot_holder(conn: &mut Conn, pid: &str) -> String {
     let query = format!(
         "SELECT application_name, coalesce(host(client_addr), 'local socket'), client_port, backend_start FROM pg_catalog.pg_stat_replication WHERE pid = {}",

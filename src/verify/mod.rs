@@ -16,7 +16,8 @@
 //! confirms only what its lake holds), has reached it. When no walshore streams from
 //! the slot, verify asks the slot itself, without consuming it
 //! (`pg_logical_slot_peek_binary_changes` up to the point): if no change of the
-//! publication waits there, the lake is complete up to the point.
+//! publication waits there, the lake is complete up to the point. The peek holds the
+//! slot while it decodes, so a walshore started in that moment finds it taken.
 //!
 //! # Bounded memory
 //!
@@ -47,8 +48,8 @@ use crate::snapshot::{self, SnapshotError, SnapshotTable};
 use crate::source::{SourceError, quote_ident, sql};
 pub use report::{Outcome, Report, TableReport, read_last};
 
-/// `application_name` of verify's connections: a starting walshore that finds the slot
-/// held by verify's peek waits for it instead of stopping.
+/// `application_name` of verify's connections, so that a DBA sees them for what they are
+/// (`pg_stat_activity`; a peek that holds the slot for a moment names it).
 pub const APPLICATION: &str = "walshore verify";
 
 /// Row data decoded from the source before it is spilled.
