@@ -15,7 +15,19 @@ pub struct Timed {
 #[allow(clippy::zombie_processes)] // reaped by wait4 below, which also gives its rusage
 pub fn timed(cmd: &mut Command) -> Timed {
     let start = Instant::now();
-    let child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
+    // `BENCH_STDERR=FILE`: the commands' stderr appended to FILE (with
+    // `WALSHORE_LOG=debug` in the environment, a timeline of each run).
+    let stderr = match std::env::var_os("BENCH_STDERR") {
+        Some(path) => Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .expect("open BENCH_STDERR"),
+        ),
+        None => Stdio::piped(),
+    };
+    let child = cmd.stdout(Stdio::null()).stderr(stderr).spawn().expect("spawn");
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -25,7 +37,9 @@ pub fn timed(cmd: &mut Command) -> Timed {
     if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
         let mut err = String::new();
         use std::io::Read;
-        child.stderr.unwrap().read_to_string(&mut err).ok();
+        if let Some(mut stderr) = child.stderr {
+            stderr.read_to_string(&mut err).ok();
+        }
         panic!("{cmd:?} failed (status {status}):\n{err}");
     }
     let cpu = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;

@@ -23,6 +23,16 @@ pub struct RowCutter {
 impl RowCutter {
     pub fn push(&mut self, data: &[u8]) -> Result<Option<Bytes>, String> {
         self.pending.extend_from_slice(data);
+        self.cut()
+    }
+
+    /// Where data goes in without [`RowCutter::push`]'s copy; [`RowCutter::cut`] then.
+    pub fn buffer(&mut self) -> &mut BytesMut {
+        &mut self.pending
+    }
+
+    /// A block of whole rows, once the data holds at least a block's worth.
+    pub fn cut(&mut self) -> Result<Option<Bytes>, String> {
         if !self.header_done {
             if self.pending.len() < 19 {
                 return Ok(None);
@@ -88,7 +98,7 @@ impl RowCutter {
     }
 
     /// The rows left at the end; the stream must have ended with its trailer.
-    pub fn finish(mut self) -> Result<Bytes, String> {
+    pub fn finish(&mut self) -> Result<Bytes, String> {
         if !self.ended || self.whole != self.pending.len() {
             return Err("binary COPY data ended inside a row or without its trailer".into());
         }

@@ -551,6 +551,7 @@ impl Batcher {
             .tables
             .entry(rel_id)
             .or_insert_with(|| TableBuf::new(layout.clone(), Hold::None));
+        buf.presize();
         let seq = self.snapshot_seq.entry(rel_id).or_insert(0);
         let relation = buf.layout.relation.clone();
         let layout = buf.layout.clone();

@@ -11,6 +11,54 @@ use super::value::{Kind, ValueError, bad, unrepresentable};
 /// a digit below the scale must be zero (never rounded), a digit at or above the
 /// precision must be zero (no overflow), and the rest is accumulated exactly.
 pub(crate) fn decimal_from_binary(raw: &[u8], precision: u8, scale: i8) -> Result<i128, ValueError> {
+    match decimal_from_binary_fast(raw, precision, scale) {
+        Some(v) => Ok(v),
+        None => decimal_from_binary_by_digit(raw, precision, scale),
+    }
+}
+
+/// The common case in a few multiplications: up to nine groups (36 digits, within an
+/// `i128`) taken whole, then shifted to `scale` at once. `None` for anything else,
+/// including every error, which [`decimal_from_binary_by_digit`] then reports.
+fn decimal_from_binary_fast(raw: &[u8], precision: u8, scale: i8) -> Option<i128> {
+    let word = |i: usize| u16::from_be_bytes([raw[i], raw[i + 1]]);
+    if raw.len() < 8 {
+        return None;
+    }
+    let (ndigits, weight, sign) = (word(0) as usize, i64::from(word(2) as i16), word(4));
+    if !matches!(sign, 0x0000 | 0x4000) || ndigits > 9 || raw.len() != 8 + 2 * ndigits {
+        return None;
+    }
+    let mut digits: i128 = 0;
+    for i in 0..ndigits {
+        let group = word(8 + 2 * i);
+        if group > 9999 {
+            return None;
+        }
+        digits = digits * 10_000 + i128::from(group);
+    }
+    // The last group's unit sits at 10^(4 * (weight - ndigits + 1)); at `scale`, at
+    // 10^shift.
+    let shift = 4 * (weight - ndigits as i64 + 1) + i64::from(scale);
+    let v = if digits == 0 {
+        0
+    } else if shift >= 0 {
+        digits.checked_mul(10i128.checked_pow(u32::try_from(shift).ok()?)?)?
+    } else {
+        let unit = 10i128.checked_pow(u32::try_from(-shift).ok()?)?;
+        if digits % unit != 0 {
+            return None; // more fraction digits than the scale: never rounded
+        }
+        digits / unit
+    };
+    if v >= 10i128.pow(u32::from(precision)) {
+        return None;
+    }
+    Some(if sign == 0x4000 { -v } else { v })
+}
+
+/// [`decimal_from_binary`] digit by digit: any number of groups, and the errors.
+fn decimal_from_binary_by_digit(raw: &[u8], precision: u8, scale: i8) -> Result<i128, ValueError> {
     let bad = || ValueError("malformed binary numeric value".into());
     if raw.len() < 8 {
         return Err(bad());
@@ -215,5 +263,32 @@ mod tests {
         assert_eq!(decimal_from_binary(&raw, 10, 2), Ok(200_000_000));
         let nan = [0, 0, 0, 0, 0xC0, 0, 0, 0];
         assert!(decimal_from_binary(&nan, 10, 2).unwrap_err().0.contains("NaN"));
+    }
+
+    proptest::proptest! {
+        /// The fast path agrees with the digit-by-digit one wherever it answers, and
+        /// answers for ordinary values.
+        #[test]
+        fn the_fast_path_agrees_with_the_digits(
+            groups in proptest::collection::vec(0u16..10_000, 0..12),
+            weight in -12i16..12,
+            negative: bool,
+            precision in 1u8..=38,
+            scale_share in 0u8..=100,
+        ) {
+            let scale = (u16::from(precision) * u16::from(scale_share) / 100) as i8;
+            let mut raw = (groups.len() as u16).to_be_bytes().to_vec();
+            raw.extend(weight.to_be_bytes());
+            raw.extend(if negative { [0x40, 0] } else { [0, 0] });
+            raw.extend([0, 0]);
+            for g in &groups {
+                raw.extend(g.to_be_bytes());
+            }
+            let slow = decimal_from_binary_by_digit(&raw, precision, scale);
+            match decimal_from_binary_fast(&raw, precision, scale) {
+                Some(v) => proptest::prop_assert_eq!(Ok(v), slow),
+                None => proptest::prop_assert!(slow.is_err() || groups.len() > 9),
+            }
+        }
     }
 }

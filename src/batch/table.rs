@@ -111,6 +111,8 @@ pub(super) struct TableBuf {
     pub(super) columns: Vec<value::Builder>,
     pub(super) rows: usize,
     pub(super) parts: Vec<PartRange>,
+    /// Rows and data bytes per column of the last file finished: see [`TableBuf::presize`].
+    last: (usize, Vec<usize>),
 }
 
 impl TableBuf {
@@ -130,7 +132,26 @@ impl TableBuf {
             columns,
             rows: 0,
             parts: Vec::new(),
+            last: (0, Vec::new()),
         }
+    }
+
+    /// Sizes empty builders for as many rows as the last file held. A copy's files are
+    /// alike, and a builder grown by doubling copies its values over and over. Only on
+    /// the way to appending a row: an idle table holds no room.
+    pub(super) fn presize(&mut self) {
+        let (rows, bytes) = &self.last;
+        if self.rows > 0 || *rows == 0 {
+            return;
+        }
+        for ((b, kind), bytes) in self.columns.iter_mut().zip(&self.layout.kinds).zip(bytes) {
+            *b = value::Builder::with_capacity(kind, *rows, *bytes);
+        }
+        self.op = StringBuilder::with_capacity(*rows, *rows);
+        self.lsn = Int64Builder::with_capacity(*rows);
+        self.seq = Int64Builder::with_capacity(*rows);
+        self.xid = Int64Builder::with_capacity(*rows);
+        self.commit_ts = TimestampMicrosecondBuilder::with_capacity(*rows).with_timezone("UTC");
     }
 
     pub(super) fn extend_part(&mut self, partition: &str, pos: RowPos) {
@@ -183,7 +204,9 @@ impl TableBuf {
             Arc::new(self.unchanged.finish()),
         ];
         arrays.extend(self.unrepresented.as_mut().map(|u| Arc::new(u.finish()) as ArrayRef));
-        arrays.extend(self.columns.iter_mut().map(value::Builder::finish));
+        let values: Vec<ArrayRef> = self.columns.iter_mut().map(value::Builder::finish).collect();
+        self.last = (self.rows, values.iter().map(|a| a.get_buffer_memory_size()).collect());
+        arrays.extend(values);
         let batch =
             RecordBatch::try_new(self.layout.schema.clone(), arrays).expect("builders match the layout's schema");
         let rows = self.rows;

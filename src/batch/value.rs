@@ -215,23 +215,28 @@ pub(crate) enum Builder {
 
 impl Builder {
     pub(crate) fn new(kind: &Kind) -> Builder {
+        Builder::with_capacity(kind, 0, 0)
+    }
+
+    /// A builder with room for `rows` values and, for text and bytes, `bytes` of data.
+    pub(crate) fn with_capacity(kind: &Kind, rows: usize, bytes: usize) -> Builder {
         match kind {
-            Kind::Bool => Builder::Bool(BooleanBuilder::new()),
-            Kind::Int16 => Builder::Int16(Int16Builder::new()),
-            Kind::Int32 => Builder::Int32(Int32Builder::new()),
-            Kind::Int64 => Builder::Int64(Int64Builder::new()),
-            Kind::Float32 => Builder::Float32(Float32Builder::new()),
-            Kind::Float64 => Builder::Float64(Float64Builder::new()),
+            Kind::Bool => Builder::Bool(BooleanBuilder::with_capacity(rows)),
+            Kind::Int16 => Builder::Int16(Int16Builder::with_capacity(rows)),
+            Kind::Int32 => Builder::Int32(Int32Builder::with_capacity(rows)),
+            Kind::Int64 => Builder::Int64(Int64Builder::with_capacity(rows)),
+            Kind::Float32 => Builder::Float32(Float32Builder::with_capacity(rows)),
+            Kind::Float64 => Builder::Float64(Float64Builder::with_capacity(rows)),
             Kind::Decimal { precision, scale } => Builder::Decimal(
-                Decimal128Builder::new().with_data_type(DataType::Decimal128(*precision, *scale)),
+                Decimal128Builder::with_capacity(rows).with_data_type(DataType::Decimal128(*precision, *scale)),
                 *precision,
                 *scale,
             ),
-            Kind::Utf8 => Builder::Utf8(StringBuilder::new()),
-            Kind::Binary => Builder::Binary(BinaryBuilder::new()),
-            Kind::Date32 => Builder::Date32(Date32Builder::new()),
+            Kind::Utf8 => Builder::Utf8(StringBuilder::with_capacity(rows, bytes)),
+            Kind::Binary => Builder::Binary(BinaryBuilder::with_capacity(rows, bytes)),
+            Kind::Date32 => Builder::Date32(Date32Builder::with_capacity(rows)),
             Kind::Timestamp { utc } => Builder::Timestamp(
-                TimestampMicrosecondBuilder::new().with_timezone_opt(utc.then(|| "UTC")),
+                TimestampMicrosecondBuilder::with_capacity(rows).with_timezone_opt(utc.then(|| "UTC")),
                 *utc,
             ),
             Kind::List(elem) => Builder::List {

@@ -17,7 +17,7 @@ use crate::batch::{BatchError, Batcher, Taken, copy_formats};
 use crate::change::{Change, Event, TxInfo};
 use crate::checkpoint::announce_copy;
 use crate::sink::WrittenObject;
-use crate::source::quote_ident;
+use crate::source::{Conn, SourceError, quote_ident};
 
 /// Uploads in flight at once for one flush of a chunk.
 const UPLOAD_CONCURRENCY: usize = 4;
@@ -50,6 +50,7 @@ impl Prepared {
             id,
             point,
             workers,
+            user: _,
             tables,
             chunks,
         } = self;
@@ -85,13 +86,13 @@ impl Prepared {
             done,
         });
         // One task per connection: each parses and encodes its own chunks.
-        let work = futures::future::join_all(workers.into_iter().map(|client| {
+        let work = futures::future::join_all(workers.into_iter().map(|mut conn| {
             let shared = shared.clone();
             shared
                 .env
                 .tracker
                 .clone()
-                .spawn(async move { shared.worker(&client).await })
+                .spawn(async move { shared.worker(&mut conn).await })
         }));
         let mut work = std::pin::pin!(work);
         let mut log = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_INTERVAL, PROGRESS_INTERVAL);
@@ -180,7 +181,7 @@ struct Shared {
 }
 
 impl Shared {
-    async fn worker(&self, client: &tokio_postgres::Client) {
+    async fn worker(&self, conn: &mut Conn) {
         loop {
             let chunk = {
                 let mut queue = self.queue.lock().expect("queue lock");
@@ -192,12 +193,12 @@ impl Shared {
                     }
                 }
             };
-            let Err(e) = self.chunk_then_table(client, &chunk).await else {
+            let Err(e) = self.chunk_then_table(conn, &chunk).await else {
                 continue;
             };
             // A connection lost while others still hold the snapshot: they take its
             // chunk over (chunks already copied are not copied again).
-            if (e.connection_lost() || client.is_closed()) && !self.stop.is_cancelled() {
+            if e.connection_lost() && !self.stop.is_cancelled() {
                 let table = self.tables[chunk.table].name.clone();
                 let index = chunk.index;
                 let mut queue = self.queue.lock().expect("queue lock");
@@ -217,11 +218,11 @@ impl Shared {
         }
     }
 
-    async fn chunk_then_table(&self, client: &tokio_postgres::Client, chunk: &Chunk) -> Result<(), SnapshotError> {
+    async fn chunk_then_table(&self, conn: &mut Conn, chunk: &Chunk) -> Result<(), SnapshotError> {
         let table = &self.tables[chunk.table];
         let progress = &self.progress[chunk.table];
         let mut out = ChunkOut::default();
-        if let Err(e) = self.copy_chunk(client, table, chunk, progress, &mut out).await {
+        if let Err(e) = self.copy_chunk(conn, table, chunk, progress, &mut out).await {
             // Its rows are copied again: take them out of the count and the lake. Every
             // upload of the chunk has ended (none is left running), so what it announced
             // is deleted for good; no commit names these files.
@@ -263,48 +264,21 @@ impl Shared {
 
     async fn copy_chunk(
         &self,
-        client: &tokio_postgres::Client,
+        conn: &mut Conn,
         table: &Table,
         chunk: &Chunk,
         progress: &Progress,
         out: &mut ChunkOut,
     ) -> Result<(), SnapshotError> {
         let sql = copy_sql(table, chunk, &self.env.partitions);
-        let stream = client.copy_out(&sql).await.map_err(|source| {
-            if source.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
-                SnapshotError::Permission {
-                    table: table.from.trim_start_matches("ONLY ").to_owned(),
-                    user: quote_ident(&self.env.user),
-                }
-            } else {
-                SnapshotError::Sql {
-                    what: format!("COPY {}", table.name),
-                    source,
-                }
-            }
-        })?;
-        let mut stream = std::pin::pin!(stream.map_err(|source| SnapshotError::Sql {
-            what: format!("COPY {}", table.name),
-            source
-        }));
+        let mut reader = CopyReader::start(conn, &sql, table, &self.env.user).await?;
         let mut batcher = batcher_for(table, &self.point, self.env.unrepresentable, &self.env.partitions)?;
         batcher.set_snapshot_seq(table.relation.id, u64::from(chunk.index) << 32);
-        let mut cutter = RowCutter::default();
-        let mut counted = 0;
         // One flush uploads while the next is read. The upload runs on the run's task
         // tracker and is always awaited, on an error too: no upload outlives its chunk.
         let mut uploading: Option<tokio::task::JoinHandle<Upload>> = None;
         let read = self
-            .read_chunk(
-                &mut stream,
-                table,
-                progress,
-                out,
-                &mut batcher,
-                &mut cutter,
-                &mut counted,
-                &mut uploading,
-            )
+            .read_chunk(&mut reader, table, progress, out, &mut batcher, &mut uploading)
             .await;
         if let Some(h) = uploading.take() {
             out.absorb(h.await.map_err(|e| SnapshotError::Task(e.to_string()))?)?;
@@ -312,62 +286,51 @@ impl Shared {
         read
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn read_chunk(
         &self,
-        stream: &mut (impl futures::Stream<Item = Result<bytes::Bytes, SnapshotError>> + Unpin),
+        reader: &mut CopyReader<'_>,
         table: &Table,
         progress: &Progress,
         out: &mut ChunkOut,
         batcher: &mut Batcher,
-        cutter: &mut RowCutter,
-        counted: &mut u64,
         uploading: &mut Option<tokio::task::JoinHandle<Upload>>,
     ) -> Result<(), SnapshotError> {
-        let format_err = |what| SnapshotError::Format {
-            table: table.name.clone(),
-            what,
-        };
-        let mut ended = false;
-        while !ended {
-            let block = match stream.next().await {
-                Some(data) => {
-                    let data = data?;
-                    progress.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-                    match cutter.push(&data).map_err(format_err)? {
-                        Some(block) => block,
-                        None => continue,
-                    }
-                }
-                None => {
-                    ended = true;
-                    progress.rows.fetch_add(cutter.rows() - *counted, Ordering::Relaxed);
-                    out.rows = cutter.rows();
-                    std::mem::take(cutter).finish().map_err(format_err)?
-                }
-            };
+        let mut read = 0;
+        loop {
+            let block = reader.next().await?;
+            progress.bytes.fetch_add(reader.bytes() - read, Ordering::Relaxed);
+            read = reader.bytes();
+            progress.rows.fetch_add(reader.rows() - out.rows, Ordering::Relaxed);
+            out.rows = reader.rows();
             if self.stop.is_cancelled() {
                 return Err(SnapshotError::Interrupted);
             }
+            let Some(block) = block else { break };
             if !block.is_empty() {
                 batcher.push(Event::Change(Change::SnapshotBinaryRows {
                     rel_id: table.relation.id,
                     rows: block,
                 }))?;
             }
-            if !ended {
-                progress.rows.fetch_add(cutter.rows() - *counted, Ordering::Relaxed);
-                *counted = cutter.rows();
-                out.rows = *counted;
+            if batcher.buffered_bytes() >= self.env.buffer_bytes {
+                self.upload_next(batcher, out, uploading).await?;
             }
-            if ended || batcher.buffered_bytes() >= self.env.buffer_bytes {
-                if let Some(h) = uploading.take() {
-                    out.absorb(h.await.map_err(|e| SnapshotError::Task(e.to_string()))?)?;
-                }
-                if batcher.has_data() {
-                    *uploading = Some(self.env.tracker.spawn(upload_owned(self.env.clone(), batcher.take())));
-                }
-            }
+        }
+        self.upload_next(batcher, out, uploading).await
+    }
+
+    /// Waits for the upload under way, then starts uploading what `batcher` holds.
+    async fn upload_next(
+        &self,
+        batcher: &mut Batcher,
+        out: &mut ChunkOut,
+        uploading: &mut Option<tokio::task::JoinHandle<Upload>>,
+    ) -> Result<(), SnapshotError> {
+        if let Some(h) = uploading.take() {
+            out.absorb(h.await.map_err(|e| SnapshotError::Task(e.to_string()))?)?;
+        }
+        if batcher.has_data() {
+            *uploading = Some(self.env.tracker.spawn(upload_owned(self.env.clone(), batcher.take())));
         }
         Ok(())
     }
@@ -442,6 +405,89 @@ impl Shared {
                 "copying"
             );
         }
+    }
+}
+
+/// A running `COPY … TO STDOUT (FORMAT binary)`, read as blocks of whole rows.
+pub(super) struct CopyReader<'a> {
+    conn: &'a mut Conn,
+    table: &'a Table,
+    cutter: RowCutter,
+    /// Bytes of COPY data read.
+    bytes: u64,
+    /// The server has sent all of it; `done`: and the last block is handed out.
+    ended: bool,
+    done: bool,
+}
+
+impl<'a> CopyReader<'a> {
+    /// Starts `sql` on `conn` (in its snapshot's transaction); `user` is named in a
+    /// permission error's GRANT.
+    pub(super) async fn start(
+        conn: &'a mut Conn,
+        sql: &str,
+        table: &'a Table,
+        user: &str,
+    ) -> Result<CopyReader<'a>, SnapshotError> {
+        conn.copy_out(sql).await.map_err(|source| match source {
+            SourceError::Server(e) if e.code == "42501" => SnapshotError::Permission {
+                table: table.from.trim_start_matches("ONLY ").to_owned(),
+                user: quote_ident(user),
+            },
+            source => SnapshotError::Source {
+                what: format!("COPY {}", table.name),
+                source,
+            },
+        })?;
+        Ok(CopyReader {
+            conn,
+            table,
+            cutter: RowCutter::default(),
+            bytes: 0,
+            ended: false,
+            done: false,
+        })
+    }
+
+    /// The next block of whole rows (perhaps empty); `None` once the COPY has ended,
+    /// which it must with its trailer.
+    pub(super) async fn next(&mut self) -> Result<Option<bytes::Bytes>, SnapshotError> {
+        let format_err = |what| SnapshotError::Format {
+            table: self.table.name.clone(),
+            what,
+        };
+        loop {
+            if self.done {
+                return Ok(None);
+            }
+            if self.ended {
+                self.done = true;
+                return self.cutter.finish().map(Some).map_err(format_err);
+            }
+            let before = self.cutter.buffer().len();
+            let more =
+                self.conn
+                    .read_copy_data(self.cutter.buffer())
+                    .await
+                    .map_err(|source| SnapshotError::Source {
+                        what: format!("COPY {}", self.table.name),
+                        source,
+                    })?;
+            self.bytes += (self.cutter.buffer().len() - before) as u64;
+            self.ended = !more;
+            if let Some(block) = self.cutter.cut().map_err(format_err)? {
+                return Ok(Some(block));
+            }
+        }
+    }
+
+    /// Whole rows seen so far.
+    pub(super) fn rows(&self) -> u64 {
+        self.cutter.rows()
+    }
+
+    pub(super) fn bytes(&self) -> u64 {
+        self.bytes
     }
 }
 

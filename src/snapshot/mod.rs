@@ -72,7 +72,7 @@ use crate::decode::Relation;
 use crate::lsn::Lsn;
 use crate::retry::Retry;
 use crate::sink::{Sink, SinkError, WrittenObject};
-use crate::source::{quote_ident, quote_literal, sql};
+use crate::source::{Conn, SourceError, quote_ident, quote_literal, sql};
 pub use read::SnapshotTable;
 pub use requests::{request_resnapshot, requested};
 
@@ -85,6 +85,13 @@ pub enum SnapshotError {
         what: String,
         #[source]
         source: tokio_postgres::Error,
+    },
+    /// On a copy connection (an ordinary session spoken by walshore's own client).
+    #[error("table copy: {what}: {source}")]
+    Source {
+        what: String,
+        #[source]
+        source: crate::source::SourceError,
     },
     #[error("copy of {table}: permission denied; GRANT SELECT ON {table} TO {user}")]
     Permission { table: String, user: String },
@@ -113,6 +120,11 @@ impl SnapshotError {
                         c.starts_with("08") || c.starts_with("57P")
                     })
             }
+            SnapshotError::Source { source, .. } => match source {
+                SourceError::Io(_) => true,
+                SourceError::Server(e) => e.code.starts_with("08") || e.code.starts_with("57P"),
+                _ => false,
+            },
             _ => false,
         }
     }
@@ -122,6 +134,7 @@ impl SnapshotError {
             SnapshotError::Connect(sql::SqlError::Connect { source, .. }) => crate::retry::of_client(source),
             SnapshotError::Connect(_) => Retry::Definite,
             SnapshotError::Sql { source, .. } => crate::retry::of_client(source),
+            SnapshotError::Source { source, .. } => source.retry(),
             SnapshotError::Sink(e) => e.retry(),
             SnapshotError::Checkpoint(e) => e.retry(),
             _ => Retry::Definite,
@@ -175,7 +188,10 @@ struct Chunk {
 pub struct Prepared {
     id: CopyId,
     point: Point,
-    workers: Vec<tokio_postgres::Client>,
+    /// The copy connections, each in a transaction on the snapshot.
+    workers: Vec<Conn>,
+    /// The role they read as.
+    user: String,
     tables: Vec<Table>,
     chunks: Vec<Chunk>,
 }
@@ -247,6 +263,23 @@ async fn import(cfg: &SourceConfig, snapshot: &str) -> Result<tokio_postgres::Cl
     Ok(client)
 }
 
+/// [`import`] on a copy connection: walshore's own client, which hands COPY data over
+/// a read at a time rather than a message (a row) at a time.
+async fn import_session(cfg: &SourceConfig, snapshot: &str) -> Result<Conn, SnapshotError> {
+    let what = || "importing the exported snapshot".to_string();
+    let mut conn = Conn::connect_session(&cfg.conn)
+        .await
+        .map_err(|source| SnapshotError::Source { what: what(), source })?;
+    let stmt = format!(
+        "BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+        quote_literal(snapshot)
+    );
+    conn.simple_query(&stmt)
+        .await
+        .map_err(|source| SnapshotError::Source { what: what(), source })?;
+    Ok(conn)
+}
+
 fn sql_err(what: &str) -> impl FnOnce(tokio_postgres::Error) -> SnapshotError {
     let what = what.to_owned();
     move |source| SnapshotError::Sql { what, source }
@@ -265,11 +298,13 @@ pub async fn prepare(
     id: CopyId,
     only: Selection<'_>,
 ) -> Result<Prepared, SnapshotError> {
-    let mut workers = Vec::with_capacity(parallelism.max(1));
-    for _ in 0..parallelism.max(1) {
-        workers.push(import(cfg, &point.snapshot).await?);
-    }
-    let catalog = &workers[0];
+    // The plan is read on a connection of its own (closed when this returns), under
+    // the same snapshot; the connections open at once.
+    let (catalog, workers) = tokio::try_join!(
+        import(cfg, &point.snapshot),
+        futures::future::try_join_all((0..parallelism.max(1)).map(|_| import_session(cfg, &point.snapshot))),
+    )?;
+    let catalog = &catalog;
     let version: i32 = catalog
         .query_one("SELECT current_setting('server_version_num')::int4", &[])
         .await
@@ -317,6 +352,7 @@ pub async fn prepare(
         id,
         point,
         workers,
+        user: cfg.conn.user.clone(),
         tables,
         chunks,
     })

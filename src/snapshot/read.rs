@@ -5,15 +5,12 @@
 
 use std::sync::Arc;
 
-use arrow::record_batch::RecordBatch;
-use futures::StreamExt;
-
-use super::copy::{batcher_for, copy_sql};
+use super::copy::{CopyReader, batcher_for, copy_sql};
 use super::{Chunk, Prepared, SnapshotError};
-use crate::batch::copy_binary::RowCutter;
 use crate::change::{Change, Event};
 use crate::config::{Partitions, Unrepresentable};
 use crate::decode::Relation;
+use arrow::record_batch::RecordBatch;
 
 /// A published table as the snapshot sees it.
 pub struct SnapshotTable {
@@ -42,7 +39,7 @@ impl Prepared {
     /// Reads table `index` whole on the first connection, handing `on_batch` the rows as
     /// `R` rows of the lake every `buffer_bytes` of row data. Returns the rows read.
     pub async fn read_table<E: From<SnapshotError>>(
-        &self,
+        &mut self,
         index: usize,
         unrepresentable: Unrepresentable,
         partitions: &Arc<Partitions>,
@@ -50,39 +47,20 @@ impl Prepared {
         mut on_batch: impl FnMut(RecordBatch) -> Result<(), E>,
     ) -> Result<u64, E> {
         let table = &self.tables[index];
-        let client = &self.workers[0];
         let whole = Chunk {
             table: index,
             index: 0,
             lo: 0,
             hi: None,
         };
-        let what = || format!("COPY {}", table.name);
         let sql = copy_sql(table, &whole, partitions);
-        let stream = client
-            .copy_out(&sql)
-            .await
-            .map_err(|source| SnapshotError::Sql { what: what(), source })?;
-        let mut stream = std::pin::pin!(stream);
+        let mut reader = CopyReader::start(&mut self.workers[0], &sql, table, &self.user).await?;
         let mut batcher = batcher_for(table, &self.point, unrepresentable, partitions).map_err(SnapshotError::from)?;
-        let mut cutter = RowCutter::default();
         let mut rows = 0;
-        let format_err = |what| SnapshotError::Format {
-            table: table.name.clone(),
-            what,
-        };
         loop {
-            let (block, ended) = match stream.next().await {
-                Some(data) => {
-                    let data = data.map_err(|source| SnapshotError::Sql { what: what(), source })?;
-                    match cutter.push(&data).map_err(format_err)? {
-                        Some(block) => (block, false),
-                        None => continue,
-                    }
-                }
-                None => (std::mem::take(&mut cutter).finish().map_err(format_err)?, true),
-            };
-            if !block.is_empty() {
+            let block = reader.next().await?;
+            let ended = block.is_none();
+            if let Some(block) = block.filter(|b| !b.is_empty()) {
                 batcher
                     .push(Event::Change(Change::SnapshotBinaryRows {
                         rel_id: table.relation.id,

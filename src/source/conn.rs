@@ -66,6 +66,9 @@ pub(crate) struct Conn {
     pub backend_pid: i32,
 }
 
+/// Bytes a COPY reads at once (PostgreSQL sends up to 64 KiB per socket write).
+const COPY_READ: usize = 256 << 10;
+
 /// GUCs set in the startup packet so that pgoutput's text output has one known form.
 const SESSION_SETTINGS: [(&str, &str); 6] = [
     ("DateStyle", "ISO, YMD"),
@@ -81,8 +84,18 @@ impl Conn {
     /// `connect_timeout` bounds the whole connection set-up (TCP, TLS, start-up and
     /// authentication), as in libpq: a link that accepts and then says nothing fails.
     pub(crate) async fn connect(params: &ConnParams) -> Result<Conn, SourceError> {
+        Self::connect_as(params, true).await
+    }
+
+    /// An ordinary session (no walsender, not counted in `max_wal_senders`), with the
+    /// same settings: what a table copy reads over (see [`Conn::copy_out`]).
+    pub(crate) async fn connect_session(params: &ConnParams) -> Result<Conn, SourceError> {
+        Self::connect_as(params, false).await
+    }
+
+    async fn connect_as(params: &ConnParams, replication: bool) -> Result<Conn, SourceError> {
         let target = format!("{}:{}", params.host, params.port);
-        tokio::time::timeout(params.connect_timeout, Self::establish(params, &target))
+        tokio::time::timeout(params.connect_timeout, Self::establish(params, &target, replication))
             .await
             .map_err(|_| SourceError::Connect {
                 target: target.clone(),
@@ -93,7 +106,7 @@ impl Conn {
             })?
     }
 
-    async fn establish(params: &ConnParams, target: &str) -> Result<Conn, SourceError> {
+    async fn establish(params: &ConnParams, target: &str, replication: bool) -> Result<Conn, SourceError> {
         let target = target.to_owned();
         let tcp = TcpStream::connect(&target)
             .await
@@ -102,6 +115,13 @@ impl Conn {
                 source,
             })?;
         tcp.set_nodelay(true).ok();
+        // As the SQL connections (`source::sql`): a link that goes silent under a
+        // copy, which waits on the server without a timeout of its own, is noticed.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(std::time::Duration::from_secs(30))
+            .with_interval(std::time::Duration::from_secs(10))
+            .with_retries(3);
+        socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive).ok();
         let io = Self::negotiate_tls(tcp, params, &target).await?;
         let mut conn = Conn {
             io,
@@ -113,9 +133,11 @@ impl Conn {
         let mut startup: Vec<(&str, &str)> = vec![
             ("user", &params.user),
             ("database", &params.dbname),
-            ("replication", "database"),
             ("application_name", &params.application_name),
         ];
+        if replication {
+            startup.push(("replication", "database"));
+        }
         startup.extend(SESSION_SETTINGS);
         frontend::startup_message(startup, &mut conn.wbuf).map_err(SourceError::Io)?;
         conn.flush().await?;
@@ -377,6 +399,98 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// Starts `COPY … TO STDOUT`; the data follows through [`Conn::read_copy_data`].
+    pub(crate) async fn copy_out(&mut self, sql: &str) -> Result<(), SourceError> {
+        frontend::query(sql, &mut self.wbuf).map_err(SourceError::Io)?;
+        self.flush().await?;
+        loop {
+            let f = self.read_frame().await?;
+            match f.tag {
+                b'H' => return Ok(()),
+                b'N' | b'S' => {}
+                b'E' => {
+                    let e = PgError::parse(&f.body);
+                    self.ready().await?;
+                    return Err(SourceError::Server(e));
+                }
+                other => {
+                    return Err(SourceError::Protocol(format!(
+                        "unexpected message {:?} after COPY",
+                        other as char
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Appends to `out` the data of every CopyData message received so far, waiting
+    /// for one if none is. Returns false once the COPY has ended (the session is ready
+    /// for the next query). The data is copied once, from the read buffer into `out`:
+    /// PostgreSQL sends a message per row, and a row is often smaller than the
+    /// bookkeeping of handing it over on its own.
+    pub(crate) async fn read_copy_data(&mut self, out: &mut BytesMut) -> Result<bool, SourceError> {
+        loop {
+            let (mut at, mut seen) = (0, false);
+            while self.rbuf.len() - at >= 5 {
+                let b = &self.rbuf[at..];
+                let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+                if len < 4 {
+                    return Err(SourceError::Protocol(format!("invalid message length {len}")));
+                }
+                if b.len() < len + 1 {
+                    break;
+                }
+                let (tag, body) = (b[0], &b[5..len + 1]);
+                at += len + 1;
+                seen = true;
+                match tag {
+                    b'd' => out.extend_from_slice(body),
+                    // CopyDone, CommandComplete, notices.
+                    b'c' | b'C' | b'N' | b'S' => {}
+                    b'Z' => {
+                        self.rbuf.advance(at);
+                        return Ok(false);
+                    }
+                    b'E' => {
+                        let e = PgError::parse(body);
+                        self.rbuf.advance(at);
+                        self.ready().await?;
+                        return Err(SourceError::Server(e));
+                    }
+                    other => {
+                        return Err(SourceError::Protocol(format!(
+                            "unexpected message {:?} in COPY data",
+                            other as char
+                        )));
+                    }
+                }
+            }
+            self.rbuf.advance(at);
+            if seen {
+                return Ok(true);
+            }
+            // Room for a large read, or for the whole of a message larger than that.
+            let wanted = match self.rbuf.get(1..5) {
+                Some(l) => (u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize + 1).max(COPY_READ),
+                None => COPY_READ,
+            };
+            self.rbuf.reserve(wanted.saturating_sub(self.rbuf.len()));
+            let n = self.io.read_buf(&mut self.rbuf).await.map_err(SourceError::Io)?;
+            if n == 0 {
+                return Err(SourceError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection",
+                )));
+            }
+        }
+    }
+
+    /// Reads up to ReadyForQuery, after an error.
+    async fn ready(&mut self) -> Result<(), SourceError> {
+        while self.read_frame().await?.tag != b'Z' {}
+        Ok(())
     }
 
     pub(crate) async fn send_copy_data(&mut self, data: &[u8]) -> Result<(), SourceError> {

@@ -18,6 +18,7 @@ pub mod tls;
 pub mod types;
 
 pub use assemble::{Assembler, Step};
+pub(crate) use conn::Conn;
 pub use replication::{Replication, SlotState, SystemInfo, XLog};
 pub(crate) use replication::{quote_ident, quote_literal};
 

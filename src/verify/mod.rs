@@ -144,7 +144,7 @@ pub async fn verify(cfg: &Config, opts: &Options) -> Result<Report, VerifyError>
     // temporary slot goes (the import keeps the snapshot).
     let (repl, exported, point) = take_point(&source).await?;
     let selection: Option<BTreeSet<String>> = (!opts.tables.is_empty()).then(|| opts.tables.iter().cloned().collect());
-    let prepared = snapshot::prepare(
+    let mut prepared = snapshot::prepare(
         &source,
         snapshot::Point::new(exported, point),
         1,
