@@ -86,3 +86,64 @@ pub fn psql(cluster: &walshore::cluster::TempCluster, sql: &str) -> Command {
     ]);
     cmd
 }
+
+/// The S3 test server (moto) on a free loopback port, with bucket `lake`.
+pub struct Moto {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl Moto {
+    #[allow(clippy::zombie_processes)] // a failed start panics the benchmark; Drop reaps otherwise
+    pub fn start() -> Moto {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto server (pip install 'moto[server]')");
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let ok = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(|mut s| {
+                use std::io::{Read, Write};
+                write!(
+                    s,
+                    "PUT /lake HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+                .is_ok()
+                    && s.read_to_string(&mut String::new()).is_ok()
+            });
+            if ok {
+                return Moto { child, port };
+            }
+            assert!(Instant::now() < deadline, "moto did not start");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+impl Moto {
+    /// CPU seconds (user + system) the server has used so far: on a 2-core machine it
+    /// competes with PostgreSQL and walshore.
+    pub fn cpu_secs(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces): utime and stime are
+        // the 12th and 13th, in clock ticks.
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        (ticks(11) + ticks(12)) / hz
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

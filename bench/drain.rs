@@ -138,13 +138,19 @@ fn main() {
 }
 
 fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scale: f64) {
+    let moto = common::Moto::start();
     // `--one-row-only`: the one-row workload alone (for a profiler).
     let one_row_only = std::env::args().any(|a| a == "--one-row-only");
     for w in workloads(scale)
         .into_iter()
         .filter(|w| !one_row_only || w.name.starts_with("one-row"))
     {
-        let cluster = TempCluster::start(ClusterOptions::default()).expect("start PostgreSQL");
+        // A slot per drain and run, made before the backlog.
+        let cluster = TempCluster::start(ClusterOptions {
+            settings: vec![format!("max_replication_slots = {}", 6 * runs + 4)],
+            ..ClusterOptions::default()
+        })
+        .expect("start PostgreSQL");
         let recvlogical = cluster.bin().join("pg_recvlogical");
         let recvlogical = if recvlogical.exists() {
             recvlogical
@@ -154,7 +160,7 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
         let client = rt.block_on(cluster.connect("postgres")).unwrap();
         rt.block_on(client.batch_execute(SCHEMA)).unwrap();
         for i in 0..runs {
-            for tool in ["recv", "bin", "null", "ws", "wsm"] {
+            for tool in ["recv", "bin", "null", "ws", "wsm", "wss3"] {
                 rt.block_on(client.batch_execute(&format!(
                     "SELECT pg_create_logical_replication_slot('{tool}_{i}', 'pgoutput')"
                 )))
@@ -182,6 +188,7 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
         let (mut recv_t, mut bin_t, mut ws_t, mut rss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut wsm_t, mut ws_cpu, mut wsm_cpu) = (Vec::new(), Vec::new(), Vec::new());
         let (mut null_t, mut null_cpu, mut null_rss, mut recv_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut s3_t, mut s3_cpu, mut s3_rss, mut s3_moto) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         // pgoutput's text output (what walshore reads) and its binary output.
         let recv = |slot: String, binary: bool| {
             let port = cluster.port.to_string();
@@ -230,7 +237,7 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
             );
             // walshore's own replication client, each message framed and dropped: the
             // most our side of the wire can take.
-            let null_config = config_for_slot(dir.path(), &cluster, &format!("null_{i}"), "");
+            let null_config = config_for_slot(dir.path(), &cluster, &format!("null_{i}"), "", "");
             let (secs, maxrss) = timed(Command::new(std::env::current_exe().unwrap()).args([
                 "--null-drain",
                 null_config.to_str().unwrap(),
@@ -259,6 +266,35 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
             rss.push(maxrss as f64 / 1024.0);
             println!(
                 "  walshore sync  run {i}: {secs:.2}s  {:.0} changes/s  peak RSS {:.0} MiB",
+                w.changes as f64 / secs,
+                maxrss as f64 / 1024.0
+            );
+            // The same into the S3 test server.
+            let sink = format!(
+                "url = \"s3://lake/{}-{i}\"\nendpoint = \"http://127.0.0.1:{}\"\nregion = \"us-east-1\"",
+                if w.name.starts_with("one-row") {
+                    "one-row"
+                } else {
+                    "batched"
+                },
+                moto.port
+            );
+            let config = config_for_slot(dir.path(), &cluster, &format!("wss3_{i}"), &sink, "");
+            let moto_before = moto.cpu_secs();
+            let (secs, maxrss) = timed(
+                Command::new(walshore)
+                    .args(["sync", "--config", config.to_str().unwrap()])
+                    .env("WALSHORE_LOG", log_level())
+                    .env("AWS_ACCESS_KEY_ID", "bench")
+                    .env("AWS_SECRET_ACCESS_KEY", "bench"),
+            );
+            s3_t.push(secs);
+            s3_cpu.push(*LAST_CPU.lock().unwrap());
+            s3_rss.push(maxrss as f64 / 1024.0);
+            let moto_cpu = moto.cpu_secs() - moto_before;
+            s3_moto.push(moto_cpu);
+            println!(
+                "  walshore sync S3 run {i}: {secs:.2}s  {:.0} changes/s  peak RSS {:.0} MiB  (S3 test server CPU {moto_cpu:.2}s)",
                 w.changes as f64 / secs,
                 maxrss as f64 / 1024.0
             );
@@ -322,6 +358,18 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
             "  RATIO walshore/null drain = {:.2} (target >= 0.95 batched, >= 0.90 one-row); pg_recvlogical/null drain = {:.2}",
             n / s,
             n / r
+        );
+        let s3 = median(&mut s3_t);
+        println!(
+            "  walshore sync into the S3 test server (moto) {:.0} changes/s, CPU {:.2} s per million changes, peak RSS {:.0} MiB",
+            w.changes as f64 / s3,
+            per_million(&mut s3_cpu),
+            s3_rss.iter().cloned().fold(0.0, f64::max),
+        );
+        println!(
+            "  RATIO walshore S3 sink/file sink = {:.2} (target >= 0.90); the S3 test server's own CPU {:.2} s per run (it shares the 2 cores)",
+            s / s3,
+            median(&mut s3_moto)
         );
         println!(
             "  RATIO walshore with metrics/without = {:.2} (target >= 0.97); CPU seconds without/with = {:.2} ({:.2} vs {:.2})",
@@ -414,6 +462,11 @@ fn snapshot_bench(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, row
     );
 }
 
+/// walshore's log filter in the runs: `WALSHORE_LOG` if set, else warnings only.
+fn log_level() -> String {
+    std::env::var("WALSHORE_LOG").unwrap_or_else(|_| "warn".into())
+}
+
 /// One GET /metrics; true when it answered.
 fn scrape(port: u16) -> bool {
     use std::io::{Read, Write};
@@ -435,23 +488,29 @@ fn write_metrics_config(dir: &Path, cluster: &TempCluster, i: usize) -> (std::pa
         .unwrap()
         .port();
     let extra = format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\nslot_interval = \"1s\"\n");
-    (config_for_slot(dir, cluster, &format!("wsm_{i}"), &extra), port)
+    (config_for_slot(dir, cluster, &format!("wsm_{i}"), "", &extra), port)
 }
 
 fn write_config(dir: &Path, cluster: &TempCluster, i: usize) -> std::path::PathBuf {
-    config_for_slot(dir, cluster, &format!("ws_{i}"), "")
+    config_for_slot(dir, cluster, &format!("ws_{i}"), "", "")
 }
 
 /// A config draining publication `bench` through `slot` into its own file lake, with
 /// `extra` sections.
-fn config_for_slot(dir: &Path, cluster: &TempCluster, slot: &str, extra: &str) -> std::path::PathBuf {
+fn config_for_slot(dir: &Path, cluster: &TempCluster, slot: &str, sink: &str, extra: &str) -> std::path::PathBuf {
+    let local;
+    let sink = if sink.is_empty() {
+        local = format!("url = \"file://{}/lake-{slot}\"", dir.display());
+        &local
+    } else {
+        sink
+    };
     let path = dir.join(format!("bench-{slot}.toml"));
     std::fs::write(
         &path,
         format!(
-            "[source]\nurl = \"{}\"\npublication = \"bench\"\nslot = \"{slot}\"\n[sink]\nurl = \"file://{}/lake-{slot}\"\n[snapshot]\nmode = \"never\"\n{extra}",
+            "[source]\nurl = \"{}\"\npublication = \"bench\"\nslot = \"{slot}\"\n[sink]\n{sink}\n[snapshot]\nmode = \"never\"\n{extra}",
             cluster.url("postgres", "postgres"),
-            dir.display()
         ),
     )
     .unwrap();

@@ -24,11 +24,11 @@ mod common;
 mod proxy;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::median;
+use common::{Moto, median};
 
 use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
@@ -44,52 +44,6 @@ fn timed(cmd: &mut Command) -> (f64, f64) {
 
 fn walshore() -> &'static str {
     env!("CARGO_BIN_EXE_walshore")
-}
-
-struct Moto {
-    child: Child,
-    port: u16,
-}
-
-impl Moto {
-    #[allow(clippy::zombie_processes)] // a failed start panics the benchmark; Drop reaps otherwise
-    fn start() -> Moto {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("python3")
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("moto server (pip install 'moto[server]')");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let ok = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(|mut s| {
-                use std::io::{Read, Write};
-                write!(
-                    s,
-                    "PUT /lake HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                )
-                .is_ok()
-                    && s.read_to_string(&mut String::new()).is_ok()
-            });
-            if ok {
-                return Moto { child, port };
-            }
-            assert!(Instant::now() < deadline, "moto did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn config(dir: &Path, cluster: &TempCluster, slot: &str, sink: &str) -> PathBuf {

@@ -8,6 +8,7 @@
 //! `cargo bench --bench verify [-- --rows N --runs N]`
 
 #[path = "common.rs"]
+#[allow(dead_code)] // the S3 test server is not used here
 mod common;
 
 use std::process::Command;

@@ -202,6 +202,9 @@ pub struct Batcher {
     tables: HashMap<u32, TableBuf>,
     sealed: Vec<TableFile>,
     tx: Option<OpenTx>,
+    /// The commit-time partitions of the last transaction's hour (since the Unix
+    /// epoch): a stream of small transactions formats them once an hour, not each time.
+    commit_hour: Option<(i64, Arc<str>, Arc<str>)>,
     /// Next `_seq` of snapshot rows, per table.
     snapshot_seq: HashMap<u32, u64>,
     bytes: usize,
@@ -258,10 +261,19 @@ impl Batcher {
     pub fn push(&mut self, event: Event) -> Result<(), BatchError> {
         match event {
             Event::Begin(info) => {
+                let hour = info.commit_ts.div_euclid(3_600_000_000);
+                let (_, partition, hour) = match &self.commit_hour {
+                    Some(cached) if cached.0 == hour => cached,
+                    _ => self.commit_hour.insert((
+                        hour,
+                        date_partition(info.commit_ts).into(),
+                        hour_partition(info.commit_ts).into(),
+                    )),
+                };
                 self.tx = Some(OpenTx {
                     info,
-                    partition: date_partition(info.commit_ts),
-                    hour: hour_partition(info.commit_ts),
+                    partition: partition.clone(),
+                    hour: hour.clone(),
                     // The rare transaction whose commit record starts exactly at a
                     // snapshot point shares `_lsn` with that copy's `R` rows; its
                     // changes come after the copy, so their positions follow all of

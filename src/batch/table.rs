@@ -270,8 +270,8 @@ impl TableBuf {
 pub(super) struct OpenTx {
     pub(super) info: TxInfo,
     /// `dt=…` and `dt=…/hour=…` of the commit time.
-    pub(super) partition: String,
-    pub(super) hour: String,
+    pub(super) partition: Arc<str>,
+    pub(super) hour: Arc<str>,
     pub(super) seq: u64,
 }
 
@@ -279,8 +279,8 @@ impl OpenTx {
     /// The partition of a row of `layout` whose partition column holds `value`.
     pub(super) fn partition_of<'a>(&'a self, layout: &Layout, value: Option<&[u8]>) -> std::borrow::Cow<'a, str> {
         match &layout.part {
-            PartSource::CommitDate => self.partition.as_str().into(),
-            PartSource::CommitHour => self.hour.as_str().into(),
+            PartSource::CommitDate => (*self.partition).into(),
+            PartSource::CommitHour => (*self.hour).into(),
             PartSource::Column(_, name) => column_partition(name, value).into(),
         }
     }

@@ -22,6 +22,10 @@ const RESOLVED_CACHE: usize = 4096;
 /// How often `sync` asks the server where it is while waiting to reach its target.
 const SYNC_POLL: Duration = Duration::from_millis(200);
 
+/// Transaction boundaries between looks for a stop or a copy request while draining
+/// what is already received (the loop's own `select!` looks each time it waits).
+const BOUNDARIES_PER_CHECK: u32 = 64;
+
 /// What the copier asks of the stream.
 pub(super) enum CopyRequest {
     /// Copies of these tables are due: put `Event::CopyDue` into the stream, then answer
@@ -178,6 +182,7 @@ impl SourceTask {
         // Silence while waiting for PostgreSQL: reset whenever a message arrives or the
         // source stops waiting on it (a slow sink is not a silent server).
         let mut heard = tokio::time::Instant::now();
+        let mut boundaries = 0u32;
         'read: loop {
             // `sync` stops at its target once the copier has looked for due copies and
             // every due copy's point is in the stream; a signal stops at once (a due
@@ -276,11 +281,17 @@ impl SourceTask {
                             break;
                         }
                         // Between transactions, a copy request or a stop goes first: under
-                        // a backlog the loop might otherwise seldom reach a boundary.
-                        if !self.assembler.in_transaction()
-                            && (self.shutdown.is_cancelled() || !self.copy_requests.is_empty())
-                        {
-                            break;
+                        // a backlog the loop might otherwise seldom reach a boundary. Asked
+                        // every few boundaries: the token's answer takes a lock, and a
+                        // backlog of one-row transactions has a boundary every third
+                        // message.
+                        if !self.assembler.in_transaction() {
+                            boundaries = boundaries.wrapping_add(1);
+                            if boundaries % BOUNDARIES_PER_CHECK == 0
+                                && (self.shutdown.is_cancelled() || !self.copy_requests.is_empty())
+                            {
+                                break;
+                            }
                         }
                         msg = self.repl.try_next()?;
                     }
