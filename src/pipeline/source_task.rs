@@ -287,7 +287,7 @@ impl SourceTask {
                         // message.
                         if !self.assembler.in_transaction() {
                             boundaries = boundaries.wrapping_add(1);
-                            if boundaries % BOUNDARIES_PER_CHECK == 0
+                            if boundaries.is_multiple_of(BOUNDARIES_PER_CHECK)
                                 && (self.shutdown.is_cancelled() || !self.copy_requests.is_empty())
                             {
                                 break;
