@@ -574,6 +574,14 @@ impl Batcher {
         };
         let ncols = relation.columns.len();
         let policy = self.unrepresentable;
+        // The block's rows share `_op`, `_lsn`, `_xid`, `_commit_ts` and (unless a column
+        // partitions the table) the partition: those go in once for the whole run, after
+        // it. An error leaves the buffer uneven, but an error ends the copy and its
+        // batcher with it.
+        let first = RowPos { lsn, seq: *seq };
+        if part_col.is_none() && !rows.is_empty() {
+            buf.extend_part(&tx.partition_of(&layout, None), first);
+        }
         while !rows.is_empty() {
             let before = rows.len();
             let columns = &mut buf.columns;
@@ -622,13 +630,21 @@ impl Batcher {
                 });
             }
             let pos = RowPos { lsn, seq: *seq };
-            buf.extend_part(&tx.partition_of(&layout, part_value.as_deref()), pos);
-            buf.append_meta("R", pos, None, tx.info.commit_ts);
+            if part_col.is_some() {
+                buf.extend_part(&tx.partition_of(&layout, part_value.as_deref()), pos);
+            }
             buf.append_replaced(&replaced);
-            buf.unchanged.append_null();
             buf.rows += 1;
             *seq += 1;
             self.bytes += before - rows.len() + 48;
+        }
+        let n = (*seq - first.seq) as usize;
+        if n > 0 {
+            let last = RowPos { lsn, seq: *seq - 1 };
+            if part_col.is_none() {
+                buf.extend_part(&tx.partition_of(&layout, None), last);
+            }
+            buf.append_meta_run("R", first, n, tx.info.commit_ts);
         }
         Ok(())
     }

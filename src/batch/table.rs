@@ -178,6 +178,21 @@ impl TableBuf {
         self.commit_ts.append_value(commit_ts);
     }
 
+    /// [`TableBuf::append_meta`] and a null `_unchanged` for `n` rows of a copy (no
+    /// `_xid`), whose `_seq` runs on from `first.seq`.
+    pub(super) fn append_meta_run(&mut self, op: &str, first: RowPos, n: usize, commit_ts: i64) {
+        for _ in 0..n {
+            self.op.append_value(op);
+            self.unchanged.append_null();
+        }
+        self.lsn.append_value_n(first.lsn.0 as i64, n);
+        for seq in first.seq..first.seq + n as u64 {
+            self.seq.append_value(seq as i64);
+        }
+        self.xid.append_nulls(n);
+        self.commit_ts.append_value_n(commit_ts, n);
+    }
+
     /// `_unrepresented` of one row: the names of the columns at `replaced`.
     pub(super) fn append_replaced(&mut self, replaced: &[usize]) {
         let Some(u) = self.unrepresented.as_mut() else { return };
