@@ -1,8 +1,9 @@
-//! A PostgreSQL wire connection in replication mode: startup, TLS, authentication
-//! (trust, cleartext, MD5, SCRAM-SHA-256), simple queries and CopyBoth framing.
-//! Frontend messages and the SCRAM/MD5 arithmetic come from `postgres-protocol`; the few
-//! backend messages a replication session sees are parsed here, so CopyData bodies stay
-//! zero-copy slices of the read buffer.
+//! A PostgreSQL wire connection, in replication mode (the stream) or an ordinary session
+//! (a table copy): startup, TLS, authentication (trust, cleartext, MD5, SCRAM-SHA-256),
+//! simple queries, CopyBoth framing and COPY TO STDOUT. Frontend messages and the
+//! SCRAM/MD5 arithmetic come from `postgres-protocol`; the few backend messages these
+//! sessions see are parsed here, so the stream's CopyData bodies stay zero-copy slices
+//! of the read buffer and a copy's are appended to its rows a read at a time.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
