@@ -358,10 +358,7 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
             let (secs, maxrss) = timed(
                 Command::new(walshore)
                     .args(["sync", "--config", config.to_str().unwrap()])
-                    .env(
-                        "WALSHORE_LOG",
-                        std::env::var("WALSHORE_LOG").unwrap_or_else(|_| "warn".into()),
-                    ),
+                    .env("WALSHORE_LOG", log_level()),
             );
             ws_t.push(secs);
             ws_cpu.push(*LAST_CPU.lock().unwrap());
@@ -420,10 +417,7 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
             let (secs, _) = timed(
                 Command::new(walshore)
                     .args(["sync", "--config", config.to_str().unwrap()])
-                    .env(
-                        "WALSHORE_LOG",
-                        std::env::var("WALSHORE_LOG").unwrap_or_else(|_| "warn".into()),
-                    ),
+                    .env("WALSHORE_LOG", log_level()),
             );
             scraping.store(false, std::sync::atomic::Ordering::Relaxed);
             let scrapes = scraper.join().unwrap();
@@ -535,10 +529,7 @@ fn snapshot_bench(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, row
         let (secs, maxrss) = timed(
             Command::new(walshore)
                 .args(["sync", "--config", path.to_str().unwrap()])
-                .env(
-                    "WALSHORE_LOG",
-                    std::env::var("WALSHORE_LOG").unwrap_or_else(|_| "warn".into()),
-                ),
+                .env("WALSHORE_LOG", log_level()),
         );
         ws_t.push(secs);
         rss.push(maxrss as f64 / 1024.0);
