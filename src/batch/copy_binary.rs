@@ -21,12 +21,7 @@ pub struct RowCutter {
 }
 
 impl RowCutter {
-    pub fn push(&mut self, data: &[u8]) -> Result<Option<Bytes>, String> {
-        self.pending.extend_from_slice(data);
-        self.cut()
-    }
-
-    /// Where data goes in without [`RowCutter::push`]'s copy; [`RowCutter::cut`] then.
+    /// Where the COPY data goes in; [`RowCutter::cut`] then.
     pub fn buffer(&mut self) -> &mut BytesMut {
         &mut self.pending
     }
@@ -167,7 +162,8 @@ mod tests {
         // Fed a byte at a time, nothing is lost or split.
         let mut blocks = Vec::new();
         for b in &stream {
-            if let Some(block) = cut.push(std::slice::from_ref(b)).unwrap() {
+            cut.buffer().extend_from_slice(std::slice::from_ref(b));
+            if let Some(block) = cut.cut().unwrap() {
                 blocks.push(block);
             }
         }
@@ -193,7 +189,8 @@ mod tests {
             ]
         );
         let mut cut = RowCutter::default();
-        cut.push(&stream[..stream.len() - 3]).unwrap();
+        cut.buffer().extend_from_slice(&stream[..stream.len() - 3]);
+        cut.cut().unwrap();
         assert!(cut.finish().is_err(), "a stream cut short is an error");
     }
 }

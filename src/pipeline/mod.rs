@@ -485,7 +485,6 @@ async fn stream(
         buffer_bytes: (cfg.sink.max_buffer_bytes / cfg.snapshot_parallelism).max(1 << 20),
         shutdown: shutdown.child_token(),
         tracker: tracker.clone(),
-        user: cfg.source.conn.user.clone(),
         unrepresentable: cfg.sink.unrepresentable,
         partitions: Arc::new(cfg.partitions.clone()),
     };

@@ -50,7 +50,7 @@ impl Prepared {
             id,
             point,
             workers,
-            user: _,
+            user,
             tables,
             chunks,
         } = self;
@@ -80,6 +80,7 @@ impl Prepared {
             }),
             stop: env.shutdown.child_token(),
             point,
+            user,
             tables,
             progress,
             env,
@@ -171,6 +172,8 @@ struct Queue {
 struct Shared {
     id: crate::change::CopyId,
     point: Point,
+    /// The role copying.
+    user: String,
     tables: Vec<Table>,
     progress: Vec<Progress>,
     env: CopyEnv,
@@ -271,7 +274,7 @@ impl Shared {
         out: &mut ChunkOut,
     ) -> Result<(), SnapshotError> {
         let sql = copy_sql(table, chunk, &self.env.partitions);
-        let mut reader = CopyReader::start(conn, &sql, table, &self.env.user).await?;
+        let mut reader = CopyReader::start(conn, &sql, table, &self.user).await?;
         let mut batcher = batcher_for(table, &self.point, self.env.unrepresentable, &self.env.partitions)?;
         batcher.set_snapshot_seq(table.relation.id, u64::from(chunk.index) << 32);
         // One flush uploads while the next is read. The upload runs on the run's task

@@ -190,7 +190,7 @@ pub struct Prepared {
     point: Point,
     /// The copy connections, each in a transaction on the snapshot.
     workers: Vec<Conn>,
-    /// The role they read as.
+    /// The role they read as, named in a permission error's GRANT.
     user: String,
     tables: Vec<Table>,
     chunks: Vec<Chunk>,
@@ -239,8 +239,6 @@ pub struct CopyEnv {
     /// The run's copies: it waits for them before it returns, so a copy never uploads
     /// after the next start has cleaned up.
     pub tracker: tokio_util::task::TaskTracker,
-    /// The role copying, named in a permission error's GRANT.
-    pub user: String,
     /// `sink.unrepresentable`.
     pub unrepresentable: crate::config::Unrepresentable,
     pub partitions: Arc<crate::config::Partitions>,

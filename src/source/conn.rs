@@ -380,45 +380,28 @@ impl Conn {
 
     /// Sends a command that switches to CopyBoth (START_REPLICATION).
     pub(crate) async fn start_copy_both(&mut self, sql: &str) -> Result<(), SourceError> {
-        frontend::query(sql, &mut self.wbuf).map_err(SourceError::Io)?;
-        self.flush().await?;
-        loop {
-            let f = self.read_frame().await?;
-            match f.tag {
-                b'W' => return Ok(()),
-                b'N' | b'S' => {}
-                b'E' => {
-                    let e = PgError::parse(&f.body);
-                    // Drain to ReadyForQuery so the error is the whole story.
-                    return Err(SourceError::Server(e));
-                }
-                other => {
-                    return Err(SourceError::Protocol(format!(
-                        "unexpected message {:?} after START_REPLICATION",
-                        other as char
-                    )));
-                }
-            }
-        }
+        self.start_copy(sql, b'W', "START_REPLICATION").await
     }
 
     /// Starts `COPY … TO STDOUT`; the data follows through [`Conn::read_copy_data`].
     pub(crate) async fn copy_out(&mut self, sql: &str) -> Result<(), SourceError> {
+        self.start_copy(sql, b'H', "COPY").await
+    }
+
+    /// Sends `sql` and waits for `tag`, the response that starts its copy mode. A server
+    /// error is returned as it comes: the session is not used again after one.
+    async fn start_copy(&mut self, sql: &str, tag: u8, what: &str) -> Result<(), SourceError> {
         frontend::query(sql, &mut self.wbuf).map_err(SourceError::Io)?;
         self.flush().await?;
         loop {
             let f = self.read_frame().await?;
             match f.tag {
-                b'H' => return Ok(()),
+                t if t == tag => return Ok(()),
                 b'N' | b'S' => {}
-                b'E' => {
-                    let e = PgError::parse(&f.body);
-                    self.ready().await?;
-                    return Err(SourceError::Server(e));
-                }
+                b'E' => return Err(SourceError::Server(PgError::parse(&f.body))),
                 other => {
                     return Err(SourceError::Protocol(format!(
-                        "unexpected message {:?} after COPY",
+                        "unexpected message {:?} after {what}",
                         other as char
                     )));
                 }
@@ -428,7 +411,7 @@ impl Conn {
 
     /// Appends to `out` the data of every CopyData message received so far, waiting
     /// for one if none is. Returns false once the COPY has ended (the session is ready
-    /// for the next query). The data is copied once, from the read buffer into `out`:
+    /// for the next query); a server error, as in [`Conn::start_copy`], ends the session. The data is copied once, from the read buffer into `out`:
     /// PostgreSQL sends a message per row, and a row is often smaller than the
     /// bookkeeping of handing it over on its own.
     pub(crate) async fn read_copy_data(&mut self, out: &mut BytesMut) -> Result<bool, SourceError> {
@@ -454,12 +437,7 @@ impl Conn {
                         self.rbuf.advance(at);
                         return Ok(false);
                     }
-                    b'E' => {
-                        let e = PgError::parse(body);
-                        self.rbuf.advance(at);
-                        self.ready().await?;
-                        return Err(SourceError::Server(e));
-                    }
+                    b'E' => return Err(SourceError::Server(PgError::parse(body))),
                     other => {
                         return Err(SourceError::Protocol(format!(
                             "unexpected message {:?} in COPY data",
@@ -486,12 +464,6 @@ impl Conn {
                 )));
             }
         }
-    }
-
-    /// Reads up to ReadyForQuery, after an error.
-    async fn ready(&mut self) -> Result<(), SourceError> {
-        while self.read_frame().await?.tag != b'Z' {}
-        Ok(())
     }
 
     pub(crate) async fn send_copy_data(&mut self, data: &[u8]) -> Result<(), SourceError> {
