@@ -552,12 +552,7 @@ async fn partition_projection_registers_no_partition_and_its_template_finds_the_
 
     // Projection switched off: the next start drops the parameters and registers
     // every partition of the lake.
-    let text = std::fs::read_to_string(&l.config).unwrap();
-    std::fs::write(
-        &l.config,
-        text.replace("partition_projection = true", "partition_projection = false"),
-    )
-    .unwrap();
+    edit_config(&l.config, "partition_projection = true", "partition_projection = false");
     sync(&l.config);
     let v = assert_readers_see_the_source(&l).await;
     for t in ["trades_changes", "prices_changes"] {

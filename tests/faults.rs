@@ -113,12 +113,7 @@ async fn s3_errors_slow_answers_cuts_and_a_blackhole_mid_stream() {
         "request_timeout = \"3s\"\nmax_buffer = \"256KiB\"",
         "",
     );
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replace(&moto.endpoint(), &format!("http://127.0.0.1:{}", proxy.port)),
-    )
-    .unwrap();
+    edit_config(&config, &moto.endpoint(), &format!("http://127.0.0.1:{}", proxy.port));
     sync(&config);
     let writer = Writer::spawn(e.cluster.url("postgres", "t"), Workload::default());
     let mut run = spawn_run(&config);
@@ -328,12 +323,11 @@ async fn a_fenced_writers_late_upload_is_removed_by_the_running_writer() {
     let e = env(&["wal_sender_timeout = 2s"]).await;
     let config = e.file_config("", "status_interval = \"1s\"");
     // The running writer sweeps other writers' pending records every poll interval.
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
+    edit_config(
         &config,
-        text.replace("mode = \"never\"", "mode = \"never\"\npoll_interval = \"500ms\""),
-    )
-    .unwrap();
+        "mode = \"never\"",
+        "mode = \"never\"\npoll_interval = \"500ms\"",
+    );
     sync(&config);
     // A stops after announcing its first flush and before uploading it; woken, it
     // uploads and stops again before it could commit.

@@ -282,12 +282,7 @@ fn strip_ansi(s: &str) -> String {
 #[tokio::test]
 async fn a_copy_waiting_for_an_open_transaction_stops_no_other_table() {
     let l = lab("CREATE PUBLICATION pub FOR TABLE trades", "300ms", &[]).await;
-    let text = std::fs::read_to_string(&l.config).unwrap();
-    std::fs::write(
-        &l.config,
-        text.replace("flush_interval = \"200ms\"", "flush_interval = \"500ms\""),
-    )
-    .unwrap();
+    edit_config(&l.config, "flush_interval = \"200ms\"", "flush_interval = \"500ms\"");
     sync(&l.config);
     let run = spawn_run(&l.config);
     let _log = LogOnPanic::new(&run);
@@ -407,12 +402,7 @@ async fn a_copy_that_finishes_before_the_stream_brings_its_point_strands_nothing
         "",
     );
     use_initial_snapshot(&slow, "poll_interval = \"300ms\"");
-    let text = std::fs::read_to_string(&slow).unwrap();
-    std::fs::write(
-        &slow,
-        text.replace(&moto.endpoint(), &format!("http://127.0.0.1:{}", proxy.port)),
-    )
-    .unwrap();
+    edit_config(&slow, &moto.endpoint(), &format!("http://127.0.0.1:{}", proxy.port));
     sync(&direct);
     let run = spawn_run(&slow);
     let _log = LogOnPanic::new(&run);

@@ -25,12 +25,11 @@ async fn a_long_commit_log_is_read_from_its_head_then_folded_and_pruned() {
         "log_retention = \"1h\"",
         "",
     );
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
+    edit_config(
         &config,
-        text.replace("mode = \"never\"", "mode = \"never\"\npoll_interval = \"300ms\""),
-    )
-    .unwrap();
+        "mode = \"never\"",
+        "mode = \"never\"\npoll_interval = \"300ms\"",
+    );
     sync(&config);
     c.batch_execute("INSERT INTO t SELECT i, 'v' || i FROM generate_series(1, 100) i")
         .await

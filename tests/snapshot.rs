@@ -191,12 +191,7 @@ async fn rows_larger_than_a_read_are_copied_whole() {
     .await
     .unwrap();
     // Chunks of a page: the table is read in several ctid ranges.
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replace("parallelism = 2", "parallelism = 2\nchunk_size = \"8KiB\""),
-    )
-    .unwrap();
+    snapshot_keys(&config, "parallelism = 2\nchunk_size = \"8KiB\"");
     sync(&config);
     let source = source_rows(&c, "SELECT id::text, t FROM big").await;
     let large = source
@@ -301,9 +296,7 @@ async fn copied_tables(config: &std::path::Path) -> std::collections::BTreeMap<S
 
 /// Sets keys of the `[snapshot]` table (after `mode = ...`).
 fn snapshot_keys(config: &std::path::Path, keys: &str) {
-    let text = std::fs::read_to_string(config).unwrap();
-    let text = text.replace("parallelism = 2", keys);
-    std::fs::write(config, text).unwrap();
+    edit_config(config, "parallelism = 2", keys);
 }
 
 fn files_under(dir: &std::path::Path) -> std::collections::BTreeSet<String> {

@@ -210,13 +210,14 @@ pub fn lake_config(dir: &std::path::Path, cluster: &TempCluster, db: &str) -> Pa
 /// Switches a config written by [`write_config`] to `snapshot.mode = "initial"`, with
 /// `extra` lines in the `[snapshot]` table.
 pub fn use_initial_snapshot(config: &std::path::Path, extra: &str) {
+    edit_config(config, "mode = \"never\"", &format!("mode = \"initial\"\n{extra}"));
+}
+
+/// Replaces `from` with `to` in the config file, which must hold `from`.
+pub fn edit_config(config: &std::path::Path, from: &str, to: &str) {
     let text = std::fs::read_to_string(config).unwrap();
-    assert!(text.contains("mode = \"never\""), "not a config from write_config");
-    std::fs::write(
-        config,
-        text.replace("mode = \"never\"", &format!("mode = \"initial\"\n{extra}")),
-    )
-    .unwrap();
+    assert!(text.contains(from), "{} has no {from:?}", config.display());
+    std::fs::write(config, text.replace(from, to)).unwrap();
 }
 
 pub fn walshore(args: &[&str]) -> Output {
