@@ -9,46 +9,56 @@ const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 /// Large enough to amortise a channel hand-over, small enough to stay in cache.
 const BLOCK_BYTES: usize = 64 * 1024;
 
-/// Gathers a binary COPY stream into blocks of whole rows (header and trailer removed).
+/// Gathers a binary COPY stream into blocks of whole rows (header and trailer removed),
+/// a CopyData message at a time. PostgreSQL puts exactly one row in each CopyData
+/// message it sends (the header rides with the first, the trailer comes on its own), so
+/// rows are not walked here: the decoder checks every row against its length.
 #[derive(Default)]
 pub struct RowCutter {
     pending: BytesMut,
     header_done: bool,
-    /// Bytes of `pending` already known to be whole rows.
-    whole: usize,
-    ended: bool,
+    trailer: bool,
     rows: u64,
+    /// The first thing wrong with the stream, reported by the next `cut` or `finish`.
+    error: Option<String>,
 }
 
 impl RowCutter {
-    /// Where the COPY data goes in; [`RowCutter::cut`] then.
-    pub fn buffer(&mut self) -> &mut BytesMut {
-        &mut self.pending
+    /// Takes the data of one CopyData message.
+    pub fn message(&mut self, data: &[u8]) {
+        if self.error.is_none() {
+            self.error = self.append(data).err();
+        }
+    }
+
+    fn append(&mut self, mut data: &[u8]) -> Result<(), String> {
+        if self.trailer {
+            return Err("binary COPY data goes on after its trailer".into());
+        }
+        if !self.header_done {
+            if data.get(..11) != Some(&SIGNATURE[..]) || data.len() < 19 {
+                return Err("binary COPY data has no PGCOPY signature".into());
+            }
+            let ext = u32::from_be_bytes([data[15], data[16], data[17], data[18]]) as usize;
+            data = data.get(19 + ext..).ok_or("binary COPY header is cut short")?;
+            self.header_done = true;
+        }
+        // A row begins with its field count; -1 is the trailer.
+        if data == [0xff, 0xff] {
+            self.trailer = true;
+        } else if !data.is_empty() {
+            self.pending.extend_from_slice(data);
+            self.rows += 1;
+        }
+        Ok(())
     }
 
     /// A block of whole rows, once the data holds at least a block's worth.
     pub fn cut(&mut self) -> Result<Option<Bytes>, String> {
-        if !self.header_done {
-            if self.pending.len() < 19 {
-                return Ok(None);
-            }
-            if &self.pending[..11] != SIGNATURE {
-                return Err("binary COPY data has no PGCOPY signature".into());
-            }
-            let ext =
-                u32::from_be_bytes([self.pending[15], self.pending[16], self.pending[17], self.pending[18]]) as usize;
-            if self.pending.len() < 19 + ext {
-                return Ok(None);
-            }
-            self.pending.advance(19 + ext);
-            self.header_done = true;
+        if let Some(e) = self.error.take() {
+            return Err(e);
         }
-        self.scan()?;
-        if self.whole >= BLOCK_BYTES {
-            Ok(Some(self.take()))
-        } else {
-            Ok(None)
-        }
+        Ok((self.pending.len() >= BLOCK_BYTES).then(|| self.pending.split().freeze()))
     }
 
     /// Whole rows seen so far.
@@ -56,48 +66,15 @@ impl RowCutter {
         self.rows
     }
 
-    fn take(&mut self) -> Bytes {
-        let block = self.pending.split_to(self.whole).freeze();
-        self.whole = 0;
-        block
-    }
-
-    /// Advances `whole` over every complete row.
-    fn scan(&mut self) -> Result<(), String> {
-        while !self.ended {
-            let p = &self.pending[self.whole..];
-            if p.len() < 2 {
-                return Ok(());
-            }
-            let n = i16::from_be_bytes([p[0], p[1]]);
-            if n == -1 {
-                self.ended = true;
-                self.pending.truncate(self.whole);
-                return Ok(());
-            }
-            let mut at = 2usize;
-            for _ in 0..n.max(0) {
-                if p.len() < at + 4 {
-                    return Ok(());
-                }
-                let len = i32::from_be_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]]);
-                at += 4 + len.max(0) as usize;
-            }
-            if p.len() < at {
-                return Ok(());
-            }
-            self.whole += at;
-            self.rows += 1;
-        }
-        Ok(())
-    }
-
     /// The rows left at the end; the stream must have ended with its trailer.
     pub fn finish(&mut self) -> Result<Bytes, String> {
-        if !self.ended || self.whole != self.pending.len() {
-            return Err("binary COPY data ended inside a row or without its trailer".into());
+        if let Some(e) = self.error.take() {
+            return Err(e);
         }
-        Ok(self.take())
+        if !self.trailer {
+            return Err("binary COPY data ended without its trailer".into());
+        }
+        Ok(self.pending.split().freeze())
     }
 }
 
@@ -151,24 +128,18 @@ mod tests {
 
     #[test]
     fn rows_are_cut_whole_and_fields_read_back() {
-        let mut stream = SIGNATURE.to_vec();
-        stream.extend([0, 0, 0, 0, 0, 0, 0, 0]);
+        let mut header = SIGNATURE.to_vec();
+        header.extend([0, 0, 0, 0, 0, 0, 0, 0]);
         let r1 = row(&[Some(b"abc"), None]);
         let r2 = row(&[Some(&[0, 0, 0, 7]), Some(b"")]);
-        stream.extend(&r1);
-        stream.extend(&r2);
-        stream.extend((-1i16).to_be_bytes());
+        // As PostgreSQL sends it: the header with the first row, the trailer alone.
         let mut cut = RowCutter::default();
-        // Fed a byte at a time, nothing is lost or split.
-        let mut blocks = Vec::new();
-        for b in &stream {
-            cut.buffer().extend_from_slice(std::slice::from_ref(b));
-            if let Some(block) = cut.cut().unwrap() {
-                blocks.push(block);
-            }
-        }
-        blocks.push(cut.finish().unwrap());
-        let all: Vec<u8> = blocks.concat();
+        cut.message(&[header.clone(), r1.clone()].concat());
+        cut.message(&r2);
+        cut.message(&(-1i16).to_be_bytes());
+        assert_eq!(cut.cut().unwrap(), None, "less than a block");
+        assert_eq!(cut.rows(), 2);
+        let all = cut.finish().unwrap();
         assert_eq!(all, [r1.clone(), r2].concat());
         let mut data = &all[..];
         let mut seen = Vec::new();
@@ -188,9 +159,33 @@ mod tests {
                 (1, Some(vec![]))
             ]
         );
+        // An empty table: header and trailer in one message.
         let mut cut = RowCutter::default();
-        cut.buffer().extend_from_slice(&stream[..stream.len() - 3]);
-        cut.cut().unwrap();
-        assert!(cut.finish().is_err(), "a stream cut short is an error");
+        cut.message(&[header.clone(), (-1i16).to_be_bytes().to_vec()].concat());
+        assert_eq!((cut.finish().unwrap().len(), cut.rows()), (0, 0));
+        // Blocks are cut once a block's worth is in, on message (row) boundaries.
+        let mut cut = RowCutter::default();
+        cut.message(&header);
+        let big = row(&[Some(&[7; 1000])]);
+        let mut blocks = Vec::new();
+        for _ in 0..200 {
+            cut.message(&big);
+            blocks.extend(cut.cut().unwrap());
+        }
+        cut.message(&(-1i16).to_be_bytes());
+        blocks.push(cut.finish().unwrap());
+        assert!(blocks.len() > 2 && blocks.iter().all(|b| b.len() % big.len() == 0));
+        assert_eq!(blocks.concat(), big.repeat(200));
+        // A stream cut short, or going on after its trailer, or without a header.
+        let mut cut = RowCutter::default();
+        cut.message(&[header.clone(), r1.clone()].concat());
+        assert!(cut.finish().is_err(), "no trailer");
+        let mut cut = RowCutter::default();
+        cut.message(&[header, (-1i16).to_be_bytes().to_vec()].concat());
+        cut.message(&r1);
+        assert!(cut.finish().is_err(), "data after the trailer");
+        let mut cut = RowCutter::default();
+        cut.message(&r1);
+        assert!(cut.cut().is_err(), "no signature");
     }
 }

@@ -467,16 +467,18 @@ impl<'a> CopyReader<'a> {
                 self.done = true;
                 return self.cutter.finish().map(Some).map_err(format_err);
             }
-            let before = self.cutter.buffer().len();
-            let more =
-                self.conn
-                    .read_copy_data(self.cutter.buffer())
-                    .await
-                    .map_err(|source| SnapshotError::Source {
-                        what: format!("COPY {}", self.table.name),
-                        source,
-                    })?;
-            self.bytes += (self.cutter.buffer().len() - before) as u64;
+            let (cutter, bytes) = (&mut self.cutter, &mut self.bytes);
+            let more = self
+                .conn
+                .read_copy_data(|data| {
+                    *bytes += data.len() as u64;
+                    cutter.message(data);
+                })
+                .await
+                .map_err(|source| SnapshotError::Source {
+                    what: format!("COPY {}", self.table.name),
+                    source,
+                })?;
             self.ended = !more;
             if let Some(block) = self.cutter.cut().map_err(format_err)? {
                 return Ok(Some(block));

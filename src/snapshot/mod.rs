@@ -325,17 +325,17 @@ pub async fn prepare(
         let quoted = format!("{}.{}", quote_ident(&relation.namespace), quote_ident(&relation.name));
         // TID range scans (PostgreSQL 14) make a ctid range read only its pages; before
         // that every chunk would scan the whole table.
-        let n = if partitioned || version < 140_000 {
-            1
+        let (n, per) = if partitioned || version < 140_000 {
+            (1, pages)
         } else {
-            pages.div_ceil(chunk_pages).max(1)
+            chunking(pages, chunk_pages, parallelism as u64)
         };
         for k in 0..n {
             chunks.push(Chunk {
                 table: tables.len(),
                 index: k as u32,
-                lo: k * chunk_pages,
-                hi: (k + 1 < n).then_some((k + 1) * chunk_pages),
+                lo: k * per,
+                hi: (k + 1 < n).then_some((k + 1) * per),
             });
         }
         tables.push(Table {
@@ -354,6 +354,22 @@ pub async fn prepare(
         tables,
         chunks,
     })
+}
+
+/// How a table of `pages` is cut: the number of chunks and the pages in each (the last
+/// is open-ended). At most `chunk_pages` each; a table of more than one chunk is cut in
+/// a multiple of `parallelism` equal chunks (unless that is more chunks than pages), so
+/// that its connections finish together instead of one reading a short last chunk
+/// alone.
+fn chunking(pages: u64, chunk_pages: u64, parallelism: u64) -> (u64, u64) {
+    let n = pages.div_ceil(chunk_pages).max(1);
+    if n == 1 {
+        return (1, chunk_pages);
+    }
+    // Not more chunks than pages: a chunk with no page is a COPY for nothing.
+    let even = n.next_multiple_of(parallelism.max(1));
+    let n = if even <= pages { even } else { n };
+    (n, pages.div_ceil(n))
 }
 
 impl Prepared {
@@ -413,4 +429,30 @@ pub async fn truncate_marker(
         files.push(sink.write(e).await?);
     }
     Ok((files, pending))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunking;
+
+    #[test]
+    fn a_table_is_cut_in_even_chunks_for_its_connections() {
+        // One chunk's worth or less: one chunk, whatever the parallelism.
+        assert_eq!(chunking(0, 4096, 2).0, 1);
+        assert_eq!(chunking(4096, 4096, 4).0, 1);
+        // 73 MiB in 32 MiB chunks on two connections: four even chunks, not 32+32+9.
+        assert_eq!(chunking(9346, 4096, 2), (4, 2337));
+        assert_eq!(chunking(8192, 4096, 2), (2, 4096));
+        assert_eq!(chunking(8193, 4096, 3), (3, 2731));
+        // Never more chunks than pages.
+        assert_eq!(chunking(5, 1, 4), (5, 1));
+        for (pages, chunk, par) in [(9346, 4096, 2), (100_000, 4096, 3), (8, 1, 4), (12_289, 4096, 1)] {
+            let (n, per) = chunking(pages, chunk, par);
+            assert_eq!(n % par, 0, "{pages} pages: {n} chunks for {par} connections");
+            assert!(
+                per <= chunk && per * n >= pages && per * (n - 1) < pages,
+                "{pages} pages: {n} × {per}"
+            );
+        }
+    }
 }

@@ -409,14 +409,16 @@ impl Conn {
         }
     }
 
-    /// Appends to `out` the data of every CopyData message received so far, waiting
-    /// for one if none is. Returns false once the COPY has ended (the session is ready
-    /// for the next query); a server error, as in [`Conn::start_copy`], ends the session. The data is copied once, from the read buffer into `out`:
-    /// PostgreSQL sends a message per row, and a row is often smaller than the
-    /// bookkeeping of handing it over on its own.
-    pub(crate) async fn read_copy_data(&mut self, out: &mut BytesMut) -> Result<bool, SourceError> {
+    /// Hands `each` the data of every CopyData message received so far, in order,
+    /// waiting for one if none is. Returns false once the COPY has ended: CopyDone, then
+    /// ReadyForQuery, came (the session is ready for the next query). A server error, as
+    /// in [`Conn::start_copy`], ends the session. PostgreSQL sends a message per row, and
+    /// a row is often smaller than the bookkeeping of handing it over on its own: `each`
+    /// borrows it from the read buffer.
+    pub(crate) async fn read_copy_data(&mut self, mut each: impl FnMut(&[u8])) -> Result<bool, SourceError> {
+        let (mut any, mut copy_done) = (false, false);
         loop {
-            let (mut at, mut seen) = (0, false);
+            let mut at = 0;
             while self.rbuf.len() - at >= 5 {
                 let b = &self.rbuf[at..];
                 let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
@@ -428,12 +430,15 @@ impl Conn {
                 }
                 let (tag, body) = (b[0], &b[5..len + 1]);
                 at += len + 1;
-                seen = true;
                 match tag {
-                    b'd' => out.extend_from_slice(body),
-                    // CopyDone, CommandComplete, notices.
-                    b'c' | b'C' | b'N' | b'S' => {}
-                    b'Z' => {
+                    b'd' if !copy_done => {
+                        each(body);
+                        any = true;
+                    }
+                    b'c' => copy_done = true,
+                    // CommandComplete, notices.
+                    b'C' | b'N' | b'S' => {}
+                    b'Z' if copy_done => {
                         self.rbuf.advance(at);
                         return Ok(false);
                     }
@@ -447,7 +452,7 @@ impl Conn {
                 }
             }
             self.rbuf.advance(at);
-            if seen {
+            if any && !copy_done {
                 return Ok(true);
             }
             // Room for a large read, or for the whole of a message larger than that.
