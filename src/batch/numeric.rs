@@ -17,6 +17,17 @@ pub(crate) fn decimal_from_binary(raw: &[u8], precision: u8, scale: i8) -> Resul
     }
 }
 
+/// 10^0 ..= 10^38: every power of ten an `i128` holds.
+const POW10: [i128; 39] = {
+    let mut t = [1i128; 39];
+    let mut k = 1;
+    while k < 39 {
+        t[k] = t[k - 1] * 10;
+        k += 1;
+    }
+    t
+};
+
 /// The common case in a few multiplications: up to nine groups (36 digits, within an
 /// `i128`) taken whole, then shifted to `scale` at once. `None` for anything else,
 /// including every error, which [`decimal_from_binary_by_digit`] then reports.
@@ -40,18 +51,19 @@ fn decimal_from_binary_fast(raw: &[u8], precision: u8, scale: i8) -> Option<i128
     // The last group's unit sits at 10^(4 * (weight - ndigits + 1)); at `scale`, at
     // 10^shift.
     let shift = 4 * (weight - ndigits as i64 + 1) + i64::from(scale);
+    let pow10 = |k: i64| usize::try_from(k).ok().and_then(|k| POW10.get(k).copied());
     let v = if digits == 0 {
         0
     } else if shift >= 0 {
-        digits.checked_mul(10i128.checked_pow(u32::try_from(shift).ok()?)?)?
+        digits.checked_mul(pow10(shift)?)?
     } else {
-        let unit = 10i128.checked_pow(u32::try_from(-shift).ok()?)?;
+        let unit = pow10(-shift)?;
         if digits % unit != 0 {
             return None; // more fraction digits than the scale: never rounded
         }
         digits / unit
     };
-    if v >= 10i128.pow(u32::from(precision)) {
+    if v >= pow10(i64::from(precision))? {
         return None;
     }
     Some(if sign == 0x4000 { -v } else { v })
