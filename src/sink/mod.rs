@@ -19,12 +19,14 @@ mod store;
 
 use std::sync::Arc;
 
+use arrow::array::ArrayRef;
+use arrow::datatypes::{DataType, FieldRef};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::{Path, PathPart};
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parquet::arrow::ArrowWriter;
-use parquet::arrow::arrow_writer::{ArrowColumnWriter, ArrowLeafColumn, compute_leaves};
+use parquet::arrow::arrow_writer::{ArrowColumnChunk, ArrowColumnWriter, compute_leaves};
 use parquet::basic::{Compression as PqCompression, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
@@ -209,6 +211,56 @@ pub async fn partitions_in_lake(
     Ok(out)
 }
 
+/// A field's column in a row group and its Parquet column writers (index in the row
+/// group, writer).
+type ColumnJob = (FieldRef, ArrayRef, Vec<(usize, ArrowColumnWriter)>);
+
+/// Rows handed to a column writer at once. Parquet's levels for them are computed in
+/// vectors of this length: small enough to come from the allocator's free lists, where
+/// a row group's worth (two bytes a row, a vector per column) would be fresh pages,
+/// faulted in for every file. A multiple of the writer's 1024-row mini-batches, so the
+/// pages come out as they would in one go.
+const ENCODE_SLICE_ROWS: usize = 16 * 1024;
+
+/// Writes and closes the columns of `jobs`, [`ENCODE_SLICE_ROWS`] at a time.
+fn encode_columns(jobs: Vec<ColumnJob>) -> Result<Vec<(usize, ArrowColumnChunk)>, parquet::errors::ParquetError> {
+    let mut chunks = Vec::new();
+    for (field, column, mut writers) in jobs {
+        let mut at = 0;
+        while at < column.len() {
+            let n = ENCODE_SLICE_ROWS.min(column.len() - at);
+            let leaves = compute_leaves(&field, &column.slice(at, n))?;
+            if leaves.len() != writers.len() {
+                return Err(parquet::errors::ParquetError::General(format!(
+                    "column {} has {} Parquet leaves, expected {}",
+                    field.name(),
+                    leaves.len(),
+                    writers.len()
+                )));
+            }
+            for ((_, w), leaf) in writers.iter_mut().zip(leaves) {
+                w.write(&leaf)?;
+            }
+            at += n;
+        }
+        for (i, w) in writers {
+            chunks.push((i, w.close()?));
+        }
+    }
+    Ok(chunks)
+}
+
+/// Parquet leaf columns under an Arrow type: one, or its children's.
+fn leaf_count(t: &DataType) -> usize {
+    match t {
+        DataType::Struct(fields) => fields.iter().map(|f| leaf_count(f.data_type())).sum(),
+        DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, _) | DataType::Map(f, _) => {
+            leaf_count(f.data_type())
+        }
+        _ => 1,
+    }
+}
+
 impl Sink {
     /// `writer`: the attempt's tag in file names (lower-case hex).
     pub fn new(store: Arc<dyn ObjectStore>, cfg: &SinkConfig, writer: &str) -> Sink {
@@ -264,27 +316,27 @@ impl Sink {
         while offset < file.batch.num_rows() {
             let len = rows_per_group.min(file.batch.num_rows() - offset);
             let batch = file.batch.slice(offset, len);
-            let mut leaves = Vec::new();
-            for (field, column) in schema.fields().iter().zip(batch.columns()) {
-                leaves.extend(compute_leaves(field, column).map_err(err)?);
+            let mut writers = factory
+                .create_column_writers(group)
+                .map_err(err)?
+                .into_iter()
+                .enumerate();
+            // Each field with its column writers (one per Parquet leaf column), the
+            // fields dealt to the two threads in turn.
+            let mut jobs: [Vec<ColumnJob>; 2] = [Vec::new(), Vec::new()];
+            for (k, (field, column)) in schema.fields().iter().zip(batch.columns()).enumerate() {
+                let writers: Vec<_> = writers.by_ref().take(leaf_count(field.data_type())).collect();
+                jobs[k % 2].push((field.clone(), column.clone(), writers));
             }
-            let writers = factory.create_column_writers(group).map_err(err)?;
-            let mut jobs: [Vec<(usize, ArrowColumnWriter, ArrowLeafColumn)>; 2] = [Vec::new(), Vec::new()];
-            for (i, (w, leaf)) in writers.into_iter().zip(leaves).enumerate() {
-                jobs[i % 2].push((i, w, leaf));
+            if writers.next().is_some() {
+                return Err(err(parquet::errors::ParquetError::General(
+                    "more Parquet columns than the Arrow schema's leaves".into(),
+                )));
             }
             let [a, b] = jobs;
-            let encode = |jobs: Vec<(usize, ArrowColumnWriter, ArrowLeafColumn)>| {
-                jobs.into_iter()
-                    .map(|(i, mut w, leaf)| {
-                        w.write(&leaf)?;
-                        Ok((i, w.close()?))
-                    })
-                    .collect::<Result<Vec<_>, parquet::errors::ParquetError>>()
-            };
             let (ra, rb) = std::thread::scope(|s| {
-                let other = s.spawn(|| encode(b));
-                (encode(a), other.join().expect("encoder thread panicked"))
+                let other = s.spawn(|| encode_columns(b));
+                (encode_columns(a), other.join().expect("encoder thread panicked"))
             });
             let mut chunks: Vec<_> = ra.map_err(err)?.into_iter().chain(rb.map_err(err)?).collect();
             chunks.sort_by_key(|(i, _)| *i);
