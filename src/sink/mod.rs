@@ -218,8 +218,8 @@ type ColumnJob = (FieldRef, ArrayRef, Vec<(usize, ArrowColumnWriter)>);
 /// Rows handed to a column writer at once. Parquet's levels for them are computed in
 /// vectors of this length: small enough to come from the allocator's free lists, where
 /// a row group's worth (two bytes a row, a vector per column) would be fresh pages,
-/// faulted in for every file. A multiple of the writer's 1024-row mini-batches, so the
-/// pages come out as they would in one go.
+/// faulted in for every file. The values are those of one write of the whole; pages
+/// may end a few rows elsewhere (a 111,000-row trade file came out 0.03% smaller).
 const ENCODE_SLICE_ROWS: usize = 16 * 1024;
 
 /// Writes and closes the columns of `jobs`, [`ENCODE_SLICE_ROWS`] at a time.
