@@ -6,7 +6,7 @@
 use bytes::{Buf, Bytes, BytesMut};
 
 const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
-/// Large enough to amortise a channel hand-over, small enough to stay in cache.
+/// Large enough to amortise a hand-over to the batcher, small enough to stay in cache.
 const BLOCK_BYTES: usize = 64 * 1024;
 
 /// Gathers a binary COPY stream into blocks of whole rows (header and trailer removed),

@@ -3,7 +3,7 @@
 //! simple queries, CopyBoth framing and COPY TO STDOUT. Frontend messages and the
 //! SCRAM/MD5 arithmetic come from `postgres-protocol`; the few backend messages these
 //! sessions see are parsed here, so the stream's CopyData bodies stay zero-copy slices
-//! of the read buffer and a copy's are appended to its rows a read at a time.
+//! of the read buffer and a copy's are lent, a message (a row) at a time, from it.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
