@@ -90,6 +90,24 @@ pub struct TableIdentity {
     /// `pg_publication_namespace`, of the table or of a partition ancestor); empty for a
     /// `FOR ALL TABLES` publication. Sorted.
     pub membership: Vec<u32>,
+    /// `snapshot.mode = "never"`: the table left the publication (or was dropped). Its
+    /// OID is kept, so that a table created again under its name starts with a `T` row
+    /// (no copy does it); with copies, a departure drops the identity instead.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub departed: bool,
+}
+
+impl TableIdentity {
+    /// Whether the table as it is now (`now`) is the one recorded here, continuously in
+    /// the publication: the same OID, and one of the catalog rows that put it there
+    /// still does (a row lives as long as its membership: a table that left and came
+    /// back has only new rows, while one also added by its schema keeps its own row).
+    /// Both empty: `FOR ALL TABLES`.
+    pub fn continues_as(&self, now: &TableIdentity) -> bool {
+        self.oid == now.oid
+            && ((self.membership.is_empty() && now.membership.is_empty())
+                || self.membership.iter().any(|m| now.membership.binary_search(m).is_ok()))
+    }
 }
 
 /// One table of a copy.

@@ -192,7 +192,7 @@ fn gates_write_a_table_from_its_point_and_hold_what_waits_for_a_copy() {
                     name: "public.new".into(),
                     identity: crate::change::TableIdentity {
                         oid: 2,
-                        membership: Vec::new(),
+                        ..Default::default()
                     },
                     relation: Arc::new(other.clone()),
                     requests: Vec::new(),

@@ -332,10 +332,10 @@ impl Checkpoint {
         match self.store.put_opts(&key, PutPayload::from(body), opts).await {
             Ok(_) => {}
             Err(object_store::Error::AlreadyExists { .. }) => {
-                let holder = read_json::<CommitRecord>(self.store.as_ref(), &key)
-                    .await
-                    .map(|c| c.run_id)
-                    .unwrap_or_else(|_| "unknown".into());
+                // Only a record read back with another writer's id is fencing. A failed
+                // read says nothing (the record may well be ours): transient, and the
+                // next attempt finds out from the head which it is.
+                let holder = read_json::<CommitRecord>(self.store.as_ref(), &key).await?.run_id;
                 // Our own earlier try of this very request reached the store (its reply
                 // was lost): the record is ours, and it is the one we meant to write.
                 if holder != record.run_id {

@@ -149,8 +149,16 @@ pub async fn clear(
 }
 
 /// A fenced writer withdraws what it announced: its files are uncommitted (no commit of
-/// its can follow), and no other writer uses their names.
+/// its can follow), and no other writer uses their names, except those of the records
+/// the head completes, which a commit of its own published before the other writer
+/// claimed. The head is read first: the writer that claimed after it deletes those
+/// records before it commits again, so a record completed by an older head is gone
+/// from the listing that follows.
 pub async fn withdraw(store: &dyn ObjectStore, run_id: &str) -> Result<usize, CheckpointError> {
+    let completes: HashSet<String> = super::read_head(store)
+        .await?
+        .map(|h| h.completes.into_iter().collect())
+        .unwrap_or_default();
     let prefix = Path::from(PENDING);
     let metas: Vec<_> = store
         .list(Some(&prefix))
@@ -164,7 +172,7 @@ pub async fn withdraw(store: &dyn ObjectStore, run_id: &str) -> Result<usize, Ch
             Err(e) if is_not_found(&e) => continue,
             Err(e) => return Err(e),
         };
-        if record.run_id != run_id {
+        if record.run_id != run_id || completes.contains(meta.location.as_ref()) {
             continue;
         }
         files += record.keys.len();

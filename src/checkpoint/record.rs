@@ -120,6 +120,9 @@ pub struct CommitExtras {
     /// Tables no longer in the publication: their point and identity are dropped, so
     /// that a return copies them again.
     pub left: Vec<String>,
+    /// Tables no longer in the publication whose OID is kept (`snapshot.mode =
+    /// "never"`): a table created again under the name starts with a `T` row.
+    pub departed: Vec<String>,
     /// Table OIDs seen in the stream (`snapshot.mode = "never"`, where no copy records
     /// them): a later table under the same name is a new table.
     pub oids: Vec<(String, u32)>,
@@ -175,11 +178,18 @@ impl CommitRecord {
             snapshots.remove(t);
             identities.remove(t);
         }
+        for t in &extras.departed {
+            if let Some(i) = identities.get_mut(t) {
+                i.departed = true;
+            }
+        }
         for (t, identity) in &extras.adopted {
             identities.insert(t.clone(), identity.clone());
         }
         for (t, oid) in &extras.oids {
-            identities.entry(t.clone()).or_default().oid = *oid;
+            let i = identities.entry(t.clone()).or_default();
+            i.oid = *oid;
+            i.departed = false;
         }
         for (t, point, identity) in &extras.copied {
             snapshots.insert(t.clone(), *point);

@@ -26,6 +26,9 @@ pub(super) async fn batch_task(
     mut batcher: Batcher,
 ) -> Result<(), PipelineError> {
     let mut deadline: Option<Instant> = None;
+    // A keepalive's position that came while data waited: told to the sink right after
+    // that data's boundary flush, unless a transaction began in between.
+    let mut idle_after: Option<Lsn> = None;
     loop {
         let sleep = async {
             match deadline {
@@ -43,10 +46,15 @@ pub(super) async fn batch_task(
                 }
                 for event in chunk.events {
                     if let Event::Idle { lsn } = event {
-                        if !batcher.has_data() && sink.send(SinkMsg::Idle(lsn)).await.is_err() {
+                        if batcher.has_data() {
+                            idle_after = Some(lsn);
+                        } else if sink.send(SinkMsg::Idle(lsn)).await.is_err() {
                             return Ok(());
                         }
                         continue;
+                    }
+                    if matches!(event, Event::Begin(_)) {
+                        idle_after = None;
                     }
                     let commit = matches!(event, Event::Commit { .. });
                     batcher.push(event)?;
@@ -58,10 +66,12 @@ pub(super) async fn batch_task(
                     // written before it.
                     let due = commit && deadline.is_some_and(|d| Instant::now() >= d);
                     if batcher.buffered_bytes() >= max_bytes || due || batcher.copy_started() {
-                        if sink.send(SinkMsg::Flush(batcher.take())).await.is_err() {
+                        if !flush(&sink, &mut batcher, &mut idle_after).await {
                             return Ok(());
                         }
-                        if !batcher.in_transaction() {
+                        if batcher.in_transaction() {
+                            crate::fault::point("after_flush_in_transaction");
+                        } else {
                             deadline = None;
                         }
                     }
@@ -76,7 +86,7 @@ pub(super) async fn batch_task(
                 }
                 deadline = None;
                 let _busy = crate::telemetry::STATE.busy("batch");
-                if batcher.has_data() && sink.send(SinkMsg::Flush(batcher.take())).await.is_err() {
+                if batcher.has_data() && !flush(&sink, &mut batcher, &mut idle_after).await {
                     return Ok(());
                 }
             }
@@ -85,7 +95,22 @@ pub(super) async fn batch_task(
     // Input closed: the source stopped at a transaction boundary (or failed, in which
     // case an open transaction is dropped here and streamed again after the restart).
     if batcher.has_data() && !batcher.in_transaction() {
-        let _ = sink.send(SinkMsg::Flush(batcher.take())).await;
+        flush(&sink, &mut batcher, &mut idle_after).await;
     }
     Ok(())
+}
+
+/// Hands over everything buffered; at a transaction boundary, also a keepalive's
+/// position that came meanwhile. False when the sink is gone.
+async fn flush(sink: &mpsc::Sender<SinkMsg>, batcher: &mut Batcher, idle_after: &mut Option<Lsn>) -> bool {
+    if sink.send(SinkMsg::Flush(batcher.take())).await.is_err() {
+        return false;
+    }
+    if batcher.in_transaction() {
+        return true;
+    }
+    match idle_after.take() {
+        Some(lsn) => sink.send(SinkMsg::Idle(lsn)).await.is_ok(),
+        None => true,
+    }
 }

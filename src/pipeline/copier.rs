@@ -21,8 +21,9 @@ use super::PipelineError;
 use super::source_task::{CopyRequest, within};
 use crate::change::{CopyId, CopyStart, CopyTable, TableIdentity};
 use crate::config::{Config, SnapshotMode};
+use crate::lsn::Lsn;
 use crate::snapshot::{self, CopyEnv, CopyMsg, Point, SnapshotError};
-use crate::source::Replication;
+use crate::source::{Replication, SourceError};
 
 /// How often a copy waiting for its snapshot point says what it waits for.
 const WAIT_REPORT: Duration = Duration::from_secs(10);
@@ -52,6 +53,9 @@ pub(super) struct Copier {
     catalog: Catalog,
     /// Copies started and not yet published: their identity, recorded on publish.
     starting: HashMap<(CopyId, String), TableIdentity>,
+    /// Departures and identities found by the last look, for the sink: sent by `run`,
+    /// never while the sink that reads them may not be running yet.
+    notes: Vec<CopyMsg>,
 }
 
 /// A catalog connection of the copier's own.
@@ -111,12 +115,14 @@ impl Copier {
                 version: 0,
             },
             starting: HashMap::new(),
+            notes: Vec::new(),
         }
     }
 
     /// The copies due when the pipeline starts, found before the stream's first message:
     /// their tables are due from the start, so that nothing of theirs before the copy's
-    /// point is taken for the lake (a requested copy after a type change, say).
+    /// point is taken for the lake (a requested copy after a type change, say). What it
+    /// found for the sink (departures, identities) is sent once `run` runs.
     pub(super) async fn due_at_start(&mut self) -> Result<BTreeSet<String>, PipelineError> {
         let mut catalog = std::mem::replace(
             &mut self.catalog,
@@ -126,7 +132,11 @@ impl Copier {
             },
         );
         let limit = self.cfg.source.receive_timeout;
-        let due = within(limit, "looking for tables to copy", self.due(&mut catalog)).await;
+        let due = if crate::fault::fails("before_copies_due") {
+            Err(SourceError::Io(std::io::Error::other("fault injected while looking for tables to copy")).into())
+        } else {
+            within(limit, "looking for tables to copy", self.due(&mut catalog)).await
+        };
         self.catalog = catalog;
         let due = due?;
         let tables = due.keys().cloned().collect();
@@ -144,6 +154,9 @@ impl Copier {
                 version: 0,
             },
         );
+        if !self.send_notes().await {
+            return Ok(());
+        }
         if let Some(due) = self.first.take() {
             // `start` itself ends when the stream stops.
             let started = self.start(due, true, &mut catalog).await?;
@@ -167,6 +180,9 @@ impl Copier {
                 _ = poll.tick() => {
                     let limit = self.cfg.source.receive_timeout;
                     let due = within(limit, "looking for tables to copy", self.due(&mut catalog)).await?;
+                    if !self.send_notes().await {
+                        return Ok(());
+                    }
                     if !due.is_empty() {
                         let started = self.start(due, false, &mut catalog).await?;
                         self.starting.extend(started);
@@ -180,7 +196,31 @@ impl Copier {
         }
     }
 
-    /// The tables due for a copy, each with the requests it carries out.
+    /// Hands what the last look found to the sink; false when the sink is gone (the
+    /// attempt is ending).
+    async fn send_notes(&mut self) -> bool {
+        for note in std::mem::take(&mut self.notes) {
+            if self.results.send(note).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The newest position a departure found at start must be streamed to before it is
+    /// recorded (`sync` streams that far).
+    pub(super) fn departures_before(&self) -> Option<Lsn> {
+        self.notes
+            .iter()
+            .filter_map(|n| match n {
+                CopyMsg::Left { at, .. } => Some(*at),
+                _ => None,
+            })
+            .max()
+    }
+
+    /// The tables due for a copy, each with the requests it carries out. Departures
+    /// and identities to record are left in `notes`.
     async fn due(&mut self, catalog: &mut Catalog) -> Result<BTreeMap<String, Vec<String>>, PipelineError> {
         let publication = self.cfg.source.publication.clone();
         let version = {
@@ -205,19 +245,44 @@ impl Copier {
         let mut due: BTreeMap<String, Vec<String>> = BTreeMap::new();
         // Gone from the publication: the lake keeps the rows it has, and a return is a
         // new start for the table.
-        let known: BTreeSet<String> = self.copied.iter().chain(self.identities.keys()).cloned().collect();
-        for t in known {
-            if members.contains_key(&t) || self.running.contains_key(&t) {
-                continue;
-            }
-            tracing::info!(table = %t, publication = %publication, "table left the publication (or was dropped); the lake keeps its rows as they were, and it is copied again if it comes back");
-            self.copied.remove(&t);
-            self.identities.remove(&t);
-            if self.results.send(CopyMsg::Left(t)).await.is_err() {
-                return Ok(BTreeMap::new());
+        let never = self.cfg.snapshot == SnapshotMode::Never;
+        let gone: Vec<String> = self
+            .copied
+            .iter()
+            .chain(self.identities.iter().filter(|(_, i)| !i.departed).map(|(t, _)| t))
+            .filter(|t| !members.contains_key(*t) && !self.running.contains_key(*t))
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if !gone.is_empty() {
+            // The stream may still be behind the departure: the sink records it only
+            // once the stream has passed a position after it.
+            let at = departure_position(catalog.get(&self.cfg.source.conn).await?)
+                .await
+                .map_err(|source| SnapshotError::Sql {
+                    what: "reading the server's WAL position".into(),
+                    source,
+                })?;
+            for t in gone {
+                if never {
+                    tracing::info!(table = %t, publication = %publication, "table left the publication (or was dropped); the lake keeps its rows as they were, and its OID, so that a table created again under its name starts with a truncate");
+                    if let Some(i) = self.identities.get_mut(&t) {
+                        i.departed = true;
+                    }
+                } else {
+                    tracing::info!(table = %t, publication = %publication, "table left the publication (or was dropped); the lake keeps its rows as they were, and it is copied again if it comes back");
+                    self.identities.remove(&t);
+                }
+                self.copied.remove(&t);
+                self.notes.push(CopyMsg::Left {
+                    table: t,
+                    at,
+                    keep_oid: never,
+                });
             }
         }
-        if self.cfg.snapshot == SnapshotMode::Initial {
+        if !never {
             for (t, identity) in &members {
                 if self.running.contains_key(t) {
                     continue;
@@ -230,22 +295,22 @@ impl Copier {
                     None => {
                         tracing::info!(table = %t, oid = identity.oid, "recording the identity of a table copied by an older walshore");
                         self.identities.insert(t.clone(), identity.clone());
-                        if self
-                            .results
-                            .send(CopyMsg::Adopted(t.clone(), identity.clone()))
-                            .await
-                            .is_err()
-                        {
-                            return Ok(BTreeMap::new());
-                        }
+                        self.notes.push(CopyMsg::Adopted(t.clone(), identity.clone()));
                     }
                     Some(recorded) if recorded.oid != identity.oid => {
                         tracing::info!(table = %t, old_oid = recorded.oid, new_oid = identity.oid, "table created again under its name; copying it again");
                         due.entry(t.clone()).or_default();
                     }
-                    Some(recorded) if recorded.membership != identity.membership => {
+                    Some(recorded) if recorded.departed || !recorded.continues_as(identity) => {
                         tracing::info!(table = %t, "table came back to the publication; copying it again (its changes while it was out are not in the stream)");
                         due.entry(t.clone()).or_default();
+                    }
+                    // In the publication throughout, by other catalog rows now (added by
+                    // its schema as well, say): recorded as it is, not copied again.
+                    Some(recorded) if recorded.membership != identity.membership => {
+                        tracing::info!(table = %t, "table's publication membership changed without it leaving; recording it, no copy");
+                        self.identities.insert(t.clone(), identity.clone());
+                        self.notes.push(CopyMsg::Adopted(t.clone(), identity.clone()));
                     }
                     Some(_) => {}
                 }
@@ -384,5 +449,41 @@ impl Copier {
             blocking = %blocking,
             "a table copy waits for its snapshot point: PostgreSQL takes it once the transactions open when it was asked for have ended; the other tables keep streaming"
         );
+    }
+}
+
+/// A position in the stream after every departure seen so far. A departure seen is
+/// committed, so its commit record lies before the insert position now; it is flushed
+/// by a commit of our own after that position (a transaction id and nothing else,
+/// committed with `synchronous_commit` on, which flushes the WAL before it too even
+/// where the departure was committed asynchronously). The stream thus reaches the
+/// position. A session that cannot commit (read-only; a standby) gives the flushed
+/// (replayed) position instead.
+async fn departure_position(client: &tokio_postgres::Client) -> Result<Lsn, tokio_postgres::Error> {
+    let lsn = |row: tokio_postgres::Row| -> Lsn { row.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO) };
+    client.batch_execute("BEGIN; SET LOCAL synchronous_commit = on").await?;
+    let marked = client
+        .query_one(
+            "SELECT pg_catalog.pg_current_wal_insert_lsn()::text, pg_catalog.pg_current_xact_id()",
+            &[],
+        )
+        .await;
+    match marked {
+        Ok(row) => {
+            client.batch_execute("COMMIT").await?;
+            Ok(lsn(row))
+        }
+        Err(e) => {
+            client.batch_execute("ROLLBACK").await?;
+            tracing::debug!(error = %e, "cannot commit a position mark; taking the flushed position");
+            client
+                .query_one(
+                    "SELECT (CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn()
+                                  ELSE pg_catalog.pg_current_wal_flush_lsn() END)::text",
+                    &[],
+                )
+                .await
+                .map(lsn)
+        }
     }
 }

@@ -31,6 +31,10 @@ pub(super) struct Held {
     /// The pending record that announces it beyond the commit it was uploaded for (set
     /// by the sink before that commit).
     pub pending: Option<Path>,
+    /// It holds rows of a transaction whose end has not reached the sink yet (a file
+    /// cut at `sink.max_buffer`): it may be published only by a commit at or past that
+    /// end, or a restart would stream the transaction, and write its rows, again.
+    pub open: bool,
 }
 
 #[derive(Default)]
@@ -39,6 +43,12 @@ struct TableState {
     requests: Vec<String>,
     held: Vec<Held>,
     copied: Option<TableCopied>,
+}
+
+impl TableState {
+    fn is_ready(&self, at_boundary: bool) -> bool {
+        self.copied.is_some() && (at_boundary || self.held.iter().all(|h| !h.open))
+    }
 }
 
 struct CopyState {
@@ -161,6 +171,20 @@ impl Handoff {
         Ok(())
     }
 
+    /// Every transaction of the files held so far has ended (the stream reached a
+    /// boundary): none of them is open any more.
+    pub fn boundary(&mut self) {
+        let mut groups: Vec<&mut Vec<Held>> = Vec::new();
+        groups.extend(self.due.values_mut());
+        for c in self.copies.values_mut() {
+            groups.extend(c.tables.values_mut().map(|t| &mut t.held));
+        }
+        groups.extend(self.early_held.values_mut());
+        for h in groups.into_iter().flatten() {
+            h.open = false;
+        }
+    }
+
     /// A copy's point came through the stream, after every file written before it: the
     /// files held for its tables while it was due are sorted out against the point.
     /// Those wholly before it are in the copy and are deleted; those after it wait for
@@ -235,6 +259,7 @@ impl Handoff {
                     schema: held.schema.clone(),
                     name: held.name.clone(),
                     pending: Some(pending),
+                    open: held.open,
                 })
             }
             None => None,
@@ -279,14 +304,16 @@ impl Handoff {
         }
     }
 
-    /// Copies whose point has come and whose rows are uploaded: publish them now.
-    pub fn take_ready(&mut self) -> Vec<Ready> {
+    /// Copies whose point has come and whose rows are uploaded: publish them now. Not
+    /// at a transaction boundary (`at_boundary` false), a copy that holds a file of a
+    /// transaction still open waits for the boundary.
+    pub fn take_ready(&mut self, at_boundary: bool) -> Vec<Ready> {
         let mut out = Vec::new();
         for state in self.copies.values_mut() {
             let ready: Vec<String> = state
                 .tables
                 .iter()
-                .filter(|(_, t)| t.copied.is_some())
+                .filter(|(_, t)| t.is_ready(at_boundary))
                 .map(|(n, _)| n.clone())
                 .collect();
             for name in ready {
@@ -308,11 +335,11 @@ impl Handoff {
         out
     }
 
-    /// Whether any copy result is waiting to be published.
-    pub fn has_ready(&self) -> bool {
+    /// Whether any copy result is waiting to be published (see [`Handoff::take_ready`]).
+    pub fn has_ready(&self, at_boundary: bool) -> bool {
         self.copies
             .values()
-            .any(|c| c.tables.values().any(|t| t.copied.is_some()))
+            .any(|c| c.tables.values().any(|t| t.is_ready(at_boundary)))
     }
 
     /// The copy of `table` is published: what waits for it from now on goes out at once.

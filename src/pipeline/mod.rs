@@ -488,9 +488,6 @@ async fn stream(
         unrepresentable: cfg.sink.unrepresentable,
         partitions: Arc::new(cfg.partitions.clone()),
     };
-    if let Some(p) = initial {
-        p.spawn(&env, copy_tx.clone());
-    }
     let copies_stop = env.shutdown.clone();
 
     let buffer = StreamBuffer::new(
@@ -514,8 +511,8 @@ async fn stream(
     let initial_mode = cfg.snapshot == SnapshotMode::Initial;
     let mut copier = copier::Copier::new(copier::CopierInit {
         cfg: cfg.clone(),
-        env,
-        results: copy_tx,
+        env: env.clone(),
+        results: copy_tx.clone(),
         requests: requests_tx,
         published: published_rx,
         stop: copier_stop.clone(),
@@ -524,12 +521,23 @@ async fn stream(
         running,
         next_id: 1,
     });
-    // Copies due now are due from the stream's first message on.
+    // Copies due now are due from the stream's first message on. The last step that
+    // may fail before the tasks start: from the initial copy's spawn on, every task of
+    // the attempt is waited for on every path.
     let due_now = copier.due_at_start().await.map_err(fail)?;
     let outstanding = usize::from(!due_now.is_empty());
     for t in due_now {
         gates.insert(t, Gate::Due);
     }
+    // A table that left while walshore was stopped is recorded as gone once the stream
+    // has passed its departure: `sync` streams that far.
+    let target = target.map(|t| t.max(copier.departures_before().unwrap_or(Lsn::ZERO)));
+    if let Some(p) = initial {
+        p.spawn(&env, copy_tx);
+    } else {
+        drop(copy_tx);
+    }
+    drop(env);
     // A stage that fails stops the copies at once: the attempt is over, and a copy of an
     // hour must not hold the retry (or the error) back.
     let batch = tokio::spawn(stop_copies_on_error(

@@ -75,16 +75,35 @@ struct SinkState {
     summary: Summary,
     /// Uploaded, not yet committed: the open transactions' files.
     uncommitted: Vec<WrittenObject>,
-    /// Recorded with the next commit.
-    left: Vec<String>,
+    /// How many of `uncommitted` a commit between boundaries has announced again in a
+    /// pending record of `carried` (their own records are completed by that commit).
+    carried_upto: usize,
+    /// Pending records announcing files of `uncommitted`: completed by the boundary
+    /// commit that publishes them.
+    carried: Vec<object_store::path::Path>,
+    /// The end of the last transaction the sink has all files of: a commit between
+    /// boundaries records this position (what it publishes lies before it).
+    boundary: Lsn,
+    /// Departures to record once a commit reaches their position (`CopyMsg::Left`).
+    left: Vec<Departure>,
     adopted: Vec<(String, TableIdentity)>,
     oids: Vec<(String, u32)>,
     /// When the first flush of the next commit reached the sink (commit duration).
     flush_started: Option<std::time::Instant>,
 }
 
+/// A table that left the publication, recorded by the first commit at or past `at`.
+struct Departure {
+    table: String,
+    at: Lsn,
+    keep_oid: bool,
+}
+
 pub(super) async fn sink_task(mut t: SinkTask) -> (Summary, Checkpoint, Result<(), PipelineError>) {
-    let mut st = SinkState::default();
+    let mut st = SinkState {
+        boundary: t.checkpoint.position(),
+        ..SinkState::default()
+    };
     let result = t.run(&mut st).await;
     (st.summary, t.checkpoint, result)
 }
@@ -133,11 +152,11 @@ impl SinkTask {
                     Some(CopyMsg::Failed(e)) => return Err(e.into()),
                     Some(CopyMsg::Copied(c)) => {
                         self.handoff.copied(c);
-                        if self.handoff.has_ready() && (st.uncommitted.is_empty() || !input_open) {
+                        if self.handoff.has_ready(false) {
                             self.commit(st, None).await?;
                         }
                     }
-                    Some(CopyMsg::Left(table)) => st.left.push(table),
+                    Some(CopyMsg::Left { table, at, keep_oid }) => st.left.push(Departure { table, at, keep_oid }),
                     Some(CopyMsg::Adopted(table, identity)) => st.adopted.push((table, identity)),
                 },
                 else => break,
@@ -149,7 +168,16 @@ impl SinkTask {
     async fn on_msg(&mut self, st: &mut SinkState, msg: SinkMsg) -> Result<(), PipelineError> {
         let taken = match msg {
             SinkMsg::Idle(lsn) => {
+                // Nothing buffered or in flight up to `lsn`: every transaction before it
+                // has ended.
                 if st.uncommitted.is_empty() {
+                    self.handoff.boundary();
+                    st.boundary = st.boundary.max(lsn);
+                    if st.left.iter().any(|d| d.at <= lsn) {
+                        // A departure the stream has now passed: recorded without waiting
+                        // for a change (an idle publication may not have one for long).
+                        return self.commit(st, Some((lsn, None))).await;
+                    }
                     advance(&self.confirm, lsn);
                     crate::telemetry::STATE.committed(lsn.0, None);
                 }
@@ -191,6 +219,7 @@ impl SinkTask {
                     schema,
                     name,
                     pending: None,
+                    open: taken.end_lsn.is_none(),
                 };
                 if let Placed::Publish(f) = self.handoff.place(held, hold) {
                     st.uncommitted.push(f);
@@ -205,20 +234,29 @@ impl SinkTask {
         }
         st.oids.extend(taken.oids);
         match taken.end_lsn {
-            Some(end_lsn) => self.commit(st, Some((end_lsn, taken.commit_ts))).await,
+            Some(end_lsn) => {
+                self.handoff.boundary();
+                self.commit(st, Some((end_lsn, taken.commit_ts))).await
+            }
             // A copy whose rows were uploaded before its point came is published now.
-            None if self.handoff.has_ready() && st.uncommitted.is_empty() => self.commit(st, None).await,
+            None if self.handoff.has_ready(false) => self.commit(st, None).await,
             None => Ok(()),
         }
     }
 
     /// Commits at a transaction boundary (`boundary`: the end of the last transaction
-    /// handed over, and its commit time), or with only the ready copies (None).
+    /// handed over, and its commit time), or between boundaries (None) with only the
+    /// ready copies whose files belong to ended transactions; such a commit records the
+    /// last boundary the sink has reached, and never a file of an open transaction.
     async fn commit(&mut self, st: &mut SinkState, boundary: Option<(Lsn, Option<i64>)>) -> Result<(), PipelineError> {
         let commit_started = std::time::Instant::now();
         let mut files = Vec::new();
-        if boundary.is_some() {
+        let mut extras = CommitExtras::default();
+        if let Some((end_lsn, _)) = boundary {
             files = std::mem::take(&mut st.uncommitted);
+            st.carried_upto = 0;
+            extras.completes.extend(st.carried.drain(..).map(|p| p.to_string()));
+            st.boundary = st.boundary.max(end_lsn);
         }
         let floor = self.checkpoint.head().seq + 1;
         // Held files outlive this commit's pending records: announce them again, so
@@ -226,10 +264,9 @@ impl SinkTask {
         self.handoff
             .announce_held(self.sink.store().as_ref(), &self.run_id, floor)
             .await?;
-        let mut extras = CommitExtras::default();
         let mut requests = Vec::new();
         let mut published = Vec::new();
-        for ready in self.handoff.take_ready() {
+        for ready in self.handoff.take_ready(boundary.is_some()) {
             let c = ready.copied;
             let recorded = self.schemas.get(&c.table).cloned().unwrap_or_default();
             if let Some(next) = recorded.merge(&c.relation).map_err(|e| retype(&c.table, e, c.lsn))? {
@@ -270,13 +307,24 @@ impl SinkTask {
         extras
             .completes
             .extend(self.handoff.take_retired().iter().map(|p| p.to_string()));
-        extras.left = std::mem::take(&mut st.left);
+        let (end_lsn, commit_ts) = boundary.unwrap_or((st.boundary, None));
+        // A copy published now starts its table over: a departure seen before it is
+        // superseded. The others wait until the stream has passed them.
+        st.left.retain(|d| !extras.copied.iter().any(|(t, ..)| *t == d.table));
+        let recorded = end_lsn.max(self.checkpoint.position());
+        for d in st.left.extract_if(.., |d| d.at <= recorded) {
+            if d.keep_oid {
+                extras.departed.push(d.table);
+            } else {
+                extras.left.push(d.table);
+            }
+        }
         extras.adopted = std::mem::take(&mut st.adopted);
         extras.oids = std::mem::take(&mut st.oids);
-        let (end_lsn, commit_ts) = boundary.unwrap_or((Lsn::ZERO, None));
         let nothing = files.is_empty()
             && extras.copied.is_empty()
             && extras.left.is_empty()
+            && extras.departed.is_empty()
             && extras.adopted.is_empty()
             && extras.oids.is_empty()
             && extras.completes.is_empty();
@@ -288,6 +336,19 @@ impl SinkTask {
                 st.flush_started = None;
             }
             return Ok(());
+        }
+        if boundary.is_none() && st.carried_upto < st.uncommitted.len() {
+            // This commit completes the pending records of the files uploaded since the
+            // last one, and some of those belong to open transactions: announce them
+            // again, so that a crash before their own commit still deletes them.
+            let keys = st.uncommitted[st.carried_upto..]
+                .iter()
+                .map(|f| f.key.clone())
+                .collect();
+            let pending =
+                crate::checkpoint::announce_copy(self.sink.store().as_ref(), floor, &self.run_id, keys).await?;
+            st.carried.push(pending);
+            st.carried_upto = st.uncommitted.len();
         }
         let (n_files, rows, bytes) = (
             files.len(),
@@ -306,7 +367,7 @@ impl SinkTask {
         }
         self.checkpoint.set_watermarks(*self.marks.borrow());
         let tables_copied: Vec<String> = extras.copied.iter().map(|(t, ..)| t.clone()).collect();
-        let left = extras.left.clone();
+        let left: Vec<String> = extras.left.iter().chain(&extras.departed).cloned().collect();
         let record = self
             .checkpoint
             .commit_files(&self.run_id, end_lsn, commit_ts, files, extras)

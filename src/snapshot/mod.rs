@@ -219,8 +219,10 @@ pub enum CopyMsg {
     Copied(TableCopied),
     /// A copy failed; the pipeline stops (and a retry copies the table again).
     Failed(SnapshotError),
-    /// A table left the publication: its point and identity go with the next commit.
-    Left(String),
+    /// A table left the publication. Its changes before it left come before `at` in the
+    /// stream, so the sink records the departure (its point and identity go, or only
+    /// its membership with `keep_oid`) with the first commit at or past `at`.
+    Left { table: String, at: Lsn, keep_oid: bool },
     /// The identity of a table a lake from before identities holds, adopted as found.
     Adopted(String, TableIdentity),
 }

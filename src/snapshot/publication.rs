@@ -55,6 +55,7 @@ pub async fn members(
                 TableIdentity {
                     oid: r.get(1),
                     membership: r.get(2),
+                    departed: false,
                 },
             )
         })

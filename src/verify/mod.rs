@@ -367,7 +367,7 @@ fn unverifiable(
                 identity.oid, table.relation.id
             ));
         }
-        if cfg.snapshot == SnapshotMode::Initial && identity.membership != table.identity.membership {
+        if cfg.snapshot == SnapshotMode::Initial && (identity.departed || !identity.continues_as(&table.identity)) {
             return Some(format!(
                 "it left the publication and came back: walshore copies it again; {AGAIN}"
             ));

@@ -33,8 +33,43 @@ pub enum Mode {
     AwsJsonError(&'static str),
 }
 
+/// What an HTTP [`Rule`] does to a request it matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Answer with this S3 error status; the server never sees the request.
+    Answer(u16),
+    /// Forward the request, then answer with this S3 error status instead of the
+    /// server's reply: the request took effect and its reply was lost.
+    LoseReply(u16),
+}
+
+/// A fault for some HTTP requests only: those whose method is `method`, whose path
+/// contains `path`, and (when given) that carry the header `header`. The first `skip`
+/// matches pass; the next `times` get `action`; the rest pass again. With `after`, the
+/// rule counts matches only once the rule of that index has acted.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub method: &'static str,
+    pub path: String,
+    pub header: Option<&'static str>,
+    pub skip: u64,
+    pub times: u64,
+    pub action: Action,
+    pub after: Option<usize>,
+}
+
+struct Armed {
+    rule: Rule,
+    seen: u64,
+    acted: u64,
+}
+
 struct Shared {
     mode: Mutex<Mode>,
+    /// With rules, every connection is handled a request at a time.
+    rules: Mutex<Vec<Armed>>,
+    /// Requests a rule acted on.
+    pub ruled: AtomicU64,
     /// Bumped by every mode change; stalled pumps wait on it.
     changed: watch::Sender<u64>,
     /// Bumped by `cut`: every open connection closes.
@@ -56,6 +91,8 @@ impl Proxy {
     pub fn start(upstream: u16) -> Proxy {
         let shared = Arc::new(Shared {
             mode: Mutex::new(Mode::Forward),
+            rules: Mutex::new(Vec::new()),
+            ruled: AtomicU64::new(0),
             changed: watch::channel(0).0,
             cuts: watch::channel(0).0,
             connections: AtomicU64::new(0),
@@ -111,6 +148,26 @@ impl Proxy {
         }
     }
 
+    /// Handles HTTP a request at a time from now on (every connection is cut: a new one
+    /// is read request by request), applying `rules`; an empty list goes back to
+    /// forwarding bytes.
+    pub fn set_rules(&self, rules: Vec<Rule>) {
+        *self.shared.rules.lock().unwrap() = rules
+            .into_iter()
+            .map(|rule| Armed {
+                rule,
+                seen: 0,
+                acted: 0,
+            })
+            .collect();
+        self.cut();
+    }
+
+    /// Requests a rule has acted on so far.
+    pub fn ruled(&self) -> u64 {
+        self.shared.ruled.load(Ordering::SeqCst)
+    }
+
     /// Closes every open connection (new ones are handled by the current mode).
     pub fn cut(&self) {
         self.shared.cuts.send_modify(|g| *g += 1);
@@ -146,6 +203,13 @@ impl Drop for Proxy {
 async fn connection(mut client: TcpStream, upstream: SocketAddr, s: Arc<Shared>) {
     let mode = *s.mode.lock().unwrap();
     let mut cut = s.cuts.subscribe();
+    if !s.rules.lock().unwrap().is_empty() {
+        tokio::select! {
+            _ = by_request(&mut client, upstream, &s) => {}
+            _ = cut.changed() => {}
+        }
+        return;
+    }
     match mode {
         Mode::HttpStatus(_) | Mode::AwsJsonError(_) => {
             let reply = match mode {
@@ -228,9 +292,115 @@ async fn pump(
     }
 }
 
+/// One HTTP request (head and Content-Length body) read from `client`, or None at its
+/// end. Requests with a chunked body are not read (the S3 client sends lengths).
+async fn read_request(client: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, Vec<u8>)> {
+    let mut chunk = vec![0u8; 64 * 1024];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match client.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let lower = head.to_ascii_lowercase();
+    assert!(
+        !lower.contains("transfer-encoding: chunked"),
+        "the test proxy's rules read Content-Length bodies only"
+    );
+    let body_len: usize = lower
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + body_len {
+        match client.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let body = buf[head_end..head_end + body_len].to_vec();
+    buf.drain(..head_end + body_len);
+    Some((head, body))
+}
+
+/// What the rules say of a request: the first rule it matches counts it.
+fn ruling(s: &Shared, head: &str) -> Option<Action> {
+    let mut first = head.lines().next().unwrap_or_default().split_whitespace();
+    let (method, path) = (first.next().unwrap_or_default(), first.next().unwrap_or_default());
+    let lower = head.to_ascii_lowercase();
+    let mut rules = s.rules.lock().unwrap();
+    let acted: Vec<u64> = rules.iter().map(|a| a.acted).collect();
+    let armed = rules.iter_mut().find(|a| {
+        a.rule.method == method
+            && path.contains(a.rule.path.as_str())
+            && a.rule
+                .header
+                .is_none_or(|h| lower.contains(&format!("\r\n{}:", h.to_ascii_lowercase())))
+            && a.rule.after.is_none_or(|i| acted[i] > 0)
+    })?;
+    armed.seen += 1;
+    let acts = armed.seen > armed.rule.skip && armed.seen <= armed.rule.skip + armed.rule.times;
+    if acts {
+        armed.acted += 1;
+    }
+    acts.then_some(armed.rule.action)
+}
+
+/// Serves a client a request at a time: each is forwarded on a connection of its own
+/// (asked to close, so that the reply ends with it) unless a rule answers it; the
+/// client's connection is closed after each reply.
+async fn by_request(client: &mut TcpStream, upstream: SocketAddr, s: &Shared) {
+    let mut buf = Vec::new();
+    let Some((head, body)) = read_request(client, &mut buf).await else {
+        return;
+    };
+    let action = ruling(s, &head);
+    if let Some(Action::Answer(status)) = action {
+        s.ruled.fetch_add(1, Ordering::SeqCst);
+        let _ = client.write_all(s3_error(status).as_bytes()).await;
+        return;
+    }
+    let Ok(mut server) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let head: String = head
+        .trim_end()
+        .lines()
+        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    if server
+        .write_all(format!("{head}Connection: close\r\n\r\n").as_bytes())
+        .await
+        .is_err()
+        || server.write_all(&body).await.is_err()
+    {
+        return;
+    }
+    let mut reply = Vec::new();
+    if server.read_to_end(&mut reply).await.is_err() {
+        return;
+    }
+    s.bytes
+        .fetch_add((head.len() + body.len() + reply.len()) as u64, Ordering::Relaxed);
+    let reply = match action {
+        Some(Action::LoseReply(status)) => {
+            s.ruled.fetch_add(1, Ordering::SeqCst);
+            s3_error(status).into_bytes()
+        }
+        _ => reply,
+    };
+    let _ = client.write_all(&reply).await;
+}
+
 /// S3's answer when it is unavailable or failing: `status` with an XML error body.
 fn s3_error(status: u16) -> String {
     let (code, reason) = match status {
+        403 => ("AccessDenied", "Forbidden"),
         500 => ("InternalError", "Internal Server Error"),
         503 => ("SlowDown", "Service Unavailable"),
         _ => ("InternalError", "Error"),
@@ -239,7 +409,7 @@ fn s3_error(status: u16) -> String {
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>"
     );
     format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
 }
