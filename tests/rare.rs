@@ -513,3 +513,93 @@ async fn a_failed_read_back_of_our_own_commit_deletes_nothing() {
     );
     assert_no_orphans(&config).await;
 }
+
+/// A housekeeping pass fails (the store refuses to list the pending records once); the
+/// next pass, an interval later, sweeps as ever: here, another writer's late file.
+#[tokio::test]
+async fn housekeeping_goes_on_after_a_failed_pass() {
+    set_fake_aws_env();
+    let moto = Moto::start("lake");
+    let proxy = Proxy::start(moto.port);
+    let l = lab(
+        &[],
+        "CREATE TABLE trades (id int PRIMARY KEY, v text); CREATE PUBLICATION pub FOR TABLE trades;",
+        "",
+        "",
+    )
+    .await;
+    let s3 = SinkKind::S3 {
+        moto: &moto,
+        bucket: "lake",
+        prefix: "housekeeping",
+    };
+    let direct = write_config(
+        l.dir.path(),
+        &l.cluster.url("postgres", "postgres"),
+        "pub",
+        "walshore",
+        &s3,
+        "",
+        "",
+    );
+    let config = l.dir.path().join("through-proxy.toml");
+    let port = free_port();
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&direct)
+            .unwrap()
+            .replace(&moto.endpoint(), &format!("http://127.0.0.1:{}", proxy.port))
+            .replace("mode = \"never\"", "mode = \"never\"\npoll_interval = \"500ms\"")
+            + &format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+    sync(&config);
+    // The start lists the pending records once (recovery); housekeeping's first pass
+    // lists them next, and is refused.
+    proxy.set_rules(vec![Rule {
+        method: "GET",
+        path: "_walshore%2Fpending".into(),
+        header: None,
+        skip: 1,
+        times: 1,
+        action: Action::Answer(403),
+        after: None,
+    }]);
+    let run = spawn_run(&config);
+    let _log = LogOnPanic::new(&run);
+    wait_for(Duration::from_secs(30), "the refused pass", || proxy.ruled() == 1);
+    // Another writer's upload that no commit will name, announced by its own record.
+    let store = open_lake(&direct);
+    let late = object_store::path::Path::from("public/trades/dt=2026-01-01/late.parquet");
+    let record = serde_json::json!({
+        "seq": 1,
+        "run_id": "otherhost-1-abcd-000000000001",
+        "keys": [late.to_string()],
+    });
+    use object_store::ObjectStoreExt;
+    store
+        .put(
+            &object_store::path::Path::from("_walshore/pending/00000000000000000001-copy-00000000deadbeef.json"),
+            serde_json::to_vec(&record).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    store.put(&late, b"not committed".to_vec().into()).await.unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the next pass to delete the late file",
+        || async { store.head(&late).await.is_err() },
+    )
+    .await;
+    let errors = scrape(port)
+        .get("walshore_housekeeping_errors_total")
+        .copied()
+        .unwrap_or(0.0);
+    assert_eq!(errors, 1.0, "the failed pass is counted");
+    let (code, stderr) = stop(run);
+    assert!(code.success(), "{stderr}");
+    assert!(
+        stderr.contains("log housekeeping failed; it runs again at the next interval"),
+        "{stderr}"
+    );
+}

@@ -11,6 +11,12 @@
 //! them exist and the head has passed them; a folded record older than
 //! `sink.log_retention` is deleted. A reader that needs every committed file (tests,
 //! `verify`) reads the checkpoints, then the records after the last one.
+//!
+//! Readers learn both from a durable head, so each step waits for the one before it to
+//! be recorded by a commit: a chunk is marked pruned (`pruned` in the next commit) only
+//! once a head records it folded, and its records are deleted only once a head records
+//! it pruned. A record missing below a head's `pruned` is therefore pruned, and every
+//! record after a head's `folded` exists, whatever housekeeping did since.
 
 use std::sync::Arc;
 
@@ -131,47 +137,79 @@ pub(crate) async fn write_hint(store: &dyn ObjectStore, seq: u64) {
     }
 }
 
-/// How far folding and pruning have come (carried in every commit record).
+/// How far folding and pruning have come (carried in every commit record): records
+/// `1..=folded` are in checkpoints, records `1..=pruned` are (or are about to be)
+/// deleted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Watermarks {
     pub folded: u64,
     pub pruned: u64,
 }
 
-/// One step of log housekeeping: folds the next chunk of records into a checkpoint when
-/// the head has passed it, else prunes the next folded chunk whose newest record is
-/// older than `retention`. Returns the new watermarks, or None when there is nothing to
+/// One step of log housekeeping against the durable `head`: folds the next chunk of
+/// records into a checkpoint when the head has passed it, else marks pruned the next
+/// chunk the head records as folded whose newest record is older than `retention`.
+/// Returns the new watermarks (for the next commit), or None when there is nothing to
 /// do. Every step is idempotent: a crash in the middle is finished by the next one.
+/// Records are deleted by [`delete_pruned`], once a head records the mark.
 pub async fn fold_or_prune(
     store: &Arc<dyn ObjectStore>,
-    head_seq: u64,
+    head: &CommitRecord,
     marks: Watermarks,
     retention: std::time::Duration,
 ) -> Result<Option<Watermarks>, CheckpointError> {
     // Only whole chunks that the head has passed: their records never change again.
-    if marks.folded + FOLD < head_seq {
+    if marks.folded + FOLD < head.seq {
         let first = marks.folded + 1;
         let last = marks.folded + FOLD;
         fold(store, first, last).await?;
         return Ok(Some(Watermarks { folded: last, ..marks }));
     }
-    if marks.pruned < marks.folded {
-        let first = marks.pruned + 1;
-        let last = (marks.pruned + FOLD).min(marks.folded);
+    let folded = marks.folded.min(head.folded);
+    if marks.pruned < folded {
+        let last = (marks.pruned + FOLD).min(folded);
         let cp: CheckpointRecord = read_json(store.as_ref(), &checkpoint_key(last)).await?;
         let age = crate::checkpoint::record::now_micros() - cp.last_written_at;
         if age < retention.as_micros() as i64 {
             return Ok(None);
         }
-        delete_all(store.as_ref(), (first..=last).map(commit_key).collect()).await?;
+        return Ok(Some(Watermarks { pruned: last, ..marks }));
+    }
+    Ok(None)
+}
+
+/// Deletes the records a durable head marks pruned (`head_pruned`), from `deleted` + 1
+/// on; `deleted` (None at a start) tracks how far that has come. At a start, the
+/// records below the mark are gone but for a crash between a mark's commit and its
+/// deletes: the chunks whose last record is still there are deleted again.
+pub async fn delete_pruned(
+    store: &dyn ObjectStore,
+    head_pruned: u64,
+    deleted: &mut Option<u64>,
+) -> Result<(), CheckpointError> {
+    let mut done = match *deleted {
+        Some(d) => d,
+        None => {
+            let mut d = head_pruned;
+            while d > 0 && store.head(&commit_key(d)).await.is_ok() {
+                d = d.saturating_sub(FOLD);
+            }
+            d
+        }
+    };
+    while done < head_pruned {
+        let (first, last) = (done + 1, (done + FOLD).min(head_pruned));
+        delete_all(store, (first..=last).map(commit_key).collect()).await?;
         tracing::info!(
             first,
             last,
             "pruned commit records older than sink.log_retention (kept in a checkpoint)"
         );
-        return Ok(Some(Watermarks { pruned: last, ..marks }));
+        done = last;
+        *deleted = Some(done);
     }
-    Ok(None)
+    *deleted = Some(done);
+    Ok(())
 }
 
 /// Deletes `keys`; one already gone is not an error.

@@ -96,7 +96,7 @@ use crate::batch::schema::LakeSchema;
 use crate::lsn::Lsn;
 use crate::retry::Retry;
 use crate::sink::WrittenObject;
-pub use log::{FOLD, Watermarks, committed_files, fold_or_prune, read_head};
+pub use log::{FOLD, Watermarks, committed_files, delete_pruned, fold_or_prune, read_head};
 use log::{commit_key, read_json, write_hint};
 pub use pending::{FOREIGN_GRACE, Sweeper, announce_copy, announced_keys};
 pub use record::{CommitExtras, CommitRecord, PendingRecord, TableIdentity, TableStats};
@@ -427,16 +427,69 @@ mod tests {
         assert_eq!(read_head(store.as_ref()).await.unwrap().unwrap().seq, 40);
     }
 
+    /// Housekeeping's passes until it has nothing left to do, as the running writer
+    /// makes them between its commits.
+    async fn housekeeping(
+        store: &Arc<dyn ObjectStore>,
+        marks: &mut Watermarks,
+        deleted: &mut Option<u64>,
+        retention: std::time::Duration,
+    ) {
+        loop {
+            let head = read_head(store.as_ref()).await.unwrap().unwrap();
+            log::delete_pruned(store.as_ref(), head.pruned, deleted).await.unwrap();
+            match fold_or_prune(store, &head, *marks, retention).await.unwrap() {
+                Some(next) => *marks = next,
+                None => break,
+            }
+        }
+    }
+
+    /// What a reader finds now: the whole manifest, and every record missing below the
+    /// head is below its `pruned`.
+    async fn assert_readable(store: &Arc<dyn ObjectStore>, expected: &[String]) {
+        let files: Vec<String> = committed_files(store.as_ref())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|f| f.key)
+            .collect();
+        assert_eq!(files, expected);
+        let head = read_head(store.as_ref()).await.unwrap().unwrap();
+        for seq in 1..=head.seq {
+            if log::read_commit(store.as_ref(), seq).await.unwrap().is_none() {
+                assert!(
+                    seq <= head.pruned,
+                    "record {seq} is gone, the head says pruned through {}",
+                    head.pruned
+                );
+            }
+        }
+    }
+
     #[tokio::test]
-    async fn folding_and_pruning_keep_every_committed_file_named() {
+    async fn folding_and_pruning_keep_every_committed_file_named_at_every_step() {
         let (dir, store) = local();
         let mut c = commits(&store, 2 * FOLD + 5).await;
+        let mut expected: Vec<String> = (2..=2 * FOLD + 5).map(|i| format!("f{i}")).collect();
+        let commit = async |c: &mut Checkpoint, marks: Watermarks, name: &str, expected: &mut Vec<String>| {
+            c.set_watermarks(marks);
+            let lsn = Lsn((c.head().seq + 1) * 8);
+            c.commit_files(
+                "host-1-aaaa-000000000001",
+                lsn,
+                None,
+                vec![file(name)],
+                Default::default(),
+            )
+            .await
+            .unwrap();
+            expected.push(name.to_owned());
+        };
+        let (mut marks, mut deleted) = (Watermarks::default(), None);
+        // Two chunks are folded; with a day's retention none is pruned.
         let day = std::time::Duration::from_secs(86_400);
-        let mut marks = Watermarks::default();
-        // Two chunks are folded; none is old enough to prune yet.
-        while let Some(next) = fold_or_prune(&store, c.head().seq, marks, day).await.unwrap() {
-            marks = next;
-        }
+        housekeeping(&store, &mut marks, &mut deleted, day).await;
         assert_eq!(
             marks,
             Watermarks {
@@ -444,14 +497,11 @@ mod tests {
                 pruned: 0
             }
         );
-        // With no retention, both are pruned; the head and the records after the last
-        // checkpoint stay.
-        while let Some(next) = fold_or_prune(&store, c.head().seq, marks, std::time::Duration::ZERO)
-            .await
-            .unwrap()
-        {
-            marks = next;
-        }
+        assert_readable(&store, &expected).await;
+        // Without retention: nothing is pruned before a commit records the folding,
+        commit(&mut c, marks, "a", &mut expected).await;
+        let zero = std::time::Duration::ZERO;
+        housekeeping(&store, &mut marks, &mut deleted, zero).await;
         assert_eq!(
             marks,
             Watermarks {
@@ -459,29 +509,24 @@ mod tests {
                 pruned: 2 * FOLD
             }
         );
-        let left = std::fs::read_dir(dir.path().join("_walshore/commits")).unwrap().count();
-        assert_eq!(left, 5);
-        // The next commit records the watermarks; the manifest is whole.
-        c.set_watermarks(marks);
-        c.commit_files(
-            "host-1-aaaa-000000000001",
-            Lsn(1 << 20),
-            None,
-            vec![file("last")],
-            Default::default(),
-        )
-        .await
-        .unwrap();
-        let files: Vec<String> = committed_files(store.as_ref())
+        assert_readable(&store, &expected).await;
+        let records = || std::fs::read_dir(dir.path().join("_walshore/commits")).unwrap().count();
+        assert_eq!(records(), 2 * FOLD as usize + 6, "marked pruned, nothing deleted yet");
+        // ... and nothing is deleted before a commit records the pruning.
+        commit(&mut c, marks, "b", &mut expected).await;
+        housekeeping(&store, &mut marks, &mut deleted, zero).await;
+        assert_readable(&store, &expected).await;
+        assert_eq!(records(), 7, "the head and the records after the last checkpoint stay");
+        let head = read_head(store.as_ref()).await.unwrap().unwrap();
+        assert_eq!((head.folded, head.pruned), (2 * FOLD, 2 * FOLD));
+        // A start after a crash between the commit of a mark and its deletes deletes them.
+        std::fs::write(dir.path().join(log::commit_key(2 * FOLD).as_ref()), b"{}").unwrap();
+        let mut after_start = None;
+        log::delete_pruned(store.as_ref(), head.pruned, &mut after_start)
             .await
-            .unwrap()
-            .into_iter()
-            .map(|f| f.key)
-            .collect();
-        let mut expected: Vec<String> = (2..=2 * FOLD + 5).map(|i| format!("f{i}")).collect();
-        expected.push("last".into());
-        assert_eq!(files, expected);
-        assert_eq!(read_head(store.as_ref()).await.unwrap().unwrap().folded, 2 * FOLD);
+            .unwrap();
+        assert_eq!(after_start, Some(2 * FOLD));
+        assert_eq!(records(), 7);
     }
 
     #[tokio::test]

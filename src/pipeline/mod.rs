@@ -617,7 +617,7 @@ async fn stream(
     tracker.close();
     tracker.wait().await;
     housekeeping_stop.cancel();
-    let kept = housekeeping.await.unwrap_or_else(|e| Err(task(e)));
+    let kept = housekeeping.await;
     let batch = b.unwrap_or_else(|e| Err(task(e)));
     let copier = c.unwrap_or_else(|e| Err(task(e)));
     let (summary, _, sunk) = d.map_err(|e| (task(e), Summary::default()))?;
@@ -629,7 +629,7 @@ async fn stream(
         return Err((e, summary));
     }
     if let Err(e) = kept {
-        tracing::warn!(error = %ErrorChain(&e), "log housekeeping failed; it runs again at the next start");
+        tracing::warn!(error = %e, "log housekeeping ended abnormally");
     }
     Ok(summary)
 }

@@ -61,6 +61,7 @@ pub mod names {
     pub const NOTIFY_BACKLOG: &str = "walshore_notification_backlog_commits";
     pub const VERIFY_FINISHED: &str = "walshore_verify_finished_timestamp_seconds";
     pub const VERIFY_TABLES: &str = "walshore_verify_tables";
+    pub const HOUSEKEEPING_ERRORS: &str = "walshore_housekeeping_errors_total";
 
     /// Every name above (docs and the dashboard are checked against it).
     pub const ALL: &[&str] = &[
@@ -101,6 +102,7 @@ pub mod names {
         NOTIFY_BACKLOG,
         VERIFY_FINISHED,
         VERIFY_TABLES,
+        HOUSEKEEPING_ERRORS,
     ];
 }
 
@@ -283,6 +285,10 @@ fn describe() {
         "commits never announced: their records were pruned (sink.log_retention) before delivery"
     );
     describe_gauge!(NOTIFY_BACKLOG, "commits made and not yet announced to the target");
+    describe_counter!(
+        HOUSEKEEPING_ERRORS,
+        "housekeeping passes that failed (sweep of other writers' files, folding, pruning); each is tried again at the next interval"
+    );
 }
 
 /// Seconds since the Unix epoch, now.
