@@ -603,3 +603,77 @@ async fn housekeeping_goes_on_after_a_failed_pass() {
         "{stderr}"
     );
 }
+
+/// `walshore verify` with no walshore streaming peeks for changes waiting in the slot;
+/// a walshore that starts while the peek decodes a large backlog takes the slot and
+/// streams, and verify then finds the lake equal.
+#[tokio::test]
+async fn a_walshore_started_during_verifys_peek_streams_as_ever() {
+    let l = lab(
+        &[],
+        "CREATE TABLE trades (id int PRIMARY KEY, v text); CREATE TABLE noise (id int, v text);
+         CREATE PUBLICATION pub FOR TABLE trades;",
+        "",
+        "",
+    )
+    .await;
+    sync(&l.config);
+    // Seconds of WAL to decode (of a table outside the publication), and a few changes.
+    l.client
+        .batch_execute(
+            "INSERT INTO noise SELECT i, 'x' FROM generate_series(1, 3000000) i;
+             INSERT INTO trades SELECT i, 'x' || i FROM generate_series(1, 1000) i",
+        )
+        .await
+        .unwrap();
+    let mut verify = std::process::Command::new(BIN)
+        .args([
+            "verify",
+            "--config",
+            l.config.to_str().unwrap(),
+            "--format",
+            "json",
+            "--timeout",
+            "5m",
+        ])
+        .env("WALSHORE_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(60), "verify's peek", || async {
+        let n: i64 = l
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'walshore verify'
+                 AND state = 'active' AND query LIKE '%peek_binary_changes%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n > 0
+    })
+    .await;
+    let (ok, stderr) = sync_within(&l.config, Duration::from_secs(120), &[]);
+    assert!(ok, "a sync started during the peek: {stderr}");
+    let out = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while verify.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "verify did not finish");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        verify.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(report["result"], "equal", "{report:#}");
+    assert_eq!(
+        slot_count(&l.client, false).await,
+        1,
+        "verify's copy of the slot is gone"
+    );
+    assert_table_equals(&l, "trades", "SELECT id::text, v FROM trades").await;
+}

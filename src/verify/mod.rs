@@ -14,10 +14,12 @@
 //! Before reading the lake, verify waits until it holds everything before the point:
 //! the lake's committed `end_lsn`, or the slot's `confirmed_flush_lsn` (walshore
 //! confirms only what its lake holds), has reached it. When no walshore streams from
-//! the slot, verify asks the slot itself, without consuming it
+//! the slot, verify asks a temporary copy of it (`pg_copy_logical_replication_slot`:
+//! the same position, the same plugin), without consuming anything
 //! (`pg_logical_slot_peek_binary_changes` up to the point): if no change of the
-//! publication waits there, the lake is complete up to the point. The peek holds the
-//! slot while it decodes, so a walshore started in that moment finds it taken.
+//! publication waits there, the lake is complete up to the point. The copy is what the
+//! peek holds while it decodes, never the slot itself, so a walshore that starts
+//! meanwhile streams as ever; the copy goes with verify's session.
 //!
 //! # Bounded memory
 //!
@@ -494,7 +496,8 @@ async fn wait_for_lake(
 }
 
 /// Changes of the publication committed before `point` that the slot has not yet
-/// delivered and confirmed, read without consuming them.
+/// delivered and confirmed, read without consuming them, from a temporary copy of the
+/// slot (dropped before this returns, and with the session in any case).
 async fn pending_changes(
     client: &tokio_postgres::Client,
     source: &crate::config::SourceConfig,
@@ -503,15 +506,28 @@ async fn pending_changes(
     // Up to the point − 1: a commit record starting at the point follows it, and no
     // record starts at point − 1 (records start on 8-byte boundaries).
     let upto = Lsn(point.0.saturating_sub(1)).to_string();
-    let row = client
+    let copy = format!("walshore_verify_{:016x}", rand::random::<u64>());
+    client
+        .query_one(
+            "SELECT 1 FROM pg_catalog.pg_copy_logical_replication_slot($1, $2, true)",
+            &[&source.slot, &copy],
+        )
+        .await?;
+    let peeked = client
         .query_one(
             "SELECT count(*) FROM pg_catalog.pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, NULL,
                  'proto_version', '1', 'publication_names', $3)
              WHERE get_byte(data, 0) IN (73, 85, 68, 84)",
-            &[&source.slot, &upto, &quote_ident(&source.publication)],
+            &[&copy, &upto, &quote_ident(&source.publication)],
         )
-        .await?;
-    Ok(row.get::<_, i64>(0) as u64)
+        .await;
+    if let Err(e) = client
+        .execute("SELECT pg_catalog.pg_drop_replication_slot($1)", &[&copy])
+        .await
+    {
+        tracing::debug!(slot = %copy, error = %e, "cannot drop verify's copy of the slot; it goes with the session");
+    }
+    Ok(peeked?.get::<_, i64>(0) as u64)
 }
 
 /// Reads the table's committed files (the part of them before the cutoff) into `lake`,
