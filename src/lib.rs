@@ -34,6 +34,7 @@ pub mod lsn;
 pub mod notify;
 pub mod pipeline;
 pub mod preflight;
+pub mod redact;
 pub mod resnapshot;
 pub mod retry;
 pub mod sink;

@@ -9,6 +9,13 @@ use walshore::config::{Config, ConfigError};
 use walshore::pipeline::{self, Mode};
 use walshore::retry::ErrorChain;
 
+/// `eprintln!` for the command line's own messages: URLs without their secrets.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        eprintln!("{}", walshore::redact::scrub(&format!($($arg)*)))
+    };
+}
+
 #[derive(Parser)]
 #[command(
     name = "walshore",
@@ -136,9 +143,10 @@ enum Command {
 fn init_logging(format: LogFormat, filter: &str) {
     let filter =
         tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Every line without a URL's credentials or query (`redact`).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| walshore::redact::Scrubbed(std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -147,11 +155,9 @@ fn init_logging(format: LogFormat, filter: &str) {
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
-        eprintln!("walshore: {e}");
+        say!("walshore: {e}");
         if matches!(e, ConfigError::Read { .. }) {
-            eprintln!(
-                "walshore: give an existing file with --config; the repository's config.toml documents every key"
-            );
+            say!("walshore: give an existing file with --config; the repository's config.toml documents every key");
         }
         ExitCode::from(2)
     })
@@ -192,7 +198,7 @@ async fn main() -> ExitCode {
             if failures == 0 {
                 ExitCode::SUCCESS
             } else {
-                eprintln!("walshore: {failures} check(s) failed");
+                say!("walshore: {failures} check(s) failed");
                 ExitCode::from(1)
             }
         }
@@ -207,7 +213,7 @@ async fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("walshore: status: {e:#}");
+                    say!("walshore: status: {e:#}");
                     ExitCode::from(1)
                 }
             }
@@ -227,7 +233,7 @@ async fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("walshore: resnapshot: {}", ErrorChain(&e));
+                    say!("walshore: resnapshot: {}", ErrorChain(&e));
                     ExitCode::from(e.exit_code())
                 }
             }
@@ -238,7 +244,7 @@ async fn main() -> ExitCode {
                 Err(code) => return code,
             };
             let Some(database) = database.or_else(|| cfg.glue.as_ref().map(|g| g.database.clone())) else {
-                eprintln!(
+                say!(
                     "walshore: athena-sql: no Glue database: set [catalog] database (kind = \"glue\") or pass --database"
                 );
                 return ExitCode::from(2);
@@ -251,7 +257,7 @@ async fn main() -> ExitCode {
             };
             match schemas {
                 Ok(s) if s.is_empty() => {
-                    eprintln!(
+                    say!(
                         "walshore: athena-sql: the lake at {} has no tables yet; run walshore first",
                         cfg.sink.url
                     );
@@ -262,7 +268,7 @@ async fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("walshore: athena-sql: {e}");
+                    say!("walshore: athena-sql: {e}");
                     ExitCode::from(1)
                 }
             }
@@ -299,7 +305,7 @@ async fn main() -> ExitCode {
                     ExitCode::from(report.exit_code())
                 }
                 Err(e) => {
-                    eprintln!("walshore: verify: {}", ErrorChain(&e));
+                    say!("walshore: verify: {}", ErrorChain(&e));
                     ExitCode::from(e.exit_code())
                 }
             }
@@ -310,7 +316,7 @@ async fn main() -> ExitCode {
                 Err(code) => return code,
             };
             let Some(addr) = cfg.metrics.listen else {
-                eprintln!(
+                say!(
                     "walshore: health: {} has no [metrics] listen; set it (for example listen = \"127.0.0.1:{}\") and restart walshore",
                     config.display(),
                     walshore::config::DEFAULT_METRICS_PORT
@@ -324,7 +330,7 @@ async fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(why) => {
-                    eprintln!("walshore: health: {why}");
+                    say!("walshore: health: {why}");
                     ExitCode::from(1)
                 }
             }
@@ -332,7 +338,7 @@ async fn main() -> ExitCode {
         Command::Demo { dir } => match walshore::demo::demo(&dir).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("walshore: demo: {e:#}");
+                say!("walshore: demo: {e:#}");
                 ExitCode::from(1)
             }
         },
@@ -351,14 +357,14 @@ async fn replicate(config: &std::path::Path, mode: Mode) -> ExitCode {
     let telemetry = match walshore::telemetry::start(&cfg).await {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("walshore: {e}");
+            say!("walshore: {e}");
             return ExitCode::from(2);
         }
     };
     let notifier = match walshore::notify::start(&cfg).await {
         Ok(n) => n,
         Err(e) => {
-            eprintln!("walshore: {e}");
+            say!("walshore: {e}");
             return ExitCode::from(2);
         }
     };
@@ -376,9 +382,9 @@ async fn replicate(config: &std::path::Path, mode: Mode) -> ExitCode {
         }
         Err(e) => {
             tracing::error!(error = %ErrorChain(&e), "stopped");
-            eprintln!("walshore: {}", ErrorChain(&e));
+            say!("walshore: {}", ErrorChain(&e));
             if walshore::retry::io_source(&e).is_some_and(walshore::retry::is_disk_full) {
-                eprintln!(
+                say!(
                     "walshore: the disk is full: free space on the volume of sink.url (a file:// lake) or source.spill_dir, or move them to a larger one; nothing uncommitted was kept, and the next start continues from the last commit"
                 );
             }

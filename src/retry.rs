@@ -44,8 +44,12 @@ pub fn of_client(e: &tokio_postgres::Error) -> Retry {
     }
     match e.code() {
         Some(c) => of_sqlstate(c.code()),
-        // no SQLSTATE: the connection failed underneath (I/O, TLS, protocol)
-        None => Retry::Transient,
+        // no SQLSTATE: the connection failed underneath (I/O, TLS, protocol), or
+        // walshore ended it (a password the policy would not send in clear)
+        None => match std::error::Error::source(e).and_then(|s| s.downcast_ref::<std::io::Error>()) {
+            Some(io) if io.kind() == std::io::ErrorKind::PermissionDenied => Retry::Definite,
+            _ => Retry::Transient,
+        },
     }
 }
 
@@ -132,18 +136,22 @@ pub fn is_aws_auth(code: Option<&str>) -> bool {
 pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
 
 impl std::fmt::Display for ErrorChain<'_> {
+    /// URLs in it are shown without credentials or query (`redact`): a layer's message
+    /// may quote a URL with a token.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
+        let top = self.0.to_string();
+        let mut text = top.clone();
         let mut cur = self.0.source();
         while let Some(e) = cur {
             let s = e.to_string();
             // thiserror messages often embed their source already.
-            if !self.0.to_string().contains(&s) {
-                write!(f, ": {s}")?;
+            if !top.contains(&s) {
+                text.push_str(": ");
+                text.push_str(&s);
             }
             cur = e.source();
         }
-        Ok(())
+        f.write_str(&crate::redact::scrub(&text))
     }
 }
 

@@ -248,9 +248,13 @@ async fn idle_publication_on_a_busy_database_does_not_hold_wal() {
     );
 }
 
+/// MD5 works; a password asked for in clear text goes only to a server whose
+/// certificate was verified, or where the user allows it, on the replication connection
+/// and the ordinary sessions alike.
 #[tokio::test]
-async fn md5_and_cleartext_password_authentication_work() {
+async fn md5_works_and_a_cleartext_password_goes_only_to_a_verified_server_or_by_choice() {
     let cluster = cluster(&[]);
+    let certs = serve_tls(&cluster).await;
     let hba = cluster.data_dir().join("pg_hba.conf");
     let rest = std::fs::read_to_string(&hba).unwrap();
     std::fs::write(
@@ -265,47 +269,76 @@ async fn md5_and_cleartext_password_authentication_work() {
     c.batch_execute(
         "SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN REPLICATION PASSWORD 'pw-md5';
          CREATE ROLE pwuser LOGIN REPLICATION PASSWORD 'pw-clear';
-         CREATE TABLE a (id int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE a",
+         CREATE TABLE a (id int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE a;
+         GRANT SELECT ON a TO md5user, pwuser",
     )
     .await
     .unwrap();
     c.query_one("SELECT pg_reload_conf()", &[]).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    for (user, password, slot) in [("md5user", "pw-md5", "slot_md5"), ("pwuser", "pw-clear", "slot_clear")] {
-        let url = format!(
-            "postgres://{user}:{password}@127.0.0.1:{}/postgres?sslmode=disable",
+    let url = |user: &str, password: &str, params: &str| {
+        format!(
+            "postgres://{user}:{password}@127.0.0.1:{}/postgres?{params}",
             cluster.port
-        );
-        let config = write_config(
+        )
+    };
+    let config = |url: &str, slot: &str, extra_source: &str| {
+        write_config(
             dir.path(),
-            &url,
+            url,
             "pub",
             slot,
             &SinkKind::File(dir.path().join(slot)),
             "",
-            "",
-        );
-        sync(&config);
-        let wrong = format!(
-            "postgres://{user}:nope@127.0.0.1:{}/postgres?sslmode=disable",
-            cluster.port
-        );
-        let config = write_config(
-            dir.path(),
-            &wrong,
-            "pub",
-            slot,
-            &SinkKind::File(dir.path().join(slot)),
-            "",
-            "",
-        );
-        let out = walshore(&["sync", "--config", config.to_str().unwrap()]);
+            extra_source,
+        )
+    };
+    let verified = format!(
+        "sslmode=verify-full&sslrootcert={}",
+        certs.path().join("ca.crt").display()
+    );
+    for (user, password, slot, params, extra) in [
+        ("md5user", "pw-md5", "slot_md5", "sslmode=disable", ""),
+        ("pwuser", "pw-clear", "slot_verified", verified.as_str(), ""),
+        (
+            "pwuser",
+            "pw-clear",
+            "slot_allowed",
+            "sslmode=disable",
+            "allow_cleartext_password = true",
+        ),
+    ] {
+        sync(&config(&url(user, password, params), slot, extra));
+        // A wrong password: refused by the server, which says why.
+        let out = walshore(&[
+            "sync",
+            "--config",
+            config(&url(user, "nope", params), slot, extra).to_str().unwrap(),
+        ]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{user}: {stderr}");
         assert!(
             stderr.contains(&format!("refused user \"{user}\"")) && stderr.contains("password authentication failed"),
             "{user}: {stderr}"
         );
+    }
+    // Unverified, unencrypted or encrypted alike, and not allowed: the right password is
+    // not sent, by the replication connection (sync) or an ordinary session (status).
+    for params in ["sslmode=disable", "sslmode=prefer", "sslmode=require"] {
+        let refused = config(&url("pwuser", "pw-clear", params), "slot_refused", "");
+        for command in ["sync", "status"] {
+            let out = walshore(&[command, "--config", refused.to_str().unwrap()]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{params} {command}: {stderr}");
+            assert!(
+                stderr.contains("asked for the password in clear text") && stderr.contains("allow_cleartext_password"),
+                "{params} {command}: {stderr}"
+            );
+            assert!(
+                !stderr.contains("transient failure"),
+                "{params} {command}: not retried:\n{stderr}"
+            );
+        }
     }
 }
 

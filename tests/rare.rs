@@ -677,3 +677,110 @@ async fn a_walshore_started_during_verifys_peek_streams_as_ever() {
     );
     assert_table_equals(&l, "trades", "SELECT id::text, v FROM trades").await;
 }
+
+/// A URL's credentials, query or token never show in a log line, an error or a metric
+/// label, whichever target it belongs to: the webhook and the SNS endpoint (deliveries
+/// failing), the S3 and Glue endpoints and the source URL (starts failing).
+#[tokio::test]
+async fn secrets_in_urls_never_reach_a_log_line_an_error_or_a_metric() {
+    set_fake_aws_env();
+    let l = lab(
+        &[],
+        "CREATE TABLE trades (id int PRIMARY KEY, v text); CREATE PUBLICATION pub FOR TABLE trades;",
+        "",
+        "",
+    )
+    .await;
+    let closed = free_port();
+    let metrics = free_port();
+    let secrets = [
+        "hookpw-S3CR3T",
+        "token-S3CR3T",
+        "snspw-S3CR3T",
+        "sig-S3CR3T",
+        "s3pw-S3CR3T",
+        "gluepw-S3CR3T",
+        "pgpw-S3CR3T",
+    ];
+    let notify = format!(
+        "\n[notify]\nwebhook = \"http://hook:hookpw-S3CR3T@127.0.0.1:{closed}/in?token=token-S3CR3T\"\n\
+         sns_topic_arn = \"arn:aws:sns:us-east-1:123456789012:t\"\n\
+         sns_endpoint = \"http://127.0.0.1:{closed}\"\ntimeout = \"1s\"\n\
+         [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"
+    );
+    let text = std::fs::read_to_string(&l.config).unwrap() + &notify;
+    std::fs::write(&l.config, &text).unwrap();
+    sync(&l.config);
+    let run = spawn_run(&l.config);
+    let _log = LogOnPanic::new(&run);
+    l.client
+        .batch_execute("INSERT INTO trades VALUES (1, 'a')")
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(60), "failed deliveries to both targets", || {
+        let s = stderr_of(&run);
+        s.contains("cannot deliver a notification") && s.contains("error sending request") && s.contains("SNS Publish")
+    });
+    let scraped = http_get(metrics, "/metrics").unwrap().1;
+    let (_, mut printed) = stop(run);
+    printed.push_str(&scraped);
+    // Starts that fail on each endpoint and on the source.
+    let broken = |from: &str, to: String| {
+        let path = l.dir.path().join(format!("broken-{}.toml", rand::random::<u32>()));
+        let base = std::fs::read_to_string(&l.config).unwrap();
+        assert!(base.contains(from), "{from}");
+        std::fs::write(&path, base.replace(from, &to)).unwrap();
+        path
+    };
+    let lake_url = format!("url = \"file://{}\"", l.dir.path().join("lake").display());
+    let pg_url = l.cluster.url("postgres", "postgres");
+    let configs = [
+        broken(
+            &lake_url,
+            format!(
+                "url = \"s3://lake/x\"\nregion = \"us-east-1\"\nendpoint = \"http://s3:s3pw-S3CR3T@127.0.0.1:{closed}/?q=s3pw-S3CR3T\"\nrequest_timeout = \"1s\""
+            ),
+        ),
+        broken(
+            "[notify]",
+            format!(
+                "[catalog]\nkind = \"glue\"\ndatabase = \"d\"\nregion = \"us-east-1\"\nendpoint = \"http://glue:gluepw-S3CR3T@127.0.0.1:{closed}/?q=gluepw-S3CR3T\"\n[notify]"
+            ),
+        ),
+        broken(
+            &pg_url,
+            format!("postgres://postgres:pgpw-S3CR3T@127.0.0.1:{closed}/postgres?sslmode=disable"),
+        ),
+    ];
+    let sns = broken(
+        &format!("sns_endpoint = \"http://127.0.0.1:{closed}\""),
+        format!("sns_endpoint = \"http://sns:snspw-S3CR3T@127.0.0.1:{closed}/?sig=sig-S3CR3T\""),
+    );
+    for config in configs.iter().chain([&sns]) {
+        for command in ["check", "sync"] {
+            let out = walshore(&[command, "--config", config.to_str().unwrap()]);
+            // (A start does not wait for notifications: only the configuration may
+            // refuse an SNS endpoint.)
+            assert!(
+                !out.status.success() || *config == sns,
+                "{command} with {} succeeded",
+                config.display()
+            );
+            printed.push_str(&String::from_utf8_lossy(&out.stdout));
+            printed.push_str(&String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    for secret in secrets {
+        assert!(
+            !printed.contains(secret),
+            "{secret} was printed:\n{}",
+            printed
+                .lines()
+                .filter(|l| l.contains(secret))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    // What was printed is what went wrong, all the same.
+    assert!(printed.contains("127.0.0.1"), "{printed}");
+}

@@ -39,6 +39,9 @@ pub struct ConnParams {
     pub application_name: String,
     pub connect_timeout: Duration,
     pub auth: Auth,
+    /// `source.allow_cleartext_password`: send the password to a server that asks for it
+    /// in clear text although its TLS certificate was not verified.
+    pub allow_cleartext: bool,
 }
 
 impl std::fmt::Debug for ConnParams {
@@ -83,6 +86,7 @@ impl ConnParams {
             application_name: "walshore".into(),
             connect_timeout: Duration::from_secs(10),
             auth: Auth::Password,
+            allow_cleartext: false,
         };
         for (k, v) in url.query_pairs() {
             match &*k {

@@ -76,11 +76,15 @@ fn source_auth(raw: &RawSource, conn: &ConnParams) -> Result<Auth, ConfigError> 
             Ok(Auth::Password)
         }
         "iam" => {
-            if matches!(conn.sslmode, SslMode::Disable | SslMode::Prefer) {
+            // A token is a password for any new login until it expires: only a server
+            // whose certificate and name were checked may see it.
+            if conn.sslmode != SslMode::VerifyFull {
                 return Err(invalid(
                     "source.url",
-                    "source.auth = \"iam\" sends a token that must not travel in clear text: add \
-                     sslmode=verify-full&sslrootcert=/path/to/rds-global-bundle.pem to source.url",
+                    "source.auth = \"iam\" sends a token that logs in as this user until it expires, so it \
+                     goes only to a server whose certificate and host name are verified: add \
+                     sslmode=verify-full&sslrootcert=/etc/walshore/rds-global-bundle.pem to source.url (the \
+                     RDS CA bundle; the container image has it at that path)",
                 ));
             }
             // PGPASSWORD may be set for other tools; a password written for walshore is a mistake.
@@ -112,6 +116,23 @@ fn source_auth(raw: &RawSource, conn: &ConnParams) -> Result<Auth, ConfigError> 
             format!("{other:?} is not one of \"password\" or \"iam\" (IAM database authentication on RDS or Aurora)"),
         )),
     }
+}
+
+/// An AWS-compatible endpoint: `http(s)://host[:port][/path]`. Credentials come from the
+/// AWS chain and requests are signed, so user info or a query in it is a mistake, and
+/// one the SDKs would log: refused, without repeating the value.
+fn endpoint(field: &'static str, value: &str) -> Result<(), ConfigError> {
+    let url = url::Url::parse(value).map_err(|err| invalid(field, format!("{err}; expected http(s)://host:port")))?;
+    if !matches!(url.scheme(), "http" | "https") || !url.has_host() {
+        return Err(invalid(field, "expected http(s)://host:port"));
+    }
+    if !url.username().is_empty() || url.password().is_some() || url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid(
+            field,
+            "an endpoint takes no user, password or query (credentials come from the AWS chain); give only http(s)://host:port",
+        ));
+    }
+    Ok(())
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
@@ -154,6 +175,7 @@ struct RawSource {
     spill_max_bytes: Option<String>,
     status_interval: Option<String>,
     receive_timeout: Option<String>,
+    allow_cleartext_password: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -470,7 +492,7 @@ impl Default for NotifyConfig {
 impl std::fmt::Debug for NotifyConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NotifyConfig")
-            .field("webhook", &self.webhook.as_ref().map(crate::notify::describe_url))
+            .field("webhook", &self.webhook.as_ref().map(crate::redact::describe_url))
             .field("webhook_secret", &self.webhook_secret.as_ref().map(|_| "…"))
             .field("sns_topic_arn", &self.sns_topic_arn)
             .field("sns_endpoint", &self.sns_endpoint)
@@ -520,6 +542,9 @@ fn notify_config(raw: RawNotify) -> Result<NotifyConfig, ConfigError> {
     }
     if raw.sns_endpoint.is_some() && raw.sns_topic_arn.is_none() {
         return Err(invalid("notify.sns_endpoint", "set notify.sns_topic_arn too"));
+    }
+    if let Some(e) = &raw.sns_endpoint {
+        endpoint("notify.sns_endpoint", e)?;
     }
     let queue = raw.queue.unwrap_or(DEFAULT_NOTIFY_QUEUE);
     if !(1..=1 << 20).contains(&queue) {
@@ -716,6 +741,7 @@ impl TryFrom<RawConfig> for Config {
         if conn.auth != Auth::Password {
             conn.password = None;
         }
+        conn.allow_cleartext = raw.source.allow_cleartext_password.unwrap_or(false);
         identifier("source.publication", &raw.source.publication)?;
         identifier("source.slot", &raw.source.slot)?;
         if !raw
@@ -789,8 +815,7 @@ impl TryFrom<RawConfig> for Config {
             }
         }
         if let Some(e) = &raw.sink.endpoint {
-            url::Url::parse(e)
-                .map_err(|err| invalid("sink.endpoint", format!("{err}; expected http(s)://host:port")))?;
+            endpoint("sink.endpoint", e)?;
         }
         let compression = match raw.sink.compression.as_deref().unwrap_or("zstd") {
             "zstd" => Compression::Zstd,
@@ -916,6 +941,9 @@ impl TryFrom<RawConfig> for Config {
                             "{database:?}: Glue (and Athena) database names are lower-case letters, digits and underscores"
                         ),
                     ));
+                }
+                if let Some(e) = &raw.catalog.endpoint {
+                    endpoint("catalog.endpoint", e)?;
                 }
                 glue = Some(GlueConfig {
                     database,
@@ -1057,12 +1085,24 @@ mod tests {
         );
         assert_eq!(c.source.conn.password, None);
         let err = |url: &str, extra: &str| with(url, extra).unwrap_err().to_string();
-        let e = err("postgres://rep@db.example/trading?sslmode=prefer", "auth = \"iam\"");
-        assert!(e.starts_with("source.url:") && e.contains("verify-full"), "{e}");
-        let e = err("postgres://rep:pw@db.example/trading?sslmode=require", "auth = \"iam\"");
+        // Only to a verified server: not in clear, and not to whoever answers with TLS.
+        for mode in ["prefer", "require", "verify-ca", "require&sslrootcert=/ca.pem"] {
+            let e = err(
+                &format!("postgres://rep@db.example/trading?sslmode={mode}"),
+                "auth = \"iam\"",
+            );
+            assert!(
+                e.starts_with("source.url:") && e.contains("sslmode=verify-full"),
+                "{mode}: {e}"
+            );
+        }
+        let e = err(
+            "postgres://rep:pw@db.example/trading?sslmode=verify-full",
+            "auth = \"iam\"",
+        );
         assert!(e.starts_with("source.auth:") && e.contains("remove it"), "{e}");
         let e = err(
-            "postgres://rep@db.example/trading?sslmode=require",
+            "postgres://rep@db.example/trading?sslmode=verify-full",
             "auth = \"iam\"\niam_token_lifetime = \"16m\"",
         );
         assert!(e.starts_with("source.iam_token_lifetime:"), "{e}");

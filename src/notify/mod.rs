@@ -46,15 +46,7 @@ const MARK_EVERY: Duration = Duration::from_secs(5);
 /// Retries of a failed delivery: from 1 s, doubling, to this.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
 
-/// The URL without credentials or query (which may hold a token): for logs and the mark.
-pub fn describe_url(u: &url::Url) -> String {
-    let mut shown = format!("{}://{}", u.scheme(), u.host_str().unwrap_or(""));
-    if let Some(port) = u.port() {
-        shown.push_str(&format!(":{port}"));
-    }
-    shown.push_str(u.path());
-    shown
-}
+pub use crate::redact::describe_url;
 
 /// `_walshore/notified.json`: per target kind, which target and the last commit it has
 /// delivered or passed over.
@@ -602,14 +594,6 @@ mod tests {
         };
         stop.cancel();
         assert!(matches!(cursor.next(&stop).await.unwrap(), Next::Stopped));
-    }
-
-    #[test]
-    fn urls_are_shown_without_credentials_or_query() {
-        let u = url::Url::parse("https://user:pw@hooks.example.com:8443/in/walshore?token=secret").unwrap();
-        assert_eq!(describe_url(&u), "https://hooks.example.com:8443/in/walshore");
-        let u = url::Url::parse("http://127.0.0.1/").unwrap();
-        assert_eq!(describe_url(&u), "http://127.0.0.1/");
     }
 
     #[test]

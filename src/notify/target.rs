@@ -99,7 +99,8 @@ impl Target {
                 if let Some(s) = secret {
                     req = req.header("x-walshore-signature", signature(s, body));
                 }
-                let resp = req.send().await.map_err(|e| ErrorChain(&e).to_string())?;
+                // reqwest's error text carries the URL, token and all: not in our logs.
+                let resp = req.send().await.map_err(|e| ErrorChain(&e.without_url()).to_string())?;
                 let status = resp.status();
                 if status.is_success() {
                     return Ok(());

@@ -132,6 +132,7 @@ impl SnapshotError {
     pub fn retry(&self) -> Retry {
         match self {
             SnapshotError::Connect(sql::SqlError::Connect { source, .. }) => crate::retry::of_client(source),
+            SnapshotError::Connect(sql::SqlError::Tcp { .. } | sql::SqlError::Timeout { .. }) => Retry::Transient,
             SnapshotError::Connect(_) => Retry::Definite,
             SnapshotError::Sql { source, .. } => crate::retry::of_client(source),
             SnapshotError::Source { source, .. } => source.retry(),

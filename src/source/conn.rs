@@ -203,6 +203,7 @@ impl Conn {
                     match body.get_i32() {
                         0 => {}
                         3 => {
+                            super::tls::cleartext_allowed(params).map_err(SourceError::Setup)?;
                             frontend::password_message(password()?.as_bytes(), &mut self.wbuf)
                                 .map_err(SourceError::Io)?;
                             self.flush().await?;

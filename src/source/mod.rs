@@ -11,6 +11,7 @@
 
 mod assemble;
 mod conn;
+mod guard;
 pub mod iam;
 mod replication;
 pub mod sql;

@@ -6,6 +6,7 @@ use crate::config::{ConnParams, SslMode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SqlError {
+    /// Refused by the server, or the session failed while it was set up.
     #[error(
         "cannot connect to PostgreSQL at {target}: {source}; check source.url and that the server is running and reachable"
     )]
@@ -14,13 +15,26 @@ pub enum SqlError {
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error(
+        "cannot connect to PostgreSQL at {target}: {source}; check source.url and that the server is running and reachable"
+    )]
+    Tcp {
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot connect to PostgreSQL at {target}: no answer within connect_timeout ({after:?}); check source.url and that the server is running and reachable"
+    )]
+    Timeout { target: String, after: std::time::Duration },
     #[error("TLS setup: {0}")]
     Tls(String),
     #[error("{0}")]
     IamToken(String),
 }
 
-/// Connects and drives the connection on a task.
+/// Connects and drives the connection on a task. The password goes to a server that
+/// asks for it in clear text only as `tls::cleartext_allowed` says (see `guard`).
 pub async fn connect(p: &ConnParams) -> Result<tokio_postgres::Client, SqlError> {
     let mut c = tokio_postgres::Config::new();
     c.host(&p.host)
@@ -28,13 +42,6 @@ pub async fn connect(p: &ConnParams) -> Result<tokio_postgres::Client, SqlError>
         .user(&p.user)
         .dbname(&p.dbname)
         .application_name(&p.application_name)
-        .connect_timeout(p.connect_timeout)
-        // A copy connection whose peer vanished (a cut or blackholed link) is noticed
-        // by TCP keepalives instead of hanging.
-        .keepalives(true)
-        .keepalives_idle(std::time::Duration::from_secs(30))
-        .keepalives_interval(std::time::Duration::from_secs(10))
-        .keepalives_retries(3)
         .ssl_mode(match p.sslmode {
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
@@ -49,24 +56,62 @@ pub async fn connect(p: &ConnParams) -> Result<tokio_postgres::Client, SqlError>
         target: target.clone(),
         source,
     };
-    let client = match tls::client_config(p).map_err(SqlError::Tls)? {
-        None => {
-            let (client, conn) = c.connect(tokio_postgres::NoTls).await.map_err(err)?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            client
-        }
-        Some(cfg) => {
-            let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*cfg).clone());
-            let (client, conn) = c.connect(tls).await.map_err(err)?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            client
-        }
+    let tls = tls::client_config(p).map_err(SqlError::Tls)?;
+    let refusal = tls::cleartext_allowed(p).err();
+    // libpq's connect_timeout: the whole set-up, TCP to authentication.
+    let set_up = async {
+        let tcp = tokio::net::TcpStream::connect(&target)
+            .await
+            .map_err(|source| SqlError::Tcp {
+                target: target.clone(),
+                source,
+            })?;
+        tcp.set_nodelay(true).ok();
+        // A copy connection whose peer vanished (a cut or blackholed link) is noticed by
+        // TCP keepalives instead of hanging.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(std::time::Duration::from_secs(30))
+            .with_interval(std::time::Duration::from_secs(10))
+            .with_retries(3);
+        socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive).ok();
+        // The SSL request's one-byte answer precedes the messages.
+        let skip = usize::from(tls.is_some());
+        let stream = super::guard::AuthGuard::new(tcp, skip, refusal.clone());
+        let client = match &tls {
+            None => {
+                let (client, conn) = c.connect_raw(stream, tokio_postgres::NoTls).await.map_err(err)?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                client
+            }
+            Some(cfg) => {
+                use tokio_postgres::tls::MakeTlsConnect;
+                let mut make = tokio_postgres_rustls::MakeRustlsConnect::new((**cfg).clone());
+                let connector = MakeTlsConnect::<super::guard::AuthGuard<tokio::net::TcpStream>>::make_tls_connect(
+                    &mut make, &p.host,
+                )
+                .map_err(|e| SqlError::Tls(e.to_string()))?;
+                let guarded = super::guard::GuardedTls {
+                    tls: connector,
+                    refusal: refusal.clone(),
+                };
+                let (client, conn) = c.connect_raw(stream, guarded).await.map_err(err)?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                client
+            }
+        };
+        Ok::<_, SqlError>(client)
     };
-    Ok(client)
+    match tokio::time::timeout(p.connect_timeout, set_up).await {
+        Ok(r) => r,
+        Err(_) => Err(SqlError::Timeout {
+            target: target.clone(),
+            after: p.connect_timeout,
+        }),
+    }
 }
 
 /// A transaction with a transaction id: one that a new replication slot's snapshot

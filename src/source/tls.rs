@@ -66,6 +66,27 @@ pub fn client_config(params: &ConnParams) -> Result<Option<Arc<ClientConfig>>, S
     Ok(Some(Arc::new(config)))
 }
 
+/// Whether the server's certificate is checked (`verify-ca`, `verify-full`, or
+/// `require` with `sslrootcert`): only such a server may ask for the password in clear.
+pub fn verifies(params: &ConnParams) -> bool {
+    matches!(
+        (params.sslmode, &params.sslrootcert),
+        (SslMode::VerifyCa | SslMode::VerifyFull, _) | (SslMode::Require, Some(_))
+    )
+}
+
+/// Refuses a request for the password in clear text unless the server was verified or
+/// the user allowed it (`source.allow_cleartext_password`).
+pub fn cleartext_allowed(params: &ConnParams) -> Result<(), String> {
+    if verifies(params) || params.allow_cleartext {
+        return Ok(());
+    }
+    Err(format!(
+        "the server at {}:{} asked for the password in clear text over a connection whose TLS certificate was not verified, and walshore did not send it (whoever is in the middle of a connection could ask the same); use SCRAM-SHA-256 in pg_hba.conf (password_encryption = scram-sha-256), verify the server (sslmode=verify-full with sslrootcert in source.url), or set source.allow_cleartext_password = true",
+        params.host, params.port
+    ))
+}
+
 pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
     ServerName::try_from(host.to_owned()).map_err(|e| format!("host {host:?} is not a valid TLS server name: {e}"))
 }
