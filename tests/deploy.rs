@@ -198,7 +198,19 @@ fn compose_file_is_valid_and_mounts_only_files_of_the_repository() {
         if let Some(ctx) = s["build"]["context"].as_str() {
             assert!(Path::new(ctx).join("Dockerfile").is_file(), "{name} builds {ctx}");
         }
+        // The metrics endpoint has no authentication, the database a demo password:
+        // nothing is published beyond this machine.
+        for p in s["ports"].as_array().into_iter().flatten() {
+            let p = p.as_str().unwrap_or_default();
+            assert!(p.starts_with("127.0.0.1:"), "{name} publishes {p} beyond loopback");
+        }
     }
+    assert!(
+        services["walshore"]["ports"][0]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:9100:")),
+        "the metrics port, on loopback"
+    );
     let pg = &services["postgres"];
     assert!(pg["command"].to_string().contains("wal_level=logical"), "{pg}");
     let init: Vec<String> = pg["volumes"]

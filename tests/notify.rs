@@ -186,7 +186,16 @@ async fn every_commit_reaches_the_webhook_at_least_once_across_a_hang_and_a_kill
     let requests = hook.requests();
     for r in &requests {
         assert_eq!(r.target, "/in?token=abc");
+        // Signed with the secret, over the time it was sent and the body: a receiver
+        // that refuses old timestamps is not open to replays.
+        let ts: u64 = r.headers["x-walshore-timestamp"].parse().unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(ts <= now && now - ts < 300, "a recent timestamp: {ts}");
         let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"s3cret").unwrap();
+        mac.update(format!("{ts}.").as_bytes());
         mac.update(&r.body);
         let want = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
         assert_eq!(

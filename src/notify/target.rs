@@ -27,9 +27,13 @@ pub enum TargetError {
     Client(String),
 }
 
-/// `X-Walshore-Signature` of `body` under `secret`: `sha256=` and the HMAC-SHA256 in hex.
-pub fn signature(secret: &str, body: &[u8]) -> String {
+/// `X-Walshore-Signature` of `body` sent at `timestamp` (`X-Walshore-Timestamp`, Unix
+/// seconds) under `secret`: `sha256=` and the HMAC-SHA256 in hex of `{timestamp}.` and
+/// the body. The time is signed with the body, so a receiver that refuses old
+/// timestamps cannot be sent a captured notice again later.
+pub fn signature(secret: &str, timestamp: u64, body: &[u8]) -> String {
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    mac.update(format!("{timestamp}.").as_bytes());
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
@@ -97,7 +101,12 @@ impl Target {
                     .header("x-walshore-seq", notice.seq.to_string())
                     .body(body.to_vec());
                 if let Some(s) = secret {
-                    req = req.header("x-walshore-signature", signature(s, body));
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    req = req
+                        .header("x-walshore-timestamp", now.to_string())
+                        .header("x-walshore-signature", signature(s, now, body));
                 }
                 // reqwest's error text carries the URL, token and all: not in our logs.
                 let resp = req.send().await.map_err(|e| ErrorChain(&e.without_url()).to_string())?;
@@ -142,11 +151,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_signature_is_rfc_4231_hmac_sha256() {
-        // RFC 4231, test case 2.
+    fn the_signature_is_hmac_sha256_of_the_timestamp_and_the_body() {
+        // RFC 4231, test case 2, the timestamp and its dot being the first bytes of the
+        // data: "1733500000." + "what do ya want for nothing?" under "Jefe".
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"Jefe").unwrap();
+        mac.update(b"what do ya want for nothing?");
+        let plain = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
         assert_eq!(
-            signature("Jefe", b"what do ya want for nothing?"),
+            plain,
             "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        let signed = signature("Jefe", 1_733_500_000, b"what do ya want for nothing?");
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"Jefe").unwrap();
+        mac.update(b"1733500000.what do ya want for nothing?");
+        assert_eq!(signed, format!("sha256={}", hex::encode(mac.finalize().into_bytes())));
+        // Another time, another signature: a replay with a fresh timestamp fails.
+        assert_ne!(
+            signed,
+            signature("Jefe", 1_733_500_001, b"what do ya want for nothing?")
         );
     }
 }

@@ -60,6 +60,9 @@ export interface WalshoreStackProps extends StackProps {
   /** An existing lake bucket (with bucketKmsKeyArn); a new one is made when absent. */
   readonly bucketName?: string;
   readonly bucketKmsKeyArn?: string;
+  /** How long the new bucket keeps overwritten and deleted objects' earlier versions
+   * (a wrong delete can be undone meanwhile). Default 30 days. */
+  readonly noncurrentVersionDays?: number;
   /** Prefix of the lake in the bucket. Default "cdc/<database name>". */
   readonly lakePrefix?: string;
   readonly glueDatabase?: string;
@@ -127,7 +130,18 @@ export class WalshoreStack extends Stack {
         enforceSSL: true,
         blockPublicAccess: s3.BlockPublicAccess.BLOCK_ALL,
         objectOwnership: s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
-        lifecycleRules: [{ id: 'abort-incomplete-uploads', abortIncompleteMultipartUploadAfter: Duration.days(1) }],
+        // A wrong delete (a bug, a mistaken command, a compromised role) can be undone
+        // for the noncurrent versions' lifetime; walshore itself deletes only files no
+        // commit names and log records folded into checkpoints.
+        versioned: true,
+        lifecycleRules: [
+          { id: 'abort-incomplete-uploads', abortIncompleteMultipartUploadAfter: Duration.days(1) },
+          {
+            id: 'expire-noncurrent-versions',
+            noncurrentVersionExpiration: Duration.days(props.noncurrentVersionDays ?? 30),
+            expiredObjectDeleteMarker: true,
+          },
+        ],
         removalPolicy: RemovalPolicy.RETAIN,
       });
     }

@@ -170,6 +170,21 @@ describe('the lake', () => {
     });
   });
 
+  it('keeps versions, so that a wrong delete can be undone, and expires the old ones', () => {
+    password.hasResourceProperties('AWS::S3::Bucket', {
+      VersioningConfiguration: { Status: 'Enabled' },
+      LifecycleConfiguration: {
+        Rules: Match.arrayWith([
+          Match.objectLike({
+            Status: 'Enabled',
+            NoncurrentVersionExpiration: { NoncurrentDays: 30 },
+            ExpiredObjectDeleteMarker: true,
+          }),
+        ]),
+      },
+    });
+  });
+
   it('is written with SSE-KMS under the key, by walshore itself', () => {
     const text = config(password);
     assert.match(text, /^sse = "aws:kms"$/m);
