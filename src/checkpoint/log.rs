@@ -83,9 +83,30 @@ pub(crate) async fn read_commit(store: &dyn ObjectStore, seq: u64) -> Result<Opt
     }
 }
 
-/// The latest commit record, if any: from the hint, walking forward; a lake without a
-/// hint (or whose hint names a pruned record) is listed.
+/// Record `seq` made whole with its base (see [`CommitRecord::delta`]).
+pub(crate) async fn read_whole(store: &dyn ObjectStore, record: CommitRecord) -> Result<CommitRecord, CheckpointError> {
+    match record.base {
+        Some(b) if b != record.seq => {
+            let base = read_commit(store, b).await?.ok_or_else(|| CheckpointError::Corrupt {
+                key: commit_key(b).to_string(),
+                message: format!("missing, and record {} holds only what changed since it", record.seq),
+            })?;
+            Ok(record.resolve(Some(&base)))
+        }
+        _ => Ok(record),
+    }
+}
+
+/// The latest commit record, if any, whole: from the hint, walking forward; a lake
+/// without a hint (or whose hint names a pruned record) is listed.
 pub async fn read_head(store: &dyn ObjectStore) -> Result<Option<CommitRecord>, CheckpointError> {
+    match read_head_as_written(store).await? {
+        Some(r) => Ok(Some(read_whole(store, r).await?)),
+        None => Ok(None),
+    }
+}
+
+async fn read_head_as_written(store: &dyn ObjectStore) -> Result<Option<CommitRecord>, CheckpointError> {
     let hint = match read_json::<HeadHint>(store, &Path::from(HEAD)).await {
         Ok(h) => Some(h.seq),
         Err(e) if is_not_found(&e) => None,
@@ -232,23 +253,28 @@ async fn fold(store: &Arc<dyn ObjectStore>, first: u64, last: u64) -> Result<(),
     if store.head(&key).await.is_ok() {
         return Ok(());
     }
-    let records: Vec<Option<CommitRecord>> = futures::stream::iter(first..=last)
+    // Only the files of each record are kept as it arrives: the chunk in memory is the
+    // checkpoint's size, whatever else the records hold.
+    let records = futures::stream::iter(first..=last)
         .map(|seq| {
             let store = store.clone();
-            async move { read_commit(store.as_ref(), seq).await }
+            async move {
+                match read_commit(store.as_ref(), seq).await? {
+                    Some(r) => Ok((r.written_at, r.files)),
+                    None => Err(CheckpointError::Corrupt {
+                        key: commit_key(seq).to_string(),
+                        message: format!("missing while folding records {first}..={last} into a checkpoint"),
+                    }),
+                }
+            }
         })
-        .buffered(FOLD_CONCURRENCY)
-        .try_collect()
-        .await?;
+        .buffered(FOLD_CONCURRENCY);
+    let mut records = std::pin::pin!(records);
     let mut files: Vec<WrittenObject> = Vec::new();
     let mut last_written_at = 0;
-    for (seq, r) in (first..).zip(records) {
-        let r = r.ok_or_else(|| CheckpointError::Corrupt {
-            key: commit_key(seq).to_string(),
-            message: format!("missing while folding records {first}..={last} into a checkpoint"),
-        })?;
-        last_written_at = r.written_at;
-        files.extend(r.files);
+    while let Some((written_at, f)) = records.try_next().await? {
+        last_written_at = written_at;
+        files.extend(f);
     }
     let body = serde_json::to_vec(&CheckpointRecord {
         format: FORMAT,

@@ -8,8 +8,14 @@ use crate::lsn::Lsn;
 use crate::sink::WrittenObject;
 
 /// The format written; 2 added `completes`, `identities`, `folded`, `pruned`, writer tags
-/// in data file names, the head hint and checkpoints.
-pub const FORMAT: u32 = 2;
+/// in data file names, the head hint and checkpoints; 3 added `base` and `dropped`: a
+/// record holds only what changed since its base (see [`CommitRecord::delta`]).
+pub const FORMAT: u32 = 3;
+
+/// A record is written whole (a base) at least every this many commits, and whenever
+/// what changed since its base is more than half the whole: so the head's state is
+/// read in two objects at most, and a base is never old enough to be pruned (`FOLD`).
+pub const BASE_EVERY: u64 = 100;
 
 /// Which pipeline a lake belongs to.
 #[derive(Clone, Debug)]
@@ -72,6 +78,15 @@ pub struct CommitRecord {
     /// Records `1..=pruned` have been deleted (they are in checkpoints).
     #[serde(default)]
     pub pruned: u64,
+    /// As written: absent in a whole record (a base). Present in a delta, which holds
+    /// in `tables`, `snapshots` and `identities` only the entries that differ from those
+    /// of record `base`, and in `dropped` the tables whose snapshot point and identity
+    /// that record has and this one has not. Readers get records resolved
+    /// ([`super::read_head`]): every field whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropped: Vec<String>,
 }
 
 /// Files announced before upload: for commit `seq` (the stream), or for a commit at or
@@ -154,7 +169,89 @@ impl CommitRecord {
             identities: BTreeMap::new(),
             folded: 0,
             pruned: 0,
+            base: None,
+            dropped: Vec::new(),
         }
+    }
+
+    /// This record (whole) as written after the whole record `base`: its entries that
+    /// differ from the base's, and what the base has that it has not. None when that is
+    /// not worth it (see [`BASE_EVERY`]): the record is then written whole.
+    pub fn delta(&self, base: &CommitRecord) -> Option<CommitRecord> {
+        if base.seq == 0 || self.seq.saturating_sub(base.seq) >= BASE_EVERY {
+            return None;
+        }
+        fn changed<K: Ord + Clone, V: PartialEq + Clone>(
+            now: &BTreeMap<K, V>,
+            then: &BTreeMap<K, V>,
+        ) -> BTreeMap<K, V> {
+            now.iter()
+                .filter(|(k, v)| then.get(*k) != Some(*v))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        }
+        // Running totals per table are never removed; a snapshot point or identity is,
+        // when its table leaves: such a table's other entry, if it has one, goes in
+        // whole, so that `resolve` can drop both and take back what stays.
+        if base.tables.keys().any(|t| !self.tables.contains_key(t)) {
+            return None;
+        }
+        let mut dropped: Vec<String> = base
+            .snapshots
+            .keys()
+            .filter(|t| !self.snapshots.contains_key(*t))
+            .chain(base.identities.keys().filter(|t| !self.identities.contains_key(*t)))
+            .cloned()
+            .collect();
+        dropped.sort();
+        dropped.dedup();
+        let tables = changed(&self.tables, &base.tables);
+        let mut snapshots = changed(&self.snapshots, &base.snapshots);
+        let mut identities = changed(&self.identities, &base.identities);
+        for t in &dropped {
+            if let Some(p) = self.snapshots.get(t) {
+                snapshots.insert(t.clone(), *p);
+            }
+            if let Some(i) = self.identities.get(t) {
+                identities.insert(t.clone(), i.clone());
+            }
+        }
+        let entries = tables.len() + snapshots.len() + identities.len() + dropped.len();
+        let whole = self.tables.len() + self.snapshots.len() + self.identities.len();
+        if entries * 2 > whole {
+            return None;
+        }
+        Some(CommitRecord {
+            tables,
+            snapshots,
+            identities,
+            dropped,
+            base: Some(base.seq),
+            ..self.clone()
+        })
+    }
+
+    /// A record read as written, made whole with its base (read whole); a base is
+    /// returned as it is. `base` still names the base it was made whole with.
+    pub fn resolve(self, base: Option<&CommitRecord>) -> CommitRecord {
+        let (Some(_), Some(base)) = (self.base, base) else {
+            return self;
+        };
+        let mut whole = CommitRecord {
+            tables: base.tables.clone(),
+            snapshots: base.snapshots.clone(),
+            identities: base.identities.clone(),
+            dropped: Vec::new(),
+            ..self.clone()
+        };
+        for t in &self.dropped {
+            whole.snapshots.remove(t);
+            whole.identities.remove(t);
+        }
+        whole.tables.extend(self.tables);
+        whole.snapshots.extend(self.snapshots);
+        whole.identities.extend(self.identities);
+        whole
     }
 
     /// The record that follows this one.
@@ -220,6 +317,8 @@ impl CommitRecord {
             identities,
             folded: self.folded,
             pruned: self.pruned,
+            base: None,
+            dropped: Vec::new(),
         }
     }
 }
