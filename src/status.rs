@@ -147,10 +147,13 @@ async fn catalog_status(cfg: &Config, g: &crate::config::GlueConfig, store: &dyn
         Ok(s) => s,
         Err(e) => return json!({ "database": g.database, "error": e.to_string() }),
     };
-    let lake = match crate::catalog::lake_partitions(store, schemas.keys(), &cfg.partitions).await {
-        Ok(l) => l,
-        Err(e) => return json!({ "database": g.database, "error": e.to_string() }),
-    };
+    let lake =
+        match crate::catalog::lake_partitions(store, &schemas.keys().cloned().collect::<Vec<_>>(), &cfg.partitions)
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => return json!({ "database": g.database, "error": e.to_string() }),
+        };
     let mut tables = serde_json::Map::new();
     for (table, parts) in &lake {
         let described = catalog.describe(table, parts).await;

@@ -33,13 +33,18 @@ async fn lake(extra_catalog: &str) -> Lake {
 
 /// [`lake`], with a server clock the test can move when `moving_clock`.
 async fn lake_with(extra_catalog: &str, moving_clock: bool) -> Lake {
+    lake_on(extra_catalog, moving_clock, &[]).await
+}
+
+/// [`lake_with`] on a server with `settings`.
+async fn lake_on(extra_catalog: &str, moving_clock: bool, settings: &[&str]) -> Lake {
     set_fake_aws_env();
     let moto = Moto::start("lake");
     let (e, clock) = if moving_clock {
-        let (cluster, clock) = cluster_with_clock(&[]);
+        let (cluster, clock) = cluster_with_clock(settings);
         (env_on(cluster).await, Some(clock))
     } else {
-        (env(&[]).await, None)
+        (env(settings).await, None)
     };
     e.client
         .batch_execute(
@@ -824,6 +829,70 @@ async fn a_start_registers_what_the_lake_holds_and_glue_lacks() {
             "{c}"
         );
     }
+}
+
+/// The start-up reconciliation with Glue takes longer than `wal_sender_timeout`: the
+/// stream runs meanwhile and answers the server, so the walsender is not cut and the
+/// start goes through at once; nothing commits before Glue has what the lake holds.
+#[tokio::test]
+async fn a_reconciliation_slower_than_wal_sender_timeout_keeps_the_stream_up() {
+    let l = lake_on("", false, &["wal_sender_timeout = 2s"]).await;
+    edit_config(&l.config, "\n\n[sink]", "status_interval = \"500ms\"\n\n[sink]");
+    sync(&l.config);
+    l.e.client.batch_execute(&insert_sql(1000, 1100)).await.unwrap();
+    // Every answer from Glue a second late: the reconciliation takes several seconds.
+    let proxy = support::proxy::Proxy::start(l.moto.port);
+    let text = std::fs::read_to_string(&l.config).unwrap();
+    std::fs::write(
+        &l.config,
+        with_glue_endpoint(&l, &text, &format!("http://127.0.0.1:{}", proxy.port)),
+    )
+    .unwrap();
+    proxy.set(support::proxy::Mode::Delay(std::time::Duration::from_millis(1000)));
+    let started = std::time::Instant::now();
+    let out = walshore(&["sync", "--config", l.config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Without the log's colours (escape sequences hold digits too).
+    let plain: String = stderr
+        .split('\x1b')
+        .enumerate()
+        .map(|(i, part)| {
+            if i == 0 {
+                part
+            } else {
+                part.split_once('m').map_or(part, |(_, rest)| rest)
+            }
+        })
+        .collect();
+    let reconciled = plain
+        .lines()
+        .find(|l| l.contains("Glue catalog reconciled with the lake"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    let elapsed_ms: u64 = reconciled
+        .split("elapsed_ms")
+        .nth(1)
+        .and_then(|r| {
+            r.trim_start_matches(|c: char| !c.is_ascii_digit())
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{reconciled}"));
+    assert!(
+        elapsed_ms > 3000,
+        "the reconciliation outlasted wal_sender_timeout: {elapsed_ms} ms"
+    );
+    assert!(
+        !stderr.contains("transient failure"),
+        "the stream was never cut:\n{stderr}"
+    );
+    let log = std::fs::read_to_string(l.e.cluster.data_dir().join("server.log")).unwrap();
+    assert!(!log.contains("replication timeout"), "{}", l.e.cluster.postmortem());
+    eprintln!("sync with a slow Glue: {:?}", started.elapsed());
+    proxy.set(support::proxy::Mode::Forward);
+    l.e.assert_lake_equals_source(&l.config, SELECT).await;
+    assert_readers_see_the_source(&l).await;
 }
 
 /// The `catalog` part of `walshore status`.

@@ -26,6 +26,9 @@ use crate::sink::WrittenObject;
 
 pub mod views;
 
+/// Partitions remembered as registered (see `Catalog::remember`): a day's hourly
+/// partitions of 300 tables twice over, about 2 MiB.
+const REMEMBERED_PARTITIONS: usize = 16_384;
 const INPUT_FORMAT: &str = "org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat";
 const OUTPUT_FORMAT: &str = "org.apache.hadoop.hive.ql.io.parquet.MapredParquetOutputFormat";
 const SERDE: &str = "org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe";
@@ -174,9 +177,9 @@ pub fn columns(schema: &LakeSchema, unrepresentable: Unrepresentable, by: &Parti
 /// The partition folders in the lake of each of `tables` (`schema.table`), one level
 /// per key of its partition spec: what [`Catalog::reconcile`] and `status` compare
 /// with Glue.
-pub async fn lake_partitions<'a>(
+pub async fn lake_partitions(
     store: &dyn object_store::ObjectStore,
-    tables: impl IntoIterator<Item = &'a String>,
+    tables: &[String],
     partitions: &Partitions,
 ) -> Result<BTreeMap<String, Vec<String>>, crate::sink::SinkError> {
     let mut lake = BTreeMap::new();
@@ -295,7 +298,8 @@ pub struct Catalog {
     partitions: Partitions,
     /// Columns this process last gave each table.
     tables: HashMap<String, Vec<(String, String)>>,
-    /// Partitions this process registered (or found registered).
+    /// Partitions this process registered (or found registered), at most
+    /// [`REMEMBERED_PARTITIONS`]: forgetting one costs a call that finds it there.
     registered: HashSet<(String, String)>,
     database_ready: bool,
     /// `catalog.create_views`.
@@ -687,7 +691,7 @@ impl Catalog {
             let mut missing = Vec::new();
             for p in parts {
                 if have.contains(&partition_values(p)) {
-                    self.registered.insert((table.clone(), p.clone()));
+                    self.remember(table, p);
                 } else {
                     missing.push(p.as_str());
                 }
@@ -779,6 +783,17 @@ impl Catalog {
         Ok(())
     }
 
+    /// Notes a partition as registered. The set starts over at its bound: commits go
+    /// to the newest partitions, which are noted again at their next commit, while a
+    /// lake's whole history (hourly partitions of hundreds of tables over years) would
+    /// otherwise stay in memory.
+    fn remember(&mut self, table: &str, partition: &str) {
+        if self.registered.len() >= REMEMBERED_PARTITIONS {
+            self.registered.clear();
+        }
+        self.registered.insert((table.to_owned(), partition.to_owned()));
+    }
+
     /// `BatchCreatePartition` for `parts` of `table` (100 per call); one that exists
     /// already counts as created.
     async fn create_partitions(&mut self, table: &str, parts: &[&str]) -> Result<(), CatalogError> {
@@ -825,7 +840,7 @@ impl Catalog {
                 }
             }
             for p in chunk {
-                self.registered.insert((table.to_owned(), (*p).to_owned()));
+                self.remember(table, p);
             }
             metrics::counter!(crate::telemetry::names::GLUE_PARTITIONS).increment(chunk.len() as u64);
             tracing::debug!(table = %name, partitions = chunk.len(), "registered partitions");
@@ -837,6 +852,28 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Years of partitions noted one by one: the set stays within its bound.
+    #[tokio::test]
+    async fn the_partitions_remembered_stay_bounded() {
+        let cfg = crate::config::Config::parse(
+            "[source]\nurl = \"postgres://u@h/d\"\npublication = \"p\"\nslot = \"s\"\n\
+             [sink]\nurl = \"s3://lake/x\"\nregion = \"us-east-1\"\n\
+             [catalog]\nkind = \"glue\"\ndatabase = \"d\"\nendpoint = \"http://127.0.0.1:9\"\n",
+        )
+        .unwrap();
+        let mut c = Catalog::open(cfg.glue.as_ref().unwrap(), &cfg.sink, &cfg.partitions).await;
+        for hour in 0..5 * 365 * 24 {
+            for table in 0..30 {
+                c.remember(&format!("public.t{table}"), &format!("dt=x/hour={hour}"));
+                assert!(c.registered.len() <= REMEMBERED_PARTITIONS);
+            }
+        }
+        assert!(
+            c.registered
+                .contains(&("public.t29".into(), format!("dt=x/hour={}", 5 * 365 * 24 - 1)))
+        );
+    }
 
     #[test]
     fn names_types_and_partition_values() {

@@ -179,7 +179,7 @@ struct Process {
     claimed: std::sync::atomic::AtomicBool,
     /// The start-up catalog reconciliation succeeded once: later attempts (a lost
     /// connection, say) skip it, since every commit since registered its own partitions.
-    reconciled: std::sync::atomic::AtomicBool,
+    reconciled: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Process {
@@ -403,7 +403,7 @@ async fn stream(
         checkpoint,
         sink,
         run_id,
-        mut catalog,
+        catalog,
         initial,
         start,
         target,
@@ -413,30 +413,11 @@ async fn stream(
     // waits for its copy (snapshot.mode = "initial").
     let head = checkpoint.head().clone();
     let schemas = read_schemas(sink.store().as_ref()).await.map_err(|e| fail(e.into()))?;
-    if let Some(c) = catalog
-        .as_mut()
-        .filter(|_| !process.reconciled.load(std::sync::atomic::Ordering::SeqCst))
-    {
-        let started = Instant::now();
-        // Only committed files are left (recovery ran): whatever of them Glue lacks is
-        // registered before anything new commits.
-        let lake = crate::catalog::lake_partitions(sink.store().as_ref(), schemas.keys(), &cfg.partitions)
-            .await
-            .map_err(|e| fail(e.into()))?;
-        let registered = c
-            .reconcile(&lake, &schemas, &shutdown)
-            .await
-            .map_err(|e| fail(e.into()))?;
-        tracing::info!(
-            database = %c.database(),
-            tables = lake.len(),
-            partitions = lake.values().map(Vec::len).sum::<usize>(),
-            registered_now = registered,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "Glue catalog reconciled with the lake"
-        );
-        process.reconciled.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
+    // Only committed files are left (recovery ran): whatever of them Glue lacks is
+    // registered before anything new commits, by the sink task, while the stream runs
+    // (the walsender hears from us however long the catalog takes).
+    let reconcile = (catalog.is_some() && !process.reconciled.load(std::sync::atomic::Ordering::SeqCst))
+        .then(|| process.reconciled.clone());
     let mut gates: HashMap<String, Gate> = head
         .snapshots
         .iter()
@@ -582,6 +563,7 @@ async fn stream(
         marks: marks_rx,
         partitions: Arc::new(cfg.partitions.clone()),
         unrepresentable: cfg.sink.unrepresentable,
+        reconcile,
     }));
     let copier = tokio::spawn(copier.run());
     let source = tokio::spawn(stop_copies_on_error(

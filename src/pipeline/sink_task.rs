@@ -68,6 +68,9 @@ pub(super) struct SinkTask {
     /// For the `T` row that starts a table copied again.
     pub partitions: Arc<crate::config::Partitions>,
     pub unrepresentable: crate::config::Unrepresentable,
+    /// Reconcile the catalog with the lake before the first commit, and say so here once
+    /// it succeeded (later attempts of the process skip it).
+    pub reconcile: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 #[derive(Default)]
@@ -131,8 +134,31 @@ fn retype(table: &str, e: crate::batch::schema::Incompatible, lsn: Lsn) -> Pipel
 }
 
 impl SinkTask {
+    /// Registers in the catalog what the lake holds and Glue lacks. The stream runs
+    /// meanwhile; its flushes wait in the bounded channel.
+    async fn reconcile(&mut self) -> Result<(), PipelineError> {
+        let (Some(done), Some(c)) = (self.reconcile.take(), self.catalog.as_mut()) else {
+            return Ok(());
+        };
+        let started = std::time::Instant::now();
+        let tables: Vec<String> = self.schemas.keys().cloned().collect();
+        let lake = crate::catalog::lake_partitions(self.sink.store().as_ref(), &tables, &self.partitions).await?;
+        let registered = c.reconcile(&lake, &self.schemas, &self.shutdown).await?;
+        tracing::info!(
+            database = %c.database(),
+            tables = lake.len(),
+            partitions = lake.values().map(Vec::len).sum::<usize>(),
+            registered_now = registered,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "Glue catalog reconciled with the lake"
+        );
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
     async fn run(&mut self, st: &mut SinkState) -> Result<(), PipelineError> {
         self.confirm.send_replace(self.checkpoint.position());
+        self.reconcile().await?;
         let (mut input_open, mut copies_open) = (true, true);
         loop {
             tokio::select! {

@@ -152,10 +152,26 @@ pub(super) async fn source_task(mut t: SourceTask) -> Result<(), PipelineError> 
     t.copier_stop.cancel();
     result?;
     // The sink finishes once the copies under way have reported. Confirm whatever it
-    // commits from what we handed over, then leave.
-    while t.confirm.changed().await.is_ok() {
-        let lsn = *t.confirm.borrow_and_update();
-        t.repl.confirm(lsn, false).await?;
+    // commits from what we handed over, then leave. PostgreSQL hears from us meanwhile,
+    // however long that takes (a slow store, a busy catalog): a walsender that hears
+    // nothing for wal_sender_timeout ends the connection, and the last confirmation with
+    // it.
+    let mut status = tokio::time::interval(t.status_interval);
+    status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            changed = t.confirm.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let lsn = *t.confirm.borrow_and_update();
+                t.repl.confirm(lsn, false).await?;
+            }
+            _ = status.tick() => {
+                let lsn = *t.confirm.borrow();
+                t.repl.confirm(lsn, false).await?;
+            }
+        }
     }
     let last = *t.confirm.borrow();
     t.repl.confirm(last, false).await?;

@@ -180,10 +180,12 @@ pub async fn partitions_in_lake(
     let mut level = vec![base];
     for key in keys {
         // A level below the first has a folder per date, say: listed 16 at a time.
-        let listed: Vec<Vec<Path>> = futures::stream::iter(&level)
+        // Owned prefixes: a closure over borrowed ones is not provably Send where a
+        // spawned task awaits this (rust-lang/rust#102211).
+        let listed: Vec<Vec<Path>> = futures::stream::iter(std::mem::take(&mut level))
             .map(|prefix| async move {
                 store
-                    .list_with_delimiter(Some(prefix))
+                    .list_with_delimiter(Some(&prefix))
                     .await
                     .map(|l| l.common_prefixes)
                     .map_err(|source| SinkError::List {
