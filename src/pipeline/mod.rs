@@ -587,6 +587,7 @@ async fn stream(
             },
             open_commit_ts: 0,
             counters: HashMap::new(),
+            counters_since: Instant::now(),
             transactions: metrics::counter!(crate::telemetry::names::TRANSACTIONS_RECEIVED),
             spill: metrics::gauge!(crate::telemetry::names::SPILL_BYTES),
         }),

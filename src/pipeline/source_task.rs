@@ -61,8 +61,11 @@ pub(super) struct SourceTask {
     pub types: TypeResolver,
     /// Commit time of the transaction whose events are being handed over (metrics).
     pub open_commit_ts: i64,
-    /// Counter handles per (relation, operation): registered once, not per chunk.
+    /// Counter handles per (relation, operation): registered once, not per chunk, and
+    /// again after a quarter of `telemetry::TABLE_SERIES_IDLE` (a handle held past its
+    /// series' removal would count into nothing).
     pub counters: std::collections::HashMap<(u32, u8), metrics::Counter>,
+    pub counters_since: std::time::Instant,
     pub transactions: metrics::Counter,
     pub spill: metrics::Gauge,
 }
@@ -329,9 +332,13 @@ impl SourceTask {
     fn observe(&mut self, events: &[Event]) {
         use crate::change::Change;
         use crate::telemetry::names;
-        // Names may change (a table renamed): start over at a bound, like the types.
-        if self.counters.len() >= RESOLVED_CACHE {
+        // Names may change (a table renamed): start over at a bound, like the types,
+        // and before an idle table's series can have been removed.
+        if self.counters.len() >= RESOLVED_CACHE
+            || self.counters_since.elapsed() > crate::telemetry::TABLE_SERIES_IDLE / 4
+        {
             self.counters.clear();
+            self.counters_since = std::time::Instant::now();
         }
         let resolved = &self.types.resolved;
         let counters = &mut self.counters;

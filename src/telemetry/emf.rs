@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::time::Duration;
 
-use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -82,7 +81,7 @@ pub fn line(
 
 /// Writes a line every `interval` until `stop` (and a last one then).
 pub async fn writer(
-    handle: PrometheusHandle,
+    handle: super::Handle,
     namespace: String,
     dimensions: Vec<(String, String)>,
     interval: Duration,

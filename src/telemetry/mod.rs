@@ -125,18 +125,110 @@ const BYTE_BUCKETS: &[f64] = &[
     536870912.0,
 ];
 
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+/// A series with a `table` label goes this long after its last update: the series of
+/// tables dropped, renamed or gone from the publication do not pile up for the life of
+/// the process (a table's counters come back, from zero, with its next change; rate()
+/// takes that as a reset). Every other series stays.
+pub const TABLE_SERIES_IDLE: Duration = Duration::from_secs(3600);
 
-/// Installs the process-wide recorder (once; later calls return the same handle).
-pub fn install() -> PrometheusHandle {
-    HANDLE
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
+static HANDLE: OnceLock<Handle> = OnceLock::new();
+
+/// What renders the metrics: the series without a `table` label, then those with one.
+#[derive(Clone)]
+pub struct Handle {
+    plain: PrometheusHandle,
+    tables: PrometheusHandle,
+}
+
+impl Handle {
+    /// The Prometheus text of every series.
+    pub fn render(&self) -> String {
+        let mut out = self.plain.render();
+        out.push_str(&self.tables.render());
+        out
+    }
+
+    pub fn run_upkeep(&self) {
+        self.plain.run_upkeep();
+        self.tables.run_upkeep();
+    }
+}
+
+/// Routes each series to one of two Prometheus recorders: those with a `table` label
+/// to the one that forgets idle series (see [`TABLE_SERIES_IDLE`]), the rest to one that
+/// keeps them. Descriptions go to both.
+struct SplitRecorder {
+    plain: metrics_exporter_prometheus::PrometheusRecorder,
+    tables: metrics_exporter_prometheus::PrometheusRecorder,
+}
+
+impl SplitRecorder {
+    fn new(table_idle: Duration) -> SplitRecorder {
+        let builder = || {
+            PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(names::COMMIT_DURATION.into()), COMMIT_BUCKETS)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(names::FLUSH_ROWS.into()), ROW_BUCKETS))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(names::FLUSH_BYTES.into()), BYTE_BUCKETS))
                 .expect("bucket lists are not empty")
-                .build_recorder();
+        };
+        SplitRecorder {
+            plain: builder().build_recorder(),
+            tables: builder()
+                .idle_timeout(metrics_util::MetricKindMask::ALL, Some(table_idle))
+                .build_recorder(),
+        }
+    }
+
+    fn handle(&self) -> Handle {
+        Handle {
+            plain: self.plain.handle(),
+            tables: self.tables.handle(),
+        }
+    }
+
+    fn of(&self, key: &metrics::Key) -> &metrics_exporter_prometheus::PrometheusRecorder {
+        if key.labels().any(|l| l.key() == "table") {
+            &self.tables
+        } else {
+            &self.plain
+        }
+    }
+}
+
+impl metrics::Recorder for SplitRecorder {
+    fn describe_counter(&self, key: metrics::KeyName, unit: Option<metrics::Unit>, description: metrics::SharedString) {
+        self.plain.describe_counter(key.clone(), unit, description.clone());
+        self.tables.describe_counter(key, unit, description);
+    }
+    fn describe_gauge(&self, key: metrics::KeyName, unit: Option<metrics::Unit>, description: metrics::SharedString) {
+        self.plain.describe_gauge(key.clone(), unit, description.clone());
+        self.tables.describe_gauge(key, unit, description);
+    }
+    fn describe_histogram(
+        &self,
+        key: metrics::KeyName,
+        unit: Option<metrics::Unit>,
+        description: metrics::SharedString,
+    ) {
+        self.plain.describe_histogram(key.clone(), unit, description.clone());
+        self.tables.describe_histogram(key, unit, description);
+    }
+    fn register_counter(&self, key: &metrics::Key, metadata: &metrics::Metadata<'_>) -> metrics::Counter {
+        self.of(key).register_counter(key, metadata)
+    }
+    fn register_gauge(&self, key: &metrics::Key, metadata: &metrics::Metadata<'_>) -> metrics::Gauge {
+        self.of(key).register_gauge(key, metadata)
+    }
+    fn register_histogram(&self, key: &metrics::Key, metadata: &metrics::Metadata<'_>) -> metrics::Histogram {
+        self.of(key).register_histogram(key, metadata)
+    }
+}
+
+/// Installs the process-wide recorder (once; later calls return the same handle).
+pub fn install() -> Handle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = SplitRecorder::new(TABLE_SERIES_IDLE);
             let handle = recorder.handle();
             // Fails only if another recorder is installed, which walshore never does.
             let _ = metrics::set_global_recorder(recorder);
@@ -556,6 +648,45 @@ impl Running {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A table's series goes after a while without updates, the others stay, and a
+    /// table's counter comes back with its next change.
+    #[test]
+    fn series_of_idle_tables_go_and_the_others_stay() {
+        let recorder = SplitRecorder::new(Duration::from_millis(200));
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            metrics::counter!(names::COMMITS).increment(1);
+            metrics::counter!(names::ROWS_WRITTEN, "table" => "public.gone", "op" => "I").increment(5);
+            metrics::counter!(names::ROWS_WRITTEN, "table" => "public.busy", "op" => "I").increment(5);
+        });
+        let text = handle.render();
+        assert!(
+            text.contains("public.gone") && text.contains("public.busy") && text.contains(names::COMMITS),
+            "{text}"
+        );
+        for _ in 0..10 {
+            std::thread::sleep(Duration::from_millis(100));
+            metrics::with_local_recorder(&recorder, || {
+                metrics::counter!(names::ROWS_WRITTEN, "table" => "public.busy", "op" => "I").increment(1);
+            });
+        }
+        let text = handle.render();
+        assert!(!text.contains("public.gone"), "{text}");
+        assert!(
+            text.contains("walshore_rows_written_total{table=\"public.busy\",op=\"I\"} 15"),
+            "{text}"
+        );
+        assert!(text.contains(&format!("{} 1", names::COMMITS)), "{text}");
+        metrics::with_local_recorder(&recorder, || {
+            metrics::counter!(names::ROWS_WRITTEN, "table" => "public.gone", "op" => "I").increment(2);
+        });
+        assert!(
+            handle
+                .render()
+                .contains("walshore_rows_written_total{table=\"public.gone\",op=\"I\"} 2")
+        );
+    }
 
     #[test]
     fn a_stage_busy_past_the_bound_fails_liveness_until_it_finishes() {

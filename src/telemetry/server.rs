@@ -9,7 +9,6 @@ use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::STATE;
@@ -17,7 +16,7 @@ use crate::config::MetricsConfig;
 
 #[derive(Clone)]
 struct Ctx {
-    handle: PrometheusHandle,
+    handle: super::Handle,
     ready_within: Duration,
     stuck_after: Duration,
 }
@@ -26,7 +25,7 @@ struct Ctx {
 pub async fn serve(
     cfg: &MetricsConfig,
     listen: SocketAddr,
-    handle: PrometheusHandle,
+    handle: super::Handle,
     stop: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
