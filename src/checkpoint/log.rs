@@ -298,22 +298,37 @@ async fn fold(store: &Arc<dyn ObjectStore>, first: u64, last: u64) -> Result<(),
 }
 
 /// Every data file the log names, in commit order: the checkpoints, then the records
-/// after them. For readers that need the whole manifest (tests, `verify`); it reads
-/// the whole log, so it costs what the lake's age costs.
+/// after them. For readers that need the whole manifest in memory (tests); it reads the
+/// whole log, so it costs what the lake's age costs.
 pub async fn committed_files(store: &dyn ObjectStore) -> Result<Vec<WrittenObject>, CheckpointError> {
-    let Some(head) = read_head(store).await? else {
-        return Ok(Vec::new());
-    };
     let mut files = Vec::new();
+    for_each_committed_file(store, |f| {
+        files.push(f);
+        Ok(())
+    })
+    .await?;
+    Ok(files)
+}
+
+/// Hands `each` every data file the log names, in commit order, holding one checkpoint
+/// or record at a time: a reader of the whole manifest (`verify`) whose memory does not
+/// grow with the lake's age.
+pub async fn for_each_committed_file(
+    store: &dyn ObjectStore,
+    mut each: impl FnMut(WrittenObject) -> Result<(), CheckpointError>,
+) -> Result<(), CheckpointError> {
+    let Some(head) = read_head(store).await? else {
+        return Ok(());
+    };
     let mut seq = 0;
     while seq < head.folded {
         let cp: CheckpointRecord = read_json(store, &checkpoint_key(seq + FOLD)).await?;
-        files.extend(cp.files);
         seq = cp.last;
+        cp.files.into_iter().try_for_each(&mut each)?;
     }
     for s in seq + 1..=head.seq {
         match read_commit(store, s).await? {
-            Some(r) => files.extend(r.files),
+            Some(r) => r.files.into_iter().try_for_each(&mut each)?,
             None => {
                 return Err(CheckpointError::Corrupt {
                     key: commit_key(s).to_string(),
@@ -322,5 +337,5 @@ pub async fn committed_files(store: &dyn ObjectStore) -> Result<Vec<WrittenObjec
             }
         }
     }
-    Ok(files)
+    Ok(())
 }

@@ -96,7 +96,7 @@ use crate::batch::schema::LakeSchema;
 use crate::lsn::Lsn;
 use crate::retry::Retry;
 use crate::sink::WrittenObject;
-pub use log::{FOLD, Watermarks, committed_files, delete_pruned, fold_or_prune, read_head};
+pub use log::{FOLD, Watermarks, committed_files, delete_pruned, fold_or_prune, for_each_committed_file, read_head};
 use log::{commit_key, read_json, write_hint};
 pub use pending::{FOREIGN_GRACE, Sweeper, announce_copy, announced_keys};
 pub use record::{CommitExtras, CommitRecord, PendingRecord, TableIdentity, TableStats};

@@ -32,6 +32,7 @@
 //! of buckets follows the table's size.
 
 pub mod compare;
+mod manifest;
 pub mod report;
 pub mod rows;
 
@@ -42,10 +43,9 @@ use std::time::{Duration, Instant};
 use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::batch::SNAPSHOT_TIE_SEQ;
-use crate::checkpoint::{CheckpointError, CommitRecord, committed_files, read_head};
+use crate::checkpoint::{CheckpointError, CommitRecord, read_head};
 use crate::config::{Config, SnapshotMode};
 use crate::lsn::Lsn;
-use crate::sink::WrittenObject;
 use crate::snapshot::{self, SnapshotError, SnapshotTable};
 use crate::source::{SourceError, quote_ident, sql};
 pub use report::{Outcome, Report, TableReport, read_last};
@@ -177,26 +177,6 @@ pub async fn verify(cfg: &Config, opts: &Options) -> Result<Report, VerifyError>
             what: e.to_string(),
         })?;
     tracing::info!(point = %point, lake = %reached, "verify: the lake holds everything before the point");
-    // The tables' folders first, then the pending records, then the commit log: a file
-    // listed was announced before its upload, so by the time the log is read it is either
-    // still announced or committed (or deleted by a start's clean-up: checked again).
-    let mut listed = Vec::new();
-    for t in &tables {
-        listed.push(list_table(store.as_ref(), &t.name).await?);
-    }
-    // As paths, the form a listing gives (a key with escapes parses to the same path).
-    let announced: std::collections::HashSet<object_store::path::Path> =
-        crate::checkpoint::announced_keys(store.as_ref())
-            .await?
-            .iter()
-            .map(|k| crate::sink::key_path(k))
-            .collect();
-    let manifest = committed_files(store.as_ref()).await?;
-    // The head as of the manifest: which copies it holds, of which tables.
-    let head = read_head(store.as_ref())
-        .await?
-        .ok_or_else(|| VerifyError::NoLake(cfg.sink.url.to_string()))?;
-
     let dir = std::fs::create_dir_all(&cfg.source.spill_dir)
         .and_then(|()| {
             tempfile::Builder::new()
@@ -212,22 +192,45 @@ pub async fn verify(cfg: &Config, opts: &Options) -> Result<Report, VerifyError>
         source,
     };
     let partitions = Arc::new(cfg.partitions.clone());
+    // The tables' folders first, then the pending records, then the commit log: a file
+    // listed was announced before its upload, so by the time the log is read it is either
+    // still announced or committed (or deleted by a start's clean-up: checked again).
+    // The lists go to the spill directory: their size is the lake's age.
+    let mut listed = Vec::new();
+    for (i, t) in tables.iter().enumerate() {
+        listed.push(Some(
+            manifest::spill_listing(store.as_ref(), &t.name, dir.path(), i).await?,
+        ));
+    }
+    // As paths, the form a listing gives (a key with escapes parses to the same path).
+    let announced: std::collections::HashSet<object_store::path::Path> =
+        crate::checkpoint::announced_keys(store.as_ref())
+            .await?
+            .iter()
+            .map(|k| crate::sink::key_path(k))
+            .collect();
+    let names: Vec<String> = tables.iter().map(|t| t.name.clone()).collect();
+    let mut committed = manifest::spill_committed(store.as_ref(), &names, dir.path()).await?;
+    // The head as of the manifest: which copies it holds, of which tables.
+    let head = read_head(store.as_ref())
+        .await?
+        .ok_or_else(|| VerifyError::NoLake(cfg.sink.url.to_string()))?;
 
     // The source first, all tables, so that the snapshot is held no longer than reading
     // takes; then the lake, table by table.
     let mut plans = Vec::new();
     for (i, table) in tables.iter().enumerate() {
-        let files: Vec<&WrittenObject> = manifest.iter().filter(|f| f.table == table.name).collect();
+        let files = &committed[i];
         if let Some(reason) = unverifiable(cfg, &head, &requested, table, point) {
             plans.push(Plan::Skip(TableReport::unverified(&table.name, reason)));
-            listed[i].clear();
+            listed[i] = None;
             continue;
         }
         let cols = rows::Columns::new(&table.relation).map_err(|what| VerifyError::Compare {
             table: table.name.clone(),
             what,
         })?;
-        let buckets = bucket_count(table.bytes, files.iter().map(|f| f.bytes).sum());
+        let buckets = bucket_count(table.bytes, files.bytes);
         let mut side = compare::SourceSide::new(dir.path(), i, buckets).map_err(spill_err)?;
         let mut last_log = Instant::now();
         let rows = prepared
@@ -248,7 +251,6 @@ pub async fn verify(cfg: &Config, opts: &Options) -> Result<Report, VerifyError>
         plans.push(Plan::Compare {
             table: table.name.clone(),
             cols,
-            files: files.into_iter().cloned().collect(),
             source: (paths, digests, rows),
         });
     }
@@ -257,27 +259,19 @@ pub async fn verify(cfg: &Config, opts: &Options) -> Result<Report, VerifyError>
     let cutoff = (point.0 as i64, SNAPSHOT_TIE_SEQ as i64);
     let mut reports = Vec::new();
     for (i, plan) in plans.into_iter().enumerate() {
-        let (table, cols, files, (paths, digests, rows)) = match plan {
+        let (table, cols, (paths, digests, rows)) = match plan {
             Plan::Skip(r) => {
                 reports.push(r);
                 continue;
             }
-            Plan::Compare {
-                table,
-                cols,
-                files,
-                source,
-            } => (table, cols, files, source),
+            Plan::Compare { table, cols, source } => (table, cols, source),
         };
+        let files = &mut committed[i];
         let mut report = TableReport::new(&table);
         report.source_rows = rows;
-        report.lake_files = files.len() as u64;
-        let committed: std::collections::HashSet<object_store::path::Path> =
-            files.iter().map(|f| crate::sink::key_path(&f.key)).collect();
-        for path in std::mem::take(&mut listed[i]) {
-            if committed.contains(&path) || announced.contains(&path) {
-                continue;
-            }
+        report.lake_files = files.files;
+        let listing = listed[i].take().expect("listed above");
+        for path in manifest::strays(listing, files, &announced, dir.path())? {
             // Deleted since the listing (a start's clean-up of an uncommitted file).
             if store.head(&path).await.is_err() {
                 continue;
@@ -289,7 +283,7 @@ pub async fn verify(cfg: &Config, opts: &Options) -> Result<Report, VerifyError>
             );
         }
         let mut lake = compare::LakeSide::new(dir.path(), i, digests.len(), cutoff).map_err(spill_err)?;
-        read_lake(store.clone(), &table, &cols, &files, cutoff, &mut lake, &mut report).await?;
+        read_lake(store.clone(), &table, &cols, files, cutoff, &mut lake, &mut report).await?;
         report.lake_changes = lake.changes;
         let (lake_paths, truncates) = lake.finish().map_err(spill_err)?;
         compare::compare(
@@ -323,32 +317,11 @@ fn problem(report: &mut TableReport, what: String) {
     }
 }
 
-/// The Parquet files in a table's folder, every partition.
-async fn list_table(store: &dyn ObjectStore, table: &str) -> Result<Vec<object_store::path::Path>, VerifyError> {
-    use futures::TryStreamExt;
-    let (schema, name) = table.split_once('.').unwrap_or(("", table));
-    let prefix = object_store::path::Path::from_iter([schema, name]);
-    let listed: Vec<_> = store
-        .list(Some(&prefix))
-        .try_collect()
-        .await
-        .map_err(|e| VerifyError::Lake {
-            key: prefix.to_string(),
-            what: e.to_string(),
-        })?;
-    Ok(listed
-        .into_iter()
-        .map(|m| m.location)
-        .filter(|l| l.as_ref().ends_with(".parquet"))
-        .collect())
-}
-
 enum Plan {
     Skip(TableReport),
     Compare {
         table: String,
         cols: rows::Columns,
-        files: Vec<WrittenObject>,
         source: (Vec<std::path::PathBuf>, Vec<rows::Digest>, u64),
     },
 }
@@ -531,27 +504,39 @@ async fn pending_changes(
 }
 
 /// Reads the table's committed files (the part of them before the cutoff) into `lake`,
-/// several fetches in flight while one is decoded.
+/// several fetches in flight while one is decoded; the list is read from its spill as
+/// the fetches go.
 async fn read_lake(
     store: Arc<dyn ObjectStore>,
     table: &str,
     cols: &rows::Columns,
-    files: &[WrittenObject],
+    files: &manifest::TableFiles,
     cutoff: (i64, i64),
     lake: &mut compare::LakeSide,
     report: &mut TableReport,
 ) -> Result<(), VerifyError> {
     use futures::StreamExt;
-    let wanted: Vec<(String, u64)> = files
-        .iter()
-        .filter(|f| (f.first.lsn.0 as i64, f.first.seq as i64) < cutoff)
-        .map(|f| (f.key.clone(), f.rows))
-        .collect();
-    let total = wanted.len();
+    let listed = files.entries().map_err(|source| VerifyError::Spill {
+        dir: "verify's spill directory".into(),
+        source,
+    })?;
+    let broken = Arc::new(std::sync::Mutex::new(None::<String>));
+    let seen = broken.clone();
+    let wanted = listed
+        .map_while(move |e| match e {
+            Ok(e) => Some(e),
+            Err(what) => {
+                *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(what);
+                None
+            }
+        })
+        .filter(move |e| (e.first_lsn as i64, e.first_seq as i64) < cutoff)
+        .map(|e| (e.key, e.rows));
+    let total = files.files;
     // Fetches run ahead (several at once); one blocking thread decodes file after file
     // and hands over a few batches at a time, while this task encodes and spills them.
     let (fetched_tx, mut fetched_rx) = tokio::sync::mpsc::channel(FETCH_CONCURRENCY);
-    let fetches = futures::stream::iter(wanted.into_iter().map(move |(key, rows)| {
+    let fetches = futures::stream::iter(wanted.map(move |(key, rows)| {
         let store = store.clone();
         tokio::spawn(async move {
             let path = crate::sink::key_path(&key);
@@ -652,6 +637,12 @@ async fn read_lake(
     drop(decoded);
     feeder.abort();
     let _ = decoder.await;
+    if let Some(what) = broken.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(VerifyError::Lake {
+            key: format!("{table} (verify's list of its committed files)"),
+            what,
+        });
+    }
     result
 }
 
