@@ -17,6 +17,9 @@ pub fn timed(cmd: &mut Command) -> Timed {
     let start = Instant::now();
     // `BENCH_STDERR=FILE`: the commands' stderr appended to FILE (with
     // `WALSHORE_LOG=debug` in the environment, a timeline of each run).
+    // Otherwise a file, read back only on failure: a pipe nobody reads while the
+    // command runs fills at 64 KiB of log lines and stops it.
+    let kept = tempfile::tempfile().expect("a temporary file for stderr");
     let stderr = match std::env::var_os("BENCH_STDERR") {
         Some(path) => Stdio::from(
             std::fs::OpenOptions::new()
@@ -25,7 +28,7 @@ pub fn timed(cmd: &mut Command) -> Timed {
                 .open(path)
                 .expect("open BENCH_STDERR"),
         ),
-        None => Stdio::piped(),
+        None => Stdio::from(kept.try_clone().expect("a second handle on the stderr file")),
     };
     let child = cmd.stdout(Stdio::null()).stderr(stderr).spawn().expect("spawn");
     let pid = child.id() as libc::pid_t;
@@ -36,10 +39,11 @@ pub fn timed(cmd: &mut Command) -> Timed {
     assert_eq!(r, pid, "wait4");
     if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
         let mut err = String::new();
-        use std::io::Read;
-        if let Some(mut stderr) = child.stderr {
-            stderr.read_to_string(&mut err).ok();
-        }
+        use std::io::{Read, Seek};
+        let mut kept = kept;
+        kept.rewind().ok();
+        kept.read_to_string(&mut err).ok();
+        drop(child);
         panic!("{cmd:?} failed (status {status}):\n{err}");
     }
     let cpu = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;

@@ -1,15 +1,21 @@
 //! Lifetime benchmark: what the age of a lake costs a start, and memory under the loads
 //! that used to grow it.
 //!
-//! `cargo bench --bench lifetime` runs all of it; `-- --log-only` or `-- --memory-only`
-//! one half; `--records N` (local log, default 1,000,000), `--s3-records N` (default
-//! 100,000), `--runs N` (default 3).
+//! `cargo bench --bench lifetime` runs all of it; `-- --log-only`, `-- --tables-only` or
+//! `-- --memory-only` one part; `--records N` (local log, default 1,000,000),
+//! `--s3-records N` (default 100,000), `--table-commits N` (default 100,000), `--runs N`
+//! (default 3).
 //!
 //! - **Log**: a lake whose commit log holds N records (as walshore leaves it with a long
 //!   `sink.log_retention`: every full thousand folded into a checkpoint, the records
 //!   kept), on the local sink and on the S3 test server (moto). Times `walshore sync`
 //!   with nothing to do and `walshore status`, and their peak RSS, against a log of
 //!   1,000 records in the same run.
+//! - **Tables**: a lake of 300 tables whose log grows to `--table-commits` records
+//!   (default 100,000; each commit two files, as walshore's own `Checkpoint` writes
+//!   them, every full thousand folded): start-up (`sync` with nothing to do), `status`
+//!   and `verify` against the same lake at 1,000 records, with their peak RSS, and the
+//!   size of a commit record and of a checkpoint early and late in the log.
 //! - **Memory**: a backlog of 64 KiB jsonb rows drained to the S3 test server through a
 //!   proxy that delays every answer (the sink is the bottleneck, so the queues fill);
 //!   and one transaction of 1,000,000 subtransactions (a PL/pgSQL loop with an EXCEPTION
@@ -70,13 +76,191 @@ fn main() {
     let arg = common::arg::<u64>;
     let runs = arg("--runs", 3) as usize;
     let rt = tokio::runtime::Runtime::new().unwrap();
-    if !args.iter().any(|a| a == "--memory-only") {
+    let only = |part: &str| {
+        let flags = ["--log-only", "--tables-only", "--memory-only"];
+        !flags.iter().any(|f| args.iter().any(|a| a == f)) || args.iter().any(|a| a == part)
+    };
+    if only("--log-only") {
         log_bench(&rt, runs, arg("--records", 1_000_000), arg("--s3-records", 100_000));
     }
-    if !args.iter().any(|a| a == "--log-only") {
+    if only("--tables-only") {
+        tables_bench(&rt, runs, arg("--table-commits", 100_000));
+    }
+    if only("--memory-only") {
         wide_rows_bench(&rt);
         subtransactions_bench(&rt);
     }
+}
+
+/// Appends `commits` records to the lake at `root` as walshore's `Checkpoint` writes
+/// them, each naming two files of two of the 300 tables (beyond `verify`'s point, so it
+/// lists them and does not fetch them), and folds every full thousand.
+async fn grow_log(root: &Path, commits: u64) {
+    use walshore::checkpoint::{Checkpoint, CommitExtras, FOLD, Watermarks, fold_or_prune, read_head};
+    use walshore::lsn::Lsn;
+    let store: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new_with_prefix(root).unwrap());
+    let head = read_head(store.as_ref()).await.unwrap().unwrap();
+    let identity = walshore::checkpoint::record::Identity {
+        system_id: head.system_id.clone(),
+        slot: head.slot.clone(),
+        publication: head.publication.clone(),
+    };
+    let mut c = Checkpoint::load(store.clone(), &identity).await.unwrap();
+    let far = Lsn(u64::MAX / 4);
+    let started = Instant::now();
+    let mut marks = Watermarks {
+        folded: head.folded,
+        pruned: head.pruned,
+    };
+    for i in 0..commits {
+        // Two tables of a hot twenty, one of the others now and then.
+        let tables = [i % 20, if i % 10 == 0 { 20 + i / 10 % 280 } else { (i + 7) % 20 }];
+        let files = tables
+            .iter()
+            .map(|t| walshore::sink::WrittenObject {
+                key: format!("public/t{t:03}/dt=2026-12-01/fabricated-{i:08}-{t:03}.parquet"),
+                table: format!("public.t{t:03}"),
+                partition: "dt=2026-12-01".into(),
+                rows: 10,
+                bytes: 4096,
+                first: walshore::batch::RowPos { lsn: far, seq: 2 * i },
+                last: walshore::batch::RowPos {
+                    lsn: far,
+                    seq: 2 * i + 1,
+                },
+                ops: Default::default(),
+            })
+            .collect();
+        let end = c.position();
+        c.set_watermarks(marks);
+        c.commit_files(
+            "bench-1-aaaa-000000000001",
+            end,
+            Some(1_764_000_000_000_000),
+            files,
+            CommitExtras::default(),
+        )
+        .await
+        .unwrap();
+        if c.head().seq % FOLD == 1 {
+            while let Some(next) = fold_or_prune(&store, c.head(), marks, Duration::from_secs(365 * 86_400))
+                .await
+                .unwrap()
+            {
+                marks = next;
+            }
+        }
+    }
+    eprintln!(
+        "  grew the log by {commits} commits in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+fn tables_bench(rt: &tokio::runtime::Runtime, runs: usize, commits: u64) {
+    println!(
+        "== tables: 300 tables, start-up, status and verify against the age of the log ({runs} runs, medians; RSS = max)"
+    );
+    // Commits flushed as they are made: `sync` stops at the flushed position it finds at
+    // its start, which asynchronous commits can leave inside a record for seconds.
+    let cluster = TempCluster::start(ClusterOptions {
+        settings: vec!["synchronous_commit = on".into()],
+        ..ClusterOptions::default()
+    })
+    .expect("start PostgreSQL");
+    let c = rt.block_on(cluster.connect("postgres")).unwrap();
+    let mut setup = String::new();
+    for t in 0..300 {
+        setup.push_str(&format!(
+            "CREATE TABLE t{t:03} (id int PRIMARY KEY, v text); INSERT INTO t{t:03} SELECT i, 'v' || i FROM generate_series(1, 20) i;"
+        ));
+    }
+    setup.push_str("CREATE PUBLICATION bench FOR ALL TABLES;");
+    rt.block_on(c.batch_execute(&setup)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rows = Vec::new();
+    for (i, size) in [1_000u64, commits].into_iter().enumerate() {
+        let slot = format!("tables_{i}");
+        let lake = dir.path().join(format!("tables-{i}"));
+        let cfg = config(
+            dir.path(),
+            &cluster,
+            &slot,
+            &format!("url = \"file://{}\"", lake.display()),
+        );
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("mode = \"never\"", "mode = \"initial\"");
+        std::fs::write(&cfg, text).unwrap();
+        let walshore_cmd = |args: &[&str]| {
+            let mut cmd = Command::new(walshore());
+            cmd.args(args).args(["--config", cfg.to_str().unwrap()]);
+            cmd
+        };
+        timed(&mut walshore_cmd(&["sync"]));
+        rt.block_on(grow_log(&lake, size));
+        let record_bytes = |seq: u64| {
+            std::fs::metadata(lake.join(format!("_walshore/commits/{seq:020}.json")))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        };
+        let head = rt
+            .block_on(walshore::checkpoint::read_head(
+                walshore::sink::open_store(&walshore::config::Config::load(&cfg).unwrap().sink)
+                    .unwrap()
+                    .as_ref(),
+            ))
+            .unwrap()
+            .unwrap();
+        let mut recent: Vec<f64> = (head.seq - 200..head.seq).map(|s| record_bytes(s) as f64).collect();
+        recent.retain(|b| *b > 0.0);
+        let checkpoints: Vec<u64> = std::fs::read_dir(lake.join("_walshore/checkpoints"))
+            .map(|d| d.map(|e| e.unwrap().metadata().unwrap().len()).collect())
+            .unwrap_or_default();
+        let (mut s, mut st, mut v) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut s_rss, mut st_rss, mut v_rss): (f64, f64, f64) = (0.0, 0.0, 0.0);
+        for _ in 0..runs {
+            let (secs, rss) = timed(&mut walshore_cmd(&["sync"]));
+            s.push(secs);
+            s_rss = s_rss.max(rss);
+            let (secs, rss) = timed(&mut walshore_cmd(&["status"]));
+            st.push(secs);
+            st_rss = st_rss.max(rss);
+            let (secs, rss) = timed(&mut walshore_cmd(&["verify", "--timeout", "60s"]));
+            v.push(secs);
+            v_rss = v_rss.max(rss);
+        }
+        let row = (
+            head.seq,
+            median(s),
+            s_rss,
+            median(st),
+            st_rss,
+            median(v),
+            v_rss,
+            median(recent),
+            checkpoints.iter().copied().max().unwrap_or(0),
+        );
+        println!(
+            "  {:>7} records: sync {:.3}s {:.0} MiB, status {:.3}s {:.0} MiB, verify {:.2}s {:.0} MiB; a recent record {:.0} bytes (median of 200), largest checkpoint {} bytes",
+            row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7, row.8
+        );
+        rows.push(row);
+    }
+    let (a, b) = (rows[0], rows[1]);
+    println!(
+        "  RATIO {} / {} records: sync time {:.2}, sync RSS {:.2}, status time {:.2}, status RSS {:.2}, verify RSS {:.2}, record size {:.2}, checkpoint size {:.2} (flat = about 1; verify's time reads the whole log: {:.2})",
+        b.0,
+        a.0,
+        b.1 / a.1,
+        b.2 / a.2,
+        b.3 / a.3,
+        b.4 / a.4,
+        b.6 / a.6,
+        b.7 / a.7,
+        b.8 as f64 / a.8.max(1) as f64,
+        b.5 / a.5
+    );
 }
 
 /// Appends records to the log after its head up to `records`, as walshore leaves a log

@@ -1,7 +1,11 @@
 //! The lifecycle soak: `walshore run` under a writer while tables leave the publication
 //! and come back, are dropped and created again, copied again on request, and altered,
-//! with SIGKILLs at random moments; then one `sync`, and every table replays exactly to
-//! the source. `WALSHORE_SOAK_SECS` sets how long the chaos lasts (default 75 s);
+//! while large transactions are cut at `sink.max_buffer` beside the copies, 21 tables
+//! leave at once while walshore is down (and come back), and the S3 test server fails
+//! commit PUTs (the reply lost) and the read-backs after them, with SIGKILLs at random
+//! moments; then one `sync`, and every table replays exactly to the source, `(_lsn,
+//! _seq)` is unique in every table of the lake, and no file lies outside the committed
+//! set. `WALSHORE_SOAK_SECS` sets how long the chaos lasts (default 75 s);
 //! `WALSHORE_SOAK_SEED` replays a run.
 
 mod support;
@@ -9,7 +13,50 @@ mod support;
 use std::time::{Duration, Instant};
 
 use rand::{RngExt, SeedableRng};
+use support::proxy::{Action, Proxy, Rule};
 use support::*;
+
+/// The tables that leave the publication together while walshore is down.
+const MANY: usize = 21;
+
+fn many() -> Vec<String> {
+    (1..=MANY).map(|i| format!("m{i:02}")).collect()
+}
+
+/// S3 faults on the commit log for a moment: a commit record created whose reply is
+/// lost (the client's retry finds it there), the read-back of it failing past the
+/// client's own retries, and a few plain 503s on commit PUTs.
+fn commit_faults() -> Vec<Rule> {
+    vec![
+        Rule {
+            method: "PUT",
+            path: "/_walshore/commits/".into(),
+            header: Some("if-none-match"),
+            skip: 0,
+            times: 1,
+            action: Action::LoseReply(503),
+            after: None,
+        },
+        Rule {
+            method: "GET",
+            path: "/_walshore/commits/".into(),
+            header: None,
+            skip: 0,
+            times: 12,
+            action: Action::Answer(503),
+            after: Some(0),
+        },
+        Rule {
+            method: "PUT",
+            path: "/_walshore/".into(),
+            header: None,
+            skip: 2,
+            times: 3,
+            action: Action::Answer(503),
+            after: Some(1),
+        },
+    ]
+}
 
 const SCHEMA: &str = "
 CREATE TABLE trades (id bigint PRIMARY KEY, qty int, note text);
@@ -24,6 +71,18 @@ INSERT INTO nightly SELECT i, 'n' || i FROM generate_series(1, 500) i;
 INSERT INTO evo SELECT i, 'e' || i FROM generate_series(1, 500) i;
 INSERT INTO big SELECT i, repeat('b', 100) FROM generate_series(1, 20000) i;
 CREATE PUBLICATION pub FOR TABLE trades, side, nightly, evo, big, nokey;";
+
+/// The tables of [`many`], each with rows, in the publication.
+fn many_schema() -> String {
+    let mut sql = String::new();
+    for t in many() {
+        sql.push_str(&format!(
+            "CREATE TABLE {t} (id int PRIMARY KEY, v text); INSERT INTO {t} SELECT i, 'm' FROM generate_series(1, 50) i;"
+        ));
+    }
+    sql.push_str(&format!("ALTER PUBLICATION pub ADD TABLE {};", many().join(", ")));
+    sql
+}
 
 #[tokio::test]
 async fn a_lifecycle_of_leaves_returns_rebuilds_resnapshots_alters_and_kills_ends_exact() {
@@ -40,9 +99,37 @@ async fn a_lifecycle_of_leaves_returns_rebuilds_resnapshots_alters_and_kills_end
     let cluster = cluster(&["logical_decoding_work_mem = 64kB"]);
     let c = cluster.connect("postgres").await.unwrap();
     c.batch_execute(SCHEMA).await.unwrap();
+    c.batch_execute(&many_schema()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = lake_config(dir.path(), &cluster, "postgres");
-    use_initial_snapshot(&config, "poll_interval = \"500ms\"\nchunk_size = \"256kB\"");
+    // The lake on the S3 test server; walshore reaches it through a proxy that fails
+    // requests of the commit log now and then, the checks at the end directly.
+    set_fake_aws_env();
+    let moto = Moto::start("lake");
+    let proxy = Proxy::start(moto.port);
+    let s3 = SinkKind::S3 {
+        moto: &moto,
+        bucket: "lake",
+        prefix: "soak",
+    };
+    // Large transactions are cut into several files at max_buffer.
+    let direct = write_config(
+        dir.path(),
+        &cluster.url("postgres", "postgres"),
+        "pub",
+        "walshore",
+        &s3,
+        "max_buffer = \"256KiB\"\nrequest_timeout = \"5s\"",
+        "",
+    );
+    use_initial_snapshot(&direct, "poll_interval = \"500ms\"\nchunk_size = \"256kB\"");
+    let config = dir.path().join("through-proxy.toml");
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&direct)
+            .unwrap()
+            .replace(&moto.endpoint(), &format!("http://127.0.0.1:{}", proxy.port)),
+    )
+    .unwrap();
     sync(&config);
     let url = cluster.url("postgres", "postgres");
     // Every round changes every table that stays put; side's and evo's changes fail
@@ -58,7 +145,9 @@ async fn a_lifecycle_of_leaves_returns_rebuilds_resnapshots_alters_and_kills_end
              COMMIT;
              INSERT INTO side VALUES ({s}, 'w') ON CONFLICT (id) DO UPDATE SET v = 'w{i}';
              UPDATE side SET v = 'u{i}' WHERE id = {su}; DELETE FROM side WHERE id = {sd};
-             UPDATE evo SET v = 'u{i}' WHERE id = {eu};",
+             UPDATE evo SET v = 'u{i}' WHERE id = {eu};
+             INSERT INTO {m} VALUES ({mi}, 'w{i}') ON CONFLICT (id) DO UPDATE SET v = 'again{i}';
+             {large}",
             q = i % 100,
             u = i.saturating_sub(7),
             d = i.saturating_sub(13),
@@ -70,10 +159,24 @@ async fn a_lifecycle_of_leaves_returns_rebuilds_resnapshots_alters_and_kills_end
             su = 1 + i * 37 % 500,
             sd = 2 + i * 91 % 500,
             eu = 1 + i % 500,
+            m = format!("m{:02}", 1 + i % MANY as u64),
+            mi = 100 + i % 200,
+            // Now and then a transaction of several MiB: files cut mid-way at max_buffer,
+            // held for copies when its tables are being copied.
+            large = if i % 40 == 39 {
+                format!(
+                    "BEGIN; UPDATE big SET v = repeat('L', 200) || '{i}' WHERE id % 4 = {r}; INSERT INTO trades SELECT 10000000 + {i} * 1000 + g, g, 'large' FROM generate_series(1, 500) g; COMMIT;",
+                    r = i / 40 % 4
+                )
+            } else {
+                String::new()
+            },
         )
     });
     let mut run = spawn_run(&config);
     let mut side_out = false;
+    let mut many_out = false;
+    let mut faults = 0;
     let mut nightly_life = 0;
     let mut evo_columns = 0;
     let mut kills = 0;
@@ -81,7 +184,7 @@ async fn a_lifecycle_of_leaves_returns_rebuilds_resnapshots_alters_and_kills_end
     let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(rng.random_range(500..2500)));
-        let event = rng.random_range(0..6);
+        let event = rng.random_range(0..9);
         match event {
             0 => {
                 unsafe { libc::kill(run.id() as i32, libc::SIGKILL) };
@@ -121,6 +224,32 @@ async fn a_lifecycle_of_leaves_returns_rebuilds_resnapshots_alters_and_kills_end
                 assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
                 events.push("big resnapshot");
             }
+            5 => {
+                if many_out {
+                    c.batch_execute(&format!("ALTER PUBLICATION pub ADD TABLE {}", many().join(", ")))
+                        .await
+                        .unwrap();
+                    events.push("many return");
+                } else {
+                    // All at once while walshore is down.
+                    unsafe { libc::kill(run.id() as i32, libc::SIGKILL) };
+                    run.wait().unwrap();
+                    kills += 1;
+                    c.batch_execute(&format!("ALTER PUBLICATION pub DROP TABLE {}", many().join(", ")))
+                        .await
+                        .unwrap();
+                    run = spawn_run(&config);
+                    events.push("many leave while down");
+                }
+                many_out = !many_out;
+            }
+            6 | 7 => {
+                proxy.set_rules(commit_faults());
+                std::thread::sleep(Duration::from_millis(rng.random_range(1000..4000)));
+                proxy.set_rules(Vec::new());
+                faults = proxy.ruled();
+                events.push("s3 faults on the commit log");
+            }
             4 => {
                 evo_columns += 1;
                 c.batch_execute(&format!(
@@ -142,10 +271,15 @@ async fn a_lifecycle_of_leaves_returns_rebuilds_resnapshots_alters_and_kills_end
     if side_out {
         c.batch_execute("ALTER PUBLICATION pub ADD TABLE side").await.unwrap();
     }
+    if many_out {
+        c.batch_execute(&format!("ALTER PUBLICATION pub ADD TABLE {}", many().join(", ")))
+            .await
+            .unwrap();
+    }
     let (code, stderr) = stop(run);
     assert!(code.success(), "{stderr}");
     sync(&config);
-    let store = open_lake(&config);
+    let store = open_lake(&direct);
     let evo_cols: Vec<String> = (1..=evo_columns).map(|k| format!("c{k}")).collect();
     let mut evo_select = vec!["id::text".to_owned(), "v".to_owned()];
     evo_select.extend(evo_cols.iter().cloned());
@@ -168,8 +302,14 @@ async fn a_lifecycle_of_leaves_returns_rebuilds_resnapshots_alters_and_kills_end
             format!("SELECT {} FROM evo", evo_select.join(", ")),
         ),
         ("nokey", None, "SELECT a::text, b FROM nokey".to_owned()),
-    ] {
-        let lake = read_table(&store, "public", table).await;
+    ]
+    .into_iter()
+    .map(|(t, k, q)| (t.to_owned(), k, q))
+    .chain(many().into_iter().map(|t| {
+        let q = format!("SELECT id::text, v FROM {t}");
+        (t, Some(&["id"][..]), q)
+    })) {
+        let lake = read_table(&store, "public", &table).await;
         assert_unique_positions(&lake);
         let replayed = match key {
             Some(k) => replay_by_rule(&lake, k),
@@ -181,9 +321,22 @@ async fn a_lifecycle_of_leaves_returns_rebuilds_resnapshots_alters_and_kills_end
             "{table} differs from the source after the soak (seed {seed}; events {events:?})"
         );
     }
-    assert_no_orphans(&config).await;
+    // Every table of the lake, whatever the publication holds now.
+    let tables: std::collections::BTreeSet<String> = futures::TryStreamExt::try_collect::<Vec<_>>(store.list(None))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.location.as_ref().ends_with(".parquet"))
+        .map(|m| m.location.as_ref().split('/').take(2).collect::<Vec<_>>().join("/"))
+        .collect();
+    assert!(tables.len() >= 6 + MANY, "{tables:?}");
+    for t in &tables {
+        let (schema, table) = t.split_once('/').unwrap();
+        assert_unique_positions(&read_table(&store, schema, table).await);
+    }
+    assert_no_orphans(&direct).await;
     // walshore verify, a second oracle, says the same of the lake after its lifetime.
-    let out = walshore(&["verify", "--config", config.to_str().unwrap(), "--format", "json"]);
+    let out = walshore(&["verify", "--config", direct.to_str().unwrap(), "--format", "json"]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "verify printed no report ({e}): {}",
@@ -194,8 +347,8 @@ async fn a_lifecycle_of_leaves_returns_rebuilds_resnapshots_alters_and_kills_end
         out.status.success() && report["result"] == "equal",
         "verify after the soak (seed {seed}): {report:#}"
     );
-    assert_eq!(report["tables"].as_array().unwrap().len(), 6, "{report:#}");
+    assert_eq!(report["tables"].as_array().unwrap().len(), 6 + MANY, "{report:#}");
     eprintln!(
-        "soak passed: {kills} kills, {nightly_life} rebuilds, {evo_columns} columns added, {rounds} writer rounds"
+        "soak passed: {kills} kills, {nightly_life} rebuilds, {evo_columns} columns added, {faults} S3 faults served, {rounds} writer rounds"
     );
 }
