@@ -99,9 +99,12 @@ pub struct TableIdentity {
 
 impl TableIdentity {
     /// Whether the table as it is now (`now`) is the one recorded here, continuously in
-    /// the publication: the same OID, and one of the catalog rows that put it there
-    /// still does (a row lives as long as its membership: a table that left and came
-    /// back has only new rows, while one also added by its schema keeps its own row).
+    /// the publication as far as the catalog tells: the same OID, and one of the
+    /// catalog rows that put it there still does (a row lives as long as its
+    /// membership: a table removed and added again has only new rows, while one also
+    /// added by its schema keeps its own row). A table that left without its row going
+    /// (moved out of a published schema and back, a partition detached and attached
+    /// again) keeps it: only a departure seen while it lasted tells (README, Limits).
     /// Both empty: `FOR ALL TABLES`.
     pub fn continues_as(&self, now: &TableIdentity) -> bool {
         self.oid == now.oid

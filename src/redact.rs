@@ -18,9 +18,11 @@ pub fn describe_url(u: &url::Url) -> String {
 }
 
 /// `text` with every URL in it shown by [`describe_url`]. A URL runs from its scheme to
-/// the first white space, quote or parenthesis (less a sentence's last punctuation);
-/// one that does not parse is kept up to its host, so nothing after an `@` or a `?`
-/// survives either way.
+/// the first white space, quote or parenthesis (less a sentence's last punctuation).
+/// When its token (up to white space or a quote) holds a user, a query or a fragment,
+/// nothing of it survives but what [`describe_url`] shows: a URL that does not parse
+/// keeps only its scheme, and what follows the URL in the token goes too unless it is
+/// only punctuation (`url` does not encode `(`, `)` or `'` in a password or a query).
 pub fn scrub(text: &str) -> Cow<'_, str> {
     if !text.contains("://") {
         return Cow::Borrowed(text);
@@ -32,31 +34,37 @@ pub fn scrub(text: &str) -> Cow<'_, str> {
             .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
             .map_or(0, |j| j + 1);
         let tail = &rest[i + 3..];
-        let mut end = i
+        let token_end = i
             + 3
             + tail
-                .find(|c: char| c.is_whitespace() || "\"'<>`\\()".contains(c))
+                .find(|c: char| c.is_whitespace() || "\"'<>`\\".contains(c))
                 .unwrap_or(tail.len());
+        let mut end = i + 3 + rest[i + 3..token_end].find(['(', ')']).unwrap_or(token_end - i - 3);
         // Punctuation that ends a sentence is the sentence's.
         while end > i + 3 && rest[..end].ends_with(['.', ',', ';', ':', '!']) {
             end -= 1;
         }
         out.push_str(&rest[..start]);
+        if start == i {
+            // "://" with no scheme before it: not a URL.
+            out.push_str(&rest[i..i + 3]);
+            rest = &rest[i + 3..];
+            continue;
+        }
+        let secretive = rest[i + 3..token_end].contains(['@', '?', '#']);
         let candidate = &rest[start..end];
         match url::Url::parse(candidate) {
-            Ok(u) if start < i && u.has_host() => out.push_str(&describe_url(&u)),
-            Ok(_) if start < i => out.push_str(&candidate[..i - start + 3]),
-            _ if start < i => {
-                // Not a URL we can read: keep what cannot be a secret, the scheme and
-                // what follows up to a credential or query.
-                let host = tail[..end - i - 3]
-                    .find(['@', '?', '#', '/'])
-                    .map_or(end - i - 3, |k| if tail.as_bytes()[k] == b'/' { k } else { 0 });
-                out.push_str(&rest[start..i + 3 + host]);
-            }
-            _ => out.push_str(candidate),
+            Ok(u) if u.has_host() => out.push_str(&describe_url(&u)),
+            Ok(_) => out.push_str(&rest[start..i + 3]),
+            Err(_) if secretive => out.push_str(&rest[start..i + 3]),
+            Err(_) => out.push_str(candidate),
         }
-        rest = &rest[end..];
+        let after = &rest[end..token_end];
+        rest = if secretive && after.chars().any(|c| c.is_alphanumeric()) {
+            &rest[token_end..]
+        } else {
+            &rest[end..]
+        };
     }
     out.push_str(rest);
     Cow::Owned(out)
@@ -114,7 +122,15 @@ mod tests {
             ("cut http://host x?t=1", "cut http://host/ x?t=1"),
             ("odd http://[::1:s3cr3t@host/x?t=s3cr3t", "odd http://host/x"),
             ("unparsable http://u:s3cr3t@[zz]/x?t=s3cr3t", "unparsable http://"),
-            ("unparsable http://[zz]/x?t=s3cr3t", "unparsable http://[zz]"),
+            ("unparsable http://[zz]/x?t=s3cr3t", "unparsable http://"),
+            // Characters a URL may hold unencoded that end the URL here: the rest of its
+            // token goes with it.
+            ("pw postgres://rep:pa(s3cr3t@db/x end", "pw postgres:// end"),
+            ("token https://h/in?token=ab(s3cr3t) end", "token https://h/in end"),
+            (
+                "quoted 'postgres://rep:s3cr3t@db/x' end",
+                "quoted 'postgres://db/x' end",
+            ),
         ];
         for (text, shown) in cases {
             assert_eq!(scrub(text), shown, "{text}");

@@ -135,6 +135,17 @@ async fn a_lifecycle_of_leaves_returns_rebuilds_resnapshots_alters_and_kills_end
     // Every round changes every table that stays put; side's and evo's changes fail
     // while they are away or being altered, and are retried.
     let writer = SqlLoop::spawn(url.clone(), Duration::from_millis(5), |i| {
+        let m = format!("m{:02}", 1 + i % MANY as u64);
+        // Now and then a transaction of several MiB: files cut mid-way at max_buffer,
+        // held for copies when its tables are being copied.
+        let large = if i % 40 == 39 {
+            format!(
+                "BEGIN; UPDATE big SET v = repeat('L', 200) || '{i}' WHERE id % 4 = {r}; INSERT INTO trades SELECT 10000000 + {i} * 1000 + g, g, 'large' FROM generate_series(1, 500) g; COMMIT;",
+                r = i / 40 % 4
+            )
+        } else {
+            String::new()
+        };
         format!(
             "BEGIN;
              INSERT INTO trades VALUES ({i}, {q}, 'n') ON CONFLICT (id) DO NOTHING; UPDATE trades SET qty = qty + 1 WHERE id = {u};
@@ -159,18 +170,7 @@ async fn a_lifecycle_of_leaves_returns_rebuilds_resnapshots_alters_and_kills_end
             su = 1 + i * 37 % 500,
             sd = 2 + i * 91 % 500,
             eu = 1 + i % 500,
-            m = format!("m{:02}", 1 + i % MANY as u64),
             mi = 100 + i % 200,
-            // Now and then a transaction of several MiB: files cut mid-way at max_buffer,
-            // held for copies when its tables are being copied.
-            large = if i % 40 == 39 {
-                format!(
-                    "BEGIN; UPDATE big SET v = repeat('L', 200) || '{i}' WHERE id % 4 = {r}; INSERT INTO trades SELECT 10000000 + {i} * 1000 + g, g, 'large' FROM generate_series(1, 500) g; COMMIT;",
-                    r = i / 40 % 4
-                )
-            } else {
-                String::new()
-            },
         )
     });
     let mut run = spawn_run(&config);

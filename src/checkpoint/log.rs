@@ -16,7 +16,9 @@
 //! be recorded by a commit: a chunk is marked pruned (`pruned` in the next commit) only
 //! once a head records it folded, and its records are deleted only once a head records
 //! it pruned. A record missing below a head's `pruned` is therefore pruned, and every
-//! record after a head's `folded` exists, whatever housekeeping did since.
+//! record after a head's `folded` exists, whatever housekeeping did since. A chunk that
+//! holds the head's base (see [`CommitRecord::delta`]) is not pruned: bases only move
+//! forward, so it is pruned once a newer base is written.
 
 use std::sync::Arc;
 
@@ -186,8 +188,11 @@ pub async fn fold_or_prune(
         fold(store, first, last).await?;
         return Ok(Some(Watermarks { folded: last, ..marks }));
     }
+    // Never the chunk of the head's base: the head is read whole with it (a lake that
+    // commits seldom keeps a base older than its retention).
+    let base = head.base.unwrap_or(head.seq);
     let folded = marks.folded.min(head.folded);
-    if marks.pruned < folded {
+    if marks.pruned < folded && marks.pruned + FOLD < base {
         let last = (marks.pruned + FOLD).min(folded);
         let cp: CheckpointRecord = read_json(store.as_ref(), &checkpoint_key(last)).await?;
         let age = crate::checkpoint::record::now_micros() - cp.last_written_at;

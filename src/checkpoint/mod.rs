@@ -720,6 +720,79 @@ mod tests {
         );
     }
 
+    /// A lake that commits seldom keeps a head whose base lies in a chunk old enough to
+    /// prune: that chunk waits until a newer base is written, and the head reads back
+    /// whole at every step.
+    #[tokio::test]
+    async fn pruning_never_reaches_the_heads_base() {
+        let (_dir, store) = local();
+        let mut c = Checkpoint::load(store.clone(), &identity()).await.unwrap();
+        let own = |_: &str| false;
+        c.claim_and_recover("host-1-aaaa-000000000001", true, &own)
+            .await
+            .unwrap();
+        let (mut marks, mut deleted) = (Watermarks::default(), None);
+        let zero = std::time::Duration::ZERO;
+        let commit = async |c: &mut Checkpoint, marks: Watermarks, i: u64, copies: u64| {
+            let mut extras = CommitExtras::default();
+            for k in 0..copies {
+                extras.copied.push((
+                    format!("public.t{k:03}"),
+                    Lsn(i * 8),
+                    TableIdentity {
+                        oid: (i * 1000 + k) as u32,
+                        ..Default::default()
+                    },
+                ));
+            }
+            c.set_watermarks(marks);
+            let f = WrittenObject {
+                table: format!("public.t{:03}", i % 3),
+                ..file(&format!("f{i}"))
+            };
+            c.commit_files("host-1-aaaa-000000000001", Lsn(i * 8), None, vec![f], extras)
+                .await
+                .unwrap()
+                .clone()
+        };
+        // 300 tables copied, then small commits; at 1950 every table is copied again (a
+        // whole record), so the records after it lean on 1950.
+        commit(&mut c, marks, 2, 300).await;
+        for i in 3..=2040 {
+            let written = commit(&mut c, marks, i, if i == 1950 { 300 } else { 0 }).await;
+            if i > 1950 && i < 2040 {
+                assert_eq!(written.base, Some(1950), "record {i}");
+            }
+        }
+        for _ in 0..3 {
+            housekeeping(&store, &mut marks, &mut deleted, zero).await;
+            let head = read_head(store.as_ref())
+                .await
+                .expect("the head reads back whole")
+                .unwrap();
+            assert_eq!(head.snapshots.len(), 300);
+            assert!(head.pruned < 1950, "the chunk of the head's base is kept: {marks:?}");
+            let next = head.seq + 1;
+            commit(&mut c, marks, next, 0).await;
+        }
+        // Past a newer base, the chunk goes.
+        for i in 0..150 {
+            let next = c.head().seq + 1;
+            commit(&mut c, marks, next, 0).await;
+            if i % 50 == 0 {
+                housekeeping(&store, &mut marks, &mut deleted, zero).await;
+            }
+        }
+        housekeeping(&store, &mut marks, &mut deleted, zero).await;
+        let next = c.head().seq + 1;
+        commit(&mut c, marks, next, 0).await;
+        housekeeping(&store, &mut marks, &mut deleted, zero).await;
+        let head = read_head(store.as_ref()).await.unwrap().unwrap();
+        assert_eq!((head.folded, head.pruned), (2000, 2000), "{marks:?}");
+        assert!(log::read_commit(store.as_ref(), 1950).await.unwrap().is_none());
+        assert_eq!(head.snapshots.len(), 300);
+    }
+
     /// The compare-and-swap on a real directory: a writer that claimed, was paused, and
     /// commits after another instance claimed the next number is refused, naming the
     /// other; so is a second claim of the same number.

@@ -14,7 +14,7 @@ pub const FORMAT: u32 = 3;
 
 /// A record is written whole (a base) at least every this many commits, and whenever
 /// what changed since its base is more than half the whole: so the head's state is
-/// read in two objects at most, and a base is never old enough to be pruned (`FOLD`).
+/// read in two objects at most. Pruning never reaches the head's base (`log`).
 pub const BASE_EVERY: u64 = 100;
 
 /// Which pipeline a lake belongs to.

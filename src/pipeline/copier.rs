@@ -246,6 +246,14 @@ impl Copier {
         // Gone from the publication: the lake keeps the rows it has, and a return is a
         // new start for the table.
         let never = self.cfg.snapshot == SnapshotMode::Never;
+        if never {
+            // Back in the publication: a later departure is one again.
+            for (t, i) in self.identities.iter_mut() {
+                if i.departed && members.contains_key(t) {
+                    i.departed = false;
+                }
+            }
+        }
         let gone: Vec<String> = self
             .copied
             .iter()
@@ -460,7 +468,9 @@ impl Copier {
 /// position. A session that cannot commit (read-only; a standby) gives the flushed
 /// (replayed) position instead.
 async fn departure_position(client: &tokio_postgres::Client) -> Result<Lsn, tokio_postgres::Error> {
-    let lsn = |row: tokio_postgres::Row| -> Lsn { row.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO) };
+    // pg_lsn's text always parses; were it not to, the position furthest away is the
+    // safe one (the departure waits), not zero.
+    let lsn = |row: tokio_postgres::Row| -> Lsn { row.get::<_, String>(0).parse().unwrap_or(Lsn(u64::MAX)) };
     client.batch_execute("BEGIN; SET LOCAL synchronous_commit = on").await?;
     let marked = client
         .query_one(

@@ -199,9 +199,11 @@ impl SinkTask {
                 if st.uncommitted.is_empty() {
                     self.handoff.boundary();
                     st.boundary = st.boundary.max(lsn);
-                    if st.left.iter().any(|d| d.at <= lsn) {
-                        // A departure the stream has now passed: recorded without waiting
-                        // for a change (an idle publication may not have one for long).
+                    if st.left.iter().any(|d| d.at <= lsn) || !st.adopted.is_empty() {
+                        // A departure the stream has now passed, or a membership to record:
+                        // recorded without waiting for a change (an idle publication may
+                        // not have one for long, and a restart would judge the table by
+                        // what was recorded before).
                         return self.commit(st, Some((lsn, None))).await;
                     }
                     advance(&self.confirm, lsn);

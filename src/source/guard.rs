@@ -21,6 +21,8 @@ use tokio_postgres::tls::{ChannelBinding, TlsConnect, TlsStream};
 enum State {
     /// Authentication is over (or the policy allows anything): bytes pass unread.
     Off,
+    /// A cleartext request was seen: every read fails from here on.
+    Refused,
     /// Bytes that are not messages (the SSL request's one-byte answer).
     Skip(usize),
     /// A message's tag and length, `have` of its 5 bytes read.
@@ -63,6 +65,7 @@ impl<S> AuthGuard<S> {
         while !bytes.is_empty() {
             match &mut self.state {
                 State::Off => return true,
+                State::Refused => return false,
                 State::Skip(n) => {
                     let k = (*n).min(bytes.len());
                     bytes = &bytes[k..];
@@ -98,7 +101,10 @@ impl<S> AuthGuard<S> {
                         if *have == 4 {
                             match i32::from_be_bytes(*code) {
                                 // AuthenticationCleartextPassword
-                                3 => return false,
+                                3 => {
+                                    self.state = State::Refused;
+                                    return false;
+                                }
                                 // AuthenticationOk: what follows is the session's.
                                 0 => {
                                     self.state = State::Off;
@@ -241,6 +247,10 @@ mod tests {
             let mut g = guard(0);
             !(g.inspect(&refused[..cut]) && g.inspect(&refused[cut..]))
         }));
+        // Once refused, always refused.
+        let mut g = guard(0);
+        assert!(!g.inspect(&refused));
+        assert!(!g.inspect(&after));
         // Off: nothing is looked at.
         let mut off = AuthGuard::new((), 0, None);
         assert!(off.inspect(&cleartext));

@@ -66,12 +66,15 @@ pub fn client_config(params: &ConnParams) -> Result<Option<Arc<ClientConfig>>, S
     Ok(Some(Arc::new(config)))
 }
 
-/// Whether the server's certificate is checked (`verify-ca`, `verify-full`, or
-/// `require` with `sslrootcert`): only such a server may ask for the password in clear.
+/// Whether the server proves who it is: `verify-full` (chain and host name), or a
+/// chain checked against the user's own `sslrootcert` (`verify-ca`, `require`). A
+/// chain checked against the public roots without the host name is not enough: anyone
+/// with a publicly trusted certificate for any name passes it. Only such a server may
+/// ask for the password in clear.
 pub fn verifies(params: &ConnParams) -> bool {
     matches!(
         (params.sslmode, &params.sslrootcert),
-        (SslMode::VerifyCa | SslMode::VerifyFull, _) | (SslMode::Require, Some(_))
+        (SslMode::VerifyFull, _) | (SslMode::VerifyCa | SslMode::Require, Some(_))
     )
 }
 
