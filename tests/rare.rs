@@ -46,6 +46,58 @@ async fn lab(settings: &[&str], setup: &str, extra_sink: &str, extra_source: &st
     }
 }
 
+/// [`lab`] with `trades` in the publication and the lake on the S3 test server: the
+/// config reaching it directly, and one (`config`) through a fault proxy.
+struct S3Lab {
+    l: Lab,
+    _moto: Moto,
+    proxy: Proxy,
+    direct: PathBuf,
+    config: PathBuf,
+}
+
+async fn s3_lab(prefix: &str) -> S3Lab {
+    set_fake_aws_env();
+    let moto = Moto::start("lake");
+    let proxy = Proxy::start(moto.port);
+    let l = lab(
+        &[],
+        "CREATE TABLE trades (id int PRIMARY KEY, v text); CREATE PUBLICATION pub FOR TABLE trades;",
+        "",
+        "",
+    )
+    .await;
+    let s3 = SinkKind::S3 {
+        moto: &moto,
+        bucket: "lake",
+        prefix,
+    };
+    let direct = write_config(
+        l.dir.path(),
+        &l.cluster.url("postgres", "postgres"),
+        "pub",
+        "walshore",
+        &s3,
+        "",
+        "",
+    );
+    let config = l.dir.path().join("through-proxy.toml");
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&direct)
+            .unwrap()
+            .replace(&moto.endpoint(), &format!("http://127.0.0.1:{}", proxy.port)),
+    )
+    .unwrap();
+    S3Lab {
+        l,
+        _moto: moto,
+        proxy,
+        direct,
+        config,
+    }
+}
+
 /// `walshore sync`, which must end within `limit`: (success, stderr).
 fn sync_within(config: &Path, limit: Duration, env: &[(&str, &str)]) -> (bool, String) {
     let mut child = std::process::Command::new(BIN)
@@ -462,31 +514,13 @@ async fn a_table_also_added_by_its_schema_is_not_copied_again() {
 /// nothing the record names may be deleted.
 #[tokio::test]
 async fn a_failed_read_back_of_our_own_commit_deletes_nothing() {
-    set_fake_aws_env();
-    let moto = Moto::start("lake");
-    let proxy = Proxy::start(moto.port);
-    let l = lab(
-        &[],
-        "CREATE TABLE trades (id int PRIMARY KEY, v text); CREATE PUBLICATION pub FOR TABLE trades;",
-        "",
-        "",
-    )
-    .await;
-    let s3 = SinkKind::S3 {
-        moto: &moto,
-        bucket: "lake",
-        prefix: "readback",
-    };
-    let config = write_config(
-        l.dir.path(),
-        &l.cluster.url("postgres", "postgres"),
-        "pub",
-        "walshore",
-        &s3,
-        "",
-        "",
-    );
-    edit_config(&config, &moto.endpoint(), &format!("http://127.0.0.1:{}", proxy.port));
+    let S3Lab {
+        l,
+        proxy,
+        config,
+        _moto,
+        ..
+    } = s3_lab("readback").await;
     sync(&config);
     l.client
         .batch_execute("INSERT INTO trades SELECT i, 'x' FROM generate_series(1, 1000) i")
@@ -533,37 +567,18 @@ async fn a_failed_read_back_of_our_own_commit_deletes_nothing() {
 /// next pass, an interval later, sweeps as ever: here, another writer's late file.
 #[tokio::test]
 async fn housekeeping_goes_on_after_a_failed_pass() {
-    set_fake_aws_env();
-    let moto = Moto::start("lake");
-    let proxy = Proxy::start(moto.port);
-    let l = lab(
-        &[],
-        "CREATE TABLE trades (id int PRIMARY KEY, v text); CREATE PUBLICATION pub FOR TABLE trades;",
-        "",
-        "",
-    )
-    .await;
-    let s3 = SinkKind::S3 {
-        moto: &moto,
-        bucket: "lake",
-        prefix: "housekeeping",
-    };
-    let direct = write_config(
-        l.dir.path(),
-        &l.cluster.url("postgres", "postgres"),
-        "pub",
-        "walshore",
-        &s3,
-        "",
-        "",
-    );
-    let config = l.dir.path().join("through-proxy.toml");
+    let S3Lab {
+        l: _l,
+        proxy,
+        direct,
+        config,
+        _moto,
+    } = s3_lab("housekeeping").await;
     let port = free_port();
     std::fs::write(
         &config,
-        std::fs::read_to_string(&direct)
+        std::fs::read_to_string(&config)
             .unwrap()
-            .replace(&moto.endpoint(), &format!("http://127.0.0.1:{}", proxy.port))
             .replace("mode = \"never\"", "mode = \"never\"\npoll_interval = \"500ms\"")
             + &format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
     )

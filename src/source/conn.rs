@@ -52,6 +52,20 @@ impl AsyncWrite for Io {
     }
 }
 
+/// A TCP connection to PostgreSQL as every connection of walshore's makes it: no
+/// Nagle delay, and keepalives, so that a link that goes silent under a session waiting
+/// on the server without a timeout of its own (a copy) is noticed.
+pub(crate) async fn tcp_connect(target: &str) -> std::io::Result<TcpStream> {
+    let tcp = TcpStream::connect(target).await?;
+    tcp.set_nodelay(true).ok();
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(30))
+        .with_interval(std::time::Duration::from_secs(10))
+        .with_retries(3);
+    socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive).ok();
+    Ok(tcp)
+}
+
 /// One backend message: its tag and body.
 pub(crate) struct Frame {
     pub tag: u8,
@@ -109,20 +123,10 @@ impl Conn {
 
     async fn establish(params: &ConnParams, target: &str, replication: bool) -> Result<Conn, SourceError> {
         let target = target.to_owned();
-        let tcp = TcpStream::connect(&target)
-            .await
-            .map_err(|source| SourceError::Connect {
-                target: target.clone(),
-                source,
-            })?;
-        tcp.set_nodelay(true).ok();
-        // As the SQL connections (`source::sql`): a link that goes silent under a
-        // copy, which waits on the server without a timeout of its own, is noticed.
-        let keepalive = socket2::TcpKeepalive::new()
-            .with_time(std::time::Duration::from_secs(30))
-            .with_interval(std::time::Duration::from_secs(10))
-            .with_retries(3);
-        socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive).ok();
+        let tcp = tcp_connect(&target).await.map_err(|source| SourceError::Connect {
+            target: target.clone(),
+            source,
+        })?;
         let io = Self::negotiate_tls(tcp, params, &target).await?;
         let mut conn = Conn {
             io,

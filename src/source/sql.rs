@@ -60,20 +60,12 @@ pub async fn connect(p: &ConnParams) -> Result<tokio_postgres::Client, SqlError>
     let refusal = tls::cleartext_allowed(p).err();
     // libpq's connect_timeout: the whole set-up, TCP to authentication.
     let set_up = async {
-        let tcp = tokio::net::TcpStream::connect(&target)
+        let tcp = super::conn::tcp_connect(&target)
             .await
             .map_err(|source| SqlError::Tcp {
                 target: target.clone(),
                 source,
             })?;
-        tcp.set_nodelay(true).ok();
-        // A copy connection whose peer vanished (a cut or blackholed link) is noticed by
-        // TCP keepalives instead of hanging.
-        let keepalive = socket2::TcpKeepalive::new()
-            .with_time(std::time::Duration::from_secs(30))
-            .with_interval(std::time::Duration::from_secs(10))
-            .with_retries(3);
-        socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive).ok();
         // The SSL request's one-byte answer precedes the messages.
         let skip = usize::from(tls.is_some());
         let stream = super::guard::AuthGuard::new(tcp, skip, refusal.clone());
