@@ -427,30 +427,7 @@ fn aws_json_error(kind: &str) -> String {
 /// Reads HTTP requests (head and Content-Length body) and answers each with `reply`.
 async fn answer_http(client: &mut TcpStream, reply: &str, s: &Shared) {
     let mut buf = Vec::new();
-    let mut chunk = vec![0u8; 64 * 1024];
-    loop {
-        let head_end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            match client.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-        let body_len: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        while buf.len() < head_end + body_len {
-            match client.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        buf.drain(..head_end + body_len);
+    while read_request(client, &mut buf).await.is_some() {
         s.errors_served.fetch_add(1, Ordering::SeqCst);
         if client.write_all(reply.as_bytes()).await.is_err() {
             return;
