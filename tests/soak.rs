@@ -174,6 +174,8 @@ async fn a_lifecycle_of_leaves_returns_rebuilds_resnapshots_alters_and_kills_end
         )
     });
     let mut run = spawn_run(&config);
+    // Whichever run is the current one shows its log if the soak fails.
+    let mut _log = LogOnPanic::new(&run);
     let mut side_out = false;
     let mut many_out = false;
     let mut faults = 0;
@@ -191,6 +193,7 @@ async fn a_lifecycle_of_leaves_returns_rebuilds_resnapshots_alters_and_kills_end
                 run.wait().unwrap();
                 kills += 1;
                 run = spawn_run(&config);
+                _log = LogOnPanic::new(&run);
                 events.push("kill");
             }
             1 => {
@@ -239,6 +242,7 @@ async fn a_lifecycle_of_leaves_returns_rebuilds_resnapshots_alters_and_kills_end
                         .await
                         .unwrap();
                     run = spawn_run(&config);
+                    _log = LogOnPanic::new(&run);
                     events.push("many leave while down");
                 }
                 many_out = !many_out;

@@ -267,12 +267,18 @@ pub fn spawn_run(config: &std::path::Path) -> Child {
     spawn_run_with(config, &[])
 }
 
+/// The log filter of the walshore processes a test starts: `WALSHORE_TEST_LOG` (say
+/// `walshore=debug`, to see more of a failing test), or info.
+pub fn test_log() -> String {
+    std::env::var("WALSHORE_TEST_LOG").unwrap_or_else(|_| "info".into())
+}
+
 /// `walshore run` with extra environment variables (`WALSHORE_FAULT`, say).
 pub fn spawn_run_with(config: &std::path::Path, env: &[(&str, &str)]) -> Child {
     let log = tempfile::NamedTempFile::new().unwrap();
     let child = Command::new(BIN)
         .args(["run", "--config", config.to_str().unwrap()])
-        .env("WALSHORE_LOG", "info")
+        .env("WALSHORE_LOG", test_log())
         .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(log.reopen().unwrap())
