@@ -634,6 +634,49 @@ async fn housekeeping_goes_on_after_a_failed_pass() {
     );
 }
 
+/// A signal while `run` retries a transient failure (S3 answering 503 to everything):
+/// it stops at once and exits 0 with a warning, since what it could not commit is
+/// still in the slot; the next start writes it.
+#[tokio::test]
+async fn a_signal_while_retrying_a_transient_failure_stops_cleanly() {
+    let S3Lab {
+        l,
+        proxy,
+        config,
+        _moto,
+        ..
+    } = s3_lab("signal").await;
+    sync(&config);
+    l.client
+        .batch_execute("INSERT INTO trades SELECT i, 'x' FROM generate_series(1, 100) i")
+        .await
+        .unwrap();
+    proxy.set(support::proxy::Mode::HttpStatus(503));
+    let run = spawn_run(&config);
+    wait_for(Duration::from_secs(120), "a transient failure", || {
+        stderr_of(&run).contains("transient failure; reconnecting")
+    });
+    let (code, stderr) = stop(run);
+    assert!(
+        code.success(),
+        "run exits 0 on a signal during a transient failure:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("stopped on a signal during a transient failure"),
+        "{stderr}"
+    );
+    proxy.set(support::proxy::Mode::Forward);
+    let (ok, stderr) = sync_within(&config, Duration::from_secs(60), &[]);
+    assert!(ok, "{stderr}");
+    let lake = read_table(&open_lake(&config), "public", "trades").await;
+    assert_unique_positions(&lake);
+    assert_eq!(
+        replay_by_rule(&lake, &["id"]),
+        source_rows(&l.client, "SELECT id::text, v FROM trades").await
+    );
+    assert_no_orphans(&config).await;
+}
+
 /// `walshore verify` with no walshore streaming peeks for changes waiting in the slot;
 /// a walshore that starts while the peek decodes a large backlog takes the slot and
 /// streams, and verify then finds the lake equal.

@@ -73,6 +73,9 @@ pub async fn announce_copy(
 pub struct Cleared {
     /// Uncommitted files deleted (or already gone).
     pub files: usize,
+    /// Of those, the files of records this pass read for the first time (the others
+    /// were deleted by an earlier pass and are deleted again, for a late upload).
+    pub fresh: usize,
     /// Records of other processes kept for their grace period.
     pub kept: usize,
 }
@@ -111,13 +114,17 @@ pub async fn clear(
     let mut out = Cleared::default();
     let listed: HashSet<Path> = metas.iter().map(|m| m.location.clone()).collect();
     cache.retain(|k, _| listed.contains(k));
+    // One bulk delete for the files of every record, then one for the records whose
+    // time is up: a pass costs a few requests however many records wait out their grace.
+    let mut files = Vec::new();
+    let mut done = Vec::new();
     for meta in metas {
-        let record = match cache.get(&meta.location) {
-            Some(r) => r.clone(),
+        let (record, fresh) = match cache.get(&meta.location) {
+            Some(r) => (r.clone(), false),
             None => match read_json::<PendingRecord>(store, &meta.location).await {
                 Ok(r) => {
                     cache.insert(meta.location.clone(), r.clone());
-                    r
+                    (r, true)
                 }
                 Err(e) if is_not_found(&e) => continue,
                 Err(e) => return Err(e),
@@ -127,23 +134,29 @@ pub async fn clear(
             continue;
         }
         if completed.contains(meta.location.as_ref()) {
-            delete_all(store, vec![meta.location.clone()]).await?;
+            done.push(meta.location);
             continue;
         }
-        let keys: Vec<Path> = record.keys.iter().map(|k| crate::sink::key_path(k)).collect();
-        out.files += keys.len();
-        for key in &record.keys {
-            tracing::debug!(key = %key, run_id = %record.run_id, "deleting an uncommitted file of another run");
+        out.files += record.keys.len();
+        if fresh {
+            out.fresh += record.keys.len();
+            tracing::debug!(record = %meta.location, run_id = %record.run_id, files = record.keys.len(), "deleting the uncommitted files of another run");
         }
-        delete_all(store, keys).await?;
-        crate::fault::point("during_recovery");
+        files.extend(record.keys.iter().map(|k| crate::sink::key_path(k)));
         let age = now_micros() - meta.last_modified.timestamp_micros();
         if (who.owns)(&record.run_id) || age > FOREIGN_GRACE.as_micros() as i64 {
-            delete_all(store, vec![meta.location.clone()]).await?;
-            cache.remove(&meta.location);
+            done.push(meta.location);
         } else {
             out.kept += 1;
         }
+    }
+    // Files before the records that list them: a crash in between leaves records whose
+    // files are gone, and the next pass deletes them again.
+    delete_all(store, files).await?;
+    crate::fault::point("during_recovery");
+    delete_all(store, done.clone()).await?;
+    for key in &done {
+        cache.remove(key);
     }
     Ok(out)
 }

@@ -62,9 +62,9 @@ impl Housekeeping {
             completes: &[],
         };
         let cleared = pending::clear(self.store.as_ref(), &who, cache).await?;
-        if cleared.files > 0 {
+        if cleared.fresh > 0 {
             tracing::info!(
-                files = cleared.files,
+                files = cleared.fresh,
                 records_kept = cleared.kept,
                 "deleted files another writer uploaded but never committed"
             );

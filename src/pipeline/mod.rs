@@ -143,8 +143,11 @@ pub async fn run(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resul
                 // first attempt the holder is someone else, and that is final.
                 let own_walsender = attempt > 1 && matches!(e, PipelineError::Source(SourceError::SlotInUse { .. }));
                 crate::telemetry::failed(e.stage(), e.retry());
-                if (e.retry() == Retry::Definite && !own_walsender) || shutdown.is_cancelled() {
+                if e.retry() == Retry::Definite && !own_walsender {
                     return Err(e);
+                }
+                if shutdown.is_cancelled() {
+                    return stopped_while_failing(mode, e, total);
                 }
                 // An attempt that committed, or went well for a while, starts the
                 // backoff over: this failure is a new one, not a repeat.
@@ -159,11 +162,23 @@ pub async fn run(cfg: &Config, mode: Mode, shutdown: CancellationToken) -> Resul
                 crate::telemetry::retried(e.stage());
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => return Err(e),
+                    _ = shutdown.cancelled() => return stopped_while_failing(mode, e, total),
                 }
             }
         }
     }
+}
+
+/// A signal while an attempt failed for a transient reason (S3 or PostgreSQL out of
+/// reach): `run` stops as asked, and exits 0 with a warning, since the changes it
+/// could not commit are still in the slot and the next start writes them. `sync` did
+/// not reach its target: that stays an error.
+fn stopped_while_failing(mode: Mode, e: PipelineError, total: Summary) -> Result<Summary, PipelineError> {
+    if mode == Mode::Sync {
+        return Err(e);
+    }
+    tracing::warn!(error = %ErrorChain(&e), "stopped on a signal during a transient failure; what was not committed is still in the slot, and the next start writes it");
+    Ok(total)
 }
 
 /// Whether `run_id` is an attempt of the process named `process`.
