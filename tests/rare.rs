@@ -81,14 +81,7 @@ async fn s3_lab(prefix: &str) -> S3Lab {
         "",
         "",
     );
-    let config = l.dir.path().join("through-proxy.toml");
-    std::fs::write(
-        &config,
-        std::fs::read_to_string(&direct)
-            .unwrap()
-            .replace(&moto.endpoint(), &format!("http://127.0.0.1:{}", proxy.port)),
-    )
-    .unwrap();
+    let config = moto.through_proxy(&direct, proxy.port);
     S3Lab {
         l,
         _moto: moto,
@@ -147,6 +140,20 @@ async fn assert_table_equals(l: &Lab, table: &str, select: &str) -> LakeTable {
         "{table}: the lake replayed differs from the source"
     );
     lake
+}
+
+/// `walshore sync` through `config` succeeds, and then the lake's `trades` replays to the
+/// source's, `(_lsn, _seq)` unique, with no file outside the committed set.
+async fn sync_then_assert_trades_exact(l: &Lab, config: &Path) {
+    let (ok, stderr) = sync_within(config, Duration::from_secs(60), &[]);
+    assert!(ok, "{stderr}");
+    let lake = read_table(&open_lake(config), "public", "trades").await;
+    assert_unique_positions(&lake);
+    assert_eq!(
+        replay_by_rule(&lake, &["id"]),
+        source_rows(&l.client, "SELECT id::text, v FROM trades").await
+    );
+    assert_no_orphans(config).await;
 }
 
 /// Waits for `child` to exit; returns whether it succeeded.
@@ -530,37 +537,19 @@ async fn a_failed_read_back_of_our_own_commit_deletes_nothing() {
     let key = format!("/_walshore/commits/{:020}.json", head(&config).await.seq + 2);
     proxy.set_rules(vec![
         Rule {
-            method: "PUT",
-            path: key.clone(),
             header: Some("if-none-match"),
-            skip: 0,
-            times: 1,
-            action: Action::LoseReply(503),
-            after: None,
+            ..Rule::new("PUT", &key, Action::LoseReply(503))
         },
         Rule {
-            method: "GET",
-            path: key,
-            header: None,
-            skip: 0,
-            times: 1,
-            action: Action::Answer(403),
             after: Some(0),
+            ..Rule::new("GET", &key, Action::Answer(403))
         },
     ]);
     let (_, stderr) = sync_within(&config, Duration::from_secs(120), &[]);
     assert_eq!(proxy.ruled(), 2, "both faults were met:\n{stderr}");
     assert!(!stderr.contains("another walshore"), "taken for fencing:\n{stderr}");
     proxy.set_rules(Vec::new());
-    let (ok, stderr) = sync_within(&config, Duration::from_secs(60), &[]);
-    assert!(ok, "{stderr}");
-    let lake = read_table(&open_lake(&config), "public", "trades").await;
-    assert_unique_positions(&lake);
-    assert_eq!(
-        replay_by_rule(&lake, &["id"]),
-        source_rows(&l.client, "SELECT id::text, v FROM trades").await
-    );
-    assert_no_orphans(&config).await;
+    sync_then_assert_trades_exact(&l, &config).await;
 }
 
 /// A housekeeping pass fails (the store refuses to list the pending records once); the
@@ -587,13 +576,8 @@ async fn housekeeping_goes_on_after_a_failed_pass() {
     // The start lists the pending records once (recovery); housekeeping's first pass
     // lists them next, and is refused.
     proxy.set_rules(vec![Rule {
-        method: "GET",
-        path: "_walshore%2Fpending".into(),
-        header: None,
         skip: 1,
-        times: 1,
-        action: Action::Answer(403),
-        after: None,
+        ..Rule::new("GET", "_walshore%2Fpending", Action::Answer(403))
     }]);
     let run = spawn_run(&config);
     let _log = LogOnPanic::new(&run);
@@ -666,15 +650,7 @@ async fn a_signal_while_retrying_a_transient_failure_stops_cleanly() {
         "{stderr}"
     );
     proxy.set(support::proxy::Mode::Forward);
-    let (ok, stderr) = sync_within(&config, Duration::from_secs(60), &[]);
-    assert!(ok, "{stderr}");
-    let lake = read_table(&open_lake(&config), "public", "trades").await;
-    assert_unique_positions(&lake);
-    assert_eq!(
-        replay_by_rule(&lake, &["id"]),
-        source_rows(&l.client, "SELECT id::text, v FROM trades").await
-    );
-    assert_no_orphans(&config).await;
+    sync_then_assert_trades_exact(&l, &config).await;
 }
 
 /// `walshore verify` with no walshore streaming peeks for changes waiting in the slot;

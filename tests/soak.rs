@@ -29,31 +29,19 @@ fn many() -> Vec<String> {
 fn commit_faults() -> Vec<Rule> {
     vec![
         Rule {
-            method: "PUT",
-            path: "/_walshore/commits/".into(),
             header: Some("if-none-match"),
-            skip: 0,
-            times: 1,
-            action: Action::LoseReply(503),
-            after: None,
+            ..Rule::new("PUT", "/_walshore/commits/", Action::LoseReply(503))
         },
         Rule {
-            method: "GET",
-            path: "/_walshore/commits/".into(),
-            header: None,
-            skip: 0,
             times: 12,
-            action: Action::Answer(503),
             after: Some(0),
+            ..Rule::new("GET", "/_walshore/commits/", Action::Answer(503))
         },
         Rule {
-            method: "PUT",
-            path: "/_walshore/".into(),
-            header: None,
             skip: 2,
             times: 3,
-            action: Action::Answer(503),
             after: Some(1),
+            ..Rule::new("PUT", "/_walshore/", Action::Answer(503))
         },
     ]
 }
@@ -122,14 +110,7 @@ async fn a_lifecycle_of_leaves_returns_rebuilds_resnapshots_alters_and_kills_end
         "",
     );
     use_initial_snapshot(&direct, "poll_interval = \"500ms\"\nchunk_size = \"256kB\"");
-    let config = dir.path().join("through-proxy.toml");
-    std::fs::write(
-        &config,
-        std::fs::read_to_string(&direct)
-            .unwrap()
-            .replace(&moto.endpoint(), &format!("http://127.0.0.1:{}", proxy.port)),
-    )
-    .unwrap();
+    let config = moto.through_proxy(&direct, proxy.port);
     sync(&config);
     let url = cluster.url("postgres", "postgres");
     // Every round changes every table that stays put; side's and evo's changes fail

@@ -138,6 +138,17 @@ impl Moto {
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
+
+    /// A copy of `config` (beside it, `through-proxy.toml`) that reaches this server
+    /// through the fault proxy listening on `proxy_port`.
+    pub fn through_proxy(&self, config: &std::path::Path, proxy_port: u16) -> std::path::PathBuf {
+        let proxied = config.with_file_name("through-proxy.toml");
+        let text = std::fs::read_to_string(config)
+            .unwrap()
+            .replace(&self.endpoint(), &format!("http://127.0.0.1:{proxy_port}"));
+        std::fs::write(&proxied, text).unwrap();
+        proxied
+    }
 }
 
 impl Drop for Moto {

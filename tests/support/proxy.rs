@@ -58,6 +58,22 @@ pub struct Rule {
     pub after: Option<usize>,
 }
 
+impl Rule {
+    /// A rule acting on the first match of `method` and `path`, once; the other fields
+    /// are set with struct update syntax.
+    pub fn new(method: &'static str, path: &str, action: Action) -> Rule {
+        Rule {
+            method,
+            path: path.to_owned(),
+            header: None,
+            skip: 0,
+            times: 1,
+            action,
+            after: None,
+        }
+    }
+}
+
 struct Armed {
     rule: Rule,
     seen: u64,
