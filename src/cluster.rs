@@ -134,7 +134,19 @@ impl TempCluster {
                 .arg(&root)
                 .status()?;
         }
-        c.pg_ctl_start()?;
+        // The port was free when picked, but another process (a client's ephemeral
+        // port, say) can take it before the server binds it: pick another and retry.
+        let mut tries = 0;
+        loop {
+            match c.pg_ctl_start() {
+                Err(ClusterError::Step { detail, .. }) if detail.contains("Address already in use") && tries < 5 => {
+                    tries += 1;
+                    c.port = free_port()?;
+                    append(&data.join("postgresql.conf"), &format!("port = {}\n", c.port))?;
+                }
+                other => break other?,
+            }
+        }
         Ok(c)
     }
 
