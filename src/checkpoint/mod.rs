@@ -630,11 +630,8 @@ mod tests {
     #[tokio::test]
     async fn records_hold_what_changed_since_their_base_and_read_back_whole() {
         let (dir, store) = local();
-        let mut c = Checkpoint::load(store.clone(), &identity()).await.unwrap();
-        let own = |_: &str| false;
-        c.claim_and_recover("host-1-aaaa-000000000001", true, &own)
-            .await
-            .unwrap();
+        // The claim, commit 1.
+        let mut c = commits(&store, 1).await;
         let table = |i: u64| format!("public.t{:03}", i % 300);
         let mut sizes = Vec::new();
         for i in 1..=450u64 {
@@ -726,11 +723,8 @@ mod tests {
     #[tokio::test]
     async fn pruning_never_reaches_the_heads_base() {
         let (_dir, store) = local();
-        let mut c = Checkpoint::load(store.clone(), &identity()).await.unwrap();
-        let own = |_: &str| false;
-        c.claim_and_recover("host-1-aaaa-000000000001", true, &own)
-            .await
-            .unwrap();
+        // The claim, commit 1.
+        let mut c = commits(&store, 1).await;
         let (mut marks, mut deleted) = (Watermarks::default(), None);
         let zero = std::time::Duration::ZERO;
         let commit = async |c: &mut Checkpoint, marks: Watermarks, i: u64, copies: u64| {
