@@ -1,14 +1,19 @@
-//! Drain benchmark: walshore `sync` (file sink) against PostgreSQL's own `pg_recvlogical`
-//! (pgoutput, same options) on the same backlog, in the same run.
+//! Drain benchmark: walshore `sync` (file sink, S3 sink, metrics on) against PostgreSQL's
+//! own `pg_recvlogical` (pgoutput, same options) on the same backlog, in the same run.
 //!
 //! `cargo bench --bench drain` (optionally `-- --runs 5 --scale 0.1`). For each workload a
 //! throwaway cluster gets one slot per drain *before* the backlog is written, so every
-//! drain decodes exactly the same WAL. Prints each drain, the medians, the ratio
-//! walshore / pg_recvlogical (higher is better; target ≥ 0.8) and walshore's peak RSS.
-//! Beside them a *null drain*: walshore's own replication client (this binary run with
-//! `--null-drain CONFIG END`) that frames each message and drops it, the practical upper
-//! bound on our side of the wire; with the CPU seconds per million changes of each.
-//! Then the freshness of `walshore run` under a steady writer (`--freshness-only`).
+//! drain decodes exactly the same WAL. Every drain is reported with its wall time, its
+//! own CPU, the CPU of the walsender that served it (PostgreSQL's side: on one machine
+//! the two share the cores, and the walsender is usually the one at 100 %), its reads
+//! and bytes per read, and its writes (feedback), then the medians, the spread and the
+//! ratios against pg_recvlogical (targets: walshore ≥ 1.7× its speed, the walsender's CPU
+//! serving walshore ≤ 0.7× what it spends serving pg_recvlogical). Beside them a *null
+//! drain*: walshore's own replication client (this binary run with `--null-drain`) that
+//! frames each message and drops it: a reference for our side of the wire, not a limit,
+//! since how a client reads changes what the walsender spends. Then the initial copy
+//! against binary COPY (`--snapshot-only`) and the freshness of `walshore run` under a
+//! steady writer (`--freshness-only`).
 //! `BENCH_STDERR=FILE` keeps every command's stderr in FILE (with `WALSHORE_LOG=debug`,
 //! a timeline of each walshore run).
 
@@ -84,9 +89,11 @@ fn median(v: &mut [f64]) -> f64 {
     common::median(v.to_vec())
 }
 
-/// `--null-drain CONFIG END`: walshore's replication client reads the config's slot up
-/// to END, frames each message and drops it (answering the server's reply requests).
-fn null_drain(config: &str, end: &str) {
+/// `--null-drain CONFIG END STATS`: walshore's replication client reads the config's
+/// slot up to END, frames each message and drops it (answering the server's reply
+/// requests), then writes its reads, the bytes they brought and its status updates to
+/// STATS.
+fn null_drain(config: &str, end: &str, stats: &str) {
     use walshore::source::{Replication, XLog};
     let cfg = walshore::config::Config::load(Path::new(config)).expect("config");
     let end: walshore::lsn::Lsn = end.parse().expect("an LSN");
@@ -115,13 +122,15 @@ fn null_drain(config: &str, end: &str) {
                 break;
             }
         }
+        let wire = repl.wire_stats();
+        std::fs::write(stats, format!("{} {} {}", wire.reads, wire.bytes, wire.status_updates)).expect("stats");
     });
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--null-drain") {
-        return null_drain(&args[i + 1], &args[i + 2]);
+        return null_drain(&args[i + 1], &args[i + 2], &args[i + 3]);
     }
     let arg = common::arg::<f64>;
     let runs = arg("--runs", 3.0) as usize;
@@ -239,8 +248,199 @@ fn metric(port: u16, name: &str) -> Option<f64> {
     (!values.is_empty()).then(|| values.iter().sum())
 }
 
+/// What one drain cost: wall time, the drain's own CPU, the CPU of the walsender(s) that
+/// served it, and the drain's socket calls (`recvfrom` reads and `sendto` writes, counted
+/// by `perf stat` where it works; a drain's writes are its feedback messages, plus for
+/// walshore a few catalog queries and, into S3, its requests).
+#[derive(Default, Clone, Copy)]
+struct Drain {
+    secs: f64,
+    cpu: f64,
+    walsender: f64,
+    reads: Option<u64>,
+    sends: Option<u64>,
+    rss_mib: f64,
+}
+
+/// The drains of one tool over the runs, and how to print them.
+struct Tool {
+    name: &'static str,
+    runs: Vec<Drain>,
+}
+
+impl Tool {
+    fn new(name: &'static str) -> Tool {
+        Tool { name, runs: Vec::new() }
+    }
+
+    fn median(&self, f: impl Fn(&Drain) -> f64) -> f64 {
+        common::median(self.runs.iter().map(f).collect())
+    }
+
+    /// Prints run `i` (`bytes`: the stream's size, for bytes per read) and keeps it.
+    fn push(&mut self, i: usize, d: Drain, changes: u64, bytes: Option<u64>, extra: &str) {
+        let reads = match (d.reads, bytes) {
+            (Some(r), Some(b)) => format!("  reads {r} ({:.0} B/read)", b as f64 / r.max(1) as f64),
+            (Some(r), None) => format!("  reads {r}"),
+            _ => String::new(),
+        };
+        let sends = d.sends.map(|s| format!("  sends {s}")).unwrap_or_default();
+        println!(
+            "  {:<26} run {i}: {:.2}s  {:.0} changes/s  CPU {:.2}s  walsender CPU {:.2}s{reads}{sends}  peak RSS {:.0} MiB{extra}",
+            self.name,
+            d.secs,
+            changes as f64 / d.secs,
+            d.cpu,
+            d.walsender,
+            d.rss_mib
+        );
+        self.runs.push(d);
+    }
+
+    /// The medians, per million changes: wall, walsender CPU, own CPU.
+    fn summary(&self, changes: u64) -> String {
+        let m = 1e6 / changes as f64;
+        let spread = {
+            let secs: Vec<f64> = self.runs.iter().map(|d| d.secs).collect();
+            let (lo, hi) = secs
+                .iter()
+                .fold((f64::MAX, 0.0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+            format!("{lo:.2}-{hi:.2}s")
+        };
+        format!(
+            "  {:<26} median {:.2}s ({spread}), {:.0} changes/s; per million changes: walsender CPU {:.2}s, own CPU {:.2}s",
+            self.name,
+            self.median(|d| d.secs),
+            changes as f64 / self.median(|d| d.secs),
+            self.median(|d| d.walsender) * m,
+            self.median(|d| d.cpu) * m,
+        )
+    }
+}
+
+/// Runs a drain command under the walsender watch (and `perf stat` when `perf` counts
+/// system calls here).
+fn drain(cluster: &TempCluster, perf: bool, program: &Path, args: &[&str], env: &[(&str, &str)]) -> Drain {
+    let counts = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd = if perf {
+        let mut c = Command::new("perf");
+        c.args(["stat", "-x", ",", "-o"])
+            .arg(counts.path())
+            .args(["-e", "syscalls:sys_enter_recvfrom,syscalls:sys_enter_sendto", "--"])
+            .arg(program);
+        c
+    } else {
+        Command::new(program)
+    };
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let watch = Walsenders::watch(cluster);
+    let t = common::timed(&mut cmd);
+    let walsender = watch.stop();
+    let text = std::fs::read_to_string(counts.path()).unwrap_or_default();
+    let count = |event: &str| {
+        text.lines()
+            .find(|l| l.contains(event))
+            .and_then(|l| l.split(',').next()?.trim().parse().ok())
+    };
+    Drain {
+        secs: t.secs,
+        cpu: t.cpu_secs,
+        walsender,
+        reads: count("sys_enter_recvfrom"),
+        sends: count("sys_enter_sendto"),
+        rss_mib: t.rss_mib,
+    }
+}
+
+/// Whether `perf stat` can count system calls on this machine.
+fn perf_counts_syscalls() -> bool {
+    Command::new("perf")
+        .args(["stat", "-x", ",", "-e", "syscalls:sys_enter_recvfrom", "--", "true"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The CPU of every walsender that runs while a drain does: each child of the
+/// postmaster titled `postgres: walsender`, its `utime + stime` read from
+/// `/proc/<pid>/stat` every 5 ms until it exits (so at most 5 ms of a walsender's last
+/// CPU goes uncounted). Other processes are looked at once.
+struct Walsenders {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<f64>,
+}
+
+impl Walsenders {
+    fn watch(cluster: &TempCluster) -> Walsenders {
+        let pid = std::fs::read_to_string(cluster.data_dir().join("postmaster.pid")).unwrap();
+        let postmaster: u32 = pid.lines().next().unwrap().trim().parse().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+                let mut seen = std::collections::HashMap::<u32, u64>::new();
+                // Processes found not to be walsenders, not read again.
+                let mut others = std::collections::HashSet::<u32>::new();
+                loop {
+                    let last = stop.load(std::sync::atomic::Ordering::Relaxed);
+                    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+                        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                            continue;
+                        };
+                        if others.contains(&pid) {
+                            continue;
+                        }
+                        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                            continue;
+                        };
+                        // Fields after the command name: state ppid … utime(14) stime(15).
+                        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+                        if !seen.contains_key(&pid) {
+                            let title = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                            if fields.len() < 13 || fields[1].parse() != Ok(postmaster) {
+                                others.insert(pid);
+                                continue;
+                            }
+                            // A new backend carries the postmaster's command line until it
+                            // sets its title: looked at again until then.
+                            if !title.starts_with(b"postgres: walsender") {
+                                if title.starts_with(b"postgres: ") {
+                                    others.insert(pid);
+                                }
+                                continue;
+                            }
+                        }
+                        let ticks = fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
+                        seen.insert(pid, ticks);
+                    }
+                    if last {
+                        return seen.values().sum::<u64>() as f64 / tick;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            })
+        };
+        Walsenders { stop, thread }
+    }
+
+    /// The walsenders' CPU seconds.
+    fn stop(self) -> f64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scale: f64) {
     let moto = common::Moto::start();
+    let perf = perf_counts_syscalls();
+    if !perf {
+        println!("(perf cannot count system calls here: reads and sends are not shown)");
+    }
     // `--one-row-only`: the one-row workload alone (for a profiler).
     let one_row_only = std::env::args().any(|a| a == "--one-row-only");
     for w in workloads(scale)
@@ -273,6 +473,9 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
         for sql in &w.sql {
             rt.block_on(client.batch_execute(sql)).unwrap();
         }
+        // As the drains find it after a busy day: vacuumed and checkpointed.
+        rt.block_on(client.batch_execute("VACUUM")).unwrap();
+        rt.block_on(client.batch_execute("CHECKPOINT")).unwrap();
         let end: String = rt
             .block_on(client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]))
             .unwrap()
@@ -287,87 +490,88 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
         );
 
         let dir = tempfile::tempdir().unwrap();
-        let (mut recv_t, mut bin_t, mut ws_t, mut rss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let (mut wsm_t, mut ws_cpu, mut wsm_cpu) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut null_t, mut null_cpu, mut null_rss, mut recv_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let (mut s3_t, mut s3_cpu, mut s3_rss, mut s3_moto) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        // pgoutput's text output (what walshore reads) and its binary output.
-        let recv = |slot: String, binary: bool| {
-            let port = cluster.port.to_string();
-            let mut args = vec![
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "--slot",
-                &slot,
-                "--start",
-                "--endpos",
-                &end,
-                "--no-loop",
-                "-f",
-                "/dev/null",
-                "-o",
-                "proto_version=2",
-                "-o",
-                "publication_names=bench",
-                "-o",
-                "streaming=on",
-            ];
-            if binary {
-                args.extend(["-o", "binary=true"]);
-            }
-            timed(Command::new(&recvlogical).args(&args)).0
-        };
+        let mut recv_t = Tool::new("pg_recvlogical");
+        let mut bin_t = Tool::new("pg_recvlogical binary=true");
+        let mut null_t = Tool::new("null drain");
+        let mut ws_t = Tool::new("walshore sync");
+        let mut s3_t = Tool::new("walshore sync into S3");
+        let mut wsm_t = Tool::new("walshore sync with metrics");
+        let mut s3_moto = Vec::new();
+        // The stream's size in bytes (pgoutput's text output), as the null drain counts it.
+        let mut stream_bytes = None;
+        let walshore_log = log_level();
         for i in 0..runs {
-            let secs = recv(format!("recv_{i}"), false);
-            recv_t.push(secs);
-            recv_cpu.push(*LAST_CPU.lock().unwrap());
-            println!(
-                "  pg_recvlogical run {i}: {secs:.2}s  {:.0} changes/s",
-                w.changes as f64 / secs
-            );
-            let secs = recv(format!("bin_{i}"), true);
-            bin_t.push(secs);
-            println!(
-                "  pg_recvlogical binary=true run {i}: {secs:.2}s  {:.0} changes/s",
-                w.changes as f64 / secs
-            );
-            // walshore's own replication client, each message framed and dropped: the
-            // most our side of the wire can take.
+            // pgoutput's text output (what walshore reads) and its binary output.
+            let recv = |slot: String, binary: bool| {
+                let port = cluster.port.to_string();
+                let mut args = vec![
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "--slot",
+                    &slot,
+                    "--start",
+                    "--endpos",
+                    &end,
+                    "--no-loop",
+                    "-f",
+                    "/dev/null",
+                    "-o",
+                    "proto_version=2",
+                    "-o",
+                    "publication_names=bench",
+                    "-o",
+                    "streaming=on",
+                ];
+                if binary {
+                    args.extend(["-o", "binary=true"]);
+                }
+                drain(&cluster, perf, &recvlogical, &args, &[])
+            };
+            recv_t.push(i, recv(format!("recv_{i}"), false), w.changes, stream_bytes, "");
+            bin_t.push(i, recv(format!("bin_{i}"), true), w.changes, None, "");
+            // walshore's own replication client, each message framed and dropped.
             let null_config = config_for_slot(dir.path(), &cluster, &format!("null_{i}"), "", "");
-            let (secs, maxrss) = timed(Command::new(std::env::current_exe().unwrap()).args([
-                "--null-drain",
-                null_config.to_str().unwrap(),
-                &end,
-            ]));
-            null_t.push(secs);
-            null_cpu.push(*LAST_CPU.lock().unwrap());
-            null_rss.push(maxrss as f64 / 1024.0);
-            println!(
-                "  null drain     run {i}: {secs:.2}s  {:.0} changes/s  CPU {:.2}s  peak RSS {:.0} MiB",
-                w.changes as f64 / secs,
-                null_cpu[i],
-                maxrss as f64 / 1024.0
+            let stats = dir.path().join(format!("null-{i}.stats"));
+            let d = drain(
+                &cluster,
+                perf,
+                &std::env::current_exe().unwrap(),
+                &[
+                    "--null-drain",
+                    null_config.to_str().unwrap(),
+                    &end,
+                    stats.to_str().unwrap(),
+                ],
+                &[],
+            );
+            let wire: Vec<u64> = std::fs::read_to_string(&stats)
+                .unwrap()
+                .split_whitespace()
+                .map(|v| v.parse().unwrap())
+                .collect();
+            stream_bytes = Some(wire[1]);
+            null_t.push(
+                i,
+                d,
+                w.changes,
+                stream_bytes,
+                &format!("  (its own count: {} reads, {} status updates)", wire[0], wire[2]),
             );
             let config = write_config(dir.path(), &cluster, i);
-            let (secs, maxrss) = timed(
-                Command::new(walshore)
-                    .args(["sync", "--config", config.to_str().unwrap()])
-                    .env("WALSHORE_LOG", log_level()),
+            let d = drain(
+                &cluster,
+                perf,
+                Path::new(walshore),
+                &["sync", "--config", config.to_str().unwrap()],
+                &[("WALSHORE_LOG", &walshore_log)],
             );
-            ws_t.push(secs);
-            ws_cpu.push(*LAST_CPU.lock().unwrap());
-            rss.push(maxrss as f64 / 1024.0);
-            println!(
-                "  walshore sync  run {i}: {secs:.2}s  {:.0} changes/s  peak RSS {:.0} MiB",
-                w.changes as f64 / secs,
-                maxrss as f64 / 1024.0
-            );
+            ws_t.push(i, d, w.changes, stream_bytes, "");
             // The same into the S3 test server.
             let sink = format!(
                 "url = \"s3://lake/{}-{i}\"\nendpoint = \"http://127.0.0.1:{}\"\nregion = \"us-east-1\"",
@@ -380,23 +584,20 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
             );
             let config = config_for_slot(dir.path(), &cluster, &format!("wss3_{i}"), &sink, "");
             let moto_before = moto.cpu_secs();
-            let (secs, maxrss) = timed(
-                Command::new(walshore)
-                    .args(["sync", "--config", config.to_str().unwrap()])
-                    .env("WALSHORE_LOG", log_level())
-                    .env("AWS_ACCESS_KEY_ID", "bench")
-                    .env("AWS_SECRET_ACCESS_KEY", "bench"),
+            let d = drain(
+                &cluster,
+                perf,
+                Path::new(walshore),
+                &["sync", "--config", config.to_str().unwrap()],
+                &[
+                    ("WALSHORE_LOG", &walshore_log),
+                    ("AWS_ACCESS_KEY_ID", "bench"),
+                    ("AWS_SECRET_ACCESS_KEY", "bench"),
+                ],
             );
-            s3_t.push(secs);
-            s3_cpu.push(*LAST_CPU.lock().unwrap());
-            s3_rss.push(maxrss as f64 / 1024.0);
             let moto_cpu = moto.cpu_secs() - moto_before;
             s3_moto.push(moto_cpu);
-            println!(
-                "  walshore sync S3 run {i}: {secs:.2}s  {:.0} changes/s  peak RSS {:.0} MiB  (S3 test server CPU {moto_cpu:.2}s)",
-                w.changes as f64 / secs,
-                maxrss as f64 / 1024.0
-            );
+            s3_t.push(i, d, w.changes, None, &format!("  (S3 test server CPU {moto_cpu:.2}s)"));
             // The same with the metrics endpoint on, scraped every 500 ms, and the slot
             // sampled every second.
             let (config, port) = write_metrics_config(dir.path(), &cluster, i);
@@ -414,71 +615,43 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
                     scrapes
                 })
             };
-            let (secs, _) = timed(
-                Command::new(walshore)
-                    .args(["sync", "--config", config.to_str().unwrap()])
-                    .env("WALSHORE_LOG", log_level()),
+            let d = drain(
+                &cluster,
+                perf,
+                Path::new(walshore),
+                &["sync", "--config", config.to_str().unwrap()],
+                &[("WALSHORE_LOG", &walshore_log)],
             );
             scraping.store(false, std::sync::atomic::Ordering::Relaxed);
             let scrapes = scraper.join().unwrap();
-            wsm_t.push(secs);
-            wsm_cpu.push(*LAST_CPU.lock().unwrap());
-            println!(
-                "  walshore sync with metrics run {i}: {secs:.2}s  {:.0} changes/s  ({scrapes} scrapes)",
-                w.changes as f64 / secs
-            );
+            wsm_t.push(i, d, w.changes, None, &format!("  ({scrapes} scrapes)"));
         }
-        let m = median(&mut wsm_t);
-        let (r, b, s) = (median(&mut recv_t), median(&mut bin_t), median(&mut ws_t));
-        let peak = rss.iter().cloned().fold(0.0, f64::max);
+        for t in [&recv_t, &bin_t, &null_t, &ws_t, &s3_t, &wsm_t] {
+            println!("{}", t.summary(w.changes));
+        }
+        let r = recv_t.median(|d| d.secs);
+        let ws_cpu_ratio = ws_t.median(|d| d.walsender) / recv_t.median(|d| d.walsender);
         println!(
-            "  median: pg_recvlogical {:.0} changes/s, walshore {:.0} changes/s",
-            w.changes as f64 / r,
-            w.changes as f64 / s
+            "  RATIO walshore/pg_recvlogical = {:.2} (target >= 1.70); walsender CPU serving walshore / serving pg_recvlogical = {ws_cpu_ratio:.2} (target <= 0.70); walshore peak RSS {:.0} MiB (target <= 256)",
+            r / ws_t.median(|d| d.secs),
+            ws_t.runs.iter().map(|d| d.rss_mib).fold(0.0, f64::max),
         );
         println!(
-            "  RATIO walshore/pg_recvlogical = {:.2} (target >= 0.80); walshore peak RSS {peak:.0} MiB (target <= 256)",
-            r / s
-        );
-        let per_million = |cpu: &mut Vec<f64>| median(cpu) * 1e6 / w.changes as f64;
-        let n = median(&mut null_t);
-        println!(
-            "  null drain {:.0} changes/s, CPU {:.2} s per million changes, peak RSS {:.0} MiB; CPU per million: pg_recvlogical {:.2} s, walshore {:.2} s",
-            w.changes as f64 / n,
-            per_million(&mut null_cpu),
-            null_rss.iter().cloned().fold(0.0, f64::max),
-            per_million(&mut recv_cpu),
-            per_million(&mut ws_cpu),
-        );
-        println!(
-            "  RATIO walshore/null drain = {:.2} (target >= 0.95 batched, >= 0.90 one-row); pg_recvlogical/null drain = {:.2}",
-            n / s,
-            n / r
-        );
-        let s3 = median(&mut s3_t);
-        println!(
-            "  walshore sync into the S3 test server (moto) {:.0} changes/s, CPU {:.2} s per million changes, peak RSS {:.0} MiB",
-            w.changes as f64 / s3,
-            per_million(&mut s3_cpu),
-            s3_rss.iter().cloned().fold(0.0, f64::max),
-        );
-        println!(
-            "  RATIO walshore S3 sink/file sink = {:.2} (target >= 0.90); the S3 test server's own CPU {:.2} s per run (it shares the 2 cores)",
-            s / s3,
+            "  RATIO into S3/pg_recvlogical = {:.2}, with metrics/pg_recvlogical = {:.2} (targets >= 1.70); the S3 test server's own CPU {:.2}s per run (it shares the 2 cores)",
+            r / s3_t.median(|d| d.secs),
+            r / wsm_t.median(|d| d.secs),
             median(&mut s3_moto)
         );
         println!(
-            "  RATIO walshore with metrics/without = {:.2} (target >= 0.97); CPU seconds without/with = {:.2} ({:.2} vs {:.2})",
-            s / m,
-            median(&mut ws_cpu) / median(&mut wsm_cpu),
-            median(&mut ws_cpu),
-            median(&mut wsm_cpu)
+            "  RATIO walshore/null drain = {:.2}; walsender CPU serving the null drain / serving pg_recvlogical = {:.2}",
+            null_t.median(|d| d.secs) / ws_t.median(|d| d.secs),
+            null_t.median(|d| d.walsender) / recv_t.median(|d| d.walsender),
         );
         println!(
             "  pgoutput binary=true vs text, PostgreSQL side: {:.0} vs {:.0} changes/s (binary/text = {:.2})",
-            w.changes as f64 / b,
+            w.changes as f64 / bin_t.median(|d| d.secs),
             w.changes as f64 / r,
-            r / b
+            r / bin_t.median(|d| d.secs)
         );
     }
 }

@@ -178,7 +178,14 @@ pub(super) async fn source_task(mut t: SourceTask) -> Result<(), PipelineError> 
     }
     let last = *t.confirm.borrow();
     t.repl.confirm(last, false).await?;
-    tracing::debug!(confirmed = %t.repl.confirmed(), "replication stream closed");
+    let wire = t.repl.wire_stats();
+    tracing::debug!(
+        confirmed = %t.repl.confirmed(),
+        reads = wire.reads,
+        bytes_per_read = wire.bytes / wire.reads.max(1),
+        status_updates = wire.status_updates,
+        "replication stream closed"
+    );
     t.repl.close().await;
     Ok(())
 }

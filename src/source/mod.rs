@@ -20,7 +20,7 @@ pub mod types;
 
 pub use assemble::{Assembler, Step};
 pub(crate) use conn::Conn;
-pub use replication::{Replication, SlotState, SystemInfo, XLog};
+pub use replication::{Replication, SlotState, SystemInfo, WireStats, XLog};
 pub(crate) use replication::{quote_ident, quote_literal};
 
 /// An error PostgreSQL sent, with its SQLSTATE.

@@ -43,6 +43,18 @@ pub struct Replication {
     pub server_version: u32,
     pub backend_pid: i32,
     confirmed: Lsn,
+    /// Standby status updates sent.
+    updates: u64,
+}
+
+/// What the stream cost on walshore's side of the wire so far.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WireStats {
+    /// Socket reads of the stream, and the bytes they returned.
+    pub reads: u64,
+    pub bytes: u64,
+    /// Standby status updates (feedback) sent.
+    pub status_updates: u64,
 }
 
 /// Quotes an identifier the way `quote_ident` does.
@@ -80,6 +92,7 @@ impl Replication {
             backend_pid: conn.backend_pid,
             conn,
             confirmed,
+            updates: 0,
         }
     }
 
@@ -292,7 +305,10 @@ impl Replication {
             quote_ident(&cfg.slot)
         );
         match self.conn.start_copy_both(&sql).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.conn.read_in_gulps();
+                Ok(())
+            }
             Err(SourceError::Server(e)) if e.code == "55006" => Err(SourceError::SlotInUse {
                 slot: cfg.slot.clone(),
                 holder: e.message,
@@ -385,11 +401,21 @@ impl Replication {
         }
         b.put_i64(now - PG_EPOCH_OFFSET_MICROS);
         b.put_u8(u8::from(request_reply));
+        self.updates += 1;
         self.conn.send_copy_data(&b).await
     }
 
     pub fn confirmed(&self) -> Lsn {
         self.confirmed
+    }
+
+    pub fn wire_stats(&self) -> WireStats {
+        let (reads, bytes) = self.conn.stream_reads();
+        WireStats {
+            reads,
+            bytes,
+            status_updates: self.updates,
+        }
     }
 
     pub async fn close(self) {
