@@ -516,3 +516,77 @@ async fn iam_tokens_are_signed_per_connection_and_reconnects_outlive_their_lifet
     );
     assert_eq!(checker.checks().last().unwrap()["why"], "signature does not match");
 }
+
+/// The stream is read in gulps under a backlog (far fewer reads than messages: a reader
+/// woken per message costs the walsender as much as its decoding), and a lone change
+/// after the backlog, and another after a pause, still arrive at once: the gulp's wait
+/// is bounded, and an idle stream waits for its next byte.
+#[tokio::test]
+async fn a_backlog_is_read_in_gulps_and_a_lone_change_after_it_arrives_at_once() {
+    use walshore::source::{Replication, XLog};
+    let cluster = cluster(&[]);
+    let c = cluster.connect("postgres").await.unwrap();
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION pub FOR TABLE t")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = lake_config(dir.path(), &cluster, "postgres");
+    let cfg = walshore::config::Config::load(&config).unwrap();
+    let (mut repl, slot, _) = Replication::open(&cfg.source, false).await.unwrap();
+    // About 6 MB of stream: 60,000 inserts in 60 transactions.
+    c.batch_execute(
+        "DO $$ BEGIN FOR b IN 0..59 LOOP
+           INSERT INTO t SELECT i, repeat('x', 40) FROM generate_series(b * 1000 + 1, b * 1000 + 1000) AS i;
+           COMMIT; END LOOP; END $$",
+    )
+    .await
+    .unwrap();
+    repl.start(&cfg.source, slot.confirmed_flush).await.unwrap();
+    // Counts commits ('C' messages) until `want`; the time the last one took to come.
+    async fn commits(repl: &mut Replication, want: u64, messages: &mut u64) {
+        let mut seen = 0;
+        while seen < want {
+            match tokio::time::timeout(Duration::from_secs(60), repl.next()).await {
+                Ok(Ok(XLog::Data { data, .. })) => {
+                    *messages += 1;
+                    if data.first() == Some(&b'C') {
+                        seen += 1;
+                    }
+                }
+                Ok(Ok(XLog::Keepalive { .. })) => {}
+                Ok(Err(e)) => panic!("stream failed: {e}"),
+                Err(_) => panic!("no message for 60 s with {seen} of {want} commits seen"),
+            }
+        }
+    }
+    let mut messages = 0;
+    commits(&mut repl, 60, &mut messages).await;
+    let wire = repl.wire_stats();
+    assert!(messages > 60_000, "{messages} messages for the backlog");
+    // Read as they come, a read returns what arrived since the last one, at most the
+    // 64 KiB the buffer offers; a gulp waits for 1 MiB, or 20 ms.
+    assert!(
+        wire.reads * 20 < messages && wire.bytes / wire.reads.max(1) > 64 << 10,
+        "the backlog's {messages} messages took {} reads ({} bytes each): not read in gulps",
+        wire.reads,
+        wire.bytes / wire.reads.max(1)
+    );
+    // A lone change right after the backlog, then one after the stream went idle: each
+    // arrives at once (a gulp waits 20 ms at most; without that bound, less than a gulp
+    // would wait for more data, here for ever).
+    for pause in [Duration::ZERO, Duration::from_secs(2)] {
+        tokio::time::sleep(pause).await;
+        c.batch_execute("INSERT INTO t VALUES (1000000, 'lone') ON CONFLICT (id) DO UPDATE SET v = 'again'")
+            .await
+            .unwrap();
+        let t = std::time::Instant::now();
+        let mut lone = 0;
+        commits(&mut repl, 1, &mut lone).await;
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "a lone change after a {pause:?} pause took {:?} to arrive",
+            t.elapsed()
+        );
+    }
+    repl.close().await;
+}

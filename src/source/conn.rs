@@ -87,29 +87,35 @@ pub(crate) struct Conn {
 const COPY_READ: usize = 256 << 10;
 
 /// How the replication stream is read while data flows: the socket wakes walshore only
-/// once this much has arrived (`SO_RCVLOWAT`), or [`GULP_WAIT`] after the last read,
-/// whichever comes first. A walsender sends every message on its own (one `send` per
-/// change); a reader woken for each of them costs the walsender as much as its own
-/// decoding, since on the same host it runs the reader's wake-up, and anywhere it sends
-/// one segment per message and takes an acknowledgement for every other one. A reader
-/// that lets 64 KiB gather lets the walsender's messages share segments (measured on
-/// loopback: the walsender's CPU per million changes halved, README "Benchmarks").
-/// 64 KiB is about the receive window of the default 128 KiB receive buffer
-/// (`net.ipv4.tcp_rmem`): smaller gulps (16–48 KiB) read before the window fills and
-/// gained little. A window exhausted before the mark is reached makes the socket
-/// readable anyway, so a gulp never waits on data the sender cannot send.
-const GULP: usize = 64 << 10;
+/// once this much has arrived (`SO_RCVLOWAT`), once the receive window is used up (the
+/// kernel then makes the socket readable whatever the mark), or [`GULP_WAIT`] after the
+/// read began waiting, whichever comes first. A walsender sends every message on its own
+/// (one `send` per change). A reader woken for each of them keeps the window open, so
+/// each message goes out as a segment of its own, and on one host the walsender runs
+/// the reader's wake-up and TCP receive path too: serving such a reader (pg_recvlogical)
+/// it spends twice the CPU it spends serving one that lets data gather, for the same
+/// WAL. A reader that waits for the window to fill holds the walsender to it, and what
+/// it sends meanwhile shares segments. Measured (README "Benchmarks"): 64 KiB gulps
+/// helped our own minimal reader but rarely walshore, whose reads come every ~1.4 ms
+/// after its decoding and so before the grown window fills; 1 MiB gulps, which reach
+/// the window, brought the walsender serving walshore to the minimal reader's cost in
+/// most runs. The drains stay bimodal on one host (a run keeps either mode throughout;
+/// in the slow one, reads end early at ~500 KB, cut short by the receive buffer), so
+/// the bench reports medians of 5 or 7 and the spread. Setting the mark also lets the
+/// kernel grow the receive buffer to hold it (`tcp_set_rcvlowat`): a few MiB of kernel
+/// memory for this connection, and a window of at least 1 MiB (20 MB/s at 50 ms RTT,
+/// more as the kernel's autotuning grows it).
+const GULP: usize = 1 << 20;
 
-/// The longest a message that arrived waits for a gulp to fill: the stream's added
-/// latency under a trickle, far below any flush interval. An idle stream waits for its
-/// next byte with no timer at all. Not shorter: a wait that ends before the gulp fills
-/// takes a part, and the walsender, no longer held to its receive window, goes back to
-/// one segment per message; measured, 2 and 5 ms settled there (no gain at all), 10 to
-/// 50 ms did not.
+/// The longest a read waits for a gulp: the stream's added latency under a trickle, far
+/// below any flush interval. An idle stream waits for its next byte with no timer at
+/// all. Not shorter: a wait that ends before the gulp fills takes a part, and the
+/// walsender, no longer held to its receive window, goes back to a segment per message;
+/// measured with 64 KiB gulps, 2 and 5 ms settled there, 10 to 50 ms did not.
 const GULP_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// Space the stream's read buffer offers each read: several gulps.
-const STREAM_READ: usize = 4 * GULP;
+/// Space the stream's read buffer offers a read: a gulp and what arrives meanwhile.
+const STREAM_READ: usize = 2 * GULP;
 
 /// The replication stream's read mode: gathering (the low-water mark at [`GULP`],
 /// reads wait at most until `deadline`) while data flows, or waiting for the next byte
@@ -382,7 +388,7 @@ impl Conn {
     /// mode and its deadline live in `self`, and a read either completes or reads
     /// nothing.
     async fn read_gulp(&mut self) -> std::io::Result<usize> {
-        if self.rbuf.capacity() - self.rbuf.len() < STREAM_READ / 2 {
+        if self.rbuf.capacity() - self.rbuf.len() < GULP {
             self.rbuf.reserve(STREAM_READ);
         }
         loop {
@@ -405,6 +411,10 @@ impl Conn {
             tokio::select! {
                 read = self.io.read_buf(&mut self.rbuf) => {
                     let n = read?;
+                    // Again after every read: the kernel sizes the receive buffer for the
+                    // mark by what the data queued now costs it in memory, which a stream
+                    // of small segments raises (measured: fewer slow drains, see GULP).
+                    set_low_water(&self.io, GULP);
                     let gulps = self.gulps.as_mut().expect("reading in gulps");
                     gulps.deadline = None;
                     gulps.count(n);
