@@ -366,9 +366,10 @@ fn perf_counts_syscalls() -> bool {
 }
 
 /// The CPU of every walsender that runs while a drain does: each child of the
-/// postmaster titled `postgres: walsender`, its `utime + stime` read from
+/// postmaster titled `postgres: … walsender …`, its `utime + stime` read from
 /// `/proc/<pid>/stat` every 5 ms until it exits (so at most 5 ms of a walsender's last
-/// CPU goes uncounted). Other processes are looked at once.
+/// CPU goes uncounted; one that was already running counts from the first reading).
+/// Other processes are looked at once.
 struct Walsenders {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: std::thread::JoinHandle<f64>,
@@ -383,7 +384,14 @@ impl Walsenders {
             let stop = stop.clone();
             std::thread::spawn(move || {
                 let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-                let mut seen = std::collections::HashMap::<u32, u64>::new();
+                // Now, in clock ticks since boot (the unit of a process's start time).
+                let uptime = std::fs::read_to_string("/proc/uptime").unwrap();
+                let started: f64 = uptime.split_whitespace().next().unwrap().parse().unwrap();
+                let began = (started * tick) as u64;
+                // Each walsender's CPU ticks: (first reading, last reading). One that was
+                // running before the watch began (the last drain's, still exiting)
+                // counts only from the first reading.
+                let mut seen = std::collections::HashMap::<u32, (u64, u64)>::new();
                 // Processes found not to be walsenders, not read again.
                 let mut others = std::collections::HashSet::<u32>::new();
                 loop {
@@ -398,28 +406,37 @@ impl Walsenders {
                         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
                             continue;
                         };
-                        // Fields after the command name: state ppid … utime(14) stime(15).
+                        // Fields after the command name: state(3) ppid(4) … utime(14)
+                        // stime(15) … starttime(22).
                         let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-                        if !seen.contains_key(&pid) {
-                            let title = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                            if fields.len() < 13 || fields[1].parse() != Ok(postmaster) {
-                                others.insert(pid);
-                                continue;
-                            }
-                            // A new backend carries the postmaster's command line until it
-                            // sets its title: looked at again until then.
-                            if !title.starts_with(b"postgres: walsender") {
-                                if title.starts_with(b"postgres: ") {
-                                    others.insert(pid);
-                                }
-                                continue;
-                            }
+                        if fields.len() < 20 {
+                            continue;
                         }
                         let ticks = fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
-                        seen.insert(pid, ticks);
+                        if let Some(entry) = seen.get_mut(&pid) {
+                            entry.1 = ticks;
+                            continue;
+                        }
+                        if fields[1].parse() != Ok(postmaster) {
+                            others.insert(pid);
+                            continue;
+                        }
+                        // A new backend carries the postmaster's command line until it
+                        // sets its title (`postgres: [cluster_name: ]walsender …`):
+                        // looked at again until then.
+                        let title = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                        if !title.starts_with(b"postgres: ") {
+                            continue;
+                        }
+                        if !title.windows(11).any(|w| w == b" walsender ") {
+                            others.insert(pid);
+                            continue;
+                        }
+                        let start = fields[19].parse::<u64>().unwrap_or(0);
+                        seen.insert(pid, (if start + 1 >= began { 0 } else { ticks }, ticks));
                     }
                     if last {
-                        return seen.values().sum::<u64>() as f64 / tick;
+                        return seen.values().map(|(first, last)| last - first).sum::<u64>() as f64 / tick;
                     }
                     std::thread::sleep(std::time::Duration::from_millis(5));
                 }

@@ -124,6 +124,8 @@ const STREAM_READ: usize = 2 * GULP;
 struct Gulps {
     gathering: bool,
     deadline: Option<tokio::time::Instant>,
+    /// The mark cannot be set here: read a message at a time.
+    off: bool,
     /// Reads of the stream and the bytes they returned.
     reads: u64,
     bytes: u64,
@@ -395,13 +397,20 @@ impl Conn {
             let gulps = self.gulps.as_mut().expect("reading in gulps");
             if !gulps.gathering {
                 let n = self.io.read_buf(&mut self.rbuf).await?;
-                if n > 0 {
+                let gulps = self.gulps.as_mut().expect("reading in gulps");
+                gulps.count(n);
+                if n > 0 && !gulps.off {
                     // Data flows: let the next read wait for a gulp.
-                    set_low_water(&self.io, GULP);
-                    let gulps = self.gulps.as_mut().expect("reading in gulps");
-                    gulps.gathering = true;
-                    gulps.deadline = None;
-                    gulps.count(n);
+                    match set_low_water(&self.io, GULP) {
+                        Ok(()) => {
+                            gulps.gathering = true;
+                            gulps.deadline = None;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "SO_RCVLOWAT cannot be set: the replication stream is read a message at a time");
+                            gulps.off = true;
+                        }
+                    }
                 }
                 return Ok(n);
             }
@@ -411,10 +420,13 @@ impl Conn {
             tokio::select! {
                 read = self.io.read_buf(&mut self.rbuf) => {
                     let n = read?;
-                    // Again after every read: the kernel sizes the receive buffer for the
-                    // mark by what the data queued now costs it in memory, which a stream
-                    // of small segments raises (measured: fewer slow drains, see GULP).
-                    set_low_water(&self.io, GULP);
+                    // Again after every large read: the kernel sizes the receive buffer
+                    // for the mark by what the data queued now costs it in memory, which
+                    // a stream of small segments raises (measured: fewer slow drains,
+                    // see GULP). Not after the small reads TLS makes (a record each).
+                    if n >= GULP / 16 {
+                        set_low_water(&self.io, GULP).ok();
+                    }
                     let gulps = self.gulps.as_mut().expect("reading in gulps");
                     gulps.deadline = None;
                     gulps.count(n);
@@ -422,8 +434,12 @@ impl Conn {
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     // Less than a gulp arrived: take what did, or wait for the next byte.
-                    // Lowering the mark wakes the read at once if anything is there.
-                    set_low_water(&self.io, 1);
+                    // Lowering the mark wakes the read at once if anything is there (Linux
+                    // 4.18 and later). A mark that stays up could hold a last message
+                    // back: that connection is not used further.
+                    set_low_water(&self.io, 1).map_err(|e| {
+                        std::io::Error::new(e.kind(), format!("lowering the replication socket's SO_RCVLOWAT failed: {e}"))
+                    })?;
                     let gulps = self.gulps.as_mut().expect("reading in gulps");
                     gulps.gathering = false;
                     gulps.deadline = None;
@@ -433,8 +449,11 @@ impl Conn {
     }
 
     /// From now on the stream is read in gulps (the replication stream, once started).
+    /// On Linux only: elsewhere lowering the mark does not wake a waiting read, and the
+    /// stream is read a message at a time.
     pub(crate) fn read_in_gulps(&mut self) {
-        self.gulps.get_or_insert_with(Gulps::default);
+        let gulps = self.gulps.get_or_insert_with(Gulps::default);
+        gulps.off = !cfg!(target_os = "linux");
     }
 
     /// Reads of the stream so far and the bytes they brought.
@@ -602,15 +621,18 @@ impl Conn {
 
 impl Gulps {
     fn count(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
         self.reads += 1;
         self.bytes += n as u64;
     }
 }
 
 /// Sets the socket's `SO_RCVLOWAT`: readiness (and a blocked read) only once `bytes`
-/// have arrived. Setting it also signals readiness at once if that many are already
-/// there. A failure leaves the stream read as before, a message at a time.
-fn set_low_water(io: &Io, bytes: usize) {
+/// have arrived, or the receive window is used up. Setting it also signals readiness at
+/// once if that many are already there.
+fn set_low_water(io: &Io, bytes: usize) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let fd = match io {
         Io::Plain(s) => s.as_raw_fd(),
@@ -627,8 +649,10 @@ fn set_low_water(io: &Io, bytes: usize) {
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "SO_RCVLOWAT not set");
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -681,5 +705,97 @@ mod tests {
         assert_eq!(super::parse_server_version("15.4 (Debian 15.4-1.pgdg120+1)"), 150004);
         assert_eq!(super::parse_server_version("17beta1"), 170000);
         assert_eq!(super::parse_server_version("9.6.24"), 90624);
+    }
+
+    /// A stream connection over loopback reading in gulps, and its server end as a
+    /// blocking socket for a writer thread of its own (a walsender: one `send` per
+    /// message, no Nagle delay).
+    async fn stream_pair() -> (super::Conn, std::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap().to_string();
+        let (client, server) = tokio::join!(super::tcp_connect(&target), listener.accept());
+        let mut conn = super::Conn {
+            io: super::Io::Plain(client.unwrap()),
+            rbuf: bytes::BytesMut::with_capacity(1 << 16),
+            wbuf: bytes::BytesMut::new(),
+            gulps: None,
+            server_version: 150000,
+            backend_pid: 0,
+        };
+        conn.read_in_gulps();
+        let server = server.unwrap().0.into_std().unwrap();
+        server.set_nonblocking(false).unwrap();
+        server.set_nodelay(true).unwrap();
+        (conn, server)
+    }
+
+    /// A CopyData message of `size` bytes, as a walsender frames it.
+    fn message(size: usize) -> Vec<u8> {
+        let mut out = vec![b'd'];
+        out.extend_from_slice(&((size + 4) as u32).to_be_bytes());
+        out.extend(std::iter::repeat_n(b'x', size));
+        out
+    }
+
+    /// Messages that trickle in (one every millisecond) are read about every 20 ms, a
+    /// few dozen at a time, not one by one; each within a read's bounded wait.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_trickle_is_read_in_bounded_gulps() {
+        use std::io::Write;
+        let (mut conn, mut server) = stream_pair().await;
+        server.write_all(&message(100)).unwrap();
+        conn.read_frame().await.unwrap();
+        let writer = std::thread::spawn(move || {
+            for _ in 0..300 {
+                server.write_all(&message(100)).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            server
+        });
+        let mut longest = std::time::Duration::ZERO;
+        for _ in 0..300 {
+            let t = std::time::Instant::now();
+            let frame = conn.read_frame().await.unwrap();
+            assert_eq!((frame.tag, frame.body.len()), (b'd', 100));
+            longest = longest.max(t.elapsed());
+        }
+        let _server = writer.join().unwrap();
+        let (reads, bytes) = conn.stream_reads();
+        assert_eq!(bytes, 301 * 105);
+        // Read as they come, 300 messages a millisecond apart take ~300 reads.
+        assert!(reads <= 100, "300 trickling messages took {reads} reads");
+        assert!(
+            longest < std::time::Duration::from_secs(5),
+            "a message waited {longest:?} for its read"
+        );
+    }
+
+    /// A burst sent a message at a time is read in large gulps, its last, short part
+    /// included.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_burst_is_read_in_large_gulps_to_its_end() {
+        use std::io::Write;
+        let (mut conn, mut server) = stream_pair().await;
+        // One message first: the stream is flowing, the next reads gather.
+        server.write_all(&message(100)).unwrap();
+        conn.read_frame().await.unwrap();
+        let burst = 40_000;
+        let writer = std::thread::spawn(move || {
+            let m = message(200);
+            for _ in 0..burst {
+                server.write_all(&m).unwrap();
+            }
+            server
+        });
+        for _ in 0..burst {
+            conn.read_frame().await.unwrap();
+        }
+        let _server = writer.join().unwrap();
+        let (reads, bytes) = conn.stream_reads();
+        assert_eq!(bytes, 105 + burst as u64 * 205);
+        // 8 MB in 40,000 sends: read as they come, thousands of reads.
+        assert!(reads <= 200, "an 8 MB burst took {reads} reads");
     }
 }
