@@ -11,6 +11,44 @@ pub struct Timed {
     pub cpu_secs: f64,
 }
 
+/// `pg_recvlogical` draining `slot` (publication `bench`) up to `end` into /dev/null, with
+/// the options walshore asks for (pgoutput protocol 2, streaming): the program (the
+/// cluster's own, else the one on PATH) and its arguments.
+pub fn recvlogical(
+    cluster: &walshore::cluster::TempCluster,
+    slot: &str,
+    end: &str,
+) -> (std::path::PathBuf, Vec<String>) {
+    let own = cluster.bin().join("pg_recvlogical");
+    let program = if own.exists() { own } else { "pg_recvlogical".into() };
+    let port = cluster.port.to_string();
+    let args = [
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+        "--slot",
+        slot,
+        "--start",
+        "--endpos",
+        end,
+        "--no-loop",
+        "-f",
+        "/dev/null",
+        "-o",
+        "proto_version=2",
+        "-o",
+        "publication_names=bench",
+        "-o",
+        "streaming=on",
+    ];
+    (program, args.iter().map(|a| a.to_string()).collect())
+}
+
 /// Runs a command to its end; panics with its stderr unless it exits 0.
 #[allow(clippy::zombie_processes)] // reaped by wait4 below, which also gives its rusage
 pub fn timed(cmd: &mut Command) -> Timed {

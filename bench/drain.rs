@@ -470,12 +470,6 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
             ..ClusterOptions::default()
         })
         .expect("start PostgreSQL");
-        let recvlogical = cluster.bin().join("pg_recvlogical");
-        let recvlogical = if recvlogical.exists() {
-            recvlogical
-        } else {
-            "pg_recvlogical".into()
-        };
         let client = rt.block_on(cluster.connect("postgres")).unwrap();
         rt.block_on(client.batch_execute(SCHEMA)).unwrap();
         for i in 0..runs {
@@ -520,35 +514,24 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
         for i in 0..runs {
             // pgoutput's text output (what walshore reads) and its binary output.
             let recv = |slot: String, binary: bool| {
-                let port = cluster.port.to_string();
-                let mut args = vec![
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port,
-                    "-U",
-                    "postgres",
-                    "-d",
-                    "postgres",
-                    "--slot",
-                    &slot,
-                    "--start",
-                    "--endpos",
-                    &end,
-                    "--no-loop",
-                    "-f",
-                    "/dev/null",
-                    "-o",
-                    "proto_version=2",
-                    "-o",
-                    "publication_names=bench",
-                    "-o",
-                    "streaming=on",
-                ];
+                let (program, mut args) = common::recvlogical(&cluster, &slot, &end);
                 if binary {
-                    args.extend(["-o", "binary=true"]);
+                    args.extend(["-o".into(), "binary=true".into()]);
                 }
-                drain(&cluster, perf, &recvlogical, &args, &[])
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                drain(&cluster, perf, &program, &args, &[])
+            };
+            // `walshore sync` on `config`, with `env` beside the log filter.
+            let sync = |config: &Path, env: &[(&str, &str)]| {
+                let mut env = env.to_vec();
+                env.push(("WALSHORE_LOG", &walshore_log));
+                drain(
+                    &cluster,
+                    perf,
+                    Path::new(walshore),
+                    &["sync", "--config", config.to_str().unwrap()],
+                    &env,
+                )
             };
             recv_t.push(i, recv(format!("recv_{i}"), false), w.changes, stream_bytes, "");
             bin_t.push(i, recv(format!("bin_{i}"), true), w.changes, None, "");
@@ -581,13 +564,7 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
                 &format!("  (its own count: {} reads, {} status updates)", wire[0], wire[2]),
             );
             let config = write_config(dir.path(), &cluster, i);
-            let d = drain(
-                &cluster,
-                perf,
-                Path::new(walshore),
-                &["sync", "--config", config.to_str().unwrap()],
-                &[("WALSHORE_LOG", &walshore_log)],
-            );
+            let d = sync(&config, &[]);
             ws_t.push(i, d, w.changes, stream_bytes, "");
             // The same into the S3 test server.
             let sink = format!(
@@ -601,16 +578,9 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
             );
             let config = config_for_slot(dir.path(), &cluster, &format!("wss3_{i}"), &sink, "");
             let moto_before = moto.cpu_secs();
-            let d = drain(
-                &cluster,
-                perf,
-                Path::new(walshore),
-                &["sync", "--config", config.to_str().unwrap()],
-                &[
-                    ("WALSHORE_LOG", &walshore_log),
-                    ("AWS_ACCESS_KEY_ID", "bench"),
-                    ("AWS_SECRET_ACCESS_KEY", "bench"),
-                ],
+            let d = sync(
+                &config,
+                &[("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench")],
             );
             let moto_cpu = moto.cpu_secs() - moto_before;
             s3_moto.push(moto_cpu);
@@ -632,13 +602,7 @@ fn drain_benches(rt: &tokio::runtime::Runtime, walshore: &str, runs: usize, scal
                     scrapes
                 })
             };
-            let d = drain(
-                &cluster,
-                perf,
-                Path::new(walshore),
-                &["sync", "--config", config.to_str().unwrap()],
-                &[("WALSHORE_LOG", &walshore_log)],
-            );
+            let d = sync(&config, &[]);
             scraping.store(false, std::sync::atomic::Ordering::Relaxed);
             let scrapes = scraper.join().unwrap();
             wsm_t.push(i, d, w.changes, None, &format!("  ({scrapes} scrapes)"));

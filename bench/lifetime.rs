@@ -476,32 +476,8 @@ fn subtransactions_bench(rt: &tokio::runtime::Runtime) {
         .block_on(c.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]))
         .unwrap()
         .get(0);
-    let recvlogical = cluster.bin().join("pg_recvlogical");
-    let port = cluster.port.to_string();
-    let (recv_secs, _) = timed(Command::new(&recvlogical).args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port,
-        "-U",
-        "postgres",
-        "-d",
-        "postgres",
-        "--slot",
-        "recv",
-        "--start",
-        "--endpos",
-        &end,
-        "--no-loop",
-        "-f",
-        "/dev/null",
-        "-o",
-        "proto_version=2",
-        "-o",
-        "publication_names=bench",
-        "-o",
-        "streaming=on",
-    ]));
+    let (recvlogical, args) = common::recvlogical(&cluster, "recv", &end);
+    let (recv_secs, _) = timed(Command::new(recvlogical).args(args));
     println!("  pg_recvlogical (pgoutput, streaming) read it in {recv_secs:.1}s");
     let (secs, rss) = timed(Command::new(walshore()).args(["sync", "--config", cfg.to_str().unwrap()]));
     let out = Command::new(walshore())
