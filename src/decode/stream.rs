@@ -133,7 +133,10 @@ impl StreamBuffer {
         }
         txn.mem_bytes += raw.len();
         self.mem_bytes += raw.len();
-        txn.mem.push(raw);
+        // Copied out: `raw` is a slice of the stream's read buffer, whose every gulp
+        // (1 MiB and more) it would keep alive while the transaction stays open, beyond
+        // what `memory_limit` counts.
+        txn.mem.push(Bytes::copy_from_slice(&raw));
         if self.mem_bytes > self.memory_limit {
             self.spill(xid)?;
         }
