@@ -14,6 +14,7 @@ pub const POINTS: &[&str] = &[
     "during_recovery",
     "before_copies_due",
     // a copy beside the stream
+    "before_copy_request",
     "after_snapshot_point",
     "after_copy_announce",
     "after_copy_upload",

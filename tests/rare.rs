@@ -3,8 +3,9 @@
 //! leaving (or adopted) while walshore is stopped, a failed read-back of our own commit
 //! record, a source that fails in the middle of a large transaction, a start that fails
 //! after a copy could have begun, a departure the stream had not reached yet, a table
-//! created again without copies after leaving, and a publication membership that
-//! changes without the table leaving. Each ends with the lake replayed and compared
+//! created again without copies after leaving, a publication membership that
+//! changes without the table leaving, and a signal while the copier asks the stream
+//! for a copy. Each ends with the lake replayed and compared
 //! with the source, `(_lsn, _seq)` unique, and no file outside the committed set.
 
 mod support;
@@ -651,6 +652,47 @@ async fn a_signal_while_retrying_a_transient_failure_stops_cleanly() {
     );
     proxy.set(support::proxy::Mode::Forward);
     sync_then_assert_trades_exact(&l, &config).await;
+}
+
+/// A table joins the publication while walshore runs, and the copier, about to ask the
+/// stream to mark it due, is held there while a signal stops the stream. The stream
+/// reads no more requests: the copier's is refused at once and the run stops (it
+/// waited for an answer for ever, holding the sink open). The table is copied at the
+/// next start.
+#[tokio::test]
+async fn a_signal_while_the_copier_asks_for_a_copy_stops_cleanly() {
+    let l = lab(
+        &[],
+        "CREATE TABLE trades (id int PRIMARY KEY, v text);
+         CREATE TABLE big (id int PRIMARY KEY, v text);
+         INSERT INTO big SELECT i, repeat('b', 100) FROM generate_series(1, 2000) i;
+         CREATE PUBLICATION pub FOR TABLE trades;",
+        "",
+        "",
+    )
+    .await;
+    use_initial_snapshot(&l.config, "poll_interval = \"1s\"");
+    sync(&l.config);
+    let run = spawn_run_with(&l.config, &[("WALSHORE_FAULT", "before_copy_request@1:sleep=6000")]);
+    wait_for(Duration::from_secs(60), "the replication stream", || {
+        stderr_of(&run).contains("replication started")
+    });
+    l.client
+        .batch_execute("ALTER PUBLICATION pub ADD TABLE big")
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(60), "the copier at its request", || {
+        stderr_of(&run).contains("fault injected at before_copy_request")
+    });
+    let (code, stderr) = stop(run);
+    assert!(code.success(), "run exits 0 on a signal:\n{stderr}");
+    assert!(
+        !stderr.contains("copying tables beside the stream"),
+        "the copy was not started after the signal:\n{stderr}"
+    );
+    sync(&l.config);
+    assert_table_equals(&l, "big", "SELECT id::text, v FROM big").await;
+    assert_no_orphans(&l.config).await;
 }
 
 /// `walshore verify` with no walshore streaming peeks for changes waiting in the slot;

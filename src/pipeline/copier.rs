@@ -354,6 +354,7 @@ impl Copier {
         self.next_id += 1;
         let tables: BTreeSet<String> = due.keys().cloned().collect();
         if !marked {
+            crate::fault::point("before_copy_request");
             let (reply, accepted) = oneshot::channel();
             let asked = CopyRequest::Due {
                 tables: tables.iter().cloned().collect(),

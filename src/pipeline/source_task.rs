@@ -151,8 +151,13 @@ impl Out {
 pub(super) async fn source_task(mut t: SourceTask) -> Result<(), PipelineError> {
     let result = t.stream().await;
     drop(t.events.take());
-    // The copier starts nothing once the stream stops (or failed).
+    // The copier starts nothing once the stream stops (or failed). A copy it asks for
+    // now, or asked for while the stream was ending, is refused at once (a reply
+    // dropped unanswered is a no): it must not wait on a stream that reads no more
+    // requests, and hold the sink open (and the stop) for ever.
     t.copier_stop.cancel();
+    t.copy_requests.close();
+    while t.copy_requests.try_recv().is_ok() {}
     result?;
     // The sink finishes once the copies under way have reported. Confirm whatever it
     // commits from what we handed over, then leave. PostgreSQL hears from us meanwhile,
