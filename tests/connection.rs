@@ -151,6 +151,15 @@ async fn tls_modes_verify_the_server_as_libpq_does() {
         "",
     );
     sync(&config);
+    // Some MiB of stream through TLS, read in gulps beneath it by the reader thread,
+    // arrive whole.
+    admin
+        .batch_execute("INSERT INTO a SELECT generate_series(1, 100000)")
+        .await
+        .unwrap();
+    sync(&config);
+    let lake = read_table(&open_lake(&config), "public", "a").await;
+    assert_eq!(lake.rows.len(), 100_000, "rows streamed through TLS");
     let child = spawn_run(&config);
     wait_until(Duration::from_secs(30), "an encrypted walsender", || async {
         let r = admin

@@ -14,12 +14,13 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::wire::Wire;
 use super::{PgError, SourceError, auth_fix};
 use crate::config::{ConnParams, SslMode};
 
 enum Io {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Plain(Wire),
+    Tls(Box<tokio_rustls::client::TlsStream<Wire>>),
 }
 
 impl AsyncRead for Io {
@@ -76,8 +77,8 @@ pub(crate) struct Conn {
     io: Io,
     rbuf: BytesMut,
     wbuf: BytesMut,
-    /// Set once the replication stream runs: how its reads wait (see [`Gulps`]).
-    gulps: Option<Gulps>,
+    /// The replication stream runs: it is read in gulps (see [`super::wire`]).
+    streaming: bool,
     /// `server_version_num`, e.g. 150004.
     pub server_version: u32,
     pub backend_pid: i32,
@@ -86,50 +87,9 @@ pub(crate) struct Conn {
 /// Bytes a COPY reads at once (PostgreSQL sends up to 64 KiB per socket write).
 const COPY_READ: usize = 256 << 10;
 
-/// How the replication stream is read while data flows: the socket wakes walshore only
-/// once this much has arrived (`SO_RCVLOWAT`), once the receive window is used up (the
-/// kernel then makes the socket readable whatever the mark), or [`GULP_WAIT`] after the
-/// read began waiting, whichever comes first. A walsender sends every message on its own
-/// (one `send` per change). A reader woken for each of them keeps the window open, so
-/// each message goes out as a segment of its own, and on one host the walsender runs
-/// the reader's wake-up and TCP receive path too: serving such a reader (pg_recvlogical)
-/// it spends twice the CPU it spends serving one that lets data gather, for the same
-/// WAL. A reader that waits for the window to fill holds the walsender to it, and what
-/// it sends meanwhile shares segments. Measured (README "Benchmarks"): 64 KiB gulps
-/// helped our own minimal reader but rarely walshore, whose reads come every ~1.4 ms
-/// after its decoding and so before the grown window fills; 1 MiB gulps, which reach
-/// the window, brought the walsender serving walshore to the minimal reader's cost in
-/// most runs. The drains stay bimodal on one host (a run keeps either mode throughout;
-/// in the slow one, reads end early at ~500 KB, cut short by the receive buffer), so
-/// the bench reports medians of 5 or 7 and the spread. Setting the mark also lets the
-/// kernel grow the receive buffer to hold it (`tcp_set_rcvlowat`): a few MiB of kernel
-/// memory for this connection, and a window of at least 1 MiB (20 MB/s at 50 ms RTT,
-/// more as the kernel's autotuning grows it).
-const GULP: usize = 1 << 20;
-
-/// The longest a read waits for a gulp: the stream's added latency under a trickle, far
-/// below any flush interval. An idle stream waits for its next byte with no timer at
-/// all. Not shorter: a wait that ends before the gulp fills takes a part, and the
-/// walsender, no longer held to its receive window, goes back to a segment per message;
-/// measured with 64 KiB gulps, 2 and 5 ms settled there, 10 to 50 ms did not.
-const GULP_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
-
-/// Space the stream's read buffer offers a read: a gulp and what arrives meanwhile.
-const STREAM_READ: usize = 2 * GULP;
-
-/// The replication stream's read mode: gathering (the low-water mark at [`GULP`],
-/// reads wait at most until `deadline`) while data flows, or waiting for the next byte
-/// (the mark at 1, no timer) once a wait found nothing.
-#[derive(Default)]
-struct Gulps {
-    gathering: bool,
-    deadline: Option<tokio::time::Instant>,
-    /// The mark cannot be set here: read a message at a time.
-    off: bool,
-    /// Reads of the stream and the bytes they returned.
-    reads: u64,
-    bytes: u64,
-}
+/// Space the read buffer offers a read of the replication stream: a gulp of the
+/// reader thread's (up to 2 MiB) at once.
+const STREAM_READ: usize = 2 << 20;
 
 /// GUCs set in the startup packet so that pgoutput's text output has one known form.
 const SESSION_SETTINGS: [(&str, &str); 6] = [
@@ -179,7 +139,7 @@ impl Conn {
             io,
             rbuf: BytesMut::with_capacity(1 << 16),
             wbuf: BytesMut::new(),
-            gulps: None,
+            streaming: false,
             server_version: 0,
             backend_pid: 0,
         };
@@ -198,21 +158,23 @@ impl Conn {
         Ok(conn)
     }
 
-    async fn negotiate_tls(mut tcp: TcpStream, params: &ConnParams, target: &str) -> Result<Io, SourceError> {
+    async fn negotiate_tls(tcp: TcpStream, params: &ConnParams, target: &str) -> Result<Io, SourceError> {
+        let mut wire = Wire::new(tcp);
         let Some(config) = super::tls::client_config(params).map_err(|message| SourceError::Tls {
             target: target.into(),
             message,
         })?
         else {
-            return Ok(Io::Plain(tcp));
+            return Ok(Io::Plain(wire));
         };
         let mut buf = BytesMut::new();
         frontend::ssl_request(&mut buf);
+        let tcp = wire.tcp_mut();
         tcp.write_all(&buf).await.map_err(SourceError::Io)?;
         let answer = tcp.read_u8().await.map_err(SourceError::Io)?;
         if answer != b'S' {
             if params.sslmode == SslMode::Prefer {
-                return Ok(Io::Plain(tcp));
+                return Ok(Io::Plain(wire));
             }
             return Err(SourceError::Tls {
                 target: target.into(),
@@ -224,7 +186,7 @@ impl Conn {
             message,
         })?;
         let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(name, tcp)
+            .connect(name, wire)
             .await
             .map_err(|e| SourceError::Tls {
                 target: target.into(),
@@ -371,12 +333,10 @@ impl Conn {
             if let Some(f) = self.try_frame()? {
                 return Ok(f);
             }
-            let n = if self.gulps.is_some() {
-                self.read_gulp().await
-            } else {
-                self.io.read_buf(&mut self.rbuf).await
+            if self.streaming && self.rbuf.capacity() - self.rbuf.len() < STREAM_READ / 2 {
+                self.rbuf.reserve(STREAM_READ);
             }
-            .map_err(SourceError::Io)?;
+            let n = self.io.read_buf(&mut self.rbuf).await.map_err(SourceError::Io)?;
             if n == 0 {
                 return Err(SourceError::Io(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
@@ -386,79 +346,27 @@ impl Conn {
         }
     }
 
-    /// Reads the stream into the buffer the way [`Gulps`] describes. Cancel-safe: the
-    /// mode and its deadline live in `self`, and a read either completes or reads
-    /// nothing.
-    async fn read_gulp(&mut self) -> std::io::Result<usize> {
-        if self.rbuf.capacity() - self.rbuf.len() < GULP {
-            self.rbuf.reserve(STREAM_READ);
-        }
-        loop {
-            let gulps = self.gulps.as_mut().expect("reading in gulps");
-            if !gulps.gathering {
-                let n = self.io.read_buf(&mut self.rbuf).await?;
-                let gulps = self.gulps.as_mut().expect("reading in gulps");
-                gulps.count(n);
-                if n > 0 && !gulps.off {
-                    // Data flows: let the next read wait for a gulp.
-                    match set_low_water(&self.io, GULP) {
-                        Ok(()) => {
-                            gulps.gathering = true;
-                            gulps.deadline = None;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "SO_RCVLOWAT cannot be set: the replication stream is read a message at a time");
-                            gulps.off = true;
-                        }
-                    }
-                }
-                return Ok(n);
-            }
-            let deadline = *gulps
-                .deadline
-                .get_or_insert_with(|| tokio::time::Instant::now() + GULP_WAIT);
-            tokio::select! {
-                read = self.io.read_buf(&mut self.rbuf) => {
-                    let n = read?;
-                    // Again after every large read: the kernel sizes the receive buffer
-                    // for the mark by what the data queued now costs it in memory, which
-                    // a stream of small segments raises (measured: fewer slow drains,
-                    // see GULP). Not after the small reads TLS makes (a record each).
-                    if n >= GULP / 16 {
-                        set_low_water(&self.io, GULP).ok();
-                    }
-                    let gulps = self.gulps.as_mut().expect("reading in gulps");
-                    gulps.deadline = None;
-                    gulps.count(n);
-                    return Ok(n);
-                }
-                _ = tokio::time::sleep_until(deadline) => {
-                    // Less than a gulp arrived: take what did, or wait for the next byte.
-                    // Lowering the mark wakes the read at once if anything is there (Linux
-                    // 4.18 and later). A mark that stays up could hold a last message
-                    // back: that connection is not used further.
-                    set_low_water(&self.io, 1).map_err(|e| {
-                        std::io::Error::new(e.kind(), format!("lowering the replication socket's SO_RCVLOWAT failed: {e}"))
-                    })?;
-                    let gulps = self.gulps.as_mut().expect("reading in gulps");
-                    gulps.gathering = false;
-                    gulps.deadline = None;
-                }
-            }
-        }
+    /// From now on the stream is read in gulps by a thread of its own (the replication
+    /// stream, once started; see [`super::wire`]).
+    pub(crate) fn read_in_gulps(&mut self) -> Result<(), SourceError> {
+        self.wire_mut().read_in_gulps().map_err(SourceError::Io)?;
+        self.streaming = true;
+        Ok(())
     }
 
-    /// From now on the stream is read in gulps (the replication stream, once started).
-    /// On Linux only: elsewhere lowering the mark does not wake a waiting read, and the
-    /// stream is read a message at a time.
-    pub(crate) fn read_in_gulps(&mut self) {
-        let gulps = self.gulps.get_or_insert_with(Gulps::default);
-        gulps.off = !cfg!(target_os = "linux");
+    fn wire_mut(&mut self) -> &mut Wire {
+        match &mut self.io {
+            Io::Plain(w) => w,
+            Io::Tls(s) => s.get_mut().0,
+        }
     }
 
     /// Reads of the stream so far and the bytes they brought.
     pub(crate) fn stream_reads(&self) -> (u64, u64) {
-        self.gulps.as_ref().map_or((0, 0), |g| (g.reads, g.bytes))
+        match &self.io {
+            Io::Plain(w) => w.stream_reads(),
+            Io::Tls(s) => s.get_ref().0.stream_reads(),
+        }
     }
 
     /// A message already in the buffer, without waiting for the network.
@@ -619,43 +527,6 @@ impl Conn {
     }
 }
 
-impl Gulps {
-    fn count(&mut self, n: usize) {
-        if n == 0 {
-            return;
-        }
-        self.reads += 1;
-        self.bytes += n as u64;
-    }
-}
-
-/// Sets the socket's `SO_RCVLOWAT`: readiness (and a blocked read) only once `bytes`
-/// have arrived, or the receive window is used up. Setting it also signals readiness at
-/// once if that many are already there.
-fn set_low_water(io: &Io, bytes: usize) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let fd = match io {
-        Io::Plain(s) => s.as_raw_fd(),
-        Io::Tls(s) => s.get_ref().0.as_raw_fd(),
-    };
-    let value = bytes as libc::c_int;
-    // SAFETY: a valid socket descriptor owned by `io`, and an int option of the right size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 fn parse_server_version(v: &str) -> u32 {
     // "15.4 (Debian 15.4-1)" -> 150004; "9.6.24" -> 90624.
     let nums: Vec<u32> = v
@@ -715,14 +586,14 @@ mod tests {
         let target = listener.local_addr().unwrap().to_string();
         let (client, server) = tokio::join!(super::tcp_connect(&target), listener.accept());
         let mut conn = super::Conn {
-            io: super::Io::Plain(client.unwrap()),
+            io: super::Io::Plain(super::Wire::new(client.unwrap())),
             rbuf: bytes::BytesMut::with_capacity(1 << 16),
             wbuf: bytes::BytesMut::new(),
-            gulps: None,
+            streaming: false,
             server_version: 150000,
             backend_pid: 0,
         };
-        conn.read_in_gulps();
+        conn.read_in_gulps().unwrap();
         let server = server.unwrap().0.into_std().unwrap();
         server.set_nonblocking(false).unwrap();
         server.set_nodelay(true).unwrap();

@@ -17,6 +17,7 @@ mod replication;
 pub mod sql;
 pub mod tls;
 pub mod types;
+mod wire;
 
 pub use assemble::{Assembler, Step};
 pub(crate) use conn::Conn;

@@ -305,10 +305,7 @@ impl Replication {
             quote_ident(&cfg.slot)
         );
         match self.conn.start_copy_both(&sql).await {
-            Ok(()) => {
-                self.conn.read_in_gulps();
-                Ok(())
-            }
+            Ok(()) => self.conn.read_in_gulps(),
             Err(SourceError::Server(e)) if e.code == "55006" => Err(SourceError::SlotInUse {
                 slot: cfg.slot.clone(),
                 holder: e.message,
