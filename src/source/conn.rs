@@ -14,7 +14,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::wire::Wire;
+use super::wire::{STREAM_READ, Wire};
 use super::{PgError, SourceError, auth_fix};
 use crate::config::{ConnParams, SslMode};
 
@@ -86,10 +86,6 @@ pub(crate) struct Conn {
 
 /// Bytes a COPY reads at once (PostgreSQL sends up to 64 KiB per socket write).
 const COPY_READ: usize = 256 << 10;
-
-/// Space the read buffer offers a read of the replication stream: a gulp of the
-/// reader thread's (up to 2 MiB) at once.
-const STREAM_READ: usize = 2 << 20;
 
 /// GUCs set in the startup packet so that pgoutput's text output has one known form.
 const SESSION_SETTINGS: [(&str, &str); 6] = [
@@ -639,6 +635,47 @@ mod tests {
         assert!(
             longest < std::time::Duration::from_secs(5),
             "a message waited {longest:?} for its read"
+        );
+    }
+
+    /// Dropping a connection whose stream the reader thread reads closes it at once
+    /// (the thread holds a descriptor of its own), and a server that closes its end
+    /// ends the stream after its last message.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_stream_ends_with_either_side() {
+        use std::io::{Read, Write};
+        let (conn, mut server) = stream_pair().await;
+        drop(conn);
+        server
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let t = std::time::Instant::now();
+        let read = server.read(&mut [0u8; 1]);
+        assert!(
+            matches!(read, Ok(0))
+                || read
+                    .as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "the server's end after the drop: {read:?}"
+        );
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(2),
+            "closed after {:?}",
+            t.elapsed()
+        );
+
+        let (mut conn, mut server) = stream_pair().await;
+        server.write_all(&message(100)).unwrap();
+        drop(server);
+        let within = std::time::Duration::from_secs(5);
+        let frame = tokio::time::timeout(within, conn.read_frame()).await.unwrap().unwrap();
+        assert_eq!(frame.body.len(), 100);
+        let end = tokio::time::timeout(within, conn.read_frame()).await.unwrap();
+        assert!(
+            matches!(&end, Err(super::SourceError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof),
+            "{:?}",
+            end.err()
         );
     }
 

@@ -14,9 +14,9 @@
 //! finds the window open and the buffer's memory filling with small segments; the
 //! kernel then wakes the read early, on memory pressure, the window never closes, and
 //! the walsender is never held back again (README "Benchmark": measured with `ss -tmi`,
-//! and with a null drain made to spend 3 ms per MiB). Read by the decoder's task, the
-//! drains fell into that mode in about a third of the runs; read by this thread, the
-//! full-size medians of both workloads reached 1.75× pg_recvlogical and more.
+//! and with a null drain made to spend 3 ms per MiB). Read by the decoder's task,
+//! drains fell into that mode often enough that full-size medians missed 1.7×
+//! pg_recvlogical; read by this thread, they reached it (README "Benchmark").
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -46,14 +46,15 @@ const GULP: usize = 1 << 20;
 const GULP_WAIT: Duration = Duration::from_millis(20);
 
 /// Space a read of the stream offers: a gulp and what arrives meanwhile.
-const STREAM_READ: usize = 2 * GULP;
+pub(super) const STREAM_READ: usize = 2 * GULP;
 
 /// Gulps read and not yet taken by the decoder. When they are all there, the thread
 /// stops reading: the socket fills and the window holds the walsender back, as before.
 const GULPS_AHEAD: usize = 4;
 
-/// How often an idle reader looks whether its connection is still wanted.
-const IDLE_LOOK: Duration = Duration::from_millis(100);
+/// How often an idle reader looks whether its connection is still wanted (a backstop:
+/// dropping the connection wakes it at once, see `Drop for Wire`).
+const IDLE_LOOK: Duration = Duration::from_secs(1);
 
 /// A TCP connection to PostgreSQL: read directly, or, once [`Wire::read_in_gulps`] is
 /// called, from the gulps its reader thread hands over (written directly throughout).
@@ -79,6 +80,7 @@ impl Wire {
 
     /// The TCP stream, for what comes before any reading in gulps (the TLS request).
     pub(super) fn tcp_mut(&mut self) -> &mut TcpStream {
+        debug_assert!(self.gulps.is_none(), "the reader thread reads the socket");
         &mut self.tcp
     }
 
@@ -113,9 +115,11 @@ impl Wire {
 
 impl Drop for Wire {
     fn drop(&mut self) {
-        if self.gulps.is_some() {
-            // Wakes the reader at once (a read then finds the end of the stream), so that
-            // it closes its descriptor, and with it the connection, now.
+        // The reader's channel first: whatever it reads from now on it cannot hand over,
+        // and it leaves. Then it is woken at once (the socket reads as ended once what is
+        // queued is taken), so that it closes its descriptor, and with it the
+        // connection, now and not at its next idle look.
+        if self.gulps.take().is_some() {
             socket2::SockRef::from(&self.tcp)
                 .shutdown(std::net::Shutdown::Read)
                 .ok();
@@ -129,6 +133,9 @@ impl AsyncRead for Wire {
         let Some(g) = this.gulps.as_mut() else {
             return Pin::new(&mut this.tcp).poll_read(cx, buf);
         };
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
         if !g.current.has_remaining() {
             match ready!(g.rx.poll_recv(cx)) {
                 Some(Ok(gulp)) => {
@@ -144,6 +151,10 @@ impl AsyncRead for Wire {
         let n = g.current.len().min(buf.remaining());
         buf.put_slice(&g.current[..n]);
         g.current.advance(n);
+        if !g.current.has_remaining() {
+            // Let go of the gulp's allocation: the thread reuses it for the next one.
+            g.current = Bytes::new();
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -151,6 +162,16 @@ impl AsyncRead for Wire {
 impl AsyncWrite for Wire {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
@@ -218,12 +239,15 @@ fn read_gulps(socket: &socket2::Socket, tx: &mpsc::Sender<std::io::Result<Bytes>
                 return;
             }
         };
-        // SAFETY: `recv` initialised the first `n` bytes of the spare capacity.
+        // Every gulp handed over was split off: the buffer is empty here.
+        debug_assert!(buf.is_empty());
+        // SAFETY: `recv` initialised the first `n` bytes of the spare capacity, and the
+        // buffer held nothing before them.
         unsafe { buf.set_len(n) };
         // Data flows: let the next read wait for a gulp. Again after every large read:
         // the kernel sizes the receive buffer for the mark by what the data queued now
-        // costs it in memory, which a stream of small segments raises. Not after the
-        // small reads that follow a wait that ran out.
+        // costs it in memory, which a stream of small segments raises. Not after a small
+        // read woken early while gathering (a full window, memory pressure, the end).
         if marks && (!gathering || n >= GULP / 16) {
             match set_low_water(socket, GULP) {
                 Ok(()) => gathering = true,
@@ -250,16 +274,21 @@ fn readable(socket: &socket2::Socket, wait: Duration) -> std::io::Result<bool> {
     };
     // Rounded up: a wait of 0.3 ms is a wait, not a look.
     let ms = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: one valid pollfd, for a descriptor this thread owns.
-    match unsafe { libc::poll(&mut fd, 1, ms) } {
-        n if n > 0 => Ok(true),
-        0 => Ok(false),
-        _ => {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                Ok(false)
-            } else {
-                Err(e)
+    let until = Instant::now() + wait;
+    let mut ms = ms;
+    loop {
+        // SAFETY: one valid pollfd, for a descriptor this thread owns.
+        match unsafe { libc::poll(&mut fd, 1, ms) } {
+            n if n > 0 => return Ok(true),
+            0 => return Ok(false),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+                // A signal is not the end of the wait: wait out the rest.
+                let left = until.saturating_duration_since(Instant::now());
+                ms = left.as_micros().div_ceil(1000) as libc::c_int;
             }
         }
     }
