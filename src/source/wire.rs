@@ -222,7 +222,12 @@ fn read_gulps(socket: &socket2::Socket, tx: &mpsc::Sender<std::io::Result<Bytes>
                 return;
             }
         }
-        buf.reserve(STREAM_READ);
+        // A new buffer only once the one being filled has less than a gulp left: a
+        // trickle of small reads takes them one after another from the same allocation
+        // (each gulp handed over keeps its part of it alive until it is decoded).
+        if buf.capacity() < GULP {
+            buf = BytesMut::with_capacity(STREAM_READ);
+        }
         let n = match socket.recv(buf.spare_capacity_mut()) {
             Ok(0) => return,
             Ok(n) => n,
