@@ -77,8 +77,6 @@ pub(crate) struct Conn {
     io: Io,
     rbuf: BytesMut,
     wbuf: BytesMut,
-    /// The replication stream runs: it is read in gulps (see [`super::wire`]).
-    streaming: bool,
     /// `server_version_num`, e.g. 150004.
     pub server_version: u32,
     pub backend_pid: i32,
@@ -135,7 +133,6 @@ impl Conn {
             io,
             rbuf: BytesMut::with_capacity(1 << 16),
             wbuf: BytesMut::new(),
-            streaming: false,
             server_version: 0,
             backend_pid: 0,
         };
@@ -329,7 +326,7 @@ impl Conn {
             if let Some(f) = self.try_frame()? {
                 return Ok(f);
             }
-            if self.streaming && self.rbuf.capacity() - self.rbuf.len() < STREAM_READ / 2 {
+            if self.wire().in_gulps() && self.rbuf.capacity() - self.rbuf.len() < STREAM_READ / 2 {
                 self.rbuf.reserve(STREAM_READ);
             }
             let n = self.io.read_buf(&mut self.rbuf).await.map_err(SourceError::Io)?;
@@ -345,9 +342,14 @@ impl Conn {
     /// From now on the stream is read in gulps by a thread of its own (the replication
     /// stream, once started; see [`super::wire`]).
     pub(crate) fn read_in_gulps(&mut self) -> Result<(), SourceError> {
-        self.wire_mut().read_in_gulps().map_err(SourceError::Io)?;
-        self.streaming = true;
-        Ok(())
+        self.wire_mut().read_in_gulps().map_err(SourceError::Io)
+    }
+
+    fn wire(&self) -> &Wire {
+        match &self.io {
+            Io::Plain(w) => w,
+            Io::Tls(s) => s.get_ref().0,
+        }
     }
 
     fn wire_mut(&mut self) -> &mut Wire {
@@ -359,10 +361,7 @@ impl Conn {
 
     /// Reads of the stream so far and the bytes they brought.
     pub(crate) fn stream_reads(&self) -> (u64, u64) {
-        match &self.io {
-            Io::Plain(w) => w.stream_reads(),
-            Io::Tls(s) => s.get_ref().0.stream_reads(),
-        }
+        self.wire().stream_reads()
     }
 
     /// A message already in the buffer, without waiting for the network.
@@ -585,7 +584,6 @@ mod tests {
             io: super::Io::Plain(super::Wire::new(client.unwrap())),
             rbuf: bytes::BytesMut::with_capacity(1 << 16),
             wbuf: bytes::BytesMut::new(),
-            streaming: false,
             server_version: 150000,
             backend_pid: 0,
         };

@@ -107,6 +107,11 @@ impl Wire {
         Ok(())
     }
 
+    /// The reader thread reads the stream (see [`Wire::read_in_gulps`]).
+    pub(super) fn in_gulps(&self) -> bool {
+        self.gulps.is_some()
+    }
+
     /// Reads of the stream by the thread so far, and the bytes they brought.
     pub(super) fn stream_reads(&self) -> (u64, u64) {
         self.gulps.as_ref().map_or((0, 0), |g| (g.reads, g.bytes))
