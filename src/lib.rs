@@ -29,6 +29,7 @@ pub mod config;
 pub mod decode;
 pub mod demo;
 pub mod fault;
+pub mod iceberg;
 pub mod lake;
 pub mod lsn;
 pub mod notify;

@@ -1,0 +1,786 @@
+//! One Iceberg table by path: its metadata, and the commit of a snapshot.
+//!
+//! Layout under the table's location:
+//! - `data/{field}={bucket}/{snapshot}-{n}.parquet`: data files;
+//! - `data/{field}={bucket}/{snapshot}-{n}-deletes.parquet`: position deletes;
+//! - `metadata/{snapshot}-m{k}.avro`, `metadata/snap-{snapshot}.avro`: manifests and
+//!   manifest lists;
+//! - `metadata/v{N}.metadata.json` and `metadata/version-hint.text` (`N`, no newline).
+//!
+//! A commit writes new objects only, every one under a name no other commit uses, and
+//! publishes them by writing `v{N+1}.metadata.json` if it does not exist yet (a
+//! conditional put: a second writer loses, rather than overwriting), then the hint.
+//! A crash before the metadata file leaves objects no snapshot names; a crash between
+//! the metadata file and the hint leaves a hint one behind, which [`Table::load`] walks
+//! past.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, UInt32Array};
+use arrow::datatypes::{DataType, Field, Schema as ArrowSchema};
+use bytes::Bytes;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use parquet::arrow::{ArrowWriter, PARQUET_FIELD_ID_META_KEY};
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+use super::bucket::{bucket_of, bucketable};
+use super::manifest::{self, DataFile, FieldSummary, ManifestEntry, ManifestFile};
+use super::metadata::{
+    MetadataLogEntry, PartitionField, PartitionSpec, Snapshot, SnapshotLogEntry, SnapshotRef, SortOrder, TableMetadata,
+};
+use super::schema::Schema;
+use crate::batch::schema::LakeSchema;
+
+/// The snapshot summary keys that carry walshore's watermark: the last commit-log
+/// sequence number and commit LSN whose changes the snapshot holds.
+pub const WATERMARK_SEQ: &str = "walshore.seq";
+pub const WATERMARK_LSN: &str = "walshore.lsn";
+
+/// Position-delete columns, with the field ids the spec reserves for them.
+const FILE_PATH_ID: i32 = 2147483546;
+const POS_ID: i32 = 2147483545;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("Iceberg table {location}: {source}")]
+    Store {
+        location: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("Iceberg table {location}: {what}")]
+    Invalid { location: String, what: String },
+    #[error(
+        "Iceberg table {location}: version {version} was committed by another writer; only one walshore may \
+         write a table (stop the other, or give this one another [iceberg] location)"
+    )]
+    Conflict { location: String, version: u64 },
+    #[error("Iceberg table {location}: {source}")]
+    Manifest {
+        location: String,
+        #[source]
+        source: manifest::ManifestError,
+    },
+    #[error("Iceberg table {location}: writing a Parquet file: {source}")]
+    Parquet {
+        location: String,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+    #[error("Iceberg table {location}: {source}")]
+    Arrow {
+        location: String,
+        #[source]
+        source: arrow::error::ArrowError,
+    },
+}
+
+/// Where a table lives: the store (rooted at the sink), the table's key prefix in it,
+/// and the fully qualified location its metadata names.
+#[derive(Clone, Debug)]
+pub struct Location {
+    pub store: Arc<dyn ObjectStore>,
+    pub root: Path,
+    pub uri: String,
+}
+
+impl Location {
+    fn key(&self, rel: &str) -> Path {
+        Path::from(format!("{}/{rel}", self.root))
+    }
+
+    fn uri(&self, rel: &str) -> String {
+        format!("{}/{rel}", self.uri.trim_end_matches('/'))
+    }
+
+    /// The key of a fully qualified path under this location.
+    fn key_of(&self, uri: &str) -> Option<Path> {
+        uri.strip_prefix(self.uri.trim_end_matches('/'))
+            .and_then(|rel| rel.strip_prefix('/'))
+            .map(|rel| self.key(rel))
+    }
+
+    fn store_err(&self) -> impl Fn(object_store::Error) -> TableError + '_ {
+        move |source| TableError::Store {
+            location: self.uri.clone(),
+            source,
+        }
+    }
+
+    fn invalid(&self, what: impl Into<String>) -> TableError {
+        TableError::Invalid {
+            location: self.uri.clone(),
+            what: what.into(),
+        }
+    }
+
+    async fn get(&self, rel_or_uri: &str) -> Result<Bytes, TableError> {
+        let key = self.key_of(rel_or_uri).unwrap_or_else(|| self.key(rel_or_uri));
+        let got = self.store.get(&key).await.map_err(self.store_err())?;
+        got.bytes().await.map_err(self.store_err())
+    }
+
+    async fn put(&self, rel: &str, body: Vec<u8>) -> Result<(), TableError> {
+        self.store
+            .put(&self.key(rel), PutPayload::from(body))
+            .await
+            .map(|_| ())
+            .map_err(self.store_err())
+    }
+}
+
+/// A table as its newest metadata file describes it.
+pub struct Table {
+    location: Location,
+    metadata: TableMetadata,
+    version: u64,
+    /// The current snapshot's manifests.
+    manifests: Vec<ManifestFile>,
+}
+
+/// What a commit changes.
+#[derive(Default)]
+pub struct Commit {
+    /// Rows to add, named as the table's columns (of lake types; cast on write).
+    pub rows: Vec<RecordBatch>,
+    /// Rows to delete: data file (fully qualified, a live file of the table) → positions.
+    pub deletes: BTreeMap<String, Vec<i64>>,
+    /// Remove every live file first (a TRUNCATE): the rows are then the whole table.
+    pub truncate: bool,
+    /// Added to the snapshot's summary (the watermark).
+    pub summary: BTreeMap<String, String>,
+}
+
+/// What a commit wrote: the new data files, with the bucket and the rows each holds
+/// (for a caller's index of where rows live).
+pub struct Committed {
+    pub snapshot_id: i64,
+    pub data_files: Vec<(String, Option<i32>, RecordBatch)>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn uuid4() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
+
+fn writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("level 1 is valid")))
+        .set_created_by(format!("walshore {}", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+fn parquet_bytes(batch: &RecordBatch) -> Result<Vec<u8>, parquet::errors::ParquetError> {
+    let mut w = ArrowWriter::try_new(Vec::new(), batch.schema(), Some(writer_properties()))?;
+    w.write(batch)?;
+    w.into_inner()
+}
+
+fn position_delete_schema() -> Arc<ArrowSchema> {
+    let id = |i: i32| HashMap::from([(PARQUET_FIELD_ID_META_KEY.to_owned(), i.to_string())]);
+    Arc::new(ArrowSchema::new(vec![
+        Field::new("file_path", DataType::Utf8, false).with_metadata(id(FILE_PATH_ID)),
+        Field::new("pos", DataType::Int64, false).with_metadata(id(POS_ID)),
+    ]))
+}
+
+impl Table {
+    /// The table at `location`, if it has been created: the newest metadata file the
+    /// hint names or that follows it.
+    pub async fn load(location: Location) -> Result<Option<Table>, TableError> {
+        let hint = match location.get("metadata/version-hint.text").await {
+            Ok(b) => b,
+            Err(TableError::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let text = String::from_utf8_lossy(&hint);
+        let mut version: u64 = text
+            .trim()
+            .parse()
+            .map_err(|_| location.invalid(format!("metadata/version-hint.text holds {text:?}, not a version")))?;
+        // A crash between a metadata file and its hint leaves the hint behind.
+        while location
+            .store
+            .head(&location.key(&format!("metadata/v{}.metadata.json", version + 1)))
+            .await
+            .is_ok()
+        {
+            version += 1;
+        }
+        let body = location.get(&format!("metadata/v{version}.metadata.json")).await?;
+        let metadata: TableMetadata = serde_json::from_slice(&body)
+            .map_err(|e| location.invalid(format!("metadata/v{version}.metadata.json: {e}")))?;
+        metadata
+            .check()
+            .map_err(|e| location.invalid(format!("metadata/v{version}.metadata.json: {e}")))?;
+        let manifests = match metadata.current_snapshot() {
+            None => Vec::new(),
+            Some(s) => {
+                let list = location.get(&s.manifest_list).await?;
+                manifest::read_manifest_list(&list).map_err(|source| TableError::Manifest {
+                    location: location.uri.clone(),
+                    source,
+                })?
+            }
+        };
+        Ok(Some(Table {
+            location,
+            metadata,
+            version,
+            manifests,
+        }))
+    }
+
+    /// A new, empty table for a change log of `lake`'s columns, partitioned by
+    /// `bucket[buckets]` of its first key column (unpartitioned when it has none that
+    /// can be bucketed).
+    pub async fn create(location: Location, lake: &LakeSchema, buckets: u32) -> Result<Table, TableError> {
+        let (schema, last_column_id) = Schema::for_lake(lake).map_err(|e| location.invalid(e.to_string()))?;
+        let source = lake
+            .columns
+            .iter()
+            .filter(|c| !c.dropped && c.key)
+            .find(|c| c.arrow_type.parse::<DataType>().is_ok_and(|t| bucketable(&t)))
+            .and_then(|c| schema.field(&c.name));
+        let fields = match source {
+            Some(f) if buckets > 1 => vec![PartitionField {
+                source_id: f.id,
+                field_id: 1000,
+                name: format!("{}_bucket", f.name),
+                transform: format!("bucket[{buckets}]"),
+            }],
+            _ => Vec::new(),
+        };
+        let last_partition_id = if fields.is_empty() { 999 } else { 1000 };
+        let properties = [
+            ("write.format.default", "parquet"),
+            ("write.parquet.compression-codec", "zstd"),
+            ("write.delete.mode", "merge-on-read"),
+            ("write.update.mode", "merge-on-read"),
+            ("write.merge.mode", "merge-on-read"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let metadata = TableMetadata {
+            format_version: 2,
+            table_uuid: uuid4(),
+            location: location.uri.trim_end_matches('/').to_owned(),
+            last_sequence_number: 0,
+            last_updated_ms: now_ms(),
+            last_column_id,
+            schemas: vec![schema],
+            current_schema_id: 0,
+            partition_specs: vec![PartitionSpec { spec_id: 0, fields }],
+            default_spec_id: 0,
+            last_partition_id,
+            properties,
+            current_snapshot_id: None,
+            snapshots: Vec::new(),
+            snapshot_log: Vec::new(),
+            metadata_log: Vec::new(),
+            sort_orders: vec![SortOrder {
+                order_id: 0,
+                fields: Vec::new(),
+            }],
+            default_sort_order_id: 0,
+            refs: BTreeMap::new(),
+        };
+        let mut table = Table {
+            location,
+            metadata,
+            version: 0,
+            manifests: Vec::new(),
+        };
+        table.publish(table.metadata.clone()).await?;
+        Ok(table)
+    }
+
+    pub fn metadata(&self) -> &TableMetadata {
+        &self.metadata
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn schema(&self) -> &Schema {
+        self.metadata.current_schema()
+    }
+
+    /// The watermark of the current snapshot: `(seq, lsn)` from its summary.
+    pub fn watermark(&self) -> Option<(u64, u64)> {
+        let s = self.metadata.current_snapshot()?;
+        Some((
+            s.summary.get(WATERMARK_SEQ)?.parse().ok()?,
+            s.summary.get(WATERMARK_LSN)?.parse().ok()?,
+        ))
+    }
+
+    /// The live entries of the current snapshot (data and position-delete files).
+    pub async fn live_files(&self) -> Result<Vec<ManifestEntry>, TableError> {
+        let mut out = Vec::new();
+        for m in &self.manifests {
+            let bytes = self.location.get(&m.path).await?;
+            let entries = manifest::read_manifest(&bytes, m).map_err(|source| TableError::Manifest {
+                location: self.location.uri.clone(),
+                source,
+            })?;
+            out.extend(entries.into_iter().filter(|e| e.status != manifest::DELETED));
+        }
+        Ok(out)
+    }
+
+    /// Writes `v{version+1}.metadata.json` unless it exists, then the hint.
+    async fn publish(&mut self, next: TableMetadata) -> Result<(), TableError> {
+        let version = self.version + 1;
+        let name = format!("metadata/v{version}.metadata.json");
+        let body = serde_json::to_vec_pretty(&next).expect("metadata serializes");
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        match self
+            .location
+            .store
+            .put_opts(&self.location.key(&name), PutPayload::from(body), opts)
+            .await
+        {
+            Ok(_) => {}
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                return Err(TableError::Conflict {
+                    location: self.location.uri.clone(),
+                    version,
+                });
+            }
+            Err(e) => return Err(self.location.store_err()(e)),
+        }
+        self.location
+            .put("metadata/version-hint.text", version.to_string().into_bytes())
+            .await?;
+        self.metadata = next;
+        self.version = version;
+        Ok(())
+    }
+
+    /// Rows grouped by bucket of the spec's source column.
+    fn by_bucket(&self, batch: &RecordBatch) -> Result<Vec<(Option<i32>, RecordBatch)>, TableError> {
+        let spec = self.metadata.default_spec();
+        let (Some(n), Some(field)) = (spec.buckets(), spec.fields.first()) else {
+            return Ok(vec![(None, batch.clone())]);
+        };
+        let schema = self.schema();
+        let name = &schema
+            .fields
+            .iter()
+            .find(|f| f.id == field.source_id)
+            .ok_or_else(|| {
+                self.location
+                    .invalid(format!("partition source {} is not a column", field.source_id))
+            })?
+            .name;
+        let column = batch
+            .column_by_name(name)
+            .ok_or_else(|| self.location.invalid(format!("rows without the key column {name}")))?;
+        let mut groups: BTreeMap<Option<i32>, Vec<u32>> = BTreeMap::new();
+        for i in 0..batch.num_rows() {
+            groups
+                .entry(bucket_of(column.as_ref(), i, n))
+                .or_default()
+                .push(i as u32);
+        }
+        groups
+            .into_iter()
+            .map(|(b, rows)| {
+                let rows = UInt32Array::from(rows);
+                let columns: Vec<ArrayRef> = batch
+                    .columns()
+                    .iter()
+                    .map(|c| arrow::compute::take(c.as_ref(), &rows, None))
+                    .collect::<Result<_, _>>()
+                    .map_err(|source| self.arrow_err(source))?;
+                RecordBatch::try_new(batch.schema(), columns)
+                    .map(|batch| (b, batch))
+                    .map_err(|source| self.arrow_err(source))
+            })
+            .collect()
+    }
+
+    fn arrow_err(&self, source: arrow::error::ArrowError) -> TableError {
+        TableError::Arrow {
+            location: self.location.uri.clone(),
+            source,
+        }
+    }
+
+    fn parquet_err(&self, source: parquet::errors::ParquetError) -> TableError {
+        TableError::Parquet {
+            location: self.location.uri.clone(),
+            source,
+        }
+    }
+
+    fn partition_dir(&self, bucket: Option<i32>) -> String {
+        match (bucket, self.metadata.default_spec().fields.first()) {
+            (Some(b), Some(f)) => format!("data/{}={b}", f.name),
+            _ => "data".into(),
+        }
+    }
+
+    /// Commits one snapshot: the rows as new data files (one a bucket), the deletes as
+    /// position-delete files (one per data file they delete from), and, for a
+    /// truncate, every live file marked deleted.
+    pub async fn commit(&mut self, c: Commit) -> Result<Committed, TableError> {
+        let snapshot_id = (rand::random::<u64>() >> 1) as i64;
+        let sequence_number = self.metadata.last_sequence_number + 1;
+        let schema = self.schema().clone();
+        let spec = self.metadata.default_spec().clone();
+        let live = if c.truncate || !c.deletes.is_empty() {
+            self.live_files().await?
+        } else {
+            Vec::new()
+        };
+
+        // Data files.
+        let mut data_entries = Vec::new();
+        let mut data_files = Vec::new();
+        let mut n = 0;
+        for rows in &c.rows {
+            let rows = schema.conform(rows).map_err(|source| self.arrow_err(source))?;
+            for (bucket, part) in self.by_bucket(&rows)? {
+                let rel = format!("{}/{snapshot_id:019}-{n}.parquet", self.partition_dir(bucket));
+                n += 1;
+                let body = parquet_bytes(&part).map_err(|source| self.parquet_err(source))?;
+                let file = DataFile {
+                    content: manifest::DATA,
+                    path: self.location.uri(&rel),
+                    partition: bucket,
+                    record_count: part.num_rows() as i64,
+                    file_size: body.len() as i64,
+                    value_counts: Vec::new(),
+                    null_value_counts: Vec::new(),
+                    lower_bounds: Vec::new(),
+                    upper_bounds: Vec::new(),
+                    referenced_data_file: None,
+                };
+                self.location.put(&rel, body).await?;
+                data_files.push((file.path.clone(), bucket, part));
+                data_entries.push(added(file));
+            }
+        }
+
+        // Position-delete files.
+        let mut delete_entries = Vec::new();
+        for (target, positions) in &c.deletes {
+            let Some(of) = live
+                .iter()
+                .find(|e| e.file.content == manifest::DATA && &e.file.path == target)
+            else {
+                return Err(self
+                    .location
+                    .invalid(format!("a delete from {target}, which is not a live data file")));
+            };
+            let mut positions = positions.clone();
+            positions.sort_unstable();
+            positions.dedup();
+            let batch = RecordBatch::try_new(
+                position_delete_schema(),
+                vec![
+                    Arc::new(StringArray::from(vec![target.as_str(); positions.len()])),
+                    Arc::new(Int64Array::from(positions.clone())),
+                ],
+            )
+            .map_err(|source| self.arrow_err(source))?;
+            let rel = format!(
+                "{}/{snapshot_id:019}-{n}-deletes.parquet",
+                self.partition_dir(of.file.partition)
+            );
+            n += 1;
+            let body = parquet_bytes(&batch).map_err(|source| self.parquet_err(source))?;
+            let file = DataFile {
+                content: manifest::POSITION_DELETES,
+                path: self.location.uri(&rel),
+                partition: of.file.partition,
+                record_count: positions.len() as i64,
+                file_size: body.len() as i64,
+                value_counts: vec![(FILE_PATH_ID, positions.len() as i64), (POS_ID, positions.len() as i64)],
+                null_value_counts: vec![(FILE_PATH_ID, 0), (POS_ID, 0)],
+                lower_bounds: vec![
+                    (FILE_PATH_ID, target.as_bytes().to_vec()),
+                    (POS_ID, positions[0].to_le_bytes().to_vec()),
+                ],
+                upper_bounds: vec![
+                    (FILE_PATH_ID, target.as_bytes().to_vec()),
+                    (POS_ID, positions[positions.len() - 1].to_le_bytes().to_vec()),
+                ],
+                referenced_data_file: Some(target.clone()),
+            };
+            self.location.put(&rel, body).await?;
+            delete_entries.push(added(file));
+        }
+
+        // Manifests: the new ones, then the old ones carried over, or, for a truncate,
+        // every live entry again as deleted.
+        let mut manifests = Vec::new();
+        let mut removed = Vec::new();
+        if c.truncate {
+            removed = live
+                .iter()
+                .map(|e| ManifestEntry {
+                    status: manifest::DELETED,
+                    snapshot_id: Some(snapshot_id),
+                    ..e.clone()
+                })
+                .collect();
+        }
+        let (removed_data, removed_deletes): (Vec<_>, Vec<_>) =
+            removed.iter().cloned().partition(|e| e.file.content == manifest::DATA);
+        let mut k = 0;
+        for (content, entries) in [
+            (manifest::DATA, [data_entries.clone(), removed_data].concat()),
+            (
+                manifest::POSITION_DELETES,
+                [delete_entries.clone(), removed_deletes].concat(),
+            ),
+        ] {
+            if entries.is_empty() {
+                continue;
+            }
+            let body =
+                manifest::write_manifest(&schema, &spec, content, &entries).map_err(|source| TableError::Manifest {
+                    location: self.location.uri.clone(),
+                    source,
+                })?;
+            let rel = format!("metadata/{snapshot_id:019}-m{k}.avro");
+            k += 1;
+            manifests.push(manifest_file(
+                self.location.uri(&rel),
+                body.len() as i64,
+                &spec,
+                content,
+                sequence_number,
+                snapshot_id,
+                &entries,
+            ));
+            self.location.put(&rel, body).await?;
+        }
+        if !c.truncate {
+            // A manifest whose every entry an older snapshot removed lists nothing live.
+            manifests.extend(
+                self.manifests
+                    .iter()
+                    .filter(|m| m.added_files_count + m.existing_files_count > 0)
+                    .cloned(),
+            );
+        }
+
+        let parent = self.metadata.current_snapshot().map(|s| s.snapshot_id);
+        let list =
+            manifest::write_manifest_list(snapshot_id, parent, sequence_number, &manifests).map_err(|source| {
+                TableError::Manifest {
+                    location: self.location.uri.clone(),
+                    source,
+                }
+            })?;
+        let list_rel = format!("metadata/snap-{snapshot_id:019}.avro");
+        self.location.put(&list_rel, list).await?;
+
+        let summary = self.summary(&c, &data_entries, &delete_entries, &removed);
+        let now = now_ms().max(self.metadata.last_updated_ms);
+        let mut next = self.metadata.clone();
+        next.last_sequence_number = sequence_number;
+        next.last_updated_ms = now;
+        next.current_snapshot_id = Some(snapshot_id);
+        next.snapshots.push(Snapshot {
+            snapshot_id,
+            parent_snapshot_id: parent,
+            sequence_number,
+            timestamp_ms: now,
+            manifest_list: self.location.uri(&list_rel),
+            summary,
+            schema_id: schema.schema_id,
+        });
+        next.snapshot_log.push(SnapshotLogEntry {
+            snapshot_id,
+            timestamp_ms: now,
+        });
+        next.metadata_log.push(MetadataLogEntry {
+            metadata_file: self.location.uri(&format!("metadata/v{}.metadata.json", self.version)),
+            timestamp_ms: self.metadata.last_updated_ms,
+        });
+        next.refs.insert(
+            "main".into(),
+            SnapshotRef {
+                snapshot_id,
+                kind: "branch".into(),
+            },
+        );
+        self.publish(next).await?;
+        self.manifests = manifests;
+        Ok(Committed {
+            snapshot_id,
+            data_files,
+        })
+    }
+
+    /// The snapshot summary: the operation, Appendix F's counts, totals carried from
+    /// the parent, and the caller's keys.
+    fn summary(
+        &self,
+        c: &Commit,
+        data: &[ManifestEntry],
+        deletes: &[ManifestEntry],
+        removed: &[ManifestEntry],
+    ) -> BTreeMap<String, String> {
+        let parent = self.metadata.current_snapshot().map(|s| &s.summary);
+        let total = |k: &str| -> i64 { parent.and_then(|s| s.get(k)).and_then(|v| v.parse().ok()).unwrap_or(0) };
+        let count = |e: &[ManifestEntry], content: i32| e.iter().filter(|e| e.file.content == content).count() as i64;
+        let rows = |e: &[ManifestEntry], content: i32| -> i64 {
+            e.iter()
+                .filter(|e| e.file.content == content)
+                .map(|e| e.file.record_count)
+                .sum()
+        };
+        let size = |e: &[ManifestEntry]| -> i64 { e.iter().map(|e| e.file.file_size).sum() };
+        let operation = match (data.is_empty(), deletes.is_empty() && removed.is_empty()) {
+            (_, true) => "append",
+            (false, false) => "overwrite",
+            (true, false) => "delete",
+        };
+        let added_records = rows(data, manifest::DATA);
+        let deleted_records = rows(removed, manifest::DATA);
+        let added_deletes = rows(deletes, manifest::POSITION_DELETES);
+        let removed_deletes = rows(removed, manifest::POSITION_DELETES);
+        let mut s: BTreeMap<String, String> = [
+            ("operation", operation.to_owned()),
+            ("added-data-files", count(data, manifest::DATA).to_string()),
+            ("deleted-data-files", count(removed, manifest::DATA).to_string()),
+            (
+                "added-delete-files",
+                count(deletes, manifest::POSITION_DELETES).to_string(),
+            ),
+            (
+                "added-position-delete-files",
+                count(deletes, manifest::POSITION_DELETES).to_string(),
+            ),
+            (
+                "removed-delete-files",
+                count(removed, manifest::POSITION_DELETES).to_string(),
+            ),
+            (
+                "removed-position-delete-files",
+                count(removed, manifest::POSITION_DELETES).to_string(),
+            ),
+            ("added-records", added_records.to_string()),
+            ("deleted-records", deleted_records.to_string()),
+            ("added-position-deletes", added_deletes.to_string()),
+            ("removed-position-deletes", removed_deletes.to_string()),
+            ("added-files-size", (size(data) + size(deletes)).to_string()),
+            ("removed-files-size", size(removed).to_string()),
+            (
+                "total-records",
+                (total("total-records") + added_records - deleted_records).to_string(),
+            ),
+            (
+                "total-files-size",
+                (total("total-files-size") + size(data) + size(deletes) - size(removed)).to_string(),
+            ),
+            (
+                "total-data-files",
+                (total("total-data-files") + count(data, manifest::DATA) - count(removed, manifest::DATA)).to_string(),
+            ),
+            (
+                "total-delete-files",
+                (total("total-delete-files") + count(deletes, manifest::POSITION_DELETES)
+                    - count(removed, manifest::POSITION_DELETES))
+                .to_string(),
+            ),
+            (
+                "total-position-deletes",
+                (total("total-position-deletes") + added_deletes - removed_deletes).to_string(),
+            ),
+            ("total-equality-deletes", "0".to_owned()),
+            ("engine-name", "walshore".to_owned()),
+            ("engine-version", env!("CARGO_PKG_VERSION").to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        s.extend(c.summary.clone());
+        s
+    }
+}
+
+fn added(file: DataFile) -> ManifestEntry {
+    ManifestEntry {
+        status: manifest::ADDED,
+        snapshot_id: None,
+        sequence_number: None,
+        file_sequence_number: None,
+        file,
+    }
+}
+
+/// The manifest list's entry for a manifest of `entries` written by this snapshot.
+fn manifest_file(
+    path: String,
+    length: i64,
+    spec: &PartitionSpec,
+    content: i32,
+    sequence_number: i64,
+    snapshot_id: i64,
+    entries: &[ManifestEntry],
+) -> ManifestFile {
+    let of = |status: i32| entries.iter().filter(move |e| e.status == status);
+    let rows = |status: i32| of(status).map(|e| e.file.record_count).sum::<i64>();
+    // The smallest data sequence number of a live entry; an added one inherits ours.
+    let min_sequence_number = entries
+        .iter()
+        .filter(|e| e.status != manifest::DELETED)
+        .map(|e| e.sequence_number.unwrap_or(sequence_number))
+        .min()
+        .unwrap_or(sequence_number);
+    let partitions = spec
+        .fields
+        .iter()
+        .map(|_| {
+            let buckets: Vec<i32> = entries.iter().filter_map(|e| e.file.partition).collect();
+            FieldSummary {
+                contains_null: entries.iter().any(|e| e.file.partition.is_none()),
+                lower_bound: buckets.iter().min().map(|b| b.to_le_bytes().to_vec()),
+                upper_bound: buckets.iter().max().map(|b| b.to_le_bytes().to_vec()),
+            }
+        })
+        .collect();
+    ManifestFile {
+        path,
+        length,
+        spec_id: spec.spec_id,
+        content,
+        sequence_number,
+        min_sequence_number,
+        added_snapshot_id: snapshot_id,
+        added_files_count: of(manifest::ADDED).count() as i32,
+        existing_files_count: of(manifest::EXISTING).count() as i32,
+        deleted_files_count: of(manifest::DELETED).count() as i32,
+        added_rows_count: rows(manifest::ADDED),
+        existing_rows_count: rows(manifest::EXISTING),
+        deleted_rows_count: rows(manifest::DELETED),
+        partitions,
+    }
+}

@@ -1,0 +1,278 @@
+//! walshore's Iceberg tables, read by two independent readers: DuckDB's iceberg
+//! extension (`iceberg_scan` by path) and pyiceberg (`StaticTable`). Each commit below is
+//! read back by both and must equal the rows the test expects: added rows, rows updated
+//! and deleted through position deletes, and a truncate.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, Decimal128Array, Int16Array, Int64Array, ListBuilder, RecordBatch, StringArray, StringBuilder,
+    TimestampMicrosecondArray,
+};
+use arrow::datatypes::{DataType, Field, Schema as ArrowSchema};
+use object_store::local::LocalFileSystem;
+use support::python_json;
+use walshore::batch::schema::{LakeColumn, LakeSchema};
+use walshore::iceberg::table::{Commit, Location, Table, WATERMARK_LSN, WATERMARK_SEQ};
+
+fn lake() -> LakeSchema {
+    let c = |name: &str, arrow_type: DataType, key: bool| LakeColumn {
+        name: name.into(),
+        arrow_type: arrow_type.to_string(),
+        pg_type_oid: 0,
+        pg_type_modifier: -1,
+        dropped: false,
+        key,
+    };
+    LakeSchema {
+        columns: vec![
+            c("id", DataType::Int64, true),
+            c("sym", DataType::Utf8, false),
+            c("px", DataType::Decimal128(18, 6), false),
+            c("qty", DataType::Int16, false),
+            c(
+                "tags",
+                DataType::List(Arc::new(Field::new("element", DataType::Utf8, true))),
+                false,
+            ),
+        ],
+    }
+}
+
+/// One row of the test table: id, sym, px (unscaled, 6 decimals), qty, tags, lsn.
+#[derive(Clone)]
+struct Row {
+    id: i64,
+    sym: String,
+    px: i128,
+    qty: i16,
+    tags: Vec<String>,
+    lsn: i64,
+}
+
+fn row(id: i64, version: i64) -> Row {
+    Row {
+        id,
+        sym: format!("S{id:03}"),
+        px: (id * 1_000_000 + version) as i128 * 10 + 5,
+        qty: (id % 7) as i16 - 3,
+        tags: (0..id % 3).map(|t| format!("t{t}")).collect(),
+        lsn: 1000 + version,
+    }
+}
+
+/// The rows as the change log would hold them (lake types, `_lsn`, `_commit_ts`).
+fn batch(rows: &[Row]) -> RecordBatch {
+    let mut tags = ListBuilder::new(StringBuilder::new());
+    for r in rows {
+        for t in &r.tags {
+            tags.values().append_value(t);
+        }
+        tags.append(!r.tags.is_empty() || r.id % 2 == 0);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.id))),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.sym.clone()))),
+        Arc::new(
+            Decimal128Array::from_iter_values(rows.iter().map(|r| r.px))
+                .with_precision_and_scale(18, 6)
+                .unwrap(),
+        ),
+        Arc::new(Int16Array::from_iter_values(rows.iter().map(|r| r.qty))),
+        Arc::new(tags.finish()),
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.lsn))),
+        Arc::new(
+            TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| 1_767_225_600_000_000 + r.lsn))
+                .with_timezone("UTC"),
+        ),
+    ];
+    let fields: Vec<Field> = ["id", "sym", "px", "qty", "tags", "_lsn", "_commit_ts"]
+        .iter()
+        .zip(&columns)
+        .map(|(n, c)| Field::new(*n, c.data_type().clone(), true))
+        .collect();
+    RecordBatch::try_new(Arc::new(ArrowSchema::new(fields)), columns).unwrap()
+}
+
+/// What a reader should print for `rows`: id, sym, px, qty, tags, _lsn as text, sorted
+/// as the reader script sorts them.
+fn expected(rows: &BTreeMap<i64, Row>) -> Vec<Vec<String>> {
+    let mut out: Vec<Vec<String>> = rows
+        .values()
+        .map(|r| {
+            let px = format!("{}.{:06}", r.px / 1_000_000, r.px % 1_000_000);
+            let tags = if r.tags.is_empty() && r.id % 2 != 0 {
+                "NULL".to_owned()
+            } else {
+                format!("[{}]", r.tags.join(", "))
+            };
+            vec![
+                r.id.to_string(),
+                r.sym.clone(),
+                px,
+                r.qty.to_string(),
+                tags,
+                r.lsn.to_string(),
+            ]
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn read(reader: &str, dir: &std::path::Path) -> Vec<Vec<String>> {
+    let table = dir.to_str().unwrap();
+    let v = python_json(
+        "read_iceberg.py",
+        &[reader, table, "id", "sym", "px", "qty", "tags", "_lsn"],
+    );
+    serde_json::from_value(v).unwrap()
+}
+
+fn assert_both_read(dir: &std::path::Path, want: &BTreeMap<i64, Row>, what: &str) {
+    let want = expected(want);
+    for reader in ["duckdb", "pyiceberg"] {
+        let got = read(reader, dir);
+        assert_eq!(got.len(), want.len(), "{reader} after {what}: row count");
+        assert_eq!(got, want, "{reader} after {what}");
+    }
+}
+
+fn watermark(seq: u64, lsn: u64) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (WATERMARK_SEQ.to_owned(), seq.to_string()),
+        (WATERMARK_LSN.to_owned(), lsn.to_string()),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inserts_updates_deletes_and_a_truncate_read_back_in_duckdb_and_pyiceberg() {
+    let lake_dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(LocalFileSystem::new_with_prefix(lake_dir.path()).unwrap());
+    let dir = lake_dir.path().join("_iceberg/public/prices");
+    let location = Location {
+        store,
+        root: "_iceberg/public/prices".into(),
+        uri: format!("file://{}", dir.display()),
+    };
+    assert!(Table::load(location.clone()).await.unwrap().is_none());
+    let mut table = Table::create(location.clone(), &lake(), 4).await.unwrap();
+    assert_eq!(table.metadata().default_spec().buckets(), Some(4));
+
+    // 1. 200 rows, spread over the four buckets.
+    let mut state: BTreeMap<i64, Row> = (0..200).map(|id| (id, row(id, 0))).collect();
+    let rows: Vec<Row> = state.values().cloned().collect();
+    let committed = table
+        .commit(Commit {
+            rows: vec![batch(&rows)],
+            summary: watermark(1, 1000),
+            ..Commit::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(committed.data_files.len(), 4, "one data file a bucket");
+    assert_both_read(&dir, &state, "the first append");
+
+    // Where each id lives: the file and its position there.
+    let mut at: BTreeMap<i64, (String, i64)> = BTreeMap::new();
+    let index = |files: &[(String, Option<i32>, RecordBatch)], at: &mut BTreeMap<i64, (String, i64)>| {
+        for (path, _, rows) in files {
+            let ids = rows.column_by_name("id").unwrap();
+            let ids = ids.as_any().downcast_ref::<Int64Array>().unwrap();
+            for (pos, id) in ids.values().iter().enumerate() {
+                at.insert(*id, (path.clone(), pos as i64));
+            }
+        }
+    };
+    index(&committed.data_files, &mut at);
+
+    // 2. Update every fifth id, delete every seventh, add ten new ones.
+    let mut deletes: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    let mut rows = Vec::new();
+    for id in (0..200).step_by(5) {
+        let (file, pos) = at[&id].clone();
+        deletes.entry(file).or_default().push(pos);
+        let r = row(id, 1);
+        state.insert(id, r.clone());
+        rows.push(r);
+    }
+    for id in (3..200).step_by(7).filter(|id| id % 5 != 0) {
+        let (file, pos) = at[&id].clone();
+        deletes.entry(file).or_default().push(pos);
+        state.remove(&id);
+    }
+    for id in 200..210 {
+        let r = row(id, 1);
+        state.insert(id, r.clone());
+        rows.push(r);
+    }
+    let committed = table
+        .commit(Commit {
+            rows: vec![batch(&rows)],
+            deletes,
+            summary: watermark(2, 1001),
+            ..Commit::default()
+        })
+        .await
+        .unwrap();
+    index(&committed.data_files, &mut at);
+    assert_both_read(&dir, &state, "updates and deletes");
+
+    // 3. Delete an updated row again (a delete of a row added in the last commit).
+    let (file, pos) = at[&10].clone();
+    state.remove(&10);
+    table
+        .commit(Commit {
+            deletes: BTreeMap::from([(file, vec![pos])]),
+            summary: watermark(3, 1002),
+            ..Commit::default()
+        })
+        .await
+        .unwrap();
+    assert_both_read(&dir, &state, "a delete only");
+
+    // A fresh load sees the same table: version, watermark and live files.
+    let loaded = Table::load(location.clone()).await.unwrap().unwrap();
+    assert_eq!(loaded.version(), table.version());
+    assert_eq!(loaded.watermark(), Some((3, 1002)));
+    let live = loaded.live_files().await.unwrap();
+    assert_eq!(live.iter().filter(|e| e.file.content == 0).count(), 8);
+    assert_eq!(live.iter().filter(|e| e.file.content == 1).count(), 5);
+
+    // 4. A truncate, then three rows.
+    let mut table = loaded;
+    state = (500..503).map(|id| (id, row(id, 9))).collect();
+    let rows: Vec<Row> = state.values().cloned().collect();
+    let after_truncate = table
+        .commit(Commit {
+            rows: vec![batch(&rows)],
+            truncate: true,
+            summary: watermark(4, 1009),
+            ..Commit::default()
+        })
+        .await
+        .unwrap();
+    assert_both_read(&dir, &state, "a truncate");
+    let s = table.metadata().current_snapshot().unwrap();
+    assert_eq!(s.summary["operation"], "overwrite");
+    assert_eq!(s.summary["total-records"], "3");
+    assert_eq!(s.summary["total-delete-files"], "0");
+
+    // The next commit leaves the truncate's all-deleted manifests behind.
+    state.insert(600, row(600, 10));
+    let last = table
+        .commit(Commit {
+            rows: vec![batch(&[row(600, 10)])],
+            summary: watermark(5, 1010),
+            ..Commit::default()
+        })
+        .await
+        .unwrap();
+    assert_both_read(&dir, &state, "an append after the truncate");
+    let live = table.live_files().await.unwrap();
+    assert_eq!(live.len(), after_truncate.data_files.len() + last.data_files.len());
+    assert!(live.iter().all(|e| e.status == 1), "only added entries are live");
+}

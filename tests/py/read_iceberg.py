@@ -1,0 +1,64 @@
+"""Reads an Iceberg table by path with an independent reader and prints its rows as JSON
+(a list of rows, each a list of values as text, sorted), as an analyst's tool sees it.
+
+  python3 tests/py/read_iceberg.py duckdb TABLE_DIR COLUMN...
+      DuckDB's iceberg extension, `iceberg_scan(TABLE_DIR)` (version-hint.text); the
+      iceberg and avro extensions are loaded by path from their PyPI packages.
+  python3 tests/py/read_iceberg.py pyiceberg TABLE_DIR COLUMN...
+      pyiceberg's StaticTable from the metadata file the hint names, scanned to Arrow.
+
+Values as text: NULL for null, decimals as written, timestamps in UTC ISO form.
+"""
+import json
+import os
+import sys
+
+
+def ext_path(module):
+    base = os.path.dirname(module.__file__)
+    for root, _dirs, files in os.walk(base):
+        for f in files:
+            if f.endswith(".duckdb_extension"):
+                return os.path.join(root, f)
+    raise SystemExit(f"no .duckdb_extension file in {base}")
+
+
+def text(v):
+    if v is None:
+        return "NULL"
+    if isinstance(v, list):
+        return "[" + ", ".join(text(x) for x in v) + "]"
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
+    return str(v)
+
+
+def read_duckdb(table, columns):
+    import duckdb
+    import duckdb_extension_avro
+    import duckdb_extension_iceberg
+
+    db = duckdb.connect(config={"allow_unsigned_extensions": "true"})
+    db.execute("SET TimeZone = 'UTC'")
+    db.execute(f"LOAD '{ext_path(duckdb_extension_avro)}'")
+    db.execute(f"LOAD '{ext_path(duckdb_extension_iceberg)}'")
+    cols = ", ".join(f'"{c}"' for c in columns)
+    return db.execute(f"SELECT {cols} FROM iceberg_scan('{table}')").fetchall()
+
+
+def read_pyiceberg(table, columns):
+    from pyiceberg.table import StaticTable
+
+    hint = open(os.path.join(table, "metadata", "version-hint.text")).read()
+    t = StaticTable.from_metadata(os.path.join(table, "metadata", f"v{hint}.metadata.json"))
+    arrow = t.scan(selected_fields=tuple(columns)).to_arrow()
+    return [tuple(row[c] for c in columns) for row in arrow.to_pylist()]
+
+
+def main():
+    reader, table, columns = sys.argv[1], sys.argv[2], sys.argv[3:]
+    rows = {"duckdb": read_duckdb, "pyiceberg": read_pyiceberg}[reader](table, columns)
+    print(json.dumps(sorted([text(v) for v in row] for row in rows)))
+
+
+main()
