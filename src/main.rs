@@ -368,7 +368,42 @@ async fn replicate(config: &std::path::Path, mode: Mode) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The Iceberg projector: beside the pipeline in `run`; after it in `sync`.
+    let mut projector = match walshore::iceberg::projector::Projector::new(&cfg) {
+        Ok(p) => p,
+        Err(e) => {
+            say!("walshore: {}", ErrorChain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let stop_projector = shutdown.child_token();
+    let projecting = match (mode, projector.take()) {
+        (Mode::Run, Some(p)) => Some(tokio::spawn(p.run(stop_projector.clone()))),
+        (_, p) => {
+            projector = p;
+            None
+        }
+    };
     let result = pipeline::run(&cfg, mode, shutdown).await;
+    let mut projection_failed = false;
+    stop_projector.cancel();
+    if let Some(task) = projecting {
+        let _ = task.await;
+    }
+    // `sync` returns once the Iceberg tables hold everything it committed.
+    if let (Ok(_), Some(p)) = (&result, projector.as_mut()) {
+        match p.catch_up().await {
+            Ok(seq) => tracing::info!(seq, "Iceberg tables hold the commit log up to this record"),
+            Err(e) => {
+                tracing::error!(error = %ErrorChain(&e), "Iceberg projection failed");
+                say!(
+                    "walshore: the change log is committed, but the Iceberg tables could not be brought up to it: {}; the next run or sync catches them up",
+                    ErrorChain(&e)
+                );
+                projection_failed = true;
+            }
+        }
+    }
     if let Some(n) = notifier {
         n.stop(NOTIFY_GRACE).await;
     }
@@ -378,7 +413,11 @@ async fn replicate(config: &std::path::Path, mode: Mode) -> ExitCode {
     match result {
         Ok(summary) => {
             tracing::info!(commits = summary.commits, files = summary.files, end_lsn = %summary.end_lsn, "stopped cleanly");
-            ExitCode::SUCCESS
+            if projection_failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Err(e) => {
             tracing::error!(error = %ErrorChain(&e), "stopped");

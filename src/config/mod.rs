@@ -155,6 +155,7 @@ struct RawConfig {
     metrics: RawMetrics,
     #[serde(default)]
     notify: RawNotify,
+    iceberg: Option<RawIceberg>,
     /// `default` and `"schema.table"` keys: how files are partitioned.
     #[serde(default)]
     partitions: std::collections::BTreeMap<String, String>,
@@ -441,6 +442,66 @@ fn metrics_config(raw: RawMetrics) -> Result<MetricsConfig, ConfigError> {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+struct RawIceberg {
+    tables: Option<Vec<String>>,
+    commit_interval: Option<String>,
+    buckets: Option<u32>,
+}
+
+/// One Iceberg snapshot per table per this interval, at most.
+pub const DEFAULT_ICEBERG_COMMIT_INTERVAL: Duration = Duration::from_secs(60);
+pub const DEFAULT_ICEBERG_BUCKETS: u32 = 16;
+
+/// `[iceberg]`: current-state Apache Iceberg tables, kept by walshore beside the change
+/// log (under `{sink.url}/_iceberg/{schema}/{table}/`).
+#[derive(Clone, Debug)]
+pub struct IcebergConfig {
+    /// `schema.table` names, or `*` for every table.
+    pub tables: Vec<String>,
+    pub commit_interval: Duration,
+    /// The partition spec: `bucket[buckets]` of the first key column.
+    pub buckets: u32,
+}
+
+impl IcebergConfig {
+    pub fn covers(&self, table: &str) -> bool {
+        self.tables.iter().any(|t| t == "*" || t == table)
+    }
+}
+
+fn iceberg_config(raw: RawIceberg) -> Result<IcebergConfig, ConfigError> {
+    let tables = raw.tables.unwrap_or_else(|| vec!["*".into()]);
+    if tables.is_empty() {
+        return Err(invalid(
+            "iceberg.tables",
+            "is empty: list \"schema.table\" names, or [\"*\"] for every table (or remove [iceberg])",
+        ));
+    }
+    for t in &tables {
+        if t != "*" && t.split('.').filter(|p| !p.is_empty()).count() != 2 {
+            return Err(invalid(
+                "iceberg.tables",
+                format!("{t:?} is neither \"*\" nor a \"schema.table\" name"),
+            ));
+        }
+    }
+    let buckets = raw.buckets.unwrap_or(DEFAULT_ICEBERG_BUCKETS);
+    if !(1..=1024).contains(&buckets) {
+        return Err(invalid("iceberg.buckets", "must be between 1 and 1024"));
+    }
+    Ok(IcebergConfig {
+        tables,
+        commit_interval: duration(
+            "iceberg.commit_interval",
+            raw.commit_interval,
+            DEFAULT_ICEBERG_COMMIT_INTERVAL,
+        )?,
+        buckets,
+    })
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct RawNotify {
     webhook: Option<String>,
     webhook_secret: Option<String>,
@@ -576,6 +637,8 @@ pub struct Config {
     pub glue: Option<GlueConfig>,
     pub metrics: MetricsConfig,
     pub notify: NotifyConfig,
+    /// `[iceberg]`, when present.
+    pub iceberg: Option<IcebergConfig>,
 }
 
 /// `[catalog]` with `kind = "glue"`.
@@ -1000,6 +1063,7 @@ impl TryFrom<RawConfig> for Config {
             glue,
             metrics: metrics_config(raw.metrics)?,
             notify: notify_config(raw.notify)?,
+            iceberg: raw.iceberg.map(iceberg_config).transpose()?,
         })
     }
 }
@@ -1037,6 +1101,34 @@ mod tests {
         assert_eq!(c.notify.queue, DEFAULT_NOTIFY_QUEUE);
         assert_eq!(c.notify.timeout, DEFAULT_NOTIFY_TIMEOUT);
         assert!(!c.notify.enabled(), "notifications are off unless a target is set");
+    }
+
+    /// The documented `[iceberg]` section, uncommented, parses to the defaults; bad
+    /// values are named.
+    #[test]
+    fn the_documented_iceberg_section_shows_the_defaults() {
+        let text = include_str!("../../config.toml");
+        let section = &text[text.find("# [iceberg]").expect("config.toml documents [iceberg]")..];
+        let uncommented: String = section
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.starts_with('[') || l.contains(" = "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = Config::parse(&format!("{MIN}\n{uncommented}")).unwrap();
+        let i = c.iceberg.expect("[iceberg] present");
+        assert_eq!(i.tables, vec!["*".to_owned()]);
+        assert_eq!(i.commit_interval, DEFAULT_ICEBERG_COMMIT_INTERVAL);
+        assert_eq!(i.buckets, DEFAULT_ICEBERG_BUCKETS);
+        assert!(Config::parse(MIN).unwrap().iceberg.is_none(), "off unless present");
+        let err = |s: &str| {
+            Config::parse(&format!("{MIN}\n[iceberg]\n{s}"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("buckets = 0").contains("iceberg.buckets"));
+        assert!(err("tables = [\"trades\"]").contains("schema.table"));
+        assert!(err("tables = []").contains("iceberg.tables"));
     }
 
     #[test]

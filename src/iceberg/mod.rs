@@ -9,7 +9,9 @@
 //! to the change log, Glue, schema evolution, compaction and expiry.
 
 pub mod bucket;
+pub mod fold;
 pub mod manifest;
 pub mod metadata;
+pub mod projector;
 pub mod schema;
 pub mod table;

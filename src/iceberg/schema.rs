@@ -219,7 +219,22 @@ impl Schema {
     /// each column cast to the type it is written as (Int16 to Int32), missing columns
     /// null.
     pub fn conform(&self, rows: &RecordBatch) -> Result<RecordBatch, arrow::error::ArrowError> {
-        let schema = self.arrow_schema();
+        self.conform_to(rows, self.arrow_schema())
+    }
+
+    /// [`Schema::conform`] with every column nullable: change-log rows, whose truncate
+    /// rows have no key.
+    pub fn conform_log(&self, rows: &RecordBatch) -> Result<RecordBatch, arrow::error::ArrowError> {
+        let strict = self.arrow_schema();
+        let fields: Vec<Field> = strict
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect();
+        self.conform_to(rows, Arc::new(ArrowSchema::new(fields)))
+    }
+
+    fn conform_to(&self, rows: &RecordBatch, schema: SchemaRef) -> Result<RecordBatch, arrow::error::ArrowError> {
         let columns: Vec<ArrayRef> = schema
             .fields()
             .iter()

@@ -332,6 +332,11 @@ impl Table {
         ))
     }
 
+    /// An object of the table by its fully qualified path (a data or delete file).
+    pub async fn read(&self, uri: &str) -> Result<Bytes, TableError> {
+        self.location.get(uri).await
+    }
+
     /// The live entries of the current snapshot (data and position-delete files).
     pub async fn live_files(&self) -> Result<Vec<ManifestEntry>, TableError> {
         let mut out = Vec::new();

@@ -1,0 +1,425 @@
+//! The projector: keeps an Iceberg table per covered lake table equal to the change log,
+//! by tailing walshore's own commit log. It is not in the slot's confirmation path: it
+//! runs beside the pipeline (`run`), lags, catches up, and `sync` waits for it at the
+//! end.
+//!
+//! Exactly once: each table's snapshot carries the commit-log record it holds
+//! (`walshore.seq`, `walshore.lsn`); a start reads it and applies the records after it.
+//! A crash before a snapshot's metadata file is written leaves the table at its
+//! previous watermark, and the records are applied again. Tables that had nothing to
+//! apply keep an older watermark; `_walshore/iceberg/progress.json` records the record
+//! up to which every table it names was current, so a start does not re-read the log
+//! from a quiet table's last change. A table whose records were pruned from the log
+//! before it caught up (or a new table, or one added to `[iceberg] tables` later) is
+//! rebuilt from the whole log.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use arrow::array::{AsArray, RecordBatch, UInt32Array};
+use arrow::datatypes::Int64Type;
+use bytes::Bytes;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use tokio_util::sync::CancellationToken;
+
+use super::fold::{FoldError, KeyIndex, fold};
+use super::schema::Schema;
+use super::table::{Location, Table, TableError, WATERMARK_LSN, WATERMARK_SEQ};
+use crate::checkpoint::{CheckpointError, CommitRecord, for_each_committed_file, read_head, read_schemas};
+use crate::config::{Config, IcebergConfig};
+use crate::sink::WrittenObject;
+
+const PROGRESS: &str = "_walshore/iceberg/progress.json";
+/// Change-log bytes folded into one commit at most while catching up: a long backlog
+/// becomes several snapshots, each at a record boundary.
+const FOLD_BUDGET: u64 = 256 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectError {
+    #[error(transparent)]
+    Table(#[from] TableError),
+    #[error("the commit log: {0}")]
+    Log(#[from] CheckpointError),
+    #[error("{key}: {source}")]
+    Store {
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("{key}: reading Parquet: {source}")]
+    Parquet {
+        key: String,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+    #[error("Iceberg table of {table}: {source}")]
+    Fold {
+        table: String,
+        #[source]
+        source: FoldError,
+    },
+    #[error("sink: {0}")]
+    Open(#[from] crate::sink::StoreError),
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Progress {
+    /// Every table in `tables` holds the commit log up to this record.
+    seq: u64,
+    tables: Vec<String>,
+}
+
+struct Projected {
+    table: Table,
+    index: KeyIndex,
+    /// The commit-log record up to which the table is current.
+    applied: u64,
+}
+
+pub struct Projector {
+    store: Arc<dyn ObjectStore>,
+    sink_uri: String,
+    cfg: IcebergConfig,
+    tables: HashMap<String, Projected>,
+    /// Tables not projected, already warned about.
+    skipped: HashSet<String>,
+    progress: Option<Progress>,
+}
+
+async fn get(store: &dyn ObjectStore, key: &Path) -> Result<Bytes, ProjectError> {
+    let err = |source| ProjectError::Store {
+        key: key.to_string(),
+        source,
+    };
+    store.get(key).await.map_err(err)?.bytes().await.map_err(err)
+}
+
+/// The batches of a Parquet object, only the named top-level columns when given.
+fn parquet_batches(key: &str, bytes: Bytes, columns: Option<&[String]>) -> Result<Vec<RecordBatch>, ProjectError> {
+    let err = |source| ProjectError::Parquet {
+        key: key.to_owned(),
+        source,
+    };
+    let mut builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(err)?;
+    if let Some(columns) = columns {
+        let indices: Vec<usize> = columns
+            .iter()
+            .filter_map(|c| builder.schema().index_of(c).ok())
+            .collect();
+        let mask = ProjectionMask::roots(builder.parquet_schema(), indices);
+        builder = builder.with_projection(mask);
+    }
+    let reader = builder.build().map_err(err)?;
+    reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(parquet::errors::ParquetError::ArrowError(e.to_string())))
+}
+
+fn concat(batches: &[RecordBatch], schema: arrow::datatypes::SchemaRef) -> Result<RecordBatch, FoldError> {
+    Ok(arrow::compute::concat_batches(&schema, batches)?)
+}
+
+impl Projector {
+    /// The projector of `cfg`'s `[iceberg]`, or None when it has none.
+    pub fn new(cfg: &Config) -> Result<Option<Projector>, ProjectError> {
+        let Some(iceberg) = &cfg.iceberg else {
+            return Ok(None);
+        };
+        Ok(Some(Projector {
+            store: crate::sink::open_store(&cfg.sink)?,
+            sink_uri: cfg.sink.url.as_str().trim_end_matches('/').to_owned(),
+            cfg: iceberg.clone(),
+            tables: HashMap::new(),
+            skipped: HashSet::new(),
+            progress: None,
+        }))
+    }
+
+    /// Where the Iceberg table of `schema.table` lives.
+    pub fn location(&self, table: &str) -> Location {
+        let rel = format!("_iceberg/{}", table.replacen('.', "/", 1));
+        Location {
+            store: self.store.clone(),
+            root: Path::from(rel.as_str()),
+            uri: format!("{}/{rel}", self.sink_uri),
+        }
+    }
+
+    /// Projects on every `commit_interval` until `stop`; a failure is logged and the
+    /// next interval tries again (from what the tables hold).
+    pub async fn run(mut self, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(self.cfg.commit_interval) => {}
+            }
+            if let Err(e) = self.catch_up().await {
+                tracing::error!(error = %crate::retry::ErrorChain(&e), "Iceberg projection failed; trying again in the next interval");
+            }
+        }
+    }
+
+    /// Brings every covered table up to the head of the commit log. Returns the record
+    /// reached.
+    pub async fn catch_up(&mut self) -> Result<u64, ProjectError> {
+        let Some(head) = read_head(self.store.as_ref()).await? else {
+            return Ok(0);
+        };
+        if self.progress.is_none() {
+            self.progress = Some(match get(self.store.as_ref(), &Path::from(PROGRESS)).await {
+                Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
+                Err(ProjectError::Store {
+                    source: object_store::Error::NotFound { .. },
+                    ..
+                }) => Progress::default(),
+                Err(e) => return Err(e),
+            });
+        }
+        let schemas = read_schemas(self.store.as_ref()).await?;
+        let mut names: Vec<&String> = schemas.keys().filter(|t| self.cfg.covers(t)).collect();
+        names.sort();
+        for name in names {
+            if self.tables.contains_key(name) || self.skipped.contains(name) {
+                continue;
+            }
+            self.open(name, &schemas[name]).await?;
+        }
+        let result = self.apply_log(&head).await;
+        if result.is_err() {
+            return result.map(|()| 0);
+        }
+        let mut tables: Vec<String> = self.tables.keys().cloned().collect();
+        tables.sort();
+        let progress = Progress { seq: head.seq, tables };
+        let body = serde_json::to_vec(&progress).expect("progress serializes");
+        self.store
+            .put(&Path::from(PROGRESS), PutPayload::from(body))
+            .await
+            .map_err(|source| ProjectError::Store {
+                key: PROGRESS.into(),
+                source,
+            })?;
+        self.progress = Some(progress);
+        Ok(head.seq)
+    }
+
+    /// Loads (or creates) the Iceberg table of `name`, and indexes its live rows.
+    async fn open(&mut self, name: &str, lake: &crate::batch::schema::LakeSchema) -> Result<(), ProjectError> {
+        let location = self.location(name);
+        let table = match Table::load(location.clone()).await? {
+            Some(t) => t,
+            None => {
+                let keyed = Schema::for_lake(lake).is_ok_and(|(s, _)| !s.identifier_field_ids.is_empty());
+                if !keyed {
+                    tracing::warn!(
+                        table = name,
+                        "not projected into Iceberg: it has no primary key walshore can identify rows by (tables keyed by every column, REPLICA IDENTITY FULL, or by a float or array column, are not supported yet)"
+                    );
+                    self.skipped.insert(name.to_owned());
+                    return Ok(());
+                }
+                Table::create(location, lake, self.cfg.buckets).await?
+            }
+        };
+        let index = self.index(name, &table).await?;
+        let progress = self.progress.as_ref().expect("loaded first");
+        let watermark = table.watermark().map_or(0, |(seq, _)| seq);
+        let applied = if watermark > 0 && progress.tables.iter().any(|t| t == name) {
+            watermark.max(progress.seq)
+        } else {
+            watermark
+        };
+        self.tables.insert(name.to_owned(), Projected { table, index, applied });
+        Ok(())
+    }
+
+    /// The key index of a table's live rows: its data files' key columns minus the
+    /// positions its delete files name.
+    async fn index(&self, name: &str, table: &Table) -> Result<KeyIndex, ProjectError> {
+        let fold_err = |source| ProjectError::Fold {
+            table: name.to_owned(),
+            source,
+        };
+        let mut index = KeyIndex::new(table.schema()).map_err(fold_err)?;
+        let live = table.live_files().await?;
+        let mut deleted: HashMap<String, HashSet<i64>> = HashMap::new();
+        for e in live
+            .iter()
+            .filter(|e| e.file.content == super::manifest::POSITION_DELETES)
+        {
+            let bytes = table.read(&e.file.path).await?;
+            for b in parquet_batches(&e.file.path, bytes, None)? {
+                let paths = b.column(0).as_string::<i32>();
+                let pos = b.column(1).as_primitive::<Int64Type>();
+                for i in 0..b.num_rows() {
+                    deleted
+                        .entry(paths.value(i).to_owned())
+                        .or_default()
+                        .insert(pos.value(i));
+                }
+            }
+        }
+        let keys = index.key_columns().to_vec();
+        let none = HashSet::new();
+        for e in live.iter().filter(|e| e.file.content == super::manifest::DATA) {
+            let bytes = table.read(&e.file.path).await?;
+            let batches = parquet_batches(&e.file.path, bytes, Some(&keys))?;
+            let Some(first) = batches.first() else { continue };
+            let rows = concat(&batches, first.schema()).map_err(fold_err)?;
+            index
+                .add_file(&e.file.path, &rows, deleted.get(&e.file.path).unwrap_or(&none))
+                .map_err(fold_err)?;
+        }
+        Ok(index)
+    }
+
+    /// Applies the commit log after each table's `applied` up to `head`.
+    async fn apply_log(&mut self, head: &CommitRecord) -> Result<(), ProjectError> {
+        if self.tables.values().all(|t| t.applied >= head.seq) {
+            return Ok(());
+        }
+        let lsn = head.end_lsn.0;
+        // Records at or below the head's `pruned` are gone: a table that needs them is
+        // rebuilt from the whole log.
+        let rebuild: Vec<String> = self
+            .tables
+            .iter()
+            .filter(|(_, t)| t.applied == 0 || t.applied < head.pruned)
+            .map(|(n, _)| n.clone())
+            .collect();
+        if !rebuild.is_empty() {
+            let mut files: BTreeMap<String, Vec<WrittenObject>> = BTreeMap::new();
+            for_each_committed_file(self.store.as_ref(), |f| {
+                if rebuild.contains(&f.table) {
+                    files.entry(f.table.clone()).or_default().push(f);
+                }
+                Ok(())
+            })
+            .await?;
+            for name in &rebuild {
+                let f = files.remove(name).unwrap_or_default();
+                tracing::info!(table = %name, files = f.len(), "building the Iceberg table from the whole change log");
+                self.apply(name, &f, (head.seq, lsn), true).await?;
+            }
+        }
+        let Some(from) = self.tables.values().map(|t| t.applied).filter(|a| *a < head.seq).min() else {
+            return Ok(());
+        };
+        let mut pending: BTreeMap<String, Vec<WrittenObject>> = BTreeMap::new();
+        let mut bytes = 0u64;
+        for seq in from + 1..=head.seq {
+            let record = crate::checkpoint::log::read_commit(self.store.as_ref(), seq)
+                .await?
+                .ok_or_else(|| CheckpointError::Corrupt {
+                    key: format!("commit record {seq}"),
+                    message: "missing below the head, above the pruned records".into(),
+                })?;
+            for f in record.files {
+                if self.tables.get(&f.table).is_some_and(|t| t.applied < seq) {
+                    bytes += f.bytes;
+                    pending.entry(f.table.clone()).or_default().push(f);
+                }
+            }
+            if bytes >= FOLD_BUDGET || seq == head.seq {
+                let at = (seq, record.end_lsn.0);
+                for (name, files) in std::mem::take(&mut pending) {
+                    self.apply(&name, &files, at, false).await?;
+                }
+                bytes = 0;
+                for t in self.tables.values_mut() {
+                    t.applied = t.applied.max(seq);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds `files` (change-log files of `name`, in commit order) into one snapshot
+    /// with the watermark `at`; `rebuild` empties the table first. On failure the
+    /// table is dropped from memory and loaded again next time.
+    async fn apply(
+        &mut self,
+        name: &str,
+        files: &[WrittenObject],
+        at: (u64, u64),
+        rebuild: bool,
+    ) -> Result<(), ProjectError> {
+        let Some(mut p) = self.tables.remove(name) else {
+            return Ok(());
+        };
+        let result = self.apply_to(&mut p, name, files, at, rebuild).await;
+        if result.is_ok() {
+            self.tables.insert(name.to_owned(), p);
+        }
+        result
+    }
+
+    async fn apply_to(
+        &self,
+        p: &mut Projected,
+        name: &str,
+        files: &[WrittenObject],
+        at: (u64, u64),
+        rebuild: bool,
+    ) -> Result<(), ProjectError> {
+        let fold_err = |source| ProjectError::Fold {
+            table: name.to_owned(),
+            source,
+        };
+        let mut batches = Vec::new();
+        for f in files {
+            let key = Path::from(f.key.as_str());
+            let bytes = get(self.store.as_ref(), &key).await?;
+            batches.extend(parquet_batches(&f.key, bytes, None)?);
+        }
+        let schema = p.table.schema().clone();
+        let folded = fold(&schema, &p.index, &batches, rebuild).map_err(fold_err)?;
+        if folded.is_empty() {
+            p.applied = at.0;
+            return Ok(());
+        }
+        // Values PostgreSQL did not send, carried forward from the table's rows.
+        let mut carried = BTreeMap::new();
+        for (path, positions) in folded.needs(&p.index) {
+            let bytes = p.table.read(&path).await?;
+            let batches = parquet_batches(&path, bytes, None)?;
+            let Some(first) = batches.first() else { continue };
+            let all = concat(&batches, first.schema()).map_err(fold_err)?;
+            let take = UInt32Array::from_iter_values(positions.iter().map(|p| *p as u32));
+            let columns = all
+                .columns()
+                .iter()
+                .map(|c| arrow::compute::take(c.as_ref(), &take, None))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| fold_err(e.into()))?;
+            let rows = RecordBatch::try_new(all.schema(), columns).map_err(|e| fold_err(e.into()))?;
+            let rows = schema.conform(&rows).map_err(|e| fold_err(e.into()))?;
+            carried.insert(path, (positions, rows));
+        }
+        let mut commit = folded.into_commit(&schema, &mut p.index, &carried).map_err(fold_err)?;
+        commit.summary = BTreeMap::from([
+            (WATERMARK_SEQ.to_owned(), at.0.to_string()),
+            (WATERMARK_LSN.to_owned(), at.1.to_string()),
+        ]);
+        let committed = p.table.commit(commit).await?;
+        for (path, _, rows) in &committed.data_files {
+            p.index.add_file(path, rows, &HashSet::new()).map_err(fold_err)?;
+        }
+        p.applied = at.0;
+        tracing::debug!(
+            table = name,
+            seq = at.0,
+            snapshot = committed.snapshot_id,
+            "Iceberg snapshot committed"
+        );
+        Ok(())
+    }
+}
+
+/// Starts the projector of `cfg` beside the pipeline (`run`): None without `[iceberg]`.
+pub fn start(cfg: &Config, stop: CancellationToken) -> Result<Option<tokio::task::JoinHandle<()>>, ProjectError> {
+    Ok(Projector::new(cfg)?.map(|p| tokio::spawn(p.run(stop))))
+}
