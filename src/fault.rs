@@ -30,6 +30,17 @@ pub const POINTS: &[&str] = &[
     "after_commit_before_confirm",
 ];
 
+/// The Iceberg projector's commit of a snapshot, in order (reached only with
+/// `[iceberg]`; `tests/iceberg.rs` crashes at each).
+pub const ICEBERG_POINTS: &[&str] = &[
+    "iceberg_after_data_files",
+    "iceberg_after_delete_files",
+    "iceberg_after_manifests",
+    "iceberg_after_manifest_list",
+    "iceberg_after_metadata",
+    "iceberg_after_commit",
+];
+
 /// A point that crashes, stops or sleeps as [`point`] does, or answers true when its
 /// spec says `fail`: the caller then fails with a transient error of its own.
 #[cfg(feature = "fault-injection")]
@@ -117,8 +128,8 @@ pub fn point(_name: &str) {}
 
 #[cfg(test)]
 mod tests {
-    /// Every `fault::point` in the source is listed in `POINTS` (so the fault test
-    /// crashes there), and every listed point exists.
+    /// Every `fault::point` in the source is listed in `POINTS` or `ICEBERG_POINTS` (so
+    /// a fault test crashes there), and every listed point exists.
     #[test]
     fn points_are_listed() {
         let mut found = std::collections::BTreeSet::new();
@@ -138,7 +149,11 @@ mod tests {
                 }
             }
         }
-        let listed: std::collections::BTreeSet<_> = super::POINTS.iter().map(|s| s.to_string()).collect();
+        let listed: std::collections::BTreeSet<_> = super::POINTS
+            .iter()
+            .chain(super::ICEBERG_POINTS)
+            .map(|s| s.to_string())
+            .collect();
         assert_eq!(found, listed);
     }
 }

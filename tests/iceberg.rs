@@ -14,7 +14,7 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema as ArrowSchema};
 use object_store::local::LocalFileSystem;
-use support::{cluster, lake_config, python_json, source_rows, sync};
+use support::{BIN, cluster, lake_config, python_json, source_rows, sync};
 use walshore::batch::schema::{LakeColumn, LakeSchema};
 use walshore::iceberg::table::{Commit, Location, Table, WATERMARK_LSN, WATERMARK_SEQ};
 
@@ -379,4 +379,53 @@ async fn sync_keeps_the_iceberg_table_equal_to_the_source() {
         .unwrap();
     sync(&config);
     assert_iceberg_equals_source(&c, &lake, "a rebuild").await;
+}
+
+/// A crash at each step of the projector's commit (`walshore::fault::ICEBERG_POINTS`):
+/// the next `sync` leaves the Iceberg table equal to the source, as both readers see it.
+#[tokio::test]
+async fn a_crash_at_every_step_of_an_iceberg_commit_leaves_the_table_exact() {
+    let cluster = cluster(&[]);
+    let c = cluster.connect("postgres").await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE prices (sym text PRIMARY KEY, px numeric(18,6), qty int, note text);
+         CREATE PUBLICATION pub FOR TABLE prices;",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = lake_config(dir.path(), &cluster, "postgres");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}\n[iceberg]\nbuckets = 2\n")).unwrap();
+    let lake = dir.path().join("lake");
+    sync(&config);
+    c.batch_execute("INSERT INTO prices SELECT 'S' || i, i, i, 'n' || i FROM generate_series(1, 100) i")
+        .await
+        .unwrap();
+    sync(&config);
+    for (round, point) in walshore::fault::ICEBERG_POINTS.iter().enumerate() {
+        // Updates (position deletes and new rows), deletes and inserts, every round.
+        c.batch_execute(&format!(
+            "UPDATE prices SET qty = qty + 1, px = px + {round} WHERE qty % 3 = {m};
+             DELETE FROM prices WHERE sym = 'S{d}';
+             INSERT INTO prices VALUES ('N{round}', {round}, {round}, NULL);",
+            m = round % 3,
+            d = 10 + round
+        ))
+        .await
+        .unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["sync", "--config", config.to_str().unwrap()])
+            .env("WALSHORE_FAULT", point)
+            .env("WALSHORE_LOG", "info")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(&format!("fault injected at {point}")),
+            "{point}: sync did not crash there (built without --features fault-injection?):\n{stderr}"
+        );
+        sync(&config);
+        assert_iceberg_equals_source(&c, &lake, point).await;
+    }
 }

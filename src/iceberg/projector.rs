@@ -405,6 +405,7 @@ impl Projector {
             (WATERMARK_LSN.to_owned(), at.1.to_string()),
         ]);
         let committed = p.table.commit(commit).await?;
+        crate::fault::point("iceberg_after_commit");
         for (path, _, rows) in &committed.data_files {
             p.index.add_file(path, rows, &HashSet::new()).map_err(fold_err)?;
         }

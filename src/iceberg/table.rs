@@ -12,7 +12,7 @@
 //! conditional put: a second writer loses, rather than overwriting), then the hint.
 //! A crash before the metadata file leaves objects no snapshot names; a crash between
 //! the metadata file and the hint leaves a hint one behind, which [`Table::load`] walks
-//! past.
+//! past and sets right.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -213,7 +213,9 @@ impl Table {
             .trim()
             .parse()
             .map_err(|_| location.invalid(format!("metadata/version-hint.text holds {text:?}, not a version")))?;
-        // A crash between a metadata file and its hint leaves the hint behind.
+        // A crash between a metadata file and its hint leaves the hint behind: walk past
+        // it, and set it right, since readers by path go by the hint alone.
+        let hinted = version;
         while location
             .store
             .head(&location.key(&format!("metadata/v{}.metadata.json", version + 1)))
@@ -221,6 +223,11 @@ impl Table {
             .is_ok()
         {
             version += 1;
+        }
+        if version != hinted {
+            location
+                .put("metadata/version-hint.text", version.to_string().into_bytes())
+                .await?;
         }
         let body = location.get(&format!("metadata/v{version}.metadata.json")).await?;
         let metadata: TableMetadata = serde_json::from_slice(&body)
@@ -375,6 +382,7 @@ impl Table {
             }
             Err(e) => return Err(self.location.store_err()(e)),
         }
+        crate::fault::point("iceberg_after_metadata");
         self.location
             .put("metadata/version-hint.text", version.to_string().into_bytes())
             .await?;
@@ -488,6 +496,7 @@ impl Table {
                 data_entries.push(added(file));
             }
         }
+        crate::fault::point("iceberg_after_data_files");
 
         // Position-delete files.
         let mut delete_entries = Vec::new();
@@ -538,6 +547,7 @@ impl Table {
             self.location.put(&rel, body).await?;
             delete_entries.push(added(file));
         }
+        crate::fault::point("iceberg_after_delete_files");
 
         // Manifests: the new ones, then the old ones carried over, or, for a truncate,
         // every live entry again as deleted.
@@ -593,6 +603,7 @@ impl Table {
                     .cloned(),
             );
         }
+        crate::fault::point("iceberg_after_manifests");
 
         let parent = self.metadata.current_snapshot().map(|s| s.snapshot_id);
         let list =
@@ -604,6 +615,7 @@ impl Table {
             })?;
         let list_rel = format!("metadata/snap-{snapshot_id:019}.avro");
         self.location.put(&list_rel, list).await?;
+        crate::fault::point("iceberg_after_manifest_list");
 
         let summary = self.summary(&c, &data_entries, &delete_entries, &removed);
         let now = now_ms().max(self.metadata.last_updated_ms);
