@@ -293,9 +293,18 @@ fn iceberg_rows(reader: &str, lake: &std::path::Path, table: &str, columns: &[&s
 }
 
 async fn assert_iceberg_equals_source(c: &tokio_postgres::Client, lake: &std::path::Path, what: &str) {
-    let want = source_rows(c, "SELECT sym, px::text, qty::text, note FROM prices").await;
+    assert_columns_equal(c, lake, what, &["sym", "px", "qty", "note"]).await;
+}
+
+async fn assert_columns_equal(c: &tokio_postgres::Client, lake: &std::path::Path, what: &str, columns: &[&str]) {
+    let select = columns
+        .iter()
+        .map(|c| format!("{c}::text"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let want = source_rows(c, &format!("SELECT {select} FROM prices")).await;
     for reader in ["duckdb", "pyiceberg"] {
-        let got = iceberg_rows(reader, lake, "prices", &["sym", "px", "qty", "note"]);
+        let got = iceberg_rows(reader, lake, "prices", columns);
         assert_eq!(got.len(), want.len(), "{reader} after {what}: row count");
         assert!(got == want, "{reader} after {what}: rows differ");
     }
@@ -371,14 +380,31 @@ async fn sync_keeps_the_iceberg_table_equal_to_the_source() {
     sync(&config);
     assert_iceberg_equals_source(&c, &lake, "a truncate").await;
 
+    // The source's columns change: one added, one widened (int to bigint), one
+    // dropped. The Iceberg schema follows; rows written before read the new column as
+    // null, as PostgreSQL shows them.
+    c.batch_execute(
+        "INSERT INTO prices VALUES ('T3', 3, 3, 'three');
+         ALTER TABLE prices ADD COLUMN venue text;
+         ALTER TABLE prices ALTER COLUMN qty TYPE bigint;
+         ALTER TABLE prices DROP COLUMN note;
+         UPDATE prices SET venue = 'XLON', qty = 5000000000 WHERE sym = 'T2';
+         INSERT INTO prices VALUES ('T4', 4, 4, 'XNYS');",
+    )
+    .await
+    .unwrap();
+    sync(&config);
+    let evolved = ["sym", "px", "qty", "venue"];
+    assert_columns_equal(&c, &lake, "columns added, widened and dropped", &evolved).await;
+
     // The table and the projector's progress removed: rebuilt from the whole log.
     std::fs::remove_dir_all(lake.join("_iceberg")).unwrap();
     std::fs::remove_file(lake.join("_walshore/iceberg/progress.json")).unwrap();
-    c.batch_execute("UPDATE prices SET note = 'three' WHERE sym = 'T2'")
+    c.batch_execute("UPDATE prices SET venue = 'XPAR' WHERE sym = 'T1'")
         .await
         .unwrap();
     sync(&config);
-    assert_iceberg_equals_source(&c, &lake, "a rebuild").await;
+    assert_columns_equal(&c, &lake, "a rebuild", &evolved).await;
 }
 
 /// A crash at each step of the projector's commit (`walshore::fault::ICEBERG_POINTS`):

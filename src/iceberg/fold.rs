@@ -14,8 +14,9 @@ use super::table::Commit;
 /// Where each live row of a table is: key → (data file, position).
 pub struct KeyIndex {
     converter: RowConverter,
-    /// The key columns, by name, in key order.
+    /// The key columns, by name, in key order, and their types in the table.
     keys: Vec<String>,
+    types: Vec<arrow::datatypes::DataType>,
     files: Vec<String>,
     file_ids: HashMap<String, u32>,
     live: HashMap<OwnedRow, (u32, u32)>,
@@ -39,16 +40,15 @@ impl KeyIndex {
             .filter_map(|id| schema.fields.iter().find(|f| f.id == *id))
             .map(|f| f.name.clone())
             .collect();
-        let fields = keys
+        let types = keys
             .iter()
-            .map(|k| {
-                let f = arrow.field_with_name(k)?;
-                Ok(SortField::new(f.data_type().clone()))
-            })
+            .map(|k| Ok(arrow.field_with_name(k)?.data_type().clone()))
             .collect::<Result<Vec<_>, arrow::error::ArrowError>>()?;
+        let fields = types.iter().map(|t| SortField::new(t.clone())).collect();
         Ok(KeyIndex {
             converter: RowConverter::new(fields)?,
             keys,
+            types,
             files: Vec::new(),
             file_ids: HashMap::new(),
             live: HashMap::new(),
@@ -69,16 +69,20 @@ impl KeyIndex {
 
     /// The keys of `batch` (conformed to the table's schema).
     fn keys_of(&self, batch: &RecordBatch) -> Result<arrow::row::Rows, FoldError> {
+        // A file written before its key column widened holds the narrower type.
         let columns: Vec<ArrayRef> = self
             .keys
             .iter()
-            .map(|k| {
-                batch
-                    .column_by_name(k)
-                    .cloned()
-                    .ok_or_else(|| FoldError::Missing(k.clone()))
+            .zip(&self.types)
+            .map(|(k, t)| {
+                let c = batch.column_by_name(k).ok_or_else(|| FoldError::Missing(k.clone()))?;
+                if c.data_type() == t {
+                    Ok(c.clone())
+                } else {
+                    Ok(arrow::compute::cast(c, t)?)
+                }
             })
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, FoldError>>()?;
         Ok(self.converter.convert_columns(&columns)?)
     }
 

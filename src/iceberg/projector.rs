@@ -182,7 +182,17 @@ impl Projector {
         let mut names: Vec<&String> = schemas.keys().filter(|t| self.cfg.covers(t)).collect();
         names.sort();
         for name in names {
-            if self.tables.contains_key(name) || self.skipped.contains(name) {
+            if self.skipped.contains(name) {
+                continue;
+            }
+            if let Some(mut p) = self.tables.remove(name) {
+                // Columns added, dropped or widened since: the schema follows, and the
+                // index is read again (a key column may have widened).
+                if p.table.evolve(&schemas[name]).await? {
+                    tracing::info!(table = %name, schema_id = p.table.schema().schema_id, "Iceberg schema evolved with the source's columns");
+                    p.index = self.index(name, &p.table).await?;
+                }
+                self.tables.insert(name.clone(), p);
                 continue;
             }
             self.open(name, &schemas[name]).await?;
@@ -210,7 +220,10 @@ impl Projector {
     async fn open(&mut self, name: &str, lake: &crate::batch::schema::LakeSchema) -> Result<(), ProjectError> {
         let location = self.location(name);
         let table = match Table::load(location.clone()).await? {
-            Some(t) => t,
+            Some(mut t) => {
+                t.evolve(lake).await?;
+                t
+            }
             None => {
                 let keyed = Schema::for_lake(lake).is_ok_and(|(s, _)| !s.identifier_field_ids.is_empty());
                 if !keyed {

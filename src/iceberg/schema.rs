@@ -109,6 +109,29 @@ fn iceberg_type(column: &str, t: &DataType, next_id: &mut i32) -> Result<Type, S
     }
 }
 
+/// Whether `from` widens to `to` as Iceberg v2 allows: int → long, float → double,
+/// decimal(p,s) → decimal(p',s) with p' > p, and the same for a list's elements.
+fn promotes(from: &Type, to: &Type) -> bool {
+    match (from, to) {
+        (Type::List(a), Type::List(b)) => {
+            a.element_id == b.element_id && (a.element == b.element || promotes(&a.element, &b.element))
+        }
+        (Type::Primitive(a), Type::Primitive(b)) => match (a.as_str(), b.as_str()) {
+            ("int", "long") | ("float", "double") => true,
+            (a, b) => match (decimal(a), decimal(b)) {
+                (Some((p1, s1)), Some((p2, s2))) => s1 == s2 && p2 > p1,
+                _ => false,
+            },
+        },
+        _ => false,
+    }
+}
+
+fn decimal(t: &str) -> Option<(u8, i8)> {
+    let (p, s) = t.strip_prefix("decimal(")?.strip_suffix(')')?.split_once(',')?;
+    Some((p.trim().parse().ok()?, s.trim().parse().ok()?))
+}
+
 /// The Arrow type an Iceberg type is written as.
 fn arrow_type(t: &Type) -> DataType {
     match t {
@@ -128,13 +151,9 @@ fn arrow_type(t: &Type) -> DataType {
             "date" => DataType::Date32,
             "timestamp" => DataType::Timestamp(TimeUnit::Microsecond, None),
             "timestamptz" => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-            decimal => {
-                let (p, s) = decimal
-                    .strip_prefix("decimal(")
-                    .and_then(|r| r.strip_suffix(')'))
-                    .and_then(|r| r.split_once(','))
-                    .unwrap_or_else(|| panic!("an Iceberg type walshore writes: {decimal}"));
-                DataType::Decimal128(p.trim().parse().unwrap(), s.trim().parse().unwrap())
+            other => {
+                let (p, s) = decimal(other).unwrap_or_else(|| panic!("an Iceberg type walshore writes: {other}"));
+                DataType::Decimal128(p, s)
             }
         },
     }
@@ -199,6 +218,71 @@ impl Schema {
             fields,
         };
         Ok((schema, next_id - 1))
+    }
+
+    /// The schema after the lake's columns changed, or None if they did not: a column
+    /// added to the source joins with new ids (after `last_column_id`, which is
+    /// returned advanced), optional, before `_lsn`; a dropped one leaves (its id is never
+    /// used again); a widened one (int → long, float → double, a decimal's precision up,
+    /// the same within a list) keeps its id with the wider type. A change Iceberg cannot
+    /// express is an error (the lake refuses those itself).
+    pub fn evolve(&self, lake: &LakeSchema, last_column_id: i32) -> Result<Option<(Schema, i32)>, SchemaError> {
+        let mut next_id = last_column_id + 1;
+        let mut fields = Vec::new();
+        for c in lake.columns.iter().filter(|c| !c.dropped) {
+            let t: DataType = c.arrow_type.parse().map_err(|_| SchemaError::Unmapped {
+                column: c.name.clone(),
+                ty: c.arrow_type.clone(),
+            })?;
+            match self.field(&c.name) {
+                Some(f) => {
+                    // Nested ids stay: map the type with the old ids, then check.
+                    let mut old_next = match &f.ty {
+                        Type::List(l) => l.element_id,
+                        Type::Primitive(_) => 0,
+                    };
+                    let ty = iceberg_type(&c.name, &t, &mut old_next)?;
+                    if ty != f.ty && !promotes(&f.ty, &ty) {
+                        return Err(SchemaError::Unmapped {
+                            column: c.name.clone(),
+                            ty: format!("{} (from {:?}: not a promotion Iceberg allows)", c.arrow_type, f.ty),
+                        });
+                    }
+                    fields.push(NestedField { ty, ..f.clone() });
+                }
+                None => {
+                    let id = next_id;
+                    next_id += 1;
+                    fields.push(NestedField {
+                        id,
+                        name: c.name.clone(),
+                        required: false,
+                        ty: iceberg_type(&c.name, &t, &mut next_id)?,
+                    });
+                }
+            }
+        }
+        for name in [LSN, COMMIT_TS] {
+            if let Some(f) = self.field(name) {
+                fields.push(f.clone());
+            }
+        }
+        if fields == self.fields {
+            return Ok(None);
+        }
+        let identifier_field_ids = self
+            .identifier_field_ids
+            .iter()
+            .copied()
+            .filter(|id| fields.iter().any(|f| f.id == *id))
+            .collect();
+        let schema = Schema {
+            kind: "struct".into(),
+            schema_id: self.schema_id + 1,
+            identifier_field_ids,
+            fields,
+        };
+        Ok(Some((schema, next_id - 1)))
     }
 
     /// The Arrow schema of this table's data files, every field with its field id.
@@ -306,6 +390,48 @@ mod tests {
             DataType::List(e) => assert_eq!(e.metadata()[PARQUET_FIELD_ID_META_KEY], "8"),
             other => panic!("{other}"),
         }
+    }
+
+    #[test]
+    fn added_dropped_and_widened_columns_evolve_the_schema() {
+        let mut lake = LakeSchema {
+            columns: vec![
+                column("id", "Int32", true),
+                column("qty", "Int16", false),
+                column("px", "Decimal128(10, 2)", false),
+                column("old", "Utf8", false),
+            ],
+        };
+        let (schema, last) = Schema::for_lake(&lake).unwrap();
+        assert_eq!(schema.evolve(&lake, last).unwrap(), None, "nothing changed");
+        lake.columns[0].arrow_type = "Int64".into();
+        lake.columns[2].arrow_type = "Decimal128(12, 2)".into();
+        lake.columns[3].dropped = true;
+        lake.columns.push(column(
+            "tags",
+            &DataType::List(Arc::new(Field::new("element", DataType::Utf8, true))).to_string(),
+            false,
+        ));
+        let (next, next_last) = schema.evolve(&lake, last).unwrap().unwrap();
+        let ids: Vec<(i32, &str)> = next.fields.iter().map(|f| (f.id, f.name.as_str())).collect();
+        assert_eq!(
+            ids,
+            [
+                (1, "id"),
+                (2, "qty"),
+                (3, "px"),
+                (7, "tags"),
+                (5, "_lsn"),
+                (6, "_commit_ts")
+            ]
+        );
+        assert_eq!(next.fields[0].ty, Type::Primitive("long".into()));
+        assert_eq!(next.fields[2].ty, Type::Primitive("decimal(12,2)".into()));
+        assert_eq!(next_last, 8, "the list's element took an id too");
+        assert_eq!(next.schema_id, 1);
+        assert_eq!(next.identifier_field_ids, [1]);
+        lake.columns[2].arrow_type = "Decimal128(12, 3)".into();
+        assert!(next.evolve(&lake, next_last).is_err(), "a scale change is no promotion");
     }
 
     #[test]

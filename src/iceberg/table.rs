@@ -339,6 +339,29 @@ impl Table {
         ))
     }
 
+    /// Evolves the table's schema to the lake's columns (a new metadata version, no
+    /// snapshot), if they changed. Returns whether they did.
+    pub async fn evolve(&mut self, lake: &LakeSchema) -> Result<bool, TableError> {
+        let evolved = self
+            .schema()
+            .evolve(lake, self.metadata.last_column_id)
+            .map_err(|e| self.location.invalid(e.to_string()))?;
+        let Some((schema, last_column_id)) = evolved else {
+            return Ok(false);
+        };
+        let mut next = self.metadata.clone();
+        next.last_updated_ms = now_ms().max(next.last_updated_ms);
+        next.current_schema_id = schema.schema_id;
+        next.last_column_id = last_column_id;
+        next.schemas.push(schema);
+        next.metadata_log.push(MetadataLogEntry {
+            metadata_file: self.location.uri(&format!("metadata/v{}.metadata.json", self.version)),
+            timestamp_ms: self.metadata.last_updated_ms,
+        });
+        self.publish(next).await?;
+        Ok(true)
+    }
+
     /// An object of the table by its fully qualified path (a data or delete file).
     pub async fn read(&self, uri: &str) -> Result<Bytes, TableError> {
         self.location.get(uri).await
