@@ -330,7 +330,8 @@ async fn sync_keeps_the_iceberg_table_equal_to_the_source() {
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
         &config,
-        format!("{text}\n[iceberg]\ncommit_interval = \"1s\"\nbuckets = 4\n"),
+        // A small fold: the backlog and the rebuild take several snapshots each.
+        format!("{text}\n[iceberg]\ncommit_interval = \"1s\"\nbuckets = 4\nmax_fold = \"4KiB\"\n"),
     )
     .unwrap();
     let lake = dir.path().join("lake");
@@ -405,6 +406,17 @@ async fn sync_keeps_the_iceberg_table_equal_to_the_source() {
         .unwrap();
     sync(&config);
     assert_columns_equal(&c, &lake, "a rebuild", &evolved).await;
+    // The rebuild took several snapshots (max_fold): all but the last unfinished.
+    let hint = std::fs::read_to_string(&hint).unwrap();
+    let metadata: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(lake.join(format!("_iceberg/public/prices/metadata/v{hint}.metadata.json"))).unwrap(),
+    )
+    .unwrap();
+    let snapshots = metadata["snapshots"].as_array().unwrap();
+    let finished = |s: &serde_json::Value| s["summary"].get("walshore.seq").is_some();
+    assert!(snapshots.len() > 2, "a rebuild in parts: {} snapshots", snapshots.len());
+    assert!(snapshots[..snapshots.len() - 1].iter().all(|s| !finished(s)));
+    assert!(finished(snapshots.last().unwrap()));
 }
 
 /// A crash at each step of the projector's commit (`walshore::fault::ICEBERG_POINTS`):

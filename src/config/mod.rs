@@ -446,11 +446,14 @@ struct RawIceberg {
     tables: Option<Vec<String>>,
     commit_interval: Option<String>,
     buckets: Option<u32>,
+    max_fold: Option<String>,
 }
 
 /// One Iceberg snapshot per table per this interval, at most.
 pub const DEFAULT_ICEBERG_COMMIT_INTERVAL: Duration = Duration::from_secs(60);
 pub const DEFAULT_ICEBERG_BUCKETS: u32 = 16;
+/// Change-log bytes folded into one snapshot at most.
+pub const DEFAULT_ICEBERG_MAX_FOLD: u64 = 256 << 20;
 
 /// `[iceberg]`: current-state Apache Iceberg tables, kept by walshore beside the change
 /// log (under `{sink.url}/_iceberg/{schema}/{table}/`).
@@ -461,6 +464,9 @@ pub struct IcebergConfig {
     pub commit_interval: Duration,
     /// The partition spec: `bucket[buckets]` of the first key column.
     pub buckets: u32,
+    /// Change-log bytes (Parquet, as stored) folded into one snapshot at most: a
+    /// backlog or a rebuild becomes several snapshots.
+    pub max_fold: u64,
 }
 
 impl IcebergConfig {
@@ -497,6 +503,7 @@ fn iceberg_config(raw: RawIceberg) -> Result<IcebergConfig, ConfigError> {
             DEFAULT_ICEBERG_COMMIT_INTERVAL,
         )?,
         buckets,
+        max_fold: size("iceberg.max_fold", raw.max_fold, DEFAULT_ICEBERG_MAX_FOLD)?,
     })
 }
 
@@ -1120,6 +1127,7 @@ mod tests {
         assert_eq!(i.tables, vec!["*".to_owned()]);
         assert_eq!(i.commit_interval, DEFAULT_ICEBERG_COMMIT_INTERVAL);
         assert_eq!(i.buckets, DEFAULT_ICEBERG_BUCKETS);
+        assert_eq!(i.max_fold, DEFAULT_ICEBERG_MAX_FOLD);
         assert!(Config::parse(MIN).unwrap().iceberg.is_none(), "off unless present");
         let err = |s: &str| {
             Config::parse(&format!("{MIN}\n[iceberg]\n{s}"))

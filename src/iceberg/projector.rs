@@ -33,9 +33,6 @@ use crate::config::{Config, IcebergConfig};
 use crate::sink::WrittenObject;
 
 const PROGRESS: &str = "_walshore/iceberg/progress.json";
-/// Change-log bytes folded into one commit at most while catching up: a long backlog
-/// becomes several snapshots, each at a record boundary.
-const FOLD_BUDGET: u64 = 256 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectError {
@@ -156,7 +153,13 @@ impl Projector {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(self.cfg.commit_interval) => {}
             }
-            if let Err(e) = self.catch_up().await {
+            // A stop cuts a projection short: whatever it had not published is folded
+            // again by the next start.
+            let result = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = self.catch_up() => r,
+            };
+            if let Err(e) = result {
                 tracing::error!(error = %crate::retry::ErrorChain(&e), "Iceberg projection failed; trying again in the next interval");
             }
         }
@@ -315,7 +318,25 @@ impl Projector {
             for name in &rebuild {
                 let f = files.remove(name).unwrap_or_default();
                 tracing::info!(table = %name, files = f.len(), "building the Iceberg table from the whole change log");
-                self.apply(name, &f, (head.seq, lsn), true).await?;
+                // In parts of `max_fold`; only the last snapshot carries the
+                // watermark, so a rebuild cut short starts over.
+                let mut parts: Vec<&[WrittenObject]> = Vec::new();
+                let (mut start, mut bytes) = (0, 0u64);
+                for (i, file) in f.iter().enumerate() {
+                    bytes += file.bytes;
+                    if bytes >= self.cfg.max_fold {
+                        parts.push(&f[start..=i]);
+                        (start, bytes) = (i + 1, 0);
+                    }
+                }
+                if start < f.len() || parts.is_empty() {
+                    parts.push(&f[start..]);
+                }
+                let last = parts.len() - 1;
+                for (i, part) in parts.into_iter().enumerate() {
+                    let at = (i == last).then_some((head.seq, lsn));
+                    self.apply(name, part, at, i == 0).await?;
+                }
             }
         }
         let Some(from) = self.tables.values().map(|t| t.applied).filter(|a| *a < head.seq).min() else {
@@ -336,10 +357,10 @@ impl Projector {
                     pending.entry(f.table.clone()).or_default().push(f);
                 }
             }
-            if bytes >= FOLD_BUDGET || seq == head.seq {
+            if bytes >= self.cfg.max_fold || seq == head.seq {
                 let at = (seq, record.end_lsn.0);
                 for (name, files) in std::mem::take(&mut pending) {
-                    self.apply(&name, &files, at, false).await?;
+                    self.apply(&name, &files, Some(at), false).await?;
                 }
                 bytes = 0;
                 for t in self.tables.values_mut() {
@@ -351,13 +372,13 @@ impl Projector {
     }
 
     /// Folds `files` (change-log files of `name`, in commit order) into one snapshot
-    /// with the watermark `at`; `rebuild` empties the table first. On failure the
-    /// table is dropped from memory and loaded again next time.
+    /// with the watermark `at` (none: a part of a rebuild); `rebuild` empties the table
+    /// first. On failure the table is dropped from memory and loaded again next time.
     async fn apply(
         &mut self,
         name: &str,
         files: &[WrittenObject],
-        at: (u64, u64),
+        at: Option<(u64, u64)>,
         rebuild: bool,
     ) -> Result<(), ProjectError> {
         let Some(mut p) = self.tables.remove(name) else {
@@ -375,7 +396,7 @@ impl Projector {
         p: &mut Projected,
         name: &str,
         files: &[WrittenObject],
-        at: (u64, u64),
+        at: Option<(u64, u64)>,
         rebuild: bool,
     ) -> Result<(), ProjectError> {
         let fold_err = |source| ProjectError::Fold {
@@ -391,7 +412,9 @@ impl Projector {
         let schema = p.table.schema().clone();
         let folded = fold(&schema, &p.index, &batches, rebuild).map_err(fold_err)?;
         if folded.is_empty() {
-            p.applied = at.0;
+            if let Some((seq, _)) = at {
+                p.applied = seq;
+            }
             return Ok(());
         }
         // Values PostgreSQL did not send, carried forward from the table's rows.
@@ -413,22 +436,21 @@ impl Projector {
             carried.insert(path, (positions, rows));
         }
         let mut commit = folded.into_commit(&schema, &mut p.index, &carried).map_err(fold_err)?;
-        commit.summary = BTreeMap::from([
-            (WATERMARK_SEQ.to_owned(), at.0.to_string()),
-            (WATERMARK_LSN.to_owned(), at.1.to_string()),
-        ]);
+        if let Some((seq, lsn)) = at {
+            commit.summary = BTreeMap::from([
+                (WATERMARK_SEQ.to_owned(), seq.to_string()),
+                (WATERMARK_LSN.to_owned(), lsn.to_string()),
+            ]);
+        }
         let committed = p.table.commit(commit).await?;
         crate::fault::point("iceberg_after_commit");
         for (path, _, rows) in &committed.data_files {
             p.index.add_file(path, rows, &HashSet::new()).map_err(fold_err)?;
         }
-        p.applied = at.0;
-        tracing::debug!(
-            table = name,
-            seq = at.0,
-            snapshot = committed.snapshot_id,
-            "Iceberg snapshot committed"
-        );
+        if let Some((seq, _)) = at {
+            p.applied = seq;
+        }
+        tracing::debug!(table = name, seq = ?at, snapshot = committed.snapshot_id, "Iceberg snapshot committed");
         Ok(())
     }
 }
