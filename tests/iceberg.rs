@@ -14,7 +14,11 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema as ArrowSchema};
 use object_store::local::LocalFileSystem;
-use support::{BIN, cluster, lake_config, python_json, source_rows, sync};
+use std::time::Duration;
+
+use support::{
+    BIN, LogOnPanic, cluster, lake_config, open_lake, python_json, source_rows, spawn_run, stop, sync, wait_until,
+};
 use walshore::batch::schema::{LakeColumn, LakeSchema};
 use walshore::iceberg::table::{Commit, Location, Table, WATERMARK_LSN, WATERMARK_SEQ};
 
@@ -466,4 +470,177 @@ async fn a_crash_at_every_step_of_an_iceberg_commit_leaves_the_table_exact() {
         sync(&config);
         assert_iceberg_equals_source(&c, &lake, point).await;
     }
+}
+
+/// The commit-log record the lake's head is at once it holds everything PostgreSQL has
+/// committed so far, then once the projector has brought every table up to it.
+async fn wait_for_projection(c: &tokio_postgres::Client, config: &std::path::Path) {
+    let lsn: walshore::lsn::Lsn = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap();
+    let store = open_lake(config);
+    let seq = std::cell::Cell::new(0);
+    wait_until(Duration::from_secs(60), "the change log to hold the changes", || {
+        let store = store.clone();
+        let seq = &seq;
+        async move {
+            match walshore::checkpoint::read_head(store.as_ref()).await.unwrap() {
+                Some(h) if h.end_lsn >= lsn => {
+                    seq.set(h.seq);
+                    true
+                }
+                _ => false,
+            }
+        }
+    })
+    .await;
+    let seq = seq.get();
+    let progress = config.parent().unwrap().join("lake/_walshore/iceberg/progress.json");
+    wait_until(Duration::from_secs(90), "the projector to reach the head", || {
+        let progress = progress.clone();
+        async move {
+            std::fs::read(&progress)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["seq"].as_u64())
+                .is_some_and(|s| s >= seq)
+        }
+    })
+    .await;
+}
+
+/// `walshore run` with `[iceberg]` projects every interval while it replicates, and a
+/// stop while it projects is clean.
+#[tokio::test]
+async fn run_projects_every_interval_while_it_replicates() {
+    let cluster = cluster(&[]);
+    let c = cluster.connect("postgres").await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE prices (sym text PRIMARY KEY, px numeric(18,6), qty int, note text);
+         CREATE PUBLICATION pub FOR TABLE prices;",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = lake_config(dir.path(), &cluster, "postgres");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}\n[iceberg]\ncommit_interval = \"1s\"\n")).unwrap();
+    let lake = dir.path().join("lake");
+    sync(&config);
+    let child = spawn_run(&config);
+    let _log = LogOnPanic::new(&child);
+    c.batch_execute("INSERT INTO prices SELECT 'S' || i, i, i, NULL FROM generate_series(1, 500) i")
+        .await
+        .unwrap();
+    wait_for_projection(&c, &config).await;
+    assert_iceberg_equals_source(&c, &lake, "inserts while running").await;
+    c.batch_execute("UPDATE prices SET qty = qty * 2 WHERE qty % 3 = 0; DELETE FROM prices WHERE qty % 5 = 0")
+        .await
+        .unwrap();
+    wait_for_projection(&c, &config).await;
+    assert_iceberg_equals_source(&c, &lake, "updates and deletes while running").await;
+    let (status, stderr) = stop(child);
+    assert!(status.success(), "walshore run stopped cleanly:\n{stderr}");
+}
+
+/// Many intervals of updates stay compact: every bucket is rewritten once it has more
+/// than 2 data files or 4 delete files, manifests are merged, and the readers still see
+/// the source.
+#[tokio::test]
+async fn many_intervals_of_updates_stay_compact() {
+    let cluster = cluster(&[]);
+    let c = cluster.connect("postgres").await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE prices (sym text PRIMARY KEY, px numeric(18,6), qty int, note text);
+         CREATE PUBLICATION pub FOR TABLE prices;",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = lake_config(dir.path(), &cluster, "postgres");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}\n[iceberg]\nbuckets = 2\n")).unwrap();
+    let lake = dir.path().join("lake");
+    sync(&config);
+    c.batch_execute("INSERT INTO prices SELECT 'S' || i, i, i, NULL FROM generate_series(1, 200) i")
+        .await
+        .unwrap();
+    sync(&config);
+    let store: Arc<dyn object_store::ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(&lake).unwrap());
+    let location = Location {
+        store,
+        root: "_iceberg/public/prices".into(),
+        uri: format!("file://{}", lake.join("_iceberg/public/prices").display()),
+    };
+    let mut replaced = 0;
+    for round in 0..14 {
+        c.batch_execute(&format!(
+            "UPDATE prices SET qty = qty + 1 WHERE qty % 4 = {m}; DELETE FROM prices WHERE sym = 'S{round}';",
+            m = round % 4
+        ))
+        .await
+        .unwrap();
+        sync(&config);
+        let table = Table::load(location.clone()).await.unwrap().unwrap();
+        let live = table.live_files().await.unwrap();
+        for bucket in [0, 1] {
+            let of = |content: i32| {
+                live.iter()
+                    .filter(|e| e.file.partition == Some(bucket) && e.file.content == content)
+                    .count()
+            };
+            assert!(of(0) <= 3, "round {round}, bucket {bucket}: {} data files", of(0));
+            assert!(of(1) <= 5, "round {round}, bucket {bucket}: {} delete files", of(1));
+        }
+        assert!(
+            table.manifests().len() <= 12,
+            "round {round}: {} manifests",
+            table.manifests().len()
+        );
+        let s = table.metadata().current_snapshot().unwrap();
+        replaced += usize::from(s.summary["operation"] == "replace");
+    }
+    assert!(replaced > 0, "a compaction took place");
+    assert_iceberg_equals_source(&c, &lake, "fourteen intervals").await;
+}
+
+/// Manifests carried from snapshot to snapshot are merged once there are more than 8:
+/// twelve one-row appends leave at most nine, and the readers see every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_are_merged_as_appends_pile_up() {
+    let lake_dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(LocalFileSystem::new_with_prefix(lake_dir.path()).unwrap());
+    let dir = lake_dir.path().join("_iceberg/public/prices");
+    let location = Location {
+        store,
+        root: "_iceberg/public/prices".into(),
+        uri: format!("file://{}", dir.display()),
+    };
+    let mut table = Table::create(location, &lake(), 16).await.unwrap();
+    let mut state = BTreeMap::new();
+    let mut most = 0;
+    for id in 0..12 {
+        state.insert(id, row(id, 0));
+        table
+            .commit(Commit {
+                rows: vec![batch(&[row(id, 0)])],
+                summary: watermark(id as u64 + 1, 1000),
+                ..Commit::default()
+            })
+            .await
+            .unwrap();
+        most = most.max(table.manifests().len());
+        assert!(
+            table.manifests().len() <= 9,
+            "after {id}: {} manifests",
+            table.manifests().len()
+        );
+    }
+    assert_eq!(most, 9, "the manifests reached the merge threshold");
+    assert_eq!(table.live_files().await.unwrap().len(), 12);
+    assert_both_read(&dir, &state, "merged manifests");
 }

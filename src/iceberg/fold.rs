@@ -232,6 +232,7 @@ impl Folded {
             rows: if rows.num_rows() > 0 { vec![rows] } else { Vec::new() },
             deletes,
             truncate: self.truncate,
+            remove: Vec::new(),
             summary: BTreeMap::new(),
         })
     }

@@ -26,13 +26,18 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tokio_util::sync::CancellationToken;
 
 use super::fold::{FoldError, KeyIndex, fold};
+use super::manifest::ManifestEntry;
 use super::schema::Schema;
-use super::table::{Location, Table, TableError, WATERMARK_LSN, WATERMARK_SEQ};
+use super::table::{Commit, Location, Table, TableError, WATERMARK_LSN, WATERMARK_SEQ};
 use crate::checkpoint::{CheckpointError, CommitRecord, for_each_committed_file, read_head, read_schemas};
 use crate::config::{Config, IcebergConfig};
 use crate::sink::WrittenObject;
 
 const PROGRESS: &str = "_walshore/iceberg/progress.json";
+/// A bucket is compacted (its live rows rewritten into one data file, its delete files
+/// dropped) once it has more data files than this, or more delete files than the next.
+const COMPACT_DATA_FILES: usize = 2;
+const COMPACT_DELETE_FILES: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectError {
@@ -83,6 +88,8 @@ pub struct Projector {
     tables: HashMap<String, Projected>,
     /// Tables not projected, already warned about.
     skipped: HashSet<String>,
+    /// Tables that took a snapshot since their last compaction check.
+    dirty: HashSet<String>,
     progress: Option<Progress>,
 }
 
@@ -131,6 +138,7 @@ impl Projector {
             cfg: iceberg.clone(),
             tables: HashMap::new(),
             skipped: HashSet::new(),
+            dirty: HashSet::new(),
             progress: None,
         }))
     }
@@ -200,10 +208,8 @@ impl Projector {
             }
             self.open(name, &schemas[name]).await?;
         }
-        let result = self.apply_log(&head).await;
-        if result.is_err() {
-            return result.map(|()| 0);
-        }
+        self.apply_log(&head).await?;
+        self.compact_dirty().await?;
         let mut tables: Vec<String> = self.tables.keys().cloned().collect();
         tables.sort();
         let progress = Progress { seq: head.seq, tables };
@@ -385,10 +391,118 @@ impl Projector {
             return Ok(());
         };
         let result = self.apply_to(&mut p, name, files, at, rebuild).await;
-        if result.is_ok() {
+        if let Ok(committed) = result {
+            if committed {
+                self.dirty.insert(name.to_owned());
+            }
             self.tables.insert(name.to_owned(), p);
         }
-        result
+        result.map(|_| ())
+    }
+
+    /// Compacts the buckets of the tables that took snapshots, where files piled up.
+    async fn compact_dirty(&mut self) -> Result<(), ProjectError> {
+        let mut dirty: Vec<String> = self.dirty.drain().collect();
+        dirty.sort();
+        for name in dirty {
+            let Some(mut p) = self.tables.remove(&name) else {
+                continue;
+            };
+            let result = self.compact(&mut p, &name).await;
+            if result.is_ok() {
+                self.tables.insert(name, p);
+            }
+            result?;
+        }
+        Ok(())
+    }
+
+    /// One `replace` snapshot that rewrites each bucket that has more than
+    /// [`COMPACT_DATA_FILES`] data files or [`COMPACT_DELETE_FILES`] delete files: its
+    /// live rows into one data file, its old data and delete files marked removed. At
+    /// most `max_fold` of data files a snapshot; the rest wait for the next interval.
+    async fn compact(&self, p: &mut Projected, name: &str) -> Result<(), ProjectError> {
+        let fold_err = |source| ProjectError::Fold {
+            table: name.to_owned(),
+            source,
+        };
+        // A rebuild under way (no watermark yet) is not compacted.
+        let Some((seq, lsn)) = p.table.watermark() else {
+            return Ok(());
+        };
+        let live = p.table.live_files().await?;
+        let mut buckets: BTreeMap<Option<i32>, (Vec<&ManifestEntry>, Vec<&ManifestEntry>)> = BTreeMap::new();
+        for e in &live {
+            let b = buckets.entry(e.file.partition).or_default();
+            if e.file.content == super::manifest::DATA {
+                b.0.push(e);
+            } else {
+                b.1.push(e);
+            }
+        }
+        let schema = p.table.schema().clone();
+        let mut rows = Vec::new();
+        let mut remove = Vec::new();
+        let mut bytes = 0u64;
+        for (_, (data, deletes)) in buckets {
+            if data.len() <= COMPACT_DATA_FILES && deletes.len() <= COMPACT_DELETE_FILES {
+                continue;
+            }
+            if bytes > 0 && bytes >= self.cfg.max_fold {
+                break;
+            }
+            let mut deleted: HashMap<String, HashSet<i64>> = HashMap::new();
+            for x in &deletes {
+                let body = p.table.read(&x.file.path).await?;
+                for b in parquet_batches(&x.file.path, body, None)? {
+                    let paths = b.column(0).as_string::<i32>();
+                    let pos = b.column(1).as_primitive::<Int64Type>();
+                    for i in 0..b.num_rows() {
+                        deleted
+                            .entry(paths.value(i).to_owned())
+                            .or_default()
+                            .insert(pos.value(i));
+                    }
+                }
+                remove.push(x.file.path.clone());
+            }
+            for d in &data {
+                bytes += d.file.file_size as u64;
+                let body = p.table.read(&d.file.path).await?;
+                let batches = parquet_batches(&d.file.path, body, None)?;
+                remove.push(d.file.path.clone());
+                let Some(first) = batches.first() else { continue };
+                let all = concat(&batches, first.schema()).map_err(fold_err)?;
+                let gone = deleted.get(&d.file.path);
+                let keep = arrow::array::BooleanArray::from_iter(
+                    (0..all.num_rows() as i64).map(|pos| Some(!gone.is_some_and(|g| g.contains(&pos)))),
+                );
+                let kept = arrow::compute::filter_record_batch(&all, &keep).map_err(|e| fold_err(e.into()))?;
+                rows.push(schema.conform(&kept).map_err(|e| fold_err(e.into()))?);
+            }
+        }
+        if remove.is_empty() {
+            return Ok(());
+        }
+        let commit = Commit {
+            rows,
+            remove,
+            summary: BTreeMap::from([
+                (WATERMARK_SEQ.to_owned(), seq.to_string()),
+                (WATERMARK_LSN.to_owned(), lsn.to_string()),
+            ]),
+            ..Commit::default()
+        };
+        let committed = p.table.commit(commit).await?;
+        for (path, _, rows) in &committed.data_files {
+            p.index.add_file(path, rows, &HashSet::new()).map_err(fold_err)?;
+        }
+        tracing::info!(
+            table = name,
+            files = committed.data_files.len(),
+            "Iceberg buckets compacted"
+        );
+        Ok(())
     }
 
     async fn apply_to(
@@ -398,7 +512,7 @@ impl Projector {
         files: &[WrittenObject],
         at: Option<(u64, u64)>,
         rebuild: bool,
-    ) -> Result<(), ProjectError> {
+    ) -> Result<bool, ProjectError> {
         let fold_err = |source| ProjectError::Fold {
             table: name.to_owned(),
             source,
@@ -415,7 +529,7 @@ impl Projector {
             if let Some((seq, _)) = at {
                 p.applied = seq;
             }
-            return Ok(());
+            return Ok(false);
         }
         // Values PostgreSQL did not send, carried forward from the table's rows.
         let mut carried = BTreeMap::new();
@@ -451,7 +565,7 @@ impl Projector {
             p.applied = seq;
         }
         tracing::debug!(table = name, seq = ?at, snapshot = committed.snapshot_id, "Iceberg snapshot committed");
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -39,6 +39,10 @@ use crate::batch::schema::LakeSchema;
 pub const WATERMARK_SEQ: &str = "walshore.seq";
 pub const WATERMARK_LSN: &str = "walshore.lsn";
 
+/// Manifests carried from snapshot to snapshot before they are merged into one a
+/// content (each commit adds up to two).
+const MERGE_AT: usize = 8;
+
 /// Position-delete columns, with the field ids the spec reserves for them.
 const FILE_PATH_ID: i32 = 2147483546;
 const POS_ID: i32 = 2147483545;
@@ -150,6 +154,8 @@ pub struct Commit {
     pub deletes: BTreeMap<String, Vec<i64>>,
     /// Remove every live file first (a TRUNCATE): the rows are then the whole table.
     pub truncate: bool,
+    /// Live files (data or delete) the snapshot removes: a compaction's rewritten ones.
+    pub remove: Vec<String>,
     /// Added to the snapshot's summary (the watermark).
     pub summary: BTreeMap<String, String>,
 }
@@ -326,6 +332,11 @@ impl Table {
         self.version
     }
 
+    /// The current snapshot's manifests.
+    pub fn manifests(&self) -> &[ManifestFile] {
+        &self.manifests
+    }
+
     pub fn schema(&self) -> &Schema {
         self.metadata.current_schema()
     }
@@ -369,16 +380,55 @@ impl Table {
 
     /// The live entries of the current snapshot (data and position-delete files).
     pub async fn live_files(&self) -> Result<Vec<ManifestEntry>, TableError> {
-        let mut out = Vec::new();
+        Ok(self
+            .manifest_entries()
+            .await?
+            .into_iter()
+            .flat_map(|(_, entries)| entries)
+            .filter(|e| e.status != manifest::DELETED)
+            .collect())
+    }
+
+    /// The current snapshot's manifests, each with its entries.
+    async fn manifest_entries(&self) -> Result<Vec<(ManifestFile, Vec<ManifestEntry>)>, TableError> {
+        let mut out = Vec::with_capacity(self.manifests.len());
         for m in &self.manifests {
             let bytes = self.location.get(&m.path).await?;
             let entries = manifest::read_manifest(&bytes, m).map_err(|source| TableError::Manifest {
                 location: self.location.uri.clone(),
                 source,
             })?;
-            out.extend(entries.into_iter().filter(|e| e.status != manifest::DELETED));
+            out.push((m.clone(), entries));
         }
         Ok(out)
+    }
+
+    /// Writes a manifest of `entries` for this snapshot and returns its list entry.
+    async fn write_manifest(
+        &self,
+        rel: String,
+        content: i32,
+        entries: &[ManifestEntry],
+        sequence_number: i64,
+        snapshot_id: i64,
+    ) -> Result<ManifestFile, TableError> {
+        let spec = self.metadata.default_spec();
+        let body =
+            manifest::write_manifest(self.schema(), spec, content, entries).map_err(|source| TableError::Manifest {
+                location: self.location.uri.clone(),
+                source,
+            })?;
+        let listed = manifest_file(
+            self.location.uri(&rel),
+            body.len() as i64,
+            spec,
+            content,
+            sequence_number,
+            snapshot_id,
+            entries,
+        );
+        self.location.put(&rel, body).await?;
+        Ok(listed)
     }
 
     /// Writes `v{version+1}.metadata.json` unless it exists, then the hint.
@@ -485,12 +535,30 @@ impl Table {
         let snapshot_id = (rand::random::<u64>() >> 1) as i64;
         let sequence_number = self.metadata.last_sequence_number + 1;
         let schema = self.schema().clone();
-        let spec = self.metadata.default_spec().clone();
-        let live = if c.truncate || !c.deletes.is_empty() {
-            self.live_files().await?
+        // The current entries, when a removal, a delete or a merge needs them.
+        let carried_manifests = self
+            .manifests
+            .iter()
+            .filter(|m| m.added_files_count + m.existing_files_count > 0)
+            .count();
+        let merge = carried_manifests > MERGE_AT;
+        let current = if c.truncate || !c.deletes.is_empty() || !c.remove.is_empty() || merge {
+            self.manifest_entries().await?
         } else {
             Vec::new()
         };
+        let live: Vec<ManifestEntry> = current
+            .iter()
+            .flat_map(|(_, e)| e)
+            .filter(|e| e.status != manifest::DELETED)
+            .cloned()
+            .collect();
+        let remove: std::collections::HashSet<&str> = c.remove.iter().map(String::as_str).collect();
+        if let Some(gone) = c.remove.iter().find(|p| !live.iter().any(|e| &e.file.path == *p)) {
+            return Err(self
+                .location
+                .invalid(format!("a removal of {gone}, which is not a live file")));
+        }
 
         // Data files.
         let mut data_entries = Vec::new();
@@ -572,23 +640,27 @@ impl Table {
         }
         crate::fault::point("iceberg_after_delete_files");
 
-        // Manifests: the new ones, then the old ones carried over, or, for a truncate,
-        // every live entry again as deleted.
-        let mut manifests = Vec::new();
-        let mut removed = Vec::new();
-        if c.truncate {
-            removed = live
-                .iter()
-                .map(|e| ManifestEntry {
-                    status: manifest::DELETED,
-                    snapshot_id: Some(snapshot_id),
-                    ..e.clone()
-                })
-                .collect();
-        }
+        // Manifests: the new ones (added files, and removed ones marked deleted); the
+        // old ones carried over as they are, or written again without what this
+        // snapshot removes (their other entries as existing), or all merged into one a
+        // content once there are more than MERGE_AT; none after a truncate.
+        let removed: Vec<ManifestEntry> = live
+            .iter()
+            .filter(|e| c.truncate || remove.contains(e.file.path.as_str()))
+            .map(|e| ManifestEntry {
+                status: manifest::DELETED,
+                snapshot_id: Some(snapshot_id),
+                ..e.clone()
+            })
+            .collect();
         let (removed_data, removed_deletes): (Vec<_>, Vec<_>) =
             removed.iter().cloned().partition(|e| e.file.content == manifest::DATA);
+        let mut manifests = Vec::new();
         let mut k = 0;
+        let mut rel = || {
+            k += 1;
+            format!("metadata/{snapshot_id:019}-m{}.avro", k - 1)
+        };
         for (content, entries) in [
             (manifest::DATA, [data_entries.clone(), removed_data].concat()),
             (
@@ -596,35 +668,45 @@ impl Table {
                 [delete_entries.clone(), removed_deletes].concat(),
             ),
         ] {
-            if entries.is_empty() {
-                continue;
+            if !entries.is_empty() {
+                manifests.push(
+                    self.write_manifest(rel(), content, &entries, sequence_number, snapshot_id)
+                        .await?,
+                );
             }
-            let body =
-                manifest::write_manifest(&schema, &spec, content, &entries).map_err(|source| TableError::Manifest {
-                    location: self.location.uri.clone(),
-                    source,
-                })?;
-            let rel = format!("metadata/{snapshot_id:019}-m{k}.avro");
-            k += 1;
-            manifests.push(manifest_file(
-                self.location.uri(&rel),
-                body.len() as i64,
-                &spec,
-                content,
-                sequence_number,
-                snapshot_id,
-                &entries,
-            ));
-            self.location.put(&rel, body).await?;
         }
         if !c.truncate {
-            // A manifest whose every entry an older snapshot removed lists nothing live.
-            manifests.extend(
-                self.manifests
-                    .iter()
-                    .filter(|m| m.added_files_count + m.existing_files_count > 0)
-                    .cloned(),
-            );
+            let mut rewrite: [Vec<ManifestEntry>; 2] = [Vec::new(), Vec::new()];
+            let loaded: HashMap<&str, &Vec<ManifestEntry>> =
+                current.iter().map(|(m, e)| (m.path.as_str(), e)).collect();
+            for m in &self.manifests {
+                // A manifest whose every entry an older snapshot removed lists nothing live.
+                if m.added_files_count + m.existing_files_count == 0 {
+                    continue;
+                }
+                let entries = loaded.get(m.path.as_str());
+                let touched = entries.is_some_and(|e| e.iter().any(|e| remove.contains(e.file.path.as_str())));
+                match entries {
+                    Some(entries) if touched || merge => rewrite[m.content as usize].extend(
+                        entries
+                            .iter()
+                            .filter(|e| e.status != manifest::DELETED && !remove.contains(e.file.path.as_str()))
+                            .map(|e| ManifestEntry {
+                                status: manifest::EXISTING,
+                                ..e.clone()
+                            }),
+                    ),
+                    _ => manifests.push(m.clone()),
+                }
+            }
+            for (content, entries) in [manifest::DATA, manifest::POSITION_DELETES].into_iter().zip(rewrite) {
+                if !entries.is_empty() {
+                    manifests.push(
+                        self.write_manifest(rel(), content, &entries, sequence_number, snapshot_id)
+                            .await?,
+                    );
+                }
+            }
         }
         crate::fault::point("iceberg_after_manifests");
 
@@ -697,10 +779,15 @@ impl Table {
                 .sum()
         };
         let size = |e: &[ManifestEntry]| -> i64 { e.iter().map(|e| e.file.file_size).sum() };
-        let operation = match (data.is_empty(), deletes.is_empty() && removed.is_empty()) {
-            (_, true) => "append",
-            (false, false) => "overwrite",
-            (true, false) => "delete",
+        let operation = if !c.remove.is_empty() && !c.truncate && deletes.is_empty() {
+            // A compaction: the same rows in fewer files.
+            "replace"
+        } else {
+            match (data.is_empty(), deletes.is_empty() && removed.is_empty()) {
+                (_, true) => "append",
+                (false, false) => "overwrite",
+                (true, false) => "delete",
+            }
         };
         let added_records = rows(data, manifest::DATA);
         let deleted_records = rows(removed, manifest::DATA);
