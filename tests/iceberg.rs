@@ -470,6 +470,51 @@ async fn a_crash_at_every_step_of_an_iceberg_commit_leaves_the_table_exact() {
         sync(&config);
         assert_iceberg_equals_source(&c, &lake, point).await;
     }
+
+    // Expiry: with a retention of a second, every older snapshot goes, and with it
+    // every file only they reached and every file the crashes left behind.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}snapshot_retention = \"1s\"\n")).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sync(&config);
+    assert_iceberg_equals_source(&c, &lake, "expiry").await;
+    let store: Arc<dyn object_store::ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(&lake).unwrap());
+    let table_dir = lake.join("_iceberg/public/prices");
+    let location = Location {
+        store,
+        root: "_iceberg/public/prices".into(),
+        uri: format!("file://{}", table_dir.display()),
+    };
+    let table = Table::load(location).await.unwrap().unwrap();
+    assert_eq!(
+        table.metadata().snapshots.len(),
+        1,
+        "only the current snapshot is retained"
+    );
+    let mut want: Vec<String> = table
+        .live_files()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.file.path)
+        .collect();
+    want.push(table.metadata().current_snapshot().unwrap().manifest_list.clone());
+    want.extend(table.manifests().iter().map(|m| m.path.clone()));
+    want.sort();
+    let mut got = Vec::new();
+    let mut dirs = vec![table_dir.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if !p.to_str().unwrap().ends_with(".metadata.json") && !p.ends_with("version-hint.text") {
+                got.push(format!("file://{}", p.display()));
+            }
+        }
+    }
+    got.sort();
+    assert_eq!(got, want, "the table holds exactly what its snapshot reaches");
 }
 
 /// The commit-log record the lake's head is at once it holds everything PostgreSQL has

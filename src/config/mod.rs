@@ -447,6 +447,7 @@ struct RawIceberg {
     commit_interval: Option<String>,
     buckets: Option<u32>,
     max_fold: Option<String>,
+    snapshot_retention: Option<String>,
 }
 
 /// One Iceberg snapshot per table per this interval, at most.
@@ -454,6 +455,8 @@ pub const DEFAULT_ICEBERG_COMMIT_INTERVAL: Duration = Duration::from_secs(60);
 pub const DEFAULT_ICEBERG_BUCKETS: u32 = 16;
 /// Change-log bytes folded into one snapshot at most.
 pub const DEFAULT_ICEBERG_MAX_FOLD: u64 = 256 << 20;
+/// Snapshots (and files only they reach) are kept this long.
+pub const DEFAULT_ICEBERG_SNAPSHOT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 /// `[iceberg]`: current-state Apache Iceberg tables, kept by walshore beside the change
 /// log (under `{sink.url}/_iceberg/{schema}/{table}/`).
@@ -467,6 +470,9 @@ pub struct IcebergConfig {
     /// Change-log bytes (Parquet, as stored) folded into one snapshot at most: a
     /// backlog or a rebuild becomes several snapshots.
     pub max_fold: u64,
+    /// Snapshots older than this expire (never the current one); files no retained
+    /// snapshot reaches are deleted once this old.
+    pub snapshot_retention: Duration,
 }
 
 impl IcebergConfig {
@@ -504,6 +510,11 @@ fn iceberg_config(raw: RawIceberg) -> Result<IcebergConfig, ConfigError> {
         )?,
         buckets,
         max_fold: size("iceberg.max_fold", raw.max_fold, DEFAULT_ICEBERG_MAX_FOLD)?,
+        snapshot_retention: duration(
+            "iceberg.snapshot_retention",
+            raw.snapshot_retention,
+            DEFAULT_ICEBERG_SNAPSHOT_RETENTION,
+        )?,
     })
 }
 
@@ -1128,6 +1139,7 @@ mod tests {
         assert_eq!(i.commit_interval, DEFAULT_ICEBERG_COMMIT_INTERVAL);
         assert_eq!(i.buckets, DEFAULT_ICEBERG_BUCKETS);
         assert_eq!(i.max_fold, DEFAULT_ICEBERG_MAX_FOLD);
+        assert_eq!(i.snapshot_retention, DEFAULT_ICEBERG_SNAPSHOT_RETENTION);
         assert!(Config::parse(MIN).unwrap().iceberg.is_none(), "off unless present");
         let err = |s: &str| {
             Config::parse(&format!("{MIN}\n[iceberg]\n{s}"))

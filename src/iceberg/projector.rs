@@ -79,6 +79,8 @@ struct Projected {
     index: KeyIndex,
     /// The commit-log record up to which the table is current.
     applied: u64,
+    /// When its snapshots were last expired.
+    expired_at: Option<std::time::Instant>,
 }
 
 pub struct Projector {
@@ -210,6 +212,7 @@ impl Projector {
         }
         self.apply_log(&head).await?;
         self.compact_dirty().await?;
+        self.expire_due().await?;
         let mut tables: Vec<String> = self.tables.keys().cloned().collect();
         tables.sort();
         let progress = Progress { seq: head.seq, tables };
@@ -254,7 +257,15 @@ impl Projector {
         } else {
             watermark
         };
-        self.tables.insert(name.to_owned(), Projected { table, index, applied });
+        self.tables.insert(
+            name.to_owned(),
+            Projected {
+                table,
+                index,
+                applied,
+                expired_at: None,
+            },
+        );
         Ok(())
     }
 
@@ -398,6 +409,34 @@ impl Projector {
             self.tables.insert(name.to_owned(), p);
         }
         result.map(|_| ())
+    }
+
+    /// Expires each table's old snapshots and deletes what nothing reaches: at most
+    /// once an hour (or once a retention, when that is shorter).
+    async fn expire_due(&mut self) -> Result<(), ProjectError> {
+        let every = self.cfg.snapshot_retention.min(std::time::Duration::from_secs(3600));
+        let mut names: Vec<String> = self.tables.keys().cloned().collect();
+        names.sort();
+        for name in names {
+            let p = self.tables.get_mut(&name).expect("listed");
+            if p.expired_at.is_some_and(|t| t.elapsed() < every) {
+                continue;
+            }
+            match p.table.expire(self.cfg.snapshot_retention).await {
+                Ok((snapshots, objects)) => {
+                    p.expired_at = Some(std::time::Instant::now());
+                    if snapshots + objects > 0 {
+                        tracing::info!(table = %name, snapshots, objects, "Iceberg snapshots expired and unreachable files deleted");
+                    }
+                }
+                Err(e) => {
+                    // Loaded again next time: the failure may have come after a publish.
+                    self.tables.remove(&name);
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Compacts the buckets of the tables that took snapshots, where files piled up.

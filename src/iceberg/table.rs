@@ -14,7 +14,9 @@
 //! the metadata file and the hint leaves a hint one behind, which [`Table::load`] walks
 //! past and sets right.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use futures::TryStreamExt;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, UInt32Array};
@@ -42,6 +44,10 @@ pub const WATERMARK_LSN: &str = "walshore.lsn";
 /// Manifests carried from snapshot to snapshot before they are merged into one a
 /// content (each commit adds up to two).
 const MERGE_AT: usize = 8;
+
+/// Metadata files (versions) kept behind the current one; older ones are deleted once
+/// they are older than the snapshot retention.
+pub const KEEP_METADATA: usize = 16;
 
 /// Position-delete columns, with the field ids the spec reserves for them.
 const FILE_PATH_ID: i32 = 2147483546;
@@ -371,6 +377,101 @@ impl Table {
         });
         self.publish(next).await?;
         Ok(true)
+    }
+
+    /// Expires the snapshots older than `retention` (never the current one), then
+    /// deletes what no retained snapshot reaches and is older than `retention`: the
+    /// expired snapshots' manifest lists, manifests and files, and files a crashed
+    /// commit left behind. Metadata files beyond the last [`KEEP_METADATA`] versions
+    /// go too. Returns the snapshots expired and the objects deleted.
+    pub async fn expire(&mut self, retention: std::time::Duration) -> Result<(usize, usize), TableError> {
+        let now = now_ms();
+        let cutoff = now - retention.as_millis() as i64;
+        let current = self.metadata.current_snapshot_id;
+        let kept: Vec<Snapshot> = self
+            .metadata
+            .snapshots
+            .iter()
+            .filter(|s| Some(s.snapshot_id) == current || s.timestamp_ms >= cutoff)
+            .cloned()
+            .collect();
+        let expired = self.metadata.snapshots.len() - kept.len();
+        if expired > 0 || self.metadata.metadata_log.len() > KEEP_METADATA {
+            let mut next = self.metadata.clone();
+            next.last_updated_ms = now.max(next.last_updated_ms);
+            next.snapshot_log
+                .retain(|e| kept.iter().any(|s| s.snapshot_id == e.snapshot_id));
+            next.snapshots = kept;
+            next.metadata_log.push(MetadataLogEntry {
+                metadata_file: self.location.uri(&format!("metadata/v{}.metadata.json", self.version)),
+                timestamp_ms: self.metadata.last_updated_ms,
+            });
+            let excess = next.metadata_log.len().saturating_sub(KEEP_METADATA);
+            next.metadata_log.drain(..excess);
+            self.publish(next).await?;
+        }
+        // What the retained snapshots reach.
+        let mut reachable: HashSet<String> = HashSet::new();
+        for snapshot in &self.metadata.snapshots {
+            reachable.insert(snapshot.manifest_list.clone());
+            let list = self.location.get(&snapshot.manifest_list).await?;
+            let manifests = manifest::read_manifest_list(&list).map_err(|source| TableError::Manifest {
+                location: self.location.uri.clone(),
+                source,
+            })?;
+            for m in manifests {
+                if !reachable.insert(m.path.clone()) {
+                    continue;
+                }
+                let body = self.location.get(&m.path).await?;
+                let entries = manifest::read_manifest(&body, &m).map_err(|source| TableError::Manifest {
+                    location: self.location.uri.clone(),
+                    source,
+                })?;
+                reachable.extend(
+                    entries
+                        .into_iter()
+                        .filter(|e| e.status != manifest::DELETED)
+                        .map(|e| e.file.path),
+                );
+            }
+        }
+        let prefix = format!("{}/", self.location.root);
+        let objects: Vec<object_store::ObjectMeta> = self
+            .location
+            .store
+            .list(Some(&self.location.root))
+            .try_collect()
+            .await
+            .map_err(self.location.store_err())?;
+        let mut gone = Vec::new();
+        for o in objects {
+            let key = o.location.to_string();
+            let Some(rel) = key.strip_prefix(&prefix) else { continue };
+            if o.last_modified.timestamp_millis() >= cutoff || rel == "metadata/version-hint.text" {
+                continue;
+            }
+            let old_metadata = rel
+                .strip_prefix("metadata/v")
+                .and_then(|r| r.strip_suffix(".metadata.json"))
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(|v| v + (KEEP_METADATA as u64) < self.version);
+            let unreachable = match old_metadata {
+                Some(old) => old,
+                None => !reachable.contains(&self.location.uri(rel)),
+            };
+            if unreachable {
+                gone.push(o.location);
+            }
+        }
+        let deleted = gone.len();
+        for key in gone {
+            match self.location.store.delete(&key).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.location.store_err()(e)),
+            }
+        }
+        Ok((expired, deleted))
     }
 
     /// An object of the table by its fully qualified path (a data or delete file).
