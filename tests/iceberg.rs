@@ -17,7 +17,8 @@ use object_store::local::LocalFileSystem;
 use std::time::Duration;
 
 use support::{
-    BIN, LogOnPanic, cluster, lake_config, open_lake, python_json, source_rows, spawn_run, stop, sync, wait_until,
+    BIN, LogOnPanic, Moto, SinkKind, cluster, lake_config, open_lake, python_json, set_fake_aws_env, source_rows,
+    spawn_run, stop, sync, wait_until, write_config,
 };
 use walshore::batch::schema::{LakeColumn, LakeSchema};
 use walshore::iceberg::table::{Commit, Location, Table, WATERMARK_LSN, WATERMARK_SEQ};
@@ -688,4 +689,78 @@ async fn manifests_are_merged_as_appends_pile_up() {
     assert_eq!(most, 9, "the manifests reached the merge threshold");
     assert_eq!(table.live_files().await.unwrap().len(), 12);
     assert_both_read(&dir, &state, "merged manifests");
+}
+
+/// With `[catalog] kind = "glue"`, the Iceberg table is registered in Glue under the
+/// analyst's name (`prices`), replacing the current-state view walshore kept there
+/// before `[iceberg]`, and each sync moves it forward: pyiceberg's GlueCatalog loads
+/// it by name from the S3 test server and reads the source's rows.
+#[tokio::test]
+async fn glue_names_the_iceberg_table_as_the_analyst_knows_it() {
+    set_fake_aws_env();
+    let moto = Moto::start("lake");
+    let cluster = cluster(&[]);
+    let c = cluster.connect("postgres").await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE prices (sym text PRIMARY KEY, px numeric(18,6), qty int, note text);
+         CREATE PUBLICATION pub FOR TABLE prices;",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = SinkKind::S3 {
+        moto: &moto,
+        bucket: "lake",
+        prefix: "cdc",
+    };
+    let config = write_config(
+        dir.path(),
+        &cluster.url("postgres", "postgres"),
+        "pub",
+        "walshore",
+        &s3,
+        "",
+        "",
+    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    let catalog = format!(
+        "\n[catalog]\nkind = \"glue\"\ndatabase = \"trading\"\nendpoint = \"{}\"\ncreate_views = true\n",
+        moto.endpoint()
+    );
+    std::fs::write(&config, format!("{text}{catalog}")).unwrap();
+    sync(&config);
+    c.batch_execute("INSERT INTO prices SELECT 'S' || i, i, i, NULL FROM generate_series(1, 50) i")
+        .await
+        .unwrap();
+    sync(&config);
+    let glue_rows = || {
+        let v = python_json(
+            "read_iceberg.py",
+            &["glue", &moto.endpoint(), "trading.prices", "sym", "px", "qty", "note"],
+        );
+        let rows: Vec<Vec<String>> = serde_json::from_value(v).unwrap();
+        let mut rows: Vec<Vec<Option<String>>> = rows
+            .into_iter()
+            .map(|r| r.into_iter().map(|v| (v != "NULL").then_some(v)).collect())
+            .collect();
+        rows.sort();
+        rows
+    };
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}\n[iceberg]\nbuckets = 4\n")).unwrap();
+    c.batch_execute("UPDATE prices SET qty = 0 WHERE qty % 2 = 0")
+        .await
+        .unwrap();
+    sync(&config);
+    let select = "SELECT sym, px::text, qty::text, note FROM prices";
+    assert_eq!(
+        glue_rows(),
+        source_rows(&c, select).await,
+        "the Iceberg table in place of the view"
+    );
+    c.batch_execute("DELETE FROM prices WHERE qty = 0; INSERT INTO prices VALUES ('NEW', 1, 1, 'n')")
+        .await
+        .unwrap();
+    sync(&config);
+    assert_eq!(glue_rows(), source_rows(&c, select).await, "Glue moved forward");
 }

@@ -265,6 +265,20 @@ fn owned(t: &aws_sdk_glue::types::Table, name: &str, qualified: &str) -> Result<
     })
 }
 
+/// The Hive type Glue shows for an Iceberg type (engines read the metadata's own).
+fn iceberg_hive_type(t: &crate::iceberg::schema::Type) -> String {
+    use crate::iceberg::schema::Type;
+    match t {
+        Type::List(l) => format!("array<{}>", iceberg_hive_type(&l.element)),
+        Type::Primitive(p) => match p.as_str() {
+            "long" => "bigint".into(),
+            "timestamptz" => "timestamp".into(),
+            "uuid" | "time" => "string".into(),
+            other => other.to_owned(),
+        },
+    }
+}
+
 fn column(name: &str, ty: &str) -> Column {
     Column::builder().name(name).r#type(ty).build().expect("name is set")
 }
@@ -306,6 +320,9 @@ pub struct Catalog {
     create_views: bool,
     /// `catalog.partition_projection`.
     projection: bool,
+    /// `[iceberg]`: the tables it covers are an Iceberg table under the analyst's
+    /// name, instead of a current-state view.
+    iceberg: Option<crate::config::IcebergConfig>,
 }
 
 impl Catalog {
@@ -339,7 +356,128 @@ impl Catalog {
             database_ready: false,
             create_views: cfg.create_views,
             projection: cfg.partition_projection,
+            iceberg: None,
         }
+    }
+
+    /// The same catalog, leaving the analyst's name of the tables `iceberg` covers to
+    /// their Iceberg table ([`Catalog::point_iceberg`]): no current-state view there.
+    pub fn with_iceberg(mut self, iceberg: Option<crate::config::IcebergConfig>) -> Catalog {
+        self.iceberg = iceberg;
+        self
+    }
+
+    /// Registers (or moves forward) the Glue table of `qualified`'s Iceberg table,
+    /// under the analyst's name ([`view_name`]): `table_type = ICEBERG` and
+    /// `metadata_location`, as Athena and Glue's Iceberg readers expect. An update
+    /// passes the `VersionId` it read (Glue's optimistic lock) and skips Glue's archived
+    /// version (one a minute would reach Glue's limit of versions in 70 days). A
+    /// current-state view walshore made there before is replaced; anything else that
+    /// is not walshore's is an error.
+    pub async fn point_iceberg(
+        &mut self,
+        qualified: &str,
+        location: &str,
+        metadata_location: &str,
+        schema: &crate::iceberg::schema::Schema,
+    ) -> Result<(), CatalogError> {
+        self.ensure_database().await?;
+        let name = view_name(qualified);
+        let columns: Vec<Column> = schema
+            .fields
+            .iter()
+            .map(|f| {
+                Column::builder()
+                    .name(&f.name)
+                    .r#type(iceberg_hive_type(&f.ty))
+                    .parameters("iceberg.field.id", f.id.to_string())
+                    .parameters("iceberg.field.optional", (!f.required).to_string())
+                    .parameters("iceberg.field.current", "true")
+                    .build()
+                    .expect("name is set")
+            })
+            .collect();
+        let input = |previous: Option<&str>| {
+            let mut b = TableInput::builder()
+                .name(&name)
+                .description(format!(
+                    "Current state of PostgreSQL table {qualified}: an Apache Iceberg table kept by walshore"
+                ))
+                .table_type("EXTERNAL_TABLE")
+                .parameters("table_type", "ICEBERG")
+                .parameters("metadata_location", metadata_location)
+                .parameters("walshore_version", env!("CARGO_PKG_VERSION"))
+                .parameters("walshore_source_table", qualified)
+                .storage_descriptor(
+                    StorageDescriptor::builder()
+                        .location(location)
+                        .set_columns(Some(columns.clone()))
+                        .build(),
+                );
+            if let Some(p) = previous {
+                b = b.parameters("previous_metadata_location", p);
+            }
+            b.build().expect("name is set")
+        };
+        let existing = self.get_table(&name).await?;
+        let Some(t) = existing else {
+            return match self
+                .client
+                .create_table()
+                .database_name(&self.database)
+                .table_input(input(None))
+                .send()
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(table = %name, database = %self.database, "registered the Iceberg table in Glue");
+                    Ok(())
+                }
+                Err(e) => Err(glue_err("CreateTable", &name, e)),
+            };
+        };
+        owned(&t, &name, qualified)?;
+        let params = t.parameters();
+        let current = params.and_then(|p| p.get("metadata_location")).map(String::as_str);
+        let iceberg = params
+            .and_then(|p| p.get("table_type"))
+            .is_some_and(|v| v.eq_ignore_ascii_case("iceberg"));
+        if iceberg && current == Some(metadata_location) {
+            return Ok(());
+        }
+        if !iceberg {
+            // Our current-state view from before `[iceberg]`: the table takes its name.
+            self.client
+                .delete_table()
+                .database_name(&self.database)
+                .name(&name)
+                .send()
+                .await
+                .map_err(|e| glue_err("DeleteTable", &name, e))?;
+            self.client
+                .create_table()
+                .database_name(&self.database)
+                .table_input(input(None))
+                .send()
+                .await
+                .map_err(|e| glue_err("CreateTable", &name, e))?;
+            tracing::info!(table = %name, database = %self.database, "the Iceberg table replaced the current-state view in Glue");
+            return Ok(());
+        }
+        let mut update = self
+            .client
+            .update_table()
+            .database_name(&self.database)
+            .table_input(input(current))
+            .skip_archive(true);
+        if let Some(v) = t.version_id() {
+            update = update.version_id(v);
+        }
+        update
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| glue_err("UpdateTable", &name, e))
     }
 
     pub fn database(&self) -> &str {
@@ -606,7 +744,7 @@ impl Catalog {
                 }
             }
         }
-        if self.create_views {
+        if self.create_views && !self.iceberg.as_ref().is_some_and(|i| i.covers(qualified)) {
             self.upsert_view(qualified, schema).await?;
         }
         self.tables.insert(qualified.to_owned(), wanted);

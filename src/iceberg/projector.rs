@@ -65,6 +65,8 @@ pub enum ProjectError {
     },
     #[error("sink: {0}")]
     Open(#[from] crate::sink::StoreError),
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
 }
 
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -81,6 +83,8 @@ struct Projected {
     applied: u64,
     /// When its snapshots were last expired.
     expired_at: Option<std::time::Instant>,
+    /// The metadata version Glue was last pointed at.
+    pointed: Option<u64>,
 }
 
 pub struct Projector {
@@ -93,6 +97,9 @@ pub struct Projector {
     /// Tables that took a snapshot since their last compaction check.
     dirty: HashSet<String>,
     progress: Option<Progress>,
+    /// `[catalog] kind = "glue"`: each table is registered under the analyst's name.
+    glue: Option<Config>,
+    catalog: Option<crate::catalog::Catalog>,
 }
 
 async fn get(store: &dyn ObjectStore, key: &Path) -> Result<Bytes, ProjectError> {
@@ -142,6 +149,8 @@ impl Projector {
             skipped: HashSet::new(),
             dirty: HashSet::new(),
             progress: None,
+            glue: cfg.glue.is_some().then(|| cfg.clone()),
+            catalog: None,
         }))
     }
 
@@ -213,6 +222,7 @@ impl Projector {
         self.apply_log(&head).await?;
         self.compact_dirty().await?;
         self.expire_due().await?;
+        self.point_glue().await?;
         let mut tables: Vec<String> = self.tables.keys().cloned().collect();
         tables.sort();
         let progress = Progress { seq: head.seq, tables };
@@ -264,6 +274,7 @@ impl Projector {
                 index,
                 applied,
                 expired_at: None,
+                pointed: None,
             },
         );
         Ok(())
@@ -409,6 +420,36 @@ impl Projector {
             self.tables.insert(name.to_owned(), p);
         }
         result.map(|_| ())
+    }
+
+    /// Points each table's Glue entry at its current metadata file, when it moved.
+    async fn point_glue(&mut self) -> Result<(), ProjectError> {
+        let Some(cfg) = &self.glue else {
+            return Ok(());
+        };
+        if self.catalog.is_none() {
+            let glue = cfg.glue.as_ref().expect("glue is set");
+            self.catalog = Some(crate::catalog::Catalog::open(glue, &cfg.sink, &cfg.partitions).await);
+        }
+        let catalog = self.catalog.as_mut().expect("opened");
+        let mut names: Vec<String> = self.tables.keys().cloned().collect();
+        names.sort();
+        for name in names {
+            let p = self.tables.get_mut(&name).expect("listed");
+            if p.pointed == Some(p.table.version()) || p.table.metadata().current_snapshot().is_none() {
+                continue;
+            }
+            catalog
+                .point_iceberg(
+                    &name,
+                    p.table.location_uri(),
+                    &p.table.metadata_location(),
+                    p.table.schema(),
+                )
+                .await?;
+            p.pointed = Some(p.table.version());
+        }
+        Ok(())
     }
 
     /// Expires each table's old snapshots and deletes what nothing reaches: at most

@@ -338,6 +338,16 @@ impl Table {
         self.version
     }
 
+    /// The table's location, fully qualified.
+    pub fn location_uri(&self) -> &str {
+        self.location.uri.trim_end_matches('/')
+    }
+
+    /// The current metadata file, fully qualified.
+    pub fn metadata_location(&self) -> String {
+        self.location.uri(&format!("metadata/v{}.metadata.json", self.version))
+    }
+
     /// The current snapshot's manifests.
     pub fn manifests(&self) -> &[ManifestFile] {
         &self.manifests

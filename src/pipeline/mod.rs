@@ -289,7 +289,11 @@ async fn run_once(
     };
     let (run_id, writer) = process.run_id();
     let catalog = match &cfg.glue {
-        Some(g) => Some(crate::catalog::Catalog::open(g, &cfg.sink, &cfg.partitions).await),
+        Some(g) => Some(
+            crate::catalog::Catalog::open(g, &cfg.sink, &cfg.partitions)
+                .await
+                .with_iceberg(cfg.iceberg.clone()),
+        ),
         None => None,
     };
     let sink = Arc::new(Sink::new(store, &cfg.sink, &writer));
