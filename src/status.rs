@@ -105,6 +105,11 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Value> {
         Some(g) => catalog_status(cfg, g, store.as_ref()).await,
         None => Value::Null,
     };
+    let iceberg = match (&cfg.iceberg, &head) {
+        (Some(_), Some(h)) => iceberg_status(cfg, h).await,
+        (Some(_), None) => json!({}),
+        (None, _) => Value::Null,
+    };
     Ok(json!({
         "sink": cfg.sink.url.to_string(),
         "publication": cfg.source.publication,
@@ -114,7 +119,65 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Value> {
         "copies_waiting": copies_waiting,
         "last_verify": last_verify,
         "catalog": catalog,
+        "iceberg": iceberg,
     }))
+}
+
+/// Each covered table's Iceberg table: its version, snapshots, watermark, how many
+/// commit records it is behind the head, and its live files.
+async fn iceberg_status(cfg: &Config, head: &crate::checkpoint::CommitRecord) -> Value {
+    let projector = match crate::iceberg::projector::Projector::new(cfg) {
+        Ok(Some(p)) => p,
+        Ok(None) => return Value::Null,
+        Err(e) => return json!({ "error": e.to_string() }),
+    };
+    let progress = projector.progress_seq().await;
+    let mut out = serde_json::Map::new();
+    for name in head
+        .tables
+        .keys()
+        .filter(|t| cfg.iceberg.as_ref().is_some_and(|i| i.covers(t)))
+    {
+        let location = projector.location(name);
+        let uri = location.uri.clone();
+        let value = match crate::iceberg::table::Table::load(location).await {
+            Ok(None) => json!({ "location": uri, "exists": false }),
+            Err(e) => json!({ "location": uri, "error": e.to_string() }),
+            Ok(Some(t)) => {
+                let watermark = t.watermark().map(|(seq, _)| seq);
+                let held = match (watermark, &progress) {
+                    (Some(w), Some((p, listed))) if listed.contains(name) => w.max(*p),
+                    (w, _) => w.unwrap_or(0),
+                };
+                let files = |content: i32| -> i64 {
+                    t.manifests()
+                        .iter()
+                        .filter(|m| m.content == content)
+                        .map(|m| i64::from(m.added_files_count + m.existing_files_count))
+                        .sum()
+                };
+                let current = t.metadata().current_snapshot();
+                json!({
+                    "location": uri,
+                    "version": t.version(),
+                    "snapshots": t.metadata().snapshots.len(),
+                    "watermark_seq": watermark,
+                    "behind_commits": head.seq.saturating_sub(held),
+                    "data_files": files(crate::iceberg::manifest::DATA),
+                    "delete_files": files(crate::iceberg::manifest::POSITION_DELETES),
+                    // Rows in data files less the positions deleted (each deleted once).
+                    "rows": current.and_then(|s| {
+                        let n = |k: &str| s.summary.get(k).and_then(|v| v.parse::<i64>().ok());
+                        Some(n("total-records")? - n("total-position-deletes")?)
+                    }),
+                    "last_snapshot": current.map(|s| micros_to_rfc3339(s.timestamp_ms * 1000)),
+                    "last_operation": current.and_then(|s| s.summary.get("operation")),
+                })
+            }
+        };
+        out.insert(name.clone(), value);
+    }
+    Value::Object(out)
 }
 
 /// The last `walshore verify`: when, at which point, and what it found.

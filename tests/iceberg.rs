@@ -17,8 +17,8 @@ use object_store::local::LocalFileSystem;
 use std::time::Duration;
 
 use support::{
-    BIN, LogOnPanic, Moto, SinkKind, cluster, lake_config, open_lake, python_json, set_fake_aws_env, source_rows,
-    spawn_run, stop, sync, wait_until, write_config,
+    BIN, LogOnPanic, Moto, SinkKind, cluster, free_port, lake_config, open_lake, python_json, scrape, set_fake_aws_env,
+    source_rows, spawn_run, stop, sync, wait_until, write_config,
 };
 use walshore::batch::schema::{LakeColumn, LakeSchema};
 use walshore::iceberg::table::{Commit, Location, Table, WATERMARK_LSN, WATERMARK_SEQ};
@@ -368,6 +368,13 @@ async fn sync_keeps_the_iceberg_table_equal_to_the_source() {
     .unwrap();
     sync(&config);
     assert_iceberg_equals_source(&c, &lake, "a second sync").await;
+    // `walshore status` shows the table caught up, with its rows and files.
+    let status = support::status(&config);
+    let iceberg = &status["iceberg"]["public.prices"];
+    assert_eq!(iceberg["behind_commits"], 0, "{status}");
+    let rows = source_rows(&c, "SELECT count(*)::text FROM prices").await;
+    assert_eq!(iceberg["rows"].to_string(), rows[0][0].clone().unwrap(), "{status}");
+    assert!(iceberg["data_files"].as_i64().unwrap() >= 1, "{status}");
     let hint = lake.join("_iceberg/public/prices/metadata/version-hint.text");
     let version = std::fs::read_to_string(&hint).unwrap();
 
@@ -574,7 +581,12 @@ async fn run_projects_every_interval_while_it_replicates() {
     let dir = tempfile::tempdir().unwrap();
     let config = lake_config(dir.path(), &cluster, "postgres");
     let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("{text}\n[iceberg]\ncommit_interval = \"1s\"\n")).unwrap();
+    let port = free_port();
+    std::fs::write(
+        &config,
+        format!("{text}\n[iceberg]\ncommit_interval = \"1s\"\n\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
     let lake = dir.path().join("lake");
     sync(&config);
     let child = spawn_run(&config);
@@ -589,6 +601,23 @@ async fn run_projects_every_interval_while_it_replicates() {
         .unwrap();
     wait_for_projection(&c, &config).await;
     assert_iceberg_equals_source(&c, &lake, "updates and deletes while running").await;
+    // The projector's gauges: caught up, files live, snapshots kept, a recent pass.
+    let m = scrape(port);
+    let table = "table=\"public.prices\"";
+    let get = |name: &str| {
+        m.iter()
+            .find(|(k, _)| k.starts_with(name) && (k.contains(table) || !k.contains('{')))
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("{name} is not exported: {m:?}"))
+    };
+    assert_eq!(get("walshore_iceberg_behind_commits"), 0.0);
+    assert!(get("walshore_iceberg_live_files") >= 1.0);
+    assert!(get("walshore_iceberg_snapshots") >= 2.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(now - get("walshore_iceberg_projected_timestamp_seconds") < 60.0);
     let (status, stderr) = stop(child);
     assert!(status.success(), "walshore run stopped cleanly:\n{stderr}");
 }

@@ -93,7 +93,7 @@ fn glue_err<E: ProvideErrorMetadata + std::error::Error + 'static>(
     let retry = crate::retry::of_aws(code.as_deref());
     let busy = crate::retry::is_aws_busy(code.as_deref());
     let hint = if crate::retry::is_aws_auth(code.as_deref()) {
-        "; check walshore's AWS credentials, and allow glue:GetDatabase, glue:CreateDatabase, glue:GetTable, glue:CreateTable, glue:UpdateTable, glue:GetPartitions and glue:BatchCreatePartition on the catalog, the database and its tables for its identity"
+        "; check walshore's AWS credentials, and allow glue:GetDatabase, glue:CreateDatabase, glue:GetTable, glue:CreateTable, glue:UpdateTable, glue:GetPartitions and glue:BatchCreatePartition (and glue:DeleteTable with [iceberg]) on the catalog, the database and its tables for its identity"
     } else {
         ""
     };

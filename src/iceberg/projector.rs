@@ -154,6 +154,14 @@ impl Projector {
         }))
     }
 
+    /// The projector's progress record: the commit-log record every table it lists
+    /// holds (`status`).
+    pub async fn progress_seq(&self) -> Option<(u64, Vec<String>)> {
+        let body = get(self.store.as_ref(), &Path::from(PROGRESS)).await.ok()?;
+        let p: Progress = serde_json::from_slice(&body).ok()?;
+        Some((p.seq, p.tables))
+    }
+
     /// Where the Iceberg table of `schema.table` lives.
     pub fn location(&self, table: &str) -> Location {
         let rel = format!("_iceberg/{}", table.replacen('.', "/", 1));
@@ -180,6 +188,9 @@ impl Projector {
             };
             if let Err(e) = result {
                 tracing::error!(error = %crate::retry::ErrorChain(&e), "Iceberg projection failed; trying again in the next interval");
+                if crate::telemetry::enabled() {
+                    metrics::counter!(crate::telemetry::names::ICEBERG_ERRORS).increment(1);
+                }
             }
         }
     }
@@ -219,10 +230,12 @@ impl Projector {
             }
             self.open(name, &schemas[name]).await?;
         }
+        self.gauge_behind(head.seq);
         self.apply_log(&head).await?;
         self.compact_dirty().await?;
         self.expire_due().await?;
         self.point_glue().await?;
+        self.gauge_tables(head.seq);
         let mut tables: Vec<String> = self.tables.keys().cloned().collect();
         tables.sort();
         let progress = Progress { seq: head.seq, tables };
@@ -422,6 +435,47 @@ impl Projector {
         result.map(|_| ())
     }
 
+    /// How far behind the head each table is, before it catches up.
+    fn gauge_behind(&self, head: u64) {
+        if !crate::telemetry::enabled() {
+            return;
+        }
+        for (name, p) in &self.tables {
+            metrics::gauge!(crate::telemetry::names::ICEBERG_BEHIND, "table" => name.clone())
+                .set(head.saturating_sub(p.applied) as f64);
+        }
+    }
+
+    /// Each table's gauges once it has caught up.
+    fn gauge_tables(&self, head: u64) {
+        use crate::telemetry::names::*;
+        if !crate::telemetry::enabled() {
+            return;
+        }
+        for (name, p) in &self.tables {
+            let table = name.clone();
+            metrics::gauge!(ICEBERG_BEHIND, "table" => table.clone()).set(head.saturating_sub(p.applied) as f64);
+            for (content, label) in [
+                (super::manifest::DATA, "data"),
+                (super::manifest::POSITION_DELETES, "deletes"),
+            ] {
+                let live: i64 = p
+                    .table
+                    .manifests()
+                    .iter()
+                    .filter(|m| m.content == content)
+                    .map(|m| i64::from(m.added_files_count + m.existing_files_count))
+                    .sum();
+                metrics::gauge!(ICEBERG_FILES, "table" => table.clone(), "content" => label).set(live as f64);
+            }
+            metrics::gauge!(ICEBERG_SNAPSHOTS, "table" => table).set(p.table.metadata().snapshots.len() as f64);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        metrics::gauge!(ICEBERG_PROJECTED).set(now);
+    }
+
     /// Points each table's Glue entry at its current metadata file, when it moved.
     async fn point_glue(&mut self) -> Result<(), ProjectError> {
         let Some(cfg) = &self.glue else {
@@ -582,6 +636,9 @@ impl Projector {
             files = committed.data_files.len(),
             "Iceberg buckets compacted"
         );
+        if crate::telemetry::enabled() {
+            metrics::counter!(crate::telemetry::names::ICEBERG_COMPACTIONS, "table" => name.to_owned()).increment(1);
+        }
         Ok(())
     }
 

@@ -62,6 +62,12 @@ pub mod names {
     pub const VERIFY_FINISHED: &str = "walshore_verify_finished_timestamp_seconds";
     pub const VERIFY_TABLES: &str = "walshore_verify_tables";
     pub const HOUSEKEEPING_ERRORS: &str = "walshore_housekeeping_errors_total";
+    pub const ICEBERG_PROJECTED: &str = "walshore_iceberg_projected_timestamp_seconds";
+    pub const ICEBERG_BEHIND: &str = "walshore_iceberg_behind_commits";
+    pub const ICEBERG_FILES: &str = "walshore_iceberg_live_files";
+    pub const ICEBERG_SNAPSHOTS: &str = "walshore_iceberg_snapshots";
+    pub const ICEBERG_COMPACTIONS: &str = "walshore_iceberg_compactions_total";
+    pub const ICEBERG_ERRORS: &str = "walshore_iceberg_errors_total";
 
     /// Every name above (docs and the dashboard are checked against it).
     pub const ALL: &[&str] = &[
@@ -103,6 +109,12 @@ pub mod names {
         VERIFY_FINISHED,
         VERIFY_TABLES,
         HOUSEKEEPING_ERRORS,
+        ICEBERG_PROJECTED,
+        ICEBERG_BEHIND,
+        ICEBERG_FILES,
+        ICEBERG_SNAPSHOTS,
+        ICEBERG_COMPACTIONS,
+        ICEBERG_ERRORS,
     ];
 }
 
@@ -380,6 +392,28 @@ fn describe() {
     describe_counter!(
         HOUSEKEEPING_ERRORS,
         "housekeeping passes that failed (sweep of other writers' files, folding, pruning); each is tried again at the next interval"
+    );
+    describe_gauge!(
+        ICEBERG_PROJECTED,
+        Unit::Seconds,
+        "when the Iceberg projector last brought every table up to the head of the commit log"
+    );
+    describe_gauge!(
+        ICEBERG_BEHIND,
+        "commit records the Iceberg table did not hold yet when the projector last looked (0 once it caught up)"
+    );
+    describe_gauge!(
+        ICEBERG_FILES,
+        "live files of the Iceberg table, per content (data, deletes)"
+    );
+    describe_gauge!(ICEBERG_SNAPSHOTS, "snapshots the Iceberg table's metadata keeps");
+    describe_counter!(
+        ICEBERG_COMPACTIONS,
+        "compactions of the Iceberg table (replace snapshots)"
+    );
+    describe_counter!(
+        ICEBERG_ERRORS,
+        "Iceberg projections that failed (each tried again the next commit_interval)"
     );
 }
 

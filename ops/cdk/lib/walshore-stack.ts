@@ -193,6 +193,8 @@ export class WalshoreStack extends Stack {
           'glue:GetTable',
           'glue:CreateTable',
           'glue:UpdateTable',
+          // With [iceberg]: the Iceberg table replaces the current-state view of its name.
+          'glue:DeleteTable',
           'glue:GetPartitions',
           'glue:BatchCreatePartition',
         ],
