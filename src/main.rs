@@ -47,6 +47,20 @@ enum ReportFormat {
 }
 
 #[derive(Subcommand)]
+enum IcebergAction {
+    /// Build a table's Iceberg table again from the whole change log, in one snapshot
+    /// that replaces every file it had (readers see the old state until then). Safe
+    /// beside a running walshore: whichever commits second stops and tries again.
+    Rebuild {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The table, as schema.table.
+        #[arg(long)]
+        table: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Replicate continuously until SIGINT/SIGTERM; then finish the open flush, commit
     /// it, confirm it to PostgreSQL and exit 0.
@@ -122,6 +136,11 @@ enum Command {
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// The current-state Iceberg tables ([iceberg]).
+    Iceberg {
+        #[command(subcommand)]
+        action: IcebergAction,
+    },
     /// Print Athena SQL for the lake: a CREATE VIEW with the current state of every
     /// replicated table (over its Glue change-log table), and example queries for the
     /// demo's trading schema.
@@ -189,6 +208,35 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Run { config } => replicate(&config, Mode::Run).await,
         Command::Sync { config } => replicate(&config, Mode::Sync).await,
+        Command::Iceberg {
+            action: IcebergAction::Rebuild { config, table },
+        } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let mut projector = match walshore::iceberg::projector::Projector::new(&cfg) {
+                Ok(Some(p)) => p,
+                Ok(None) => {
+                    say!("walshore: the config has no [iceberg] section: there is no Iceberg table to rebuild");
+                    return ExitCode::from(2);
+                }
+                Err(e) => {
+                    say!("walshore: {}", ErrorChain(&e));
+                    return ExitCode::from(2);
+                }
+            };
+            match projector.rebuild(&table).await {
+                Ok(seq) => {
+                    println!("rebuilt the Iceberg table of {table} from the change log up to commit record {seq}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    say!("walshore: iceberg rebuild {table}: {}", ErrorChain(&e));
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Check { config } => {
             let cfg = match load(&config) {
                 Ok(c) => c,

@@ -429,6 +429,35 @@ async fn sync_keeps_the_iceberg_table_equal_to_the_source() {
     assert!(snapshots.len() > 2, "a rebuild in parts: {} snapshots", snapshots.len());
     assert!(snapshots[..snapshots.len() - 1].iter().all(|s| !finished(s)));
     assert!(finished(snapshots.last().unwrap()));
+
+    // `walshore iceberg rebuild` replaces every file in place; a wrong name is refused.
+    let version = std::fs::read_to_string(lake.join("_iceberg/public/prices/metadata/version-hint.text")).unwrap();
+    let out = support::walshore(&[
+        "iceberg",
+        "rebuild",
+        "--config",
+        config.to_str().unwrap(),
+        "--table",
+        "public.prices",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_columns_equal(&c, &lake, "walshore iceberg rebuild", &evolved).await;
+    let after = std::fs::read_to_string(lake.join("_iceberg/public/prices/metadata/version-hint.text")).unwrap();
+    assert_eq!(
+        after.parse::<u64>().unwrap(),
+        version.parse::<u64>().unwrap() + 1,
+        "one snapshot replaces the table whole (readers never see it part-built)"
+    );
+    let out = support::walshore(&[
+        "iceberg",
+        "rebuild",
+        "--config",
+        config.to_str().unwrap(),
+        "--table",
+        "prices",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("schema.table"));
 }
 
 /// A crash at each step of the projector's commit (`walshore::fault::ICEBERG_POINTS`):

@@ -67,6 +67,8 @@ pub enum ProjectError {
     Open(#[from] crate::sink::StoreError),
     #[error(transparent)]
     Catalog(#[from] crate::catalog::CatalogError),
+    #[error("{0}")]
+    NoTable(String),
 }
 
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -251,6 +253,38 @@ impl Projector {
         Ok(head.seq)
     }
 
+    /// Builds the Iceberg table of `name` again from the whole change log, in a snapshot
+    /// that replaces every file it had. Returns the commit-log record it holds.
+    pub async fn rebuild(&mut self, name: &str) -> Result<u64, ProjectError> {
+        let Some(head) = read_head(self.store.as_ref()).await? else {
+            return Err(ProjectError::NoTable("the lake has no commit yet".into()));
+        };
+        let schemas = read_schemas(self.store.as_ref()).await?;
+        let Some(lake) = schemas.get(name) else {
+            let mut known: Vec<&String> = schemas.keys().collect();
+            known.sort();
+            return Err(ProjectError::NoTable(format!(
+                "the lake has no table {name} (it has {known:?}); give it as schema.table"
+            )));
+        };
+        if !self.cfg.covers(name) {
+            return Err(ProjectError::NoTable(format!("[iceberg] tables does not cover {name}")));
+        }
+        // Only this table: the progress record (which names every table) is left alone.
+        self.progress = Some(Progress::default());
+        self.open(name, lake).await?;
+        let Some(p) = self.tables.get_mut(name) else {
+            return Err(ProjectError::NoTable(format!(
+                "{name} has no primary key walshore can identify rows by: it has no Iceberg table"
+            )));
+        };
+        p.applied = 0;
+        self.apply_log(&head).await?;
+        self.compact_dirty().await?;
+        self.point_glue().await?;
+        Ok(head.seq)
+    }
+
     /// Loads (or creates) the Iceberg table of `name`, and indexes its live rows.
     async fn open(&mut self, name: &str, lake: &crate::batch::schema::LakeSchema) -> Result<(), ProjectError> {
         let location = self.location(name);
@@ -359,13 +393,21 @@ impl Projector {
             for name in &rebuild {
                 let f = files.remove(name).unwrap_or_default();
                 tracing::info!(table = %name, files = f.len(), "building the Iceberg table from the whole change log");
-                // In parts of `max_fold`; only the last snapshot carries the
-                // watermark, so a rebuild cut short starts over.
+                // A table readers already see is replaced in one snapshot: they see
+                // the old state until the new one is whole. A table built for the
+                // first time is built in parts of `max_fold`; only the last snapshot
+                // carries the watermark, so a build cut short starts over.
+                let whole = self.tables.get(name).is_some_and(|p| {
+                    p.table
+                        .metadata()
+                        .current_snapshot()
+                        .is_some_and(|s| s.summary.contains_key(WATERMARK_SEQ))
+                });
                 let mut parts: Vec<&[WrittenObject]> = Vec::new();
                 let (mut start, mut bytes) = (0, 0u64);
                 for (i, file) in f.iter().enumerate() {
                     bytes += file.bytes;
-                    if bytes >= self.cfg.max_fold {
+                    if bytes >= self.cfg.max_fold && !whole {
                         parts.push(&f[start..=i]);
                         (start, bytes) = (i + 1, 0);
                     }
