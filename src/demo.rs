@@ -1,5 +1,6 @@
 //! `walshore demo`: a throwaway PostgreSQL with a small trading schema, a few thousand
-//! changes, replicated into `./walshore-demo/lake` with the file sink.
+//! changes, replicated into `./walshore-demo/lake` with the file sink, with the
+//! current-state Iceberg tables beside the change log.
 
 use std::path::{Path, PathBuf};
 
@@ -69,7 +70,7 @@ async fn run_demo(cluster: &TempCluster, dir: &Path, lake: &Path) -> anyhow::Res
     std::fs::write(
         &config_path,
         format!(
-            "[source]\nurl = \"{}\"\npublication = \"walshore\"\nslot = \"walshore_demo\"\n\n[sink]\nurl = \"file://{}\"\nflush_interval = \"1s\"\n\n[snapshot]\nmode = \"initial\"\n",
+            "[source]\nurl = \"{}\"\npublication = \"walshore\"\nslot = \"walshore_demo\"\n\n[sink]\nurl = \"file://{}\"\nflush_interval = \"1s\"\n\n[snapshot]\nmode = \"initial\"\n\n[iceberg]\nbuckets = 4\n",
             cluster.url("postgres", "trading"),
             lake.display()
         ),
@@ -86,6 +87,10 @@ async fn run_demo(cluster: &TempCluster, dir: &Path, lake: &Path) -> anyhow::Res
         "wrote changes: 2000 trades, 1000 prices, fx updates, deletes, a key change, 50 news with large bodies, a rollback"
     );
     let summary = pipeline::run(&cfg, Mode::Sync, CancellationToken::new()).await?;
+    // As `walshore sync` does: the Iceberg tables catch up with what it committed.
+    if let Some(mut projector) = crate::iceberg::projector::Projector::new(&cfg)? {
+        projector.catch_up().await?;
+    }
     println!(
         "\nreplicated up to LSN {} in {} commit(s), {} file(s), {} bytes:",
         summary.end_lsn, summary.commits, summary.files, summary.bytes
@@ -96,7 +101,7 @@ async fn run_demo(cluster: &TempCluster, dir: &Path, lake: &Path) -> anyhow::Res
     let mut files = Vec::new();
     collect(lake, &mut files)?;
     println!(
-        "\n{} files under {} (tables in public/<table>/dt=<day>/, the commit log in _walshore/)",
+        "\n{} files under {} (change logs in public/<table>/dt=<day>/, the commit log in _walshore/, current-state Iceberg tables in _iceberg/public/<table>/)",
         files.len(),
         lake.display()
     );
@@ -121,6 +126,15 @@ SELECT trader, sum(CASE side WHEN 'B' THEN quantity ELSE -quantity END) AS posit
   SELECT * FROM read_parquet('{lake}/public/trades/*/*.parquet')
   QUALIFY row_number() OVER (PARTITION BY id ORDER BY _lsn DESC, _seq DESC) = 1
 ) WHERE _op <> 'D' GROUP BY trader ORDER BY trader;
+";
+
+/// DuckDB over the demo's Iceberg table of `trades` (`[iceberg]`): the current state is
+/// the table itself.
+const DUCKDB_ICEBERG_SQL: &str = "\
+INSTALL iceberg;
+LOAD iceberg;
+SELECT trader, sum(CASE side WHEN 'B' THEN quantity ELSE -quantity END) AS position, count(*) AS trades
+FROM iceberg_scan('{lake}/_iceberg/public/trades') GROUP BY trader ORDER BY trader;
 ";
 
 /// What an analyst sees: two tables in their current state, replayed from the lake's
@@ -157,6 +171,10 @@ fn analyst_view(lake: &Path) -> anyhow::Result<()> {
     }
     let sql = DUCKDB_ANALYST_SQL.replace("{lake}", &lake.display().to_string());
     println!("\nthe same from DuckDB (https://duckdb.org), over the same files:\n\nduckdb -c \"{sql}\"");
+    let iceberg = DUCKDB_ICEBERG_SQL.replace("{lake}", &lake.display().to_string());
+    println!(
+        "\nand from the current-state Iceberg table walshore keeps beside the change log (no replay: one row per key):\n\nduckdb -c \"{iceberg}\""
+    );
     Ok(())
 }
 

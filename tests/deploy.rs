@@ -467,6 +467,17 @@ fn demo_ends_with_the_analyst_view_and_the_duckdb_command_that_agrees() {
     }
     assert_eq!(duck[1], positions, "position per trader");
 
+    // The Iceberg table of trades, read by DuckDB's iceberg extension, agrees too.
+    let sql = stdout
+        .split("duckdb -c \"")
+        .nth(2)
+        .and_then(|s| s.split("\"\n").next())
+        .expect("a duckdb command over the Iceberg table");
+    let file = dir.path().join("iceberg.sql");
+    std::fs::write(&file, sql).unwrap();
+    let duck: Vec<Vec<Vec<String>>> = serde_json::from_value(python_json("duckdb_sql.py", &[file])).unwrap();
+    assert_eq!(duck[0], positions, "position per trader from the Iceberg table");
+
     // sql/athena/trading.sql is this lake's generated Athena SQL, not a hand-kept copy.
     let generated = run_ok(
         Command::new(BIN)

@@ -4,8 +4,9 @@ of each statement that returns some, values as text.
   python3 tests/py/duckdb_sql.py FILE [FROM TO]...
       FROM/TO pairs are replaced in the file's text first (the test servers' addresses).
 
-Offline: `INSTALL httpfs` (a download) is skipped and `LOAD httpfs` loads the extension
-from the duckdb-extension-httpfs package on PyPI.
+Offline: `INSTALL httpfs` and `INSTALL iceberg` (downloads) are skipped, `LOAD httpfs`
+loads the extension from the duckdb-extension-httpfs package on PyPI, and `LOAD iceberg`
+the avro and iceberg extensions from theirs.
 """
 import json
 import os
@@ -19,6 +20,17 @@ text = open(path).read()
 for old, new in zip(pairs[::2], pairs[1::2]):
     text = text.replace(old, new)
 ext = os.path.join(os.path.dirname(duckdb_extension_httpfs.__file__), "extensions", "v1.5.5", "httpfs.duckdb_extension")
+
+
+def ext_path(module):
+    base = os.path.dirname(module.__file__)
+    for root, _dirs, files in os.walk(base):
+        for f in files:
+            if f.endswith(".duckdb_extension"):
+                return os.path.join(root, f)
+    raise SystemExit(f"no .duckdb_extension file in {base}")
+
+
 db = duckdb.connect(config={"allow_unsigned_extensions": "true"})
 db.execute("SET TimeZone = 'UTC'")
 results = []
@@ -26,7 +38,14 @@ for stmt in text.split(";\n"):
     body = "\n".join(l for l in stmt.splitlines() if not l.strip().startswith("--")).strip()
     if not body:
         continue
-    if body.upper() == "INSTALL HTTPFS":
+    if body.upper() in ("INSTALL HTTPFS", "INSTALL ICEBERG"):
+        continue
+    if body.upper() == "LOAD ICEBERG":
+        import duckdb_extension_avro
+        import duckdb_extension_iceberg
+
+        db.execute(f"LOAD '{ext_path(duckdb_extension_avro)}'")
+        db.execute(f"LOAD '{ext_path(duckdb_extension_iceberg)}'")
         continue
     if body.upper() == "LOAD HTTPFS":
         db.execute(f"LOAD '{ext}'")
