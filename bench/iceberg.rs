@@ -1,0 +1,178 @@
+//! Current state from the Iceberg table against the fold over the change log.
+//!
+//! A `prices` table of `--keys` rows (default 100,000) is copied into a file lake; then
+//! `walshore run` (flush every 50 ms, an Iceberg snapshot every 5 s, 16 buckets)
+//! replicates a writer that updates 50 random keys a transaction, deletes and inserts
+//! now and then, for `--seconds` (default 60). After a `walshore sync` the lake holds
+//! one change-log file per flush and the Iceberg table what compaction left. DuckDB
+//! then answers a full count and a point lookup both ways, `--runs` times each
+//! (default 5), and the bench prints the medians, the ratios (targets: ≥ 20×), the
+//! files on each side, and checks that both answers equal PostgreSQL's.
+//!
+//! `cargo bench --bench iceberg [-- --keys N --seconds N --runs N]`
+
+#[path = "common.rs"]
+#[allow(dead_code)] // the S3 test server is not used here
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use walshore::cluster::{ClusterOptions, TempCluster};
+
+fn count_files(dir: &std::path::Path, suffix: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            if p.is_dir() {
+                count_files(&p, suffix)
+            } else {
+                usize::from(p.to_str().unwrap().ends_with(suffix))
+            }
+        })
+        .sum()
+}
+
+fn main() {
+    let arg = common::arg::<u64>;
+    let keys = arg("--keys", 100_000);
+    let seconds = arg("--seconds", 60);
+    let runs = arg("--runs", 5);
+    let walshore = env!("CARGO_BIN_EXE_walshore");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cluster = TempCluster::start(ClusterOptions::default()).expect("start PostgreSQL");
+    let client = rt.block_on(cluster.connect("postgres")).unwrap();
+    rt.block_on(client.batch_execute(&format!(
+        "CREATE TABLE prices (sym text PRIMARY KEY, px numeric(18,6) NOT NULL, qty integer NOT NULL, venue text);
+         INSERT INTO prices SELECT 'S' || i, i * 0.01, i % 1000, 'XLON' FROM generate_series(1, {keys}) i;
+         CREATE PUBLICATION bench FOR TABLE prices;"
+    )))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let config = dir.path().join("iceberg.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\nurl = \"{}\"\npublication = \"bench\"\nslot = \"iceberg\"\nspill_dir = \"{}/spill\"\n\
+             [sink]\nurl = \"file://{}\"\nflush_interval = \"50ms\"\n[snapshot]\nmode = \"initial\"\n\
+             [iceberg]\ncommit_interval = \"5s\"\nbuckets = 16\n",
+            cluster.url("postgres", "postgres"),
+            dir.path().display(),
+            lake.display()
+        ),
+    )
+    .unwrap();
+    let sync = || {
+        common::timed(
+            Command::new(walshore)
+                .args(["sync", "--config", config.to_str().unwrap()])
+                .env("WALSHORE_LOG", "warn"),
+        )
+    };
+    let copy = sync();
+    println!("walshore iceberg benchmark: {keys} keys, {seconds} s of updates, {runs} runs a query");
+    println!("  copy and first Iceberg build: {:.1} s", copy.secs);
+
+    let mut run = Command::new(walshore)
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("WALSHORE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let mut transactions = 0u64;
+    let mut seed = 1u64;
+    while Instant::now() < until {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let first = 1 + (seed >> 33) % keys.saturating_sub(50).max(1);
+        let sql = match transactions % 20 {
+            0 => format!("DELETE FROM prices WHERE sym = 'S{first}'"),
+            1 => format!(
+                "INSERT INTO prices VALUES ('S{first}', 1, 1, 'XNYS') ON CONFLICT (sym) DO UPDATE SET venue = 'XNYS'"
+            ),
+            _ => format!(
+                "UPDATE prices SET px = px + 0.01, qty = qty + 1 WHERE sym IN (SELECT 'S' || g FROM generate_series({first}, {}) g)",
+                first + 49
+            ),
+        };
+        rt.block_on(client.batch_execute(&sql)).unwrap();
+        transactions += 1;
+    }
+    unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
+    assert!(run.wait().unwrap().success(), "walshore run stopped cleanly");
+    let last = sync();
+    println!(
+        "  {transactions} transactions written; the last sync (Iceberg catching up): {:.1} s",
+        last.secs
+    );
+
+    let change_files = count_files(&lake.join("public/prices"), ".parquet");
+    let ice = lake.join("_iceberg/public/prices");
+    let data_files = count_files(&ice.join("data"), ".parquet") - count_files(&ice.join("data"), "-deletes.parquet");
+    let status = Command::new(walshore)
+        .args(["status", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let t = &status["iceberg"]["public.prices"];
+    println!(
+        "  change log: {change_files} Parquet files; Iceberg: {} live data files, {} live delete files, {} snapshots ({data_files} data files on disk)",
+        t["data_files"], t["delete_files"], t["snapshots"]
+    );
+
+    // A key that is there (the writer deleted some).
+    let point: String = rt
+        .block_on(client.query_one(
+            "SELECT sym FROM prices ORDER BY sym OFFSET (SELECT count(*) / 2 FROM prices) LIMIT 1",
+            &[],
+        ))
+        .unwrap()
+        .get(0);
+    let out = Command::new("python3")
+        .args([
+            concat!(env!("CARGO_MANIFEST_DIR"), "/bench/iceberg_query.py"),
+            lake.to_str().unwrap(),
+            "public.prices",
+            "sym",
+            &point,
+            "sym,px,qty,venue,_lsn,_commit_ts",
+            &runs.to_string(),
+        ])
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let q: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let median = |k: &str| q[k]["median"].as_f64().unwrap();
+    for k in ["fold count", "iceberg count", "fold point", "iceberg point"] {
+        println!("  {k:<14} median {:.4} s  {}", median(k), q[k]["result"]);
+    }
+    let rows = rt
+        .block_on(client.query_one("SELECT count(*)::text FROM prices", &[]))
+        .unwrap()
+        .get::<_, String>(0);
+    assert_eq!(
+        q["fold count"]["result"][0][0], rows,
+        "the fold counts PostgreSQL's rows"
+    );
+    assert_eq!(
+        q["iceberg count"]["result"][0][0], rows,
+        "the Iceberg table counts PostgreSQL's rows"
+    );
+    assert_eq!(
+        q["fold point"]["result"], q["iceberg point"]["result"],
+        "both answer the point lookup alike"
+    );
+    assert_eq!(
+        q["iceberg point"]["result"].as_array().unwrap().len(),
+        1,
+        "the key is found"
+    );
+    println!(
+        "  RATIO count fold/iceberg = {:.1} (target >= 20); point fold/iceberg = {:.1} (target >= 20)",
+        median("fold count") / median("iceberg count"),
+        median("fold point") / median("iceberg point")
+    );
+}

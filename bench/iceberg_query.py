@@ -1,0 +1,56 @@
+"""Times current-state queries in DuckDB over a walshore lake: the fold over the change
+log (each key's last change by (_lsn, _seq), deletes dropped) against the Iceberg table
+walshore keeps. Prints JSON: per query its median seconds, every run's, and its result.
+
+  python3 bench/iceberg_query.py LAKE SCHEMA.TABLE KEY KEY_VALUE COL1,COL2,... RUNS
+"""
+import json
+import os
+import statistics
+import sys
+import time
+
+import duckdb
+import duckdb_extension_avro
+import duckdb_extension_iceberg
+
+
+def ext_path(module):
+    base = os.path.dirname(module.__file__)
+    for root, _dirs, files in os.walk(base):
+        for f in files:
+            if f.endswith(".duckdb_extension"):
+                return os.path.join(root, f)
+    raise SystemExit(f"no .duckdb_extension file in {base}")
+
+
+lake, table, key, value, columns, runs = sys.argv[1:6] + [int(sys.argv[6])]
+cols = ", ".join(f"{c}::VARCHAR" for c in columns.split(","))
+schema, name = table.split(".")
+log = f"read_parquet('{lake}/{schema}/{name}/*/*.parquet')"
+ice = f"iceberg_scan('{lake}/_iceberg/{schema}/{name}')"
+queries = {
+    "fold count": f"SELECT count(*) FROM (SELECT _op FROM {log} "
+    f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY _lsn DESC, _seq DESC) = 1) WHERE _op <> 'D'",
+    "iceberg count": f"SELECT count(*) FROM {ice}",
+    "fold point": f"SELECT {cols} FROM (SELECT * FROM {log} WHERE {key} = '{value}' "
+    f"QUALIFY row_number() OVER (ORDER BY _lsn DESC, _seq DESC) = 1) WHERE _op <> 'D'",
+    "iceberg point": f"SELECT {cols} FROM {ice} WHERE {key} = '{value}'",
+}
+db = duckdb.connect(config={"allow_unsigned_extensions": "true"})
+db.execute("SET TimeZone = 'UTC'")
+db.execute(f"LOAD '{ext_path(duckdb_extension_avro)}'")
+db.execute(f"LOAD '{ext_path(duckdb_extension_iceberg)}'")
+out = {}
+for label, sql in queries.items():
+    times, result = [], None
+    for _ in range(runs):
+        started = time.perf_counter()
+        result = db.execute(sql).fetchall()
+        times.append(time.perf_counter() - started)
+    out[label] = {
+        "median": statistics.median(times),
+        "runs": times,
+        "result": [[str(v) for v in row] for row in result],
+    }
+print(json.dumps(out))
