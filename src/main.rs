@@ -49,8 +49,9 @@ enum ReportFormat {
 #[derive(Subcommand)]
 enum IcebergAction {
     /// Build a table's Iceberg table again from the whole change log, in one snapshot
-    /// that replaces every file it had (readers see the old state until then). Safe
-    /// beside a running walshore: whichever commits second stops and tries again.
+    /// that replaces every file it had (readers see the old state until then). Beside
+    /// a running walshore, whichever commits second meets a conflict: walshore tries
+    /// again the next interval, this command exits 1 (run it again, or stop walshore).
     Rebuild {
         #[arg(long, short)]
         config: PathBuf,

@@ -166,6 +166,18 @@ async fn inserts_updates_deletes_and_a_truncate_read_back_in_duckdb_and_pyiceber
     assert!(Table::load(location.clone()).await.unwrap().is_none());
     let mut table = Table::create(location.clone(), &lake(), 4).await.unwrap();
     assert_eq!(table.metadata().default_spec().buckets(), Some(4));
+    // A crash between the first metadata file and its hint: the table is there.
+    std::fs::remove_file(dir.join("metadata/version-hint.text")).unwrap();
+    let mut again = Table::load(location.clone())
+        .await
+        .unwrap()
+        .expect("found by its first version");
+    assert_eq!(again.version(), 1);
+    again.repair_hint().await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.join("metadata/version-hint.text")).unwrap(),
+        "1"
+    );
 
     // 1. 200 rows, spread over the four buckets.
     let mut state: BTreeMap<i64, Row> = (0..200).map(|id| (id, row(id, 0))).collect();
@@ -357,9 +369,12 @@ async fn sync_keeps_the_iceberg_table_equal_to_the_source() {
     sync(&config);
     assert_iceberg_equals_source(&c, &lake, "inserts, updates and deletes").await;
 
-    // Across syncs: the unchanged value now comes from the Iceberg table's own row.
+    // Across syncs: the unchanged value now comes from the Iceberg table's own row,
+    // also through a change of key (a delete, then an insert without the value).
     c.batch_execute(
-        "UPDATE prices SET qty = 20 WHERE sym IN ('BIG1', 'BIG2');
+        "UPDATE prices SET sym = 'BIG1X' WHERE sym = 'BIG1';
+         UPDATE prices SET qty = 20 WHERE sym IN ('BIG1X', 'BIG2');
+         UPDATE prices SET sym = 'BIG2X', qty = 21 WHERE sym = 'BIG2';
          UPDATE prices SET px = 0 WHERE sym LIKE 'S1%';
          DELETE FROM prices WHERE sym LIKE 'S2%';
          INSERT INTO prices VALUES ('S20', 20, 20, 'back');",
@@ -821,4 +836,63 @@ async fn glue_names_the_iceberg_table_as_the_analyst_knows_it() {
         .unwrap();
     sync(&config);
     assert_eq!(glue_rows(), source_rows(&c, select).await, "Glue moved forward");
+}
+
+/// A table whose Iceberg table cannot follow (its primary key changed) fails alone: the
+/// other table is projected, `sync` exits 1 naming the table and the fix, and once the
+/// fix is done the table is built anew with the new key.
+#[tokio::test]
+async fn a_failing_table_holds_back_no_other() {
+    let cluster = cluster(&[]);
+    let c = cluster.connect("postgres").await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE a (id int PRIMARY KEY, region text NOT NULL, v int);
+         CREATE TABLE prices (sym text PRIMARY KEY, px numeric(18,6), qty int, note text);
+         CREATE PUBLICATION pub FOR TABLE a, prices;",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = lake_config(dir.path(), &cluster, "postgres");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}\n[iceberg]\nbuckets = 2\n")).unwrap();
+    let lake = dir.path().join("lake");
+    sync(&config);
+    c.batch_execute(
+        "INSERT INTO a SELECT i, 'r' || (i % 3), i FROM generate_series(1, 30) i;
+         INSERT INTO prices SELECT 'S' || i, i, i, NULL FROM generate_series(1, 30) i;",
+    )
+    .await
+    .unwrap();
+    sync(&config);
+    // a's key grows a column; prices changes too.
+    c.batch_execute(
+        "ALTER TABLE a DROP CONSTRAINT a_pkey, ADD PRIMARY KEY (id, region);
+         UPDATE a SET v = v + 1;
+         INSERT INTO a VALUES (1, 'other', 100);
+         UPDATE prices SET qty = -qty WHERE qty % 2 = 0;",
+    )
+    .await
+    .unwrap();
+    let out = support::walshore(&["sync", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("public.a")
+            && stderr.contains("primary key changed")
+            && stderr.contains("delete the table's folder"),
+        "{stderr}"
+    );
+    assert_iceberg_equals_source(&c, &lake, "the other table's sync").await;
+    // The fix the message names: the table is built anew, keyed (id, region).
+    std::fs::remove_dir_all(lake.join("_iceberg/public/a")).unwrap();
+    sync(&config);
+    let want = source_rows(&c, "SELECT id::text, region, v::text FROM a").await;
+    for reader in ["duckdb", "pyiceberg"] {
+        assert_eq!(
+            iceberg_rows(reader, &lake, "a", &["id", "region", "v"]),
+            want,
+            "{reader}: a anew"
+        );
+    }
 }

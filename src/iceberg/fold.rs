@@ -145,6 +145,21 @@ impl Image {
     }
 }
 
+/// The image of a key a delete removed: from the interval, or the table's row.
+enum Prev {
+    Image(Image),
+    Table(u32, u32),
+}
+
+impl Prev {
+    fn source_of(&self, column: usize) -> Source {
+        match self {
+            Prev::Image(i) => i.source_of(column),
+            Prev::Table(f, p) => Source::Table(*f, *p),
+        }
+    }
+}
+
 /// An interval folded: what to commit, and the table rows (file, positions) whose
 /// values it needs before it can be built.
 pub struct Folded {
@@ -265,7 +280,11 @@ pub fn fold(schema: &Schema, index: &KeyIndex, batches: &[RecordBatch], rebuild:
     let mut latest: Vec<(OwnedRow, Option<Image>)> = Vec::new();
     // Keys deleted earlier in the interval: the table's row is not their previous image.
     let mut deleted: Vec<bool> = Vec::new();
-    for (_, _, b, r) in order {
+    // The image a delete just removed, with its (_lsn, _seq): an update that changes
+    // the key is a delete of the old key then an insert of the new one at the next
+    // `_seq`, and PostgreSQL does not send the unchanged TOAST values of the new row.
+    let mut just_deleted: Option<(i64, i64, Prev)> = None;
+    for (lsn, seq, b, r) in order {
         let batch = &batches[b];
         let op = batch
             .column_by_name("_op")
@@ -286,10 +305,19 @@ pub fn fold(schema: &Schema, index: &KeyIndex, batches: &[RecordBatch], rebuild:
             latest.len() - 1
         });
         if op == "D" {
-            latest[at].1 = None;
+            let prev = match latest[at].1.take() {
+                Some(image) => Some(Prev::Image(image)),
+                None if !truncate && !deleted[at] => index.get(&latest[at].0).map(|(f, p)| Prev::Table(f, p)),
+                None => None,
+            };
+            just_deleted = prev.map(|p| (lsn, seq, p));
             deleted[at] = true;
             continue;
         }
+        let moved_from = just_deleted
+            .take()
+            .filter(|(l, s, _)| *l == lsn && s.checked_add(1) == Some(seq))
+            .map(|(_, _, p)| p);
         let mut image = Image {
             row: (b, r),
             carried: Vec::new(),
@@ -307,7 +335,9 @@ pub fn fold(schema: &Schema, index: &KeyIndex, batches: &[RecordBatch], rebuild:
                     Some(prev) => Some(prev.source_of(c)),
                     None if !truncate && !deleted[at] => index.get(&latest[at].0).map(|(f, p)| Source::Table(f, p)),
                     None => None,
-                };
+                }
+                // A new key: the old key's image, when this row is its update.
+                .or_else(|| moved_from.as_ref().map(|p| p.source_of(c)));
                 // No previous image (the row predates the lake, with no copy): the
                 // value stays null, as the change log holds it.
                 if let Some(s) = previous {

@@ -69,6 +69,13 @@ pub enum ProjectError {
     Catalog(#[from] crate::catalog::CatalogError),
     #[error("{0}")]
     NoTable(String),
+    #[error("table {table} (and {others} other failures logged before): {source}")]
+    InTable {
+        table: String,
+        others: usize,
+        #[source]
+        source: Box<ProjectError>,
+    },
 }
 
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -98,6 +105,8 @@ pub struct Projector {
     skipped: HashSet<String>,
     /// Tables that took a snapshot since their last compaction check.
     dirty: HashSet<String>,
+    /// This pass's failed tables, each with its error.
+    failures: Vec<(String, ProjectError)>,
     progress: Option<Progress>,
     /// `[catalog] kind = "glue"`: each table is registered under the analyst's name.
     glue: Option<Config>,
@@ -150,6 +159,7 @@ impl Projector {
             tables: HashMap::new(),
             skipped: HashSet::new(),
             dirty: HashSet::new(),
+            failures: Vec::new(),
             progress: None,
             glue: cfg.glue.is_some().then(|| cfg.clone()),
             catalog: None,
@@ -223,14 +233,28 @@ impl Projector {
             if let Some(mut p) = self.tables.remove(name) {
                 // Columns added, dropped or widened since: the schema follows, and the
                 // index is read again (a key column may have widened).
-                if p.table.evolve(&schemas[name]).await? {
-                    tracing::info!(table = %name, schema_id = p.table.schema().schema_id, "Iceberg schema evolved with the source's columns");
-                    p.index = self.index(name, &p.table).await?;
+                let evolved = match p.table.evolve(&schemas[name]).await {
+                    Ok(true) => {
+                        tracing::info!(table = %name, schema_id = p.table.schema().schema_id, "Iceberg schema evolved with the source's columns");
+                        self.index(name, &p.table).await.map(Some)
+                    }
+                    Ok(false) => Ok(None),
+                    Err(e) => Err(e.into()),
+                };
+                match evolved {
+                    Ok(index) => {
+                        if let Some(index) = index {
+                            p.index = index;
+                        }
+                        self.tables.insert(name.clone(), p);
+                    }
+                    Err(e) => self.fail(name, e),
                 }
-                self.tables.insert(name.clone(), p);
                 continue;
             }
-            self.open(name, &schemas[name]).await?;
+            if let Err(e) = self.open(name, &schemas[name]).await {
+                self.fail(name, e);
+            }
         }
         self.gauge_behind(head.seq);
         self.apply_log(&head).await?;
@@ -250,7 +274,30 @@ impl Projector {
                 source,
             })?;
         self.progress = Some(progress);
+        // One table's failure held back no other: report it now, and the failed
+        // tables are loaded again next time.
+        self.take_failures()?;
         Ok(head.seq)
+    }
+
+    /// The first failure of this pass, if any (each was logged when it happened).
+    fn take_failures(&mut self) -> Result<(), ProjectError> {
+        let mut failures = std::mem::take(&mut self.failures);
+        if failures.is_empty() {
+            return Ok(());
+        }
+        let (table, source) = failures.swap_remove(0);
+        Err(ProjectError::InTable {
+            table,
+            others: failures.len(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Records a table's failure; the other tables go on.
+    fn fail(&mut self, table: &str, e: ProjectError) {
+        tracing::error!(table, error = %crate::retry::ErrorChain(&e), "an Iceberg table failed; the others go on, and it is tried again next interval");
+        self.failures.push((table.to_owned(), e));
     }
 
     /// Builds the Iceberg table of `name` again from the whole change log, in a snapshot
@@ -282,6 +329,7 @@ impl Projector {
         self.apply_log(&head).await?;
         self.compact_dirty().await?;
         self.point_glue().await?;
+        self.take_failures()?;
         Ok(head.seq)
     }
 
@@ -290,6 +338,7 @@ impl Projector {
         let location = self.location(name);
         let table = match Table::load(location.clone()).await? {
             Some(mut t) => {
+                t.repair_hint().await?;
                 t.evolve(lake).await?;
                 t
             }
@@ -403,11 +452,26 @@ impl Projector {
                         .current_snapshot()
                         .is_some_and(|s| s.summary.contains_key(WATERMARK_SEQ))
                 });
+                // A part ends only where every file after it starts past every row
+                // before it: within a commit record files are not in (_lsn, _seq)
+                // order (a copy's record holds the changes held back for it, and
+                // partitions interleave), and a part folds its own rows only.
+                let mut later_first = vec![None; f.len() + 1];
+                for i in (0..f.len()).rev() {
+                    later_first[i] =
+                        Some(later_first[i + 1].map_or(f[i].first, |l: crate::batch::RowPos| l.min(f[i].first)));
+                }
                 let mut parts: Vec<&[WrittenObject]> = Vec::new();
                 let (mut start, mut bytes) = (0, 0u64);
+                let mut last_so_far: Option<crate::batch::RowPos> = None;
                 for (i, file) in f.iter().enumerate() {
                     bytes += file.bytes;
-                    if bytes >= self.cfg.max_fold && !whole {
+                    last_so_far = Some(last_so_far.map_or(file.last, |l| l.max(file.last)));
+                    let clean_cut = match (last_so_far, later_first[i + 1]) {
+                        (Some(last), Some(next)) => last < next,
+                        _ => true,
+                    };
+                    if bytes >= self.cfg.max_fold && !whole && clean_cut {
                         parts.push(&f[start..=i]);
                         (start, bytes) = (i + 1, 0);
                     }
@@ -418,7 +482,10 @@ impl Projector {
                 let last = parts.len() - 1;
                 for (i, part) in parts.into_iter().enumerate() {
                     let at = (i == last).then_some((head.seq, lsn));
-                    self.apply(name, part, at, i == 0).await?;
+                    if let Err(e) = self.apply(name, part, at, i == 0).await {
+                        self.fail(name, e);
+                        break;
+                    }
                 }
             }
         }
@@ -443,7 +510,9 @@ impl Projector {
             if bytes >= self.cfg.max_fold || seq == head.seq {
                 let at = (seq, record.end_lsn.0);
                 for (name, files) in std::mem::take(&mut pending) {
-                    self.apply(&name, &files, Some(at), false).await?;
+                    if let Err(e) = self.apply(&name, &files, Some(at), false).await {
+                        self.fail(&name, e);
+                    }
                 }
                 bytes = 0;
                 for t in self.tables.values_mut() {
@@ -535,15 +604,19 @@ impl Projector {
             if p.pointed == Some(p.table.version()) || p.table.metadata().current_snapshot().is_none() {
                 continue;
             }
-            catalog
+            match catalog
                 .point_iceberg(
                     &name,
                     p.table.location_uri(),
                     &p.table.metadata_location(),
                     p.table.schema(),
                 )
-                .await?;
-            p.pointed = Some(p.table.version());
+                .await
+            {
+                Ok(()) => p.pointed = Some(p.table.version()),
+                // The table itself is fine: Glue is pointed again next time.
+                Err(e) => self.failures.push((name.clone(), e.into())),
+            }
         }
         Ok(())
     }
@@ -569,7 +642,7 @@ impl Projector {
                 Err(e) => {
                     // Loaded again next time: the failure may have come after a publish.
                     self.tables.remove(&name);
-                    return Err(e.into());
+                    self.fail(&name, e.into());
                 }
             }
         }
@@ -584,11 +657,12 @@ impl Projector {
             let Some(mut p) = self.tables.remove(&name) else {
                 continue;
             };
-            let result = self.compact(&mut p, &name).await;
-            if result.is_ok() {
-                self.tables.insert(name, p);
+            match self.compact(&mut p, &name).await {
+                Ok(()) => {
+                    self.tables.insert(name, p);
+                }
+                Err(e) => self.fail(&name, e),
             }
-            result?;
         }
         Ok(())
     }

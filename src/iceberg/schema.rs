@@ -75,6 +75,10 @@ pub struct Schema {
 pub enum SchemaError {
     #[error("column {column}: the lake type {ty} has no Iceberg type")]
     Unmapped { column: String, ty: String },
+    #[error(
+        "the primary key changed from {from:?} to {to:?}: an Iceberg table keeps its identifier fields and partition"
+    )]
+    KeyChanged { from: Vec<String>, to: Vec<String> },
 }
 
 /// The Iceberg type of a lake column, taking ids for nested fields from `next_id`.
@@ -227,6 +231,23 @@ impl Schema {
     /// the same within a list) keeps its id with the wider type. A change Iceberg cannot
     /// express is an error (the lake refuses those itself).
     pub fn evolve(&self, lake: &LakeSchema, last_column_id: i32) -> Result<Option<(Schema, i32)>, SchemaError> {
+        // Rows are identified and bucketed by the key: a table whose key changed is
+        // built anew (the caller says how), never folded under the old key.
+        let from: Vec<String> = self
+            .identifier_field_ids
+            .iter()
+            .filter_map(|id| self.fields.iter().find(|f| f.id == *id))
+            .map(|f| f.name.clone())
+            .collect();
+        let to: Vec<String> = lake
+            .columns
+            .iter()
+            .filter(|c| !c.dropped && c.key)
+            .map(|c| c.name.clone())
+            .collect();
+        if !from.is_empty() && from != to {
+            return Err(SchemaError::KeyChanged { from, to });
+        }
         let mut next_id = last_column_id + 1;
         let mut fields = Vec::new();
         for c in lake.columns.iter().filter(|c| !c.dropped) {
@@ -432,6 +453,10 @@ mod tests {
         assert_eq!(next.identifier_field_ids, [1]);
         lake.columns[2].arrow_type = "Decimal128(12, 3)".into();
         assert!(next.evolve(&lake, next_last).is_err(), "a scale change is no promotion");
+        lake.columns[2].arrow_type = "Decimal128(12, 2)".into();
+        lake.columns[1].key = true;
+        let err = next.evolve(&lake, next_last).unwrap_err().to_string();
+        assert!(err.contains("primary key changed"), "{err}");
     }
 
     #[test]

@@ -65,7 +65,7 @@ pub enum TableError {
     Invalid { location: String, what: String },
     #[error(
         "Iceberg table {location}: version {version} was committed by another writer; only one walshore may \
-         write a table (stop the other, or give this one another [iceberg] location)"
+         write a table (stop the other walshore, or the `walshore iceberg rebuild` running beside it)"
     )]
     Conflict { location: String, version: u64 },
     #[error("Iceberg table {location}: {source}")]
@@ -147,6 +147,8 @@ pub struct Table {
     location: Location,
     metadata: TableMetadata,
     version: u64,
+    /// What `version-hint.text` says (None: missing).
+    hinted: Option<u64>,
     /// The current snapshot's manifests.
     manifests: Vec<ManifestFile>,
 }
@@ -212,34 +214,33 @@ impl Table {
     /// The table at `location`, if it has been created: the newest metadata file the
     /// hint names or that follows it.
     pub async fn load(location: Location) -> Result<Option<Table>, TableError> {
-        let hint = match location.get("metadata/version-hint.text").await {
-            Ok(b) => b,
+        let hinted = match location.get("metadata/version-hint.text").await {
+            Ok(b) => {
+                let text = String::from_utf8_lossy(&b);
+                Some(text.trim().parse::<u64>().map_err(|_| {
+                    location.invalid(format!("metadata/version-hint.text holds {text:?}, not a version"))
+                })?)
+            }
             Err(TableError::Store {
                 source: object_store::Error::NotFound { .. },
                 ..
-            }) => return Ok(None),
+            }) => None,
             Err(e) => return Err(e),
         };
-        let text = String::from_utf8_lossy(&hint);
-        let mut version: u64 = text
-            .trim()
-            .parse()
-            .map_err(|_| location.invalid(format!("metadata/version-hint.text holds {text:?}, not a version")))?;
-        // A crash between a metadata file and its hint leaves the hint behind: walk past
-        // it, and set it right, since readers by path go by the hint alone.
-        let hinted = version;
-        while location
-            .store
-            .head(&location.key(&format!("metadata/v{}.metadata.json", version + 1)))
-            .await
-            .is_ok()
-        {
+        // A crash between a metadata file and its hint leaves the hint behind (or, at
+        // the creation, absent): walk past it. [`Table::repair_hint`] sets it right.
+        let exists = |v: u64| {
+            let key = location.key(&format!("metadata/v{v}.metadata.json"));
+            let store = location.store.clone();
+            async move { store.head(&key).await.is_ok() }
+        };
+        let mut version = match hinted {
+            Some(v) => v,
+            None if exists(1).await => 1,
+            None => return Ok(None),
+        };
+        while exists(version + 1).await {
             version += 1;
-        }
-        if version != hinted {
-            location
-                .put("metadata/version-hint.text", version.to_string().into_bytes())
-                .await?;
         }
         let body = location.get(&format!("metadata/v{version}.metadata.json")).await?;
         let metadata: TableMetadata = serde_json::from_slice(&body)
@@ -261,8 +262,21 @@ impl Table {
             location,
             metadata,
             version,
+            hinted,
             manifests,
         }))
+    }
+
+    /// Writes `version-hint.text` if it lags the newest metadata file (readers by path
+    /// go by the hint alone). Only the table's writer calls this.
+    pub async fn repair_hint(&mut self) -> Result<(), TableError> {
+        if self.hinted != Some(self.version) {
+            self.location
+                .put("metadata/version-hint.text", self.version.to_string().into_bytes())
+                .await?;
+            self.hinted = Some(self.version);
+        }
+        Ok(())
     }
 
     /// A new, empty table for a change log of `lake`'s columns, partitioned by
@@ -324,6 +338,7 @@ impl Table {
             location,
             metadata,
             version: 0,
+            hinted: None,
             manifests: Vec::new(),
         };
         table.publish(table.metadata.clone()).await?;
@@ -372,7 +387,13 @@ impl Table {
         let evolved = self
             .schema()
             .evolve(lake, self.metadata.last_column_id)
-            .map_err(|e| self.location.invalid(e.to_string()))?;
+            .map_err(|e| match e {
+                super::schema::SchemaError::KeyChanged { .. } => self.location.invalid(format!(
+                    "{e}; delete the table's folder ({}) and the next start builds it anew from the change log",
+                    self.location.uri
+                )),
+                e => self.location.invalid(e.to_string()),
+            })?;
         let Some((schema, last_column_id)) = evolved else {
             return Ok(false);
         };
@@ -572,6 +593,7 @@ impl Table {
             .await?;
         self.metadata = next;
         self.version = version;
+        self.hinted = Some(version);
         Ok(())
     }
 
