@@ -11,17 +11,9 @@ import sys
 import time
 
 import duckdb
-import duckdb_extension_avro
-import duckdb_extension_iceberg
 
-
-def ext_path(module):
-    base = os.path.dirname(module.__file__)
-    for root, _dirs, files in os.walk(base):
-        for f in files:
-            if f.endswith(".duckdb_extension"):
-                return os.path.join(root, f)
-    raise SystemExit(f"no .duckdb_extension file in {base}")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "py"))
+import duckdb_ext  # noqa: E402
 
 
 lake, table, key, value, columns, runs = sys.argv[1:6] + [int(sys.argv[6])]
@@ -39,8 +31,7 @@ queries = {
 }
 db = duckdb.connect(config={"allow_unsigned_extensions": "true"})
 db.execute("SET TimeZone = 'UTC'")
-db.execute(f"LOAD '{ext_path(duckdb_extension_avro)}'")
-db.execute(f"LOAD '{ext_path(duckdb_extension_iceberg)}'")
+duckdb_ext.load(db, "avro", "iceberg")
 out = {}
 for label, sql in queries.items():
     times, result = [], None

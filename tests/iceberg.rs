@@ -294,6 +294,40 @@ async fn inserts_updates_deletes_and_a_truncate_read_back_in_duckdb_and_pyiceber
     assert!(live.iter().all(|e| e.status == 1), "only added entries are live");
 }
 
+/// The `prices` table of these tests.
+const PRICES: &str = "CREATE TABLE prices (sym text PRIMARY KEY, px numeric(18,6), qty int, note text)";
+
+/// A throwaway PostgreSQL whose `setup` (SQL) makes the tables and publication `pub`, a
+/// file lake with the `[iceberg]` section `iceberg` (and `extra` config after it),
+/// synced once so that the slot exists.
+struct IcebergLake {
+    // Dropped last: the cluster outlives the client.
+    c: tokio_postgres::Client,
+    config: std::path::PathBuf,
+    lake: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+    _cluster: walshore::cluster::TempCluster,
+}
+
+async fn iceberg_lake(setup: &str, iceberg: &str, extra: &str) -> IcebergLake {
+    let cluster = cluster(&[]);
+    let c = cluster.connect("postgres").await.unwrap();
+    c.batch_execute(setup).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = lake_config(dir.path(), &cluster, "postgres");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}\n[iceberg]\n{iceberg}\n{extra}")).unwrap();
+    let lake = dir.path().join("lake");
+    sync(&config);
+    IcebergLake {
+        c,
+        config,
+        lake,
+        _dir: dir,
+        _cluster: cluster,
+    }
+}
+
 /// The Iceberg table of `public.{table}` under a file-sink lake, read by `reader`, with
 /// the columns of `select` (whose rows are compared), as `source_rows` gives them.
 fn iceberg_rows(reader: &str, lake: &std::path::Path, table: &str, columns: &[&str]) -> Vec<Vec<Option<String>>> {
@@ -333,26 +367,12 @@ async fn assert_columns_equal(c: &tokio_postgres::Client, lake: &std::path::Path
 /// no snapshot; and a table removed with its progress is rebuilt from the whole log.
 #[tokio::test]
 async fn sync_keeps_the_iceberg_table_equal_to_the_source() {
-    let cluster = cluster(&[]);
-    let c = cluster.connect("postgres").await.unwrap();
-    c.batch_execute(
-        "CREATE TABLE prices (sym text PRIMARY KEY, px numeric(18,6), qty int, note text);
-         ALTER TABLE prices ALTER COLUMN note SET STORAGE EXTERNAL;
-         CREATE PUBLICATION pub FOR TABLE prices;",
-    )
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = lake_config(dir.path(), &cluster, "postgres");
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        // A small fold: the backlog and the rebuild take several snapshots each.
-        format!("{text}\n[iceberg]\ncommit_interval = \"1s\"\nbuckets = 4\nmax_fold = \"4KiB\"\n"),
-    )
-    .unwrap();
-    let lake = dir.path().join("lake");
-    sync(&config);
+    // A small fold: the backlog and the rebuild take several snapshots each.
+    let setup = format!(
+        "{PRICES}; ALTER TABLE prices ALTER COLUMN note SET STORAGE EXTERNAL; CREATE PUBLICATION pub FOR TABLE prices"
+    );
+    let l = iceberg_lake(&setup, "commit_interval = \"1s\"\nbuckets = 4\nmax_fold = \"4KiB\"", "").await;
+    let (c, config, lake) = (&l.c, &l.config, &l.lake);
 
     // Inserts, then updates and deletes in the same sync; a large value stored out of
     // line, then its row updated without touching it (PostgreSQL does not send it).
@@ -479,20 +499,9 @@ async fn sync_keeps_the_iceberg_table_equal_to_the_source() {
 /// the next `sync` leaves the Iceberg table equal to the source, as both readers see it.
 #[tokio::test]
 async fn a_crash_at_every_step_of_an_iceberg_commit_leaves_the_table_exact() {
-    let cluster = cluster(&[]);
-    let c = cluster.connect("postgres").await.unwrap();
-    c.batch_execute(
-        "CREATE TABLE prices (sym text PRIMARY KEY, px numeric(18,6), qty int, note text);
-         CREATE PUBLICATION pub FOR TABLE prices;",
-    )
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = lake_config(dir.path(), &cluster, "postgres");
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("{text}\n[iceberg]\nbuckets = 2\n")).unwrap();
-    let lake = dir.path().join("lake");
-    sync(&config);
+    let setup = format!("{PRICES}; CREATE PUBLICATION pub FOR TABLE prices");
+    let l = iceberg_lake(&setup, "buckets = 2", "").await;
+    let (c, config, lake) = (&l.c, &l.config, &l.lake);
     c.batch_execute("INSERT INTO prices SELECT 'S' || i, i, i, 'n' || i FROM generate_series(1, 100) i")
         .await
         .unwrap();
@@ -614,25 +623,11 @@ async fn wait_for_projection(c: &tokio_postgres::Client, config: &std::path::Pat
 /// stop while it projects is clean.
 #[tokio::test]
 async fn run_projects_every_interval_while_it_replicates() {
-    let cluster = cluster(&[]);
-    let c = cluster.connect("postgres").await.unwrap();
-    c.batch_execute(
-        "CREATE TABLE prices (sym text PRIMARY KEY, px numeric(18,6), qty int, note text);
-         CREATE PUBLICATION pub FOR TABLE prices;",
-    )
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = lake_config(dir.path(), &cluster, "postgres");
-    let text = std::fs::read_to_string(&config).unwrap();
     let port = free_port();
-    std::fs::write(
-        &config,
-        format!("{text}\n[iceberg]\ncommit_interval = \"1s\"\n\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
-    )
-    .unwrap();
-    let lake = dir.path().join("lake");
-    sync(&config);
+    let setup = format!("{PRICES}; CREATE PUBLICATION pub FOR TABLE prices");
+    let metrics = format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    let l = iceberg_lake(&setup, "commit_interval = \"1s\"", &metrics).await;
+    let (c, config, lake) = (&l.c, &l.config, &l.lake);
     let child = spawn_run(&config);
     let _log = LogOnPanic::new(&child);
     c.batch_execute("INSERT INTO prices SELECT 'S' || i, i, i, NULL FROM generate_series(1, 500) i")
@@ -671,20 +666,9 @@ async fn run_projects_every_interval_while_it_replicates() {
 /// the source.
 #[tokio::test]
 async fn many_intervals_of_updates_stay_compact() {
-    let cluster = cluster(&[]);
-    let c = cluster.connect("postgres").await.unwrap();
-    c.batch_execute(
-        "CREATE TABLE prices (sym text PRIMARY KEY, px numeric(18,6), qty int, note text);
-         CREATE PUBLICATION pub FOR TABLE prices;",
-    )
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = lake_config(dir.path(), &cluster, "postgres");
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("{text}\n[iceberg]\nbuckets = 2\n")).unwrap();
-    let lake = dir.path().join("lake");
-    sync(&config);
+    let setup = format!("{PRICES}; CREATE PUBLICATION pub FOR TABLE prices");
+    let l = iceberg_lake(&setup, "buckets = 2", "").await;
+    let (c, config, lake) = (&l.c, &l.config, &l.lake);
     c.batch_execute("INSERT INTO prices SELECT 'S' || i, i, i, NULL FROM generate_series(1, 200) i")
         .await
         .unwrap();
@@ -843,21 +827,11 @@ async fn glue_names_the_iceberg_table_as_the_analyst_knows_it() {
 /// fix is done the table is built anew with the new key.
 #[tokio::test]
 async fn a_failing_table_holds_back_no_other() {
-    let cluster = cluster(&[]);
-    let c = cluster.connect("postgres").await.unwrap();
-    c.batch_execute(
-        "CREATE TABLE a (id int PRIMARY KEY, region text NOT NULL, v int);
-         CREATE TABLE prices (sym text PRIMARY KEY, px numeric(18,6), qty int, note text);
-         CREATE PUBLICATION pub FOR TABLE a, prices;",
-    )
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = lake_config(dir.path(), &cluster, "postgres");
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("{text}\n[iceberg]\nbuckets = 2\n")).unwrap();
-    let lake = dir.path().join("lake");
-    sync(&config);
+    let setup = format!(
+        "CREATE TABLE a (id int PRIMARY KEY, region text NOT NULL, v int); {PRICES}; CREATE PUBLICATION pub FOR TABLE a, prices"
+    );
+    let l = iceberg_lake(&setup, "buckets = 2", "").await;
+    let (c, config, lake) = (&l.c, &l.config, &l.lake);
     c.batch_execute(
         "INSERT INTO a SELECT i, 'r' || (i % 3), i FROM generate_series(1, 30) i;
          INSERT INTO prices SELECT 'S' || i, i, i, NULL FROM generate_series(1, 30) i;",

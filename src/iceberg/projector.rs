@@ -142,6 +142,28 @@ fn parquet_batches(key: &str, bytes: Bytes, columns: Option<&[String]>) -> Resul
         .map_err(|e| err(parquet::errors::ParquetError::ArrowError(e.to_string())))
 }
 
+/// The positions the position-delete files `deletes` name: data file → positions.
+async fn deleted_positions(
+    table: &Table,
+    deletes: &[&ManifestEntry],
+) -> Result<HashMap<String, HashSet<i64>>, ProjectError> {
+    let mut deleted: HashMap<String, HashSet<i64>> = HashMap::new();
+    for x in deletes {
+        let body = table.read(&x.file.path).await?;
+        for b in parquet_batches(&x.file.path, body, None)? {
+            let paths = b.column(0).as_string::<i32>();
+            let pos = b.column(1).as_primitive::<Int64Type>();
+            for i in 0..b.num_rows() {
+                deleted
+                    .entry(paths.value(i).to_owned())
+                    .or_default()
+                    .insert(pos.value(i));
+            }
+        }
+    }
+    Ok(deleted)
+}
+
 fn concat(batches: &[RecordBatch], schema: arrow::datatypes::SchemaRef) -> Result<RecordBatch, FoldError> {
     Ok(arrow::compute::concat_batches(&schema, batches)?)
 }
@@ -385,23 +407,11 @@ impl Projector {
         };
         let mut index = KeyIndex::new(table.schema()).map_err(fold_err)?;
         let live = table.live_files().await?;
-        let mut deleted: HashMap<String, HashSet<i64>> = HashMap::new();
-        for e in live
+        let deletes: Vec<&ManifestEntry> = live
             .iter()
             .filter(|e| e.file.content == super::manifest::POSITION_DELETES)
-        {
-            let bytes = table.read(&e.file.path).await?;
-            for b in parquet_batches(&e.file.path, bytes, None)? {
-                let paths = b.column(0).as_string::<i32>();
-                let pos = b.column(1).as_primitive::<Int64Type>();
-                for i in 0..b.num_rows() {
-                    deleted
-                        .entry(paths.value(i).to_owned())
-                        .or_default()
-                        .insert(pos.value(i));
-                }
-            }
-        }
+            .collect();
+        let deleted = deleted_positions(table, &deletes).await?;
         let keys = index.key_columns().to_vec();
         let none = HashSet::new();
         for e in live.iter().filter(|e| e.file.content == super::manifest::DATA) {
@@ -701,21 +711,8 @@ impl Projector {
             if bytes > 0 && bytes >= self.cfg.max_fold {
                 break;
             }
-            let mut deleted: HashMap<String, HashSet<i64>> = HashMap::new();
-            for x in &deletes {
-                let body = p.table.read(&x.file.path).await?;
-                for b in parquet_batches(&x.file.path, body, None)? {
-                    let paths = b.column(0).as_string::<i32>();
-                    let pos = b.column(1).as_primitive::<Int64Type>();
-                    for i in 0..b.num_rows() {
-                        deleted
-                            .entry(paths.value(i).to_owned())
-                            .or_default()
-                            .insert(pos.value(i));
-                    }
-                }
-                remove.push(x.file.path.clone());
-            }
+            let deleted = deleted_positions(&p.table, &deletes).await?;
+            remove.extend(deletes.iter().map(|x| x.file.path.clone()));
             for d in &data {
                 bytes += d.file.file_size as u64;
                 let body = p.table.read(&d.file.path).await?;

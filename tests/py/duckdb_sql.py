@@ -21,16 +21,6 @@ for old, new in zip(pairs[::2], pairs[1::2]):
     text = text.replace(old, new)
 ext = os.path.join(os.path.dirname(duckdb_extension_httpfs.__file__), "extensions", "v1.5.5", "httpfs.duckdb_extension")
 
-
-def ext_path(module):
-    base = os.path.dirname(module.__file__)
-    for root, _dirs, files in os.walk(base):
-        for f in files:
-            if f.endswith(".duckdb_extension"):
-                return os.path.join(root, f)
-    raise SystemExit(f"no .duckdb_extension file in {base}")
-
-
 db = duckdb.connect(config={"allow_unsigned_extensions": "true"})
 db.execute("SET TimeZone = 'UTC'")
 results = []
@@ -41,11 +31,9 @@ for stmt in text.split(";\n"):
     if body.upper() in ("INSTALL HTTPFS", "INSTALL ICEBERG"):
         continue
     if body.upper() == "LOAD ICEBERG":
-        import duckdb_extension_avro
-        import duckdb_extension_iceberg
+        import duckdb_ext
 
-        db.execute(f"LOAD '{ext_path(duckdb_extension_avro)}'")
-        db.execute(f"LOAD '{ext_path(duckdb_extension_iceberg)}'")
+        duckdb_ext.load(db, "avro", "iceberg")
         continue
     if body.upper() == "LOAD HTTPFS":
         db.execute(f"LOAD '{ext}'")

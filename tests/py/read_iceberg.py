@@ -17,15 +17,6 @@ import os
 import sys
 
 
-def ext_path(module):
-    base = os.path.dirname(module.__file__)
-    for root, _dirs, files in os.walk(base):
-        for f in files:
-            if f.endswith(".duckdb_extension"):
-                return os.path.join(root, f)
-    raise SystemExit(f"no .duckdb_extension file in {base}")
-
-
 def text(v):
     if v is None:
         return "NULL"
@@ -38,13 +29,11 @@ def text(v):
 
 def read_duckdb(table, columns):
     import duckdb
-    import duckdb_extension_avro
-    import duckdb_extension_iceberg
+    import duckdb_ext
 
     db = duckdb.connect(config={"allow_unsigned_extensions": "true"})
     db.execute("SET TimeZone = 'UTC'")
-    db.execute(f"LOAD '{ext_path(duckdb_extension_avro)}'")
-    db.execute(f"LOAD '{ext_path(duckdb_extension_iceberg)}'")
+    duckdb_ext.load(db, "avro", "iceberg")
     cols = ", ".join(f'"{c}"' for c in columns)
     return db.execute(f"SELECT {cols} FROM iceberg_scan('{table}')").fetchall()
 
