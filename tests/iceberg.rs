@@ -300,8 +300,8 @@ const PRICES: &str = "CREATE TABLE prices (sym text PRIMARY KEY, px numeric(18,6
 /// A throwaway PostgreSQL whose `setup` (SQL) makes the tables and publication `pub`, a
 /// file lake with the `[iceberg]` section `iceberg` (and `extra` config after it),
 /// synced once so that the slot exists.
+/// Destructured as `{ _cluster, _dir, c, config, lake }`: the cluster is dropped last.
 struct IcebergLake {
-    // Dropped last: the cluster outlives the client.
     c: tokio_postgres::Client,
     config: std::path::PathBuf,
     lake: std::path::PathBuf,
@@ -371,8 +371,13 @@ async fn sync_keeps_the_iceberg_table_equal_to_the_source() {
     let setup = format!(
         "{PRICES}; ALTER TABLE prices ALTER COLUMN note SET STORAGE EXTERNAL; CREATE PUBLICATION pub FOR TABLE prices"
     );
-    let l = iceberg_lake(&setup, "commit_interval = \"1s\"\nbuckets = 4\nmax_fold = \"4KiB\"", "").await;
-    let (c, config, lake) = (&l.c, &l.config, &l.lake);
+    let IcebergLake {
+        _cluster,
+        _dir,
+        c,
+        config,
+        lake,
+    } = iceberg_lake(&setup, "commit_interval = \"1s\"\nbuckets = 4\nmax_fold = \"4KiB\"", "").await;
 
     // Inserts, then updates and deletes in the same sync; a large value stored out of
     // line, then its row updated without touching it (PostgreSQL does not send it).
@@ -500,8 +505,13 @@ async fn sync_keeps_the_iceberg_table_equal_to_the_source() {
 #[tokio::test]
 async fn a_crash_at_every_step_of_an_iceberg_commit_leaves_the_table_exact() {
     let setup = format!("{PRICES}; CREATE PUBLICATION pub FOR TABLE prices");
-    let l = iceberg_lake(&setup, "buckets = 2", "").await;
-    let (c, config, lake) = (&l.c, &l.config, &l.lake);
+    let IcebergLake {
+        _cluster,
+        _dir,
+        c,
+        config,
+        lake,
+    } = iceberg_lake(&setup, "buckets = 2", "").await;
     c.batch_execute("INSERT INTO prices SELECT 'S' || i, i, i, 'n' || i FROM generate_series(1, 100) i")
         .await
         .unwrap();
@@ -626,8 +636,13 @@ async fn run_projects_every_interval_while_it_replicates() {
     let port = free_port();
     let setup = format!("{PRICES}; CREATE PUBLICATION pub FOR TABLE prices");
     let metrics = format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
-    let l = iceberg_lake(&setup, "commit_interval = \"1s\"", &metrics).await;
-    let (c, config, lake) = (&l.c, &l.config, &l.lake);
+    let IcebergLake {
+        _cluster,
+        _dir,
+        c,
+        config,
+        lake,
+    } = iceberg_lake(&setup, "commit_interval = \"1s\"", &metrics).await;
     let child = spawn_run(&config);
     let _log = LogOnPanic::new(&child);
     c.batch_execute("INSERT INTO prices SELECT 'S' || i, i, i, NULL FROM generate_series(1, 500) i")
@@ -667,8 +682,13 @@ async fn run_projects_every_interval_while_it_replicates() {
 #[tokio::test]
 async fn many_intervals_of_updates_stay_compact() {
     let setup = format!("{PRICES}; CREATE PUBLICATION pub FOR TABLE prices");
-    let l = iceberg_lake(&setup, "buckets = 2", "").await;
-    let (c, config, lake) = (&l.c, &l.config, &l.lake);
+    let IcebergLake {
+        _cluster,
+        _dir,
+        c,
+        config,
+        lake,
+    } = iceberg_lake(&setup, "buckets = 2", "").await;
     c.batch_execute("INSERT INTO prices SELECT 'S' || i, i, i, NULL FROM generate_series(1, 200) i")
         .await
         .unwrap();
@@ -830,8 +850,13 @@ async fn a_failing_table_holds_back_no_other() {
     let setup = format!(
         "CREATE TABLE a (id int PRIMARY KEY, region text NOT NULL, v int); {PRICES}; CREATE PUBLICATION pub FOR TABLE a, prices"
     );
-    let l = iceberg_lake(&setup, "buckets = 2", "").await;
-    let (c, config, lake) = (&l.c, &l.config, &l.lake);
+    let IcebergLake {
+        _cluster,
+        _dir,
+        c,
+        config,
+        lake,
+    } = iceberg_lake(&setup, "buckets = 2", "").await;
     c.batch_execute(
         "INSERT INTO a SELECT i, 'r' || (i % 3), i FROM generate_series(1, 30) i;
          INSERT INTO prices SELECT 'S' || i, i, i, NULL FROM generate_series(1, 30) i;",
