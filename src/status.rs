@@ -149,13 +149,6 @@ async fn iceberg_status(cfg: &Config, head: &crate::checkpoint::CommitRecord) ->
                     (Some(w), Some((p, listed))) if listed.contains(name) => w.max(*p),
                     (w, _) => w.unwrap_or(0),
                 };
-                let files = |content: i32| -> i64 {
-                    t.manifests()
-                        .iter()
-                        .filter(|m| m.content == content)
-                        .map(|m| i64::from(m.added_files_count + m.existing_files_count))
-                        .sum()
-                };
                 let current = t.metadata().current_snapshot();
                 json!({
                     "location": uri,
@@ -163,8 +156,8 @@ async fn iceberg_status(cfg: &Config, head: &crate::checkpoint::CommitRecord) ->
                     "snapshots": t.metadata().snapshots.len(),
                     "watermark_seq": watermark,
                     "behind_commits": head.seq.saturating_sub(held),
-                    "data_files": files(crate::iceberg::manifest::DATA),
-                    "delete_files": files(crate::iceberg::manifest::POSITION_DELETES),
+                    "data_files": t.live_file_count(crate::iceberg::manifest::DATA),
+                    "delete_files": t.live_file_count(crate::iceberg::manifest::POSITION_DELETES),
                     // Rows in data files less the positions deleted (each deleted once).
                     "rows": current.and_then(|s| {
                         let n = |k: &str| s.summary.get(k).and_then(|v| v.parse::<i64>().ok());

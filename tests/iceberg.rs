@@ -778,12 +778,9 @@ async fn glue_names_the_iceberg_table_as_the_analyst_knows_it() {
     let moto = Moto::start("lake");
     let cluster = cluster(&[]);
     let c = cluster.connect("postgres").await.unwrap();
-    c.batch_execute(
-        "CREATE TABLE prices (sym text PRIMARY KEY, px numeric(18,6), qty int, note text);
-         CREATE PUBLICATION pub FOR TABLE prices;",
-    )
-    .await
-    .unwrap();
+    c.batch_execute(&format!("{PRICES}; CREATE PUBLICATION pub FOR TABLE prices"))
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let s3 = SinkKind::S3 {
         moto: &moto,

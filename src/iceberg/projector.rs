@@ -580,14 +580,8 @@ impl Projector {
                 (super::manifest::DATA, "data"),
                 (super::manifest::POSITION_DELETES, "deletes"),
             ] {
-                let live: i64 = p
-                    .table
-                    .manifests()
-                    .iter()
-                    .filter(|m| m.content == content)
-                    .map(|m| i64::from(m.added_files_count + m.existing_files_count))
-                    .sum();
-                metrics::gauge!(ICEBERG_FILES, "table" => table.clone(), "content" => label).set(live as f64);
+                metrics::gauge!(ICEBERG_FILES, "table" => table.clone(), "content" => label)
+                    .set(p.table.live_file_count(content) as f64);
             }
             metrics::gauge!(ICEBERG_SNAPSHOTS, "table" => table).set(p.table.metadata().snapshots.len() as f64);
         }
