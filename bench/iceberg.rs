@@ -75,7 +75,8 @@ fn main() {
     println!("walshore iceberg benchmark: {keys} keys, {seconds} s of updates, {runs} runs a query");
     println!("  copy and first Iceberg build: {:.1} s", copy.secs);
 
-    let mut run = Command::new(walshore)
+    #[allow(clippy::zombie_processes)] // reaped by wait4 below
+    let run = Command::new(walshore)
         .args(["run", "--config", config.to_str().unwrap()])
         .env("WALSHORE_LOG", "warn")
         .stdout(Stdio::null())
@@ -101,12 +102,27 @@ fn main() {
         rt.block_on(client.batch_execute(&sql)).unwrap();
         transactions += 1;
     }
-    unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
-    assert!(run.wait().unwrap().success(), "walshore run stopped cleanly");
+    // Reaped by wait4, which also gives the run's peak RSS.
+    let pid = run.id() as libc::pid_t;
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::wait4(pid, &mut status, 0, &mut usage) }, pid, "wait4");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "walshore run stopped cleanly (status {status})"
+    );
+    drop(run);
     let last = sync();
     println!(
         "  {transactions} transactions written; the last sync (Iceberg catching up): {:.1} s",
         last.secs
+    );
+    println!(
+        "  peak RSS: copy and first build {:.0} MiB, run {:.0} MiB, last sync (key index built from the table) {:.0} MiB",
+        copy.rss_mib,
+        usage.ru_maxrss as f64 / 1024.0,
+        last.rss_mib
     );
 
     let change_files = count_files(&lake.join("public/prices"), ".parquet");

@@ -367,6 +367,18 @@ async fn assert_columns_equal(c: &tokio_postgres::Client, lake: &std::path::Path
 /// no snapshot; and a table removed with its progress is rebuilt from the whole log.
 #[tokio::test]
 async fn sync_keeps_the_iceberg_table_equal_to_the_source() {
+    keeps_equal("").await;
+}
+
+/// The same with a key index bounded below the table (`index_memory`): one of four
+/// buckets fits, the others are looked up from their files each interval, and a bucket
+/// that outgrows the bound is let go.
+#[tokio::test]
+async fn sync_keeps_the_iceberg_table_equal_with_a_key_index_smaller_than_the_table() {
+    keeps_equal("\nindex_memory = \"2KiB\"").await;
+}
+
+async fn keeps_equal(index_memory: &str) {
     // A small fold: the backlog and the rebuild take several snapshots each.
     let setup = format!(
         "{PRICES}; ALTER TABLE prices ALTER COLUMN note SET STORAGE EXTERNAL; CREATE PUBLICATION pub FOR TABLE prices"
@@ -377,7 +389,12 @@ async fn sync_keeps_the_iceberg_table_equal_to_the_source() {
         c,
         config,
         lake,
-    } = iceberg_lake(&setup, "commit_interval = \"1s\"\nbuckets = 4\nmax_fold = \"4KiB\"", "").await;
+    } = iceberg_lake(
+        &setup,
+        &format!("commit_interval = \"1s\"\nbuckets = 4\nmax_fold = \"4KiB\"{index_memory}"),
+        "",
+    )
+    .await;
 
     // Inserts, then updates and deletes in the same sync; a large value stored out of
     // line, then its row updated without touching it (PostgreSQL does not send it).

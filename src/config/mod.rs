@@ -447,6 +447,7 @@ struct RawIceberg {
     commit_interval: Option<String>,
     buckets: Option<u32>,
     max_fold: Option<String>,
+    index_memory: Option<String>,
     snapshot_retention: Option<String>,
 }
 
@@ -455,6 +456,8 @@ pub const DEFAULT_ICEBERG_COMMIT_INTERVAL: Duration = Duration::from_secs(60);
 pub const DEFAULT_ICEBERG_BUCKETS: u32 = 16;
 /// Change-log bytes folded into one snapshot at most.
 pub const DEFAULT_ICEBERG_MAX_FOLD: u64 = 256 << 20;
+/// Memory the key index of a table holds at most (24 bytes a live row).
+pub const DEFAULT_ICEBERG_INDEX_MEMORY: u64 = 256 << 20;
 /// Snapshots (and files only they reach) are kept this long.
 pub const DEFAULT_ICEBERG_SNAPSHOT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
@@ -470,6 +473,10 @@ pub struct IcebergConfig {
     /// Change-log bytes (Parquet, as stored) folded into one snapshot at most: a
     /// backlog or a rebuild becomes several snapshots.
     pub max_fold: u64,
+    /// Memory a table's key index (where each live row is) holds at most, 24 bytes a
+    /// row: buckets beyond it are looked up from their files when an interval touches
+    /// them.
+    pub index_memory: u64,
     /// Snapshots older than this expire (never the current one); files no retained
     /// snapshot reaches are deleted once this old.
     pub snapshot_retention: Duration,
@@ -510,6 +517,7 @@ fn iceberg_config(raw: RawIceberg) -> Result<IcebergConfig, ConfigError> {
         )?,
         buckets,
         max_fold: size("iceberg.max_fold", raw.max_fold, DEFAULT_ICEBERG_MAX_FOLD)?,
+        index_memory: size("iceberg.index_memory", raw.index_memory, DEFAULT_ICEBERG_INDEX_MEMORY)?,
         snapshot_retention: duration(
             "iceberg.snapshot_retention",
             raw.snapshot_retention,
@@ -1139,6 +1147,7 @@ mod tests {
         assert_eq!(i.commit_interval, DEFAULT_ICEBERG_COMMIT_INTERVAL);
         assert_eq!(i.buckets, DEFAULT_ICEBERG_BUCKETS);
         assert_eq!(i.max_fold, DEFAULT_ICEBERG_MAX_FOLD);
+        assert_eq!(i.index_memory, DEFAULT_ICEBERG_INDEX_MEMORY);
         assert_eq!(i.snapshot_retention, DEFAULT_ICEBERG_SNAPSHOT_RETENTION);
         assert!(Config::parse(MIN).unwrap().iceberg.is_none(), "off unless present");
         let err = |s: &str| {

@@ -6,20 +6,104 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::Int64Type;
-use arrow::row::{OwnedRow, RowConverter, SortField};
+use arrow::row::{RowConverter, SortField};
 
+use super::bucket::bucket_of;
+use super::metadata::PartitionSpec;
 use super::schema::Schema;
 use super::table::Commit;
 
-/// Where each live row of a table is: key → (data file, position).
+/// A key's 128-bit hash (XXH3 of its row-format bytes). The index keeps hashes, not
+/// keys: 24 bytes a live row whatever the key's width. Two keys of one table share a
+/// hash with a chance of about n²/2¹²⁹ (10⁻²³ at a billion rows).
+pub type KeyHash = u128;
+
+fn hash_key(row: arrow::row::Row<'_>) -> KeyHash {
+    twox_hash::XxHash3_128::oneshot(row.as_ref())
+}
+
+/// A removed key keeps its place in a [`Part`] until the next merge.
+const GONE: u64 = u64::MAX;
+/// Bytes a held key takes.
+pub const ENTRY_BYTES: u64 = 24;
+
+fn pack(file: u32, pos: u32) -> u64 {
+    (u64::from(file) << 32) | u64::from(pos)
+}
+
+fn unpack(loc: u64) -> (u32, u32) {
+    ((loc >> 32) as u32, loc as u32)
+}
+
+/// One bucket's live keys: (hash high, hash low, file << 32 | position), sorted by hash.
+#[derive(Default)]
+struct Part {
+    entries: Vec<(u64, u64, u64)>,
+}
+
+impl Part {
+    fn find(&self, h: KeyHash) -> Result<usize, usize> {
+        let k = ((h >> 64) as u64, h as u64);
+        self.entries.binary_search_by(|e| (e.0, e.1).cmp(&k))
+    }
+
+    fn get(&self, h: KeyHash) -> Option<(u32, u32)> {
+        let loc = self.entries[self.find(h).ok()?].2;
+        (loc != GONE).then(|| unpack(loc))
+    }
+
+    fn remove(&mut self, h: KeyHash) {
+        if let Ok(i) = self.find(h) {
+            self.entries[i].2 = GONE;
+        }
+    }
+
+    /// Adds keys (or moves them: the new place wins), in one merge that also drops the
+    /// removed ones.
+    fn insert(&mut self, mut new: Vec<(u64, u64, u64)>) {
+        if new.is_empty() {
+            return;
+        }
+        new.sort_unstable_by_key(|e| (e.0, e.1));
+        let live = self.entries.iter().filter(|e| e.2 != GONE).count();
+        let mut out = Vec::with_capacity(live + new.len());
+        let mut old = self.entries.iter().filter(|e| e.2 != GONE).peekable();
+        for n in new {
+            while let Some(o) = old.next_if(|o| (o.0, o.1) < (n.0, n.1)) {
+                out.push(*o);
+            }
+            old.next_if(|o| (o.0, o.1) == (n.0, n.1));
+            out.push(n);
+        }
+        out.extend(old);
+        self.entries = out;
+    }
+
+    fn bytes(&self) -> u64 {
+        self.entries.capacity() as u64 * ENTRY_BYTES
+    }
+}
+
+/// Where each live row of a table is: key hash → (data file, position), per bucket of
+/// the partition spec. Buckets are held in memory up to a bound (`[iceberg]
+/// index_memory`); a bucket not held is looked up by reading its files' key columns,
+/// only for the keys an interval touches ([`KeyIndex::resolve`]).
 pub struct KeyIndex {
     converter: RowConverter,
     /// The key columns, by name, in key order, and their types in the table.
     keys: Vec<String>,
     types: Vec<arrow::datatypes::DataType>,
+    /// The spec's source column and bucket count: which part a row is in.
+    bucket: Option<(String, u32)>,
     files: Vec<String>,
     file_ids: HashMap<String, u32>,
-    live: HashMap<OwnedRow, (u32, u32)>,
+    /// Ids of files forgotten, to be used again.
+    free: Vec<u32>,
+    /// Per bucket: its keys, or None when not held.
+    parts: Vec<Option<Part>>,
+    /// Keys of buckets not held, looked up for the interval at hand.
+    resolved: HashMap<KeyHash, (u32, u32)>,
+    max_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,8 +115,9 @@ pub enum FoldError {
 }
 
 impl KeyIndex {
-    /// An empty index over the identifier fields of `schema`.
-    pub fn new(schema: &Schema) -> Result<KeyIndex, FoldError> {
+    /// An empty index over the identifier fields of `schema`, partitioned as `spec`,
+    /// holding at most `max_bytes` of keys.
+    pub fn new(schema: &Schema, spec: &PartitionSpec, max_bytes: u64) -> Result<KeyIndex, FoldError> {
         let arrow = schema.arrow_schema();
         let keys: Vec<String> = schema
             .identifier_field_ids
@@ -45,13 +130,26 @@ impl KeyIndex {
             .map(|k| Ok(arrow.field_with_name(k)?.data_type().clone()))
             .collect::<Result<Vec<_>, arrow::error::ArrowError>>()?;
         let fields = types.iter().map(|t| SortField::new(t.clone())).collect();
+        let bucket = match (spec.buckets(), spec.fields.first()) {
+            (Some(n), Some(f)) => schema
+                .fields
+                .iter()
+                .find(|c| c.id == f.source_id)
+                .map(|c| (c.name.clone(), n)),
+            _ => None,
+        };
+        let parts = bucket.as_ref().map_or(1, |(_, n)| *n as usize);
         Ok(KeyIndex {
             converter: RowConverter::new(fields)?,
             keys,
             types,
+            bucket,
             files: Vec::new(),
             file_ids: HashMap::new(),
-            live: HashMap::new(),
+            free: Vec::new(),
+            parts: (0..parts).map(|_| Some(Part::default())).collect(),
+            resolved: HashMap::new(),
+            max_bytes,
         })
     }
 
@@ -59,12 +157,75 @@ impl KeyIndex {
         &self.keys
     }
 
+    /// Live keys held in memory.
     pub fn len(&self) -> usize {
-        self.live.len()
+        self.parts
+            .iter()
+            .flatten()
+            .map(|p| p.entries.iter().filter(|e| e.2 != GONE).count())
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.live.is_empty()
+        self.len() == 0
+    }
+
+    /// Bytes the held buckets take.
+    pub fn bytes(&self) -> u64 {
+        self.parts.iter().flatten().map(Part::bytes).sum()
+    }
+
+    /// Buckets held in memory, of all.
+    pub fn held(&self) -> (usize, usize) {
+        (self.parts.iter().flatten().count(), self.parts.len())
+    }
+
+    /// The part a manifest's bucket is.
+    pub fn part(bucket: Option<i32>) -> usize {
+        bucket.map_or(0, |b| b as usize)
+    }
+
+    /// Whether a bucket's keys are held.
+    pub fn holds(&self, part: usize) -> bool {
+        self.parts.get(part).is_some_and(Option::is_some)
+    }
+
+    /// Whether `rows` more keys fit within the bound.
+    pub fn fits(&self, rows: u64) -> bool {
+        self.bytes() + rows * ENTRY_BYTES <= self.max_bytes
+    }
+
+    /// Lets a bucket go: its keys are looked up from its files from now on.
+    pub fn release(&mut self, part: usize) {
+        if let Some(p) = self.parts.get_mut(part) {
+            *p = None;
+        }
+    }
+
+    /// Holds a bucket (empty: its rows follow through [`KeyIndex::add_file`]).
+    pub fn hold(&mut self, part: usize) {
+        if let Some(p) = self.parts.get_mut(part)
+            && p.is_none()
+        {
+            *p = Some(Part::default());
+        }
+    }
+
+    /// Lets the largest buckets go until the held ones fit the bound; returns how many
+    /// it let go.
+    pub fn shed(&mut self) -> usize {
+        let mut shed = 0;
+        while self.bytes() > self.max_bytes {
+            let Some(largest) = (0..self.parts.len())
+                .filter(|i| self.parts[*i].is_some())
+                .max_by_key(|i| self.parts[*i].as_ref().map_or(0, Part::bytes))
+            else {
+                break;
+            };
+            self.parts[largest] = None;
+            shed += 1;
+        }
+        shed
     }
 
     /// The keys of `batch` (conformed to the table's schema).
@@ -86,37 +247,159 @@ impl KeyIndex {
         Ok(self.converter.convert_columns(&columns)?)
     }
 
-    fn file_id(&mut self, path: &str) -> u32 {
+    /// The key hashes of `batch`'s rows (key columns, at least).
+    pub fn hashes_of(&self, batch: &RecordBatch) -> Result<Vec<KeyHash>, FoldError> {
+        Ok(self.keys_of(batch)?.iter().map(hash_key).collect())
+    }
+
+    /// The part each row of `batch` (conformed) is in.
+    fn parts_of(&self, batch: &RecordBatch) -> Result<Vec<u32>, FoldError> {
+        let Some((name, n)) = &self.bucket else {
+            return Ok(vec![0; batch.num_rows()]);
+        };
+        let column = batch
+            .column_by_name(name)
+            .ok_or_else(|| FoldError::Missing(name.clone()))?;
+        Ok((0..batch.num_rows())
+            .map(|i| bucket_of(column.as_ref(), i, *n).map_or(0, |b| b as u32))
+            .collect())
+    }
+
+    pub fn file_id(&mut self, path: &str) -> u32 {
         if let Some(id) = self.file_ids.get(path) {
             return *id;
         }
-        let id = self.files.len() as u32;
-        self.files.push(path.to_owned());
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.files[id as usize] = path.to_owned();
+                id
+            }
+            None => {
+                self.files.push(path.to_owned());
+                self.files.len() as u32 - 1
+            }
+        };
         self.file_ids.insert(path.to_owned(), id);
         id
     }
 
-    /// Indexes the rows of a data file, `rows` holding (at least) its key columns in
-    /// file order; positions in `deleted` are not live.
-    pub fn add_file(&mut self, path: &str, rows: &RecordBatch, deleted: &HashSet<i64>) -> Result<(), FoldError> {
-        let keys = self.keys_of(rows)?;
-        let id = self.file_id(path);
-        for (pos, key) in keys.iter().enumerate() {
-            if !deleted.contains(&(pos as i64)) {
-                self.live.insert(key.owned(), (id, pos as u32));
+    /// Forgets files no snapshot holds any more (compacted away): no held key is in
+    /// them, and their ids are used again.
+    pub fn forget<'a>(&mut self, paths: impl IntoIterator<Item = &'a String>) {
+        for path in paths {
+            if let Some(id) = self.file_ids.remove(path) {
+                self.files[id as usize] = String::new();
+                self.free.push(id);
             }
+        }
+    }
+
+    /// Indexes the rows of a data file of bucket `part`, `rows` holding (at least) its
+    /// key columns in file order; positions in `deleted` are not live. Nothing to do
+    /// for a bucket not held.
+    pub fn add_file(
+        &mut self,
+        path: &str,
+        part: usize,
+        rows: &RecordBatch,
+        deleted: &HashSet<i64>,
+    ) -> Result<(), FoldError> {
+        if !self.holds(part) {
+            return Ok(());
+        }
+        let hashes = self.hashes_of(rows)?;
+        let id = self.file_id(path);
+        let new = hashes
+            .into_iter()
+            .enumerate()
+            .filter(|(pos, _)| !deleted.contains(&(*pos as i64)))
+            .map(|(pos, h)| ((h >> 64) as u64, h as u64, pack(id, pos as u32)))
+            .collect();
+        if let Some(Some(p)) = self.parts.get_mut(part) {
+            p.insert(new);
         }
         Ok(())
     }
 
-    fn get(&self, key: &OwnedRow) -> Option<(u32, u32)> {
-        self.live.get(key).copied()
+    /// Where a key of a bucket not held is, found by reading the bucket's files.
+    pub fn resolve(&mut self, h: KeyHash, path: &str, pos: u32) {
+        let id = self.file_id(path);
+        self.resolved.insert(h, (id, pos));
     }
 
+    fn get(&self, part: u32, h: KeyHash) -> Option<(u32, u32)> {
+        match self.parts.get(part as usize) {
+            Some(Some(p)) => p.get(h),
+            _ => self.resolved.get(&h).copied(),
+        }
+    }
+
+    fn remove(&mut self, part: u32, h: KeyHash) {
+        match self.parts.get_mut(part as usize) {
+            Some(Some(p)) => p.remove(h),
+            _ => {
+                self.resolved.remove(&h);
+            }
+        }
+    }
+
+    /// The table is empty: every bucket held, none with a key.
     pub fn clear(&mut self) {
-        self.live.clear();
+        for p in &mut self.parts {
+            *p = Some(Part::default());
+        }
         self.files.clear();
         self.file_ids.clear();
+        self.free.clear();
+        self.resolved.clear();
+    }
+
+    /// Ends an interval: the keys looked up for it go.
+    pub fn settle(&mut self) {
+        self.resolved = HashMap::new();
+    }
+}
+
+/// Change-log rows read for an interval, conformed, with each row's key hash and
+/// bucket: what [`fold`] takes, and which keys it needs looked up first.
+pub struct Prepared<'a> {
+    batches: &'a [RecordBatch],
+    conformed: Vec<RecordBatch>,
+    hashes: Vec<Vec<KeyHash>>,
+    parts: Vec<Vec<u32>>,
+}
+
+impl<'a> Prepared<'a> {
+    pub fn new(schema: &Schema, index: &KeyIndex, batches: &'a [RecordBatch]) -> Result<Prepared<'a>, FoldError> {
+        let mut conformed = Vec::with_capacity(batches.len());
+        let mut hashes = Vec::with_capacity(batches.len());
+        let mut parts = Vec::with_capacity(batches.len());
+        for batch in batches {
+            let c = schema.conform_log(batch)?;
+            hashes.push(index.hashes_of(&c)?);
+            parts.push(index.parts_of(&c)?);
+            conformed.push(c);
+        }
+        Ok(Prepared {
+            batches,
+            conformed,
+            hashes,
+            parts,
+        })
+    }
+
+    /// The keys in buckets `index` does not hold, by bucket: they are looked up in the
+    /// bucket's files before the fold.
+    pub fn unheld(&self, index: &KeyIndex) -> BTreeMap<usize, HashSet<KeyHash>> {
+        let mut out: BTreeMap<usize, HashSet<KeyHash>> = BTreeMap::new();
+        for (hashes, parts) in self.hashes.iter().zip(&self.parts) {
+            for (h, p) in hashes.iter().zip(parts) {
+                if !index.holds(*p as usize) {
+                    out.entry(*p as usize).or_default().insert(*h);
+                }
+            }
+        }
+        out
     }
 }
 
@@ -164,8 +447,9 @@ impl Prev {
 /// values it needs before it can be built.
 pub struct Folded {
     truncate: bool,
-    /// Keys touched, in first-touch order, with their final image (None: deleted).
-    latest: Vec<(OwnedRow, Option<Image>)>,
+    /// Keys touched (hash and bucket), in first-touch order, with their final image
+    /// (None: deleted).
+    latest: Vec<(KeyHash, u32, Option<Image>)>,
     conformed: Vec<RecordBatch>,
 }
 
@@ -173,7 +457,7 @@ impl Folded {
     /// Table rows whose values carry forward: data file path → positions.
     pub fn needs(&self, index: &KeyIndex) -> BTreeMap<String, Vec<i64>> {
         let mut out: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-        for (_, image) in &self.latest {
+        for (_, _, image) in &self.latest {
             for (_, s) in image.iter().flat_map(|i| &i.carried) {
                 if let Source::Table(f, p) = s {
                     out.entry(index.files[*f as usize].clone())
@@ -200,8 +484,8 @@ impl Folded {
     ) -> Result<Commit, FoldError> {
         let mut deletes: BTreeMap<String, Vec<i64>> = BTreeMap::new();
         if !self.truncate {
-            for (key, _) in &self.latest {
-                if let Some((f, p)) = index.get(key) {
+            for (key, part, _) in &self.latest {
+                if let Some((f, p)) = index.get(*part, *key) {
                     deletes
                         .entry(index.files[f as usize].clone())
                         .or_default()
@@ -221,7 +505,7 @@ impl Folded {
                 }
             }
         }
-        let images: Vec<&Image> = self.latest.iter().filter_map(|(_, i)| i.as_ref()).collect();
+        let images: Vec<&Image> = self.latest.iter().filter_map(|(_, _, i)| i.as_ref()).collect();
         let arrow = schema.arrow_schema();
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(arrow.fields().len());
         for c in 0..arrow.fields().len() {
@@ -239,8 +523,8 @@ impl Folded {
         if self.truncate {
             index.clear();
         } else {
-            for (key, _) in &self.latest {
-                index.live.remove(key);
+            for (key, part, _) in &self.latest {
+                index.remove(*part, *key);
             }
         }
         Ok(Commit {
@@ -253,19 +537,21 @@ impl Folded {
     }
 }
 
-/// Folds change-log rows (`batches`, of lake types, with `_op`, `_lsn`, `_seq` and
+/// Folds change-log rows (`prepared`: of lake types, with `_op`, `_lsn`, `_seq` and
 /// `_unchanged`) in `(_lsn, _seq)` order: each key's last image wins, a delete removes
 /// it, a truncate removes everything before it. A value PostgreSQL did not send takes
-/// the key's previous image's, from the interval or from the table. `rebuild` starts
+/// the key's previous image's, from the interval or from the table (`index`, which
+/// must hold or have resolved every key of [`Prepared::unheld`]). `rebuild` starts
 /// from an empty table (as if the rows followed a truncate).
-pub fn fold(schema: &Schema, index: &KeyIndex, batches: &[RecordBatch], rebuild: bool) -> Result<Folded, FoldError> {
-    let mut conformed = Vec::with_capacity(batches.len());
+pub fn fold(schema: &Schema, index: &KeyIndex, prepared: Prepared<'_>, rebuild: bool) -> Result<Folded, FoldError> {
+    let Prepared {
+        batches,
+        conformed,
+        hashes,
+        parts,
+    } = prepared;
     let mut order: Vec<(i64, i64, usize, usize)> = Vec::new();
-    let mut keys = Vec::with_capacity(batches.len());
     for (b, batch) in batches.iter().enumerate() {
-        let c = schema.conform_log(batch)?;
-        keys.push(index.keys_of(&c)?);
-        conformed.push(c);
         let column = |n: &str| batch.column_by_name(n).ok_or_else(|| FoldError::Missing(n.into()));
         let lsn = column("_lsn")?.as_primitive::<Int64Type>();
         let seq = column("_seq")?.as_primitive::<Int64Type>();
@@ -276,8 +562,8 @@ pub fn fold(schema: &Schema, index: &KeyIndex, batches: &[RecordBatch], rebuild:
     order.sort_unstable();
     let arrow = schema.arrow_schema();
     let mut truncate = rebuild;
-    let mut slot: HashMap<OwnedRow, usize> = HashMap::new();
-    let mut latest: Vec<(OwnedRow, Option<Image>)> = Vec::new();
+    let mut slot: HashMap<KeyHash, usize> = HashMap::new();
+    let mut latest: Vec<(KeyHash, u32, Option<Image>)> = Vec::new();
     // Keys deleted earlier in the interval: the table's row is not their previous image.
     let mut deleted: Vec<bool> = Vec::new();
     // The image a delete just removed, with its (_lsn, _seq): an update that changes
@@ -298,16 +584,16 @@ pub fn fold(schema: &Schema, index: &KeyIndex, batches: &[RecordBatch], rebuild:
             deleted.clear();
             continue;
         }
-        let key = keys[b].row(r).owned();
-        let at = *slot.entry(key.clone()).or_insert_with(|| {
-            latest.push((key.clone(), None));
+        let (key, part) = (hashes[b][r], parts[b][r]);
+        let at = *slot.entry(key).or_insert_with(|| {
+            latest.push((key, part, None));
             deleted.push(false);
             latest.len() - 1
         });
         if op == "D" {
-            let prev = match latest[at].1.take() {
+            let prev = match latest[at].2.take() {
                 Some(image) => Some(Prev::Image(image)),
-                None if !truncate && !deleted[at] => index.get(&latest[at].0).map(|(f, p)| Prev::Table(f, p)),
+                None if !truncate && !deleted[at] => index.get(part, key).map(|(f, p)| Prev::Table(f, p)),
                 None => None,
             };
             just_deleted = prev.map(|p| (lsn, seq, p));
@@ -331,9 +617,9 @@ pub fn fold(schema: &Schema, index: &KeyIndex, batches: &[RecordBatch], rebuild:
                 let Some((c, _)) = arrow.column_with_name(name) else {
                     continue;
                 };
-                let previous = match &latest[at].1 {
+                let previous = match &latest[at].2 {
                     Some(prev) => Some(prev.source_of(c)),
-                    None if !truncate && !deleted[at] => index.get(&latest[at].0).map(|(f, p)| Source::Table(f, p)),
+                    None if !truncate && !deleted[at] => index.get(part, key).map(|(f, p)| Source::Table(f, p)),
                     None => None,
                 }
                 // A new key: the old key's image, when this row is its update.
@@ -345,11 +631,157 @@ pub fn fold(schema: &Schema, index: &KeyIndex, batches: &[RecordBatch], rebuild:
                 }
             }
         }
-        latest[at].1 = Some(image);
+        latest[at].2 = Some(image);
     }
     Ok(Folded {
         truncate,
         latest,
         conformed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field};
+
+    use super::*;
+    use crate::batch::schema::{LakeColumn, LakeSchema};
+    use crate::iceberg::metadata::PartitionField;
+
+    fn index(buckets: u32, max_bytes: u64) -> KeyIndex {
+        let lake = LakeSchema {
+            columns: [("id", true), ("px", false)]
+                .into_iter()
+                .map(|(name, key)| LakeColumn {
+                    name: name.into(),
+                    arrow_type: "Int64".into(),
+                    pg_type_oid: 20,
+                    pg_type_modifier: -1,
+                    dropped: false,
+                    key,
+                })
+                .collect(),
+        };
+        let (schema, _) = Schema::for_lake(&lake).unwrap();
+        let spec = PartitionSpec {
+            spec_id: 0,
+            fields: vec![PartitionField {
+                source_id: 1,
+                field_id: 1000,
+                name: "id_bucket".into(),
+                transform: format!("bucket[{buckets}]"),
+            }],
+        };
+        KeyIndex::new(&schema, &spec, max_bytes).unwrap()
+    }
+
+    fn keys(ids: impl IntoIterator<Item = i64>) -> RecordBatch {
+        let field = Field::new("id", DataType::Int64, false);
+        RecordBatch::try_new(
+            Arc::new(arrow::datatypes::Schema::new(vec![field])),
+            vec![Arc::new(Int64Array::from_iter_values(ids))],
+        )
+        .unwrap()
+    }
+
+    fn hash(index: &KeyIndex, id: i64) -> (u32, KeyHash) {
+        let rows = keys([id]);
+        (index.parts_of(&rows).unwrap()[0], index.hashes_of(&rows).unwrap()[0])
+    }
+
+    /// Keys of one bucket, as [`KeyIndex::add_file`] is given them: (id, part).
+    fn in_bucket(index: &KeyIndex, part: u32, n: usize) -> Vec<i64> {
+        (0..).filter(|i| hash(index, *i).0 == part).take(n).collect()
+    }
+
+    #[test]
+    fn keys_are_found_moved_and_removed() {
+        let mut index = index(4, u64::MAX);
+        let ids = in_bucket(&index, 1, 100);
+        index.add_file("a", 1, &keys(ids.clone()), &HashSet::from([3])).unwrap();
+        assert_eq!(index.len(), 99, "a deleted position is not live");
+        let (part, h) = hash(&index, ids[5]);
+        assert_eq!(
+            index.get(part, h).map(|(f, p)| (index.files[f as usize].as_str(), p)),
+            Some(("a", 5))
+        );
+        let (_, gone) = hash(&index, ids[3]);
+        assert_eq!(index.get(part, gone), None);
+
+        // Moved: a later file's place wins; removed: gone until added again.
+        index
+            .add_file("b", 1, &keys([ids[5], ids[3]]), &HashSet::new())
+            .unwrap();
+        assert_eq!(
+            index.get(part, h).map(|(f, p)| (index.files[f as usize].as_str(), p)),
+            Some(("b", 0))
+        );
+        assert_eq!(index.get(part, gone).map(|(_, p)| p), Some(1));
+        index.remove(part, h);
+        assert_eq!(index.get(part, h), None);
+        assert_eq!(index.len(), 99);
+        index.add_file("c", 1, &keys([ids[7]]), &HashSet::new()).unwrap();
+        assert_eq!(
+            index.len(),
+            99,
+            "a merge drops the removed key and keeps the moved one once"
+        );
+        assert_eq!(
+            index.parts[1].as_ref().unwrap().entries.len(),
+            99,
+            "the merge left no removed entry behind"
+        );
+    }
+
+    #[test]
+    fn buckets_beyond_the_bound_are_let_go_and_looked_up() {
+        // Room for 150 keys: two buckets of 100 do not fit.
+        let mut index = index(4, 150 * ENTRY_BYTES);
+        let first = in_bucket(&index, 0, 100);
+        let second = in_bucket(&index, 2, 100);
+        index.add_file("a", 0, &keys(first.clone()), &HashSet::new()).unwrap();
+        index.add_file("b", 2, &keys(second.clone()), &HashSet::new()).unwrap();
+        assert_eq!(index.held(), (4, 4));
+        assert_eq!(index.shed(), 1, "the largest bucket goes");
+        assert!(index.bytes() <= 150 * ENTRY_BYTES);
+        let (part, h) = hash(&index, second[9]);
+        let gone = if index.holds(part as usize) { 0 } else { part as usize };
+        let kept = if gone == 0 { 2 } else { 0 };
+        assert!(index.holds(kept) && !index.holds(gone));
+
+        // A bucket not held: its keys are looked up from its files for an interval.
+        let batch = keys([second[9], first[9]]);
+        let prepared = Prepared {
+            batches: &[],
+            conformed: Vec::new(),
+            hashes: vec![index.hashes_of(&batch).unwrap()],
+            parts: vec![index.parts_of(&batch).unwrap()],
+        };
+        let unheld = prepared.unheld(&index);
+        assert_eq!(unheld.len(), 1);
+        assert_eq!(unheld[&gone].len(), 1);
+        index.resolve(h, "b", 9);
+        if gone == 2 {
+            assert_eq!(index.get(part, h).map(|(_, p)| p), Some(9));
+        }
+        index.settle();
+        assert_eq!(index.get(2, hash(&index, second[9]).1).is_some(), index.holds(2));
+        // Adding to a bucket not held keeps nothing.
+        let before = index.bytes();
+        index
+            .add_file("z", gone, &keys(in_bucket(&index, gone as u32, 10)), &HashSet::new())
+            .unwrap();
+        assert_eq!(index.bytes(), before);
+
+        // A truncate: every bucket held again, empty; files forgotten are used again.
+        index.clear();
+        assert_eq!(index.held(), (4, 4));
+        assert!(index.is_empty());
+        let a = index.file_id("x");
+        index.forget([&"x".to_owned()]);
+        assert_eq!(index.file_id("y"), a, "a forgotten file's id is used again");
+    }
 }

@@ -25,7 +25,7 @@ use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tokio_util::sync::CancellationToken;
 
-use super::fold::{FoldError, KeyIndex, fold};
+use super::fold::{FoldError, KeyHash, KeyIndex, Prepared, fold};
 use super::manifest::ManifestEntry;
 use super::schema::Schema;
 use super::table::{Commit, Location, Table, TableError, WATERMARK_LSN, WATERMARK_SEQ};
@@ -166,6 +166,44 @@ async fn deleted_positions(
 
 fn concat(batches: &[RecordBatch], schema: arrow::datatypes::SchemaRef) -> Result<RecordBatch, FoldError> {
     Ok(arrow::compute::concat_batches(&schema, batches)?)
+}
+
+/// A bucket's live files: (data, position deletes).
+type BucketFiles<'a> = (Vec<&'a ManifestEntry>, Vec<&'a ManifestEntry>);
+
+/// Live files by bucket.
+fn by_bucket(live: &[ManifestEntry]) -> BTreeMap<Option<i32>, BucketFiles<'_>> {
+    let mut buckets: BTreeMap<Option<i32>, BucketFiles<'_>> = BTreeMap::new();
+    for e in live {
+        let b = buckets.entry(e.file.partition).or_default();
+        if e.file.content == super::manifest::DATA {
+            b.0.push(e);
+        } else {
+            b.1.push(e);
+        }
+    }
+    buckets
+}
+
+/// Live rows of a bucket, as its manifests count them.
+fn live_rows((data, deletes): &BucketFiles<'_>) -> u64 {
+    let count = |files: &[&ManifestEntry]| files.iter().map(|e| e.file.record_count).sum::<i64>();
+    (count(data) - count(deletes)).max(0) as u64
+}
+
+/// The key columns of a data file, in file order (None: it has no rows).
+async fn key_rows(table: &Table, keys: &[String], path: &str) -> Result<Option<RecordBatch>, ProjectError> {
+    let bytes = table.read(path).await?;
+    let batches = parquet_batches(path, bytes, Some(keys))?;
+    let Some(first) = batches.first() else {
+        return Ok(None);
+    };
+    concat(&batches, first.schema())
+        .map(Some)
+        .map_err(|source| ProjectError::Fold {
+            table: table.location_uri().to_owned(),
+            source,
+        })
 }
 
 impl Projector {
@@ -399,31 +437,90 @@ impl Projector {
     }
 
     /// The key index of a table's live rows: its data files' key columns minus the
-    /// positions its delete files name.
+    /// positions its delete files name, bucket by bucket while `index_memory` allows
+    /// (the others are looked up from their files when an interval touches them).
     async fn index(&self, name: &str, table: &Table) -> Result<KeyIndex, ProjectError> {
         let fold_err = |source| ProjectError::Fold {
             table: name.to_owned(),
             source,
         };
-        let mut index = KeyIndex::new(table.schema()).map_err(fold_err)?;
+        let mut index =
+            KeyIndex::new(table.schema(), table.metadata().default_spec(), self.cfg.index_memory).map_err(fold_err)?;
         let live = table.live_files().await?;
-        let deletes: Vec<&ManifestEntry> = live
-            .iter()
-            .filter(|e| e.file.content == super::manifest::POSITION_DELETES)
-            .collect();
-        let deleted = deleted_positions(table, &deletes).await?;
-        let keys = index.key_columns().to_vec();
-        let none = HashSet::new();
-        for e in live.iter().filter(|e| e.file.content == super::manifest::DATA) {
-            let bytes = table.read(&e.file.path).await?;
-            let batches = parquet_batches(&e.file.path, bytes, Some(&keys))?;
-            let Some(first) = batches.first() else { continue };
-            let rows = concat(&batches, first.schema()).map_err(fold_err)?;
-            index
-                .add_file(&e.file.path, &rows, deleted.get(&e.file.path).unwrap_or(&none))
-                .map_err(fold_err)?;
+        for (bucket, files) in by_bucket(&live) {
+            let part = KeyIndex::part(bucket);
+            if !index.fits(live_rows(&files)) {
+                index.release(part);
+                continue;
+            }
+            Self::read_bucket(table, &mut index, part, &files, None).await?;
+        }
+        let (held, of) = index.held();
+        if held < of {
+            tracing::info!(
+                table = name,
+                held,
+                buckets = of,
+                index_memory = self.cfg.index_memory,
+                "the Iceberg key index holds only some buckets within [iceberg] index_memory; the others are looked up from their files"
+            );
         }
         Ok(index)
+    }
+
+    /// Reads a bucket's keys from its files: all of them into the index when it holds
+    /// the bucket, else only where the keys in `wanted` are.
+    async fn read_bucket(
+        table: &Table,
+        index: &mut KeyIndex,
+        part: usize,
+        (data, deletes): &BucketFiles<'_>,
+        wanted: Option<&HashSet<KeyHash>>,
+    ) -> Result<(), ProjectError> {
+        let fold_err = |source| ProjectError::Fold {
+            table: table.location_uri().to_owned(),
+            source,
+        };
+        let deleted = deleted_positions(table, deletes).await?;
+        let keys = index.key_columns().to_vec();
+        let none = HashSet::new();
+        for e in data {
+            let path = &e.file.path;
+            let Some(rows) = key_rows(table, &keys, path).await? else {
+                continue;
+            };
+            let gone = deleted.get(path).unwrap_or(&none);
+            match wanted {
+                Some(wanted) if !index.holds(part) => {
+                    for (pos, h) in index.hashes_of(&rows).map_err(fold_err)?.into_iter().enumerate() {
+                        if wanted.contains(&h) && !gone.contains(&(pos as i64)) {
+                            index.resolve(h, path, pos as u32);
+                        }
+                    }
+                }
+                _ => index.add_file(path, part, &rows, gone).map_err(fold_err)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Looks up the keys of buckets the index does not hold (`unheld`), from the
+    /// buckets' files; a bucket that fits within `index_memory` again is held from now on.
+    async fn resolve(&self, p: &mut Projected, unheld: BTreeMap<usize, HashSet<KeyHash>>) -> Result<(), ProjectError> {
+        let live = p.table.live_files().await?;
+        let buckets: BTreeMap<usize, BucketFiles<'_>> = by_bucket(&live)
+            .into_iter()
+            .map(|(b, files)| (KeyIndex::part(b), files))
+            .collect();
+        for (part, wanted) in unheld {
+            // No file: no key there.
+            let Some(files) = buckets.get(&part) else { continue };
+            if p.index.fits(live_rows(files)) {
+                p.index.hold(part);
+            }
+            Self::read_bucket(&p.table, &mut p.index, part, files, Some(&wanted)).await?;
+        }
+        Ok(())
     }
 
     /// Applies the commit log after each table's `applied` up to `head`.
@@ -685,15 +782,7 @@ impl Projector {
             return Ok(());
         };
         let live = p.table.live_files().await?;
-        let mut buckets: BTreeMap<Option<i32>, (Vec<&ManifestEntry>, Vec<&ManifestEntry>)> = BTreeMap::new();
-        for e in &live {
-            let b = buckets.entry(e.file.partition).or_default();
-            if e.file.content == super::manifest::DATA {
-                b.0.push(e);
-            } else {
-                b.1.push(e);
-            }
-        }
+        let buckets = by_bucket(&live);
         let schema = p.table.schema().clone();
         let mut rows = Vec::new();
         let mut remove = Vec::new();
@@ -725,6 +814,7 @@ impl Projector {
         if remove.is_empty() {
             return Ok(());
         }
+        let committed_removed = remove.clone();
         let commit = Commit {
             rows,
             remove,
@@ -735,8 +825,11 @@ impl Projector {
             ..Commit::default()
         };
         let committed = p.table.commit(commit).await?;
-        for (path, _, rows) in &committed.data_files {
-            p.index.add_file(path, rows, &HashSet::new()).map_err(fold_err)?;
+        p.index.forget(&committed_removed);
+        for (path, bucket, rows) in &committed.data_files {
+            p.index
+                .add_file(path, KeyIndex::part(*bucket), rows, &HashSet::new())
+                .map_err(fold_err)?;
         }
         tracing::info!(
             table = name,
@@ -768,8 +861,16 @@ impl Projector {
             batches.extend(parquet_batches(&f.key, bytes, None)?);
         }
         let schema = p.table.schema().clone();
-        let folded = fold(&schema, &p.index, &batches, rebuild).map_err(fold_err)?;
+        let prepared = Prepared::new(&schema, &p.index, &batches).map_err(fold_err)?;
+        if !rebuild {
+            let unheld = prepared.unheld(&p.index);
+            if !unheld.is_empty() {
+                self.resolve(p, unheld).await?;
+            }
+        }
+        let folded = fold(&schema, &p.index, prepared, rebuild).map_err(fold_err)?;
         if folded.is_empty() {
+            p.index.settle();
             if let Some((seq, _)) = at {
                 p.applied = seq;
             }
@@ -802,8 +903,20 @@ impl Projector {
         }
         let committed = p.table.commit(commit).await?;
         crate::fault::point("iceberg_after_commit");
-        for (path, _, rows) in &committed.data_files {
-            p.index.add_file(path, rows, &HashSet::new()).map_err(fold_err)?;
+        for (path, bucket, rows) in &committed.data_files {
+            p.index
+                .add_file(path, KeyIndex::part(*bucket), rows, &HashSet::new())
+                .map_err(fold_err)?;
+        }
+        p.index.settle();
+        let shed = p.index.shed();
+        if shed > 0 {
+            tracing::info!(
+                table = name,
+                buckets = shed,
+                index_memory = self.cfg.index_memory,
+                "the Iceberg key index outgrew [iceberg] index_memory: buckets let go are looked up from their files"
+            );
         }
         if let Some((seq, _)) = at {
             p.applied = seq;
