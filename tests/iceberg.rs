@@ -425,6 +425,7 @@ async fn keeps_equal(index_memory: &str) {
     .unwrap();
     sync(&config);
     assert_iceberg_equals_source(&c, &lake, "a second sync").await;
+    assert_verified(&config, "a second sync");
     // `walshore status` shows the table caught up, with its rows and files.
     let status = support::status(&config);
     let iceberg = &status["iceberg"]["public.prices"];
@@ -466,6 +467,7 @@ async fn keeps_equal(index_memory: &str) {
     sync(&config);
     let evolved = ["sym", "px", "qty", "venue"];
     assert_columns_equal(&c, &lake, "columns added, widened and dropped", &evolved).await;
+    assert_verified(&config, "columns added, widened and dropped");
 
     // The table and the projector's progress removed: rebuilt from the whole log.
     std::fs::remove_dir_all(lake.join("_iceberg")).unwrap();
@@ -908,4 +910,118 @@ async fn a_failing_table_holds_back_no_other() {
             "{reader}: a anew"
         );
     }
+}
+
+/// `walshore verify --format json` with its exit code.
+fn verify_json(config: &std::path::Path) -> (i32, serde_json::Value) {
+    let out = support::walshore(&["verify", "--config", config.to_str().unwrap(), "--format", "json"]);
+    let report = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("verify printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.code().unwrap_or(-1), report)
+}
+
+/// `walshore verify` finds the change log equal to the source and the Iceberg table
+/// equal to the change log at its watermark.
+fn assert_verified(config: &std::path::Path, what: &str) {
+    let (code, report) = verify_json(config);
+    assert_eq!(code, 0, "verify after {what}: {report:#}");
+    assert_eq!(report["tables"][0]["iceberg"]["result"], "equal", "after {what}: {report:#}");
+}
+
+/// `walshore verify` also compares each Iceberg table with the change log at the
+/// Iceberg table's watermark: equal when it is current, equal when it lags the change
+/// log (the records after its watermark are left out), and a row the Iceberg table lost
+/// behind the projector's back is found, named by its key, and fails the run.
+#[tokio::test]
+async fn verify_compares_the_iceberg_table_at_its_watermark() {
+    let setup = format!("{PRICES}; CREATE PUBLICATION pub FOR TABLE prices");
+    let IcebergLake {
+        _cluster,
+        _dir,
+        c,
+        config,
+        lake,
+    } = iceberg_lake(&setup, "buckets = 2", "").await;
+    c.batch_execute(
+        "INSERT INTO prices SELECT 'S' || i, i, i, 'n' || i FROM generate_series(1, 50) i;
+         UPDATE prices SET qty = -qty WHERE qty % 3 = 0;
+         DELETE FROM prices WHERE qty % 5 = 0;",
+    )
+    .await
+    .unwrap();
+    sync(&config);
+    let (code, report) = verify_json(&config);
+    let t = &report["tables"][0];
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(t["iceberg"]["result"], "equal", "{report:#}");
+    let rows = source_rows(&c, "SELECT count(*)::text FROM prices").await[0][0]
+        .clone()
+        .unwrap();
+    assert_eq!(t["iceberg"]["rows"].to_string(), rows, "{report:#}");
+    assert_eq!(t["iceberg"]["log_rows"].to_string(), rows, "{report:#}");
+
+    // The change log moves on without the projector (a config without [iceberg]): the
+    // Iceberg table is compared at its own, older watermark.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let plain = config.with_file_name("plain.toml");
+    std::fs::write(&plain, &text[..text.find("[iceberg]").unwrap()]).unwrap();
+    let watermark = t["iceberg"]["seq"].as_u64().unwrap();
+    c.batch_execute("UPDATE prices SET px = px * 2; DELETE FROM prices WHERE sym = 'S1'")
+        .await
+        .unwrap();
+    sync(&plain);
+    let (code, report) = verify_json(&config);
+    let t = &report["tables"][0];
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(t["result"], "equal", "the change log equals the source: {report:#}");
+    assert_eq!(t["iceberg"]["result"], "equal", "{report:#}");
+    assert_eq!(t["iceberg"]["seq"].as_u64().unwrap(), watermark, "{report:#}");
+    assert_eq!(
+        t["iceberg"]["rows"].to_string(),
+        rows,
+        "as of its watermark: {report:#}"
+    );
+    sync(&config);
+
+    // A row deleted from the Iceberg table behind the projector's back, in a snapshot
+    // that claims the same watermark.
+    let store: Arc<dyn object_store::ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(&lake).unwrap());
+    let location = Location {
+        store,
+        root: "_iceberg/public/prices".into(),
+        uri: format!("file://{}", lake.join("_iceberg/public/prices").display()),
+    };
+    let mut table = Table::load(location).await.unwrap().unwrap();
+    let summary = table.metadata().current_snapshot().unwrap().summary.clone();
+    let live = table.live_files().await.unwrap();
+    let data = live
+        .iter()
+        .find(|e| e.file.content == 0 && e.file.record_count > 0)
+        .unwrap();
+    table
+        .commit(Commit {
+            deletes: BTreeMap::from([(data.file.path.clone(), vec![0])]),
+            summary: [WATERMARK_SEQ, WATERMARK_LSN]
+                .into_iter()
+                .map(|k| (k.to_owned(), summary[k].clone()))
+                .collect(),
+            ..Commit::default()
+        })
+        .await
+        .unwrap();
+    let (code, report) = verify_json(&config);
+    let t = &report["tables"][0];
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(t["result"], "differs", "{report:#}");
+    assert_eq!(t["iceberg"]["result"], "differs", "{report:#}");
+    assert_eq!(t["iceberg"]["missing"], 1, "{report:#}");
+    assert_eq!(t["iceberg"]["extra"], 0, "{report:#}");
+    let sample = &t["iceberg"]["samples"][0];
+    assert_eq!(sample["kind"], "missing", "{report:#}");
+    assert!(sample["key"].as_str().unwrap().starts_with("sym=S"), "{report:#}");
+    // The text report names it too.
+    let out = support::walshore(&["verify", "--config", config.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Iceberg table  DIFFERS"), "{text}");
+    assert!(text.contains("iceberg missing"), "{text}");
 }

@@ -168,6 +168,70 @@ fn concat(batches: &[RecordBatch], schema: arrow::datatypes::SchemaRef) -> Resul
     Ok(arrow::compute::concat_batches(&schema, batches)?)
 }
 
+/// Where the Iceberg table of `schema.table` lives in the sink at `sink_uri` (`store`).
+pub fn location_of(store: Arc<dyn ObjectStore>, sink_uri: &str, table: &str) -> Location {
+    let rel = format!("_iceberg/{}", table.replacen('.', "/", 1));
+    Location {
+        store,
+        root: Path::from(rel.as_str()),
+        uri: format!("{}/{rel}", sink_uri.trim_end_matches('/')),
+    }
+}
+
+/// The rows of data file `path` that are live (the positions in `gone` are deleted),
+/// every column, in file order (None: it has no rows).
+async fn live_rows_of(
+    table: &Table,
+    path: &str,
+    gone: Option<&HashSet<i64>>,
+) -> Result<Option<RecordBatch>, ProjectError> {
+    let fold_err = |source| ProjectError::Fold {
+        table: table.location_uri().to_owned(),
+        source,
+    };
+    let body = table.read(path).await?;
+    let batches = parquet_batches(path, body, None)?;
+    let Some(first) = batches.first() else {
+        return Ok(None);
+    };
+    let all = concat(&batches, first.schema()).map_err(fold_err)?;
+    let Some(gone) = gone.filter(|g| !g.is_empty()) else {
+        return Ok(Some(all));
+    };
+    let keep = arrow::array::BooleanArray::from_iter((0..all.num_rows() as i64).map(|pos| Some(!gone.contains(&pos))));
+    arrow::compute::filter_record_batch(&all, &keep)
+        .map(Some)
+        .map_err(|e| fold_err(e.into()))
+}
+
+/// Hands `each` the live rows of `table`'s current snapshot, a data file at a time
+/// (as written: conform them to read them as the table's schema); returns how many.
+pub async fn read_live_rows(
+    table: &Table,
+    mut each: impl FnMut(RecordBatch) -> Result<(), String>,
+) -> Result<u64, String> {
+    let live = table.live_files().await.map_err(|e| e.to_string())?;
+    let mut rows = 0;
+    for (_, (data, deletes)) in by_bucket(&live) {
+        let deleted = deleted_positions(table, &deletes).await.map_err(|e| e.to_string())?;
+        for d in data {
+            let Some(kept) = live_rows_of(table, &d.file.path, deleted.get(&d.file.path))
+                .await
+                .map_err(|e| e.to_string())?
+            else {
+                continue;
+            };
+            let kept = table
+                .schema()
+                .conform(&kept)
+                .map_err(|e| format!("{}: {e}", d.file.path))?;
+            rows += kept.num_rows() as u64;
+            each(kept)?;
+        }
+    }
+    Ok(rows)
+}
+
 /// A bucket's live files: (data, position deletes).
 type BucketFiles<'a> = (Vec<&'a ManifestEntry>, Vec<&'a ManifestEntry>);
 
@@ -236,12 +300,7 @@ impl Projector {
 
     /// Where the Iceberg table of `schema.table` lives.
     pub fn location(&self, table: &str) -> Location {
-        let rel = format!("_iceberg/{}", table.replacen('.', "/", 1));
-        Location {
-            store: self.store.clone(),
-            root: Path::from(rel.as_str()),
-            uri: format!("{}/{rel}", self.sink_uri),
-        }
+        location_of(self.store.clone(), &self.sink_uri, table)
     }
 
     /// Projects on every `commit_interval` until `stop`; a failure is logged and the
@@ -798,16 +857,10 @@ impl Projector {
             remove.extend(deletes.iter().map(|x| x.file.path.clone()));
             for d in &data {
                 bytes += d.file.file_size as u64;
-                let body = p.table.read(&d.file.path).await?;
-                let batches = parquet_batches(&d.file.path, body, None)?;
                 remove.push(d.file.path.clone());
-                let Some(first) = batches.first() else { continue };
-                let all = concat(&batches, first.schema()).map_err(fold_err)?;
-                let gone = deleted.get(&d.file.path);
-                let keep = arrow::array::BooleanArray::from_iter(
-                    (0..all.num_rows() as i64).map(|pos| Some(!gone.is_some_and(|g| g.contains(&pos)))),
-                );
-                let kept = arrow::compute::filter_record_batch(&all, &keep).map_err(|e| fold_err(e.into()))?;
+                let Some(kept) = live_rows_of(&p.table, &d.file.path, deleted.get(&d.file.path)).await? else {
+                    continue;
+                };
                 rows.push(schema.conform(&kept).map_err(|e| fold_err(e.into()))?);
             }
         }

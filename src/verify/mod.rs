@@ -32,11 +32,12 @@
 //! of buckets follows the table's size.
 
 pub mod compare;
+mod iceberg;
 mod manifest;
 pub mod report;
 pub mod rows;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,7 +49,7 @@ use crate::config::{Config, SnapshotMode};
 use crate::lsn::Lsn;
 use crate::snapshot::{self, SnapshotError, SnapshotTable};
 use crate::source::{SourceError, quote_ident, sql};
-pub use report::{Outcome, Report, TableReport, read_last};
+pub use report::{IcebergReport, Outcome, Report, TableReport, read_last};
 
 /// `application_name` of verify's connections, so that a DBA sees them for what they are
 /// (`pg_stat_activity`; a peek that holds the slot for a moment names it).
@@ -209,6 +210,12 @@ pub async fn verify(cfg: &Config, opts: &Options) -> Result<Report, VerifyError>
             .iter()
             .map(|k| crate::sink::key_path(k))
             .collect();
+    // Each covered Iceberg table before the commit log: its watermark is then at or
+    // before every record the log gives.
+    let mut icebergs = Vec::new();
+    for t in &tables {
+        icebergs.push(iceberg::load(cfg, store.clone(), &t.name).await);
+    }
     let names: Vec<String> = tables.iter().map(|t| t.name.clone()).collect();
     let mut committed = manifest::spill_committed(store.as_ref(), &names, dir.path()).await?;
     // The head as of the manifest: which copies it holds, of which tables.
@@ -283,7 +290,18 @@ pub async fn verify(cfg: &Config, opts: &Options) -> Result<Report, VerifyError>
             );
         }
         let mut lake = compare::LakeSide::new(dir.path(), i, digests.len(), cutoff).map_err(spill_err)?;
-        read_lake(store.clone(), &table, &cols, files, cutoff, &mut lake, &mut report).await?;
+        let none = HashSet::new();
+        read_lake(
+            store.clone(),
+            &table,
+            &cols,
+            files,
+            cutoff,
+            &none,
+            &mut lake,
+            &mut report,
+        )
+        .await?;
         report.lake_changes = lake.changes;
         let (lake_paths, truncates) = lake.finish().map_err(spill_err)?;
         compare::compare(
@@ -297,6 +315,23 @@ pub async fn verify(cfg: &Config, opts: &Options) -> Result<Report, VerifyError>
         .map_err(spill_err)?;
         for p in paths.iter().chain(&lake_paths) {
             let _ = std::fs::remove_file(p);
+        }
+        if let Some(loaded) = icebergs[i].take() {
+            let job = iceberg::Job {
+                store: store.clone(),
+                head: &head,
+                dir: dir.path(),
+                spill: committed.len() + i,
+                buckets: digests.len(),
+                table: &table,
+                cols: &cols,
+                files: &committed[i],
+                samples: opts.samples,
+                show_values: opts.show_values,
+            };
+            let checked = iceberg::compare(job, loaded).await?;
+            tracing::info!(table = %table, result = ?checked.result, seq = checked.seq, "verify: Iceberg table compared");
+            report.iceberg = Some(checked);
         }
         report.settle();
         tracing::info!(table = %table, result = ?report.result, rows = report.source_rows, "verify: table compared");
@@ -503,15 +538,17 @@ async fn pending_changes(
     Ok(peeked?.get::<_, i64>(0) as u64)
 }
 
-/// Reads the table's committed files (the part of them before the cutoff) into `lake`,
-/// several fetches in flight while one is decoded; the list is read from its spill as
-/// the fetches go.
+/// Reads the table's committed files (the part of them before the cutoff, none of
+/// `skip`) into `lake`, several fetches in flight while one is decoded; the list is read
+/// from its spill as the fetches go.
+#[allow(clippy::too_many_arguments)]
 async fn read_lake(
     store: Arc<dyn ObjectStore>,
     table: &str,
     cols: &rows::Columns,
     files: &manifest::TableFiles,
     cutoff: (i64, i64),
+    skip: &HashSet<String>,
     lake: &mut compare::LakeSide,
     report: &mut TableReport,
 ) -> Result<(), VerifyError> {
@@ -522,6 +559,7 @@ async fn read_lake(
     })?;
     let broken = Arc::new(std::sync::Mutex::new(None::<String>));
     let seen = broken.clone();
+    let skip = skip.clone();
     let wanted = listed
         .map_while(move |e| match e {
             Ok(e) => Some(e),
@@ -530,7 +568,7 @@ async fn read_lake(
                 None
             }
         })
-        .filter(move |e| (e.first_lsn as i64, e.first_seq as i64) < cutoff)
+        .filter(move |e| (e.first_lsn as i64, e.first_seq as i64) < cutoff && !skip.contains(&e.key))
         .map(|e| (e.key, e.rows));
     let total = files.files;
     // Fetches run ahead (several at once); one blocking thread decodes file after file

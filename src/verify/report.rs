@@ -83,6 +83,54 @@ pub struct TableReport {
     pub file_problems: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub samples: Vec<Sample>,
+    /// With `[iceberg]` covering the table: its Iceberg table against the change log at
+    /// the Iceberg table's watermark.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iceberg: Option<IcebergReport>,
+}
+
+/// A table's Iceberg table, as its current snapshot holds it, against the change log
+/// replayed up to the commit-log record that snapshot's watermark names.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IcebergReport {
+    pub result: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The watermark: the commit-log record and LSN the Iceberg table holds.
+    pub seq: u64,
+    pub lsn: String,
+    /// Live rows of the Iceberg table, and of the change log replayed to `seq`.
+    pub rows: u64,
+    pub log_rows: u64,
+    /// Change rows of the change log replayed.
+    pub log_changes: u64,
+    /// Keys live in the change log that the Iceberg table lacks, the other way round,
+    /// and live in both with different values.
+    pub missing: u64,
+    pub extra: u64,
+    pub differing: u64,
+    /// `missing`, `extra` or `differing` as the Iceberg table has it (`source`: the
+    /// change log's value, `lake`: the Iceberg table's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<Sample>,
+}
+
+impl IcebergReport {
+    pub fn unverified(reason: &str) -> IcebergReport {
+        IcebergReport {
+            result: Outcome::Unverified,
+            reason: Some(reason.into()),
+            seq: 0,
+            lsn: String::new(),
+            rows: 0,
+            log_rows: 0,
+            log_changes: 0,
+            missing: 0,
+            extra: 0,
+            differing: 0,
+            samples: Vec::new(),
+        }
+    }
 }
 
 impl TableReport {
@@ -104,6 +152,7 @@ impl TableReport {
             files_stray: 0,
             file_problems: Vec::new(),
             samples: Vec::new(),
+            iceberg: None,
         }
     }
 
@@ -115,16 +164,20 @@ impl TableReport {
         }
     }
 
-    /// Sets `result` from the counts.
+    /// Sets `result` from the counts: an Iceberg table that differs makes the table
+    /// differ (one not verified yet, for the reason it gives, does not).
     pub fn settle(&mut self) {
         if self.result != Outcome::Unverified {
             let files = self.files_missing + self.files_damaged + self.files_stray;
-            self.result =
-                if self.missing + self.extra + self.differing + files == 0 && self.source_rows == self.lake_rows {
-                    Outcome::Equal
-                } else {
-                    Outcome::Differs
-                };
+            let iceberg = self.iceberg.as_ref().is_some_and(|i| i.result == Outcome::Differs);
+            self.result = if self.missing + self.extra + self.differing + files == 0
+                && self.source_rows == self.lake_rows
+                && !iceberg
+            {
+                Outcome::Equal
+            } else {
+                Outcome::Differs
+            };
         }
     }
 }
@@ -236,27 +289,33 @@ impl Report {
             for p in &t.file_problems {
                 let _ = writeln!(out, "    file      {p}");
             }
-            for s in &t.samples {
-                let _ = write!(
-                    out,
-                    "    {:<9} {}",
-                    s.kind,
-                    s.key.as_deref().unwrap_or("(a row without a key)")
-                );
-                if !s.columns.is_empty() {
-                    let _ = write!(out, "  columns: {}", s.columns.join(", "));
+            samples(&mut out, "", &t.samples, ("source", "lake"));
+            if let Some(i) = &t.iceberg {
+                let _ = write!(out, "    Iceberg table  {}", i.result.label());
+                match i.result {
+                    Outcome::Unverified => {
+                        let _ = write!(out, " {}", i.reason.as_deref().unwrap_or(""));
+                    }
+                    _ if i.reason.is_some() => {
+                        let _ = write!(out, " {}", i.reason.as_deref().unwrap_or(""));
+                    }
+                    _ => {
+                        let _ = write!(
+                            out,
+                            " at commit record {} ({}): {} rows, the change log replayed to it {} ({} changes)",
+                            i.seq, i.lsn, i.rows, i.log_rows, i.log_changes
+                        );
+                        if i.result == Outcome::Differs {
+                            let _ = write!(
+                                out,
+                                ": {} missing, {} extra, {} differing",
+                                i.missing, i.extra, i.differing
+                            );
+                        }
+                    }
                 }
                 out.push('\n');
-                for v in &s.values {
-                    let side = |x: &Option<String>| x.clone().unwrap_or_else(|| "-".into());
-                    let _ = writeln!(
-                        out,
-                        "        {}: source {}  lake {}",
-                        v.column,
-                        side(&v.source),
-                        side(&v.lake)
-                    );
-                }
+                samples(&mut out, "iceberg ", &i.samples, ("change log", "iceberg"));
             }
         }
         out.push_str(&self.summary);
@@ -270,8 +329,40 @@ impl Report {
         for t in &mut r.tables {
             t.samples.clear();
             t.file_problems.clear();
+            if let Some(i) = &mut t.iceberg {
+                i.samples.clear();
+            }
         }
         r
+    }
+}
+
+/// Sample lines: the kind (after `prefix`), the key, the differing columns, and with
+/// `--show-values` each side's value under `sides`' names.
+fn samples(out: &mut String, prefix: &str, samples: &[Sample], sides: (&str, &str)) {
+    for s in samples {
+        let kind = format!("{prefix}{}", s.kind);
+        let _ = write!(
+            out,
+            "    {kind:<9} {}",
+            s.key.as_deref().unwrap_or("(a row without a key)")
+        );
+        if !s.columns.is_empty() {
+            let _ = write!(out, "  columns: {}", s.columns.join(", "));
+        }
+        out.push('\n');
+        for v in &s.values {
+            let side = |x: &Option<String>| x.clone().unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                out,
+                "        {}: {} {}  {} {}",
+                v.column,
+                sides.0,
+                side(&v.source),
+                sides.1,
+                side(&v.lake)
+            );
+        }
     }
 }
 
