@@ -745,9 +745,9 @@ impl Catalog {
             }
         }
         // A table with an Iceberg table has it under the view's name; a table the
-        // projector skips (no key to identify rows by) keeps its view.
+        // projector skips (a key Iceberg cannot identify rows by) keeps its view.
         let iceberg = self.iceberg.as_ref().is_some_and(|i| i.covers(qualified))
-            && crate::iceberg::schema::Schema::for_lake(schema).is_ok_and(|(s, _)| !s.identifier_field_ids.is_empty());
+            && crate::iceberg::schema::Identity::of(schema) != crate::iceberg::schema::Identity::Unsupported;
         if self.create_views && !iceberg {
             self.upsert_view(qualified, schema).await?;
         }

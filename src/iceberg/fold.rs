@@ -42,25 +42,39 @@ struct Part {
 }
 
 impl Part {
-    fn find(&self, h: KeyHash) -> Result<usize, usize> {
+    /// The entries of hash `h` (several: a multiset's equal rows).
+    fn range(&self, h: KeyHash) -> std::ops::Range<usize> {
         let k = ((h >> 64) as u64, h as u64);
-        self.entries.binary_search_by(|e| (e.0, e.1).cmp(&k))
+        let lo = self.entries.partition_point(|e| (e.0, e.1) < k);
+        lo..lo + self.entries[lo..].partition_point(|e| (e.0, e.1) == k)
     }
 
-    fn get(&self, h: KeyHash) -> Option<(u32, u32)> {
-        let loc = self.entries[self.find(h).ok()?].2;
-        (loc != GONE).then(|| unpack(loc))
+    /// The `k`-th live place of hash `h`.
+    fn nth(&self, h: KeyHash, k: usize) -> Option<(u32, u32)> {
+        self.entries[self.range(h)]
+            .iter()
+            .filter(|e| e.2 != GONE)
+            .nth(k)
+            .map(|e| unpack(e.2))
     }
 
     fn remove(&mut self, h: KeyHash) {
-        if let Ok(i) = self.find(h) {
-            self.entries[i].2 = GONE;
+        let range = self.range(h);
+        for e in &mut self.entries[range] {
+            e.2 = GONE;
         }
     }
 
-    /// Adds keys (or moves them: the new place wins), in one merge that also drops the
-    /// removed ones.
-    fn insert(&mut self, mut new: Vec<(u64, u64, u64)>) {
+    fn remove_at(&mut self, h: KeyHash, (file, pos): (u32, u32)) {
+        let range = self.range(h);
+        if let Some(e) = self.entries[range].iter_mut().find(|e| e.2 == pack(file, pos)) {
+            e.2 = GONE;
+        }
+    }
+
+    /// Adds keys, in one merge that also drops the removed ones; with `replace`, a key
+    /// already there moves to its new place (else both stay: a multiset's equal rows).
+    fn insert(&mut self, mut new: Vec<(u64, u64, u64)>, replace: bool) {
         if new.is_empty() {
             return;
         }
@@ -69,10 +83,10 @@ impl Part {
         let mut out = Vec::with_capacity(live + new.len());
         let mut old = self.entries.iter().filter(|e| e.2 != GONE).peekable();
         for n in new {
-            while let Some(o) = old.next_if(|o| (o.0, o.1) < (n.0, n.1)) {
+            while let Some(o) = old.next_if(|o| (o.0, o.1) < (n.0, n.1) || (!replace && (o.0, o.1) == (n.0, n.1))) {
                 out.push(*o);
             }
-            old.next_if(|o| (o.0, o.1) == (n.0, n.1));
+            while old.next_if(|o| (o.0, o.1) == (n.0, n.1)).is_some() {}
             out.push(n);
         }
         out.extend(old);
@@ -93,6 +107,9 @@ pub struct KeyIndex {
     /// The key columns, by name, in key order, and their types in the table.
     keys: Vec<String>,
     types: Vec<arrow::datatypes::DataType>,
+    /// Rows are identified by all their columns, as a multiset (a table without
+    /// identifier fields: `REPLICA IDENTITY FULL`, or none): equal rows are several.
+    multiset: bool,
     /// The spec's source column and bucket count: which part a row is in.
     bucket: Option<(String, u32)>,
     files: Vec<String>,
@@ -101,8 +118,9 @@ pub struct KeyIndex {
     free: Vec<u32>,
     /// Per bucket: its keys, or None when not held.
     parts: Vec<Option<Part>>,
-    /// Keys of buckets not held, looked up for the interval at hand.
-    resolved: HashMap<KeyHash, (u32, u32)>,
+    /// Keys of buckets not held, looked up for the interval at hand (a multiset's
+    /// equal rows: several places).
+    resolved: HashMap<KeyHash, Vec<(u32, u32)>>,
     max_bytes: u64,
 }
 
@@ -115,16 +133,27 @@ pub enum FoldError {
 }
 
 impl KeyIndex {
-    /// An empty index over the identifier fields of `schema`, partitioned as `spec`,
-    /// holding at most `max_bytes` of keys.
+    /// An empty index over the identifier fields of `schema` (every column but `_lsn`
+    /// and `_commit_ts` when it has none: a multiset), partitioned as `spec`, holding at
+    /// most `max_bytes` of keys.
     pub fn new(schema: &Schema, spec: &PartitionSpec, max_bytes: u64) -> Result<KeyIndex, FoldError> {
         let arrow = schema.arrow_schema();
-        let keys: Vec<String> = schema
-            .identifier_field_ids
-            .iter()
-            .filter_map(|id| schema.fields.iter().find(|f| f.id == *id))
-            .map(|f| f.name.clone())
-            .collect();
+        let multiset = schema.identifier_field_ids.is_empty();
+        let keys: Vec<String> = if multiset {
+            schema
+                .fields
+                .iter()
+                .filter(|f| f.name != super::schema::LSN && f.name != super::schema::COMMIT_TS)
+                .map(|f| f.name.clone())
+                .collect()
+        } else {
+            schema
+                .identifier_field_ids
+                .iter()
+                .filter_map(|id| schema.fields.iter().find(|f| f.id == *id))
+                .map(|f| f.name.clone())
+                .collect()
+        };
         let types = keys
             .iter()
             .map(|k| Ok(arrow.field_with_name(k)?.data_type().clone()))
@@ -143,6 +172,7 @@ impl KeyIndex {
             converter: RowConverter::new(fields)?,
             keys,
             types,
+            multiset,
             bucket,
             files: Vec::new(),
             file_ids: HashMap::new(),
@@ -230,13 +260,19 @@ impl KeyIndex {
 
     /// The keys of `batch` (conformed to the table's schema).
     fn keys_of(&self, batch: &RecordBatch) -> Result<arrow::row::Rows, FoldError> {
-        // A file written before its key column widened holds the narrower type.
+        // A file written before its key column widened holds the narrower type; one
+        // written before a multiset's column was added lacks it (null, as readers see).
         let columns: Vec<ArrayRef> = self
             .keys
             .iter()
             .zip(&self.types)
             .map(|(k, t)| {
-                let c = batch.column_by_name(k).ok_or_else(|| FoldError::Missing(k.clone()))?;
+                let Some(c) = batch.column_by_name(k) else {
+                    if self.multiset {
+                        return Ok(arrow::array::new_null_array(t, batch.num_rows()));
+                    }
+                    return Err(FoldError::Missing(k.clone()));
+                };
                 if c.data_type() == t {
                     Ok(c.clone())
                 } else {
@@ -315,8 +351,9 @@ impl KeyIndex {
             .filter(|(pos, _)| !deleted.contains(&(*pos as i64)))
             .map(|(pos, h)| ((h >> 64) as u64, h as u64, pack(id, pos as u32)))
             .collect();
+        let replace = !self.multiset;
         if let Some(Some(p)) = self.parts.get_mut(part) {
-            p.insert(new);
+            p.insert(new, replace);
         }
         Ok(())
     }
@@ -324,13 +361,18 @@ impl KeyIndex {
     /// Where a key of a bucket not held is, found by reading the bucket's files.
     pub fn resolve(&mut self, h: KeyHash, path: &str, pos: u32) {
         let id = self.file_id(path);
-        self.resolved.insert(h, (id, pos));
+        self.resolved.entry(h).or_default().push((id, pos));
     }
 
     fn get(&self, part: u32, h: KeyHash) -> Option<(u32, u32)> {
+        self.nth(part, h, 0)
+    }
+
+    /// The `k`-th live place of a key (of a multiset's equal rows).
+    fn nth(&self, part: u32, h: KeyHash, k: usize) -> Option<(u32, u32)> {
         match self.parts.get(part as usize) {
-            Some(Some(p)) => p.get(h),
-            _ => self.resolved.get(&h).copied(),
+            Some(Some(p)) => p.nth(h, k),
+            _ => self.resolved.get(&h).and_then(|v| v.get(k)).copied(),
         }
     }
 
@@ -339,6 +381,18 @@ impl KeyIndex {
             Some(Some(p)) => p.remove(h),
             _ => {
                 self.resolved.remove(&h);
+            }
+        }
+    }
+
+    /// Removes one place of a key (one of a multiset's equal rows).
+    fn remove_at(&mut self, part: u32, h: KeyHash, at: (u32, u32)) {
+        match self.parts.get_mut(part as usize) {
+            Some(Some(p)) => p.remove_at(h, at),
+            _ => {
+                if let Some(v) = self.resolved.get_mut(&h) {
+                    v.retain(|x| *x != at);
+                }
             }
         }
     }
@@ -392,8 +446,14 @@ impl<'a> Prepared<'a> {
     /// bucket's files before the fold.
     pub fn unheld(&self, index: &KeyIndex) -> BTreeMap<usize, HashSet<KeyHash>> {
         let mut out: BTreeMap<usize, HashSet<KeyHash>> = BTreeMap::new();
-        for (hashes, parts) in self.hashes.iter().zip(&self.parts) {
-            for (h, p) in hashes.iter().zip(parts) {
+        for (b, (hashes, parts)) in self.hashes.iter().zip(&self.parts).enumerate() {
+            // A multiset's inserts replace nothing: only its deletes look a row up.
+            let ops = self.batches.get(b).and_then(|batch| batch.column_by_name("_op"));
+            let ops = ops.and_then(|o| o.as_string_opt::<i32>());
+            for (r, (h, p)) in hashes.iter().zip(parts).enumerate() {
+                if index.multiset && ops.is_some_and(|o| o.value(r) != "D") {
+                    continue;
+                }
                 if !index.holds(*p as usize) {
                     out.entry(*p as usize).or_default().insert(*h);
                 }
@@ -443,6 +503,9 @@ impl Prev {
     }
 }
 
+/// A table row a multiset's delete removes: its bucket, hash and place.
+type Taken = (u32, KeyHash, (u32, u32));
+
 /// An interval folded: what to commit, and the table rows (file, positions) whose
 /// values it needs before it can be built.
 pub struct Folded {
@@ -451,6 +514,9 @@ pub struct Folded {
     /// (None: deleted).
     latest: Vec<(KeyHash, u32, Option<Image>)>,
     conformed: Vec<RecordBatch>,
+    /// A multiset: `latest` holds each row added (equal rows: several entries), and
+    /// these the table's rows its deletes removed (bucket, hash, place), one each.
+    multiset: Option<Vec<Taken>>,
 }
 
 impl Folded {
@@ -470,7 +536,7 @@ impl Folded {
     }
 
     pub fn is_empty(&self) -> bool {
-        !self.truncate && self.latest.is_empty()
+        !self.truncate && self.latest.is_empty() && self.multiset.as_ref().is_none_or(Vec::is_empty)
     }
 
     /// The commit, given the table rows [`Folded::needs`] asked for (`carried`: path →
@@ -483,13 +549,20 @@ impl Folded {
         carried: &BTreeMap<String, (Vec<i64>, RecordBatch)>,
     ) -> Result<Commit, FoldError> {
         let mut deletes: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-        if !self.truncate {
-            for (key, part, _) in &self.latest {
-                if let Some((f, p)) = index.get(*part, *key) {
-                    deletes
-                        .entry(index.files[f as usize].clone())
-                        .or_default()
-                        .push(i64::from(p));
+        let mut delete = |(f, p): (u32, u32)| {
+            deletes
+                .entry(index.files[f as usize].clone())
+                .or_default()
+                .push(i64::from(p))
+        };
+        match &self.multiset {
+            _ if self.truncate => {}
+            Some(taken) => taken.iter().for_each(|(_, _, at)| delete(*at)),
+            None => {
+                for (key, part, _) in &self.latest {
+                    if let Some(at) = index.get(*part, *key) {
+                        delete(at);
+                    }
                 }
             }
         }
@@ -520,11 +593,17 @@ impl Folded {
             columns.push(arrow::compute::interleave(&arrays, &at)?);
         }
         let rows = RecordBatch::try_new(arrow, columns)?;
-        if self.truncate {
-            index.clear();
-        } else {
-            for (key, part, _) in &self.latest {
-                index.remove(*part, *key);
+        match &self.multiset {
+            _ if self.truncate => index.clear(),
+            Some(taken) => {
+                for (part, key, at) in taken {
+                    index.remove_at(*part, *key, *at);
+                }
+            }
+            None => {
+                for (key, part, _) in &self.latest {
+                    index.remove(*part, *key);
+                }
             }
         }
         Ok(Commit {
@@ -560,6 +639,11 @@ pub fn fold(schema: &Schema, index: &KeyIndex, prepared: Prepared<'_>, rebuild: 
         }
     }
     order.sort_unstable();
+    if index.multiset {
+        return Ok(fold_multiset(
+            index, batches, conformed, &hashes, &parts, &order, rebuild,
+        ));
+    }
     let arrow = schema.arrow_schema();
     let mut truncate = rebuild;
     let mut slot: HashMap<KeyHash, usize> = HashMap::new();
@@ -637,7 +721,76 @@ pub fn fold(schema: &Schema, index: &KeyIndex, prepared: Prepared<'_>, rebuild: 
         truncate,
         latest,
         conformed,
+        multiset: None,
     })
+}
+
+/// [`fold`] of a table whose rows are identified by all their columns, as a multiset:
+/// an insert adds a row, a delete removes one row equal to its image (one added in the
+/// interval, else one of the table's), a truncate removes everything before it. An
+/// update is a delete and an insert in the change log.
+fn fold_multiset(
+    index: &KeyIndex,
+    batches: &[RecordBatch],
+    conformed: Vec<RecordBatch>,
+    hashes: &[Vec<KeyHash>],
+    parts: &[Vec<u32>],
+    order: &[(i64, i64, usize, usize)],
+    rebuild: bool,
+) -> Folded {
+    let mut truncate = rebuild;
+    let mut latest: Vec<(KeyHash, u32, Option<Image>)> = Vec::new();
+    // Rows added in the interval and still live, by hash (indices into `latest`).
+    let mut added: HashMap<KeyHash, Vec<usize>> = HashMap::new();
+    // The table's rows taken by deletes, and how many of each hash so far.
+    let mut taken = Vec::new();
+    let mut taken_of: HashMap<KeyHash, usize> = HashMap::new();
+    for &(_, _, b, r) in order {
+        let op = batches[b]
+            .column_by_name("_op")
+            .and_then(|o| o.as_string_opt::<i32>())
+            .map_or("", |o| o.value(r));
+        let (h, part) = (hashes[b][r], parts[b][r]);
+        match op {
+            "T" => {
+                truncate = true;
+                latest.clear();
+                added.clear();
+                taken.clear();
+                taken_of.clear();
+            }
+            "D" => {
+                if let Some(i) = added.get_mut(&h).and_then(Vec::pop) {
+                    latest[i].2 = None;
+                } else if !truncate {
+                    let k = taken_of.entry(h).or_default();
+                    // A row the table does not have (it predates the lake, with no
+                    // copy) is not there to remove.
+                    if let Some(at) = index.nth(part, h, *k) {
+                        *k += 1;
+                        taken.push((part, h, at));
+                    }
+                }
+            }
+            _ => {
+                added.entry(h).or_default().push(latest.len());
+                latest.push((
+                    h,
+                    part,
+                    Some(Image {
+                        row: (b, r),
+                        carried: Vec::new(),
+                    }),
+                ));
+            }
+        }
+    }
+    Folded {
+        truncate,
+        latest,
+        conformed,
+        multiset: Some(taken),
+    }
 }
 
 #[cfg(test)]
@@ -734,6 +887,24 @@ mod tests {
             99,
             "the merge left no removed entry behind"
         );
+    }
+
+    #[test]
+    fn equal_rows_of_a_multiset_are_several_and_go_one_at_a_time() {
+        let mut part = Part::default();
+        let e = |h: u64, file: u32, pos: u32| (0, h, pack(file, pos));
+        part.insert(vec![e(7, 0, 0), e(7, 0, 1), e(3, 0, 2)], false);
+        part.insert(vec![e(7, 1, 0)], false);
+        let h: KeyHash = 7;
+        assert_eq!(part.nth(h, 0), Some((0, 0)));
+        assert_eq!(part.nth(h, 2), Some((1, 0)), "a later file's equal row is kept beside");
+        assert_eq!(part.nth(h, 3), None);
+        part.remove_at(h, (0, 1));
+        assert_eq!(part.nth(h, 1), Some((1, 0)), "the one removed is skipped");
+        part.insert(vec![e(3, 1, 1)], true);
+        assert_eq!(part.nth(3, 0), Some((1, 1)), "a key moves when replacing");
+        assert_eq!(part.nth(3, 1), None);
+        assert_eq!(part.entries.len(), 3, "the merge dropped the removed and the moved");
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::fold::{FoldError, KeyHash, KeyIndex, Prepared, fold};
 use super::manifest::ManifestEntry;
-use super::schema::Schema;
+use super::schema::Identity;
 use super::table::{Commit, Location, Table, TableError, WATERMARK_LSN, WATERMARK_SEQ};
 use crate::checkpoint::{CheckpointError, CommitRecord, for_each_committed_file, read_head, read_schemas};
 use crate::config::{Config, IcebergConfig};
@@ -441,7 +441,7 @@ impl Projector {
         self.open(name, lake).await?;
         let Some(p) = self.tables.get_mut(name) else {
             return Err(ProjectError::NoTable(format!(
-                "{name} has no primary key walshore can identify rows by: it has no Iceberg table"
+                "{name} has a primary key with a float or array column, which Iceberg cannot identify rows by: it has no Iceberg table"
             )));
         };
         p.applied = 0;
@@ -462,11 +462,10 @@ impl Projector {
                 t
             }
             None => {
-                let keyed = Schema::for_lake(lake).is_ok_and(|(s, _)| !s.identifier_field_ids.is_empty());
-                if !keyed {
+                if Identity::of(lake) == Identity::Unsupported {
                     tracing::warn!(
                         table = name,
-                        "not projected into Iceberg: it has no primary key walshore can identify rows by (tables keyed by every column, REPLICA IDENTITY FULL, or by a float or array column, are not supported yet)"
+                        "not projected into Iceberg: its primary key has a float or array column, which Iceberg cannot identify rows by"
                     );
                     self.skipped.insert(name.to_owned());
                     return Ok(());

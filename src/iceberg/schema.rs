@@ -167,6 +167,31 @@ fn field_id(id: i32) -> HashMap<String, String> {
     HashMap::from([(PARQUET_FIELD_ID_META_KEY.to_owned(), id.to_string())])
 }
 
+/// How the rows of a table are identified in its Iceberg table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Identity {
+    /// By the primary key (the identifier fields).
+    Key,
+    /// By the whole row, as a multiset: a table whose every column is its replica
+    /// identity (`REPLICA IDENTITY FULL`), or that has none (insert-only).
+    Row,
+    /// A key Iceberg cannot identify rows by (a float or list column): not projected.
+    Unsupported,
+}
+
+impl Identity {
+    pub fn of(lake: &LakeSchema) -> Identity {
+        let live: Vec<_> = lake.columns.iter().filter(|c| !c.dropped).collect();
+        if live.iter().all(|c| c.key) || !live.iter().any(|c| c.key) {
+            return Identity::Row;
+        }
+        match Schema::for_lake(lake) {
+            Ok((s, _)) if !s.identifier_field_ids.is_empty() => Identity::Key,
+            _ => Identity::Unsupported,
+        }
+    }
+}
+
 impl Schema {
     /// The first schema of a table whose change log has `lake`'s columns: its live
     /// columns in order (ids from 1), then `_lsn` and `_commit_ts`. The key columns are
@@ -245,7 +270,10 @@ impl Schema {
             .filter(|c| !c.dropped && c.key)
             .map(|c| c.name.clone())
             .collect();
-        if !from.is_empty() && from != to {
+        // A table identified by the whole row that gained a key: its updates are no
+        // longer a delete and an insert of whole rows.
+        let keyed_now = from.is_empty() && Identity::of(lake) == Identity::Key;
+        if (!from.is_empty() && from != to) || keyed_now {
             return Err(SchemaError::KeyChanged { from, to });
         }
         let mut next_id = last_column_id + 1;
