@@ -38,6 +38,28 @@ const PROGRESS: &str = "_walshore/iceberg/progress.json";
 /// dropped) once it has more data files than this, or more delete files than the next.
 const COMPACT_DATA_FILES: usize = 2;
 const COMPACT_DELETE_FILES: usize = 4;
+/// Memory a row takes while it is folded, beyond its stored bytes, about (its decoded
+/// values, the order, key hash and image of the fold, the rows it becomes): a fold
+/// holds at most `max_fold / FOLD_ROW_BYTES` rows, however well they compress.
+const FOLD_ROW_BYTES: u64 = 256;
+
+/// What a fold (or a compaction) has taken so far, against `max_fold`.
+#[derive(Default)]
+struct Budget {
+    bytes: u64,
+    rows: u64,
+}
+
+impl Budget {
+    fn add(&mut self, bytes: u64, rows: u64) {
+        self.bytes += bytes;
+        self.rows += rows;
+    }
+
+    fn spent(&self, max_fold: u64) -> bool {
+        self.bytes >= max_fold || self.rows.saturating_mul(FOLD_ROW_BYTES) >= max_fold
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectError {
@@ -627,18 +649,18 @@ impl Projector {
                         Some(later_first[i + 1].map_or(f[i].first, |l: crate::batch::RowPos| l.min(f[i].first)));
                 }
                 let mut parts: Vec<&[WrittenObject]> = Vec::new();
-                let (mut start, mut bytes) = (0, 0u64);
+                let (mut start, mut budget) = (0, Budget::default());
                 let mut last_so_far: Option<crate::batch::RowPos> = None;
                 for (i, file) in f.iter().enumerate() {
-                    bytes += file.bytes;
+                    budget.add(file.bytes, file.rows);
                     last_so_far = Some(last_so_far.map_or(file.last, |l| l.max(file.last)));
                     let clean_cut = match (last_so_far, later_first[i + 1]) {
                         (Some(last), Some(next)) => last < next,
                         _ => true,
                     };
-                    if bytes >= self.cfg.max_fold && !whole && clean_cut {
+                    if budget.spent(self.cfg.max_fold) && !whole && clean_cut {
                         parts.push(&f[start..=i]);
-                        (start, bytes) = (i + 1, 0);
+                        (start, budget) = (i + 1, Budget::default());
                     }
                 }
                 if start < f.len() || parts.is_empty() {
@@ -658,7 +680,7 @@ impl Projector {
             return Ok(());
         };
         let mut pending: BTreeMap<String, Vec<WrittenObject>> = BTreeMap::new();
-        let mut bytes = 0u64;
+        let mut budget = Budget::default();
         for seq in from + 1..=head.seq {
             let record = crate::checkpoint::log::read_commit(self.store.as_ref(), seq)
                 .await?
@@ -668,18 +690,18 @@ impl Projector {
                 })?;
             for f in record.files {
                 if self.tables.get(&f.table).is_some_and(|t| t.applied < seq) {
-                    bytes += f.bytes;
+                    budget.add(f.bytes, f.rows);
                     pending.entry(f.table.clone()).or_default().push(f);
                 }
             }
-            if bytes >= self.cfg.max_fold || seq == head.seq {
+            if budget.spent(self.cfg.max_fold) || seq == head.seq {
                 let at = (seq, record.end_lsn.0);
                 for (name, files) in std::mem::take(&mut pending) {
                     if let Err(e) = self.apply(&name, &files, Some(at), false).await {
                         self.fail(&name, e);
                     }
                 }
-                bytes = 0;
+                budget = Budget::default();
                 for t in self.tables.values_mut() {
                     t.applied = t.applied.max(seq);
                 }
@@ -844,18 +866,18 @@ impl Projector {
         let schema = p.table.schema().clone();
         let mut rows = Vec::new();
         let mut remove = Vec::new();
-        let mut bytes = 0u64;
+        let mut budget = Budget::default();
         for (_, (data, deletes)) in buckets {
             if data.len() <= COMPACT_DATA_FILES && deletes.len() <= COMPACT_DELETE_FILES {
                 continue;
             }
-            if bytes > 0 && bytes >= self.cfg.max_fold {
+            if budget.spent(self.cfg.max_fold) {
                 break;
             }
             let deleted = deleted_positions(&p.table, &deletes).await?;
             remove.extend(deletes.iter().map(|x| x.file.path.clone()));
             for d in &data {
-                bytes += d.file.file_size as u64;
+                budget.add(d.file.file_size as u64, d.file.record_count as u64);
                 remove.push(d.file.path.clone());
                 let Some(kept) = live_rows_of(&p.table, &d.file.path, deleted.get(&d.file.path)).await? else {
                     continue;
