@@ -612,6 +612,7 @@ impl Folded {
             truncate: self.truncate,
             remove: Vec::new(),
             summary: BTreeMap::new(),
+            replace: false,
         })
     }
 }

@@ -35,9 +35,10 @@ use crate::sink::WrittenObject;
 
 const PROGRESS: &str = "_walshore/iceberg/progress.json";
 /// A bucket is compacted (its live rows rewritten into one data file, its delete files
-/// dropped) once it has more data files than this, or more delete files than the next.
+/// dropped) once it has more data files than this...
 const COMPACT_DATA_FILES: usize = 2;
-const COMPACT_DELETE_FILES: usize = 4;
+/// ... or more than 1 in this many of its rows deleted.
+const COMPACT_DELETED_SHARE: u64 = 5;
 /// Memory a row takes while it is folded, beyond its stored bytes, about (its decoded
 /// values, the order, key hash and image of the fold, the rows it becomes): a fold
 /// holds at most `max_fold / FOLD_ROW_BYTES` rows, however well they compress.
@@ -252,6 +253,30 @@ pub async fn read_live_rows(
         }
     }
     Ok(rows)
+}
+
+/// `batch`'s rows in the order of the `keys` columns (as arrow's row format orders
+/// them: bytes for strings, as Parquet's statistics do), so that a reader looking up a
+/// key finds it in one row group of a compacted file.
+fn sorted_by(batch: &RecordBatch, keys: &[String]) -> Result<RecordBatch, FoldError> {
+    let columns: Vec<arrow::array::ArrayRef> = keys.iter().filter_map(|k| batch.column_by_name(k).cloned()).collect();
+    if columns.is_empty() {
+        return Ok(batch.clone());
+    }
+    let fields = columns
+        .iter()
+        .map(|c| arrow::row::SortField::new(c.data_type().clone()))
+        .collect();
+    let rows = arrow::row::RowConverter::new(fields)?.convert_columns(&columns)?;
+    let mut order: Vec<u32> = (0..batch.num_rows() as u32).collect();
+    order.sort_unstable_by(|a, b| rows.row(*a as usize).cmp(&rows.row(*b as usize)));
+    let order = UInt32Array::from(order);
+    let sorted = batch
+        .columns()
+        .iter()
+        .map(|c| arrow::compute::take(c.as_ref(), &order, None))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RecordBatch::try_new(batch.schema(), sorted)?)
 }
 
 /// A bucket's live files: (data, position deletes).
@@ -848,10 +873,12 @@ impl Projector {
         Ok(())
     }
 
-    /// One `replace` snapshot that rewrites each bucket that has more than
-    /// [`COMPACT_DATA_FILES`] data files or [`COMPACT_DELETE_FILES`] delete files: its
-    /// live rows into one data file, its old data and delete files marked removed. At
-    /// most `max_fold` of data files a snapshot; the rest wait for the next interval.
+    /// One `replace` snapshot that keeps each bucket's files few, so that a reader opens
+    /// few: a bucket with more than [`COMPACT_DATA_FILES`] data files, or more than a
+    /// fifth of its rows deleted, is rewritten (its live rows, sorted by key, into one
+    /// data file; its data and delete files removed), those most in need first and at
+    /// most `max_fold` of them a snapshot, the rest in the next interval. Elsewhere, a
+    /// data file with several delete files has them merged into one (positions only).
     async fn compact(&self, p: &mut Projected, name: &str) -> Result<(), ProjectError> {
         let fold_err = |source| ProjectError::Fold {
             table: name.to_owned(),
@@ -863,27 +890,59 @@ impl Projector {
         };
         let live = p.table.live_files().await?;
         let buckets = by_bucket(&live);
+        let count = |files: &[&ManifestEntry]| files.iter().map(|e| e.file.record_count.max(0) as u64).sum::<u64>();
+        let mut rewrite: Vec<(f64, &BucketFiles<'_>)> = Vec::new();
+        let mut merge: BTreeMap<&str, Vec<&ManifestEntry>> = BTreeMap::new();
+        for files in buckets.values() {
+            let (data, deletes) = files;
+            let (rows, gone) = (count(data), count(deletes));
+            if data.len() > COMPACT_DATA_FILES || gone * COMPACT_DELETED_SHARE > rows.max(1) {
+                rewrite.push((data.len() as f64 + gone as f64 / rows.max(1) as f64, files));
+                continue;
+            }
+            let mut of: BTreeMap<&str, Vec<&ManifestEntry>> = BTreeMap::new();
+            for x in deletes {
+                if let Some(target) = &x.file.referenced_data_file {
+                    of.entry(target.as_str()).or_default().push(x);
+                }
+            }
+            merge.extend(of.into_iter().filter(|(_, xs)| xs.len() > 1));
+        }
+        rewrite.sort_by(|a, b| b.0.total_cmp(&a.0));
         let schema = p.table.schema().clone();
         let mut rows = Vec::new();
         let mut remove = Vec::new();
         let mut budget = Budget::default();
-        for (_, (data, deletes)) in buckets {
-            if data.len() <= COMPACT_DATA_FILES && deletes.len() <= COMPACT_DELETE_FILES {
-                continue;
-            }
+        for (_, (data, deletes)) in rewrite {
             if budget.spent(self.cfg.max_fold) {
                 break;
             }
-            let deleted = deleted_positions(&p.table, &deletes).await?;
+            let deleted = deleted_positions(&p.table, deletes).await?;
             remove.extend(deletes.iter().map(|x| x.file.path.clone()));
-            for d in &data {
+            let mut kept = Vec::new();
+            for d in data {
                 budget.add(d.file.file_size as u64, d.file.record_count as u64);
                 remove.push(d.file.path.clone());
-                let Some(kept) = live_rows_of(&p.table, &d.file.path, deleted.get(&d.file.path)).await? else {
-                    continue;
-                };
-                rows.push(schema.conform(&kept).map_err(|e| fold_err(e.into()))?);
+                if let Some(k) = live_rows_of(&p.table, &d.file.path, deleted.get(&d.file.path)).await? {
+                    kept.push(schema.conform(&k).map_err(|e| fold_err(e.into()))?);
+                }
             }
+            if let Some(first) = kept.first() {
+                let all = concat(&kept, first.schema()).map_err(fold_err)?;
+                rows.push(sorted_by(&all, p.index.key_columns()).map_err(fold_err)?);
+            }
+        }
+        let mut deletes = BTreeMap::new();
+        for (target, files) in merge {
+            let positions = deleted_positions(&p.table, &files).await?;
+            remove.extend(files.iter().map(|x| x.file.path.clone()));
+            deletes.insert(
+                target.to_owned(),
+                positions
+                    .get(target)
+                    .map(|p| p.iter().copied().collect())
+                    .unwrap_or_default(),
+            );
         }
         if remove.is_empty() {
             return Ok(());
@@ -891,11 +950,13 @@ impl Projector {
         let committed_removed = remove.clone();
         let commit = Commit {
             rows,
+            deletes,
             remove,
             summary: BTreeMap::from([
                 (WATERMARK_SEQ.to_owned(), seq.to_string()),
                 (WATERMARK_LSN.to_owned(), lsn.to_string()),
             ]),
+            replace: true,
             ..Commit::default()
         };
         let committed = p.table.commit(commit).await?;
@@ -908,6 +969,7 @@ impl Projector {
         tracing::info!(
             table = name,
             files = committed.data_files.len(),
+            removed = committed_removed.len(),
             "Iceberg buckets compacted"
         );
         if crate::telemetry::enabled() {

@@ -166,6 +166,8 @@ pub struct Commit {
     pub remove: Vec<String>,
     /// Added to the snapshot's summary (the watermark).
     pub summary: BTreeMap<String, String>,
+    /// The same rows in other files (a compaction): a `replace` snapshot.
+    pub replace: bool,
 }
 
 /// What a commit wrote: the new data files, with the bucket and the rows each holds
@@ -189,15 +191,32 @@ fn uuid4() -> String {
     format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
 }
 
-fn writer_properties() -> WriterProperties {
-    WriterProperties::builder()
+/// Rows a row group of a data file holds at most: small enough that a point lookup in a
+/// compacted (key-sorted) file reads one of several, by the key's min/max statistics
+/// and bloom filter.
+const ROW_GROUP_ROWS: usize = 128 * 1024;
+
+/// How data files are written: ZSTD, row groups of [`ROW_GROUP_ROWS`], and a bloom
+/// filter on each of `keys` (sized for the file's `rows`), so that a reader looking up
+/// a key skips the row groups without it.
+fn writer_properties(keys: &[String], rows: usize) -> WriterProperties {
+    let mut b = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("level 1 is valid")))
         .set_created_by(format!("walshore {}", env!("CARGO_PKG_VERSION")))
-        .build()
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS));
+    for k in keys {
+        let path = parquet::schema::types::ColumnPath::from(k.as_str());
+        b = b
+            .set_column_bloom_filter_enabled(path.clone(), true)
+            .set_column_bloom_filter_fpp(path.clone(), 0.01)
+            .set_column_bloom_filter_max_ndv(path, rows.clamp(1, ROW_GROUP_ROWS) as u64);
+    }
+    b.build()
 }
 
-fn parquet_bytes(batch: &RecordBatch) -> Result<Vec<u8>, parquet::errors::ParquetError> {
-    let mut w = ArrowWriter::try_new(Vec::new(), batch.schema(), Some(writer_properties()))?;
+fn parquet_bytes(batch: &RecordBatch, keys: &[String]) -> Result<Vec<u8>, parquet::errors::ParquetError> {
+    let props = writer_properties(keys, batch.num_rows());
+    let mut w = ArrowWriter::try_new(Vec::new(), batch.schema(), Some(props))?;
     w.write(batch)?;
     w.into_inner()
 }
@@ -707,12 +726,18 @@ impl Table {
         let mut data_entries = Vec::new();
         let mut data_files = Vec::new();
         let mut n = 0;
+        let keys: Vec<String> = schema
+            .identifier_field_ids
+            .iter()
+            .filter_map(|id| schema.fields.iter().find(|f| f.id == *id))
+            .map(|f| f.name.clone())
+            .collect();
         for rows in &c.rows {
             let rows = schema.conform(rows).map_err(|source| self.arrow_err(source))?;
             for (bucket, part) in self.by_bucket(&rows)? {
                 let rel = format!("{}/{snapshot_id:019}-{n}.parquet", self.partition_dir(bucket));
                 n += 1;
-                let body = parquet_bytes(&part).map_err(|source| self.parquet_err(source))?;
+                let body = parquet_bytes(&part, &keys).map_err(|source| self.parquet_err(source))?;
                 let file = DataFile {
                     content: manifest::DATA,
                     path: self.location.uri(&rel),
@@ -759,7 +784,7 @@ impl Table {
                 self.partition_dir(of.file.partition)
             );
             n += 1;
-            let body = parquet_bytes(&batch).map_err(|source| self.parquet_err(source))?;
+            let body = parquet_bytes(&batch, &[]).map_err(|source| self.parquet_err(source))?;
             let file = DataFile {
                 content: manifest::POSITION_DELETES,
                 path: self.location.uri(&rel),
@@ -922,7 +947,7 @@ impl Table {
                 .sum()
         };
         let size = |e: &[ManifestEntry]| -> i64 { e.iter().map(|e| e.file.file_size).sum() };
-        let operation = if !c.remove.is_empty() && !c.truncate && deletes.is_empty() {
+        let operation = if c.replace || (!c.remove.is_empty() && !c.truncate && deletes.is_empty()) {
             // A compaction: the same rows in fewer files.
             "replace"
         } else {
