@@ -9,7 +9,7 @@
 //! (default 5), and the bench prints the medians, the ratios (targets: ≥ 20×), the
 //! files on each side, and checks that both answers equal PostgreSQL's.
 //!
-//! `cargo bench --bench iceberg [-- --keys N --seconds N --runs N]`
+//! `cargo bench --bench iceberg [-- --keys N --seconds N --runs N --keep 1]`
 
 #[path = "common.rs"]
 #[allow(dead_code)] // the S3 test server is not used here
@@ -191,4 +191,8 @@ fn main() {
         median("fold count") / median("iceberg count"),
         median("fold point") / median("iceberg point")
     );
+    // `--keep 1`: the lake stays, for a closer look (DuckDB's EXPLAIN ANALYZE).
+    if arg("--keep", 0) == 1 {
+        println!("  the lake is kept at {}", dir.keep().join("lake").display());
+    }
 }

@@ -857,13 +857,23 @@ impl Projector {
 
     /// Compacts the buckets of the tables that took snapshots, where files piled up.
     async fn compact_dirty(&mut self) -> Result<(), ProjectError> {
-        let mut dirty: Vec<String> = self.dirty.drain().collect();
-        dirty.sort();
-        for name in dirty {
+        let dirty: HashSet<String> = self.dirty.drain().collect();
+        let mut names: Vec<String> = self.tables.keys().cloned().collect();
+        names.sort();
+        for name in names {
+            let quiet = !dirty.contains(&name);
+            // A quiet table already in its best shape is not read again.
+            let p = &self.tables[&name];
+            let buckets = p.table.metadata().default_spec().buckets().unwrap_or(1);
+            let shaped = p.table.live_file_count(super::manifest::POSITION_DELETES) == 0
+                && p.table.live_file_count(super::manifest::DATA) <= i64::from(buckets);
+            if quiet && shaped {
+                continue;
+            }
             let Some(mut p) = self.tables.remove(&name) else {
                 continue;
             };
-            match self.compact(&mut p, &name).await {
+            match self.compact(&mut p, &name, quiet).await {
                 Ok(()) => {
                     self.tables.insert(name, p);
                 }
@@ -878,8 +888,10 @@ impl Projector {
     /// fifth of its rows deleted, is rewritten (its live rows, sorted by key, into one
     /// data file; its data and delete files removed), those most in need first and at
     /// most `max_fold` of them a snapshot, the rest in the next interval. Elsewhere, a
-    /// data file with several delete files has them merged into one (positions only).
-    async fn compact(&self, p: &mut Projected, name: &str) -> Result<(), ProjectError> {
+    /// bucket's delete files are merged into one (positions only). A `quiet` table (it
+    /// took no snapshot this interval) has every bucket with a delete file or more than
+    /// one data file rewritten: a table that stops changing ends at one file a bucket.
+    async fn compact(&self, p: &mut Projected, name: &str, quiet: bool) -> Result<(), ProjectError> {
         let fold_err = |source| ProjectError::Fold {
             table: name.to_owned(),
             source,
@@ -892,21 +904,18 @@ impl Projector {
         let buckets = by_bucket(&live);
         let count = |files: &[&ManifestEntry]| files.iter().map(|e| e.file.record_count.max(0) as u64).sum::<u64>();
         let mut rewrite: Vec<(f64, &BucketFiles<'_>)> = Vec::new();
-        let mut merge: BTreeMap<&str, Vec<&ManifestEntry>> = BTreeMap::new();
+        let mut merge: Vec<&Vec<&ManifestEntry>> = Vec::new();
         for files in buckets.values() {
             let (data, deletes) = files;
             let (rows, gone) = (count(data), count(deletes));
-            if data.len() > COMPACT_DATA_FILES || gone * COMPACT_DELETED_SHARE > rows.max(1) {
+            let due = data.len() > COMPACT_DATA_FILES || gone * COMPACT_DELETED_SHARE > rows.max(1);
+            // A table with nothing new: any bucket not yet in its best shape.
+            let tidy = quiet && (data.len() > 1 || !deletes.is_empty());
+            if due || tidy {
                 rewrite.push((data.len() as f64 + gone as f64 / rows.max(1) as f64, files));
-                continue;
+            } else if deletes.len() > 1 {
+                merge.push(deletes);
             }
-            let mut of: BTreeMap<&str, Vec<&ManifestEntry>> = BTreeMap::new();
-            for x in deletes {
-                if let Some(target) = &x.file.referenced_data_file {
-                    of.entry(target.as_str()).or_default().push(x);
-                }
-            }
-            merge.extend(of.into_iter().filter(|(_, xs)| xs.len() > 1));
         }
         rewrite.sort_by(|a, b| b.0.total_cmp(&a.0));
         let schema = p.table.schema().clone();
@@ -933,15 +942,13 @@ impl Projector {
             }
         }
         let mut deletes = BTreeMap::new();
-        for (target, files) in merge {
-            let positions = deleted_positions(&p.table, &files).await?;
+        for files in merge {
+            let positions = deleted_positions(&p.table, files).await?;
             remove.extend(files.iter().map(|x| x.file.path.clone()));
-            deletes.insert(
-                target.to_owned(),
+            deletes.extend(
                 positions
-                    .get(target)
-                    .map(|p| p.iter().copied().collect())
-                    .unwrap_or_default(),
+                    .into_iter()
+                    .map(|(target, p)| (target, p.into_iter().collect())),
             );
         }
         if remove.is_empty() {

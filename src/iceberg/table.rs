@@ -757,8 +757,9 @@ impl Table {
         }
         crate::fault::point("iceberg_after_data_files");
 
-        // Position-delete files.
-        let mut delete_entries = Vec::new();
+        // Position-delete files: one a bucket, its rows sorted by file and position (a
+        // reader opens one file a bucket, not one a data file).
+        let mut by_bucket: BTreeMap<Option<i32>, Vec<(&str, i64)>> = BTreeMap::new();
         for (target, positions) in &c.deletes {
             let Some(of) = live
                 .iter()
@@ -768,40 +769,52 @@ impl Table {
                     .location
                     .invalid(format!("a delete from {target}, which is not a live data file")));
             };
-            let mut positions = positions.clone();
-            positions.sort_unstable();
-            positions.dedup();
+            by_bucket
+                .entry(of.file.partition)
+                .or_default()
+                .extend(positions.iter().map(|p| (target.as_str(), *p)));
+        }
+        let mut delete_entries = Vec::new();
+        for (bucket, mut rows) in by_bucket {
+            rows.sort_unstable();
+            rows.dedup();
+            let (Some(first), Some(last)) = (rows.first().copied(), rows.last().copied()) else {
+                continue;
+            };
             let batch = RecordBatch::try_new(
                 position_delete_schema(),
                 vec![
-                    Arc::new(StringArray::from(vec![target.as_str(); positions.len()])),
-                    Arc::new(Int64Array::from(positions.clone())),
+                    Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
                 ],
             )
             .map_err(|source| self.arrow_err(source))?;
-            let rel = format!(
-                "{}/{snapshot_id:019}-{n}-deletes.parquet",
-                self.partition_dir(of.file.partition)
-            );
+            let rel = format!("{}/{snapshot_id:019}-{n}-deletes.parquet", self.partition_dir(bucket));
             n += 1;
             let body = parquet_bytes(&batch, &[]).map_err(|source| self.parquet_err(source))?;
+            let positions = |f: fn(&i64, &i64) -> bool| {
+                rows.iter()
+                    .map(|r| r.1)
+                    .reduce(|a, b| if f(&a, &b) { a } else { b })
+                    .unwrap_or(0)
+            };
             let file = DataFile {
                 content: manifest::POSITION_DELETES,
                 path: self.location.uri(&rel),
-                partition: of.file.partition,
-                record_count: positions.len() as i64,
+                partition: bucket,
+                record_count: rows.len() as i64,
                 file_size: body.len() as i64,
-                value_counts: vec![(FILE_PATH_ID, positions.len() as i64), (POS_ID, positions.len() as i64)],
+                value_counts: vec![(FILE_PATH_ID, rows.len() as i64), (POS_ID, rows.len() as i64)],
                 null_value_counts: vec![(FILE_PATH_ID, 0), (POS_ID, 0)],
                 lower_bounds: vec![
-                    (FILE_PATH_ID, target.as_bytes().to_vec()),
-                    (POS_ID, positions[0].to_le_bytes().to_vec()),
+                    (FILE_PATH_ID, first.0.as_bytes().to_vec()),
+                    (POS_ID, positions(|a, b| a <= b).to_le_bytes().to_vec()),
                 ],
                 upper_bounds: vec![
-                    (FILE_PATH_ID, target.as_bytes().to_vec()),
-                    (POS_ID, positions[positions.len() - 1].to_le_bytes().to_vec()),
+                    (FILE_PATH_ID, last.0.as_bytes().to_vec()),
+                    (POS_ID, positions(|a, b| a >= b).to_le_bytes().to_vec()),
                 ],
-                referenced_data_file: Some(target.clone()),
+                referenced_data_file: (first.0 == last.0).then(|| first.0.to_owned()),
             };
             self.location.put(&rel, body).await?;
             delete_entries.push(added(file));
