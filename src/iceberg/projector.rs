@@ -39,6 +39,8 @@ const PROGRESS: &str = "_walshore/iceberg/progress.json";
 const COMPACT_DATA_FILES: usize = 2;
 /// ... or more than 1 in this many of its rows deleted.
 const COMPACT_DELETED_SHARE: u64 = 5;
+/// Compaction snapshots a table takes an interval at most (each of `max_fold`).
+const COMPACT_PASSES: usize = 4;
 /// Memory a row takes while it is folded, beyond its stored bytes, about (its decoded
 /// values, the order, key hash and image of the fold, the rows it becomes): a fold
 /// holds at most `max_fold / FOLD_ROW_BYTES` rows, however well they compress.
@@ -873,8 +875,17 @@ impl Projector {
             let Some(mut p) = self.tables.remove(&name) else {
                 continue;
             };
-            match self.compact(&mut p, &name, quiet).await {
-                Ok(()) => {
+            // `max_fold` a snapshot, a few snapshots an interval: a table whose
+            // buckets all came due at once is compacted whole, in bounded memory.
+            let mut result = Ok(true);
+            for _ in 0..COMPACT_PASSES {
+                result = self.compact(&mut p, &name, quiet).await;
+                if !matches!(result, Ok(true)) {
+                    break;
+                }
+            }
+            match result {
+                Ok(_) => {
                     self.tables.insert(name, p);
                 }
                 Err(e) => self.fail(&name, e),
@@ -891,14 +902,15 @@ impl Projector {
     /// bucket's delete files are merged into one (positions only). A `quiet` table (it
     /// took no snapshot this interval) has every bucket with a delete file or more than
     /// one data file rewritten: a table that stops changing ends at one file a bucket.
-    async fn compact(&self, p: &mut Projected, name: &str, quiet: bool) -> Result<(), ProjectError> {
+    /// Returns whether buckets due were left for the next snapshot.
+    async fn compact(&self, p: &mut Projected, name: &str, quiet: bool) -> Result<bool, ProjectError> {
         let fold_err = |source| ProjectError::Fold {
             table: name.to_owned(),
             source,
         };
         // A rebuild under way (no watermark yet) is not compacted.
         let Some((seq, lsn)) = p.table.watermark() else {
-            return Ok(());
+            return Ok(false);
         };
         let live = p.table.live_files().await?;
         let buckets = by_bucket(&live);
@@ -922,8 +934,10 @@ impl Projector {
         let mut rows = Vec::new();
         let mut remove = Vec::new();
         let mut budget = Budget::default();
+        let mut left = false;
         for (_, (data, deletes)) in rewrite {
             if budget.spent(self.cfg.max_fold) {
+                left = true;
                 break;
             }
             let deleted = deleted_positions(&p.table, deletes).await?;
@@ -952,7 +966,7 @@ impl Projector {
             );
         }
         if remove.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let committed_removed = remove.clone();
         let commit = Commit {
@@ -982,7 +996,7 @@ impl Projector {
         if crate::telemetry::enabled() {
             metrics::counter!(crate::telemetry::names::ICEBERG_COMPACTIONS, "table" => name.to_owned()).increment(1);
         }
-        Ok(())
+        Ok(left)
     }
 
     async fn apply_to(
