@@ -9,7 +9,7 @@
 //! (default 5), and the bench prints the medians, the ratios (targets: ≥ 20×), the
 //! files on each side, and checks that both answers equal PostgreSQL's.
 //!
-//! `cargo bench --bench iceberg [-- --keys N --seconds N --runs N --keep 1]`
+//! `cargo bench --bench iceberg [-- --keys N --seconds N --runs N --max-fold SIZE --index-memory SIZE --keep 1]`
 
 #[path = "common.rs"]
 #[allow(dead_code)] // the S3 test server is not used here
@@ -39,6 +39,13 @@ fn main() {
     let keys = arg("--keys", 100_000);
     let seconds = arg("--seconds", 60);
     let runs = arg("--runs", 5);
+    // `--max-fold 64MiB`, `--index-memory 128MiB`: [iceberg] settings other than the
+    // defaults.
+    let setting = |name: &str, key: &str| {
+        let given = std::env::args().skip_while(|a| a != name).nth(1);
+        given.map(|v| format!("{key} = \"{v}\"\n")).unwrap_or_default()
+    };
+    let extra = setting("--max-fold", "max_fold") + &setting("--index-memory", "index_memory");
     let walshore = env!("CARGO_BIN_EXE_walshore");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let cluster = TempCluster::start(ClusterOptions::default()).expect("start PostgreSQL");
@@ -57,7 +64,7 @@ fn main() {
         format!(
             "[source]\nurl = \"{}\"\npublication = \"bench\"\nslot = \"iceberg\"\nspill_dir = \"{}/spill\"\n\
              [sink]\nurl = \"file://{}\"\nflush_interval = \"50ms\"\n[snapshot]\nmode = \"initial\"\n\
-             [iceberg]\ncommit_interval = \"5s\"\nbuckets = 16\n",
+             [iceberg]\ncommit_interval = \"5s\"\nbuckets = 16\n{extra}",
             cluster.url("postgres", "postgres"),
             dir.path().display(),
             lake.display()

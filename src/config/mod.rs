@@ -454,10 +454,10 @@ struct RawIceberg {
 /// One Iceberg snapshot per table per this interval, at most.
 pub const DEFAULT_ICEBERG_COMMIT_INTERVAL: Duration = Duration::from_secs(60);
 pub const DEFAULT_ICEBERG_BUCKETS: u32 = 16;
-/// Change-log bytes folded into one snapshot at most.
-pub const DEFAULT_ICEBERG_MAX_FOLD: u64 = 256 << 20;
-/// Memory the key index of a table holds at most (24 bytes a live row).
-pub const DEFAULT_ICEBERG_INDEX_MEMORY: u64 = 256 << 20;
+/// Change-log bytes folded into one snapshot at most (and rows, at 256 bytes each).
+pub const DEFAULT_ICEBERG_MAX_FOLD: u64 = 64 << 20;
+/// Memory the key indexes of all tables hold at most (24 bytes a live row).
+pub const DEFAULT_ICEBERG_INDEX_MEMORY: u64 = 128 << 20;
 /// Snapshots (and files only they reach) are kept this long.
 pub const DEFAULT_ICEBERG_SNAPSHOT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
@@ -470,12 +470,12 @@ pub struct IcebergConfig {
     pub commit_interval: Duration,
     /// The partition spec: `bucket[buckets]` of the first key column.
     pub buckets: u32,
-    /// Change-log bytes (Parquet, as stored) folded into one snapshot at most: a
-    /// backlog or a rebuild becomes several snapshots.
+    /// Change-log bytes (Parquet, as stored) folded into one snapshot at most, and
+    /// rows at 256 bytes each: a backlog or a rebuild becomes several snapshots.
     pub max_fold: u64,
-    /// Memory a table's key index (where each live row is) holds at most, 24 bytes a
-    /// row: buckets beyond it are looked up from their files when an interval touches
-    /// them.
+    /// Memory the key indexes of all tables (where each live row is) hold at most,
+    /// together, 24 bytes a row: buckets beyond it are looked up from their files when
+    /// an interval touches them.
     pub index_memory: u64,
     /// Snapshots older than this expire (never the current one); files no retained
     /// snapshot reaches are deleted once this old.

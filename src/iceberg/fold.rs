@@ -98,6 +98,31 @@ impl Part {
     }
 }
 
+/// The bound every table's key index shares (`[iceberg] index_memory`): the bytes all
+/// of them hold, against the most they may.
+pub struct IndexMemory {
+    max: u64,
+    held: std::sync::atomic::AtomicU64,
+}
+
+impl IndexMemory {
+    pub fn new(max: u64) -> std::sync::Arc<IndexMemory> {
+        std::sync::Arc::new(IndexMemory {
+            max,
+            held: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Bytes all indexes hold.
+    pub fn held(&self) -> u64 {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+}
+
 /// Where each live row of a table is: key hash → (data file, position), per bucket of
 /// the partition spec. Buckets are held in memory up to a bound (`[iceberg]
 /// index_memory`); a bucket not held is looked up by reading its files' key columns,
@@ -121,7 +146,18 @@ pub struct KeyIndex {
     /// Keys of buckets not held, looked up for the interval at hand (a multiset's
     /// equal rows: several places).
     resolved: HashMap<KeyHash, Vec<(u32, u32)>>,
-    max_bytes: u64,
+    /// The bound shared with the other tables' indexes, and what this one last
+    /// counted there.
+    memory: std::sync::Arc<IndexMemory>,
+    counted: u64,
+}
+
+impl Drop for KeyIndex {
+    fn drop(&mut self) {
+        self.memory
+            .held
+            .fetch_sub(self.counted, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,8 +171,12 @@ pub enum FoldError {
 impl KeyIndex {
     /// An empty index over the identifier fields of `schema` (every column but `_lsn`
     /// and `_commit_ts` when it has none: a multiset), partitioned as `spec`, holding at
-    /// most `max_bytes` of keys.
-    pub fn new(schema: &Schema, spec: &PartitionSpec, max_bytes: u64) -> Result<KeyIndex, FoldError> {
+    /// most what `memory` leaves (shared with the other tables' indexes).
+    pub fn new(
+        schema: &Schema,
+        spec: &PartitionSpec,
+        memory: std::sync::Arc<IndexMemory>,
+    ) -> Result<KeyIndex, FoldError> {
         let arrow = schema.arrow_schema();
         let multiset = schema.identifier_field_ids.is_empty();
         let keys: Vec<String> = if multiset {
@@ -179,7 +219,8 @@ impl KeyIndex {
             free: Vec::new(),
             parts: (0..parts).map(|_| Some(Part::default())).collect(),
             resolved: HashMap::new(),
-            max_bytes,
+            memory,
+            counted: 0,
         })
     }
 
@@ -222,7 +263,19 @@ impl KeyIndex {
 
     /// Whether `rows` more keys fit within the bound.
     pub fn fits(&self, rows: u64) -> bool {
-        self.bytes() + rows * ENTRY_BYTES <= self.max_bytes
+        self.memory.held() + rows * ENTRY_BYTES <= self.memory.max
+    }
+
+    /// Brings the shared count up to date with what this index holds.
+    fn count(&mut self) {
+        let now = self.bytes();
+        let held = &self.memory.held;
+        if now >= self.counted {
+            held.fetch_add(now - self.counted, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            held.fetch_sub(self.counted - now, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.counted = now;
     }
 
     /// Lets a bucket go: its keys are looked up from its files from now on.
@@ -230,6 +283,7 @@ impl KeyIndex {
         if let Some(p) = self.parts.get_mut(part) {
             *p = None;
         }
+        self.count();
     }
 
     /// Holds a bucket (empty: its rows follow through [`KeyIndex::add_file`]).
@@ -241,18 +295,19 @@ impl KeyIndex {
         }
     }
 
-    /// Lets the largest buckets go until the held ones fit the bound; returns how many
-    /// it let go.
+    /// Lets this index's largest buckets go until all indexes fit the bound; returns
+    /// how many it let go.
     pub fn shed(&mut self) -> usize {
+        self.count();
         let mut shed = 0;
-        while self.bytes() > self.max_bytes {
+        while self.memory.held() > self.memory.max {
             let Some(largest) = (0..self.parts.len())
                 .filter(|i| self.parts[*i].is_some())
                 .max_by_key(|i| self.parts[*i].as_ref().map_or(0, Part::bytes))
             else {
                 break;
             };
-            self.parts[largest] = None;
+            self.release(largest);
             shed += 1;
         }
         shed
@@ -355,6 +410,7 @@ impl KeyIndex {
         if let Some(Some(p)) = self.parts.get_mut(part) {
             p.insert(new, replace);
         }
+        self.count();
         Ok(())
     }
 
@@ -406,6 +462,7 @@ impl KeyIndex {
         self.file_ids.clear();
         self.free.clear();
         self.resolved.clear();
+        self.count();
     }
 
     /// Ends an interval: the keys looked up for it go.
@@ -806,6 +863,7 @@ mod tests {
     use crate::iceberg::metadata::PartitionField;
 
     fn index(buckets: u32, max_bytes: u64) -> KeyIndex {
+        let memory = IndexMemory::new(max_bytes);
         let lake = LakeSchema {
             columns: [("id", true), ("px", false)]
                 .into_iter()
@@ -829,7 +887,7 @@ mod tests {
                 transform: format!("bucket[{buckets}]"),
             }],
         };
-        KeyIndex::new(&schema, &spec, max_bytes).unwrap()
+        KeyIndex::new(&schema, &spec, memory).unwrap()
     }
 
     fn keys(ids: impl IntoIterator<Item = i64>) -> RecordBatch {

@@ -25,7 +25,7 @@ use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tokio_util::sync::CancellationToken;
 
-use super::fold::{FoldError, KeyHash, KeyIndex, Prepared, fold};
+use super::fold::{FoldError, IndexMemory, KeyHash, KeyIndex, Prepared, fold};
 use super::manifest::ManifestEntry;
 use super::schema::Identity;
 use super::table::{Commit, Location, Table, TableError, WATERMARK_LSN, WATERMARK_SEQ};
@@ -136,6 +136,8 @@ pub struct Projector {
     /// `[catalog] kind = "glue"`: each table is registered under the analyst's name.
     glue: Option<Config>,
     catalog: Option<crate::catalog::Catalog>,
+    /// The bound all tables' key indexes share.
+    memory: Arc<IndexMemory>,
 }
 
 async fn get(store: &dyn ObjectStore, key: &Path) -> Result<Bytes, ProjectError> {
@@ -336,6 +338,7 @@ impl Projector {
             progress: None,
             glue: cfg.glue.is_some().then(|| cfg.clone()),
             catalog: None,
+            memory: IndexMemory::new(iceberg.index_memory),
         }))
     }
 
@@ -552,7 +555,7 @@ impl Projector {
             source,
         };
         let mut index =
-            KeyIndex::new(table.schema(), table.metadata().default_spec(), self.cfg.index_memory).map_err(fold_err)?;
+            KeyIndex::new(table.schema(), table.metadata().default_spec(), self.memory.clone()).map_err(fold_err)?;
         let live = table.live_files().await?;
         for (bucket, files) in by_bucket(&live) {
             let part = KeyIndex::part(bucket);
