@@ -368,7 +368,23 @@ async fn assert_rows_equal(
     let want = source_rows(c, &format!("SELECT {select} FROM {table}")).await;
     for reader in ["duckdb", "pyiceberg"] {
         let got = iceberg_rows(reader, lake, table, columns);
-        assert_eq!(got.len(), want.len(), "{reader} after {what}: row count");
+        // What the table and the projector said, should the rows differ.
+        let state = || {
+            let root = lake.join("_iceberg/public").join(table).join("metadata");
+            let hint = std::fs::read_to_string(root.join("version-hint.text")).unwrap_or_default();
+            let metadata: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(root.join(format!("v{hint}.metadata.json"))).unwrap_or_default())
+                    .unwrap_or_default();
+            let progress = std::fs::read_to_string(lake.join("_walshore/iceberg/progress.json")).unwrap_or_default();
+            let summaries: Vec<&serde_json::Value> = metadata["snapshots"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|s| &s["summary"])
+                .collect();
+            format!("version {hint}, progress {progress}, snapshots {summaries:?}")
+        };
+        assert_eq!(got.len(), want.len(), "{reader} after {what}: row count; {}", state());
         assert!(got == want, "{reader} after {what}: rows differ");
     }
 }
@@ -669,14 +685,20 @@ async fn wait_for_projection(c: &tokio_postgres::Client, config: &std::path::Pat
     .await;
     let seq = seq.get();
     let progress = config.parent().unwrap().join("lake/_walshore/iceberg/progress.json");
+    // The progress record names the tables that hold the log up to its seq (a table
+    // whose pass failed is not named, and is tried again the next interval).
     wait_until(Duration::from_secs(90), "the projector to reach the head", || {
         let progress = progress.clone();
         async move {
             std::fs::read(&progress)
                 .ok()
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .and_then(|v| v["seq"].as_u64())
-                .is_some_and(|s| s >= seq)
+                .is_some_and(|v| {
+                    v["seq"].as_u64().is_some_and(|s| s >= seq)
+                        && v["tables"]
+                            .as_array()
+                            .is_some_and(|t| t.iter().any(|t| t == "public.prices"))
+                })
         }
     })
     .await;

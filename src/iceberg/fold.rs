@@ -670,6 +670,7 @@ impl Folded {
             remove: Vec::new(),
             summary: BTreeMap::new(),
             replace: false,
+            written: Vec::new(),
         })
     }
 }

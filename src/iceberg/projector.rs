@@ -39,8 +39,10 @@ const PROGRESS: &str = "_walshore/iceberg/progress.json";
 const COMPACT_DATA_FILES: usize = 2;
 /// ... or more than 1 in this many of its rows deleted.
 const COMPACT_DELETED_SHARE: u64 = 5;
-/// Compaction snapshots a table takes an interval at most (each of `max_fold`).
+/// Compaction snapshots a table takes an interval at most...
 const COMPACT_PASSES: usize = 4;
+/// ... each rewriting up to this many `max_fold`s of rows, a bucket at a time.
+const COMPACT_FOLDS: u64 = 4;
 /// Memory a row takes while it is folded, beyond its stored bytes, about (its decoded
 /// values, the order, key hash and image of the fold, the rows it becomes): a fold
 /// holds at most `max_fold / FOLD_ROW_BYTES` rows, however well they compress.
@@ -656,6 +658,19 @@ impl Projector {
                 Ok(())
             })
             .await?;
+            // The log may have moved past `head` meanwhile: the build holds the records
+            // up to `head` only (its watermark), or the next pass would apply the later
+            // ones twice (a multiset's inserts are not idempotent).
+            let newest = read_head(self.store.as_ref()).await?.map_or(head.seq, |h| h.seq);
+            let mut later = HashSet::new();
+            for seq in head.seq + 1..=newest {
+                if let Some(r) = crate::checkpoint::log::read_commit(self.store.as_ref(), seq).await? {
+                    later.extend(r.files.into_iter().map(|f| f.key));
+                }
+            }
+            for f in files.values_mut() {
+                f.retain(|f| !later.contains(&f.key));
+            }
             for name in &rebuild {
                 let f = files.remove(name).unwrap_or_default();
                 tracing::info!(table = %name, files = f.len(), "building the Iceberg table from the whole change log");
@@ -900,8 +915,9 @@ impl Projector {
     /// One `replace` snapshot that keeps each bucket's files few, so that a reader opens
     /// few: a bucket with more than [`COMPACT_DATA_FILES`] data files, or more than a
     /// fifth of its rows deleted, is rewritten (its live rows, sorted by key, into one
-    /// data file; its data and delete files removed), those most in need first and at
-    /// most `max_fold` of them a snapshot, the rest in the next interval. Elsewhere, a
+    /// data file, written as soon as it is read; its data and delete files removed),
+    /// those most in need first and at most [`COMPACT_FOLDS`] `max_fold`s of them a
+    /// snapshot, the rest in the next snapshot or interval. Elsewhere, a
     /// bucket's delete files are merged into one (positions only). A `quiet` table (it
     /// took no snapshot this interval) has every bucket with a delete file or more than
     /// one data file rewritten: a table that stops changing ends at one file a bucket.
@@ -934,12 +950,15 @@ impl Projector {
         }
         rewrite.sort_by(|a, b| b.0.total_cmp(&a.0));
         let schema = p.table.schema().clone();
-        let mut rows = Vec::new();
+        // Each bucket's rows are written as soon as they are read: one bucket in memory.
+        let mut written = Vec::new();
+        let mut keys = Vec::new();
         let mut remove = Vec::new();
         let mut budget = Budget::default();
         let mut left = false;
         for (_, (data, deletes)) in rewrite {
-            if budget.spent(self.cfg.max_fold) {
+            // One bucket in memory at a time: a snapshot may rewrite several folds' worth.
+            if budget.spent(self.cfg.max_fold.saturating_mul(COMPACT_FOLDS)) {
                 left = true;
                 break;
             }
@@ -955,7 +974,20 @@ impl Projector {
             }
             if let Some(first) = kept.first() {
                 let all = concat(&kept, first.schema()).map_err(fold_err)?;
-                rows.push(sorted_by(&all, p.index.key_columns()).map_err(fold_err)?);
+                let sorted = sorted_by(&all, p.index.key_columns()).map_err(fold_err)?;
+                drop((kept, all));
+                for (file, rows) in p.table.write_ahead(&sorted).await? {
+                    // Only the key columns stay, for the index.
+                    let columns: Vec<usize> = p
+                        .index
+                        .key_columns()
+                        .iter()
+                        .filter_map(|k| rows.schema().index_of(k).ok())
+                        .collect();
+                    let rows = rows.project(&columns).map_err(|e| fold_err(e.into()))?;
+                    keys.push((file.path.clone(), file.partition, rows));
+                    written.push(file);
+                }
             }
         }
         let mut deletes = BTreeMap::new();
@@ -973,7 +1005,7 @@ impl Projector {
         }
         let committed_removed = remove.clone();
         let commit = Commit {
-            rows,
+            written,
             deletes,
             remove,
             summary: BTreeMap::from([
@@ -983,16 +1015,16 @@ impl Projector {
             replace: true,
             ..Commit::default()
         };
-        let committed = p.table.commit(commit).await?;
+        p.table.commit(commit).await?;
         p.index.forget(&committed_removed);
-        for (path, bucket, rows) in &committed.data_files {
+        for (path, bucket, rows) in &keys {
             p.index
                 .add_file(path, KeyIndex::part(*bucket), rows, &HashSet::new())
                 .map_err(fold_err)?;
         }
         tracing::info!(
             table = name,
-            files = committed.data_files.len(),
+            files = keys.len(),
             removed = committed_removed.len(),
             "Iceberg buckets compacted"
         );

@@ -168,6 +168,8 @@ pub struct Commit {
     pub summary: BTreeMap<String, String>,
     /// The same rows in other files (a compaction): a `replace` snapshot.
     pub replace: bool,
+    /// Data files already written ([`Table::write_ahead`]) that the snapshot adds.
+    pub written: Vec<DataFile>,
 }
 
 /// What a commit wrote: the new data files, with the bucket and the rows each holds
@@ -626,6 +628,52 @@ impl Table {
         Ok(())
     }
 
+    /// The identifier fields' names: the columns data files carry a bloom filter on.
+    fn key_names(&self) -> Vec<String> {
+        let schema = self.schema();
+        schema
+            .identifier_field_ids
+            .iter()
+            .filter_map(|id| schema.fields.iter().find(|f| f.id == *id))
+            .map(|f| f.name.clone())
+            .collect()
+    }
+
+    /// Writes `part` (conformed rows of one bucket) as the data file `rel`.
+    async fn put_data(&self, rel: &str, bucket: Option<i32>, part: &RecordBatch) -> Result<DataFile, TableError> {
+        let body = parquet_bytes(part, &self.key_names()).map_err(|source| self.parquet_err(source))?;
+        let file = DataFile {
+            content: manifest::DATA,
+            path: self.location.uri(rel),
+            partition: bucket,
+            record_count: part.num_rows() as i64,
+            file_size: body.len() as i64,
+            value_counts: Vec::new(),
+            null_value_counts: Vec::new(),
+            lower_bounds: Vec::new(),
+            upper_bounds: Vec::new(),
+            referenced_data_file: None,
+        };
+        self.location.put(rel, body).await?;
+        Ok(file)
+    }
+
+    /// Writes `rows` as data files ahead of the commit that adds them
+    /// ([`Commit::written`]), one a bucket, so that a compaction holds one bucket's rows
+    /// at a time. Returns each file with its bucket. A file no commit adds (a crash
+    /// between) is deleted by expiry once `snapshot_retention` old.
+    pub async fn write_ahead(&self, rows: &RecordBatch) -> Result<Vec<(DataFile, RecordBatch)>, TableError> {
+        let rows = self.schema().conform(rows).map_err(|source| self.arrow_err(source))?;
+        let tag = rand::random::<u64>() >> 1;
+        let mut out = Vec::new();
+        for (n, (bucket, part)) in self.by_bucket(&rows)?.into_iter().enumerate() {
+            let rel = format!("{}/{tag:019}-w{n}.parquet", self.partition_dir(bucket));
+            let file = self.put_data(&rel, bucket, &part).await?;
+            out.push((file, part));
+        }
+        Ok(out)
+    }
+
     /// Rows grouped by bucket of the spec's source column.
     fn by_bucket(&self, batch: &RecordBatch) -> Result<Vec<(Option<i32>, RecordBatch)>, TableError> {
         let spec = self.metadata.default_spec();
@@ -722,35 +770,16 @@ impl Table {
                 .invalid(format!("a removal of {gone}, which is not a live file")));
         }
 
-        // Data files.
-        let mut data_entries = Vec::new();
+        // Data files (and those written ahead).
+        let mut data_entries: Vec<ManifestEntry> = c.written.iter().cloned().map(added).collect();
         let mut data_files = Vec::new();
         let mut n = 0;
-        let keys: Vec<String> = schema
-            .identifier_field_ids
-            .iter()
-            .filter_map(|id| schema.fields.iter().find(|f| f.id == *id))
-            .map(|f| f.name.clone())
-            .collect();
         for rows in &c.rows {
             let rows = schema.conform(rows).map_err(|source| self.arrow_err(source))?;
             for (bucket, part) in self.by_bucket(&rows)? {
                 let rel = format!("{}/{snapshot_id:019}-{n}.parquet", self.partition_dir(bucket));
                 n += 1;
-                let body = parquet_bytes(&part, &keys).map_err(|source| self.parquet_err(source))?;
-                let file = DataFile {
-                    content: manifest::DATA,
-                    path: self.location.uri(&rel),
-                    partition: bucket,
-                    record_count: part.num_rows() as i64,
-                    file_size: body.len() as i64,
-                    value_counts: Vec::new(),
-                    null_value_counts: Vec::new(),
-                    lower_bounds: Vec::new(),
-                    upper_bounds: Vec::new(),
-                    referenced_data_file: None,
-                };
-                self.location.put(&rel, body).await?;
+                let file = self.put_data(&rel, bucket, &part).await?;
                 data_files.push((file.path.clone(), bucket, part));
                 data_entries.push(added(file));
             }
