@@ -187,12 +187,7 @@ impl KeyIndex {
                 .map(|f| f.name.clone())
                 .collect()
         } else {
-            schema
-                .identifier_field_ids
-                .iter()
-                .filter_map(|id| schema.fields.iter().find(|f| f.id == *id))
-                .map(|f| f.name.clone())
-                .collect()
+            schema.identifier_names()
         };
         let types = keys
             .iter()

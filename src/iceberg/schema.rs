@@ -258,12 +258,7 @@ impl Schema {
     pub fn evolve(&self, lake: &LakeSchema, last_column_id: i32) -> Result<Option<(Schema, i32)>, SchemaError> {
         // Rows are identified and bucketed by the key: a table whose key changed is
         // built anew (the caller says how), never folded under the old key.
-        let from: Vec<String> = self
-            .identifier_field_ids
-            .iter()
-            .filter_map(|id| self.fields.iter().find(|f| f.id == *id))
-            .map(|f| f.name.clone())
-            .collect();
+        let from = self.identifier_names();
         let to: Vec<String> = lake
             .columns
             .iter()
@@ -342,6 +337,15 @@ impl Schema {
                 .map(|f| Field::new(&f.name, arrow_type(&f.ty), !f.required).with_metadata(field_id(f.id)))
                 .collect::<Vec<_>>(),
         ))
+    }
+
+    /// The identifier fields' names, in key order.
+    pub fn identifier_names(&self) -> Vec<String> {
+        self.identifier_field_ids
+            .iter()
+            .filter_map(|id| self.fields.iter().find(|f| f.id == *id))
+            .map(|f| f.name.clone())
+            .collect()
     }
 
     pub fn field(&self, name: &str) -> Option<&NestedField> {

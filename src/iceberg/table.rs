@@ -630,13 +630,7 @@ impl Table {
 
     /// The identifier fields' names: the columns data files carry a bloom filter on.
     fn key_names(&self) -> Vec<String> {
-        let schema = self.schema();
-        schema
-            .identifier_field_ids
-            .iter()
-            .filter_map(|id| schema.fields.iter().find(|f| f.id == *id))
-            .map(|f| f.name.clone())
-            .collect()
+        self.schema().identifier_names()
     }
 
     /// Writes `part` (conformed rows of one bucket) as the data file `rel`.
