@@ -659,7 +659,13 @@ async fn a_crash_at_every_step_of_an_iceberg_commit_leaves_the_table_exact() {
 
 /// The commit-log record the lake's head is at once it holds everything PostgreSQL has
 /// committed so far, then once the projector has brought every table up to it.
-async fn wait_for_projection(c: &tokio_postgres::Client, config: &std::path::Path) {
+async fn wait_for_projection(c: &tokio_postgres::Client, config: &std::path::Path, table: &str) {
+    // The test cluster runs with `synchronous_commit = off`: the WAL write position may
+    // still be short of the last commit. A transaction that commits synchronously
+    // flushes everything before it.
+    c.batch_execute("BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_current_xact_id(); COMMIT")
+        .await
+        .unwrap();
     let lsn: walshore::lsn::Lsn = c
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
@@ -695,9 +701,7 @@ async fn wait_for_projection(c: &tokio_postgres::Client, config: &std::path::Pat
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
                 .is_some_and(|v| {
                     v["seq"].as_u64().is_some_and(|s| s >= seq)
-                        && v["tables"]
-                            .as_array()
-                            .is_some_and(|t| t.iter().any(|t| t == "public.prices"))
+                        && v["tables"].as_array().is_some_and(|t| t.iter().any(|t| t == table))
                 })
         }
     })
@@ -723,12 +727,12 @@ async fn run_projects_every_interval_while_it_replicates() {
     c.batch_execute("INSERT INTO prices SELECT 'S' || i, i, i, NULL FROM generate_series(1, 500) i")
         .await
         .unwrap();
-    wait_for_projection(&c, &config).await;
+    wait_for_projection(&c, &config, "public.prices").await;
     assert_iceberg_equals_source(&c, &lake, "inserts while running").await;
     c.batch_execute("UPDATE prices SET qty = qty * 2 WHERE qty % 3 = 0; DELETE FROM prices WHERE qty % 5 = 0")
         .await
         .unwrap();
-    wait_for_projection(&c, &config).await;
+    wait_for_projection(&c, &config, "public.prices").await;
     assert_iceberg_equals_source(&c, &lake, "updates and deletes while running").await;
     // The projector's gauges: caught up, files live, snapshots kept, a recent pass.
     let m = scrape(port);
@@ -1147,7 +1151,8 @@ async fn multisets(index_memory: &str) {
     let setup = "CREATE TABLE ledger (account text, amount numeric(12,2), memo text);
          ALTER TABLE ledger REPLICA IDENTITY FULL;
          CREATE TABLE events (kind text, n int);
-         CREATE PUBLICATION pub FOR TABLE ledger, events WITH (publish = 'insert, update, delete, truncate');
+         CREATE TABLE pairs (a int, b int, PRIMARY KEY (a, b));
+         CREATE PUBLICATION pub FOR TABLE ledger, events, pairs WITH (publish = 'insert, update, delete, truncate');
          CREATE PUBLICATION ins FOR TABLE events WITH (publish = 'insert')";
     let IcebergLake {
         _cluster,
@@ -1162,6 +1167,7 @@ async fn multisets(index_memory: &str) {
          INSERT INTO ledger SELECT 'c' || i, i, 'm' || (i % 7) FROM generate_series(1, 120) i;
          INSERT INTO ledger SELECT 'd', 5, 'same' FROM generate_series(1, 10);
          INSERT INTO ledger VALUES ('q', 7, 'q'), ('q', 7, 'q');
+         INSERT INTO pairs SELECT i, i % 4 FROM generate_series(1, 20) i;
          INSERT INTO events SELECT 'k' || (i % 5), i % 3 FROM generate_series(1, 60) i;",
     )
     .await
@@ -1183,7 +1189,10 @@ async fn multisets(index_memory: &str) {
          INSERT INTO ledger VALUES ('d', 5, 'same');
          DELETE FROM ledger WHERE account = 'c50';
          INSERT INTO ledger VALUES ('q', 7, 'q'), ('q', 7, 'q');
-         INSERT INTO events VALUES ('k1', 1), ('k1', 1);",
+         INSERT INTO events VALUES ('k1', 1), ('k1', 1);
+         UPDATE pairs SET a = a WHERE a < 5;
+         UPDATE pairs SET b = b + 10 WHERE a > 15;
+         DELETE FROM pairs WHERE a = 10;",
         one("ledger", "account = 'a'"),
         one("ledger", "account = 'a' AND memo = 'x'"),
         one("ledger", "account = 'd'"),
@@ -1227,4 +1236,69 @@ async fn multisets(index_memory: &str) {
     sync(&config);
     assert_rows_equal(&c, &lake, "ledger", "a truncate", &evolved).await;
     assert_rows_equal(&c, &lake, "events", "the end", &["kind", "n"]).await;
+    // Keyed by all its columns: an update that keeps the key is the row as it was.
+    assert_rows_equal(&c, &lake, "pairs", "the end", &["a", "b"]).await;
+}
+
+/// In one `walshore run`, a table without a key is compacted (a quiet interval tidies
+/// each bucket into one file) and then loses equal rows one at a time: the rewritten
+/// buckets' old places leave the key index, so each delete removes exactly one row.
+#[tokio::test]
+async fn a_multiset_compacted_while_running_loses_equal_rows_one_at_a_time() {
+    let setup = "CREATE TABLE ledger (account text, amount numeric(12,2), memo text);
+         ALTER TABLE ledger REPLICA IDENTITY FULL;
+         CREATE PUBLICATION pub FOR TABLE ledger";
+    let IcebergLake {
+        _cluster,
+        _dir,
+        c,
+        config,
+        lake,
+    } = iceberg_lake(setup, "commit_interval = \"1s\"\nbuckets = 2", "").await;
+    let child = spawn_run(&config);
+    let _log = LogOnPanic::new(&child);
+    let ledger = ["account", "amount", "memo"];
+    for round in 0..2 {
+        c.batch_execute(&format!(
+            "INSERT INTO ledger VALUES ('a', 1, 'x'), ('a', 1, 'x');
+             INSERT INTO ledger SELECT 'r{round}-' || i, i, 'm' FROM generate_series(1, 40) i;"
+        ))
+        .await
+        .unwrap();
+        wait_for_projection(&c, &config, "public.ledger").await;
+    }
+    // Two appends: two data files a bucket, until a quiet interval rewrites them.
+    let store: Arc<dyn object_store::ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(&lake).unwrap());
+    let location = Location {
+        store,
+        root: "_iceberg/public/ledger".into(),
+        uri: format!("file://{}", lake.join("_iceberg/public/ledger").display()),
+    };
+    wait_until(Duration::from_secs(60), "a quiet interval to compact the table", || {
+        let location = location.clone();
+        async move {
+            let table = Table::load(location).await.unwrap().unwrap();
+            table.metadata().current_snapshot().unwrap().summary["operation"] == "replace"
+                && table
+                    .live_files()
+                    .await
+                    .unwrap()
+                    .iter()
+                    .filter(|e| e.file.content == 0)
+                    .count()
+                    <= 2
+        }
+    })
+    .await;
+    let one = "DELETE FROM ledger WHERE ctid = (SELECT ctid FROM ledger WHERE account = 'a' LIMIT 1)";
+    for left in [3, 1] {
+        let deletes = if left == 3 { 1 } else { 2 };
+        for _ in 0..deletes {
+            c.batch_execute(one).await.unwrap();
+        }
+        wait_for_projection(&c, &config, "public.ledger").await;
+        assert_rows_equal(&c, &lake, "ledger", &format!("{left} equal rows left"), &ledger).await;
+    }
+    let (status, stderr) = stop(child);
+    assert!(status.success(), "walshore run stopped cleanly:\n{stderr}");
 }

@@ -460,6 +460,14 @@ impl KeyIndex {
         self.count();
     }
 
+    /// Forgets a held bucket's keys (its files were rewritten: the new one follows).
+    pub fn reset(&mut self, part: usize) {
+        if let Some(Some(p)) = self.parts.get_mut(part) {
+            *p = Part::default();
+        }
+        self.count();
+    }
+
     /// Ends an interval: the keys looked up for it go.
     pub fn settle(&mut self) {
         self.resolved = HashMap::new();
@@ -569,6 +577,8 @@ pub struct Folded {
     /// A multiset: `latest` holds each row added (equal rows: several entries), and
     /// these the table's rows its deletes removed (bucket, hash, place), one each.
     multiset: Option<Vec<Taken>>,
+    /// A multiset's deletes that found no equal row.
+    missed: usize,
 }
 
 impl Folded {
@@ -585,6 +595,11 @@ impl Folded {
             }
         }
         out
+    }
+
+    /// Deletes that found no row to remove (a multiset's: the table should have had one).
+    pub fn missed(&self) -> usize {
+        self.missed
     }
 
     pub fn is_empty(&self) -> bool {
@@ -776,6 +791,7 @@ pub fn fold(schema: &Schema, index: &KeyIndex, prepared: Prepared<'_>, rebuild: 
         latest,
         conformed,
         multiset: None,
+        missed: 0,
     })
 }
 
@@ -799,6 +815,7 @@ fn fold_multiset(
     // The table's rows taken by deletes, and how many of each hash so far.
     let mut taken = Vec::new();
     let mut taken_of: HashMap<KeyHash, usize> = HashMap::new();
+    let mut missed = 0;
     for &(_, _, b, r) in order {
         let op = batches[b]
             .column_by_name("_op")
@@ -823,9 +840,15 @@ fn fold_multiset(
                     if let Some(at) = index.nth(part, h, *k) {
                         *k += 1;
                         taken.push((part, h, at));
+                    } else {
+                        missed += 1;
                     }
                 }
             }
+            // An update of a table keyed by all its columns that kept the key (`SET a =
+            // a`): the row is as it was. (Under REPLICA IDENTITY FULL every update is a
+            // `D` and an `I`.)
+            "U" => {}
             _ => {
                 added.entry(h).or_default().push(latest.len());
                 latest.push((
@@ -844,6 +867,7 @@ fn fold_multiset(
         latest,
         conformed,
         multiset: Some(taken),
+        missed,
     }
 }
 

@@ -664,9 +664,13 @@ impl Projector {
             let newest = read_head(self.store.as_ref()).await?.map_or(head.seq, |h| h.seq);
             let mut later = HashSet::new();
             for seq in head.seq + 1..=newest {
-                if let Some(r) = crate::checkpoint::log::read_commit(self.store.as_ref(), seq).await? {
-                    later.extend(r.files.into_iter().map(|f| f.key));
-                }
+                let r = crate::checkpoint::log::read_commit(self.store.as_ref(), seq)
+                    .await?
+                    .ok_or_else(|| CheckpointError::Corrupt {
+                        key: format!("commit record {seq}"),
+                        message: "missing below the head".into(),
+                    })?;
+                later.extend(r.files.into_iter().map(|f| f.key));
             }
             for f in files.values_mut() {
                 f.retain(|f| !later.contains(&f.key));
@@ -934,16 +938,17 @@ impl Projector {
         let live = p.table.live_files().await?;
         let buckets = by_bucket(&live);
         let count = |files: &[&ManifestEntry]| files.iter().map(|e| e.file.record_count.max(0) as u64).sum::<u64>();
-        let mut rewrite: Vec<(f64, &BucketFiles<'_>)> = Vec::new();
+        let mut rewrite: Vec<(f64, usize, &BucketFiles<'_>)> = Vec::new();
         let mut merge: Vec<&Vec<&ManifestEntry>> = Vec::new();
-        for files in buckets.values() {
+        for (bucket, files) in &buckets {
             let (data, deletes) = files;
             let (rows, gone) = (count(data), count(deletes));
             let due = data.len() > COMPACT_DATA_FILES || gone * COMPACT_DELETED_SHARE > rows.max(1);
             // A table with nothing new: any bucket not yet in its best shape.
             let tidy = quiet && (data.len() > 1 || !deletes.is_empty());
             if due || tidy {
-                rewrite.push((data.len() as f64 + gone as f64 / rows.max(1) as f64, files));
+                let need = data.len() as f64 + gone as f64 / rows.max(1) as f64;
+                rewrite.push((need, KeyIndex::part(*bucket), files));
             } else if deletes.len() > 1 {
                 merge.push(deletes);
             }
@@ -956,7 +961,8 @@ impl Projector {
         let mut remove = Vec::new();
         let mut budget = Budget::default();
         let mut left = false;
-        for (_, (data, deletes)) in rewrite {
+        let mut rewritten = Vec::new();
+        for (_, part, (data, deletes)) in rewrite {
             // One bucket in memory at a time: a snapshot may rewrite several folds' worth.
             if budget.spent(self.cfg.max_fold.saturating_mul(COMPACT_FOLDS)) {
                 left = true;
@@ -964,6 +970,7 @@ impl Projector {
             }
             let deleted = deleted_positions(&p.table, deletes).await?;
             remove.extend(deletes.iter().map(|x| x.file.path.clone()));
+            rewritten.push(part);
             let mut kept = Vec::new();
             for d in data {
                 budget.add(d.file.file_size as u64, d.file.record_count as u64);
@@ -1016,6 +1023,11 @@ impl Projector {
             ..Commit::default()
         };
         p.table.commit(commit).await?;
+        // A rewritten bucket's keys are all in its new file: its old places go first
+        // (a multiset's would stay beside the new ones), then its old files' ids.
+        for part in rewritten {
+            p.index.reset(part);
+        }
         p.index.forget(&committed_removed);
         for (path, bucket, rows) in &keys {
             p.index
@@ -1061,6 +1073,13 @@ impl Projector {
             }
         }
         let folded = fold(&schema, &p.index, prepared, rebuild).map_err(fold_err)?;
+        if folded.missed() > 0 {
+            tracing::warn!(
+                table = name,
+                rows = folded.missed(),
+                "deletes of rows the Iceberg table does not hold (a table without a key: a row that predates the lake, or whose image differs, such as a column added with a default); walshore verify names the difference"
+            );
+        }
         if folded.is_empty() {
             p.index.settle();
             if let Some((seq, _)) = at {

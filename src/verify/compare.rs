@@ -241,9 +241,11 @@ fn replay<'a>(cols: &Columns, records: &'a Records, truncates: &[Pos]) -> State<
                         state.remove(row);
                     }
                 }
-            } else {
+            } else if op != b'U' {
                 *state.entry(row).or_default() += 1;
             }
+            // A `U` of a table keyed by all its columns kept the key (`SET a = a`): the
+            // row is as it was. (Under REPLICA IDENTITY FULL every update is `D` + `I`.)
         }
         if truncated_before((i64::MAX, i64::MAX)) {
             state.clear();

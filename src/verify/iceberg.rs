@@ -68,7 +68,7 @@ pub(super) async fn compare(job: Job<'_>, loaded: Loaded) -> Result<IcebergRepor
         Loaded::Table(t) => t,
         Loaded::Absent => {
             return Ok(IcebergReport::unverified(
-                "no Iceberg table yet: the projector has not built it (a table without a primary key is not projected)",
+                "no Iceberg table yet: the projector has not built it (a table whose key has a float or array column is not projected)",
             ));
         }
         Loaded::Broken(what) => {
