@@ -117,10 +117,6 @@ impl IndexMemory {
     pub fn held(&self) -> u64 {
         self.held.load(std::sync::atomic::Ordering::Relaxed)
     }
-
-    pub fn max(&self) -> u64 {
-        self.max
-    }
 }
 
 /// Where each live row of a table is: key hash → (data file, position), per bucket of

@@ -302,10 +302,24 @@ fn by_bucket(live: &[ManifestEntry]) -> BTreeMap<Option<i32>, BucketFiles<'_>> {
     buckets
 }
 
+/// Rows the files hold (data rows, or deleted positions), as the manifests count them.
+fn records(files: &[&ManifestEntry]) -> u64 {
+    files.iter().map(|e| e.file.record_count.max(0) as u64).sum()
+}
+
 /// Live rows of a bucket, as its manifests count them.
 fn live_rows((data, deletes): &BucketFiles<'_>) -> u64 {
-    let count = |files: &[&ManifestEntry]| files.iter().map(|e| e.file.record_count).sum::<i64>();
-    (count(data) - count(deletes)).max(0) as u64
+    records(data).saturating_sub(records(deletes))
+}
+
+/// Commit record `seq`, which the log must hold (below its head, above what it pruned).
+async fn required_record(store: &dyn ObjectStore, seq: u64) -> Result<CommitRecord, ProjectError> {
+    crate::checkpoint::log::read_commit(store, seq).await?.ok_or_else(|| {
+        ProjectError::Log(CheckpointError::Corrupt {
+            key: format!("commit record {seq}"),
+            message: "missing below the head, above the pruned records".into(),
+        })
+    })
 }
 
 /// The key columns of a data file, in file order (None: it has no rows).
@@ -664,12 +678,7 @@ impl Projector {
             let newest = read_head(self.store.as_ref()).await?.map_or(head.seq, |h| h.seq);
             let mut later = HashSet::new();
             for seq in head.seq + 1..=newest {
-                let r = crate::checkpoint::log::read_commit(self.store.as_ref(), seq)
-                    .await?
-                    .ok_or_else(|| CheckpointError::Corrupt {
-                        key: format!("commit record {seq}"),
-                        message: "missing below the head".into(),
-                    })?;
+                let r = required_record(self.store.as_ref(), seq).await?;
                 later.extend(r.files.into_iter().map(|f| f.key));
             }
             for f in files.values_mut() {
@@ -731,12 +740,7 @@ impl Projector {
         let mut pending: BTreeMap<String, Vec<WrittenObject>> = BTreeMap::new();
         let mut budget = Budget::default();
         for seq in from + 1..=head.seq {
-            let record = crate::checkpoint::log::read_commit(self.store.as_ref(), seq)
-                .await?
-                .ok_or_else(|| CheckpointError::Corrupt {
-                    key: format!("commit record {seq}"),
-                    message: "missing below the head, above the pruned records".into(),
-                })?;
+            let record = required_record(self.store.as_ref(), seq).await?;
             for f in record.files {
                 if self.tables.get(&f.table).is_some_and(|t| t.applied < seq) {
                     budget.add(f.bytes, f.rows);
@@ -937,12 +941,11 @@ impl Projector {
         };
         let live = p.table.live_files().await?;
         let buckets = by_bucket(&live);
-        let count = |files: &[&ManifestEntry]| files.iter().map(|e| e.file.record_count.max(0) as u64).sum::<u64>();
         let mut rewrite: Vec<(f64, usize, &BucketFiles<'_>)> = Vec::new();
         let mut merge: Vec<&Vec<&ManifestEntry>> = Vec::new();
         for (bucket, files) in &buckets {
             let (data, deletes) = files;
-            let (rows, gone) = (count(data), count(deletes));
+            let (rows, gone) = (records(data), records(deletes));
             let due = data.len() > COMPACT_DATA_FILES || gone * COMPACT_DELETED_SHARE > rows.max(1);
             // A table with nothing new: any bucket not yet in its best shape.
             let tidy = quiet && (data.len() > 1 || !deletes.is_empty());
