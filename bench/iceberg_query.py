@@ -1,6 +1,6 @@
 """Times current-state queries in DuckDB over a walshore lake: the fold over the change
-log (each key's last change by (_lsn, _seq), deletes dropped) against the Iceberg table
-walshore keeps. Prints JSON: per query its median seconds, every run's, and its result.
+log (each key's last change by (_lsn, _seq) after the last truncate, deletes dropped)
+against the Iceberg table walshore keeps. Prints JSON: per query its median seconds, every run's, and its result.
 
   python3 bench/iceberg_query.py LAKE SCHEMA.TABLE KEY KEY_VALUE COL1,COL2,... RUNS
 """
@@ -19,7 +19,13 @@ import duckdb_ext  # noqa: E402
 lake, table, key, value, columns, runs = sys.argv[1:6] + [int(sys.argv[6])]
 cols = ", ".join(f"{c}::VARCHAR" for c in columns.split(","))
 schema, name = table.split(".")
-log = f"read_parquet('{lake}/{schema}/{name}/*/*.parquet')"
+# By name: files written before a column was added lack it.
+files = f"read_parquet('{lake}/{schema}/{name}/*/*.parquet', union_by_name = true, hive_partitioning = false)"
+# A truncate ends every row before it.
+log = (
+    f"(SELECT * FROM {files} WHERE (_lsn, _seq) > (SELECT coalesce(max((_lsn, _seq)), (-1, -1)) "
+    f"FROM {files} WHERE _op = 'T'))"
+)
 ice = f"iceberg_scan('{lake}/_iceberg/{schema}/{name}')"
 queries = {
     "fold count": f"SELECT count(*) FROM (SELECT _op FROM {log} "

@@ -45,9 +45,16 @@ pub const WATERMARK_LSN: &str = "walshore.lsn";
 /// content (each commit adds up to two).
 const MERGE_AT: usize = 8;
 
-/// Metadata files (versions) kept behind the current one; older ones are deleted once
-/// they are older than the snapshot retention.
+/// Metadata files (versions) kept behind the current one, and listed in the current
+/// one's `metadata-log`. An older one is deleted once [`METADATA_GRACE`] old (or, by
+/// expiry, once older than the snapshot retention).
 pub const KEEP_METADATA: usize = 16;
+
+/// How long a metadata file this writer replaced stays, at least: a reader that found
+/// it through the hint or the catalog has read it by then. A table committed every
+/// minute for a day otherwise keeps a day of metadata files (each listing the day's
+/// snapshots) until the next expiry.
+const METADATA_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Position-delete columns, with the field ids the spec reserves for them.
 const FILE_PATH_ID: i32 = 2147483546;
@@ -151,6 +158,9 @@ pub struct Table {
     hinted: Option<u64>,
     /// The current snapshot's manifests.
     manifests: Vec<ManifestFile>,
+    /// The versions this writer published and when, oldest first: deleted once
+    /// [`KEEP_METADATA`] versions behind and [`METADATA_GRACE`] old.
+    published: std::collections::VecDeque<(u64, std::time::Instant)>,
 }
 
 /// What a commit changes.
@@ -285,6 +295,7 @@ impl Table {
             version,
             hinted,
             manifests,
+            published: Default::default(),
         }))
     }
 
@@ -361,6 +372,7 @@ impl Table {
             version: 0,
             hinted: None,
             manifests: Vec::new(),
+            published: Default::default(),
         };
         table.publish(table.metadata.clone()).await?;
         Ok(table)
@@ -433,10 +445,6 @@ impl Table {
         next.current_schema_id = schema.schema_id;
         next.last_column_id = last_column_id;
         next.schemas.push(schema);
-        next.metadata_log.push(MetadataLogEntry {
-            metadata_file: self.location.uri(&format!("metadata/v{}.metadata.json", self.version)),
-            timestamp_ms: self.metadata.last_updated_ms,
-        });
         self.publish(next).await?;
         Ok(true)
     }
@@ -445,7 +453,8 @@ impl Table {
     /// deletes what no retained snapshot reaches and is older than `retention`: the
     /// expired snapshots' manifest lists, manifests and files, and files a crashed
     /// commit left behind. Metadata files beyond the last [`KEEP_METADATA`] versions
-    /// go too. Returns the snapshots expired and the objects deleted.
+    /// go too, once [`METADATA_GRACE`] old. Returns the snapshots expired and the
+    /// objects deleted.
     pub async fn expire(&mut self, retention: std::time::Duration) -> Result<(usize, usize), TableError> {
         let now = now_ms();
         let cutoff = now - retention.as_millis() as i64;
@@ -458,18 +467,12 @@ impl Table {
             .cloned()
             .collect();
         let expired = self.metadata.snapshots.len() - kept.len();
-        if expired > 0 || self.metadata.metadata_log.len() > KEEP_METADATA {
+        if expired > 0 {
             let mut next = self.metadata.clone();
             next.last_updated_ms = now.max(next.last_updated_ms);
             next.snapshot_log
                 .retain(|e| kept.iter().any(|s| s.snapshot_id == e.snapshot_id));
             next.snapshots = kept;
-            next.metadata_log.push(MetadataLogEntry {
-                metadata_file: self.location.uri(&format!("metadata/v{}.metadata.json", self.version)),
-                timestamp_ms: self.metadata.last_updated_ms,
-            });
-            let excess = next.metadata_log.len().saturating_sub(KEEP_METADATA);
-            next.metadata_log.drain(..excess);
             self.publish(next).await?;
         }
         // What the retained snapshots reach.
@@ -507,20 +510,24 @@ impl Table {
             .await
             .map_err(self.location.store_err())?;
         let mut gone = Vec::new();
+        // A replaced metadata file needs no snapshot to expire: it goes after the
+        // grace, when that is shorter than the retention.
+        let metadata_cutoff = cutoff.max(now - METADATA_GRACE.as_millis() as i64);
         for o in objects {
             let key = o.location.to_string();
             let Some(rel) = key.strip_prefix(&prefix) else { continue };
-            if o.last_modified.timestamp_millis() >= cutoff || rel == "metadata/version-hint.text" {
-                continue;
-            }
-            let old_metadata = rel
+            let modified = o.last_modified.timestamp_millis();
+            let version = rel
                 .strip_prefix("metadata/v")
                 .and_then(|r| r.strip_suffix(".metadata.json"))
-                .and_then(|v| v.parse::<u64>().ok())
-                .map(|v| v + (KEEP_METADATA as u64) < self.version);
-            let unreachable = match old_metadata {
-                Some(old) => old,
-                None => !reachable.contains(&self.location.uri(rel)),
+                .and_then(|v| v.parse::<u64>().ok());
+            let unreachable = match version {
+                Some(v) => v + (KEEP_METADATA as u64) < self.version && modified < metadata_cutoff,
+                None => {
+                    rel != "metadata/version-hint.text"
+                        && modified < cutoff
+                        && !reachable.contains(&self.location.uri(rel))
+                }
             };
             if unreachable {
                 gone.push(o.location);
@@ -595,10 +602,21 @@ impl Table {
     }
 
     /// Writes `v{version+1}.metadata.json` unless it exists, then the hint.
-    async fn publish(&mut self, next: TableMetadata) -> Result<(), TableError> {
+    /// Writes `next` as the next version (the one it replaces listed in its
+    /// `metadata-log`, which keeps the last [`KEEP_METADATA`]), points the hint at it,
+    /// and deletes the versions this writer replaced that are past keeping.
+    async fn publish(&mut self, mut next: TableMetadata) -> Result<(), TableError> {
         let version = self.version + 1;
+        if self.version > 0 {
+            next.metadata_log.push(MetadataLogEntry {
+                metadata_file: self.location.uri(&format!("metadata/v{}.metadata.json", self.version)),
+                timestamp_ms: self.metadata.last_updated_ms,
+            });
+        }
+        let excess = next.metadata_log.len().saturating_sub(KEEP_METADATA);
+        next.metadata_log.drain(..excess);
         let name = format!("metadata/v{version}.metadata.json");
-        let body = serde_json::to_vec_pretty(&next).expect("metadata serializes");
+        let body = serde_json::to_vec(&next).expect("metadata serializes");
         let opts = PutOptions {
             mode: PutMode::Create,
             ..PutOptions::default()
@@ -625,6 +643,19 @@ impl Table {
         self.metadata = next;
         self.version = version;
         self.hinted = Some(version);
+        self.published.push_back((version, std::time::Instant::now()));
+        while let Some(&(old, at)) = self.published.front() {
+            if old + KEEP_METADATA as u64 >= version || at.elapsed() < METADATA_GRACE {
+                break;
+            }
+            self.published.pop_front();
+            // A failure leaves the file to expiry, which deletes it too.
+            let key = self.location.key(&format!("metadata/v{old}.metadata.json"));
+            match self.location.store.delete(&key).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => tracing::debug!(error = %e, version = old, "an old Iceberg metadata file stays until expiry"),
+            }
+        }
         Ok(())
     }
 
@@ -944,10 +975,6 @@ impl Table {
         next.snapshot_log.push(SnapshotLogEntry {
             snapshot_id,
             timestamp_ms: now,
-        });
-        next.metadata_log.push(MetadataLogEntry {
-            metadata_file: self.location.uri(&format!("metadata/v{}.metadata.json", self.version)),
-            timestamp_ms: self.metadata.last_updated_ms,
         });
         next.refs.insert(
             "main".into(),
