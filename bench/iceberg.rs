@@ -7,7 +7,10 @@
 //! one change-log file per flush and the Iceberg table what compaction left. DuckDB
 //! then answers a full count and a point lookup both ways, `--runs` times each
 //! (default 5), and the bench prints the medians, the ratios (targets: ≥ 20×), the
-//! files on each side, and checks that both answers equal PostgreSQL's.
+//! files on each side, and checks that both answers equal PostgreSQL's. Meanwhile
+//! `bench/iceberg_day.py --freshness-only` measures each commit's freshness: from its
+//! commit record to the first Iceberg snapshot that holds it (target: p99 ≤ the commit
+//! interval + 30 s).
 //!
 //! `cargo bench --bench iceberg [-- --keys N --seconds N --runs N --max-fold SIZE --index-memory SIZE --keep 1]`
 
@@ -82,6 +85,20 @@ fn main() {
     println!("walshore iceberg benchmark: {keys} keys, {seconds} s of updates, {runs} runs a query");
     println!("  copy and first Iceberg build: {:.1} s", copy.secs);
 
+    let stop_file = dir.path().join("final-watermark");
+    let freshness = Command::new("python3")
+        .args([
+            concat!(env!("CARGO_MANIFEST_DIR"), "/bench/iceberg_day.py"),
+            lake.to_str().unwrap(),
+            "public.prices",
+            "sym",
+            stop_file.to_str().unwrap(),
+            "--freshness-only",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+
     #[allow(clippy::zombie_processes)] // reaped by wait4 below
     let run = Command::new(walshore)
         .args(["run", "--config", config.to_str().unwrap()])
@@ -144,6 +161,19 @@ fn main() {
     println!(
         "  change log: {change_files} Parquet files; Iceberg: {} live data files, {} live delete files, {} snapshots ({data_files} data files on disk)",
         t["data_files"], t["delete_files"], t["snapshots"]
+    );
+    let watermark = t["watermark_seq"].as_u64().expect("a watermark after the sync");
+    std::fs::write(&stop_file, watermark.to_string()).unwrap();
+    let out = freshness.wait_with_output().unwrap();
+    assert!(out.status.success(), "the freshness follower failed");
+    let f: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let f = &f["freshness"];
+    println!(
+        "  freshness, commit record to visible snapshot, over {} commits: p50 {:.1} s, p99 {:.1} s, max {:.1} s (target p99 <= 5 s + 30 s)",
+        f["records"],
+        f["p50"].as_f64().unwrap_or(f64::NAN),
+        f["p99"].as_f64().unwrap_or(f64::NAN),
+        f["max"].as_f64().unwrap_or(f64::NAN)
     );
 
     // A key that is there (the writer deleted some).

@@ -94,9 +94,17 @@ struct Runs {
 }
 
 /// Starts `walshore run` again and again until `stop`: every other run with a random
-/// crash point of the Iceberg commit, the others killed at a random instant within
-/// `every`; the last is stopped with SIGTERM.
-fn supervise(walshore: &str, config: &Path, log: &Path, every: Duration, stop: &AtomicBool) -> Runs {
+/// crash point of the Iceberg commit (at its n-th time, n up to twice the commit
+/// intervals in `every`), the others killed at a random instant around `every`; the
+/// last is stopped with SIGTERM.
+fn supervise(
+    walshore: &str,
+    config: &Path,
+    log: &Path,
+    every: Duration,
+    interval: Duration,
+    stop: &AtomicBool,
+) -> Runs {
     let mut runs = Runs::default();
     let mut rng = Lcg(7);
     let points = walshore::fault::ICEBERG_POINTS;
@@ -109,10 +117,11 @@ fn supervise(walshore: &str, config: &Path, log: &Path, every: Duration, stop: &
         let fault = runs.started % 2 == 0;
         let deadline = if fault {
             let point = points[rng.next(points.len() as u64) as usize];
-            cmd.env("WALSHORE_FAULT", format!("{point}@{}", 1 + rng.next(3)));
-            Instant::now() + every * 2
+            let hits = (2.0 * every.as_secs_f64() / interval.as_secs_f64()).max(1.0) as u64;
+            cmd.env("WALSHORE_FAULT", format!("{point}@{}", 1 + rng.next(hits)));
+            Instant::now() + every * 3
         } else {
-            Instant::now() + every.mul_f64(0.3 + rng.next(700) as f64 / 1000.0)
+            Instant::now() + every.mul_f64(0.5 + rng.next(1000) as f64 / 1000.0)
         };
         #[allow(clippy::zombie_processes)] // reaped by wait4 below
         let child = cmd.spawn().expect("spawn walshore run");
@@ -230,13 +239,18 @@ fn main() {
         .expect("python3");
 
     let stop = Arc::new(AtomicBool::new(false));
-    let every = Duration::from_secs(seconds).div_f64(kills as f64 * 1.25);
+    let every = Duration::from_secs(seconds).div_f64(kills as f64);
+    let interval = humantime::parse_duration(&commit_interval).expect("--commit-interval: a duration such as 5s");
     let supervisor = {
         let (stop, config, log) = (stop.clone(), config.clone(), dir.path().join("run.log"));
-        std::thread::spawn(move || supervise(walshore, &config, &log, every, &stop))
+        std::thread::spawn(move || supervise(walshore, &config, &log, every, interval, &stop))
     };
 
-    // The writer, paced to the day.
+    // The writer, paced to the day. Each commit is flushed (the test cluster's default
+    // is off: the walwriter then flushes every 200 ms, and the walsender sends what is
+    // flushed only, so walshore would see the changes in 200 ms bursts).
+    rt.block_on(client.batch_execute("SET synchronous_commit = on"))
+        .unwrap();
     let start = Instant::now();
     let day = Duration::from_secs(seconds);
     let mut rng = Lcg(1);

@@ -406,6 +406,73 @@ async fn sync_keeps_the_iceberg_table_equal_with_a_key_index_smaller_than_the_ta
     keeps_equal("\nindex_memory = \"2KiB\"").await;
 }
 
+/// A first build whose change log is one file larger than `max_fold` (as a copy's
+/// files are, up to a million rows) folds it in slices of rows, a snapshot each (the
+/// last one carries the watermark), and the key index the slices leave finds every
+/// row for the changes after.
+#[tokio::test]
+async fn a_change_log_file_larger_than_a_fold_is_built_in_slices() {
+    // 64 KiB: 256 rows a fold.
+    let IcebergLake {
+        _cluster,
+        _dir,
+        c,
+        config,
+        lake,
+    } = iceberg_lake(
+        &format!("{PRICES}; CREATE PUBLICATION pub FOR TABLE prices"),
+        "commit_interval = \"1s\"\nbuckets = 4\nmax_fold = \"64KiB\"",
+        "",
+    )
+    .await;
+    c.batch_execute("INSERT INTO prices SELECT 'S' || i, i * 0.5, i, NULL FROM generate_series(1, 2000) i")
+        .await
+        .unwrap();
+    sync(&config);
+    let log_files = files_under(&lake.join("public/prices"));
+    assert_eq!(log_files.len(), 1, "one change-log file: {log_files:?}");
+    // Built anew from the change log: the first build.
+    std::fs::remove_dir_all(lake.join("_iceberg")).unwrap();
+    std::fs::remove_file(lake.join("_walshore/iceberg/progress.json")).unwrap();
+    sync(&config);
+    let hint = std::fs::read_to_string(lake.join("_iceberg/public/prices/metadata/version-hint.text")).unwrap();
+    let metadata: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(lake.join(format!("_iceberg/public/prices/metadata/v{hint}.metadata.json"))).unwrap(),
+    )
+    .unwrap();
+    let snapshots = metadata["snapshots"].as_array().unwrap();
+    let unfinished = snapshots
+        .iter()
+        .take_while(|s| s["summary"].get("walshore.seq").is_none())
+        .count();
+    assert_eq!(unfinished, 7, "2,000 rows in slices of 256: 7 unfinished snapshots, then the last");
+    assert_iceberg_equals_source(&c, &lake, "a first build in slices").await;
+
+    c.batch_execute("UPDATE prices SET qty = -qty WHERE qty % 3 = 0; DELETE FROM prices WHERE qty % 7 = 0")
+        .await
+        .unwrap();
+    sync(&config);
+    assert_iceberg_equals_source(&c, &lake, "changes after a build in slices").await;
+    assert_verified(&config, "changes after a build in slices");
+}
+
+/// Every file under `dir`, at any depth.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
 async fn keeps_equal(index_memory: &str) {
     // A small fold: the backlog and the rebuild take several snapshots each.
     let setup = format!(
@@ -641,18 +708,11 @@ async fn a_crash_at_every_step_of_an_iceberg_commit_leaves_the_table_exact() {
     want.push(table.metadata().current_snapshot().unwrap().manifest_list.clone());
     want.extend(table.manifests().iter().map(|m| m.path.clone()));
     want.sort();
-    let mut got = Vec::new();
-    let mut dirs = vec![table_dir.clone()];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                dirs.push(p);
-            } else if !p.to_str().unwrap().ends_with(".metadata.json") && !p.ends_with("version-hint.text") {
-                got.push(format!("file://{}", p.display()));
-            }
-        }
-    }
+    let mut got: Vec<String> = files_under(&table_dir)
+        .into_iter()
+        .filter(|p| !p.to_str().unwrap().ends_with(".metadata.json") && !p.ends_with("version-hint.text"))
+        .map(|p| format!("file://{}", p.display()))
+        .collect();
     got.sort();
     assert_eq!(got, want, "the table holds exactly what its snapshot reaches");
 }

@@ -64,6 +64,27 @@ impl Budget {
     fn spent(&self, max_fold: u64) -> bool {
         self.bytes >= max_fold || self.rows.saturating_mul(FOLD_ROW_BYTES) >= max_fold
     }
+
+    /// Rows of a file of `bytes` and `rows` that fit one fold (at least one).
+    fn rows_per_fold(bytes: u64, rows: u64, max_fold: u64) -> u64 {
+        let by_rows = max_fold / FOLD_ROW_BYTES;
+        let by_bytes = (rows as u128 * max_fold as u128 / bytes.max(1) as u128) as u64;
+        by_rows.min(by_bytes).max(1)
+    }
+}
+
+/// What one snapshot of a fold takes: change-log files, whole, or rows `offset ..
+/// offset + len` of a single file (a first build's file larger than `max_fold`).
+#[derive(Clone, Copy)]
+struct Part<'a> {
+    files: &'a [WrittenObject],
+    rows: Option<(usize, usize)>,
+}
+
+impl<'a> Part<'a> {
+    fn whole(files: &'a [WrittenObject]) -> Part<'a> {
+        Part { files, rows: None }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,11 +173,24 @@ async fn get(store: &dyn ObjectStore, key: &Path) -> Result<Bytes, ProjectError>
 
 /// The batches of a Parquet object, only the named top-level columns when given.
 fn parquet_batches(key: &str, bytes: Bytes, columns: Option<&[String]>) -> Result<Vec<RecordBatch>, ProjectError> {
+    parquet_rows(key, bytes, columns, None)
+}
+
+/// The rows of a Parquet file (`rows`: only `offset .. offset + len`), decoded.
+fn parquet_rows(
+    key: &str,
+    bytes: Bytes,
+    columns: Option<&[String]>,
+    rows: Option<(usize, usize)>,
+) -> Result<Vec<RecordBatch>, ProjectError> {
     let err = |source| ProjectError::Parquet {
         key: key.to_owned(),
         source,
     };
     let mut builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(err)?;
+    if let Some((offset, len)) = rows {
+        builder = builder.with_offset(offset).with_limit(len);
+    }
     if let Some(columns) = columns {
         let indices: Vec<usize> = columns
             .iter()
@@ -706,23 +740,50 @@ impl Projector {
                     later_first[i] =
                         Some(later_first[i + 1].map_or(f[i].first, |l: crate::batch::RowPos| l.min(f[i].first)));
                 }
-                let mut parts: Vec<&[WrittenObject]> = Vec::new();
+                // A file that alone outgrows `max_fold` (a copy's hold a million rows)
+                // is folded in slices of rows, where no other file's rows fall
+                // between its first and last: its rows are in (_lsn, _seq) order.
+                let mut parts: Vec<Part> = Vec::new();
                 let (mut start, mut budget) = (0, Budget::default());
                 let mut last_so_far: Option<crate::batch::RowPos> = None;
+                let max_fold = self.cfg.max_fold;
                 for (i, file) in f.iter().enumerate() {
+                    let clean_before = match (last_so_far, later_first[i]) {
+                        (Some(last), Some(next)) => last < next,
+                        _ => true,
+                    };
+                    let clean_after = later_first[i + 1].is_none_or(|next| file.last < next);
+                    let mut alone = Budget::default();
+                    alone.add(file.bytes, file.rows);
+                    let slices = Budget::rows_per_fold(file.bytes, file.rows, max_fold);
+                    if !whole && alone.spent(max_fold) && clean_before && clean_after && file.rows > slices {
+                        if start < i {
+                            parts.push(Part::whole(&f[start..i]));
+                        }
+                        for offset in (0..file.rows).step_by(slices as usize) {
+                            let len = slices.min(file.rows - offset);
+                            parts.push(Part {
+                                files: &f[i..=i],
+                                rows: Some((offset as usize, len as usize)),
+                            });
+                        }
+                        (start, budget) = (i + 1, Budget::default());
+                        last_so_far = Some(last_so_far.map_or(file.last, |l| l.max(file.last)));
+                        continue;
+                    }
                     budget.add(file.bytes, file.rows);
                     last_so_far = Some(last_so_far.map_or(file.last, |l| l.max(file.last)));
                     let clean_cut = match (last_so_far, later_first[i + 1]) {
                         (Some(last), Some(next)) => last < next,
                         _ => true,
                     };
-                    if budget.spent(self.cfg.max_fold) && !whole && clean_cut {
-                        parts.push(&f[start..=i]);
+                    if budget.spent(max_fold) && !whole && clean_cut {
+                        parts.push(Part::whole(&f[start..=i]));
                         (start, budget) = (i + 1, Budget::default());
                     }
                 }
                 if start < f.len() || parts.is_empty() {
-                    parts.push(&f[start..]);
+                    parts.push(Part::whole(&f[start..]));
                 }
                 let last = parts.len() - 1;
                 for (i, part) in parts.into_iter().enumerate() {
@@ -750,7 +811,7 @@ impl Projector {
             if budget.spent(self.cfg.max_fold) || seq == head.seq {
                 let at = (seq, record.end_lsn.0);
                 for (name, files) in std::mem::take(&mut pending) {
-                    if let Err(e) = self.apply(&name, &files, Some(at), false).await {
+                    if let Err(e) = self.apply(&name, Part::whole(&files), Some(at), false).await {
                         self.fail(&name, e);
                     }
                 }
@@ -763,20 +824,20 @@ impl Projector {
         Ok(())
     }
 
-    /// Folds `files` (change-log files of `name`, in commit order) into one snapshot
+    /// Folds `part` (change-log files of `name`, in commit order) into one snapshot
     /// with the watermark `at` (none: a part of a rebuild); `rebuild` empties the table
     /// first. On failure the table is dropped from memory and loaded again next time.
     async fn apply(
         &mut self,
         name: &str,
-        files: &[WrittenObject],
+        part: Part<'_>,
         at: Option<(u64, u64)>,
         rebuild: bool,
     ) -> Result<(), ProjectError> {
         let Some(mut p) = self.tables.remove(name) else {
             return Ok(());
         };
-        let result = self.apply_to(&mut p, name, files, at, rebuild).await;
+        let result = self.apply_to(&mut p, name, part, at, rebuild).await;
         if let Ok(committed) = result {
             if committed {
                 self.dirty.insert(name.to_owned());
@@ -1053,7 +1114,7 @@ impl Projector {
         &self,
         p: &mut Projected,
         name: &str,
-        files: &[WrittenObject],
+        part: Part<'_>,
         at: Option<(u64, u64)>,
         rebuild: bool,
     ) -> Result<bool, ProjectError> {
@@ -1062,10 +1123,10 @@ impl Projector {
             source,
         };
         let mut batches = Vec::new();
-        for f in files {
+        for f in part.files {
             let key = Path::from(f.key.as_str());
             let bytes = get(self.store.as_ref(), &key).await?;
-            batches.extend(parquet_batches(&f.key, bytes, None)?);
+            batches.extend(parquet_rows(&f.key, bytes, None, part.rows)?);
         }
         let schema = p.table.schema().clone();
         let prepared = Prepared::new(&schema, &p.index, &batches).map_err(fold_err)?;
