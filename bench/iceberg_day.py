@@ -95,6 +95,8 @@ def read_metadata():
     live = set()
     for s in meta.get("snapshots", []):
         sid = s["snapshot-id"]
+        if "walshore.seq" not in s["summary"]:
+            continue  # a part of a first build: no watermark yet
         live.add(sid)
         if sid not in snapshots:
             snapshots[sid] = (s["timestamp-ms"], int(s["summary"]["walshore.seq"]))
