@@ -445,7 +445,10 @@ async fn a_change_log_file_larger_than_a_fold_is_built_in_slices() {
         .iter()
         .take_while(|s| s["summary"].get("walshore.seq").is_none())
         .count();
-    assert_eq!(unfinished, 7, "2,000 rows in slices of 256: 7 unfinished snapshots, then the last");
+    assert_eq!(
+        unfinished, 7,
+        "2,000 rows in slices of 256: 7 unfinished snapshots, then the last"
+    );
     assert_iceberg_equals_source(&c, &lake, "a first build in slices").await;
 
     c.batch_execute("UPDATE prices SET qty = -qty WHERE qty % 3 = 0; DELETE FROM prices WHERE qty % 7 = 0")
