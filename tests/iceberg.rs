@@ -294,6 +294,72 @@ async fn inserts_updates_deletes_and_a_truncate_read_back_in_duckdb_and_pyiceber
     assert!(live.iter().all(|e| e.status == 1), "only added entries are live");
 }
 
+/// Replaced metadata files go once 16 versions behind and past the grace (zero here),
+/// while every version the `metadata-log` lists stays and the table loads; a version
+/// a catalog may name (`keep_from`) stays whatever its age.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_metadata_files_are_deleted_but_the_logged_and_the_cataloged_stay() {
+    let lake_dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(LocalFileSystem::new_with_prefix(lake_dir.path()).unwrap());
+    let dir = lake_dir.path().join("_iceberg/public/prices");
+    let location = Location {
+        store,
+        root: "_iceberg/public/prices".into(),
+        uri: format!("file://{}", dir.display()),
+    };
+    let mut table = Table::create(location.clone(), &lake(), 4).await.unwrap();
+    table.set_metadata_grace(Duration::ZERO);
+    async fn commit(table: &mut Table, seq: i64) {
+        let c = Commit {
+            rows: vec![batch(&[row(seq, seq)])],
+            summary: watermark(seq as u64, 1000 + seq as u64),
+            ..Commit::default()
+        };
+        table.commit(c).await.unwrap();
+    }
+    for seq in 1..=20 {
+        commit(&mut table, seq).await;
+    }
+    let exists = |v: u64| dir.join(format!("metadata/v{v}.metadata.json")).exists();
+    let version = table.version();
+    assert_eq!(version, 21);
+    assert!((1..=4).all(|v| !exists(v)), "versions 16 behind are deleted");
+    assert!((5..=21).all(exists), "the last 16 and the current stay");
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(format!("metadata/v{version}.metadata.json"))).unwrap())
+            .unwrap();
+    let logged = metadata["metadata-log"].as_array().unwrap();
+    assert_eq!(logged.len(), 16);
+    for entry in logged {
+        let file = entry["metadata-file"]
+            .as_str()
+            .unwrap()
+            .strip_prefix("file://")
+            .unwrap();
+        assert!(std::path::Path::new(file).exists(), "{file} is listed and there");
+    }
+    // A stale hint still finds the newest version.
+    std::fs::write(dir.join("metadata/version-hint.text"), "10").unwrap();
+    let loaded = Table::load(location.clone()).await.unwrap().unwrap();
+    assert_eq!(loaded.version(), version);
+    table.repair_hint().await.unwrap();
+
+    // A catalog names version 21: it stays while 20 more versions follow.
+    table.keep_from(Some(21));
+    for seq in 21..=40 {
+        commit(&mut table, seq).await;
+    }
+    assert!(exists(21), "the version a catalog may name stays");
+    assert!((5..=20).all(|v| !exists(v)), "older ones go");
+    // Unknown yet (Some(0)): nothing goes.
+    table.keep_from(Some(0));
+    commit(&mut table, 41).await;
+    assert!(
+        exists(21) && exists(22),
+        "nothing is deleted while the catalog's version is unknown"
+    );
+}
+
 /// The `prices` table of these tests.
 const PRICES: &str = "CREATE TABLE prices (sym text PRIMARY KEY, px numeric(18,6), qty int, note text)";
 

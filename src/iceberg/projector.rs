@@ -76,14 +76,14 @@ impl Budget {
 /// What one snapshot of a fold takes: change-log files, whole, or rows `offset ..
 /// offset + len` of a single file (a first build's file larger than `max_fold`).
 #[derive(Clone, Copy)]
-struct Part<'a> {
+struct FoldInput<'a> {
     files: &'a [WrittenObject],
     rows: Option<(usize, usize)>,
 }
 
-impl<'a> Part<'a> {
-    fn whole(files: &'a [WrittenObject]) -> Part<'a> {
-        Part { files, rows: None }
+impl<'a> FoldInput<'a> {
+    fn whole(files: &'a [WrittenObject]) -> FoldInput<'a> {
+        FoldInput { files, rows: None }
     }
 }
 
@@ -575,6 +575,9 @@ impl Projector {
                 Table::create(location, lake, self.cfg.buckets).await?
             }
         };
+        let mut table = table;
+        // With Glue, no metadata version is deleted until Glue is known to name one.
+        table.keep_from(self.glue.is_some().then_some(0));
         let index = self.index(name, &table).await?;
         let progress = self.progress.as_ref().expect("loaded first");
         let watermark = table.watermark().map_or(0, |(seq, _)| seq);
@@ -743,7 +746,7 @@ impl Projector {
                 // A file that alone outgrows `max_fold` (a copy's hold a million rows)
                 // is folded in slices of rows, where no other file's rows fall
                 // between its first and last: its rows are in (_lsn, _seq) order.
-                let mut parts: Vec<Part> = Vec::new();
+                let mut parts: Vec<FoldInput> = Vec::new();
                 let (mut start, mut budget) = (0, Budget::default());
                 let mut last_so_far: Option<crate::batch::RowPos> = None;
                 let max_fold = self.cfg.max_fold;
@@ -758,11 +761,11 @@ impl Projector {
                     let slices = Budget::rows_per_fold(file.bytes, file.rows, max_fold);
                     if !whole && alone.spent(max_fold) && clean_before && clean_after && file.rows > slices {
                         if start < i {
-                            parts.push(Part::whole(&f[start..i]));
+                            parts.push(FoldInput::whole(&f[start..i]));
                         }
                         for offset in (0..file.rows).step_by(slices as usize) {
                             let len = slices.min(file.rows - offset);
-                            parts.push(Part {
+                            parts.push(FoldInput {
                                 files: &f[i..=i],
                                 rows: Some((offset as usize, len as usize)),
                             });
@@ -778,12 +781,12 @@ impl Projector {
                         _ => true,
                     };
                     if budget.spent(max_fold) && !whole && clean_cut {
-                        parts.push(Part::whole(&f[start..=i]));
+                        parts.push(FoldInput::whole(&f[start..=i]));
                         (start, budget) = (i + 1, Budget::default());
                     }
                 }
                 if start < f.len() || parts.is_empty() {
-                    parts.push(Part::whole(&f[start..]));
+                    parts.push(FoldInput::whole(&f[start..]));
                 }
                 let last = parts.len() - 1;
                 for (i, part) in parts.into_iter().enumerate() {
@@ -811,7 +814,7 @@ impl Projector {
             if budget.spent(self.cfg.max_fold) || seq == head.seq {
                 let at = (seq, record.end_lsn.0);
                 for (name, files) in std::mem::take(&mut pending) {
-                    if let Err(e) = self.apply(&name, Part::whole(&files), Some(at), false).await {
+                    if let Err(e) = self.apply(&name, FoldInput::whole(&files), Some(at), false).await {
                         self.fail(&name, e);
                     }
                 }
@@ -830,7 +833,7 @@ impl Projector {
     async fn apply(
         &mut self,
         name: &str,
-        part: Part<'_>,
+        part: FoldInput<'_>,
         at: Option<(u64, u64)>,
         rebuild: bool,
     ) -> Result<(), ProjectError> {
@@ -908,7 +911,10 @@ impl Projector {
                 )
                 .await
             {
-                Ok(()) => p.pointed = Some(p.table.version()),
+                Ok(()) => {
+                    p.pointed = Some(p.table.version());
+                    p.table.keep_from(p.pointed);
+                }
                 // The table itself is fine: Glue is pointed again next time.
                 Err(e) => self.failures.push((name.clone(), e.into())),
             }
@@ -1114,7 +1120,7 @@ impl Projector {
         &self,
         p: &mut Projected,
         name: &str,
-        part: Part<'_>,
+        part: FoldInput<'_>,
         at: Option<(u64, u64)>,
         rebuild: bool,
     ) -> Result<bool, ProjectError> {

@@ -46,14 +46,15 @@ pub const WATERMARK_LSN: &str = "walshore.lsn";
 const MERGE_AT: usize = 8;
 
 /// Metadata files (versions) kept behind the current one, and listed in the current
-/// one's `metadata-log`. An older one is deleted once [`METADATA_GRACE`] old (or, by
-/// expiry, once older than the snapshot retention).
+/// one's `metadata-log`. An older one is deleted once [`METADATA_GRACE`] old, or older
+/// than the snapshot retention when that is shorter; never one a catalog may name
+/// ([`Table::keep_from`]).
 pub const KEEP_METADATA: usize = 16;
 
-/// How long a metadata file this writer replaced stays, at least: a reader that found
-/// it through the hint or the catalog has read it by then. A table committed every
-/// minute for a day otherwise keeps a day of metadata files (each listing the day's
-/// snapshots) until the next expiry.
+/// How long a metadata file this writer replaced stays (unless the retention is
+/// shorter): a reader that found it through the hint has read it by then. A table
+/// committed every minute for a day otherwise keeps a day of metadata files (each
+/// listing the day's snapshots) until the next expiry.
 const METADATA_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Position-delete columns, with the field ids the spec reserves for them.
@@ -159,8 +160,12 @@ pub struct Table {
     /// The current snapshot's manifests.
     manifests: Vec<ManifestFile>,
     /// The versions this writer published and when, oldest first: deleted once
-    /// [`KEEP_METADATA`] versions behind and [`METADATA_GRACE`] old.
+    /// [`KEEP_METADATA`] versions behind and `metadata_grace` old.
     published: std::collections::VecDeque<(u64, std::time::Instant)>,
+    /// [`METADATA_GRACE`], but for tests.
+    metadata_grace: std::time::Duration,
+    /// The oldest version a catalog may name: it and later ones are never deleted.
+    kept_from: Option<u64>,
 }
 
 /// What a commit changes.
@@ -296,6 +301,8 @@ impl Table {
             hinted,
             manifests,
             published: Default::default(),
+            metadata_grace: METADATA_GRACE,
+            kept_from: None,
         }))
     }
 
@@ -373,6 +380,8 @@ impl Table {
             hinted: None,
             manifests: Vec::new(),
             published: Default::default(),
+            metadata_grace: METADATA_GRACE,
+            kept_from: None,
         };
         table.publish(table.metadata.clone()).await?;
         Ok(table)
@@ -512,7 +521,7 @@ impl Table {
         let mut gone = Vec::new();
         // A replaced metadata file needs no snapshot to expire: it goes after the
         // grace, when that is shorter than the retention.
-        let metadata_cutoff = cutoff.max(now - METADATA_GRACE.as_millis() as i64);
+        let metadata_cutoff = cutoff.max(now - self.metadata_grace.as_millis() as i64);
         for o in objects {
             let key = o.location.to_string();
             let Some(rel) = key.strip_prefix(&prefix) else { continue };
@@ -522,7 +531,7 @@ impl Table {
                 .and_then(|r| r.strip_suffix(".metadata.json"))
                 .and_then(|v| v.parse::<u64>().ok());
             let unreachable = match version {
-                Some(v) => v + (KEEP_METADATA as u64) < self.version && modified < metadata_cutoff,
+                Some(v) => self.replaced(v) && modified < metadata_cutoff,
                 None => {
                     rel != "metadata/version-hint.text"
                         && modified < cutoff
@@ -601,7 +610,6 @@ impl Table {
         Ok(listed)
     }
 
-    /// Writes `v{version+1}.metadata.json` unless it exists, then the hint.
     /// Writes `next` as the next version (the one it replaces listed in its
     /// `metadata-log`, which keeps the last [`KEEP_METADATA`]), points the hint at it,
     /// and deletes the versions this writer replaced that are past keeping.
@@ -645,7 +653,7 @@ impl Table {
         self.hinted = Some(version);
         self.published.push_back((version, std::time::Instant::now()));
         while let Some(&(old, at)) = self.published.front() {
-            if old + KEEP_METADATA as u64 >= version || at.elapsed() < METADATA_GRACE {
+            if !self.replaced(old) || at.elapsed() < self.metadata_grace {
                 break;
             }
             self.published.pop_front();
@@ -653,10 +661,30 @@ impl Table {
             let key = self.location.key(&format!("metadata/v{old}.metadata.json"));
             match self.location.store.delete(&key).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => tracing::debug!(error = %e, version = old, "an old Iceberg metadata file stays until expiry"),
+                Err(e) => {
+                    tracing::warn!(error = %e, version = old, "an old Iceberg metadata file could not be deleted; expiry tries again")
+                }
             }
         }
         Ok(())
+    }
+
+    /// Whether metadata version `v` is past keeping: [`KEEP_METADATA`] versions behind,
+    /// and older than the oldest a catalog may name.
+    fn replaced(&self, v: u64) -> bool {
+        v + (KEEP_METADATA as u64) < self.version && self.kept_from.is_none_or(|k| v < k)
+    }
+
+    /// The oldest version a catalog (Glue's `metadata_location`) may name: it and later
+    /// versions are never deleted, whatever their age. `Some(0)` keeps every version
+    /// (the catalog's is not known yet); None: no catalog.
+    pub fn keep_from(&mut self, version: Option<u64>) {
+        self.kept_from = version;
+    }
+
+    /// How long a replaced metadata file stays ([`METADATA_GRACE`]): for tests.
+    pub fn set_metadata_grace(&mut self, grace: std::time::Duration) {
+        self.metadata_grace = grace;
     }
 
     /// The identifier fields' names: the columns data files carry a bloom filter on.
