@@ -92,6 +92,42 @@ pub fn timed(cmd: &mut Command) -> Timed {
     }
 }
 
+/// A file lake under `dir` replicating `cluster`'s publication `bench` through `slot`,
+/// a flush every `flush`, with the `[iceberg]` section `iceberg`: the config's path.
+#[allow(dead_code)] // the Iceberg benches'
+pub fn iceberg_config(
+    dir: &std::path::Path,
+    cluster: &walshore::cluster::TempCluster,
+    slot: &str,
+    flush: &str,
+    iceberg: &str,
+) -> std::path::PathBuf {
+    let config = dir.join(format!("{slot}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\nurl = \"{}\"\npublication = \"bench\"\nslot = \"{slot}\"\nspill_dir = \"{}/spill\"\n\
+             [sink]\nurl = \"file://{}/lake\"\nflush_interval = \"{flush}\"\n[snapshot]\nmode = \"initial\"\n\
+             [iceberg]\n{iceberg}",
+            cluster.url("postgres", "postgres"),
+            dir.display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// `walshore sync --config config` (its log at warn), timed.
+#[allow(dead_code)] // the Iceberg benches'
+pub fn sync(walshore: &str, config: &std::path::Path) -> Timed {
+    timed(
+        Command::new(walshore)
+            .args(["sync", "--config", config.to_str().unwrap()])
+            .env("WALSHORE_LOG", "warn"),
+    )
+}
+
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]

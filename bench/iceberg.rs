@@ -61,26 +61,14 @@ fn main() {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
-    let config = dir.path().join("iceberg.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[source]\nurl = \"{}\"\npublication = \"bench\"\nslot = \"iceberg\"\nspill_dir = \"{}/spill\"\n\
-             [sink]\nurl = \"file://{}\"\nflush_interval = \"50ms\"\n[snapshot]\nmode = \"initial\"\n\
-             [iceberg]\ncommit_interval = \"5s\"\nbuckets = 16\n{extra}",
-            cluster.url("postgres", "postgres"),
-            dir.path().display(),
-            lake.display()
-        ),
-    )
-    .unwrap();
-    let sync = || {
-        common::timed(
-            Command::new(walshore)
-                .args(["sync", "--config", config.to_str().unwrap()])
-                .env("WALSHORE_LOG", "warn"),
-        )
-    };
+    let config = common::iceberg_config(
+        dir.path(),
+        &cluster,
+        "iceberg",
+        "50ms",
+        &format!("commit_interval = \"5s\"\nbuckets = 16\n{extra}"),
+    );
+    let sync = || common::sync(walshore, &config);
     let copy = sync();
     println!("walshore iceberg benchmark: {keys} keys, {seconds} s of updates, {runs} runs a query");
     println!("  copy and first Iceberg build: {:.1} s", copy.secs);

@@ -202,26 +202,14 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
     let ice = lake.join("_iceberg/public/prices");
-    let config = dir.path().join("day.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[source]\nurl = \"{}\"\npublication = \"bench\"\nslot = \"day\"\nspill_dir = \"{}/spill\"\n\
-             [sink]\nurl = \"file://{}\"\nflush_interval = \"{flush_ms}ms\"\n[snapshot]\nmode = \"initial\"\n\
-             [iceberg]\ncommit_interval = \"{commit_interval}\"\nbuckets = 16\nsnapshot_retention = \"{retention}\"\n",
-            cluster.url("postgres", "postgres"),
-            dir.path().display(),
-            lake.display()
-        ),
-    )
-    .unwrap();
-    let sync = || {
-        common::timed(
-            Command::new(walshore)
-                .args(["sync", "--config", config.to_str().unwrap()])
-                .env("WALSHORE_LOG", "warn"),
-        )
-    };
+    let config = common::iceberg_config(
+        dir.path(),
+        &cluster,
+        "day",
+        &format!("{flush_ms}ms"),
+        &format!("commit_interval = \"{commit_interval}\"\nbuckets = 16\nsnapshot_retention = \"{retention}\"\n"),
+    );
+    let sync = || common::sync(walshore, &config);
     println!(
         "walshore Iceberg day: {keys} keys, {changes} changes in {seconds} s, flush every {flush_ms} ms \
          (~{commits} commits), an Iceberg snapshot every {commit_interval}, retention {retention}, >= {kills} kills"

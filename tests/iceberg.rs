@@ -153,16 +153,23 @@ fn watermark(seq: u64, lsn: u64) -> BTreeMap<String, String> {
     ])
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inserts_updates_deletes_and_a_truncate_read_back_in_duckdb_and_pyiceberg() {
-    let lake_dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(LocalFileSystem::new_with_prefix(lake_dir.path()).unwrap());
-    let dir = lake_dir.path().join("_iceberg/public/prices");
+/// The `public.prices` Iceberg table's place in a file lake at `lake_dir`, and its
+/// directory.
+fn prices_location(lake_dir: &std::path::Path) -> (Location, std::path::PathBuf) {
+    let store = Arc::new(LocalFileSystem::new_with_prefix(lake_dir).unwrap());
+    let dir = lake_dir.join("_iceberg/public/prices");
     let location = Location {
         store,
         root: "_iceberg/public/prices".into(),
         uri: format!("file://{}", dir.display()),
     };
+    (location, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inserts_updates_deletes_and_a_truncate_read_back_in_duckdb_and_pyiceberg() {
+    let lake_dir = tempfile::tempdir().unwrap();
+    let (location, dir) = prices_location(lake_dir.path());
     assert!(Table::load(location.clone()).await.unwrap().is_none());
     let mut table = Table::create(location.clone(), &lake(), 4).await.unwrap();
     assert_eq!(table.metadata().default_spec().buckets(), Some(4));
@@ -300,13 +307,7 @@ async fn inserts_updates_deletes_and_a_truncate_read_back_in_duckdb_and_pyiceber
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaced_metadata_files_are_deleted_but_the_logged_and_the_cataloged_stay() {
     let lake_dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(LocalFileSystem::new_with_prefix(lake_dir.path()).unwrap());
-    let dir = lake_dir.path().join("_iceberg/public/prices");
-    let location = Location {
-        store,
-        root: "_iceberg/public/prices".into(),
-        uri: format!("file://{}", dir.display()),
-    };
+    let (location, dir) = prices_location(lake_dir.path());
     let mut table = Table::create(location.clone(), &lake(), 4).await.unwrap();
     table.set_metadata_grace(Duration::ZERO);
     async fn commit(table: &mut Table, seq: i64) {
@@ -985,13 +986,7 @@ async fn many_intervals_of_updates_stay_compact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manifests_are_merged_as_appends_pile_up() {
     let lake_dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(LocalFileSystem::new_with_prefix(lake_dir.path()).unwrap());
-    let dir = lake_dir.path().join("_iceberg/public/prices");
-    let location = Location {
-        store,
-        root: "_iceberg/public/prices".into(),
-        uri: format!("file://{}", dir.display()),
-    };
+    let (location, dir) = prices_location(lake_dir.path());
     let mut table = Table::create(location, &lake(), 16).await.unwrap();
     let mut state = BTreeMap::new();
     let mut most = 0;

@@ -557,7 +557,7 @@ impl Projector {
     /// Loads (or creates) the Iceberg table of `name`, and indexes its live rows.
     async fn open(&mut self, name: &str, lake: &crate::batch::schema::LakeSchema) -> Result<(), ProjectError> {
         let location = self.location(name);
-        let table = match Table::load(location.clone()).await? {
+        let mut table = match Table::load(location.clone()).await? {
             Some(mut t) => {
                 t.repair_hint().await?;
                 t.evolve(lake).await?;
@@ -575,7 +575,6 @@ impl Projector {
                 Table::create(location, lake, self.cfg.buckets).await?
             }
         };
-        let mut table = table;
         // With Glue, no metadata version is deleted until Glue is known to name one.
         table.keep_from(self.glue.is_some().then_some(0));
         let index = self.index(name, &table).await?;
