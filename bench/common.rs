@@ -128,6 +128,102 @@ pub fn sync(walshore: &str, config: &std::path::Path) -> Timed {
     )
 }
 
+/// `bench/iceberg_day.py` following `public.prices`'s Iceberg table in the lake at
+/// `lake` until `stop_file` names the last watermark ([`follower_report`]): checking
+/// every watermark, or with `freshness_only` measuring freshness alone.
+#[allow(dead_code)] // the Iceberg benches'
+pub fn follow(lake: &std::path::Path, stop_file: &std::path::Path, freshness_only: bool) -> std::process::Child {
+    Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/iceberg_day.py"))
+        .args([
+            lake.to_str().unwrap(),
+            "public.prices",
+            "sym",
+            stop_file.to_str().unwrap(),
+        ])
+        .args(freshness_only.then_some("--freshness-only"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3")
+}
+
+/// Tells the follower the last watermark, waits for its report and prints the
+/// freshness in it (target: p99 within `interval` + 30 s).
+#[allow(dead_code)] // the Iceberg benches'
+pub fn follower_report(
+    follower: std::process::Child,
+    stop_file: &std::path::Path,
+    watermark: u64,
+    interval: &str,
+) -> serde_json::Value {
+    std::fs::write(stop_file, watermark.to_string()).unwrap();
+    let out = follower.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Iceberg follower (bench/iceberg_day.py) failed"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let f = &report["freshness"];
+    println!(
+        "  freshness, commit record to the timestamp of the first snapshot holding it, over {} commits: p50 {:.1} s, p99 {:.1} s, max {:.1} s (target p99 <= {interval} + 30 s)",
+        f["records"],
+        f["p50"].as_f64().unwrap_or(f64::NAN),
+        f["p99"].as_f64().unwrap_or(f64::NAN),
+        f["max"].as_f64().unwrap_or(f64::NAN)
+    );
+    report
+}
+
+/// DuckDB's full count and point lookup of `public.prices`, from the change log and
+/// from the Iceberg table (`bench/iceberg_query.py`, `runs` times each), on a key in
+/// the middle of PostgreSQL's table: prints the medians and the ratios, checks the two
+/// lookups alike, and returns the script's report.
+#[allow(dead_code)] // the Iceberg benches'
+pub fn query_current_state(
+    rt: &tokio::runtime::Runtime,
+    client: &tokio_postgres::Client,
+    lake: &std::path::Path,
+    columns: &str,
+    runs: u64,
+) -> serde_json::Value {
+    // A key that is there (the writers delete some).
+    let point: String = rt
+        .block_on(client.query_one(
+            "SELECT sym FROM prices ORDER BY sym OFFSET (SELECT count(*) / 2 FROM prices) LIMIT 1",
+            &[],
+        ))
+        .unwrap()
+        .get(0);
+    let out = Command::new("python3")
+        .args([
+            concat!(env!("CARGO_MANIFEST_DIR"), "/bench/iceberg_query.py"),
+            lake.to_str().unwrap(),
+            "public.prices",
+            "sym",
+            &point,
+            columns,
+            &runs.to_string(),
+        ])
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let q: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let median = |k: &str| q[k]["median"].as_f64().unwrap();
+    for k in ["fold count", "iceberg count", "fold point", "iceberg point"] {
+        println!("  {k:<14} median {:.4} s  {}", median(k), q[k]["result"]);
+    }
+    println!(
+        "  RATIO count fold/iceberg = {:.1} (target >= 20); point fold/iceberg = {:.1} (target >= 20)",
+        median("fold count") / median("iceberg count"),
+        median("fold point") / median("iceberg point")
+    );
+    assert_eq!(
+        q["fold point"]["result"], q["iceberg point"]["result"],
+        "both answer the point lookup alike"
+    );
+    q
+}
+
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]

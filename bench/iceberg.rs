@@ -74,18 +74,7 @@ fn main() {
     println!("  copy and first Iceberg build: {:.1} s", copy.secs);
 
     let stop_file = dir.path().join("final-watermark");
-    let freshness = Command::new("python3")
-        .args([
-            concat!(env!("CARGO_MANIFEST_DIR"), "/bench/iceberg_day.py"),
-            lake.to_str().unwrap(),
-            "public.prices",
-            "sym",
-            stop_file.to_str().unwrap(),
-            "--freshness-only",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
+    let follower = common::follow(&lake, &stop_file, true);
 
     #[allow(clippy::zombie_processes)] // reaped by wait4 below
     let run = Command::new(walshore)
@@ -151,45 +140,9 @@ fn main() {
         t["data_files"], t["delete_files"], t["snapshots"]
     );
     let watermark = t["watermark_seq"].as_u64().expect("a watermark after the sync");
-    std::fs::write(&stop_file, watermark.to_string()).unwrap();
-    let out = freshness.wait_with_output().unwrap();
-    assert!(out.status.success(), "the freshness follower failed");
-    let f: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let f = &f["freshness"];
-    println!(
-        "  freshness, commit record to the timestamp of the first snapshot holding it, over {} commits: p50 {:.1} s, p99 {:.1} s, max {:.1} s (target p99 <= 5 s + 30 s)",
-        f["records"],
-        f["p50"].as_f64().unwrap_or(f64::NAN),
-        f["p99"].as_f64().unwrap_or(f64::NAN),
-        f["max"].as_f64().unwrap_or(f64::NAN)
-    );
+    common::follower_report(follower, &stop_file, watermark, "5 s");
 
-    // A key that is there (the writer deleted some).
-    let point: String = rt
-        .block_on(client.query_one(
-            "SELECT sym FROM prices ORDER BY sym OFFSET (SELECT count(*) / 2 FROM prices) LIMIT 1",
-            &[],
-        ))
-        .unwrap()
-        .get(0);
-    let out = Command::new("python3")
-        .args([
-            concat!(env!("CARGO_MANIFEST_DIR"), "/bench/iceberg_query.py"),
-            lake.to_str().unwrap(),
-            "public.prices",
-            "sym",
-            &point,
-            "sym,px,qty,venue,_lsn,_commit_ts",
-            &runs.to_string(),
-        ])
-        .output()
-        .expect("python3");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let q: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let median = |k: &str| q[k]["median"].as_f64().unwrap();
-    for k in ["fold count", "iceberg count", "fold point", "iceberg point"] {
-        println!("  {k:<14} median {:.4} s  {}", median(k), q[k]["result"]);
-    }
+    let q = common::query_current_state(&rt, &client, &lake, "sym,px,qty,venue,_lsn,_commit_ts", runs);
     let rows = rt
         .block_on(client.query_one("SELECT count(*)::text FROM prices", &[]))
         .unwrap()
@@ -203,18 +156,9 @@ fn main() {
         "the Iceberg table counts PostgreSQL's rows"
     );
     assert_eq!(
-        q["fold point"]["result"], q["iceberg point"]["result"],
-        "both answer the point lookup alike"
-    );
-    assert_eq!(
         q["iceberg point"]["result"].as_array().unwrap().len(),
         1,
         "the key is found"
-    );
-    println!(
-        "  RATIO count fold/iceberg = {:.1} (target >= 20); point fold/iceberg = {:.1} (target >= 20)",
-        median("fold count") / median("iceberg count"),
-        median("fold point") / median("iceberg point")
     );
     // `--keep 1`: the lake stays, for a closer look (DuckDB's EXPLAIN ANALYZE).
     if arg("--keep", 0) == 1 {

@@ -184,7 +184,6 @@ fn main() {
     let retention = text("--retention", "5m");
     let flush_ms = (seconds * 1000 / commits).max(1);
     let walshore = env!("CARGO_BIN_EXE_walshore");
-    let here = env!("CARGO_MANIFEST_DIR");
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let cluster = TempCluster::start(ClusterOptions::default()).expect("start PostgreSQL");
@@ -221,17 +220,7 @@ fn main() {
     );
 
     let stop_file = dir.path().join("final-watermark");
-    let checker = Command::new("python3")
-        .args([
-            &format!("{here}/bench/iceberg_day.py"),
-            lake.to_str().unwrap(),
-            "public.prices",
-            "sym",
-            stop_file.to_str().unwrap(),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
+    let checker = common::follow(&lake, &stop_file, false);
 
     let stop = Arc::new(AtomicBool::new(false));
     let every = Duration::from_secs(seconds).div_f64(kills as f64);
@@ -329,10 +318,7 @@ fn main() {
     let t = &status["iceberg"]["public.prices"];
     let final_seq = t["watermark_seq"].as_u64().expect("a watermark after the sync");
     let head = status["committed"]["seq"].as_u64();
-    std::fs::write(&stop_file, final_seq.to_string()).unwrap();
-    let out = checker.wait_with_output().unwrap();
-    assert!(out.status.success(), "the checker failed");
-    let check: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let check = common::follower_report(checker, &stop_file, final_seq, &commit_interval);
 
     println!(
         "  walshore run: started {} times, {} ended at a crash point of the Iceberg commit, {} by SIGKILL, {} failed on their own {:?}",
@@ -356,14 +342,6 @@ fn main() {
     if check["differing"].as_array().is_some_and(|d| !d.is_empty()) {
         println!("  DIFFERING: {}", check["differing"]);
     }
-    let f = &check["freshness"];
-    println!(
-        "  freshness, commit record to the timestamp of the first snapshot holding it, over {} commits: p50 {:.1} s, p99 {:.1} s, max {:.1} s (target p99 <= {commit_interval} + 30 s)",
-        f["records"],
-        f["p50"].as_f64().unwrap_or(f64::NAN),
-        f["p99"].as_f64().unwrap_or(f64::NAN),
-        f["max"].as_f64().unwrap_or(f64::NAN)
-    );
     println!(
         "  storage of the Iceberg table over the day (data files, delete files, manifests, metadata files, MiB on disk):"
     );
@@ -397,40 +375,7 @@ fn main() {
         println!("    {line}");
     }
 
-    let point: String = rt
-        .block_on(client.query_one(
-            "SELECT sym FROM prices ORDER BY sym OFFSET (SELECT count(*) / 2 FROM prices) LIMIT 1",
-            &[],
-        ))
-        .unwrap()
-        .get(0);
-    let out = Command::new("python3")
-        .args([
-            &format!("{here}/bench/iceberg_query.py"),
-            lake.to_str().unwrap(),
-            "public.prices",
-            "sym",
-            &point,
-            "sym,px,qty,venue,extra,_lsn,_commit_ts",
-            "3",
-        ])
-        .output()
-        .expect("python3");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let q: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let median = |k: &str| q[k]["median"].as_f64().unwrap();
-    for k in ["fold count", "iceberg count", "fold point", "iceberg point"] {
-        println!("  {k:<14} median {:.4} s  {}", median(k), q[k]["result"]);
-    }
-    println!(
-        "  RATIO count fold/iceberg = {:.1} (target >= 20); point fold/iceberg = {:.1} (target >= 20)",
-        median("fold count") / median("iceberg count"),
-        median("fold point") / median("iceberg point")
-    );
-    assert_eq!(
-        q["fold point"]["result"], q["iceberg point"]["result"],
-        "both answer the point lookup alike"
-    );
+    common::query_current_state(&rt, &client, &lake, "sym,px,qty,venue,extra,_lsn,_commit_ts", 3);
     assert!(
         check["differing"].as_array().is_some_and(Vec::is_empty),
         "every checked watermark equals the fold"

@@ -502,11 +502,7 @@ async fn a_change_log_file_larger_than_a_fold_is_built_in_slices() {
     std::fs::remove_dir_all(lake.join("_iceberg")).unwrap();
     std::fs::remove_file(lake.join("_walshore/iceberg/progress.json")).unwrap();
     sync(&config);
-    let hint = std::fs::read_to_string(lake.join("_iceberg/public/prices/metadata/version-hint.text")).unwrap();
-    let metadata: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(lake.join(format!("_iceberg/public/prices/metadata/v{hint}.metadata.json"))).unwrap(),
-    )
-    .unwrap();
+    let metadata = prices_metadata(&lake);
     let snapshots = metadata["snapshots"].as_array().unwrap();
     let unfinished = snapshots
         .iter()
@@ -524,6 +520,13 @@ async fn a_change_log_file_larger_than_a_fold_is_built_in_slices() {
     sync(&config);
     assert_iceberg_equals_source(&c, &lake, "changes after a build in slices").await;
     assert_verified(&config, "changes after a build in slices");
+}
+
+/// The metadata of `public.prices`'s Iceberg table in the lake, as the hint names it.
+fn prices_metadata(lake: &std::path::Path) -> serde_json::Value {
+    let dir = lake.join("_iceberg/public/prices/metadata");
+    let hint = std::fs::read_to_string(dir.join("version-hint.text")).unwrap();
+    serde_json::from_slice(&std::fs::read(dir.join(format!("v{hint}.metadata.json"))).unwrap()).unwrap()
 }
 
 /// Every file under `dir`, at any depth.
@@ -659,11 +662,7 @@ async fn keeps_equal(index_memory: &str) {
     sync(&config);
     assert_columns_equal(&c, &lake, "a rebuild", &evolved).await;
     // The rebuild took several snapshots (max_fold): all but the last unfinished.
-    let hint = std::fs::read_to_string(&hint).unwrap();
-    let metadata: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(lake.join(format!("_iceberg/public/prices/metadata/v{hint}.metadata.json"))).unwrap(),
-    )
-    .unwrap();
+    let metadata = prices_metadata(&lake);
     let snapshots = metadata["snapshots"].as_array().unwrap();
     let finished = |s: &serde_json::Value| s["summary"].get("walshore.seq").is_some();
     // (A compaction may follow, a `replace` that keeps the watermark.)
