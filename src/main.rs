@@ -202,8 +202,36 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    tune_allocator();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("start the tokio runtime")
+        .block_on(command())
+}
+
+/// glibc's malloc, left to its defaults, keeps what the Iceberg projector frees
+/// resident: each thread that allocates gets an arena of its own (up to eight a core,
+/// and tokio's blocking pool has many threads), and the size above which an allocation
+/// is mapped on its own grows with every large free (up to 32 MiB), so a fold's
+/// megabyte Arrow and Parquet buffers land in arenas and stay there, scattered.
+/// Measured on the first sync of ten million keys (`cargo bench --bench iceberg --
+/// --keys 10000000`): peak RSS 608–710 MiB by default, 302 MiB with two arenas and a
+/// fixed 1 MiB threshold, in the same wall time. Set before any thread starts; an
+/// operator's own `GLIBC_TUNABLES` or `MALLOC_ARENA_MAX` is left to win.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("GLIBC_TUNABLES").is_none() && std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets malloc's parameters; no other thread runs yet.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        }
+    }
+}
+
+async fn command() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log);
     match cli.command {

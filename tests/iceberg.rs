@@ -17,8 +17,8 @@ use object_store::local::LocalFileSystem;
 use std::time::Duration;
 
 use support::{
-    BIN, LogOnPanic, Moto, SinkKind, cluster, free_port, lake_config, open_lake, python_json, scrape, set_fake_aws_env,
-    source_rows, spawn_run, stop, sync, wait_until, write_config,
+    BIN, LogOnPanic, Moto, SinkKind, cluster, edit_config, free_port, lake_config, open_lake, python_json, scrape,
+    set_fake_aws_env, source_rows, spawn_run, stop, sync, use_initial_snapshot, wait_until, write_config,
 };
 use walshore::batch::schema::{LakeColumn, LakeSchema};
 use walshore::iceberg::table::{Commit, Location, Table, WATERMARK_LSN, WATERMARK_SEQ};
@@ -520,6 +520,54 @@ async fn a_change_log_file_larger_than_a_fold_is_built_in_slices() {
     sync(&config);
     assert_iceberg_equals_source(&c, &lake, "changes after a build in slices").await;
     assert_verified(&config, "changes after a build in slices");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_in_chunks_side_by_side_is_built_a_fold_at_a_time() {
+    // Two connections copy 4 MiB chunks side by side, each a few files (1 MiB of rows
+    // buffered a connection): the copy's commit record lists the chunks in the order
+    // they ended, not in (_lsn, _seq) order. A fold holds 16,384 rows (4 MiB).
+    let cluster = cluster(&[]);
+    let c = cluster.connect("postgres").await.unwrap();
+    c.batch_execute(&format!(
+        "{PRICES}; INSERT INTO prices SELECT 'S' || i, i * 0.5, i, NULL FROM generate_series(1, 200000) i;
+         CREATE PUBLICATION pub FOR TABLE prices"
+    ))
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = lake_config(dir.path(), &cluster, "postgres");
+    use_initial_snapshot(&config, "parallelism = 2\nchunk_size = \"4MiB\"");
+    edit_config(&config, "flush_interval", "max_buffer = \"2MiB\"\nflush_interval");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("{text}\n[iceberg]\ncommit_interval = \"1s\"\nbuckets = 4\nmax_fold = \"4MiB\"\n"),
+    )
+    .unwrap();
+    sync(&config);
+    let lake = dir.path().join("lake");
+    let log_files = files_under(&lake.join("public/prices")).len();
+    assert!(
+        log_files >= 6,
+        "the copy wrote {log_files} change-log files; the test needs several a chunk"
+    );
+    // Taken in (_lsn, _seq) order the chunks' files do not overlap: each file larger
+    // than a fold is folded in slices, smaller ones together up to a fold. In record
+    // order, a part could end only where every chunk before it had ended.
+    let metadata = prices_metadata(&lake);
+    let added: Vec<u64> = metadata["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["summary"]["operation"] != "replace") // compactions after it
+        .map(|s| s["summary"]["added-records"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        added.len() >= 200_000 / (2 * 16_384) && added.iter().all(|n| *n < 2 * 16_384),
+        "every part of the build holds less than two folds' rows: {added:?}"
+    );
+    assert_iceberg_equals_source(&c, &lake, "a copy built a fold at a time").await;
 }
 
 /// The metadata of `public.prices`'s Iceberg table in the lake, as the hint names it.

@@ -87,6 +87,69 @@ impl<'a> FoldInput<'a> {
     }
 }
 
+/// The snapshots a build from the whole change log takes, in order: `files` (one
+/// table's, every record's) put in (_lsn, _seq) order, the order the fold takes their
+/// rows in, then cut into folds of `max_fold`; a table readers already see (`whole`) is
+/// folded in one. A part ends only where every file after it starts past every row
+/// before it, as a part folds its own rows only: files may overlap (partitions of one
+/// flush interleave, and a copy's record holds the changes held back for it). A copy's
+/// record lists its chunks in the order they ended: left so, a part could end only
+/// where every chunk before it had ended (a first build of ten million keys folded two
+/// million rows at once).
+fn build_parts(files: &mut [WrittenObject], whole: bool, max_fold: u64) -> Vec<FoldInput<'_>> {
+    files.sort_by_key(|f| f.first);
+    let f: &[WrittenObject] = files;
+    let mut later_first = vec![None; f.len() + 1];
+    for i in (0..f.len()).rev() {
+        later_first[i] = Some(later_first[i + 1].map_or(f[i].first, |l: crate::batch::RowPos| l.min(f[i].first)));
+    }
+    // A file that alone outgrows `max_fold` (a copy's hold a million rows) is folded
+    // in slices of rows, where no other file's rows fall between its first and last:
+    // its rows are in (_lsn, _seq) order.
+    let mut parts: Vec<FoldInput> = Vec::new();
+    let (mut start, mut budget) = (0, Budget::default());
+    let mut last_so_far: Option<crate::batch::RowPos> = None;
+    for (i, file) in f.iter().enumerate() {
+        let clean_before = match (last_so_far, later_first[i]) {
+            (Some(last), Some(next)) => last < next,
+            _ => true,
+        };
+        let clean_after = later_first[i + 1].is_none_or(|next| file.last < next);
+        let mut alone = Budget::default();
+        alone.add(file.bytes, file.rows);
+        let slices = Budget::rows_per_fold(file.bytes, file.rows, max_fold);
+        if !whole && alone.spent(max_fold) && clean_before && clean_after && file.rows > slices {
+            if start < i {
+                parts.push(FoldInput::whole(&f[start..i]));
+            }
+            for offset in (0..file.rows).step_by(slices as usize) {
+                let len = slices.min(file.rows - offset);
+                parts.push(FoldInput {
+                    files: &f[i..=i],
+                    rows: Some((offset as usize, len as usize)),
+                });
+            }
+            (start, budget) = (i + 1, Budget::default());
+            last_so_far = Some(last_so_far.map_or(file.last, |l| l.max(file.last)));
+            continue;
+        }
+        budget.add(file.bytes, file.rows);
+        last_so_far = Some(last_so_far.map_or(file.last, |l| l.max(file.last)));
+        let clean_cut = match (last_so_far, later_first[i + 1]) {
+            (Some(last), Some(next)) => last < next,
+            _ => true,
+        };
+        if budget.spent(max_fold) && !whole && clean_cut {
+            parts.push(FoldInput::whole(&f[start..=i]));
+            (start, budget) = (i + 1, Budget::default());
+        }
+    }
+    if start < f.len() || parts.is_empty() {
+        parts.push(FoldInput::whole(&f[start..]));
+    }
+    parts
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectError {
     #[error(transparent)]
@@ -721,7 +784,7 @@ impl Projector {
                 f.retain(|f| !later.contains(&f.key));
             }
             for name in &rebuild {
-                let f = files.remove(name).unwrap_or_default();
+                let mut f = files.remove(name).unwrap_or_default();
                 tracing::info!(table = %name, files = f.len(), "building the Iceberg table from the whole change log");
                 // A table readers already see is replaced in one snapshot: they see
                 // the old state until the new one is whole. A table built for the
@@ -733,60 +796,7 @@ impl Projector {
                         .current_snapshot()
                         .is_some_and(|s| s.summary.contains_key(WATERMARK_SEQ))
                 });
-                // A part ends only where every file after it starts past every row
-                // before it: within a commit record files are not in (_lsn, _seq)
-                // order (a copy's record holds the changes held back for it, and
-                // partitions interleave), and a part folds its own rows only.
-                let mut later_first = vec![None; f.len() + 1];
-                for i in (0..f.len()).rev() {
-                    later_first[i] =
-                        Some(later_first[i + 1].map_or(f[i].first, |l: crate::batch::RowPos| l.min(f[i].first)));
-                }
-                // A file that alone outgrows `max_fold` (a copy's hold a million rows)
-                // is folded in slices of rows, where no other file's rows fall
-                // between its first and last: its rows are in (_lsn, _seq) order.
-                let mut parts: Vec<FoldInput> = Vec::new();
-                let (mut start, mut budget) = (0, Budget::default());
-                let mut last_so_far: Option<crate::batch::RowPos> = None;
-                let max_fold = self.cfg.max_fold;
-                for (i, file) in f.iter().enumerate() {
-                    let clean_before = match (last_so_far, later_first[i]) {
-                        (Some(last), Some(next)) => last < next,
-                        _ => true,
-                    };
-                    let clean_after = later_first[i + 1].is_none_or(|next| file.last < next);
-                    let mut alone = Budget::default();
-                    alone.add(file.bytes, file.rows);
-                    let slices = Budget::rows_per_fold(file.bytes, file.rows, max_fold);
-                    if !whole && alone.spent(max_fold) && clean_before && clean_after && file.rows > slices {
-                        if start < i {
-                            parts.push(FoldInput::whole(&f[start..i]));
-                        }
-                        for offset in (0..file.rows).step_by(slices as usize) {
-                            let len = slices.min(file.rows - offset);
-                            parts.push(FoldInput {
-                                files: &f[i..=i],
-                                rows: Some((offset as usize, len as usize)),
-                            });
-                        }
-                        (start, budget) = (i + 1, Budget::default());
-                        last_so_far = Some(last_so_far.map_or(file.last, |l| l.max(file.last)));
-                        continue;
-                    }
-                    budget.add(file.bytes, file.rows);
-                    last_so_far = Some(last_so_far.map_or(file.last, |l| l.max(file.last)));
-                    let clean_cut = match (last_so_far, later_first[i + 1]) {
-                        (Some(last), Some(next)) => last < next,
-                        _ => true,
-                    };
-                    if budget.spent(max_fold) && !whole && clean_cut {
-                        parts.push(FoldInput::whole(&f[start..=i]));
-                        (start, budget) = (i + 1, Budget::default());
-                    }
-                }
-                if start < f.len() || parts.is_empty() {
-                    parts.push(FoldInput::whole(&f[start..]));
-                }
+                let parts = build_parts(&mut f, whole, self.cfg.max_fold);
                 let last = parts.len() - 1;
                 for (i, part) in parts.into_iter().enumerate() {
                     let at = (i == last).then_some((head.seq, lsn));
@@ -1209,4 +1219,88 @@ impl Projector {
 /// Starts the projector of `cfg` beside the pipeline (`run`): None without `[iceberg]`.
 pub fn start(cfg: &Config, stop: CancellationToken) -> Result<Option<tokio::task::JoinHandle<()>>, ProjectError> {
     Ok(Projector::new(cfg)?.map(|p| tokio::spawn(p.run(stop))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::RowPos;
+    use crate::lsn::Lsn;
+
+    /// A change-log file of `rows` rows at `lsn`, `_seq` from `seq` on.
+    fn file(lsn: u64, seq: u64, rows: u64) -> WrittenObject {
+        let at = |seq| RowPos { lsn: Lsn(lsn), seq };
+        WrittenObject {
+            key: format!("{lsn}-{seq}.parquet"),
+            table: "public.prices".into(),
+            partition: String::new(),
+            rows,
+            bytes: rows * 10,
+            first: at(seq),
+            last: at(seq + rows - 1),
+            ops: Default::default(),
+        }
+    }
+
+    /// Each part: the first `_seq` of its files, and its rows.
+    fn shape(parts: &[FoldInput<'_>]) -> Vec<(Vec<u64>, u64)> {
+        parts
+            .iter()
+            .map(|p| {
+                let seqs = p.files.iter().map(|f| f.first.seq).collect();
+                let rows = p
+                    .rows
+                    .map_or(p.files.iter().map(|f| f.rows).sum(), |(_, len)| len as u64);
+                (seqs, rows)
+            })
+            .collect()
+    }
+
+    // A fold of 1,024 rows (256 KiB at FOLD_ROW_BYTES).
+    const FOLD: u64 = 1024 * FOLD_ROW_BYTES;
+
+    #[test]
+    fn a_copys_chunks_listed_as_they_ended_are_built_a_fold_at_a_time() {
+        // Two chunks copied side by side (`_seq` from chunk << 32), three files of 600
+        // rows each, chunk 1 ended first.
+        let chunk = |c: u64| (0..3).map(move |i| file(100, (c << 32) + i * 600, 600));
+        let mut files: Vec<WrittenObject> = chunk(1).chain(chunk(0)).collect();
+        let parts = build_parts(&mut files, false, FOLD);
+        let c1 = 1 << 32;
+        assert_eq!(
+            shape(&parts),
+            [
+                (vec![0, 600], 1200),
+                (vec![1200, c1], 1200),
+                (vec![c1 + 600, c1 + 1200], 1200)
+            ],
+            "in (_lsn, _seq) order, two files a fold"
+        );
+        let parts = build_parts(&mut files, true, FOLD);
+        assert_eq!(shape(&parts).len(), 1, "a table readers see is built in one snapshot");
+    }
+
+    #[test]
+    fn a_file_larger_than_a_fold_is_sliced_and_overlapping_files_stay_together() {
+        let mut files = vec![
+            file(100, 0, 2500),
+            // Two partitions of one flush, each larger than a fold: their rows
+            // interleave, so neither is sliced nor cut after.
+            file(200, 0, 1100),
+            file(200, 400, 1100),
+            file(300, 0, 100),
+        ];
+        files[1].last.seq = 1500;
+        let parts = build_parts(&mut files, false, FOLD);
+        let slices: Vec<_> = parts.iter().map(|p| p.rows).collect();
+        assert_eq!(
+            slices,
+            [Some((0, 1024)), Some((1024, 1024)), Some((2048, 452)), None, None]
+        );
+        assert_eq!(
+            shape(&parts)[3..],
+            [(vec![0, 400], 2200), (vec![0], 100)],
+            "no part ends inside an overlap"
+        );
+    }
 }
