@@ -570,6 +570,59 @@ async fn a_copy_in_chunks_side_by_side_is_built_a_fold_at_a_time() {
     assert_iceberg_equals_source(&c, &lake, "a copy built a fold at a time").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_beyond_max_snapshots_expire_however_young() {
+    let IcebergLake {
+        _cluster,
+        _dir,
+        c,
+        config,
+        lake,
+    } = iceberg_lake(
+        &format!(
+            "{PRICES}; INSERT INTO prices SELECT 'S' || i, i, i, NULL FROM generate_series(1, 100) i;
+             CREATE PUBLICATION pub FOR TABLE prices"
+        ),
+        "commit_interval = \"1s\"\nbuckets = 4\nmax_snapshots = 4",
+        "",
+    )
+    .await;
+    for round in 0..8 {
+        c.batch_execute(&format!(
+            "UPDATE prices SET qty = qty + 1 WHERE qty % 4 = {}",
+            round % 4
+        ))
+        .await
+        .unwrap();
+        sync(&config);
+    }
+    let metadata = prices_metadata(&lake);
+    let snapshots = metadata["snapshots"].as_array().unwrap();
+    let seqs: Vec<i64> = snapshots
+        .iter()
+        .map(|s| s["sequence-number"].as_i64().unwrap())
+        .collect();
+    let newest = metadata["last-sequence-number"].as_i64().unwrap();
+    assert!(newest > 8, "each round took a snapshot: {newest}");
+    assert_eq!(
+        seqs,
+        (newest - 3..=newest).collect::<Vec<_>>(),
+        "the newest four are kept"
+    );
+    let current = metadata["current-snapshot-id"].as_i64().unwrap();
+    assert!(
+        snapshots.iter().any(|s| s["snapshot-id"] == current),
+        "the current one among them"
+    );
+    let log: Vec<&serde_json::Value> = metadata["snapshot-log"].as_array().unwrap().iter().collect();
+    assert!(
+        log.iter()
+            .all(|e| snapshots.iter().any(|s| s["snapshot-id"] == e["snapshot-id"])),
+        "the snapshot log names retained snapshots only: {log:?}"
+    );
+    assert_iceberg_equals_source(&c, &lake, "after snapshots expired by count").await;
+}
+
 /// The metadata of `public.prices`'s Iceberg table in the lake, as the hint names it.
 fn prices_metadata(lake: &std::path::Path) -> serde_json::Value {
     let dir = lake.join("_iceberg/public/prices/metadata");

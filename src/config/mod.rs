@@ -449,6 +449,7 @@ struct RawIceberg {
     max_fold: Option<String>,
     index_memory: Option<String>,
     snapshot_retention: Option<String>,
+    max_snapshots: Option<usize>,
 }
 
 /// One Iceberg snapshot per table per this interval, at most.
@@ -460,6 +461,9 @@ pub const DEFAULT_ICEBERG_MAX_FOLD: u64 = 64 << 20;
 pub const DEFAULT_ICEBERG_INDEX_MEMORY: u64 = 128 << 20;
 /// Snapshots (and files only they reach) are kept this long.
 pub const DEFAULT_ICEBERG_SNAPSHOT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// Snapshots a table keeps at most, however young: each is some 900 bytes of the
+/// metadata JSON that every commit rewrites and every reader parses.
+pub const DEFAULT_ICEBERG_MAX_SNAPSHOTS: usize = 1000;
 
 /// `[iceberg]`: current-state Apache Iceberg tables, kept by walshore beside the change
 /// log (under `{sink.url}/_iceberg/{schema}/{table}/`).
@@ -480,6 +484,8 @@ pub struct IcebergConfig {
     /// Snapshots older than this expire (never the current one); files no retained
     /// snapshot reaches are deleted once this old.
     pub snapshot_retention: Duration,
+    /// Snapshots beyond the newest this many expire too, however young.
+    pub max_snapshots: usize,
 }
 
 impl IcebergConfig {
@@ -508,6 +514,13 @@ fn iceberg_config(raw: RawIceberg) -> Result<IcebergConfig, ConfigError> {
     if !(1..=1024).contains(&buckets) {
         return Err(invalid("iceberg.buckets", "must be between 1 and 1024"));
     }
+    let max_snapshots = raw.max_snapshots.unwrap_or(DEFAULT_ICEBERG_MAX_SNAPSHOTS);
+    if max_snapshots == 0 {
+        return Err(invalid(
+            "iceberg.max_snapshots",
+            "must be at least 1 (the current snapshot is always kept)",
+        ));
+    }
     Ok(IcebergConfig {
         tables,
         commit_interval: duration(
@@ -523,6 +536,7 @@ fn iceberg_config(raw: RawIceberg) -> Result<IcebergConfig, ConfigError> {
             raw.snapshot_retention,
             DEFAULT_ICEBERG_SNAPSHOT_RETENTION,
         )?,
+        max_snapshots,
     })
 }
 
@@ -1149,6 +1163,7 @@ mod tests {
         assert_eq!(i.max_fold, DEFAULT_ICEBERG_MAX_FOLD);
         assert_eq!(i.index_memory, DEFAULT_ICEBERG_INDEX_MEMORY);
         assert_eq!(i.snapshot_retention, DEFAULT_ICEBERG_SNAPSHOT_RETENTION);
+        assert_eq!(i.max_snapshots, DEFAULT_ICEBERG_MAX_SNAPSHOTS);
         assert!(Config::parse(MIN).unwrap().iceberg.is_none(), "off unless present");
         let err = |s: &str| {
             Config::parse(&format!("{MIN}\n[iceberg]\n{s}"))
@@ -1156,6 +1171,7 @@ mod tests {
                 .to_string()
         };
         assert!(err("buckets = 0").contains("iceberg.buckets"));
+        assert!(err("max_snapshots = 0").contains("iceberg.max_snapshots"));
         assert!(err("tables = [\"trades\"]").contains("schema.table"));
         assert!(err("tables = []").contains("iceberg.tables"));
     }

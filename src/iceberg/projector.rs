@@ -932,17 +932,21 @@ impl Projector {
     }
 
     /// Expires each table's old snapshots and deletes what nothing reaches: at most
-    /// once an hour (or once a retention, when that is shorter).
+    /// once an hour (or once a retention, when that is shorter), and whenever a table
+    /// holds a quarter more snapshots than `max_snapshots` (each pass reads every
+    /// retained snapshot's manifest list: not at every commit).
     async fn expire_due(&mut self) -> Result<(), ProjectError> {
         let every = self.cfg.snapshot_retention.min(std::time::Duration::from_secs(3600));
+        let max_snapshots = self.cfg.max_snapshots;
         let mut names: Vec<String> = self.tables.keys().cloned().collect();
         names.sort();
         for name in names {
             let p = self.tables.get_mut(&name).expect("listed");
-            if p.expired_at.is_some_and(|t| t.elapsed() < every) {
+            let crowded = p.table.metadata().snapshots.len() > max_snapshots + max_snapshots / 4;
+            if p.expired_at.is_some_and(|t| t.elapsed() < every) && !crowded {
                 continue;
             }
-            match p.table.expire(self.cfg.snapshot_retention).await {
+            match p.table.expire(self.cfg.snapshot_retention, max_snapshots).await {
                 Ok((snapshots, objects)) => {
                     p.expired_at = Some(std::time::Instant::now());
                     if snapshots + objects > 0 {

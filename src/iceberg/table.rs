@@ -458,23 +458,35 @@ impl Table {
         Ok(true)
     }
 
-    /// Expires the snapshots older than `retention` (never the current one), then
-    /// deletes what no retained snapshot reaches and is older than `retention`: the
-    /// expired snapshots' manifest lists, manifests and files, and files a crashed
-    /// commit left behind. Metadata files beyond the last [`KEEP_METADATA`] versions
-    /// go too, once [`METADATA_GRACE`] old. Returns the snapshots expired and the
-    /// objects deleted.
-    pub async fn expire(&mut self, retention: std::time::Duration) -> Result<(usize, usize), TableError> {
+    /// Expires the snapshots older than `retention` and those beyond the newest
+    /// `max_snapshots` (never the current one), then deletes what no retained snapshot
+    /// reaches and is older than `retention`: the expired snapshots' manifest lists,
+    /// manifests and files, and files a crashed commit left behind. Metadata files
+    /// beyond the last [`KEEP_METADATA`] versions go too, once [`METADATA_GRACE`] old.
+    /// Returns the snapshots expired and the objects deleted.
+    pub async fn expire(
+        &mut self,
+        retention: std::time::Duration,
+        max_snapshots: usize,
+    ) -> Result<(usize, usize), TableError> {
         let now = now_ms();
         let cutoff = now - retention.as_millis() as i64;
         let current = self.metadata.current_snapshot_id;
-        let kept: Vec<Snapshot> = self
+        let mut kept: Vec<Snapshot> = self
             .metadata
             .snapshots
             .iter()
             .filter(|s| Some(s.snapshot_id) == current || s.timestamp_ms >= cutoff)
             .cloned()
             .collect();
+        // The oldest first (by sequence number, the order of commits).
+        kept.sort_by_key(|s| s.sequence_number);
+        let mut excess = kept.len().saturating_sub(max_snapshots.max(1));
+        kept.retain(|s| {
+            let expire = excess > 0 && Some(s.snapshot_id) != current;
+            excess -= usize::from(expire);
+            !expire
+        });
         let expired = self.metadata.snapshots.len() - kept.len();
         if expired > 0 {
             let mut next = self.metadata.clone();
