@@ -218,15 +218,22 @@ fn main() -> ExitCode {
 /// megabyte Arrow and Parquet buffers land in arenas and stay there, scattered.
 /// Measured on the first sync of ten million keys (`cargo bench --bench iceberg --
 /// --keys 10000000`): peak RSS 608–710 MiB by default, 302 MiB with two arenas and a
-/// fixed 1 MiB threshold, in the same wall time. Set before any thread starts; an
-/// operator's own `GLIBC_TUNABLES` or `MALLOC_ARENA_MAX` is left to win.
+/// fixed 1 MiB threshold, in the same wall time. Set before any thread starts, each
+/// unless the operator set it (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`, or the
+/// same in `GLIBC_TUNABLES`).
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("GLIBC_TUNABLES").is_none() && std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+    {
+        let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+        let set = |var: &str, tunable: &str| std::env::var_os(var).is_some() || tunables.contains(tunable);
         // SAFETY: mallopt only sets malloc's parameters; no other thread runs yet.
         unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+            if !set("MALLOC_ARENA_MAX", "malloc.arena_max") {
+                libc::mallopt(libc::M_ARENA_MAX, 2);
+            }
+            if !set("MALLOC_MMAP_THRESHOLD_", "malloc.mmap_threshold") {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+            }
         }
     }
 }

@@ -623,6 +623,72 @@ async fn snapshots_beyond_max_snapshots_expire_however_young() {
     assert_iceberg_equals_source(&c, &lake, "after snapshots expired by count").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_snapshot_expired_by_count_reaches_stays_for_the_retention() {
+    // One snapshot kept, a retention of 3 s: the copy's data files age past it, an
+    // update then takes a snapshot that still reads them, and a compaction replaces
+    // them in the next. The update's snapshot expires by count, young, while a reader
+    // may hold it: its manifest list stays, and so must every file it reaches, old or not.
+    let IcebergLake {
+        _cluster,
+        _dir,
+        c,
+        config,
+        lake,
+    } = iceberg_lake(
+        &format!("{PRICES}; CREATE PUBLICATION pub FOR TABLE prices"),
+        "commit_interval = \"1s\"\nbuckets = 2\nmax_snapshots = 1\nsnapshot_retention = \"3s\"",
+        "",
+    )
+    .await;
+    c.batch_execute("INSERT INTO prices SELECT 'S' || i, i, i, NULL FROM generate_series(1, 1000) i")
+        .await
+        .unwrap();
+    sync(&config);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // A third of the rows deleted: both buckets are compacted after the update.
+    c.batch_execute("DELETE FROM prices WHERE qty % 3 = 0").await.unwrap();
+    sync(&config);
+    assert_iceberg_equals_source(&c, &lake, "after a count expiry").await;
+    let metadata = prices_metadata(&lake);
+    assert_eq!(metadata["snapshots"].as_array().unwrap().len(), 1, "one snapshot kept");
+    let dir = lake.join("_iceberg/public/prices");
+    let lists: Vec<std::path::PathBuf> = files_under(&dir.join("metadata"))
+        .into_iter()
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("snap-"))
+        .collect();
+    assert!(
+        lists.len() >= 2,
+        "the expired snapshots' lists are young and stay: {lists:?}"
+    );
+    let exists = |uri: &str| std::path::Path::new(uri.strip_prefix("file://").unwrap()).exists();
+    let mut files = 0;
+    for list in lists {
+        let manifests = walshore::iceberg::manifest::read_manifest_list(&std::fs::read(&list).unwrap()).unwrap();
+        for m in manifests {
+            assert!(exists(&m.path), "{} names {}, deleted", list.display(), m.path);
+            let entries = walshore::iceberg::manifest::read_manifest(
+                &std::fs::read(m.path.strip_prefix("file://").unwrap()).unwrap(),
+                &m,
+            )
+            .unwrap();
+            for e in entries
+                .iter()
+                .filter(|e| e.status != walshore::iceberg::manifest::DELETED)
+            {
+                files += 1;
+                assert!(
+                    exists(&e.file.path),
+                    "{} reaches {}, deleted",
+                    list.display(),
+                    e.file.path
+                );
+            }
+        }
+    }
+    assert!(files > 0);
+}
+
 /// The metadata of `public.prices`'s Iceberg table in the lake, as the hint names it.
 fn prices_metadata(lake: &std::path::Path) -> serde_json::Value {
     let dir = lake.join("_iceberg/public/prices/metadata");

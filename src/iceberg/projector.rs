@@ -836,7 +836,7 @@ impl Projector {
         Ok(())
     }
 
-    /// Folds `part` (change-log files of `name`, in commit order) into one snapshot
+    /// Folds `part` (change-log files of `name`, in `(_lsn, _seq)` order) into one snapshot
     /// with the watermark `at` (none: a part of a rebuild); `rebuild` empties the table
     /// first. On failure the table is dropped from memory and loaded again next time.
     async fn apply(
@@ -942,7 +942,7 @@ impl Projector {
         names.sort();
         for name in names {
             let p = self.tables.get_mut(&name).expect("listed");
-            let crowded = p.table.metadata().snapshots.len() > max_snapshots + max_snapshots / 4;
+            let crowded = p.table.metadata().snapshots.len() > max_snapshots + (max_snapshots / 4).max(1);
             if p.expired_at.is_some_and(|t| t.elapsed() < every) && !crowded {
                 continue;
             }

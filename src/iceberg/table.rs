@@ -496,32 +496,6 @@ impl Table {
             next.snapshots = kept;
             self.publish(next).await?;
         }
-        // What the retained snapshots reach.
-        let mut reachable: HashSet<String> = HashSet::new();
-        for snapshot in &self.metadata.snapshots {
-            reachable.insert(snapshot.manifest_list.clone());
-            let list = self.location.get(&snapshot.manifest_list).await?;
-            let manifests = manifest::read_manifest_list(&list).map_err(|source| TableError::Manifest {
-                location: self.location.uri.clone(),
-                source,
-            })?;
-            for m in manifests {
-                if !reachable.insert(m.path.clone()) {
-                    continue;
-                }
-                let body = self.location.get(&m.path).await?;
-                let entries = manifest::read_manifest(&body, &m).map_err(|source| TableError::Manifest {
-                    location: self.location.uri.clone(),
-                    source,
-                })?;
-                reachable.extend(
-                    entries
-                        .into_iter()
-                        .filter(|e| e.status != manifest::DELETED)
-                        .map(|e| e.file.path),
-                );
-            }
-        }
         let prefix = format!("{}/", self.location.root);
         let objects: Vec<object_store::ObjectMeta> = self
             .location
@@ -530,6 +504,35 @@ impl Table {
             .try_collect()
             .await
             .map_err(self.location.store_err())?;
+        // What the retained snapshots reach ...
+        let mut reachable: HashSet<String> = HashSet::new();
+        let lists: Vec<String> = self
+            .metadata
+            .snapshots
+            .iter()
+            .map(|s| s.manifest_list.clone())
+            .collect();
+        for list in lists {
+            self.reach(&list, &mut reachable).await?;
+        }
+        // ... and every manifest list younger than the retention: a snapshot expired
+        // by `max_snapshots` (now or in an earlier pass) can still be in a reader's
+        // hands, and the files it reaches may be older than it. A list a crashed
+        // commit left keeps its files as long; one that cannot be read protects none.
+        for o in &objects {
+            let key = o.location.to_string();
+            let Some(rel) = key.strip_prefix(&prefix) else { continue };
+            let uri = self.location.uri(rel);
+            let young = o.last_modified.timestamp_millis() >= cutoff;
+            if young
+                && rel.starts_with("metadata/snap-")
+                && rel.ends_with(".avro")
+                && !reachable.contains(&uri)
+                && let Err(e) = self.reach(&uri, &mut reachable).await
+            {
+                tracing::warn!(list = %uri, error = %e, "an unreferenced Iceberg manifest list could not be read; it protects no files");
+            }
+        }
         let mut gone = Vec::new();
         // A replaced metadata file needs no snapshot to expire: it goes after the
         // grace, when that is shorter than the retention.
@@ -562,6 +565,34 @@ impl Table {
             }
         }
         Ok((expired, deleted))
+    }
+
+    /// Adds manifest list `list`, its manifests and the files they hold live to
+    /// `reachable`.
+    async fn reach(&self, list: &str, reachable: &mut HashSet<String>) -> Result<(), TableError> {
+        reachable.insert(list.to_owned());
+        let body = self.location.get(list).await?;
+        let manifests = manifest::read_manifest_list(&body).map_err(|source| TableError::Manifest {
+            location: self.location.uri.clone(),
+            source,
+        })?;
+        for m in manifests {
+            if !reachable.insert(m.path.clone()) {
+                continue;
+            }
+            let body = self.location.get(&m.path).await?;
+            let entries = manifest::read_manifest(&body, &m).map_err(|source| TableError::Manifest {
+                location: self.location.uri.clone(),
+                source,
+            })?;
+            reachable.extend(
+                entries
+                    .into_iter()
+                    .filter(|e| e.status != manifest::DELETED)
+                    .map(|e| e.file.path),
+            );
+        }
+        Ok(())
     }
 
     /// An object of the table by its fully qualified path (a data or delete file).
