@@ -506,14 +506,8 @@ impl Table {
             .map_err(self.location.store_err())?;
         // What the retained snapshots reach ...
         let mut reachable: HashSet<String> = HashSet::new();
-        let lists: Vec<String> = self
-            .metadata
-            .snapshots
-            .iter()
-            .map(|s| s.manifest_list.clone())
-            .collect();
-        for list in lists {
-            self.reach(&list, &mut reachable).await?;
+        for snapshot in &self.metadata.snapshots {
+            self.reach(&snapshot.manifest_list, &mut reachable).await?;
         }
         // ... and every manifest list younger than the retention: a snapshot expired
         // by `max_snapshots` (now or in an earlier pass) can still be in a reader's
@@ -522,12 +516,12 @@ impl Table {
         for o in &objects {
             let key = o.location.to_string();
             let Some(rel) = key.strip_prefix(&prefix) else { continue };
-            let uri = self.location.uri(rel);
             let young = o.last_modified.timestamp_millis() >= cutoff;
-            if young
-                && rel.starts_with("metadata/snap-")
-                && rel.ends_with(".avro")
-                && !reachable.contains(&uri)
+            if !young || !rel.starts_with("metadata/snap-") || !rel.ends_with(".avro") {
+                continue;
+            }
+            let uri = self.location.uri(rel);
+            if !reachable.contains(&uri)
                 && let Err(e) = self.reach(&uri, &mut reachable).await
             {
                 tracing::warn!(list = %uri, error = %e, "an unreferenced Iceberg manifest list could not be read; it protects no files");
