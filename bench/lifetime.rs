@@ -322,6 +322,8 @@ async fn fabricate_log(store: Arc<dyn ObjectStore>, records: u64, local: Option<
             last: k * fold,
             last_written_at: now,
             files,
+            counts: Vec::new(),
+            compacted: Vec::new(),
         };
         put(
             format!("_walshore/checkpoints/{:020}.json", k * fold),

@@ -41,6 +41,15 @@ pub const ICEBERG_POINTS: &[&str] = &[
     "iceberg_after_commit",
 ];
 
+/// Compaction of the change log, in order (reached only with `[compaction]`;
+/// `tests/compaction.rs` crashes at each).
+pub const COMPACTION_POINTS: &[&str] = &[
+    "after_compacted_upload",
+    "after_compaction_ticket",
+    "after_compaction_commit",
+    "after_replaced_deleted",
+];
+
 /// A point that crashes, stops or sleeps as [`point`] does, or answers true when its
 /// spec says `fail`: the caller then fails with a transient error of its own.
 #[cfg(feature = "fault-injection")]
@@ -128,8 +137,8 @@ pub fn point(_name: &str) {}
 
 #[cfg(test)]
 mod tests {
-    /// Every `fault::point` in the source is listed in `POINTS` or `ICEBERG_POINTS` (so
-    /// a fault test crashes there), and every listed point exists.
+    /// Every `fault::point` in the source is listed in `POINTS`, `ICEBERG_POINTS` or
+    /// `COMPACTION_POINTS` (so a fault test crashes there), and every listed point exists.
     #[test]
     fn points_are_listed() {
         let mut found = std::collections::BTreeSet::new();
@@ -152,6 +161,7 @@ mod tests {
         let listed: std::collections::BTreeSet<_> = super::POINTS
             .iter()
             .chain(super::ICEBERG_POINTS)
+            .chain(super::COMPACTION_POINTS)
             .map(|s| s.to_string())
             .collect();
         assert_eq!(found, listed);

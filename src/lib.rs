@@ -25,6 +25,7 @@ pub mod catalog;
 pub mod change;
 pub mod checkpoint;
 pub mod cluster;
+pub mod compaction;
 pub mod config;
 pub mod decode;
 pub mod demo;

@@ -105,6 +105,22 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Value> {
         Some(g) => catalog_status(cfg, g, store.as_ref()).await,
         None => Value::Null,
     };
+    // What the running walshore's last compaction pass found.
+    let compaction = match &cfg.compaction {
+        None => Value::Null,
+        Some(_) => match crate::checkpoint::log::read_json::<crate::compaction::Report>(
+            store.as_ref(),
+            &object_store::path::Path::from(crate::compaction::REPORT),
+        )
+        .await
+        {
+            Ok(r) => json!(r),
+            Err(e) if crate::checkpoint::log::is_not_found(&e) => {
+                json!({ "note": "no compaction pass yet: compaction runs inside walshore run" })
+            }
+            Err(e) => json!({ "error": e.to_string() }),
+        },
+    };
     let iceberg = match (&cfg.iceberg, &head) {
         (Some(_), Some(h)) => iceberg_status(cfg, h).await,
         (Some(_), None) => json!({}),
@@ -120,6 +136,7 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Value> {
         "last_verify": last_verify,
         "catalog": catalog,
         "iceberg": iceberg,
+        "compaction": compaction,
     }))
 }
 

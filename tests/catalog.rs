@@ -135,7 +135,7 @@ fn columns(v: &Value, table: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The partition paths of the lake's committed files of `schema.table`.
+/// The partition paths of the lake's files of `schema.table`.
 async fn lake_partitions(config: &std::path::Path, table: &str) -> std::collections::BTreeSet<String> {
     let store = open_lake(config);
     let prefix = table.replace('.', "/");
@@ -150,7 +150,13 @@ async fn lake_partitions(config: &std::path::Path, table: &str) -> std::collecti
             .strip_prefix(&format!("{prefix}/"))
             .unwrap()
             .to_owned();
-        out.insert(key.rsplit_once('/').unwrap().0.to_owned());
+        let dir = key.rsplit_once('/').unwrap().0;
+        // A compacted file is in its partition's `_c{tag}` folder.
+        let partition = match dir.rsplit_once("/_c") {
+            Some((p, _)) => p,
+            None => dir,
+        };
+        out.insert(partition.to_owned());
     }
     out
 }
@@ -196,7 +202,12 @@ async fn assert_readers_see_the_source(l: &Lake) -> Value {
             .map(|p| {
                 let loc = p["location"].as_str().unwrap();
                 let base = format!("s3://lake/cdc/{}/", table.replace('.', "/"));
-                loc.strip_prefix(&base).unwrap().trim_end_matches('/').to_owned()
+                let rel = loc.strip_prefix(&base).unwrap().trim_end_matches('/');
+                // A compacted partition's location is its `_c{tag}` folder.
+                match rel.rsplit_once("/_c") {
+                    Some((partition, _)) => partition.to_owned(),
+                    None => rel.to_owned(),
+                }
             })
             .collect();
         let in_lake = lake_partitions(&l.config, table).await;
@@ -207,6 +218,131 @@ async fn assert_readers_see_the_source(l: &Lake) -> Value {
         );
     }
     v
+}
+
+/// With `[compaction]`: the server's day closes once its clock has moved on, that
+/// day's partition of `trades` is compacted, and Glue's partition points at the
+/// compacted folder; DuckDB and pyarrow over exactly the registered partitions see
+/// every row once, with the replaced files there and once they are deleted. `prices`,
+/// partitioned by a column, is not compacted with Glue.
+#[tokio::test]
+async fn a_closed_day_is_compacted_and_its_glue_partition_points_at_the_compacted_files() {
+    let l = lake_with("", true).await;
+    edit_config(
+        &l.config,
+        "mode = \"initial\"",
+        "mode = \"initial\"\npoll_interval = \"300ms\"",
+    );
+    let text = std::fs::read_to_string(&l.config).unwrap();
+    std::fs::write(
+        &l.config,
+        format!("{text}\n[compaction]\ngrace = \"1s\"\ndelete_after = \"2s\"\n"),
+    )
+    .unwrap();
+    let clock = l.clock.as_ref().unwrap();
+    let run = spawn_run(&l.config);
+    let _log = LogOnPanic::new(&run);
+    let day = server_date(&l).await;
+    for i in 0..4 {
+        l.e.client
+            .batch_execute(&insert_sql(1000 + i * 10, 1009 + i * 10))
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    clock.shift_days(1);
+    l.e.client.batch_execute(&insert_sql(2000, 2010)).await.unwrap();
+
+    let cfg = walshore::config::Config::load(&l.config).unwrap();
+    let catalog = walshore::catalog::Catalog::open(cfg.glue.as_ref().unwrap(), &cfg.sink, &cfg.partitions).await;
+    let partition = format!("dt={day}");
+    wait_until(
+        std::time::Duration::from_secs(120),
+        "the closed day's Glue partition points at its compacted folder",
+        || async {
+            catalog
+                .partition_location("public.trades", &partition)
+                .await
+                .unwrap()
+                .is_some_and(|l| {
+                    l.trim_end_matches('/')
+                        .rsplit('/')
+                        .next()
+                        .is_some_and(|f| f.starts_with("_c"))
+                })
+        },
+    )
+    .await;
+    assert_readers_see_the_source(&l).await;
+    let store = open_lake(&l.config);
+    wait_until(
+        std::time::Duration::from_secs(60),
+        "the replaced files deleted",
+        || async {
+            walshore::compaction::tickets(store.as_ref(), &mut Default::default())
+                .await
+                .unwrap()
+                .is_empty()
+        },
+    )
+    .await;
+    assert_readers_see_the_source(&l).await;
+    let committed = walshore::checkpoint::committed_files(store.as_ref()).await.unwrap();
+    assert!(
+        committed
+            .iter()
+            .filter(|f| f.table == "public.trades" && f.partition == partition)
+            .all(|f| walshore::compaction::is_compacted(&f.key)),
+        "the closed day holds compacted files only"
+    );
+    assert!(
+        !committed
+            .iter()
+            .any(|f| f.table == "public.prices" && walshore::compaction::is_compacted(&f.key)),
+        "column partitions are not compacted with Glue"
+    );
+    let (status, stderr) = stop(run);
+    assert!(status.success(), "walshore run failed:\n{stderr}");
+
+    // The partition deleted from Glue by hand: the next start registers it at its
+    // compacted folder, not at the partition's own (which holds no file now).
+    let folder = catalog
+        .partition_location("public.trades", &partition)
+        .await
+        .unwrap()
+        .unwrap();
+    run_ok(
+        std::process::Command::new("python3").args([
+            "-c",
+            &format!(
+                "import boto3; boto3.client('glue', endpoint_url='{}', region_name='us-east-1').delete_partition(DatabaseName='{DATABASE}', TableName='trades_changes', PartitionValues=['{day}'])",
+                l.moto.endpoint()
+            ),
+        ]),
+        "delete the Glue partition",
+    );
+    assert_eq!(
+        catalog.partition_location("public.trades", &partition).await.unwrap(),
+        None
+    );
+    let run = spawn_run(&l.config);
+    let _log = LogOnPanic::new(&run);
+    wait_until(
+        std::time::Duration::from_secs(60),
+        "the partition registered again at its compacted folder",
+        || async {
+            catalog
+                .partition_location("public.trades", &partition)
+                .await
+                .unwrap()
+                .as_ref()
+                == Some(&folder)
+        },
+    )
+    .await;
+    assert_readers_see_the_source(&l).await;
+    let (status, stderr) = stop(run);
+    assert!(status.success(), "walshore run failed:\n{stderr}");
 }
 
 /// PostgreSQL's own UTC date, on its (possibly moved) clock.

@@ -57,7 +57,11 @@ impl CatalogError {
 #[derive(Clone, Copy)]
 enum Job<'a> {
     Register(&'a [WrittenObject], &'a HashMap<String, LakeSchema>),
-    Reconcile(&'a BTreeMap<String, Vec<String>>, &'a HashMap<String, LakeSchema>),
+    Reconcile(
+        &'a BTreeMap<String, Vec<String>>,
+        &'a HashMap<String, LakeSchema>,
+        &'a dyn object_store::ObjectStore,
+    ),
 }
 
 /// The Glue client's TCP (and TLS) connect timeout.
@@ -93,7 +97,7 @@ fn glue_err<E: ProvideErrorMetadata + std::error::Error + 'static>(
     let retry = crate::retry::of_aws(code.as_deref());
     let busy = crate::retry::is_aws_busy(code.as_deref());
     let hint = if crate::retry::is_aws_auth(code.as_deref()) {
-        "; check walshore's AWS credentials, and allow glue:GetDatabase, glue:CreateDatabase, glue:GetTable, glue:CreateTable, glue:UpdateTable, glue:GetPartitions and glue:BatchCreatePartition (and glue:DeleteTable with [iceberg]) on the catalog, the database and its tables for its identity"
+        "; check walshore's AWS credentials, and allow glue:GetDatabase, glue:CreateDatabase, glue:GetTable, glue:CreateTable, glue:UpdateTable, glue:GetPartitions and glue:BatchCreatePartition (and glue:DeleteTable with [iceberg], glue:UpdatePartition with [compaction]) on the catalog, the database and its tables for its identity"
     } else {
         ""
     };
@@ -772,14 +776,17 @@ impl Catalog {
     /// (`lake`: by `schema.table`, from [`crate::sink::partitions_in_lake`]) that Glue
     /// lacks registered. This makes good what no commit would: a lake that gains
     /// `[catalog]` later, a Glue table or partition deleted by hand, a database
-    /// recreated. Returns the number of partitions registered.
+    /// recreated. A partition that compaction rewrote is registered at its newest
+    /// compacted folder (`_c{tag}`, found in `store`). Returns the number of partitions
+    /// registered.
     pub async fn reconcile(
         &mut self,
         lake: &BTreeMap<String, Vec<String>>,
         schemas: &HashMap<String, LakeSchema>,
         stop: &tokio_util::sync::CancellationToken,
+        store: &dyn object_store::ObjectStore,
     ) -> Result<usize, CatalogError> {
-        self.patiently(Job::Reconcile(lake, schemas), stop).await
+        self.patiently(Job::Reconcile(lake, schemas, store), stop).await
     }
 
     /// Runs `job`, repeating it while Glue throttles or reports a concurrent
@@ -796,7 +803,7 @@ impl Catalog {
         loop {
             let result = match job {
                 Job::Register(files, schemas) => self.register_once(files, schemas).await.map(|()| 0),
-                Job::Reconcile(lake, schemas) => self.reconcile_once(lake, schemas).await,
+                Job::Reconcile(lake, schemas, store) => self.reconcile_once(lake, schemas, store).await,
             };
             match result {
                 Err(e) if e.busy && started.elapsed() < BUSY_BUDGET && !stop.is_cancelled() => {
@@ -820,6 +827,7 @@ impl Catalog {
         &mut self,
         lake: &BTreeMap<String, Vec<String>>,
         schemas: &HashMap<String, LakeSchema>,
+        store: &dyn object_store::ObjectStore,
     ) -> Result<usize, CatalogError> {
         let mut created = 0;
         for (table, parts) in lake {
@@ -842,6 +850,28 @@ impl Catalog {
                 self.create_partitions(table, &missing).await?;
                 tracing::info!(table = %name, partitions = missing.len(), "registered partitions of the lake that Glue did not have");
                 created += missing.len();
+                // A compacted partition reads its newest compacted folder (recovery has
+                // deleted an uncommitted compaction's files before this runs).
+                let (schema_name, bare) = table.split_once('.').unwrap_or(("public", table));
+                for p in &missing {
+                    let dir = crate::sink::key_path(&format!("{schema_name}/{bare}/{p}"));
+                    let listed = store.list_with_delimiter(Some(&dir)).await.map_err(|e| CatalogError {
+                        operation: "LIST",
+                        target: dir.to_string(),
+                        message: e.to_string(),
+                        hint: "",
+                        retry: crate::retry::of_store(&e),
+                        busy: false,
+                    })?;
+                    let newest = listed
+                        .common_prefixes
+                        .iter()
+                        .filter(|f| f.filename().is_some_and(crate::compaction::is_compacted_folder))
+                        .max();
+                    if let Some(folder) = newest {
+                        self.point_partition(table, p, folder.as_ref()).await?;
+                    }
+                }
             }
         }
         Ok(created)
@@ -934,6 +964,65 @@ impl Catalog {
             self.registered.clear();
         }
         self.registered.insert((table.to_owned(), partition.to_owned()));
+    }
+
+    /// Points `table`'s `partition` at `folder` (a key prefix below the sink's root: a
+    /// compaction's `{partition}/_c{tag}`), registering the partition first if Glue
+    /// lacks it: Athena then reads the compacted files and not the files they replaced.
+    /// Idempotent.
+    pub async fn point_partition(&mut self, table: &str, partition: &str, folder: &str) -> Result<(), CatalogError> {
+        self.create_partitions(table, &[partition]).await?;
+        let name = table_name(table);
+        let input = PartitionInput::builder()
+            .set_values(Some(partition_values(partition)))
+            .storage_descriptor(
+                StorageDescriptor::builder()
+                    .location(format!("{}{folder}/", self.root))
+                    .input_format(INPUT_FORMAT)
+                    .output_format(OUTPUT_FORMAT)
+                    .serde_info(SerDeInfo::builder().serialization_library(SERDE).build())
+                    .build(),
+            )
+            .build();
+        self.client
+            .update_partition()
+            .database_name(&self.database)
+            .table_name(&name)
+            .set_partition_value_list(Some(partition_values(partition)))
+            .partition_input(input)
+            .send()
+            .await
+            .map_err(|e| glue_err("UpdatePartition", &name, e))?;
+        tracing::info!(table = %name, partition, location = %folder, "pointed the Glue partition at its compacted files");
+        Ok(())
+    }
+
+    /// The location Glue has for `table`'s `partition`, if registered.
+    pub async fn partition_location(&self, table: &str, partition: &str) -> Result<Option<String>, CatalogError> {
+        let name = table_name(table);
+        match self
+            .client
+            .get_partition()
+            .database_name(&self.database)
+            .table_name(&name)
+            .set_partition_values(Some(partition_values(partition)))
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out
+                .partition()
+                .and_then(|p| p.storage_descriptor())
+                .and_then(|d| d.location())
+                .map(str::to_owned)),
+            Err(e) => {
+                let e = glue_err("GetPartition", &name, e);
+                if e.message.contains("EntityNotFoundException") {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
     }
 
     /// `BatchCreatePartition` for `parts` of `table` (100 per call); one that exists

@@ -10,7 +10,9 @@
 //! Folding: records `k·FOLD + 1 ..= (k+1)·FOLD` become one checkpoint object once all of
 //! them exist and the head has passed them; a folded record older than
 //! `sink.log_retention` is deleted. A reader that needs every committed file (tests,
-//! `verify`) reads the checkpoints, then the records after the last one.
+//! `verify`, the Iceberg projector's rebuild) walks from the head down: the records
+//! after the last checkpoint, then the checkpoints, so that it meets each compaction
+//! before the files it replaced ([`walk_manifest`]).
 //!
 //! Readers learn both from a durable head, so each step waits for the one before it to
 //! be recorded by a commit: a chunk is marked pruned (`pruned` in the next commit) only
@@ -20,13 +22,14 @@
 //! holds the head's base (see [`CommitRecord::delta`]) is not pruned: bases only move
 //! forward, so it is pruned once a newer base is written.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
-use super::record::{CheckpointRecord, CommitRecord, FORMAT, HeadHint};
+use super::record::{CheckpointRecord, CommitRecord, FORMAT, HeadHint, Replaced};
 use super::{CheckpointError, store_err};
 use crate::sink::WrittenObject;
 
@@ -265,7 +268,19 @@ async fn fold(store: &Arc<dyn ObjectStore>, first: u64, last: u64) -> Result<(),
             let store = store.clone();
             async move {
                 match read_commit(store.as_ref(), seq).await? {
-                    Some(r) => Ok((r.written_at, r.files)),
+                    Some(mut r) => {
+                        let mut replaced = Vec::new();
+                        for c in r.compacted {
+                            replaced.push(Replaced {
+                                seq,
+                                table: c.table,
+                                partition: c.partition,
+                                through: c.through,
+                            });
+                            r.files.extend(c.files);
+                        }
+                        Ok((r.written_at, r.files, replaced))
+                    }
                     None => Err(CheckpointError::Corrupt {
                         key: commit_key(seq).to_string(),
                         message: format!("missing while folding records {first}..={last} into a checkpoint"),
@@ -276,10 +291,14 @@ async fn fold(store: &Arc<dyn ObjectStore>, first: u64, last: u64) -> Result<(),
         .buffered(FOLD_CONCURRENCY);
     let mut records = std::pin::pin!(records);
     let mut files: Vec<WrittenObject> = Vec::new();
+    let mut counts = Vec::new();
+    let mut compacted = Vec::new();
     let mut last_written_at = 0;
-    while let Some((written_at, f)) = records.try_next().await? {
+    while let Some((written_at, f, replaced)) = records.try_next().await? {
         last_written_at = written_at;
+        counts.push(f.len() as u32);
         files.extend(f);
+        compacted.extend(replaced);
     }
     let body = serde_json::to_vec(&CheckpointRecord {
         format: FORMAT,
@@ -287,6 +306,8 @@ async fn fold(store: &Arc<dyn ObjectStore>, first: u64, last: u64) -> Result<(),
         last,
         last_written_at,
         files,
+        counts,
+        compacted,
     })
     .expect("checkpoint serializes");
     let opts = PutOptions {
@@ -302,9 +323,9 @@ async fn fold(store: &Arc<dyn ObjectStore>, first: u64, last: u64) -> Result<(),
     Ok(())
 }
 
-/// Every data file the log names, in commit order: the checkpoints, then the records
-/// after them. For readers that need the whole manifest in memory (tests); it reads the
-/// whole log, so it costs what the lake's age costs.
+/// Every data file the log names and no compaction replaced, in commit order. For
+/// readers that need the whole manifest in memory (tests); it reads the whole log, so it
+/// costs what the lake's age costs.
 pub async fn committed_files(store: &dyn ObjectStore) -> Result<Vec<WrittenObject>, CheckpointError> {
     let mut files = Vec::new();
     for_each_committed_file(store, |f| {
@@ -312,12 +333,13 @@ pub async fn committed_files(store: &dyn ObjectStore) -> Result<Vec<WrittenObjec
         Ok(())
     })
     .await?;
+    files.reverse();
     Ok(files)
 }
 
-/// Hands `each` every data file the log names, in commit order, holding one checkpoint
-/// or record at a time: a reader of the whole manifest (`verify`) whose memory does not
-/// grow with the lake's age.
+/// Hands `each` every data file the log names and no compaction replaced, newest record
+/// first, holding one checkpoint or record at a time: a reader of the whole manifest
+/// (`verify`) whose memory does not grow with the lake's age.
 pub async fn for_each_committed_file(
     store: &dyn ObjectStore,
     mut each: impl FnMut(WrittenObject) -> Result<(), CheckpointError>,
@@ -325,22 +347,113 @@ pub async fn for_each_committed_file(
     let Some(head) = read_head(store).await? else {
         return Ok(());
     };
-    let mut seq = 0;
-    while seq < head.folded {
-        let cp: CheckpointRecord = read_json(store, &checkpoint_key(seq + FOLD)).await?;
-        seq = cp.last;
-        cp.files.into_iter().try_for_each(&mut each)?;
+    walk_manifest(store, &head, 1, |l| if l.replaced { Ok(()) } else { each(l.file) }).await
+}
+
+/// A data file as the commit log names it.
+#[derive(Clone, Debug)]
+pub struct Listed {
+    pub file: WrittenObject,
+    /// The record that committed it; for a file of a checkpoint written before
+    /// compaction existed, the checkpoint's last record.
+    pub seq: u64,
+    /// When that record was written (µs since the Unix epoch); for a file of a
+    /// checkpoint, when its last record was.
+    pub written_at: i64,
+    /// A later compaction replaced it: readers leave it out; it stays in the lake until
+    /// `compaction.delete_after` has passed.
+    pub replaced: bool,
+}
+
+/// The compactions seen so far by a walk from the head down: the newest `through` per
+/// table and partition.
+#[derive(Default)]
+struct Masks(HashMap<String, HashMap<String, u64>>);
+
+impl Masks {
+    fn add(&mut self, table: &str, partition: &str, through: u64) {
+        let m = self
+            .0
+            .entry(table.to_owned())
+            .or_default()
+            .entry(partition.to_owned())
+            .or_default();
+        *m = (*m).max(through);
     }
-    for s in seq + 1..=head.seq {
-        match read_commit(store, s).await? {
-            Some(r) => r.files.into_iter().try_for_each(&mut each)?,
-            None => {
-                return Err(CheckpointError::Corrupt {
-                    key: commit_key(s).to_string(),
-                    message: "missing: neither folded nor present".into(),
-                });
+
+    /// Whether a compaction seen so far replaced `f`, committed by record `seq`.
+    fn replaces(&self, f: &WrittenObject, seq: u64) -> bool {
+        self.0
+            .get(&f.table)
+            .and_then(|p| p.get(&f.partition))
+            .is_some_and(|through| seq <= *through)
+    }
+}
+
+/// Hands `each` every data file that records `from..=head.seq` name (`head`: a whole
+/// record, the durable head or an older one), the newest record first, with whether a
+/// compaction in a record up to `head` replaced it. The newest-first walk meets every
+/// compaction before the files it replaced (a compaction replaces only files committed
+/// before it), so it holds one checkpoint or record at a time, and a number per
+/// partition ever compacted. The files of a record come in reverse order.
+pub async fn walk_manifest(
+    store: &dyn ObjectStore,
+    head: &CommitRecord,
+    from: u64,
+    mut each: impl FnMut(Listed) -> Result<(), CheckpointError>,
+) -> Result<(), CheckpointError> {
+    let mut masks = Masks::default();
+    let mut emit = |masks: &Masks, files: Vec<WrittenObject>, seq: u64, written_at: i64| {
+        files.into_iter().rev().try_for_each(|file| {
+            let replaced = masks.replaces(&file, seq);
+            each(Listed {
+                file,
+                seq,
+                written_at,
+                replaced,
+            })
+        })
+    };
+    for s in (from.max(head.folded + 1)..=head.seq).rev() {
+        let record = if s == head.seq {
+            head.clone()
+        } else {
+            read_commit(store, s).await?.ok_or_else(|| CheckpointError::Corrupt {
+                key: commit_key(s).to_string(),
+                message: "missing: neither folded nor present".into(),
+            })?
+        };
+        let mut files = record.files;
+        for c in &record.compacted {
+            files.extend(c.files.iter().cloned());
+        }
+        emit(&masks, files, s, record.written_at)?;
+        for c in &record.compacted {
+            masks.add(&c.table, &c.partition, c.through);
+        }
+    }
+    let mut last = head.folded;
+    while last > 0 && last >= from {
+        let cp: CheckpointRecord = read_json(store, &checkpoint_key(last)).await?;
+        let mut files = cp.files;
+        if cp.counts.is_empty() {
+            // From before compaction: no compaction is in it, and any compaction
+            // later than it replaces its files whole or not at all.
+            emit(&masks, files, cp.last, cp.last_written_at)?;
+        } else {
+            for (i, n) in cp.counts.iter().enumerate().rev() {
+                let seq = cp.first + i as u64;
+                if seq < from {
+                    break;
+                }
+                let at = files.len().saturating_sub(*n as usize);
+                emit(&masks, files.split_off(at), seq, cp.last_written_at)?;
+                for c in cp.compacted.iter().filter(|c| c.seq == seq) {
+                    masks.add(&c.table, &c.partition, c.through);
+                }
             }
         }
+        last = cp.first.saturating_sub(1);
     }
     Ok(())
 }

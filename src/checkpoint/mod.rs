@@ -24,7 +24,8 @@
 //! written after each commit; a reader walks forward from it while the next number
 //! exists (numbers have no gaps). A start therefore costs the same after a million
 //! commits as after ten. Old records are folded into checkpoints and pruned (see
-//! [`log`]); the manifest of committed files stays whole.
+//! [`log`]); the manifest of committed files stays whole (less what compactions
+//! replaced, below).
 //!
 //! **Files not yet committed are announced.** Before uploading files for commit `seq`,
 //! the writer creates `_walshore/pending/{seq:020}-{n:06}.json` listing their keys. A file
@@ -80,6 +81,15 @@
 //! their files are kept. Before confirming to PostgreSQL: the transactions are in the
 //! lake; PostgreSQL resends them and the assembler skips them by LSN. After confirming:
 //! nothing is resent.
+//!
+//! **Compaction** (`crate::compaction`) rewrites a closed partition's files and
+//! publishes the new ones in a commit record's `compacted` entry, which replaces the
+//! partition's files committed up to the record the compaction read the manifest at
+//! (`through`). A reader of the manifest walks from the head down and so meets each
+//! compaction before the files it replaced ([`log::walk_manifest`]): it sees the old
+//! files or the new ones, never both. The new files are announced in pending records
+//! like a copy's (a crash before the commit deletes them), and the replaced ones are
+//! deleted only `compaction.delete_after` after the commit.
 
 pub mod log;
 pub mod pending;
@@ -96,10 +106,13 @@ use crate::batch::schema::LakeSchema;
 use crate::lsn::Lsn;
 use crate::retry::Retry;
 use crate::sink::WrittenObject;
-pub use log::{FOLD, Watermarks, committed_files, delete_pruned, fold_or_prune, for_each_committed_file, read_head};
+pub use log::{
+    FOLD, Listed, Watermarks, committed_files, delete_pruned, fold_or_prune, for_each_committed_file, read_head,
+    walk_manifest,
+};
 use log::{commit_key, read_json, write_hint};
 pub use pending::{FOREIGN_GRACE, Sweeper, announce_copy, announced_keys};
-pub use record::{CommitExtras, CommitRecord, PendingRecord, TableIdentity, TableStats};
+pub use record::{CommitExtras, CommitRecord, Compaction, PendingRecord, TableIdentity, TableStats};
 
 const SCHEMAS: &str = "_walshore/schemas";
 
@@ -208,6 +221,16 @@ impl Checkpoint {
     pub async fn load(store: Arc<dyn ObjectStore>, identity: &record::Identity) -> Result<Checkpoint, CheckpointError> {
         let head = match read_head(store.as_ref()).await? {
             Some(h) => {
+                if h.format > record::FORMAT {
+                    return Err(CheckpointError::Corrupt {
+                        key: commit_key(h.seq).to_string(),
+                        message: format!(
+                            "written in format {} by a newer walshore (this one writes format {}): run that version or a later one",
+                            h.format,
+                            record::FORMAT
+                        ),
+                    });
+                }
                 if h.slot != identity.slot || h.system_id != identity.system_id {
                     return Err(CheckpointError::WrongPipeline {
                         found_slot: h.slot,
@@ -550,6 +573,116 @@ mod tests {
             .unwrap();
         assert_eq!(after_start, Some(2 * FOLD));
         assert_eq!(records(), 7);
+    }
+
+    /// A compaction replaces the partition's files committed up to its `through`: the
+    /// manifest names its files instead, a file committed after `through` (a late row)
+    /// and the files of another partition stay, and the same holds once the records are
+    /// folded into a checkpoint (the compaction in the middle of it). The manifest as
+    /// of a record before the compaction is what it was.
+    #[tokio::test]
+    async fn a_compaction_replaces_what_was_committed_up_to_its_record_before_and_after_folding() {
+        let (_dir, store) = local();
+        let run = "host-1-aaaa-000000000001";
+        let mut c = commits(&store, 600).await;
+        let in_q = |key: &str| WrittenObject {
+            partition: "dt=2026-12-01".into(),
+            ..file(key)
+        };
+        c.commit_files(run, Lsn(601 * 8), None, vec![in_q("q601")], Default::default())
+            .await
+            .unwrap();
+        let through = c.head().seq;
+        let before: Vec<String> = committed_files(store.as_ref())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|f| f.key)
+            .collect();
+        // A late file, committed while the compaction ran.
+        c.commit_files(run, Lsn(602 * 8), None, vec![file("late1")], Default::default())
+            .await
+            .unwrap();
+        let extras = CommitExtras {
+            compacted: vec![Compaction {
+                table: "public.t".into(),
+                partition: "dt=2026-11-30".into(),
+                through,
+                tag: "00000000000000aa".into(),
+                files: vec![file("c1"), file("c2")],
+            }],
+            ..Default::default()
+        };
+        c.commit_files(run, Lsn(602 * 8), None, Vec::new(), extras)
+            .await
+            .unwrap();
+        let compaction = c.head().seq;
+        for i in 0..400 {
+            c.commit_files(
+                run,
+                Lsn((603 + i) * 8),
+                None,
+                vec![file(&format!("late{}", i + 2))],
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        }
+        let mut expected = vec!["q601".to_owned(), "late1".into(), "c1".into(), "c2".into()];
+        expected.extend((0..400).map(|i| format!("late{}", i + 2)));
+        let visible = |store: Arc<dyn ObjectStore>| async move {
+            committed_files(store.as_ref())
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|f| f.key)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(visible(store.clone()).await, expected);
+        // As of the record before the compaction: every file, none replaced.
+        let older = log::read_whole(
+            store.as_ref(),
+            log::read_commit(store.as_ref(), compaction - 1).await.unwrap().unwrap(),
+        )
+        .await
+        .unwrap();
+        let mut then = Vec::new();
+        walk_manifest(store.as_ref(), &older, 1, |l| {
+            assert!(!l.replaced, "{} replaced before the compaction", l.file.key);
+            then.push(l.file.key);
+            Ok(())
+        })
+        .await
+        .unwrap();
+        then.reverse();
+        let mut want_then = before.clone();
+        want_then.push("late1".into());
+        assert_eq!(then, want_then);
+        // Folded: the compaction sits inside the checkpoint, and the manifest is the same.
+        let (mut marks, mut deleted) = (Watermarks::default(), None);
+        housekeeping(&store, &mut marks, &mut deleted, std::time::Duration::from_secs(86_400)).await;
+        assert_eq!(marks.folded, FOLD);
+        c.set_watermarks(marks);
+        c.commit_files(run, Lsn(1100 * 8), None, vec![file("after")], Default::default())
+            .await
+            .unwrap();
+        expected.push("after".into());
+        assert_eq!(read_head(store.as_ref()).await.unwrap().unwrap().folded, FOLD);
+        assert_eq!(visible(store.clone()).await, expected);
+        // Replaced files are listed as such, with the record that committed them.
+        let head = read_head(store.as_ref()).await.unwrap().unwrap();
+        let mut replaced = Vec::new();
+        walk_manifest(store.as_ref(), &head, 1, |l| {
+            if l.replaced {
+                replaced.push((l.seq, l.file.key));
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+        replaced.reverse();
+        let want: Vec<(u64, String)> = (2..=600).map(|i| (i, format!("f{i}"))).collect();
+        assert_eq!(replaced, want);
     }
 
     #[tokio::test]

@@ -9,8 +9,10 @@ use crate::sink::WrittenObject;
 
 /// The format written; 2 added `completes`, `identities`, `folded`, `pruned`, writer tags
 /// in data file names, the head hint and checkpoints; 3 added `base` and `dropped`: a
-/// record holds only what changed since its base (see [`CommitRecord::delta`]).
-pub const FORMAT: u32 = 3;
+/// record holds only what changed since its base (see [`CommitRecord::delta`]); 4 added
+/// `compacted`, and `counts` and `compacted` in checkpoints. A writer refuses a lake of
+/// a newer format: it would fold away what it does not know.
+pub const FORMAT: u32 = 4;
 
 /// A record is written whole (a base) at least every this many commits, and whenever
 /// what changed since its base is more than half the whole: so the head's state is
@@ -87,6 +89,38 @@ pub struct CommitRecord {
     pub base: Option<u64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dropped: Vec<String>,
+    /// Change-log partitions this record compacts: each entry's files replace the
+    /// partition's files committed up to its `through` (see [`Compaction`]). Not in
+    /// `files`, which holds only new changes: readers of the changes (the projector,
+    /// notifications, row counts) pass over a compaction; readers of the manifest take
+    /// its files and leave out what it replaced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compacted: Vec<Compaction>,
+}
+
+/// A partition of the change log rewritten into fewer files: the same rows, in
+/// `(_lsn, _seq)` order. The files of `table`'s `partition` committed by records
+/// `..=through` are replaced by `files`; a file committed to the partition after
+/// `through` (a late row) stays as it is.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Compaction {
+    /// `schema.table`
+    pub table: String,
+    pub partition: String,
+    pub through: u64,
+    /// Names the compaction's folder (`{partition}/_c{tag}/`) and its record of the
+    /// files it replaced (`_walshore/compactions/{tag}.json`).
+    pub tag: String,
+    pub files: Vec<WrittenObject>,
+}
+
+/// A compaction as a checkpoint keeps it: what it replaced, and the record it was in.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Replaced {
+    pub seq: u64,
+    pub table: String,
+    pub partition: String,
+    pub through: u64,
 }
 
 /// Files announced before upload: for commit `seq` (the stream), or for a commit at or
@@ -116,8 +150,16 @@ pub struct CheckpointRecord {
     pub last: u64,
     /// Wall-clock time of record `last`.
     pub last_written_at: i64,
-    /// Every data file the folded records publish, in commit order.
+    /// Every data file the folded records publish, in commit order (a compaction's
+    /// after the record's own).
     pub files: Vec<WrittenObject>,
+    /// How many of `files` each record `first..=last` published; empty in checkpoints
+    /// written before compaction, whose records are all older than any compaction.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub counts: Vec<u32>,
+    /// The compactions the folded records made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compacted: Vec<Replaced>,
 }
 
 pub fn now_micros() -> i64 {
@@ -146,6 +188,8 @@ pub struct CommitExtras {
     pub adopted: Vec<(String, TableIdentity)>,
     /// Pending records whose files this commit publishes (besides its own stream parts).
     pub completes: Vec<String>,
+    /// Change-log partitions compacted.
+    pub compacted: Vec<Compaction>,
 }
 
 impl CommitRecord {
@@ -171,6 +215,7 @@ impl CommitRecord {
             pruned: 0,
             base: None,
             dropped: Vec::new(),
+            compacted: Vec::new(),
         }
     }
 
@@ -319,6 +364,7 @@ impl CommitRecord {
             pruned: self.pruned,
             base: None,
             dropped: Vec::new(),
+            compacted: extras.compacted.clone(),
         }
     }
 }

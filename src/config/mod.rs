@@ -156,6 +156,7 @@ struct RawConfig {
     #[serde(default)]
     notify: RawNotify,
     iceberg: Option<RawIceberg>,
+    compaction: Option<RawCompaction>,
     /// `default` and `"schema.table"` keys: how files are partitioned.
     #[serde(default)]
     partitions: std::collections::BTreeMap<String, String>,
@@ -542,6 +543,59 @@ fn iceberg_config(raw: RawIceberg) -> Result<IcebergConfig, ConfigError> {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+struct RawCompaction {
+    grace: Option<String>,
+    target_file_size: Option<String>,
+    delete_after: Option<String>,
+    max_rewrite: Option<String>,
+}
+
+/// A partition is closed once nothing was committed to it for this long (and, for
+/// `commit_date`/`commit_hour`, once the stream has passed its day or hour by as much).
+pub const DEFAULT_COMPACTION_GRACE: Duration = Duration::from_secs(3600);
+pub const DEFAULT_COMPACTION_TARGET_FILE_SIZE: u64 = 256_000_000;
+/// Replaced files stay this long after the swap: longer than Athena's 30-minute default
+/// query timeout.
+pub const DEFAULT_COMPACTION_DELETE_AFTER: Duration = Duration::from_secs(3600);
+/// Bytes rewritten per housekeeping pass at most.
+pub const DEFAULT_COMPACTION_MAX_REWRITE: u64 = 1_000_000_000;
+
+/// `[compaction]`: rewriting closed change-log partitions into fewer files.
+#[derive(Clone, Debug)]
+pub struct CompactionConfig {
+    pub grace: Duration,
+    pub target_file_size: u64,
+    pub delete_after: Duration,
+    pub max_rewrite: u64,
+}
+
+fn compaction_config(raw: RawCompaction) -> Result<CompactionConfig, ConfigError> {
+    let target_file_size = size(
+        "compaction.target_file_size",
+        raw.target_file_size,
+        DEFAULT_COMPACTION_TARGET_FILE_SIZE,
+    )?;
+    if target_file_size < 1 << 20 {
+        return Err(invalid("compaction.target_file_size", "must be at least 1MiB"));
+    }
+    Ok(CompactionConfig {
+        grace: duration("compaction.grace", raw.grace, DEFAULT_COMPACTION_GRACE)?,
+        target_file_size,
+        delete_after: duration(
+            "compaction.delete_after",
+            raw.delete_after,
+            DEFAULT_COMPACTION_DELETE_AFTER,
+        )?,
+        max_rewrite: size(
+            "compaction.max_rewrite",
+            raw.max_rewrite,
+            DEFAULT_COMPACTION_MAX_REWRITE,
+        )?,
+    })
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct RawNotify {
     webhook: Option<String>,
     webhook_secret: Option<String>,
@@ -679,6 +733,8 @@ pub struct Config {
     pub notify: NotifyConfig,
     /// `[iceberg]`, when present.
     pub iceberg: Option<IcebergConfig>,
+    /// `[compaction]`, when present.
+    pub compaction: Option<CompactionConfig>,
 }
 
 /// `[catalog]` with `kind = "glue"`.
@@ -1075,6 +1131,13 @@ impl TryFrom<RawConfig> for Config {
             raw.snapshot.poll_interval,
             DEFAULT_SNAPSHOT_POLL_INTERVAL,
         )?;
+        let compaction = raw.compaction.map(compaction_config).transpose()?;
+        if compaction.is_some() && glue.as_ref().is_some_and(|g: &GlueConfig| g.partition_projection) {
+            return Err(invalid(
+                "compaction",
+                "cannot be used with catalog.partition_projection: Athena would read a partition's folder as the projection's template names it, and a compacted partition's files are in a folder of their own; remove [compaction] or partition_projection",
+            ));
+        }
         let mut partitions = Partitions::default();
         for (key, v) in &raw.partitions {
             let by = partition_by(key, v)?;
@@ -1104,6 +1167,7 @@ impl TryFrom<RawConfig> for Config {
             metrics: metrics_config(raw.metrics)?,
             notify: notify_config(raw.notify)?,
             iceberg: raw.iceberg.map(iceberg_config).transpose()?,
+            compaction,
         })
     }
 }
@@ -1143,19 +1207,30 @@ mod tests {
         assert!(!c.notify.enabled(), "notifications are off unless a target is set");
     }
 
-    /// The documented `[iceberg]` section, uncommented, parses to the defaults; bad
-    /// values are named.
-    #[test]
-    fn the_documented_iceberg_section_shows_the_defaults() {
+    /// A commented-out section of the repository's `config.toml`, from `# [name]` to the
+    /// next commented-out section (or the end), parsed after [`MIN`]: its keys, as
+    /// documented (comment lines must not hold ` = `).
+    fn documented(name: &str) -> Config {
         let text = include_str!("../../config.toml");
-        let section = &text[text.find("# [iceberg]").expect("config.toml documents [iceberg]")..];
-        let uncommented: String = section
+        let start = text
+            .find(&format!("# [{name}]"))
+            .unwrap_or_else(|| panic!("config.toml documents [{name}]"));
+        let section = &text[start..];
+        let end = section[1..].find("\n# [").map_or(section.len(), |i| i + 1);
+        let uncommented: String = section[..end]
             .lines()
             .filter_map(|l| l.strip_prefix("# "))
             .filter(|l| l.starts_with('[') || l.contains(" = "))
             .map(|l| format!("{l}\n"))
             .collect();
-        let c = Config::parse(&format!("{MIN}\n{uncommented}")).unwrap();
+        Config::parse(&format!("{MIN}\n{uncommented}")).unwrap()
+    }
+
+    /// The documented `[iceberg]` section, uncommented, parses to the defaults; bad
+    /// values are named.
+    #[test]
+    fn the_documented_iceberg_section_shows_the_defaults() {
+        let c = documented("iceberg");
         let i = c.iceberg.expect("[iceberg] present");
         assert_eq!(i.tables, vec!["*".to_owned()]);
         assert_eq!(i.commit_interval, DEFAULT_ICEBERG_COMMIT_INTERVAL);
@@ -1174,6 +1249,34 @@ mod tests {
         assert!(err("max_snapshots = 0").contains("iceberg.max_snapshots"));
         assert!(err("tables = [\"trades\"]").contains("schema.table"));
         assert!(err("tables = []").contains("iceberg.tables"));
+    }
+
+    /// The documented `[compaction]` section, uncommented, parses to the defaults; bad
+    /// values are named, and partition projection is refused.
+    #[test]
+    fn the_documented_compaction_section_shows_the_defaults() {
+        let c = documented("compaction");
+        let k = c.compaction.expect("[compaction] present");
+        assert_eq!(k.grace, DEFAULT_COMPACTION_GRACE);
+        assert_eq!(k.delete_after, DEFAULT_COMPACTION_DELETE_AFTER);
+        assert_eq!(k.target_file_size, DEFAULT_COMPACTION_TARGET_FILE_SIZE);
+        assert_eq!(k.max_rewrite, DEFAULT_COMPACTION_MAX_REWRITE);
+        assert!(Config::parse(MIN).unwrap().compaction.is_none(), "off unless present");
+        let err = |s: &str| {
+            Config::parse(&format!("{MIN}\n[compaction]\n{s}"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("target_file_size = \"1kB\"").contains("compaction.target_file_size"));
+        assert!(err("grace = \"soon\"").contains("compaction.grace"));
+        let glue = |extra: &str| {
+            Config::parse(&format!(
+                "{MIN}\n[catalog]\nkind = \"glue\"\ndatabase = \"cdc\"\n{extra}\n[compaction]\n"
+            ))
+        };
+        assert!(glue("").unwrap().compaction.is_some());
+        let e = glue("partition_projection = true").unwrap_err();
+        assert!(e.to_string().contains("partition_projection"), "{e}");
     }
 
     #[test]

@@ -29,7 +29,7 @@ use super::fold::{FoldError, IndexMemory, KeyHash, KeyIndex, Prepared, fold};
 use super::manifest::ManifestEntry;
 use super::schema::Identity;
 use super::table::{Commit, Location, Table, TableError, WATERMARK_LSN, WATERMARK_SEQ};
-use crate::checkpoint::{CheckpointError, CommitRecord, for_each_committed_file, read_head, read_schemas};
+use crate::checkpoint::{CheckpointError, CommitRecord, read_head, read_schemas, walk_manifest};
 use crate::config::{Config, IcebergConfig};
 use crate::sink::WrittenObject;
 
@@ -294,6 +294,14 @@ fn concat(batches: &[RecordBatch], schema: arrow::datatypes::SchemaRef) -> Resul
     Ok(arrow::compute::concat_batches(&schema, batches)?)
 }
 
+/// The projector's progress record in the lake: the commit-log record every table it
+/// lists holds (compaction waits for it before deleting replaced files).
+pub async fn progress_of(store: &dyn ObjectStore) -> Option<(u64, Vec<String>)> {
+    let body = get(store, &Path::from(PROGRESS)).await.ok()?;
+    let p: Progress = serde_json::from_slice(&body).ok()?;
+    Some((p.seq, p.tables))
+}
+
 /// Where the Iceberg table of `schema.table` lives in the sink at `sink_uri` (`store`).
 pub fn location_of(store: Arc<dyn ObjectStore>, sink_uri: &str, table: &str) -> Location {
     let rel = format!("_iceberg/{}", table.replacen('.', "/", 1));
@@ -458,9 +466,7 @@ impl Projector {
     /// The projector's progress record: the commit-log record every table it lists
     /// holds (`status`).
     pub async fn progress_seq(&self) -> Option<(u64, Vec<String>)> {
-        let body = get(self.store.as_ref(), &Path::from(PROGRESS)).await.ok()?;
-        let p: Progress = serde_json::from_slice(&body).ok()?;
-        Some((p.seq, p.tables))
+        progress_of(self.store.as_ref()).await
     }
 
     /// Where the Iceberg table of `schema.table` lives.
@@ -763,26 +769,18 @@ impl Projector {
             .map(|(n, _)| n.clone())
             .collect();
         if !rebuild.is_empty() {
+            // The manifest as of `head`: the build holds the records up to it only (its
+            // watermark), or the next pass would apply later ones twice (a multiset's
+            // inserts are not idempotent). A compaction after `head` does not count
+            // yet: the files it replaced stay until the table has passed it.
             let mut files: BTreeMap<String, Vec<WrittenObject>> = BTreeMap::new();
-            for_each_committed_file(self.store.as_ref(), |f| {
-                if rebuild.contains(&f.table) {
-                    files.entry(f.table.clone()).or_default().push(f);
+            walk_manifest(self.store.as_ref(), head, 1, |l| {
+                if !l.replaced && rebuild.contains(&l.file.table) {
+                    files.entry(l.file.table.clone()).or_default().push(l.file);
                 }
                 Ok(())
             })
             .await?;
-            // The log may have moved past `head` meanwhile: the build holds the records
-            // up to `head` only (its watermark), or the next pass would apply the later
-            // ones twice (a multiset's inserts are not idempotent).
-            let newest = read_head(self.store.as_ref()).await?.map_or(head.seq, |h| h.seq);
-            let mut later = HashSet::new();
-            for seq in head.seq + 1..=newest {
-                let r = required_record(self.store.as_ref(), seq).await?;
-                later.extend(r.files.into_iter().map(|f| f.key));
-            }
-            for f in files.values_mut() {
-                f.retain(|f| !later.contains(&f.key));
-            }
             for name in &rebuild {
                 let mut f = files.remove(name).unwrap_or_default();
                 tracing::info!(table = %name, files = f.len(), "building the Iceberg table from the whole change log");

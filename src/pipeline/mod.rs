@@ -10,7 +10,8 @@
 //!     │                              └───┼─────── copy results ───────────┘  │
 //!     ◄──────────── copies published ────┼──────────────────────────────────┘
 //!                                        └──── watch: confirmable LSN ◄─────┘
-//! housekeeping: sweeps other writers' pending records, folds and prunes the log
+//! housekeeping: sweeps other writers' pending records, folds and prunes the log,
+//!   compacts closed partitions (`run` with [compaction]) ──compactions──► sink
 //! ```
 //! The stream never waits for the copier: a copy is due in the stream first, and its
 //! snapshot point follows in the stream when PostgreSQL has given it (see
@@ -502,6 +503,7 @@ async fn stream(
     let (confirm_tx, confirm_rx) = watch::channel(Lsn::ZERO);
     let (requests_tx, requests_rx) = mpsc::channel(4);
     let (published_tx, published_rx) = mpsc::unbounded_channel();
+    let (compactions_tx, compactions_rx) = mpsc::channel(1);
     let (marks_tx, marks_rx) = watch::channel(Watermarks {
         folded: head.folded,
         pruned: head.pruned,
@@ -564,6 +566,20 @@ async fn stream(
             retention: cfg.sink.log_retention,
             marks: marks_tx,
             stop: housekeeping_stop.clone(),
+            // `run` only: a `sync` ends before a compaction would be committed.
+            compacting: cfg
+                .compaction
+                .clone()
+                .filter(|_| target.is_none())
+                .map(|c| housekeeping::Compacting {
+                    cfg: c,
+                    sink: sink.clone(),
+                    partitions: Arc::new(cfg.partitions.clone()),
+                    commits: compactions_tx,
+                    iceberg: cfg.iceberg.clone().map(|i| (i, cfg.sink.url.to_string())),
+                    glue: cfg.glue.clone().map(|g| (g, cfg.sink.clone())),
+                    spill: cfg.source.spill_dir.join("compaction"),
+                }),
         }
         .run(),
     );
@@ -573,6 +589,7 @@ async fn stream(
         run_id,
         input: sink_rx,
         copies: copy_rx,
+        compactions: compactions_rx,
         confirm: confirm_tx,
         handoff,
         schemas,

@@ -53,6 +53,8 @@ pub(super) struct SinkTask {
     pub run_id: String,
     pub input: mpsc::Receiver<SinkMsg>,
     pub copies: mpsc::Receiver<CopyMsg>,
+    /// Compactions of the change log, ready to commit (`[compaction]`).
+    pub compactions: mpsc::Receiver<crate::compaction::Ready>,
     pub confirm: watch::Sender<Lsn>,
     pub handoff: Handoff,
     /// The lake schema of each table, as recorded under `_walshore/schemas/`.
@@ -93,6 +95,8 @@ struct SinkState {
     oids: Vec<(String, u32)>,
     /// When the first flush of the next commit reached the sink (commit duration).
     flush_started: Option<std::time::Instant>,
+    /// Compactions the next commit records.
+    compactions: Vec<crate::compaction::Ready>,
 }
 
 /// A table that left the publication, recorded by the first commit at or past `at`.
@@ -143,7 +147,9 @@ impl SinkTask {
         let started = std::time::Instant::now();
         let tables: Vec<String> = self.schemas.keys().cloned().collect();
         let lake = crate::catalog::lake_partitions(self.sink.store().as_ref(), &tables, &self.partitions).await?;
-        let registered = c.reconcile(&lake, &self.schemas, &self.shutdown).await?;
+        let registered = c
+            .reconcile(&lake, &self.schemas, &self.shutdown, self.sink.store().as_ref())
+            .await?;
         tracing::info!(
             database = %c.database(),
             tables = lake.len(),
@@ -159,7 +165,7 @@ impl SinkTask {
     async fn run(&mut self, st: &mut SinkState) -> Result<(), PipelineError> {
         self.confirm.send_replace(self.checkpoint.position());
         self.reconcile().await?;
-        let (mut input_open, mut copies_open) = (true, true);
+        let (mut input_open, mut copies_open, mut compactions_open) = (true, true, true);
         loop {
             tokio::select! {
                 msg = self.input.recv(), if input_open => match msg {
@@ -184,6 +190,16 @@ impl SinkTask {
                     }
                     Some(CopyMsg::Left { table, at, keep_oid }) => st.left.push(Departure { table, at, keep_oid }),
                     Some(CopyMsg::Adopted(table, identity)) => st.adopted.push((table, identity)),
+                },
+                // Only while the stream or a copy runs: the sink's end is theirs.
+                ready = self.compactions.recv(), if compactions_open && (input_open || copies_open) => match ready {
+                    None => compactions_open = false,
+                    // Committed at once, between boundaries if need be: its files hold
+                    // only committed rows.
+                    Some(r) => {
+                        st.compactions.push(r);
+                        self.commit(st, None).await?;
+                    }
                 },
                 else => break,
             }
@@ -349,12 +365,18 @@ impl SinkTask {
         }
         extras.adopted = std::mem::take(&mut st.adopted);
         extras.oids = std::mem::take(&mut st.oids);
+        let compactions = std::mem::take(&mut st.compactions);
+        for c in &compactions {
+            extras.compacted.push(c.compaction.clone());
+            extras.completes.extend(c.pending.iter().cloned());
+        }
         let nothing = files.is_empty()
             && extras.copied.is_empty()
             && extras.left.is_empty()
             && extras.departed.is_empty()
             && extras.adopted.is_empty()
             && extras.oids.is_empty()
+            && extras.compacted.is_empty()
             && extras.completes.is_empty();
         if nothing {
             // Nothing to publish: the transactions touched no published rows.
@@ -396,13 +418,24 @@ impl SinkTask {
         self.checkpoint.set_watermarks(*self.marks.borrow());
         let tables_copied: Vec<String> = extras.copied.iter().map(|(t, ..)| t.clone()).collect();
         let left: Vec<String> = extras.left.iter().chain(&extras.departed).cloned().collect();
+        let compacted: Vec<String> = extras
+            .compacted
+            .iter()
+            .map(|c| format!("{} {}", c.table, c.partition))
+            .collect();
         let record = self
             .checkpoint
             .commit_files(&self.run_id, end_lsn, commit_ts, files, extras)
             .await?;
         // Lag: from the source commit of the newest transaction to durable in the lake.
         let lag_ms = record.commit_ts.map(|ts| (record.written_at - ts) / 1000);
-        tracing::info!(seq = record.seq, end_lsn = %record.end_lsn, files = n_files, rows, bytes, lag_ms, tables_copied = ?tables_copied, tables_left = ?left, "committed");
+        tracing::info!(seq = record.seq, end_lsn = %record.end_lsn, files = n_files, rows, bytes, lag_ms, tables_copied = ?tables_copied, tables_left = ?left, compacted = ?compacted, "committed");
+        if !compactions.is_empty() {
+            crate::fault::point("after_compaction_commit");
+        }
+        for c in compactions {
+            let _ = c.reply.send(record.seq);
+        }
         crate::notify::committed(record);
         st.summary.commits += 1;
         st.summary.files += n_files as u64;

@@ -149,9 +149,14 @@ pub fn key_path(key: &str) -> Path {
     Path::parse(key).unwrap_or_else(|_| Path::from(key))
 }
 
+/// The name of a table file: its first and last rows' positions and its writer.
+pub fn file_name(first: RowPos, last: RowPos, writer: &str) -> String {
+    format!("{}-{}-{writer}.parquet", pos_key(first), pos_key(last))
+}
+
 /// The object key of a table file (relative to the sink's root).
 pub fn object_key(schema: &str, table: &str, partition: &str, first: RowPos, last: RowPos, writer: &str) -> Path {
-    let name = format!("{}-{}-{writer}.parquet", pos_key(first), pos_key(last));
+    let name = file_name(first, last, writer);
     // Partition segments come escaped (Hive style, `batch::column_partition`): taken as
     // they are, one segment per `/`.
     let segments = partition

@@ -68,6 +68,9 @@ pub mod names {
     pub const ICEBERG_SNAPSHOTS: &str = "walshore_iceberg_snapshots";
     pub const ICEBERG_COMPACTIONS: &str = "walshore_iceberg_compactions_total";
     pub const ICEBERG_ERRORS: &str = "walshore_iceberg_errors_total";
+    pub const PARTITIONS_WAITING: &str = "walshore_compaction_partitions_waiting";
+    pub const PARTITIONS_COMPACTED: &str = "walshore_compaction_partitions_total";
+    pub const BYTES_REWRITTEN: &str = "walshore_compaction_bytes_rewritten_total";
 
     /// Every name above (docs and the dashboard are checked against it).
     pub const ALL: &[&str] = &[
@@ -115,6 +118,9 @@ pub mod names {
         ICEBERG_SNAPSHOTS,
         ICEBERG_COMPACTIONS,
         ICEBERG_ERRORS,
+        PARTITIONS_WAITING,
+        PARTITIONS_COMPACTED,
+        BYTES_REWRITTEN,
     ];
 }
 
@@ -414,6 +420,15 @@ fn describe() {
     describe_counter!(
         ICEBERG_ERRORS,
         "Iceberg projections that failed (each tried again the next commit_interval)"
+    );
+    describe_gauge!(
+        PARTITIONS_WAITING,
+        "change-log partitions with files to compact (closed or not yet)"
+    );
+    describe_counter!(PARTITIONS_COMPACTED, "change-log partitions compacted");
+    describe_counter!(
+        BYTES_REWRITTEN,
+        "change-log bytes rewritten by compaction (as the replaced files held them)"
     );
 }
 

@@ -20,7 +20,8 @@ use crate::sink::WrittenObject;
 /// Keys per bucket of the stray check (a few MiB of paths in memory).
 const KEYS_PER_BUCKET: u64 = 100_000;
 
-/// A table's files as the commit log names them, one JSON line each, in commit order.
+/// A table's files as the commit log names them, one JSON line each, the newest record
+/// first (`files` and `bytes` count those no compaction replaced).
 pub(super) struct TableFiles {
     path: PathBuf,
     pub files: u64,
@@ -34,10 +35,13 @@ pub(super) struct Entry {
     pub rows: u64,
     pub first_lsn: u64,
     pub first_seq: u64,
+    /// A compaction replaced it: not read, but not a stray while it is still there.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replaced: bool,
 }
 
 impl TableFiles {
-    /// The files in commit order, read back from the spill as they are asked for.
+    /// The files, read back from the spill as they are asked for.
     pub fn entries(&self) -> Result<impl Iterator<Item = Result<Entry, String>> + Send + use<>, std::io::Error> {
         let file = std::io::BufReader::new(std::fs::File::open(&self.path)?);
         Ok(file.lines().map(|line| {
@@ -54,7 +58,9 @@ fn spill_err(dir: &Path) -> impl Fn(std::io::Error) -> VerifyError + '_ {
     }
 }
 
-/// Reads the commit log once, writing the files of each of `tables` to its own list.
+/// Reads the commit log once, writing the files of each of `tables` to its own list,
+/// with those a compaction replaced marked (they stay in the lake for
+/// `compaction.delete_after`: not strays, not read).
 pub(super) async fn spill_committed(
     store: &dyn ObjectStore,
     tables: &[String],
@@ -74,7 +80,11 @@ pub(super) async fn spill_committed(
     let index: std::collections::HashMap<&str, usize> =
         tables.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
     let mut failed = None;
-    crate::checkpoint::for_each_committed_file(store, |f: WrittenObject| {
+    let Some(head) = crate::checkpoint::read_head(store).await? else {
+        return Ok(out);
+    };
+    crate::checkpoint::walk_manifest(store, &head, 1, |l| {
+        let f: WrittenObject = l.file;
         let Some(&i) = index.get(f.table.as_str()) else {
             return Ok(());
         };
@@ -83,9 +93,12 @@ pub(super) async fn spill_committed(
             rows: f.rows,
             first_lsn: f.first.lsn.0,
             first_seq: f.first.seq,
+            replaced: l.replaced,
         };
-        out[i].files += 1;
-        out[i].bytes += f.bytes;
+        if !l.replaced {
+            out[i].files += 1;
+            out[i].bytes += f.bytes;
+        }
         let line = serde_json::to_string(&entry).expect("an entry serializes");
         if let Err(e) = writeln!(writers[i], "{line}") {
             failed.get_or_insert(e);
@@ -229,12 +242,14 @@ mod tests {
                 7 => {
                     announced.insert(crate::sink::key_path(&key(i)));
                 }
+                // Named, or replaced by a compaction and not deleted yet: no stray.
                 _ => {
                     let e = Entry {
                         key: key(i),
                         rows: 1,
                         first_lsn: 1,
                         first_seq: 0,
+                        replaced: i % 10 == 5,
                     };
                     writeln!(committed, "{}", serde_json::to_string(&e).unwrap()).unwrap();
                 }
@@ -246,6 +261,7 @@ mod tests {
             rows: 1,
             first_lsn: 1,
             first_seq: 0,
+            replaced: false,
         };
         writeln!(committed, "{}", serde_json::to_string(&gone).unwrap()).unwrap();
         let listing = Listing {

@@ -568,7 +568,7 @@ async fn read_lake(
                 None
             }
         })
-        .filter(move |e| (e.first_lsn as i64, e.first_seq as i64) < cutoff && !skip.contains(&e.key))
+        .filter(move |e| !e.replaced && (e.first_lsn as i64, e.first_seq as i64) < cutoff && !skip.contains(&e.key))
         .map(|e| (e.key, e.rows));
     let total = files.files;
     // Fetches run ahead (several at once); one blocking thread decodes file after file

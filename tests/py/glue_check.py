@@ -68,12 +68,28 @@ db.execute(
     f"REGION '{region}', ENDPOINT '{host}', URL_STYLE 'path', USE_SSL false)"
 )
 
+def visible(prefix, key):
+    """Whether Athena reads `key` below a location `prefix`: a Parquet file none of whose
+    path segments below the location begins with `_` or `.` (Hive's hidden files: a
+    compaction's `_c…` folder before Glue points at it)."""
+    rel = key[len(prefix):].lstrip("/")
+    return key.endswith(".parquet") and not any(seg.startswith(("_", ".")) for seg in rel.split("/"))
+
+
+def partition_files(location):
+    bucket, prefix = location[len("s3://"):].split("/", 1)
+    return [
+        f"s3://{bucket}/{o['Key']}"
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for o in page.get("Contents", [])
+        if visible(prefix, o["Key"])
+    ]
+
+
 def registered_files(name):
     files = []
     for p in out["tables"][name]["partitions"]:
-        bucket, prefix = p["location"][len("s3://"):].split("/", 1)
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            files.extend(f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", []) if o["Key"].endswith(".parquet"))
+        files.extend(partition_files(p["location"]))
     return files
 
 
@@ -97,13 +113,7 @@ out["commit_dates"] = {}
 for name in out["tables"]:
     out["commit_dates"][name] = {}
     for p in out["tables"][name]["partitions"]:
-        bucket, prefix = p["location"][len("s3://"):].split("/", 1)
-        files = [
-            f"s3://{bucket}/{o['Key']}"
-            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            for o in page.get("Contents", [])
-            if o["Key"].endswith(".parquet")
-        ]
+        files = partition_files(p["location"])
         dates = db.execute(
             f"SELECT DISTINCT strftime(make_timestamp(epoch_us(_commit_ts)), '%Y-%m-%d') FROM read_parquet({files!r}, union_by_name = true)"
         ).fetchall() if files else []

@@ -376,24 +376,41 @@ pub fn open_lake(config: &std::path::Path) -> Arc<dyn ObjectStore> {
     walshore::sink::open_store(&cfg.sink).unwrap()
 }
 
+/// Every Parquet file in the table's folder (a reader that globs the folder).
 pub async fn read_table(store: &Arc<dyn ObjectStore>, schema: &str, table: &str) -> LakeTable {
     let prefix = object_store::path::Path::from(format!("{schema}/{table}"));
     let metas: Vec<_> = store.list(Some(&prefix)).try_collect().await.unwrap();
+    let paths = metas
+        .into_iter()
+        .map(|m| m.location)
+        .filter(|l| l.as_ref().ends_with(".parquet"))
+        .collect();
+    read_paths(store, paths).await
+}
+
+/// The files of `schema.table` the commit log names and no compaction replaced (a
+/// reader that follows the log).
+pub async fn read_committed(store: &Arc<dyn ObjectStore>, schema: &str, table: &str) -> LakeTable {
+    let name = format!("{schema}.{table}");
+    let paths = walshore::checkpoint::committed_files(store.as_ref())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|f| f.table == name)
+        .map(|f| walshore::sink::key_path(&f.key))
+        .collect();
+    read_paths(store, paths).await
+}
+
+async fn read_paths(store: &Arc<dyn ObjectStore>, mut paths: Vec<object_store::path::Path>) -> LakeTable {
     let mut rows = Vec::new();
     let mut columns = Vec::new();
     let mut files = 0;
-    let mut metas = metas;
     // Names sort in commit order: columns come out in the order they appeared.
-    metas.sort_by(|a, b| {
-        a.location
-            .as_ref()
-            .rsplit('/')
-            .next()
-            .cmp(&b.location.as_ref().rsplit('/').next())
-    });
-    for meta in metas.iter().filter(|m| m.location.as_ref().ends_with(".parquet")) {
+    paths.sort_by(|a, b| a.as_ref().rsplit('/').next().cmp(&b.as_ref().rsplit('/').next()));
+    for path in &paths {
         files += 1;
-        let bytes = store.get(&meta.location).await.unwrap().bytes().await.unwrap();
+        let bytes = store.get(path).await.unwrap().bytes().await.unwrap();
         let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
             .unwrap()
             .build()
@@ -611,12 +628,16 @@ pub async fn orphans(config: &std::path::Path) -> Vec<String> {
     let all: Vec<_> = futures::TryStreamExt::try_collect::<Vec<_>>(store.list(None))
         .await
         .unwrap();
-    let named: std::collections::HashSet<String> = walshore::checkpoint::committed_files(store.as_ref())
+    // Files a compaction replaced are named too: they stay for compaction.delete_after.
+    let mut named = std::collections::HashSet::new();
+    if let Some(head) = walshore::checkpoint::read_head(store.as_ref()).await.unwrap() {
+        walshore::checkpoint::walk_manifest(store.as_ref(), &head, 1, |l| {
+            named.insert(l.file.key);
+            Ok(())
+        })
         .await
-        .unwrap()
-        .into_iter()
-        .map(|f| f.key)
-        .collect();
+        .unwrap();
+    }
     all.iter()
         .filter(|m| m.location.as_ref().ends_with(".parquet") && !named.contains(m.location.as_ref()))
         .map(|m| m.location.to_string())

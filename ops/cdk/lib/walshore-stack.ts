@@ -197,6 +197,8 @@ export class WalshoreStack extends Stack {
           'glue:DeleteTable',
           'glue:GetPartitions',
           'glue:BatchCreatePartition',
+          // With [compaction]: a compacted partition's location moves to its new folder.
+          'glue:UpdatePartition',
         ],
         resources: [
           this.formatArn({ service: 'glue', resource: 'catalog' }),
