@@ -464,6 +464,8 @@ pub async fn files_of(
 pub struct Written {
     pub files: Vec<WrittenObject>,
     pub pending: Vec<String>,
+    /// Every key announced, uploaded or not (an upload that failed may have landed).
+    pub announced: Vec<String>,
 }
 
 /// Writes `files` (one partition's, in row order) again as files of about `target`
@@ -605,6 +607,7 @@ impl Output {
         let size = std::io::Seek::stream_position(&mut spill)?;
         let announced = announce_copy(sink.store().as_ref(), floor, run_id, vec![key.to_string()]).await?;
         done.pending.push(announced.to_string());
+        done.announced.push(key.to_string());
         upload(sink.store().as_ref(), &key, spill, size)
             .await
             .map_err(|source| CompactionError::Store {
@@ -752,8 +755,9 @@ async fn iceberg_watermark(
 }
 
 /// Settles every ticket against the durable `head`: marks committed those whose files
-/// the manifest names, deletes what an abandoned one wrote (a ticket of another
-/// attempt that the manifest does not name), points the Glue partition of a committed
+/// the manifest names, deletes what an abandoned one wrote (a ticket of an earlier
+/// writer, read before `claim` (this attempt's claim), that the manifest does not
+/// name: a later writer's ticket is never touched), points the Glue partition of a committed
 /// one at its folder, and deletes the replaced files of those committed (and pointed)
 /// `delete_after` ago once the table's Iceberg table (`iceberg`: the config and the
 /// sink's URL) holds the compaction's record.
@@ -762,6 +766,7 @@ pub async fn settle(
     store: &Arc<dyn ObjectStore>,
     head: &CommitRecord,
     run_id: &str,
+    claim: u64,
     delete_after: Duration,
     iceberg: Option<&(IcebergConfig, String)>,
     mut catalog: Option<&mut Catalog>,
@@ -799,10 +804,12 @@ pub async fn settle(
             Some((seq, at, _)) => {
                 t.committed = Some((*seq, *at));
                 put_ticket(store, t).await?;
+                cache.remove(&ticket_key(&t.tag));
                 out.committed += 1;
             }
-            // Its own attempt may still commit it (a commit that failed late).
-            None if t.run_id == run_id => {}
+            // Its own attempt may still commit it (a commit that failed late), and a
+            // writer that claimed after this one (which is then fenced off) too.
+            None if t.run_id == run_id || t.through >= claim => {}
             None => abandoned.push(t.tag.clone()),
         }
     }
@@ -923,7 +930,7 @@ pub async fn compact(
         Ok(t) => t,
         Err(e) => {
             // Nothing names them: gone now, not at the next start.
-            let keys = done.files.iter().map(|f| key_path(&f.key));
+            let keys = done.announced.iter().map(|k| key_path(k));
             if let Err(d) = delete_all(store.as_ref(), keys.collect()).await {
                 tracing::warn!(error = %d, "cannot delete a failed compaction's files; the next start does");
             } else if let Err(d) = delete_all(store.as_ref(), done.pending.iter().map(|k| key_path(k)).collect()).await

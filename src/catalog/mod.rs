@@ -26,6 +26,41 @@ use crate::sink::WrittenObject;
 
 pub mod views;
 
+/// The folder (a key prefix) of the compacted files the manifest names for each of
+/// `table`'s `partitions` that has any.
+async fn compacted_folders(
+    store: &dyn object_store::ObjectStore,
+    table: &str,
+    partitions: &[String],
+) -> Result<Vec<(String, String)>, CatalogError> {
+    let err = |e: crate::checkpoint::CheckpointError| CatalogError {
+        operation: "reading the commit log",
+        target: table.to_owned(),
+        message: e.to_string(),
+        hint: "",
+        retry: e.retry(),
+        busy: false,
+    };
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    let Some(head) = crate::checkpoint::read_head(store).await.map_err(err)? else {
+        return Ok(Vec::new());
+    };
+    crate::checkpoint::walk_manifest(store, &head, 1, |l| {
+        if !l.replaced
+            && l.file.table == table
+            && partitions.contains(&l.file.partition)
+            && crate::compaction::is_compacted(&l.file.key)
+            && let Some((folder, _)) = l.file.key.rsplit_once('/')
+        {
+            out.insert(l.file.partition.clone(), folder.to_owned());
+        }
+        Ok(())
+    })
+    .await
+    .map_err(err)?;
+    Ok(out.into_iter().collect())
+}
+
 /// Partitions remembered as registered (see `Catalog::remember`): a day's hourly
 /// partitions of 300 tables twice over, about 2 MiB.
 const REMEMBERED_PARTITIONS: usize = 16_384;
@@ -850,9 +885,10 @@ impl Catalog {
                 self.create_partitions(table, &missing).await?;
                 tracing::info!(table = %name, partitions = missing.len(), "registered partitions of the lake that Glue did not have");
                 created += missing.len();
-                // A compacted partition reads its newest compacted folder (recovery has
-                // deleted an uncommitted compaction's files before this runs).
+                // A compacted partition reads the folder of the compacted files the
+                // manifest names (compaction waits for this reconciliation).
                 let (schema_name, bare) = table.split_once('.').unwrap_or(("public", table));
+                let mut compacted = Vec::new();
                 for p in &missing {
                     let dir = crate::sink::key_path(&format!("{schema_name}/{bare}/{p}"));
                     let listed = store.list_with_delimiter(Some(&dir)).await.map_err(|e| CatalogError {
@@ -863,13 +899,17 @@ impl Catalog {
                         retry: crate::retry::of_store(&e),
                         busy: false,
                     })?;
-                    let newest = listed
+                    if listed
                         .common_prefixes
                         .iter()
-                        .filter(|f| f.filename().is_some_and(crate::compaction::is_compacted_folder))
-                        .max();
-                    if let Some(folder) = newest {
-                        self.point_partition(table, p, folder.as_ref()).await?;
+                        .any(|f| f.filename().is_some_and(crate::compaction::is_compacted_folder))
+                    {
+                        compacted.push(p.to_string());
+                    }
+                }
+                if !compacted.is_empty() {
+                    for (p, folder) in compacted_folders(store, table, &compacted).await? {
+                        self.point_partition(table, &p, &folder).await?;
                     }
                 }
             }

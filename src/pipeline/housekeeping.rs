@@ -38,6 +38,9 @@ pub(super) struct Compacting {
     pub glue: Option<(crate::config::GlueConfig, crate::config::SinkConfig)>,
     /// Where inputs and outputs are spilled (`source.spill_dir`).
     pub spill: std::path::PathBuf,
+    /// With Glue: set once the catalog is reconciled with the lake. Compaction waits
+    /// for it, so that reconciliation never sees a compaction under way.
+    pub reconciled: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 pub(super) struct Housekeeping {
@@ -95,6 +98,12 @@ impl Housekeeping {
                 _ = self.stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            if c.reconciled
+                .as_ref()
+                .is_some_and(|r| !r.load(std::sync::atomic::Ordering::SeqCst))
+            {
+                continue;
+            }
             // Stopped in the middle, a compaction is settled by the next attempt: what
             // it uploaded is announced, and its ticket names no commit of this one's.
             let pass = self.compact(c, &mut planner, &mut tickets, catalog.as_mut());
@@ -126,6 +135,7 @@ impl Housekeeping {
             &self.store,
             &head,
             &self.run_id,
+            self.claim_seq,
             c.cfg.delete_after,
             c.iceberg.as_ref(),
             catalog.as_deref_mut(),

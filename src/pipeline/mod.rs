@@ -579,6 +579,7 @@ async fn stream(
                     iceberg: cfg.iceberg.clone().map(|i| (i, cfg.sink.url.to_string())),
                     glue: cfg.glue.clone().map(|g| (g, cfg.sink.clone())),
                     spill: cfg.source.spill_dir.join("compaction"),
+                    reconciled: reconcile.clone(),
                 }),
         }
         .run(),
