@@ -40,7 +40,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::batch::RowPos;
 use crate::catalog::Catalog;
-use crate::checkpoint::log::{commit_key, delete_all, is_not_found, read_commit, read_json};
+use crate::checkpoint::log::{delete_all, is_not_found, read_json, required_commit};
 use crate::checkpoint::record::now_micros;
 use crate::checkpoint::{CheckpointError, CommitRecord, Compaction, announce_copy, walk_manifest};
 use crate::config::{CompactionConfig, IcebergConfig, PartitionBy, Partitions};
@@ -241,10 +241,7 @@ impl Planner {
             let record = if seq == head.seq {
                 head.clone()
             } else {
-                read_commit(store, seq).await?.ok_or_else(|| CheckpointError::Corrupt {
-                    key: commit_key(seq).to_string(),
-                    message: "missing while compaction read the records after the last it read".into(),
-                })?
+                required_commit(store, seq, "while compaction read the records after the last it read").await?
             };
             self.apply(&record);
         }

@@ -88,6 +88,19 @@ pub(crate) async fn read_commit(store: &dyn ObjectStore, seq: u64) -> Result<Opt
     }
 }
 
+/// Record `seq`, which must exist (below the head, above the pruned records): its
+/// absence is a damaged log, named with `why` (what was reading it).
+pub(crate) async fn required_commit(
+    store: &dyn ObjectStore,
+    seq: u64,
+    why: &str,
+) -> Result<CommitRecord, CheckpointError> {
+    read_commit(store, seq).await?.ok_or_else(|| CheckpointError::Corrupt {
+        key: commit_key(seq).to_string(),
+        message: format!("missing {why}"),
+    })
+}
+
 /// Record `seq` made whole with its base (see [`CommitRecord::delta`]).
 pub(crate) async fn read_whole(store: &dyn ObjectStore, record: CommitRecord) -> Result<CommitRecord, CheckpointError> {
     match record.base {
@@ -418,10 +431,7 @@ pub async fn walk_manifest(
         let record = if s == head.seq {
             head.clone()
         } else {
-            read_commit(store, s).await?.ok_or_else(|| CheckpointError::Corrupt {
-                key: commit_key(s).to_string(),
-                message: "missing: neither folded nor present".into(),
-            })?
+            required_commit(store, s, "while reading the manifest: neither folded nor present").await?
         };
         let mut files = record.files;
         for c in &record.compacted {

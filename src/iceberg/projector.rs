@@ -419,12 +419,7 @@ fn live_rows((data, deletes): &BucketFiles<'_>) -> u64 {
 
 /// Commit record `seq`, which the log must hold (below its head, above what it pruned).
 async fn required_record(store: &dyn ObjectStore, seq: u64) -> Result<CommitRecord, ProjectError> {
-    crate::checkpoint::log::read_commit(store, seq).await?.ok_or_else(|| {
-        ProjectError::Log(CheckpointError::Corrupt {
-            key: format!("commit record {seq}"),
-            message: "missing below the head, above the pruned records".into(),
-        })
-    })
+    Ok(crate::checkpoint::log::required_commit(store, seq, "below the head, above the pruned records").await?)
 }
 
 /// The key columns of a data file, in file order (None: it has no rows).
