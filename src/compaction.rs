@@ -58,10 +58,16 @@ const FOLDER: &str = "_c";
 /// Bytes of a compacted file uploaded per request.
 const UPLOAD_PART: usize = 16 << 20;
 
-/// A compacted file's row group is closed at this many bytes (Arrow, in memory) if
+/// A compacted file's row group is closed at this many bytes (encoded, in memory) if
 /// `sink.row_group_rows` has not closed it before: the flushes it gathers may hold far
-/// more than one flush's rows together.
+/// more than one flush's rows together. At most [`ROW_GROUPS_PER_TARGET`]th of the
+/// target, so that a file is cut close to the target.
 const ROW_GROUP_BYTES: usize = 64 << 20;
+const ROW_GROUPS_PER_TARGET: u64 = 32;
+
+/// The niceness of the threads that decode and encode a compaction's rows: the
+/// scheduler gives them a core only when replication does not want it.
+const NICE: libc::c_int = 19;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CompactionError {
@@ -347,6 +353,7 @@ impl Planner {
             written_at: rfc3339(now_micros()),
             seq: self.scanned,
             waiting: self.waiting().count(),
+            most_files: self.waiting().map(|w| w.files).max().unwrap_or(0),
             partitions: self.waiting().take(REPORT_PARTITIONS).collect(),
             unsettled,
         }
@@ -366,6 +373,9 @@ pub struct Report {
     pub seq: u64,
     /// Partitions with files to compact, closed or not yet.
     pub waiting: usize,
+    /// The most files not compacted yet in any one partition.
+    #[serde(default)]
+    pub most_files: usize,
     /// The first of them, by name.
     pub partitions: Vec<Waiting>,
     /// Compactions whose replaced files are not deleted yet (or whose commit is not
@@ -467,21 +477,19 @@ pub struct Written {
 
 /// Writes `files` (one partition's, in row order) again as files of about `target`
 /// bytes below `{partition}/_c{tag}/`, each announced before its upload, into `out`.
-/// A change of the files' schema (a column added) starts a new file: each keeps its
-/// schema. Each input is downloaded to a spill file in `spill` and read a row group at
-/// a time; each output is written to one and uploaded in parts.
-#[allow(clippy::too_many_arguments)]
+/// A file is cut before an input whose bytes would take it past the target, by the
+/// bytes it has written so far; a change of the files' schema (a column added) starts
+/// a new file: each keeps its schema. Each input is downloaded to a spill file in
+/// `spill` and read a row group at a time, on a thread of the lowest priority
+/// ([`on_a_low_priority_thread`]); each output is written to one and uploaded in parts.
 pub async fn rewrite(
-    sink: &Sink,
-    run_id: &str,
-    floor: u64,
+    job: &Job<'_>,
     chosen: &Chosen,
     files: &[WrittenObject],
     tag: &str,
-    target: u64,
-    spill: &std::path::Path,
     done: &mut Written,
 ) -> Result<(), CompactionError> {
+    let (sink, spill, target) = (job.sink, job.spill, job.cfg.target_file_size);
     // The partition's folder as its files' keys have it (escaped as written).
     let Some(first) = files.first() else {
         return Ok(());
@@ -499,6 +507,7 @@ pub async fn rewrite(
             source: Box::new(source),
         };
         let mut input = tempfile::tempfile_in(spill)?;
+        job.flushing.quiet().await;
         let mut body = store.get(&path).await.map_err(err)?.into_stream();
         while let Some(chunk) = body.try_next().await.map_err(err)? {
             std::io::Write::write_all(&mut input, &chunk)?;
@@ -516,29 +525,36 @@ pub async fn rewrite(
         let file_schema = reader.schema();
         if out
             .as_ref()
-            .is_some_and(|o| o.schema != file_schema || o.bytes >= target)
+            .is_some_and(|o| o.schema != file_schema || (o.rows > 0 && o.size() + f.bytes > target))
         {
             let full = out.take().expect("checked above");
-            full.finish(sink, run_id, floor, chosen, &folder, done).await?;
+            full.finish(job, chosen, &folder, done).await?;
         }
-        if out.is_none() {
-            out = Some(Output::new(file_schema.clone(), sink.props().clone(), spill)?);
-        }
-        let o = out.as_mut().expect("set above");
-        for batch in reader {
-            let batch = batch.map_err(|e| perr(e.into()))?;
-            o.writer.write(&batch).map_err(perr)?;
-            if o.writer.in_progress_size() >= ROW_GROUP_BYTES {
-                o.writer.flush().map_err(perr)?;
-            }
-        }
+        let o = match out.take() {
+            Some(o) => o,
+            None => Output::new(file_schema.clone(), sink.props().clone(), spill)?,
+        };
+        let group = ROW_GROUP_BYTES.min((target / ROW_GROUPS_PER_TARGET).max(1) as usize);
+        let (mut o, copied) = on_a_low_priority_thread(move || {
+            let mut o = o;
+            let copied = reader.into_iter().try_for_each(|batch| {
+                o.writer.write(&batch?)?;
+                if o.writer.in_progress_size() >= group {
+                    o.writer.flush()?;
+                }
+                Ok::<_, parquet::errors::ParquetError>(())
+            });
+            (o, copied)
+        })
+        .await?;
+        copied.map_err(perr)?;
         o.rows += f.rows;
-        o.bytes += f.bytes;
         o.first.get_or_insert(f.first);
         o.last = Some(f.last);
+        out = Some(o);
     }
     if let Some(last) = out {
-        last.finish(sink, run_id, floor, chosen, &folder, done).await?;
+        last.finish(job, chosen, &folder, done).await?;
     }
     Ok(())
 }
@@ -549,8 +565,6 @@ struct Output {
     schema: arrow::datatypes::SchemaRef,
     writer: ArrowWriter<std::fs::File>,
     rows: u64,
-    /// The input's bytes: the output is about as large.
-    bytes: u64,
     first: Option<RowPos>,
     last: Option<RowPos>,
 }
@@ -573,22 +587,25 @@ impl Output {
             schema,
             writer,
             rows: 0,
-            bytes: 0,
             first: None,
             last: None,
         })
     }
 
+    /// The file's bytes so far: its closed row groups and the open one's estimate.
+    fn size(&self) -> u64 {
+        (self.writer.bytes_written() + self.writer.in_progress_size()) as u64
+    }
+
     /// Closes the file, announces it and uploads it to `folder`, adding both to `done`.
     async fn finish(
         self,
-        sink: &Sink,
-        run_id: &str,
-        floor: u64,
+        job: &Job<'_>,
         chosen: &Chosen,
         folder: &str,
         done: &mut Written,
     ) -> Result<(), CompactionError> {
+        let (sink, run_id, floor) = (job.sink, job.run_id, job.floor);
         let (qualified, partition) = (chosen.table.as_str(), chosen.partition.as_str());
         let (first, last) = (
             self.first.expect("a file was added"),
@@ -602,9 +619,11 @@ impl Output {
             source,
         })?;
         let size = std::io::Seek::stream_position(&mut spill)?;
+        job.flushing.quiet().await;
         let announced = announce_copy(sink.store().as_ref(), floor, run_id, vec![key.to_string()]).await?;
         done.pending.push(announced.to_string());
         done.announced.push(key.to_string());
+        job.flushing.quiet().await;
         upload(sink.store().as_ref(), &key, spill, size)
             .await
             .map_err(|source| CompactionError::Store {
@@ -626,6 +645,22 @@ impl Output {
         crate::fault::point("after_compacted_upload");
         Ok(())
     }
+}
+
+/// Runs `work` on a thread of its own at the lowest priority ([`NICE`]) and waits for
+/// it without holding up the runtime: a compaction's decoding and encoding takes a
+/// core only when replication leaves one idle, so commits are never late for it.
+async fn on_a_low_priority_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> std::io::Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("walshore-compaction".into())
+        .spawn(move || {
+            // A thread's own niceness (Linux: `PRIO_PROCESS` with a thread id). Where
+            // the system refuses, the work runs at the normal priority.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, NICE) };
+            let _ = tx.send(work());
+        })?;
+    Ok(rx.await.expect("a compaction thread panicked"))
 }
 
 /// Uploads a spill file: one PUT, or a multipart upload of [`UPLOAD_PART`] parts read
@@ -862,6 +897,46 @@ pub struct Job<'a> {
     pub cfg: &'a CompactionConfig,
     pub spill: &'a std::path::Path,
     pub commits: &'a mpsc::Sender<Ready>,
+    /// The sink's flushes: the rewrite sends no request while one is under way.
+    pub flushing: &'a Flushing,
+}
+
+/// Whether the sink is flushing: set from a flush's start to its commit. Compaction
+/// waits for it to clear before each request to the store (at most
+/// [`Flushing::MOST_WAIT`]), so that its downloads and uploads never queue beside a
+/// commit's: a store, a connection pool or an uplink shared with the stream serves the
+/// commit first.
+#[derive(Clone, Default)]
+pub struct Flushing(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+/// Clears [`Flushing`] when dropped.
+pub struct FlushGuard(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for FlushGuard {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl Flushing {
+    /// A stream whose flushes follow each other without a pause still lets compaction
+    /// through, a request at a time.
+    const MOST_WAIT: Duration = Duration::from_secs(1);
+    const POLL: Duration = Duration::from_millis(5);
+
+    /// A flush begins; it ends when the guard is dropped.
+    pub fn begin(&self) -> FlushGuard {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+        FlushGuard(self.0.clone())
+    }
+
+    /// Waits until no flush is under way, or [`Flushing::MOST_WAIT`].
+    pub async fn quiet(&self) {
+        let deadline = tokio::time::Instant::now() + Self::MOST_WAIT;
+        while self.0.load(std::sync::atomic::Ordering::Acquire) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Self::POLL).await;
+        }
+    }
 }
 
 /// How a compaction ended.
@@ -895,18 +970,7 @@ pub async fn compact(
     let tag = format!("{:012x}{:04x}", head.seq, rand::random::<u16>());
     let mut done = Written::default();
     let made = async {
-        rewrite(
-            job.sink,
-            job.run_id,
-            job.floor,
-            chosen,
-            &files,
-            &tag,
-            job.cfg.target_file_size,
-            job.spill,
-            &mut done,
-        )
-        .await?;
+        rewrite(job, chosen, &files, &tag, &mut done).await?;
         let ticket = Ticket {
             tag: tag.clone(),
             run_id: job.run_id.to_owned(),

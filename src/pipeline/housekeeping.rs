@@ -41,6 +41,8 @@ pub(super) struct Compacting {
     /// With Glue: set once the catalog is reconciled with the lake. Compaction waits
     /// for it, so that reconciliation never sees a compaction under way.
     pub reconciled: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The sink's flushes, which compaction's requests give way to.
+    pub flushing: crate::compaction::Flushing,
 }
 
 pub(super) struct Housekeeping {
@@ -160,6 +162,7 @@ impl Housekeeping {
         let chosen = planner.choose(&head, &c.partitions, c.cfg.grace, now, c.cfg.max_rewrite, columns);
         let report = planner.report(settled.left);
         metrics::gauge!(crate::telemetry::names::PARTITIONS_WAITING).set(report.waiting as f64);
+        metrics::gauge!(crate::telemetry::names::FILES_PER_PARTITION).set(report.most_files as f64);
         crate::compaction::write_report(store, &report).await;
         let job = crate::compaction::Job {
             sink: &c.sink,
@@ -168,6 +171,7 @@ impl Housekeeping {
             cfg: &c.cfg,
             spill: &c.spill,
             commits: &c.commits,
+            flushing: &c.flushing,
         };
         for ch in chosen {
             let started = std::time::Instant::now();

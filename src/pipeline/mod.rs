@@ -436,6 +436,7 @@ async fn stream(
     // Only committed files are left (recovery ran): whatever of them Glue lacks is
     // registered before anything new commits, by the sink task, while the stream runs
     // (the walsender hears from us however long the catalog takes).
+    let flushing = crate::compaction::Flushing::default();
     let reconcile = (catalog.is_some() && !process.reconciled.load(std::sync::atomic::Ordering::SeqCst))
         .then(|| process.reconciled.clone());
     let mut gates: HashMap<String, Gate> = head
@@ -580,6 +581,7 @@ async fn stream(
                     glue: cfg.glue.clone().map(|g| (g, cfg.sink.clone())),
                     spill: cfg.source.spill_dir.join("compaction"),
                     reconciled: reconcile.clone(),
+                    flushing: flushing.clone(),
                 }),
         }
         .run(),
@@ -601,6 +603,7 @@ async fn stream(
         partitions: Arc::new(cfg.partitions.clone()),
         unrepresentable: cfg.sink.unrepresentable,
         reconcile,
+        flushing,
     }));
     let copier = tokio::spawn(copier.run());
     let source = tokio::spawn(stop_copies_on_error(

@@ -73,6 +73,8 @@ pub(super) struct SinkTask {
     /// Reconcile the catalog with the lake before the first commit, and say so here once
     /// it succeeded (later attempts of the process skip it).
     pub reconcile: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Set while a flush is under way: compaction holds its requests back.
+    pub flushing: crate::compaction::Flushing,
 }
 
 #[derive(Default)]
@@ -230,6 +232,7 @@ impl SinkTask {
             SinkMsg::Flush(t) => t,
         };
         let _busy = crate::telemetry::STATE.busy("sink");
+        let _flushing = self.flushing.begin();
         st.flush_started.get_or_insert_with(std::time::Instant::now);
         // The schema first: a committed file is always covered by its table's schema.
         for (table, schema) in &taken.schemas {
@@ -429,7 +432,13 @@ impl SinkTask {
             .await?;
         // Lag: from the source commit of the newest transaction to durable in the lake.
         let lag_ms = record.commit_ts.map(|ts| (record.written_at - ts) / 1000);
-        tracing::info!(seq = record.seq, end_lsn = %record.end_lsn, files = n_files, rows, bytes, lag_ms, tables_copied = ?tables_copied, tables_left = ?left, compacted = ?compacted, "committed");
+        // The commit's own time: from the flush's start (or this commit's) to durable.
+        let took = boundary
+            .and_then(|_| st.flush_started.take())
+            .unwrap_or(commit_started)
+            .elapsed();
+        let elapsed_ms = took.as_millis() as u64;
+        tracing::info!(seq = record.seq, end_lsn = %record.end_lsn, files = n_files, rows, bytes, lag_ms, elapsed_ms, tables_copied = ?tables_copied, tables_left = ?left, compacted = ?compacted, "committed");
         if !compactions.is_empty() {
             crate::fault::point("after_compaction_commit");
         }
@@ -459,11 +468,6 @@ impl SinkTask {
         }
         if let Some(rows_by_op) = observed {
             use crate::telemetry::names;
-            let started = if boundary.is_some() {
-                st.flush_started.take()
-            } else {
-                None
-            };
             for ((table, op), n) in rows_by_op {
                 metrics::counter!(names::ROWS_WRITTEN, "table" => table, "op" => op).increment(n);
             }
@@ -472,9 +476,7 @@ impl SinkTask {
             metrics::counter!(names::BYTES_WRITTEN).increment(bytes);
             metrics::histogram!(names::FLUSH_ROWS).record(rows as f64);
             metrics::histogram!(names::FLUSH_BYTES).record(bytes as f64);
-            if let Some(t) = started.or(Some(commit_started)) {
-                metrics::histogram!(names::COMMIT_DURATION).record(t.elapsed().as_secs_f64());
-            }
+            metrics::histogram!(names::COMMIT_DURATION).record(took.as_secs_f64());
         }
         crate::fault::point("after_commit_before_confirm");
         advance(&self.confirm, end);

@@ -71,6 +71,7 @@ pub mod names {
     pub const PARTITIONS_WAITING: &str = "walshore_compaction_partitions_waiting";
     pub const PARTITIONS_COMPACTED: &str = "walshore_compaction_partitions_total";
     pub const BYTES_REWRITTEN: &str = "walshore_compaction_bytes_rewritten_total";
+    pub const FILES_PER_PARTITION: &str = "walshore_compaction_files_per_partition_max";
 
     /// Every name above (docs and the dashboard are checked against it).
     pub const ALL: &[&str] = &[
@@ -121,6 +122,7 @@ pub mod names {
         PARTITIONS_WAITING,
         PARTITIONS_COMPACTED,
         BYTES_REWRITTEN,
+        FILES_PER_PARTITION,
     ];
 }
 
@@ -429,6 +431,10 @@ fn describe() {
     describe_counter!(
         BYTES_REWRITTEN,
         "change-log bytes rewritten by compaction (as the replaced files held them)"
+    );
+    describe_gauge!(
+        FILES_PER_PARTITION,
+        "the most files not yet compacted in any one change-log partition (what a query of it opens)"
     );
 }
 
