@@ -11,7 +11,7 @@
 //! second, each inserting 10 trades and updating 20 prices; `walshore run` flushes
 //! every `--seconds * 1000 / --commits` ms (17,280 commits, as a day at 5 s), writes
 //! to S3 (moto), registers partitions in Glue (moto) and compacts with `grace` 60 s,
-//! `target_file_size` `--target` (2MB) and `delete_after` 5 minutes (real time: the
+//! `target_file_size` `--target` (2MB) and `delete_after` 15 minutes (real time: the
 //! grace's "nothing committed for" is walshore's clock).
 //!
 //! Meanwhile `bench/compaction_day.py watch` reads, in a loop, the closed partitions
@@ -41,7 +41,7 @@ use walshore::cluster::{ClusterOptions, TempCluster};
 
 const DATABASE: &str = "bench";
 const GRACE: &str = "60s";
-const DELETE_AFTER: &str = "5m";
+const DELETE_AFTER: &str = "15m";
 
 fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()

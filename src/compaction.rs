@@ -67,6 +67,7 @@ const ROW_GROUPS_PER_TARGET: u64 = 32;
 
 /// The niceness of the threads that decode and encode a compaction's rows: the
 /// scheduler gives them a core only when replication does not want it.
+#[cfg(target_os = "linux")]
 const NICE: libc::c_int = 19;
 
 #[derive(Debug, thiserror::Error)]
@@ -191,12 +192,16 @@ fn partition_dir(key: &str) -> &str {
     }
 }
 
+/// A loose file as the planner keeps it: the record that committed it, its bytes, and
+/// when the record was written.
+type Loose = (u64, u64, i64);
+
 /// What the planner knows of a partition.
-#[derive(Default, Debug)]
+#[derive(Default, Debug, PartialEq)]
 struct Part {
     /// Files the stream or a copy wrote and no compaction replaced: the record that
     /// committed each, its bytes, and when the record was written.
-    loose: Vec<(u64, u64, i64)>,
+    loose: Vec<Loose>,
     /// The record that committed the compacted files it has, if any.
     compacted_at: Option<u64>,
     /// Its files' row ranges overlap: not compacted until a new file comes.
@@ -204,11 +209,47 @@ struct Part {
 }
 
 /// Which partitions have files to compact, kept up to date from the commit log.
-#[derive(Default)]
+///
+/// A pass saves it every [`SAVE_EVERY`] records ([`PLANNER`]); a start takes the saved
+/// planner and walks the manifest only from the record after it, not from the lake's
+/// first.
 pub struct Planner {
     /// The last record read.
     scanned: u64,
+    /// The record the saved planner is of (0: none saved or loaded yet).
+    saved: u64,
+    partitions: Arc<Partitions>,
+    /// Column partitions never compacted are compacted too (not with Glue). When
+    /// false, the planner keeps nothing of them.
+    columns: bool,
+    /// A record compacted a partition the planner kept nothing of (another writer's
+    /// compaction, under other settings): the manifest is walked again from the first
+    /// record, for the partition's files before it.
+    stale: bool,
     parts: BTreeMap<(String, String), Part>,
+}
+
+/// The planner as a pass saved it.
+pub(crate) const PLANNER: &str = "_walshore/compaction-planner.json";
+const PLANNER_FORMAT: u32 = 1;
+/// Records read between two saves of the planner: a start walks about as many again.
+const SAVE_EVERY: u64 = 1000;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedPlanner {
+    format: u32,
+    /// The lake's source, the record the planner is of, and when that record was
+    /// written: a log rebuilt since does not match.
+    system_id: String,
+    slot: String,
+    scanned: u64,
+    written_at: i64,
+    /// What it keeps depends on these: a start under other ones walks the whole
+    /// manifest (a partition it left out may be compacted now).
+    columns: bool,
+    partitioning: String,
+    /// Table, partition, the record of its compacted files, its loose files.
+    parts: Vec<(String, String, Option<u64>, Vec<Loose>)>,
 }
 
 /// A partition chosen for compaction.
@@ -222,14 +263,134 @@ pub struct Chosen {
 }
 
 impl Planner {
-    /// Reads the log up to `head`: the whole manifest the first time, then the records
+    /// `columns`: column partitions never compacted are compacted too (not with Glue).
+    pub fn new(partitions: Arc<Partitions>, columns: bool) -> Planner {
+        Planner {
+            scanned: 0,
+            saved: 0,
+            partitions,
+            columns,
+            stale: false,
+            parts: BTreeMap::new(),
+        }
+    }
+
+    /// A partition the planner keeps nothing of: a column's never compacted, when
+    /// those are not compacted.
+    fn ignored(columns: bool, partitions: &Partitions, table: &str, part: Option<&Part>) -> bool {
+        !columns
+            && matches!(partitions.of(table), PartitionBy::Column(_))
+            && part.is_none_or(|p| p.compacted_at.is_none())
+    }
+
+    fn partitioning(&self) -> String {
+        format!("{:?}", self.partitions)
+    }
+
+    /// Reads the log up to `head`: at first the saved planner and the manifest after it
+    /// (the whole manifest if none was saved under these settings), then the records
     /// after the last one read.
     pub async fn update(&mut self, store: &dyn ObjectStore, head: &CommitRecord) -> Result<(), CheckpointError> {
-        if self.scanned == 0 {
-            let mut parts: BTreeMap<(String, String), Part> = BTreeMap::new();
-            walk_manifest(store, head, 1, |l| {
+        if self.scanned > 0 && !self.stale {
+            for seq in self.scanned + 1..=head.seq {
+                let record = if seq == head.seq {
+                    head.clone()
+                } else {
+                    required_commit(store, seq, "while compaction read the records after the last it read").await?
+                };
+                self.apply(&record);
+            }
+            self.scanned = head.seq;
+            if !self.stale {
+                return Ok(());
+            }
+        }
+        let saved = if self.stale {
+            None
+        } else {
+            self.load(store, head).await?
+        };
+        self.stale = false;
+        if let Some(saved) = saved
+            && self.rebuild(store, head, Some(saved)).await?
+        {
+            return Ok(());
+        }
+        self.rebuild(store, head, None).await?;
+        Ok(())
+    }
+
+    /// The saved planner, if it is of this lake's log and these settings.
+    async fn load(
+        &self,
+        store: &dyn ObjectStore,
+        head: &CommitRecord,
+    ) -> Result<Option<SavedPlanner>, CheckpointError> {
+        let saved = match read_json::<SavedPlanner>(store, &Path::from(PLANNER)).await {
+            Ok(s) => s,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(CheckpointError::Corrupt { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if saved.format != PLANNER_FORMAT
+            || saved.scanned > head.seq
+            || saved.system_id != head.system_id
+            || saved.slot != head.slot
+            || saved.columns != self.columns
+            || saved.partitioning != self.partitioning()
+        {
+            return Ok(None);
+        }
+        // The record it is of, unless pruned since: the same one, not one of a log
+        // rebuilt since.
+        let at = if saved.scanned == head.seq {
+            Some(head.written_at)
+        } else {
+            crate::checkpoint::log::read_commit(store, saved.scanned)
+                .await?
+                .map(|r| r.written_at)
+        };
+        Ok(at.is_none_or(|at| at == saved.written_at).then_some(saved))
+    }
+
+    /// Builds the planner from `saved` and the manifest after it, or from the whole
+    /// manifest. False if the manifest after `saved` compacts a partition `saved` kept
+    /// nothing of: the whole manifest must be read.
+    async fn rebuild(
+        &mut self,
+        store: &dyn ObjectStore,
+        head: &CommitRecord,
+        saved: Option<SavedPlanner>,
+    ) -> Result<bool, CheckpointError> {
+        let from = saved.as_ref().map_or(1, |s| s.scanned + 1);
+        self.saved = saved.as_ref().map_or(0, |s| s.scanned);
+        let mut parts: BTreeMap<(String, String), Part> = BTreeMap::new();
+        for (table, partition, compacted_at, loose) in saved.map(|s| s.parts).unwrap_or_default() {
+            let part = Part {
+                loose,
+                compacted_at,
+                overlapping: false,
+            };
+            parts.insert((table, partition), part);
+        }
+        let ignored_before = |parts: &BTreeMap<(String, String), Part>, table: &str, partition: &str| {
+            from > 1
+                && Self::ignored(
+                    self.columns,
+                    &self.partitions,
+                    table,
+                    parts.get(&(table.to_owned(), partition.to_owned())),
+                )
+        };
+        let mut compactions = Vec::new();
+        let mut added: BTreeMap<(String, String), Part> = BTreeMap::new();
+        crate::checkpoint::walk_manifest_and_compactions(
+            store,
+            head,
+            from,
+            |l| {
                 if !l.replaced {
-                    let part = parts.entry((l.file.table, l.file.partition)).or_default();
+                    let part = added.entry((l.file.table, l.file.partition)).or_default();
                     if is_compacted(&l.file.key) {
                         part.compacted_at = part.compacted_at.max(Some(l.seq));
                     } else {
@@ -237,27 +398,78 @@ impl Planner {
                     }
                 }
                 Ok(())
-            })
-            .await?;
-            self.parts = parts;
-            self.scanned = head.seq;
-            return Ok(());
+            },
+            |c| compactions.push(c.clone()),
+        )
+        .await?;
+        if compactions
+            .iter()
+            .any(|c| ignored_before(&parts, &c.table, &c.partition))
+        {
+            return Ok(false);
         }
-        for seq in self.scanned + 1..=head.seq {
-            let record = if seq == head.seq {
-                head.clone()
-            } else {
-                required_commit(store, seq, "while compaction read the records after the last it read").await?
-            };
-            self.apply(&record);
+        // What the saved planner had, less what compactions after it replaced, and the
+        // files after it that none replaced.
+        for c in &compactions {
+            let part = parts.entry((c.table.clone(), c.partition.clone())).or_default();
+            part.loose.retain(|(seq, _, _)| *seq > c.through);
+            part.compacted_at = part.compacted_at.max(Some(c.seq));
         }
+        for (key, new) in added {
+            let part = parts.entry(key).or_default();
+            part.loose.extend(new.loose);
+            part.compacted_at = part.compacted_at.max(new.compacted_at);
+        }
+        for part in parts.values_mut() {
+            part.loose.sort_unstable();
+        }
+        parts.retain(|(table, _), p| !Self::ignored(self.columns, &self.partitions, table, Some(p)));
+        self.parts = parts;
         self.scanned = head.seq;
-        Ok(())
+        Ok(true)
+    }
+
+    /// Saves the planner (of `head`, the record last read) every [`SAVE_EVERY`]
+    /// records, and after a walk of the whole manifest. A save that fails is tried
+    /// again the next pass.
+    pub async fn save_if_due(&mut self, store: &dyn ObjectStore, head: &CommitRecord) {
+        if self.scanned != head.seq || self.scanned == 0 || (self.saved > 0 && self.scanned < self.saved + SAVE_EVERY) {
+            return;
+        }
+        let saved = SavedPlanner {
+            format: PLANNER_FORMAT,
+            system_id: head.system_id.clone(),
+            slot: head.slot.clone(),
+            scanned: head.seq,
+            written_at: head.written_at,
+            columns: self.columns,
+            partitioning: self.partitioning(),
+            parts: self
+                .parts
+                .iter()
+                .map(|((t, p), part)| (t.clone(), p.clone(), part.compacted_at, part.loose.clone()))
+                .collect(),
+        };
+        let body = serde_json::to_vec(&saved).expect("a planner serializes");
+        match store.put(&Path::from(PLANNER), PutPayload::from(body)).await {
+            Ok(_) => self.saved = self.scanned,
+            Err(e) => tracing::warn!(error = %e, "cannot save compaction's planner; a start reads more of the log"),
+        }
     }
 
     fn apply(&mut self, record: &CommitRecord) {
+        for c in &record.compacted {
+            let key = (c.table.clone(), c.partition.clone());
+            if Self::ignored(self.columns, &self.partitions, &c.table, self.parts.get(&key)) {
+                self.stale = true;
+            }
+        }
         for f in &record.files {
-            let part = self.parts.entry((f.table.clone(), f.partition.clone())).or_default();
+            let key = (f.table.clone(), f.partition.clone());
+            if Self::ignored(self.columns, &self.partitions, &f.table, self.parts.get(&key)) {
+                continue;
+            }
+            let part = self.parts.entry(key).or_default();
             part.loose.push((record.seq, f.bytes, record.written_at));
             part.overlapping = false;
         }
@@ -277,18 +489,11 @@ impl Planner {
 
     /// The closed partitions worth compacting, in name order, up to `budget` bytes (at
     /// least one, however large). Worth it: more than one file, or a late file beside
-    /// an earlier compaction's. `columns`: column partitions never compacted before
-    /// too (not with Glue, which reads one folder per partition: a row may come to a
-    /// column's partition at any time, and would wait for the next compaction to show).
-    pub fn choose(
-        &self,
-        head: &CommitRecord,
-        partitions: &Partitions,
-        grace: Duration,
-        now: i64,
-        budget: u64,
-        columns: bool,
-    ) -> Vec<Chosen> {
+    /// an earlier compaction's. Column partitions never compacted before only if the
+    /// planner was made with `columns` (not with Glue, which reads one folder per
+    /// partition: a row may come to a column's partition at any time, and would wait
+    /// for the next compaction to show).
+    pub fn choose(&self, head: &CommitRecord, grace: Duration, now: i64, budget: u64) -> Vec<Chosen> {
         let grace_us = grace.as_micros() as i64;
         let mut out: Vec<Chosen> = Vec::new();
         let mut spent = 0;
@@ -302,8 +507,8 @@ impl Planner {
             if now - newest < grace_us {
                 continue;
             }
-            let by = partitions.of(table);
-            if !columns && matches!(by, PartitionBy::Column(_)) && part.compacted_at.is_none() {
+            let by = self.partitions.of(table);
+            if Self::ignored(self.columns, &self.partitions, table, Some(part)) {
                 continue;
             }
             if let Some(end) = period_end(by, partition)
@@ -624,7 +829,7 @@ impl Output {
         done.pending.push(announced.to_string());
         done.announced.push(key.to_string());
         job.flushing.quiet().await;
-        upload(sink.store().as_ref(), &key, spill, size)
+        upload(sink.store().as_ref(), &key, spill, size, job.flushing)
             .await
             .map_err(|source| CompactionError::Store {
                 table: qualified.to_owned(),
@@ -657,15 +862,26 @@ async fn on_a_low_priority_thread<T: Send + 'static>(work: impl FnOnce() -> T + 
         .spawn(move || {
             // A thread's own niceness (Linux: `PRIO_PROCESS` with a thread id). Where
             // the system refuses, the work runs at the normal priority.
-            unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, NICE) };
+            #[cfg(target_os = "linux")]
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, NICE)
+            };
             let _ = tx.send(work());
         })?;
-    Ok(rx.await.expect("a compaction thread panicked"))
+    // A panic drops the sender: the compaction fails like any other, and its files go.
+    rx.await
+        .map_err(|_| std::io::Error::other("a compaction thread panicked decoding or encoding rows"))
 }
 
 /// Uploads a spill file: one PUT, or a multipart upload of [`UPLOAD_PART`] parts read
 /// one at a time, so memory holds a part, not the file.
-async fn upload(store: &dyn ObjectStore, key: &Path, mut spill: std::fs::File, size: u64) -> object_store::Result<()> {
+async fn upload(
+    store: &dyn ObjectStore,
+    key: &Path,
+    mut spill: std::fs::File,
+    size: u64,
+    flushing: &Flushing,
+) -> object_store::Result<()> {
     use std::io::{Read, Seek};
     let read = |spill: &mut std::fs::File, n: usize| -> object_store::Result<Vec<u8>> {
         let mut buf = vec![0; n];
@@ -690,6 +906,7 @@ async fn upload(store: &dyn ObjectStore, key: &Path, mut spill: std::fs::File, s
         while left > 0 {
             let n = left.min(UPLOAD_PART);
             let part = read(&mut spill, n)?;
+            flushing.quiet().await;
             upload.put_part(PutPayload::from(part)).await?;
             left -= n;
         }
@@ -1031,6 +1248,226 @@ pub async fn compact(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::{Checkpoint, CommitExtras, read_head};
+    use crate::lsn::Lsn;
+
+    const RUN: &str = "host-1-aaaa-000000000001";
+
+    fn file(key: &str, table: &str, partition: &str, seq: u64) -> WrittenObject {
+        let at = RowPos {
+            lsn: Lsn(seq * 8),
+            seq: 0,
+        };
+        WrittenObject {
+            key: format!("{}/{partition}/{key}.parquet", table.replace('.', "/")),
+            table: table.into(),
+            partition: partition.into(),
+            rows: 1,
+            bytes: 10,
+            first: at,
+            last: at,
+            ops: Default::default(),
+        }
+    }
+
+    /// Commits `n` records, each with a file in `public.t`'s hour `hour(i)` and one in
+    /// `public.r`'s `region=eu`.
+    async fn commit(c: &mut Checkpoint, n: u64, hour: impl Fn(u64) -> u64) {
+        for _ in 0..n {
+            let seq = c.head().seq + 1;
+            let files = vec![
+                file(
+                    &format!("t{seq}"),
+                    "public.t",
+                    &format!("dt=2026-12-01/hour={:02}", hour(seq)),
+                    seq,
+                ),
+                file(&format!("r{seq}"), "public.r", "region=eu", seq),
+            ];
+            c.commit_files(RUN, Lsn(seq * 8), None, files, Default::default())
+                .await
+                .unwrap();
+        }
+    }
+
+    /// A compaction of `table`'s `partition` as of the head.
+    async fn compact(c: &mut Checkpoint, table: &str, partition: &str) {
+        let through = c.head().seq;
+        let tag = format!("{through:012x}00aa");
+        let extras = CommitExtras {
+            compacted: vec![Compaction {
+                table: table.into(),
+                partition: partition.into(),
+                through,
+                tag: tag.clone(),
+                files: vec![file(&format!("_c{tag}/c0"), table, partition, through)],
+            }],
+            ..Default::default()
+        };
+        c.commit_files(RUN, Lsn(through * 8), None, Vec::new(), extras)
+            .await
+            .unwrap();
+    }
+
+    fn hour(h: u64) -> String {
+        format!("dt=2026-12-01/hour={h:02}")
+    }
+
+    /// Folds and prunes (no retention) as far as there is work, each step recorded by
+    /// a commit, as the running writer's housekeeping does.
+    async fn fold_all(store: &Arc<dyn ObjectStore>, c: &mut Checkpoint, marks: &mut crate::checkpoint::Watermarks) {
+        let mut deleted = None;
+        loop {
+            let head = read_head(store.as_ref()).await.unwrap().unwrap();
+            crate::checkpoint::delete_pruned(store.as_ref(), head.pruned, &mut deleted)
+                .await
+                .unwrap();
+            match crate::checkpoint::fold_or_prune(store, &head, *marks, Duration::ZERO)
+                .await
+                .unwrap()
+            {
+                Some(next) => {
+                    *marks = next;
+                    c.set_watermarks(next);
+                    commit(c, 1, |_| 9).await;
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// The planner's partitions: loose files by record and bytes (a file read from a
+    /// checkpoint takes the checkpoint's time), and the compacted files' record.
+    type State = Vec<(String, String, Vec<(u64, u64)>, Option<u64>)>;
+
+    fn state(p: &Planner) -> State {
+        p.parts
+            .iter()
+            .map(|((t, q), part)| {
+                let loose = part.loose.iter().map(|(seq, bytes, _)| (*seq, *bytes)).collect();
+                (t.clone(), q.clone(), loose, part.compacted_at)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_start_from_the_saved_planner_knows_what_a_walk_of_the_whole_manifest_knows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        let identity = crate::checkpoint::record::Identity {
+            system_id: "7000000000000000001".into(),
+            slot: "walshore".into(),
+            publication: "pub".into(),
+        };
+        let mut c = Checkpoint::load(store.clone(), &identity).await.unwrap();
+        c.claim_and_recover(RUN, true, &|_: &str| false).await.unwrap();
+        let partitions = Arc::new(Partitions {
+            default: PartitionBy::CommitDate,
+            tables: [
+                ("public.t".to_owned(), PartitionBy::CommitHour),
+                ("public.r".to_owned(), PartitionBy::Column("region".into())),
+            ]
+            .into(),
+        });
+        let planner = |columns: bool| Planner::new(partitions.clone(), columns);
+        let head = || async { read_head(store.as_ref()).await.unwrap().unwrap() };
+        let mut marks = crate::checkpoint::Watermarks::default();
+
+        // Hours 0 and 1, compacted; then hours 2 to 4, and the first thousand records
+        // folded into a checkpoint and pruned.
+        commit(&mut c, 598, |seq| seq / 300).await;
+        compact(&mut c, "public.t", &hour(0)).await;
+        compact(&mut c, "public.t", &hour(1)).await;
+        let compactions = c.head().seq;
+        commit(&mut c, 600, |seq| 2 + (seq - compactions - 1) / 200).await;
+        fold_all(&store, &mut c, &mut marks).await;
+        assert!(marks.pruned >= 1000, "{marks:?}");
+        let mut first = planner(false);
+        first.update(store.as_ref(), &head().await).await.unwrap();
+        first.save_if_due(store.as_ref(), &head().await).await;
+        let saved: SavedPlanner = read_json(store.as_ref(), &Path::from(PLANNER)).await.unwrap();
+        assert_eq!(saved.scanned, c.head().seq);
+        // With Glue, the never-compacted column partition is not kept.
+        assert!(
+            first.parts.keys().all(|(t, _)| t == "public.t"),
+            "{:?}",
+            first.parts.keys()
+        );
+
+        // More hours, a late file in compacted hour 0, hour 2 compacted (its files are
+        // in the checkpoint), and the records of the save folded and pruned too.
+        let from = c.head().seq + 1;
+        commit(&mut c, 900, |seq| 5 + (seq - from) / 300).await;
+        commit(&mut c, 1, |_| 0).await;
+        compact(&mut c, "public.t", &hour(2)).await;
+        commit(&mut c, 10, |_| 9).await;
+        fold_all(&store, &mut c, &mut marks).await;
+        assert!(marks.pruned > saved.scanned, "the saved record is pruned: {marks:?}");
+
+        let head_now = head().await;
+        let mut resumed = planner(false);
+        resumed.update(store.as_ref(), &head_now).await.unwrap();
+        assert_eq!(resumed.saved, saved.scanned, "the start took the saved planner");
+        store.delete(&Path::from(PLANNER)).await.unwrap();
+        let mut walked = planner(false);
+        walked.update(store.as_ref(), &head_now).await.unwrap();
+        assert_eq!(walked.saved, 0);
+        assert_eq!(
+            state(&resumed),
+            state(&walked),
+            "from the saved planner as from the whole manifest"
+        );
+        let late = &resumed.parts[&("public.t".to_owned(), hour(0))];
+        assert_eq!(late.loose.len(), 1, "the late file beside hour 0's compaction");
+        assert!(late.compacted_at.is_some());
+        assert!(
+            !resumed.parts.contains_key(&("public.t".to_owned(), hour(2)))
+                || resumed.parts[&("public.t".to_owned(), hour(2))].loose.is_empty(),
+            "hour 2's files, replaced"
+        );
+        let grace = Duration::from_secs(0);
+        let now = now_micros() + 1;
+        assert_eq!(
+            resumed.choose(&head_now, grace, now, u64::MAX),
+            walked.choose(&head_now, grace, now, u64::MAX)
+        );
+
+        // Saved again (by the walk), then read under another choice of columns: not
+        // used, and the whole manifest walked, column partitions and all.
+        walked.save_if_due(store.as_ref(), &head_now).await;
+        let mut columns = planner(true);
+        columns.update(store.as_ref(), &head_now).await.unwrap();
+        assert_eq!(
+            columns.saved, 0,
+            "a planner saved without column partitions is not used with them"
+        );
+        let region = ("public.r".to_owned(), "region=eu".to_owned());
+        let files = columns.parts[&region].loose.len();
+        assert!(files > 2000, "every file of the column partition: {files}");
+
+        // Another writer (without Glue) compacts the column partition the running
+        // planner keeps nothing of: the running planner and a start from the saved
+        // one both read the whole manifest again, and know its late file.
+        let mut running = planner(false);
+        running.update(store.as_ref(), &head_now).await.unwrap();
+        compact(&mut c, "public.r", "region=eu").await;
+        commit(&mut c, 1, |_| 9).await;
+        let head_now = head().await;
+        running.update(store.as_ref(), &head_now).await.unwrap();
+        let mut started = planner(false);
+        started.update(store.as_ref(), &head_now).await.unwrap();
+        assert_eq!(
+            started.saved, 0,
+            "the saved planner kept nothing of the partition: not used"
+        );
+        for p in [&running, &started] {
+            let part = &p.parts[&region];
+            assert_eq!(part.loose.len(), 1, "the file after the compaction");
+            assert!(part.compacted_at.is_some());
+        }
+        assert_eq!(state(&running), state(&started));
+    }
 
     #[test]
     fn a_day_or_an_hour_ends_where_the_next_begins() {

@@ -413,7 +413,19 @@ pub async fn walk_manifest(
     store: &dyn ObjectStore,
     head: &CommitRecord,
     from: u64,
+    each: impl FnMut(Listed) -> Result<(), CheckpointError>,
+) -> Result<(), CheckpointError> {
+    walk_manifest_and_compactions(store, head, from, each, |_| {}).await
+}
+
+/// [`walk_manifest`], also handing `compaction` each compaction committed by a record
+/// from `from` on (after the files of its record).
+pub async fn walk_manifest_and_compactions(
+    store: &dyn ObjectStore,
+    head: &CommitRecord,
+    from: u64,
     mut each: impl FnMut(Listed) -> Result<(), CheckpointError>,
+    mut compaction: impl FnMut(&Replaced),
 ) -> Result<(), CheckpointError> {
     let mut masks = Masks::default();
     let mut emit = |masks: &Masks, files: Vec<WrittenObject>, seq: u64, written_at: i64| {
@@ -440,6 +452,12 @@ pub async fn walk_manifest(
         emit(&masks, files, s, record.written_at)?;
         for c in &record.compacted {
             masks.add(&c.table, &c.partition, c.through);
+            compaction(&Replaced {
+                seq: s,
+                table: c.table.clone(),
+                partition: c.partition.clone(),
+                through: c.through,
+            });
         }
     }
     let mut last = head.folded;
@@ -460,6 +478,7 @@ pub async fn walk_manifest(
                 emit(&masks, files.split_off(at), seq, cp.last_written_at)?;
                 for c in cp.compacted.iter().filter(|c| c.seq == seq) {
                     masks.add(&c.table, &c.partition, c.through);
+                    compaction(c);
                 }
             }
         }

@@ -108,7 +108,7 @@ use crate::retry::Retry;
 use crate::sink::WrittenObject;
 pub use log::{
     FOLD, Listed, Watermarks, committed_files, delete_pruned, fold_or_prune, for_each_committed_file, read_head,
-    walk_manifest,
+    walk_manifest, walk_manifest_and_compactions,
 };
 use log::{commit_key, read_json, write_hint};
 pub use pending::{FOREIGN_GRACE, Sweeper, announce_copy, announced_keys};

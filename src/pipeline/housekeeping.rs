@@ -89,7 +89,7 @@ impl Housekeeping {
         };
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut planner = Planner::default();
+        let mut planner = Planner::new(c.partitions.clone(), c.glue.is_none());
         let mut tickets = HashMap::new();
         let mut catalog = match &c.glue {
             Some((glue, sink)) => Some(Catalog::open(glue, sink, &c.partitions).await),
@@ -154,12 +154,12 @@ impl Housekeeping {
         }
         if let Err(e) = planner.update(store, &head).await {
             // Read the log again from the start next time: a record may be half taken in.
-            *planner = Planner::default();
+            *planner = Planner::new(c.partitions.clone(), c.glue.is_none());
             return Err(e.into());
         }
+        planner.save_if_due(store, &head).await;
         let now = crate::checkpoint::record::now_micros();
-        let columns = catalog.is_none();
-        let chosen = planner.choose(&head, &c.partitions, c.cfg.grace, now, c.cfg.max_rewrite, columns);
+        let chosen = planner.choose(&head, c.cfg.grace, now, c.cfg.max_rewrite);
         let report = planner.report(settled.left);
         metrics::gauge!(crate::telemetry::names::PARTITIONS_WAITING).set(report.waiting as f64);
         metrics::gauge!(crate::telemetry::names::FILES_PER_PARTITION).set(report.most_files as f64);

@@ -432,7 +432,8 @@ impl SinkTask {
             .await?;
         // Lag: from the source commit of the newest transaction to durable in the lake.
         let lag_ms = record.commit_ts.map(|ts| (record.written_at - ts) / 1000);
-        // The commit's own time: from the flush's start (or this commit's) to durable.
+        // From the first flush since the last commit (at a boundary; else from this
+        // commit's start) to durable.
         let took = boundary
             .and_then(|_| st.flush_started.take())
             .unwrap_or(commit_started)
