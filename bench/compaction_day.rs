@@ -476,6 +476,40 @@ fn main() {
         without.len(),
         (p99_during / p99_without - 1.0) * 100.0
     );
+    // The readers load the same S3 server, most right after an hour closes, as
+    // compaction does: commit time by both, so that one is not taken for the other.
+    let heavy: Vec<(f64, f64)> = std::io::BufReader::new(std::fs::File::open(&watched).unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+        .filter(|o| o["files"].as_u64().unwrap_or(0) > 100 && o["skipped"] != true)
+        .filter_map(|o| {
+            let t = o["t"].as_f64()?;
+            Some((t, t + o["seconds"].as_f64()?))
+        })
+        .collect();
+    let overlaps = |a: f64, b: f64, w: &[(f64, f64)]| w.iter().any(|(x, y)| a < *y && b > *x);
+    let mut strata: BTreeMap<(bool, bool), Vec<f64>> = BTreeMap::new();
+    for (t, f) in &ev {
+        if f["message"] != "committed" || *t < day_start || *t > day_end {
+            continue;
+        }
+        let ms = f["elapsed_ms"].as_f64().unwrap_or(f64::NAN);
+        let began = t - ms / 1000.0;
+        strata
+            .entry((overlaps(began, *t, &windows), overlaps(began, *t, &heavy)))
+            .or_default()
+            .push(ms);
+    }
+    for ((compacting, reading), v) in &strata {
+        println!(
+            "    compaction running {compacting:5}, a reader of over 100 files running {reading:5}: {} commits, p50/p90/p99 {:.0}/{:.0}/{:.0} ms",
+            v.len(),
+            percentile(v.clone(), 0.5),
+            percentile(v.clone(), 0.9),
+            percentile(v.clone(), 0.99)
+        );
+    }
     println!(
         "  status at the end: {}",
         serde_json::to_string(&st["compaction"]).unwrap_or_default()
