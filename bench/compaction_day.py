@@ -25,8 +25,9 @@ import tempfile
 import time
 
 import boto3
-import duckdb
-import duckdb_extension_httpfs
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "py"))
+from athena_reader import duckdb_over_s3, visible  # noqa: E402
 
 REGION = os.environ.get("AWS_REGION", "us-east-1")
 # A read of a partition with more files than this waits for its compaction: through
@@ -44,15 +45,7 @@ def clients(endpoint):
 
 
 def duck(endpoint):
-    ext = os.path.join(os.path.dirname(duckdb_extension_httpfs.__file__), "extensions", "v1.5.5", "httpfs.duckdb_extension")
-    db = duckdb.connect(config={"allow_unsigned_extensions": "true"})
-    db.execute(f"LOAD '{ext}'")
-    host = endpoint.split("://", 1)[1]
-    db.execute(
-        f"CREATE SECRET (TYPE s3, KEY_ID '{os.environ['AWS_ACCESS_KEY_ID']}', SECRET '{os.environ['AWS_SECRET_ACCESS_KEY']}', "
-        f"REGION '{REGION}', ENDPOINT '{host}', URL_STYLE 'path', USE_SSL false)"
-    )
-    return db
+    return duckdb_over_s3(endpoint, REGION)
 
 
 def partitions(glue, database):
@@ -78,8 +71,7 @@ def listing(s3, location):
     files = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for o in page.get("Contents", []):
-            rel = o["Key"][len(prefix) :]
-            if o["Key"].endswith(".parquet") and not any(s.startswith(("_", ".")) for s in rel.split("/")):
+            if visible(prefix, o["Key"]):
                 files.append((f"s3://{bucket}/{o['Key']}", o["Size"]))
     return files
 

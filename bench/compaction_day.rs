@@ -51,12 +51,7 @@ fn unix_now() -> f64 {
 /// from `offset` seconds ahead of it at the server's start. Its timeouts are counted
 /// in its own time, so those that would end a connection are turned off or raised.
 fn fast_cluster(rate: f64, offset: i64) -> TempCluster {
-    let lib = std::fs::read_dir("/usr/lib")
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("faketime/libfaketime.so.1"))
-        .find(|p| p.exists())
+    let lib = walshore::cluster::libfaketime()
         .expect("libfaketime not found under /usr/lib/*/faketime: install the Debian package `libfaketime`");
     let env = [
         ("LD_PRELOAD".to_owned(), lib.to_string_lossy().into_owned()),

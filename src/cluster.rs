@@ -62,6 +62,16 @@ pub fn find_binaries() -> Option<PathBuf> {
     versions.pop().map(|(_, b)| b)
 }
 
+/// libfaketime, to preload into a throwaway server whose clock a test or a bench
+/// moves (the Debian package `libfaketime`: `/usr/lib/<arch>/faketime/`).
+pub fn libfaketime() -> Option<PathBuf> {
+    std::fs::read_dir("/usr/lib")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("faketime/libfaketime.so.1"))
+        .find(|p| p.exists())
+}
+
 fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

@@ -15,8 +15,8 @@ import os
 import sys
 
 import boto3
-import duckdb
-import duckdb_extension_httpfs
+
+from athena_reader import duckdb_over_s3, visible
 
 endpoint, database = sys.argv[1], sys.argv[2]
 args = sys.argv[3:]
@@ -59,21 +59,8 @@ for t in glue.get_tables(DatabaseName=database)["TableList"]:
         "partitions": parts,
     }
 
-ext = os.path.join(os.path.dirname(duckdb_extension_httpfs.__file__), "extensions", "v1.5.5", "httpfs.duckdb_extension")
-db = duckdb.connect(config={"allow_unsigned_extensions": "true"})
-db.execute(f"LOAD '{ext}'")
+db = duckdb_over_s3(endpoint, region)
 host = endpoint.split("://", 1)[1]
-db.execute(
-    f"CREATE SECRET (TYPE s3, KEY_ID '{os.environ['AWS_ACCESS_KEY_ID']}', SECRET '{os.environ['AWS_SECRET_ACCESS_KEY']}', "
-    f"REGION '{region}', ENDPOINT '{host}', URL_STYLE 'path', USE_SSL false)"
-)
-
-def visible(prefix, key):
-    """Whether Athena reads `key` below a location `prefix`: a Parquet file none of whose
-    path segments below the location begins with `_` or `.` (Hive's hidden files: a
-    compaction's `_c…` folder before Glue points at it)."""
-    rel = key[len(prefix):].lstrip("/")
-    return key.endswith(".parquet") and not any(seg.startswith(("_", ".")) for seg in rel.split("/"))
 
 
 def partition_files(location):

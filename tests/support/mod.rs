@@ -64,12 +64,7 @@ impl Clock {
 
 /// A throwaway PostgreSQL whose clock the test moves with [`Clock::shift_days`].
 pub fn cluster_with_clock(settings: &[&str]) -> (TempCluster, Clock) {
-    let lib = std::fs::read_dir("/usr/lib")
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("faketime/libfaketime.so.1"))
-        .find(|p| p.exists())
+    let lib = walshore::cluster::libfaketime()
         .expect("libfaketime not found under /usr/lib/*/faketime: install the Debian package `libfaketime`");
     let dir = tempfile::Builder::new().prefix("walshore-clock-").tempdir().unwrap();
     use std::os::unix::fs::PermissionsExt;
